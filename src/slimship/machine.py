@@ -1,0 +1,94 @@
+"""What machine a measurement was taken on: CPU, cores, the ISA features that decide int8 speed,
+library versions and thread settings. Every result slimship writes embeds this."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+#: CPU flags that decide which int8/bf16 kernels ONNX Runtime and PyTorch can use.
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+#: Packages whose versions change the numbers slimship measures.
+TRACKED_PACKAGES = (
+    "slimship",
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "transformers",
+    "tokenizers",
+    "numpy",
+    "scikit-learn",
+    "torch-pruning",
+    "optuna",
+    "openvino",
+)
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    path = Path("/proc/cpuinfo")
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and value.strip():
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    return model, flags
+
+
+def physical_cores() -> int:
+    """Physical cores (the default thread count for runtimes); falls back to logical CPUs."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def int8_kernel_summary(flags: set[str]) -> str:
+    if "amx_int8" in flags:
+        return "AMX (amx_int8) + VNNI: int8 matmuls have hardware support"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "VNNI: int8 dot products have hardware support (u8s8)"
+    if "avx2" in flags:
+        return "AVX2 without VNNI: int8 gains are small; measure before choosing int8"
+    return "no x86 int8 dot-product support detected"
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """A JSON-ready description of this machine, for every result file."""
+    import psutil
+
+    model, flags = _cpuinfo()
+    return {
+        "cpu_model": model,
+        "arch": platform.machine(),
+        "physical_cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "isa": {flag: flag in flags for flag in INT8_FLAGS},
+        "int8_kernels": int8_kernel_summary(flags),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "threads": {
+            "runtime_threads": threads,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+        },
+    }

@@ -1,0 +1,177 @@
+"""Latency, throughput, memory and size of several candidates, timed interleaved.
+
+Candidates are timed round-robin (A B C, B C A, C A B, …) within each batch size, so machine noise
+hits all of them alike; ratios to a named baseline are reported beside absolute times. Each timed
+call is one ``predict`` on a fixed batch of real inputs, after warm-up, with the garbage collector
+paused. Peak memory is measured per candidate in a fresh process (see :mod:`slimship.measure.memory`).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from slimship.errors import ConfigError
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+    from slimship.workload import Workload
+
+SCHEMA = "slimship.bench/1"
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    """One thing to time: a candidate on a runtime, under a label shown in tables."""
+
+    label: str
+    candidate: Candidate
+    backend: str
+
+
+def latency_stats(seconds: list[float], batch_size: int) -> dict[str, Any]:
+    ms = np.asarray(seconds) * 1000.0
+    mean = float(ms.mean())
+    return {
+        "runs": len(ms),
+        "latency_ms": {
+            "p50": float(np.percentile(ms, 50)),
+            "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)),
+            "mean": mean,
+            "std": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+            "min": float(ms.min()),
+            "max": float(ms.max()),
+        },
+        "throughput_items_per_s": batch_size / (mean / 1000.0),
+        "throughput_items_per_s_at_p50": batch_size / (float(np.percentile(ms, 50)) / 1000.0),
+    }
+
+
+def bench(
+    targets: list[BenchTarget],
+    workload: Workload,
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    seq_len: int | None = 128,
+    runs: int = 30,
+    warmup: int = 5,
+    threads: int | None = None,
+    baseline: str | None = None,
+    memory: bool = True,
+    progress: bool = True,
+    min_seconds: float = 1.0,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from slimship.machine import machine_info, physical_cores
+    from slimship.runtime import create_runtime
+
+    if not targets:
+        raise ConfigError("bench needs at least one candidate")
+    labels = [t.label for t in targets]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"bench labels must be unique, got {labels}; name them LABEL=PATH")
+    if runs < 30:
+        raise ConfigError(f"runs must be at least 30 for stable percentiles, got {runs}")
+    if warmup < 1:
+        raise ConfigError(f"warmup must be at least 1, got {warmup}")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    baseline = baseline or labels[0]
+    if baseline not in labels:
+        raise ConfigError(f"baseline {baseline!r} is not one of the labels {labels}")
+    threads = threads or physical_cores()
+    is_text = any("sequence" in s.shape for s in workload.inputs)
+    seq = seq_len if is_text else None
+
+    # ORT's spinning pool would steal the cores from the next candidate in the interleaving (measured:
+    # PyTorch p50 doubled beside a spinning ORT session on 2 cores), so ORT threads block when idle.
+    runtimes = {t.label: create_runtime(t.candidate, workload, t.backend, threads, spin=False) for t in targets}
+    timings: dict[str, dict[int, list[float]]] = {t.label: {} for t in targets}
+    total = len(batch_sizes) * len(targets) * (runs + warmup)
+    with tqdm(total=total, desc="bench", unit="call", disable=None if progress else True, leave=False) as bar:
+        for bs in batch_sizes:
+            batch = workload.example_inputs(bs, seq_len=seq)
+            slowest = 0.0
+            for label, rt in runtimes.items():
+                warm = []
+                for _ in range(warmup):
+                    t0 = time.perf_counter()
+                    rt.predict(batch)
+                    warm.append(time.perf_counter() - t0)
+                    bar.update()
+                timings[label][bs] = []
+                slowest = max(slowest, float(np.median(warm)))
+            # fast models get more runs so every candidate is timed for at least `min_seconds`
+            n_runs = min(max(runs, int(np.ceil(min_seconds / max(slowest, 1e-6)))), 5000)
+            bar.total += (n_runs - runs) * len(targets)
+            bar.refresh()
+            gc.collect()
+            gc.disable()
+            try:
+                for r in range(n_runs):
+                    order = labels[r % len(labels) :] + labels[: r % len(labels)]
+                    for label in order:
+                        t0 = time.perf_counter()
+                        runtimes[label].predict(batch)
+                        timings[label][bs].append(time.perf_counter() - t0)
+                        bar.update()
+            finally:
+                gc.enable()
+    for rt in runtimes.values():
+        rt.close()
+
+    results: list[dict[str, Any]] = []
+    for t in targets:
+        rows = []
+        for bs in batch_sizes:
+            row = {"batch_size": bs, "seq_len": seq, **latency_stats(timings[t.label][bs], bs)}
+            base = latency_stats(timings[baseline][bs], bs)["latency_ms"]
+            mine = row["latency_ms"]
+            row["speedup_vs_baseline_p50"] = base["p50"] / mine["p50"]
+            row["speedup_vs_baseline_mean"] = base["mean"] / mine["mean"]
+            rows.append(row)
+        entry: dict[str, Any] = {
+            "label": t.label,
+            "candidate_id": t.candidate.id,
+            "candidate_path": str(t.candidate.path),
+            "format": t.candidate.format,
+            "runtime": runtimes[t.label].describe(),
+            "file_size_bytes": t.candidate.size_bytes,
+            "file_size_mb": round(t.candidate.size_bytes / 1e6, 2),
+            "results": rows,
+        }
+        results.append(entry)
+    if memory:
+        from slimship.measure.memory import measure_in_child
+
+        for t, entry in zip(tqdm(targets, desc="memory", disable=None if progress else True, leave=False), results, strict=True):
+            entry["memory"] = measure_in_child(str(t.candidate.path), t.backend, threads, max(batch_sizes), seq)
+    base_size = next(e for e in results if e["label"] == baseline)["file_size_bytes"]
+    for entry in results:
+        entry["size_ratio_vs_baseline"] = entry["file_size_bytes"] / base_size
+    return {
+        "schema": SCHEMA,
+        "workload": workload.ref,
+        "baseline": baseline,
+        "settings": {
+            "batch_sizes": list(batch_sizes),
+            "seq_len": seq,
+            "runs": runs,
+            "min_seconds": min_seconds,
+            "runs_note": "at least `runs` timed calls per candidate and batch size, more for fast models so each is timed ≥ min_seconds; the count per row is in results[].runs",
+            "warmup": warmup,
+            "threads": threads,
+            "interleaved": True,
+            "order": "round-robin, rotated every run",
+            "inputs": "real evaluation data (example_inputs), fixed per batch size",
+            "gc": "paused while timing",
+            "onnxruntime_thread_spinning": False,
+        },
+        "machine": machine_info(threads),
+        "candidates": results,
+    }

@@ -1,0 +1,99 @@
+"""Task quality and fidelity to the original model, for any candidate on any runtime."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from slimship._util import cache_dir
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+    from slimship.runtime import Runtime
+    from slimship.workload import Workload
+
+
+def collect_outputs(runtime: Runtime, workload: Workload, limit: int | None = None, desc: str = "evaluating", progress: bool = True) -> dict[str, np.ndarray]:
+    """Run every evaluation sample through ``runtime``; outputs come back in evaluation order."""
+    from tqdm.auto import tqdm
+
+    n = workload.eval_size(limit)
+    outputs: dict[str, np.ndarray] = {}
+    filled = np.zeros(n, dtype=bool)
+    with tqdm(total=n, desc=desc, unit="sample", disable=None if progress else True, leave=False) as bar:
+        for idx, batch in workload.eval_batches(limit):
+            result = runtime.predict(batch)
+            for name, arr in result.items():
+                if name not in outputs:
+                    outputs[name] = np.zeros((n, *arr.shape[1:]), dtype=arr.dtype)
+                outputs[name][idx] = arr
+            filled[idx] = True
+            bar.update(len(idx))
+    if not filled.all():  # a workload bug, not user input
+        raise RuntimeError(f"workload {workload.name} left {int((~filled).sum())} evaluation samples out")
+    return outputs
+
+
+def _reference_path(workload: Workload, limit: int | None) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", workload.name)[:60]
+    return cache_dir() / "reference-outputs" / f"{safe}-{workload.fingerprint()}-{limit or 'all'}.npz"
+
+
+def reference_outputs(workload: Workload, limit: int | None = None, threads: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+    """The original model's outputs on the evaluation data (PyTorch if the workload has a PyTorch
+    model, else the original ONNX on ONNX Runtime). Cached per workload fingerprint and limit."""
+    path = _reference_path(workload, limit)
+    if path.exists():
+        with np.load(path) as npz:
+            return {k: npz[k] for k in npz.files}
+    from slimship.machine import physical_cores
+    from slimship.runtime.ort_backend import OrtRuntime
+    from slimship.runtime.torch_backend import TorchRuntime
+
+    threads = threads or physical_cores()
+    if workload.has_torch_model:
+        rt: Runtime = TorchRuntime(workload.build_model(), workload.inputs, [o.name for o in workload.outputs], threads)
+    else:
+        onnx_path = workload.original_onnx()
+        assert onnx_path is not None  # has_torch_model is False only for ONNX workloads
+        rt = OrtRuntime(onnx_path, threads)
+    outputs = collect_outputs(rt, workload, limit, desc="reference outputs", progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **outputs)
+    tmp.replace(path)
+    return outputs
+
+
+def evaluate(
+    candidate: Candidate,
+    workload: Workload,
+    backend: str | None = None,
+    threads: int | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quality (the workload's task metrics) and fidelity (agreement with the original's outputs)."""
+    from slimship.runtime import create_runtime
+
+    reference = reference_outputs(workload, limit, threads, progress)
+    rt = create_runtime(candidate, workload, backend, threads)
+    t0 = time.perf_counter()
+    outputs = collect_outputs(rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress)
+    seconds = time.perf_counter() - t0
+    rt.close()
+    return {
+        "candidate": candidate.id,
+        "candidate_name": candidate.name,
+        "runtime": rt.describe(),
+        "samples": workload.eval_size(limit),
+        "limit": limit,
+        "quality": workload.quality(outputs, limit),
+        "fidelity": workload.fidelity(outputs, reference),
+        "primary_metric": workload.primary_metric,
+        "seconds": round(seconds, 2),
+    }

@@ -1,0 +1,101 @@
+"""Peak memory of one candidate on one runtime, measured in a fresh process.
+
+In-process numbers mix every model a process has loaded, so each candidate is loaded in its own
+child process: RSS after imports and workload set-up (the baseline), after loading the model, and
+the peak (``ru_maxrss``) after one batch at the given size.
+
+    python -m slimship.measure.memory CANDIDATE_DIR --backend onnxruntime --threads 2 --batch-size 32 --seq-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from typing import Any
+
+from slimship.errors import InferenceError
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the peak covers only what follows (Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_in_child(candidate_dir: str, backend: str, threads: int, batch_size: int, seq_len: int | None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "slimship.measure.memory", candidate_dir, "--backend", backend, "--threads", str(threads), "--batch-size", str(batch_size)]
+    if seq_len:
+        cmd += ["--seq-len", str(seq_len)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise InferenceError(f"memory probe for {candidate_dir} on {backend} failed: {' | '.join(tail)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe(args: argparse.Namespace) -> dict[str, Any]:
+    from slimship.candidate import load_candidate
+    from slimship.runtime import create_runtime
+    from slimship.workload import resolve_workload
+
+    cand = load_candidate(args.candidate)
+    workload = resolve_workload(cand.workload)
+    batch = workload.example_inputs(args.batch_size, seq_len=args.seq_len)
+    if args.backend == "torch":
+        import torch  # noqa: F401 - imported before the baseline so it doesn't count as model memory
+    else:
+        import onnxruntime  # noqa: F401
+    baseline = _rss_mb()
+    peak_reset = _reset_peak()
+    rt = create_runtime(cand, workload, args.backend, args.threads)
+    loaded = _rss_mb()
+    rt.predict(batch)
+    rt.predict(batch)
+    peak = _peak_mb()
+    return {
+        "peak_covers": "model load + 2 batches" if peak_reset else "whole process (peak reset unsupported here)",
+        "rss_baseline_mb": round(baseline, 1),
+        "rss_after_load_mb": round(loaded, 1),
+        "peak_rss_mb": round(peak, 1),
+        "model_load_mb": round(loaded - baseline, 1),
+        "model_peak_mb": round(peak - baseline, 1),
+        "batch_size": args.batch_size,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("candidate")
+    parser.add_argument("--backend", required=True, choices=["torch", "onnxruntime"])
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--seq-len", type=int, default=None)
+    print(json.dumps(_probe(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()

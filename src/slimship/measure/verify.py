@@ -1,0 +1,99 @@
+"""Numerical verification of a new artifact against its parent on real inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from slimship.runtime.base import Runtime
+from slimship.workload.base import Batch, Workload, rowwise_cosine
+
+
+class VerifyThresholds(BaseModel):
+    """When is a new artifact "the same model"? All must hold on every verification batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: per-sample cosine between parent and child outputs, minimum over samples
+    min_cosine: float = 0.9999
+    #: |child - parent| ≤ atol + rtol · max|parent|, per output
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    #: share of samples whose arg-max agrees, for 2-D outputs with several columns (classifiers)
+    min_top1_agreement: float = 1.0
+
+
+def verification_batches(workload: Workload, samples: int = 48) -> list[Batch]:
+    """Real inputs at several batch sizes (and, for text, lengths) to exercise every dynamic axis."""
+    batches = [workload.example_inputs(1), workload.example_inputs(3)]
+    if any("sequence" in s.shape for s in workload.inputs):
+        batches.append(workload.example_inputs(2, seq_len=17))
+    for _, batch in workload.eval_batches(limit=samples, batch_size=16):
+        batches.append(batch)
+    return batches
+
+
+def compare_outputs(
+    parent: Runtime, child: Runtime, batches: Iterable[Batch], thresholds: VerifyThresholds
+) -> dict[str, Any]:
+    """Run both on every batch; return per-output figures and whether every threshold holds."""
+    stats: dict[str, dict[str, Any]] = {}
+    n_samples = 0
+    for batch in batches:
+        ref = parent.predict(batch)
+        out = child.predict(batch)
+        n_samples += next(iter(batch.values())).shape[0]
+        for name, r in ref.items():
+            if name not in out:
+                stats.setdefault(name, {})["missing"] = True
+                continue
+            o = out[name]
+            s = stats.setdefault(
+                name, {"max_abs_error": 0.0, "max_abs_ref": 0.0, "cosine_min": 1.0, "cos_sum": 0.0, "n": 0, "agree": 0, "cls": False}
+            )
+            if o.shape != r.shape:
+                s["shape_mismatch"] = f"{list(o.shape)} vs {list(r.shape)}"
+                continue
+            s["max_abs_error"] = max(s["max_abs_error"], float(np.abs(o.astype(np.float64) - r).max()))
+            s["max_abs_ref"] = max(s["max_abs_ref"], float(np.abs(r).max()))
+            if r.ndim >= 1 and r.size:
+                cos = rowwise_cosine(o.reshape(r.shape[0], -1), r.reshape(r.shape[0], -1))
+                # rows that are all zeros in both agree perfectly
+                both_zero = (np.abs(o.reshape(r.shape[0], -1)).sum(1) == 0) & (np.abs(r.reshape(r.shape[0], -1)).sum(1) == 0)
+                cos = np.where(both_zero, 1.0, cos)
+                s["cosine_min"] = min(s["cosine_min"], float(cos.min()))
+                s["cos_sum"] += float(cos.sum())
+                s["n"] += len(cos)
+            if r.ndim == 2 and r.shape[1] > 1 and r.dtype.kind == "f" and "sentence" not in name:
+                s["cls"] = True
+                s["agree"] += int((o.argmax(1) == r.argmax(1)).sum())
+    report: dict[str, Any] = {"samples": n_samples, "thresholds": thresholds.model_dump(), "outputs": {}}
+    failures: list[str] = []
+    for name, s in stats.items():
+        if s.get("missing"):
+            failures.append(f"{name}: missing from the new model's outputs")
+            continue
+        if "shape_mismatch" in s:
+            failures.append(f"{name}: shape {s['shape_mismatch']}")
+            continue
+        entry = {
+            "max_abs_error": s["max_abs_error"],
+            "max_abs_reference": s["max_abs_ref"],
+            "cosine_min": s["cosine_min"],
+            "cosine_mean": s["cos_sum"] / max(1, s["n"]),
+        }
+        if s["cls"]:
+            entry["top1_agreement"] = s["agree"] / max(1, s["n"])
+        report["outputs"][name] = entry
+        tol = thresholds.atol + thresholds.rtol * s["max_abs_ref"]
+        if entry["max_abs_error"] > tol:
+            failures.append(f"{name}: max abs error {entry['max_abs_error']:.3g} > allowed {tol:.3g}")
+        if entry["cosine_min"] < thresholds.min_cosine:
+            failures.append(f"{name}: min cosine {entry['cosine_min']:.6f} < {thresholds.min_cosine}")
+        if s["cls"] and entry["top1_agreement"] < thresholds.min_top1_agreement:
+            failures.append(f"{name}: top-1 agreement {entry['top1_agreement']:.4f} < {thresholds.min_top1_agreement}")
+    report["passed"] = not failures
+    report["failures"] = failures
+    return report

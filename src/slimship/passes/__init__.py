@@ -1,0 +1,71 @@
+"""Passes: one technique each, registered by name. Importing this package imports no heavy backend.
+
+``run_pass("export", candidate, workload, {"opset": 18}, out_dir)`` runs any pass by name; the
+typed verbs (``export``, ``optimize_graph``) are the same passes with their configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimship.errors import ConfigError
+from slimship.passes.base import Pass, PassConfig
+from slimship.passes.export import ExportConfig, ExportPass
+from slimship.passes.optimize import GraphOptimizeConfig, GraphOptimizePass
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+    from slimship.workload import Workload
+
+__all__ = [
+    "PASSES",
+    "ExportConfig",
+    "GraphOptimizeConfig",
+    "Pass",
+    "PassConfig",
+    "export",
+    "list_passes",
+    "optimize_graph",
+    "run_pass",
+]
+
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (ExportPass, GraphOptimizePass)}
+
+
+def list_passes() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": p.name,
+            "summary": p.summary,
+            "input": p.input_format,
+            "output": p.output_format,
+            "requires": list(p.requires),
+            "config": p.config_cls().to_json_dict(),
+        }
+        for p in PASSES.values()
+    ]
+
+
+def run_pass(
+    name: str,
+    candidate: Candidate,
+    workload: Workload,
+    config: PassConfig | dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
+    if name not in PASSES:
+        raise ConfigError(f"unknown pass {name!r}; available: {sorted(PASSES)}")
+    return PASSES[name]()(candidate, workload, config, out_dir)
+
+
+def export(candidate: Candidate, workload: Workload, config: ExportConfig | None = None, out_dir: str | Path | None = None) -> Candidate:
+    """PyTorch candidate → verified ONNX candidate."""
+    return ExportPass()(candidate, workload, config, out_dir)
+
+
+def optimize_graph(
+    candidate: Candidate, workload: Workload, config: GraphOptimizeConfig | None = None, out_dir: str | Path | None = None
+) -> Candidate:
+    """ONNX candidate → ONNX Runtime-optimised (and, for transformers, fused) ONNX candidate."""
+    return GraphOptimizePass()(candidate, workload, config, out_dir)

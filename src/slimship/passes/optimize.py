@@ -1,0 +1,122 @@
+"""ONNX Runtime graph optimisation as its own pass, with the transformer fusions for BERT-family models.
+
+Transformer models first go through ``onnxruntime.transformers.optimizer`` (SkipLayerNormalization,
+BiasGelu, Attention where the export allows it), then ONNX Runtime's own graph optimiser at the
+chosen level is applied offline and saved. ``extended`` is the highest level that stays portable;
+``all`` adds layout transformations specific to this CPU and is recorded as such.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from slimship.errors import CompressionError, VerificationError
+from slimship.measure.verify import VerifyThresholds
+from slimship.passes.base import Pass, PassConfig
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+    from slimship.workload import Workload
+
+
+class GraphOptimizeConfig(PassConfig):
+    version: int = 1
+    #: ONNX Runtime graph optimisation level saved into the artifact: basic, extended (portable), all (this CPU only)
+    level: Literal["basic", "extended", "all"] = "extended"
+    #: transformer fusions: auto = on for BERT-family workloads
+    transformer_fusion: Literal["auto", "on", "off"] = "auto"
+    #: model type for ORT's transformer optimizer (bert, roberta, ...)
+    model_type: str = "bert"
+    #: attention heads / hidden size for fusion; 0 = take them from the workload
+    num_heads: int = Field(default=0, ge=0)
+    hidden_size: int = Field(default=0, ge=0)
+    verify: VerifyThresholds = VerifyThresholds()
+    verify_samples: int = Field(default=48, ge=1)
+
+
+class GraphOptimizePass(Pass):
+    name: ClassVar[str] = "optimize"
+    summary: ClassVar[str] = "ONNX Runtime graph optimisation (+ transformer fusions), verified against its parent"
+    config_cls: ClassVar[type[PassConfig]] = GraphOptimizeConfig
+    input_format: ClassVar[str] = "onnx"
+    output_format: ClassVar[str] = "onnx"
+
+    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+        assert isinstance(config, GraphOptimizeConfig)  # guaranteed by Pass.__call__ (internal invariant)
+        import onnx
+
+        from slimship.candidate import new_candidate
+        from slimship.machine import physical_cores
+        from slimship.measure.verify import compare_outputs, verification_batches
+        from slimship.passes._onnx_graph import op_histogram
+        from slimship.runtime.ort_backend import OrtRuntime, session_options
+
+        threads = physical_cores()
+        src = candidate.artifact_path
+        out = out_dir / "model.onnx"
+        info: dict[str, Any] = {"level": config.level, "notes": []}
+        t0 = time.perf_counter()
+        fuse = config.transformer_fusion == "on" or (
+            config.transformer_fusion == "auto" and workload.model_info.family == "bert"
+        )
+        stage = src
+        if fuse:
+            num_heads = config.num_heads or (workload.model_info.num_heads or 0)
+            hidden = config.hidden_size or (workload.model_info.hidden_size or 0)
+            if not num_heads or not hidden:
+                raise CompressionError(
+                    f"transformer fusion needs num_heads and hidden_size; workload {workload.name} doesn't say. "
+                    "Set them in GraphOptimizeConfig, e.g. num_heads=12, hidden_size=384."
+                )
+            try:
+                from onnxruntime.transformers.optimizer import optimize_model
+
+                fused = optimize_model(str(src), model_type=config.model_type, num_heads=num_heads, hidden_size=hidden, opt_level=0)
+            except Exception as err:
+                raise CompressionError(f"ONNX Runtime's transformer optimizer failed on {src}: {type(err).__name__}: {err}") from err
+            info["fused_operators"] = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+            if not info["fused_operators"].get("Attention"):
+                info["notes"].append(
+                    "Attention was not fused: ORT's fusion matches the classic BERT attention subgraph; "
+                    "this export's attention layout differs (LayerNorm, SkipLayerNorm and BiasGelu fusions still apply)"
+                )
+            stage = out_dir / ".fused.onnx"
+            fused.save_model_to_file(str(stage))
+        if config.level == "all":
+            info["notes"].append("level 'all' adds layout optimisations specific to this CPU; the artifact is not portable")
+        try:
+            import onnxruntime as ort
+
+            ort.InferenceSession(str(stage), session_options(threads, config.level, optimized_path=out), providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise CompressionError(f"ONNX Runtime could not optimise {src}: {err}") from err
+        finally:
+            if stage != src:
+                Path(stage).unlink(missing_ok=True)
+        info["optimize_seconds"] = round(time.perf_counter() - t0, 2)
+        info["ops_before"] = op_histogram(onnx.load(str(src), load_external_data=False))
+        info["ops_after"] = op_histogram(onnx.load(str(out), load_external_data=False))
+        parent_rt = OrtRuntime(src, threads, graph_level="disable")
+        child_rt = OrtRuntime(out, threads, graph_level="disable")
+        report = compare_outputs(parent_rt, child_rt, verification_batches(workload, config.verify_samples), config.verify)
+        info["verification"] = report
+        if not report["passed"]:
+            out.unlink(missing_ok=True)
+            raise VerificationError(
+                "the optimised graph's outputs disagree with its parent's: " + "; ".join(report["failures"]), report=report
+            )
+        return new_candidate(
+            out_dir,
+            name="optimized",
+            format="onnx",
+            artifact="model.onnx",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            info=info,
+        )

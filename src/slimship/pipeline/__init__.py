@@ -1,0 +1,1 @@
+"""Multi-step jobs built from passes and measurements (the quickstart today; recipes and search later)."""

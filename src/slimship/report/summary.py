@@ -1,0 +1,91 @@
+"""Markdown summaries of evaluation and benchmark results (the JSON stays the source of truth)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if isinstance(v, float):
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        return f"{v:.{digits}f}" if abs(v) >= 0.001 or v == 0 else f"{v:.2e}"
+    return "—" if v is None else str(v)
+
+
+def bench_table(bench: dict[str, Any]) -> str:
+    rows = ["| candidate | runtime | batch | p50 ms | p90 ms | p99 ms | mean ms | items/s | speed-up vs " + bench["baseline"] + " (p50) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for c in bench["candidates"]:
+        for r in c["results"]:
+            lat = r["latency_ms"]
+            rows.append(
+                f"| {c['label']} | {c['runtime']['backend']} | {r['batch_size']} | {lat['p50']:.2f} | {lat['p90']:.2f} | "
+                f"{lat['p99']:.2f} | {lat['mean']:.2f} | {r['throughput_items_per_s']:.1f} | {r['speedup_vs_baseline_p50']:.2f}x |"
+            )
+    return "\n".join(rows)
+
+
+def size_memory_table(bench: dict[str, Any]) -> str:
+    rows = ["| candidate | file MB | size vs baseline | peak RSS MB | model peak MB (over process baseline) |", "|---|---|---|---|---|"]
+    for c in bench["candidates"]:
+        mem = c.get("memory") or {}
+        rows.append(
+            f"| {c['label']} | {c['file_size_mb']:.1f} | {c['size_ratio_vs_baseline']:.2f}x | "
+            f"{mem.get('peak_rss_mb', '—')} | {mem.get('model_peak_mb', '—')} |"
+        )
+    return "\n".join(rows)
+
+
+def eval_table(evals: dict[str, dict[str, Any]]) -> str:
+    q_keys: list[str] = []
+    f_keys: list[str] = []
+    for e in evals.values():
+        q_keys += [k for k in e["quality"] if k not in q_keys]
+        f_keys += [k for k in e["fidelity"] if k not in f_keys]
+    head = "| candidate | runtime | samples | " + " | ".join(q_keys + f_keys) + " |"
+    rows = [head, "|" + "---|" * (3 + len(q_keys) + len(f_keys))]
+    for label, e in evals.items():
+        vals = [_fmt(e["quality"].get(k), 2) for k in q_keys] + [_fmt(e["fidelity"].get(k), 6) for k in f_keys]
+        rows.append(f"| {label} | {e['runtime']['backend']} | {e['samples']} | " + " | ".join(vals) + " |")
+    return "\n".join(rows)
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    isa = ", ".join(k for k, v in machine["isa"].items() if v) or "none of the tracked flags"
+    pk = machine["packages"]
+    return (
+        f"{machine['cpu_model']}, {machine['physical_cores']} physical cores, {machine['memory_gib']} GiB; "
+        f"ISA: {isa}; int8: {machine['int8_kernels']}; torch {pk.get('torch')}, onnxruntime {pk.get('onnxruntime')}, "
+        f"onnx {pk.get('onnx')}; runtime threads {machine['threads']['runtime_threads']}"
+    )
+
+
+def render_summary(results: dict[str, Any]) -> str:
+    bench = results["bench"]
+    parts = [f"# slimship quickstart — {results['workload']['name']}", ""]
+    if results.get("headline"):
+        parts += [results["headline"], ""]
+    parts += ["## Quality and fidelity", "", eval_table(results["evaluations"]), ""]
+    parts += [
+        "## Latency and throughput (interleaved; ≥ " + f"{bench['settings']['runs']} timed runs and ≥ {bench['settings'].get('min_seconds', 0)} s per candidate after {bench['settings']['warmup']} warm-up"
+        + (f", seq {bench['settings']['seq_len']}" if bench["settings"]["seq_len"] else "") + ")",
+        "",
+        bench_table(bench),
+        "",
+        "## Size and memory",
+        "",
+        size_memory_table(bench),
+        "",
+        "## Candidates",
+        "",
+    ]
+    for c in results["candidates"]:
+        line = f"- **{c['name']}** `{c['id']}` ({c['format']}) ← {c.get('parent_id') or 'workload'}"
+        if c.get("pass_name"):
+            line += f" via `{c['pass_name']}`"
+        for note in c.get("notes", []):
+            line += f"; {note}"
+        parts.append(line)
+    parts += ["", "## Machine", "", machine_line(bench["machine"]), "", f"Reproduce: `{results['command']}`", ""]
+    return "\n".join(parts)

@@ -1,0 +1,60 @@
+"""Runtimes: one ``predict(batch) -> outputs`` contract over PyTorch eager and ONNX Runtime.
+
+``create_runtime(candidate, workload, backend=None, threads=None)`` picks the backend from the
+candidate's format unless told (a PyTorch candidate runs on ``torch``; an ONNX one on
+``onnxruntime``). Threads default to the machine's physical cores.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from slimship.errors import InferenceError
+from slimship.runtime.base import Runtime, validate_batch
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+    from slimship.workload import Workload
+
+__all__ = ["BACKENDS", "Runtime", "create_runtime", "validate_batch"]
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def create_runtime(
+    candidate: Candidate,
+    workload: Workload,
+    backend: str | None = None,
+    threads: int | None = None,
+    spin: bool = True,
+) -> Runtime:
+    """``spin=False`` makes ONNX Runtime's idle threads block instead of spinning (used when several
+    runtimes share the cores, as in an interleaved benchmark)."""
+    from slimship.machine import physical_cores
+
+    threads = threads or physical_cores()
+    if threads < 1:
+        raise InferenceError(f"threads must be ≥ 1, got {threads}")
+    backend = backend or ("torch" if candidate.format == "torch" else "onnxruntime")
+    if backend not in BACKENDS:
+        raise InferenceError(f"unknown runtime {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "torch":
+        if candidate.format != "torch":
+            raise InferenceError(
+                f"candidate {candidate.id} is an ONNX model; run it with runtime 'onnxruntime' (the torch runtime runs PyTorch candidates)"
+            )
+        from slimship.candidate import load_torch_model
+        from slimship.runtime.torch_backend import TorchRuntime
+
+        return TorchRuntime(load_torch_model(candidate, workload), workload.inputs, [o.name for o in workload.outputs], threads)
+    if candidate.format != "onnx":
+        raise InferenceError(
+            f"candidate {candidate.id} is a PyTorch model; export it first (`slimship export`) to run it on onnxruntime"
+        )
+    from slimship.runtime.ort_backend import OrtRuntime
+
+    rt = OrtRuntime(candidate.artifact_path, threads, spin=spin)
+    # the workload's spec is authoritative for names and dtypes; ORT's for which inputs exist
+    specs = {s.name: s for s in workload.inputs}
+    rt.inputs = tuple(specs.get(s.name, s) for s in rt.inputs)
+    return rt
