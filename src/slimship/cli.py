@@ -159,7 +159,8 @@ def export(
     Example: `slimship export -w mnist -o runs/mnist`
     """
     from slimship.candidate import original_candidate
-    from slimship.passes import ExportConfig, GraphOptimizeConfig, export as export_pass, optimize_graph
+    from slimship.passes import ExportConfig, GraphOptimizeConfig, optimize_graph
+    from slimship.passes import export as export_pass
     from slimship.workload import resolve_workload
 
     w = resolve_workload(workload, data=data)
@@ -202,7 +203,7 @@ def eval_cmd(
     from slimship.workload import resolve_workload
 
     w = resolve_workload(workload, data=data)
-    label, cand, backend = _resolve_target(target, w, "")
+    _label, cand, backend = _resolve_target(target, w, "")
     result = evaluate(cand, w, backend, threads, limit)
     for section in ("quality", "fidelity"):
         typer.echo(f"{section:9s} " + "  ".join(f"{k}={v:.6g}" for k, v in result[section].items()))
@@ -233,7 +234,8 @@ def bench(
     from rich.table import Table
 
     from slimship._util import write_json_atomic
-    from slimship.measure.bench import BenchTarget, bench as run_bench
+    from slimship.measure.bench import BenchTarget
+    from slimship.measure.bench import bench as run_bench
     from slimship.workload import resolve_workload
 
     w = resolve_workload(workload, data=data)

@@ -30,7 +30,8 @@ TRACKED_PACKAGES = (
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
+    model: str = platform.processor() or platform.machine()
+    flags: set[str] = set()
     path = Path("/proc/cpuinfo")
     if path.exists():
         for line in path.read_text(errors="replace").splitlines():

@@ -64,7 +64,7 @@ def reference_outputs(workload: Workload, limit: int | None = None, threads: int
     outputs = collect_outputs(rt, workload, limit, desc="reference outputs", progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **outputs)
+    np.savez(tmp, **outputs)  # type: ignore[arg-type]
     tmp.replace(path)
     return outputs
 

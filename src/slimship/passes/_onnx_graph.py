@@ -65,9 +65,10 @@ def set_io_names_and_dims(model: Any, inputs: Sequence[TensorSpec], outputs: Seq
         edits.append(f"output {old!r} named {spec.name!r}")
     by_name = {s.name: s for s in (*inputs, *outputs)}
     for vi in (*graph.input, *graph.output):
-        spec = by_name.get(vi.name)
-        if spec is None or not vi.type.HasField("tensor_type"):
+        found = by_name.get(vi.name)
+        if found is None or not vi.type.HasField("tensor_type"):
             continue
+        spec = found
         dims = vi.type.tensor_type.shape.dim
         if len(dims) != len(spec.shape):
             continue

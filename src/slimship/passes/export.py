@@ -18,6 +18,7 @@ import io
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -51,7 +52,7 @@ class ExportConfig(PassConfig):
 
 
 @contextlib.contextmanager
-def _quiet_exporter(record: list[str]):  # type: ignore[no-untyped-def]
+def _quiet_exporter(record: list[str]) -> Iterator[None]:
     """Capture the exporters' warnings and chatter into ``record`` instead of the terminal."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level

@@ -40,7 +40,7 @@ class TorchRuntime(Runtime):
         elif isinstance(out, Mapping):
             tensors = list(out.values())
         else:
-            tensors = list(out)
+            tensors = list(out)  # type: ignore[call-overload]
         if len(tensors) != len(self.output_names):
             raise InferenceError(f"the model returned {len(tensors)} outputs, expected {list(self.output_names)}")
         return {name: t.detach().numpy() for name, t in zip(self.output_names, tensors, strict=True)}

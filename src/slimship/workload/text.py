@@ -57,9 +57,9 @@ def make_sentence_encoder(backbone: torch.nn.Module, pooling: str = "mean", norm
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             mask = attention_mask.to(torch.float32)
             if self._bert_like:
-                hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+                hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))  # type: ignore[operator]
                 additive = (1.0 - mask[:, None, None, :]) * torch.finfo(torch.float32).min
-                hidden = self.backbone.encoder(hidden, attention_mask=additive).last_hidden_state
+                hidden = self.backbone.encoder(hidden, attention_mask=additive).last_hidden_state  # type: ignore[operator]
             else:
                 hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             if self.pooling == "cls":
@@ -154,7 +154,7 @@ class SentenceEmbeddingWorkload(Workload):
 
     def fingerprint(self) -> str:
         weights = [p for p in sorted(self.model_dir.glob("*.safetensors")) + sorted(self.model_dir.glob("*.bin"))]
-        heads, bodies, labels, perm = self._data
+        heads, bodies, _labels, perm = self._data
         return sha256_text(
             "sentence-embedding/1",
             str(MAX_SEQ_LEN),

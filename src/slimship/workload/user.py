@@ -31,7 +31,14 @@ import numpy as np
 
 from slimship._util import sha256_file, sha256_text
 from slimship.errors import WorkloadError
-from slimship.workload.base import Batch, TensorSpec, Workload, accuracy, classification_fidelity, embedding_fidelity
+from slimship.workload.base import (
+    Batch,
+    TensorSpec,
+    Workload,
+    accuracy,
+    classification_fidelity,
+    embedding_fidelity,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -234,7 +241,10 @@ class FactoryWorkload(Workload):
         return sha256_text(self.spec, sha256_file(path), *(v.tobytes() for v in self._eval.values()))[:16]
 
     def build_model(self) -> torch.nn.Module:
-        return self._call()["model"].eval()
+        """A fresh copy of the model the factory returned (the factory runs once per workload)."""
+        import copy
+
+        return copy.deepcopy(self._bundle["model"]).eval()
 
     def example_inputs(self, batch_size: int = 1, seq_len: int | None = None) -> Batch:
         return _take(self._example, batch_size)
@@ -288,8 +298,8 @@ class OnnxWorkload(Workload):
             raise WorkloadError(f"ONNX file {self.model_path} does not exist")
         if data_path is None:
             raise WorkloadError(
-                f"an ONNX workload needs its inputs: pass --data inputs.npz with one array per model input "
-                f"(batch first) and optionally 'labels'; e.g. np.savez('inputs.npz', x=x, labels=y)"
+                "an ONNX workload needs its inputs: pass --data inputs.npz with one array per model input "
+                "(batch first) and optionally 'labels'; e.g. np.savez('inputs.npz', x=x, labels=y)"
             )
         self.data_path = Path(data_path)
         self.name = f"onnx:{self.model_path.name}"

@@ -11,10 +11,10 @@ training code, hyper-parameters, data and seed, so it is trained once per machin
 from __future__ import annotations
 
 import inspect
-from abc import abstractmethod
 import json
 import logging
 import time
+from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -101,7 +101,7 @@ class DigitsCNNWorkload(Workload):
         return self._data
 
     def fingerprint(self) -> str:
-        x_tr, y_tr, x_te, y_te = self._split()
+        x_tr, y_tr, x_te, _y_te = self._split()
         code = inspect.getsource(_build_cnn) + inspect.getsource(_train)
         return sha256_text(
             self.name,
@@ -200,7 +200,7 @@ def _train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, s: TrainSetting
     torch.manual_seed(s.seed)
     for m in model.modules():  # re-initialise under the seed so results don't depend on prior RNG use
         if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+            m.reset_parameters()  # type: ignore[operator]
     gen = np.random.default_rng(s.seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up slimship in ./.venv on a fresh machine (Python 3.11 with venv and pip; no GPU needed).
+#   scripts/bootstrap.sh        # runtime dependencies
+#   scripts/bootstrap.sh dev    # + test tools (pytest, ruff, mypy, sentence-transformers)
+# torch is installed first and pinned: the CPU build 2.13.0 is on this machine's disk; any other
+# version, asked for by us or a dependency, makes pip fetch a multi-GB CUDA build (DEVELOPERS.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"slimship needs Python 3.11, found {sys.version.split()[0]}"'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q torch==2.13.0
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+.venv/bin/python -m pip install -q -c constraints.txt -e "$spec"
+echo "slimship installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2

@@ -1,0 +1,64 @@
+"""Shared fixtures. Everything runs on real models and data that ship inside packages.
+
+Trained references and reference outputs are cached in .cache/test (gitignored) so a second run
+of the suite reuses them; a clean clone trains mnist/digits once (~20 s) and caches minilm outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+os.environ.setdefault("SLIMSHIP_CACHE_DIR", str(ROOT / ".cache" / "test"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from slimship.workload import resolve_workload
+
+    return resolve_workload("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_chain(digits, tmp_path_factory):
+    """original → exported → optimized for the digits CNN."""
+    from slimship.candidate import original_candidate
+    from slimship.passes import export, optimize_graph
+
+    root = tmp_path_factory.mktemp("digits-chain")
+    orig = original_candidate(digits, root / "original")
+    exp = export(orig, digits, out_dir=root / "exported")
+    opt = optimize_graph(exp, digits, out_dir=root / "optimized")
+    return orig, exp, opt
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from slimship.workload import resolve_workload
+
+    return resolve_workload("mnist")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from slimship.workload import resolve_workload
+
+    return resolve_workload("minilm")
+
+
+@pytest.fixture(scope="session")
+def minilm_chain(minilm, tmp_path_factory):
+    from slimship.candidate import original_candidate
+    from slimship.passes import export, optimize_graph
+
+    root = tmp_path_factory.mktemp("minilm-chain")
+    orig = original_candidate(minilm, root / "original")
+    exp = export(orig, minilm, out_dir=root / "exported")
+    opt = optimize_graph(exp, minilm, out_dir=root / "optimized")
+    return orig, exp, opt

@@ -1,0 +1,72 @@
+"""The CLI as a user runs it: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import FIXTURES
+
+
+def slimship(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "160"}
+    proc = subprocess.run([sys.executable, "-m", "slimship.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"slimship {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_quickstart_on_digits_writes_results_and_summary(tmp_path):
+    out = tmp_path / "qs"
+    proc = slimship("quickstart", "-w", "digits", "-o", str(out), "-b", "1,16", "--no-memory")
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "slimship.quickstart/1"
+    assert [c["name"] for c in results["candidates"]] == ["original", "exported", "optimized"]
+    assert set(results["evaluations"]) == {"pytorch-fp32", "ort-fp32", "ort-fp32-optimized"}
+    for ev in results["evaluations"].values():
+        assert ev["fidelity"]["top1_agreement"] == 1.0
+    assert results["bench"]["baseline"] == "pytorch-fp32"
+    summary = (out / "summary.md").read_text()
+    assert "## Latency and throughput" in summary and "ort-fp32-optimized" in summary
+    assert "results.json" in proc.stdout
+    # a second run reuses the verified candidates instead of exporting again
+    again = slimship("quickstart", "-w", "digits", "-o", str(out), "-b", "1", "--no-memory")
+    assert "reusing exported" in again.stderr and "reusing optimized" in again.stderr
+
+
+def test_export_eval_and_bench_commands(tmp_path):
+    slimship("export", "-w", "digits", "-o", str(tmp_path / "run"))
+    assert (tmp_path / "run" / "optimized" / "model.onnx").exists()
+    ev = slimship("eval", str(tmp_path / "run" / "optimized"), "-w", "digits", "--json-out", str(tmp_path / "eval.json"))
+    assert "accuracy=" in ev.stdout and "top1_agreement=1" in ev.stdout
+    assert json.loads((tmp_path / "eval.json").read_text())["samples"] == 360
+    slimship(
+        "bench", "pt=original@torch", f"ort={tmp_path / 'run' / 'optimized'}", f"file={tmp_path / 'run' / 'exported' / 'model.onnx'}",
+        "-w", "digits", "-b", "1,4", "--no-memory", "--json-out", str(tmp_path / "bench.json"),
+    )
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [c["label"] for c in data["candidates"]] == ["pt", "ort", "file"]
+
+
+def test_user_errors_are_one_clear_line_without_a_traceback(tmp_path):
+    cases = [
+        (["eval", "original", "-w", "nosuch"], "unknown workload 'nosuch'"),
+        (["eval", str(tmp_path), "-w", "digits"], "no candidate.json"),
+        (["eval", "original@tensorrt", "-w", "digits"], "unknown runtime 'tensorrt'"),
+        (["export", "-w", f"{FIXTURES / 'factories.py'}:build_raises", "-o", str(tmp_path / "x")], "checkpoint weights.pt not found"),
+        (["export", "-w", "digits", "--opset", "99", "-o", str(tmp_path / "y")], "opset"),
+    ]
+    for args, needle in cases:
+        proc = slimship(*args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert needle in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_bad_option_values(tmp_path):
+    proc = slimship("bench", "original", "-w", "digits", "-b", "one", check=False)
+    assert proc.returncode == 2 and "comma-separated list of integers" in proc.stderr
+    proc = slimship("bench", "original", "-w", "digits", "--runs", "5", check=False)
+    assert proc.returncode == 2 and "30" in proc.stderr
