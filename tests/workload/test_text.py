@@ -59,3 +59,13 @@ def test_quality_metrics_behave(minilm):
     emb[n:] = np.roll(emb[:n], 1, axis=0)  # every headline points at the wrong article
     q = minilm.quality({"sentence_embedding": emb}, limit=n)
     assert q["retrieval_top1"] == 0.0 and q["retrieval_mrr"] < 1.0
+
+
+def test_a_hugging_face_directory_is_a_workload(minilm):
+    from slimship.workload import resolve_workload
+
+    w = resolve_workload(f"hf:{minilm.model_dir}")
+    assert w.name == f"hf:{minilm.model_dir}" and w.ref == {"name": w.name, "hf_dir": str(minilm.model_dir)}
+    assert w.model_info.family == "bert" and w.model_info.num_heads == 12 and w.model_info.hidden_size == 384
+    assert w.fingerprint() == minilm.fingerprint()  # same weights, same data, same pooling
+    assert resolve_workload(w.ref).name == w.name  # a candidate's recorded ref rebuilds it
