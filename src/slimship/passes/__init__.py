@@ -13,6 +13,14 @@ from slimship.errors import ConfigError
 from slimship.passes.base import Pass, PassConfig
 from slimship.passes.export import ExportConfig, ExportPass
 from slimship.passes.optimize import GraphOptimizeConfig, GraphOptimizePass
+from slimship.passes.quantize import (
+    DynamicQuantConfig,
+    DynamicQuantPass,
+    Int4WeightOnlyConfig,
+    Int4WeightOnlyPass,
+    StaticQuantConfig,
+    StaticQuantPass,
+)
 
 if TYPE_CHECKING:
     from slimship.candidate import Candidate
@@ -20,8 +28,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PASSES",
+    "DynamicQuantConfig",
     "ExportConfig",
     "GraphOptimizeConfig",
+    "Int4WeightOnlyConfig",
+    "StaticQuantConfig",
     "Pass",
     "PassConfig",
     "export",
@@ -30,7 +41,9 @@ __all__ = [
     "run_pass",
 ]
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (ExportPass, GraphOptimizePass)}
+PASSES: dict[str, type[Pass]] = {
+    p.name: p for p in (ExportPass, GraphOptimizePass, DynamicQuantPass, StaticQuantPass, Int4WeightOnlyPass)
+}
 
 
 def list_passes() -> list[dict[str, Any]]:

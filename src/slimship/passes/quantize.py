@@ -1,0 +1,418 @@
+"""INT8 and INT4 quantization of ONNX graphs, built on ONNX Runtime's quantization tooling.
+
+* ``quantize-dynamic`` — INT8 weights, activations quantized at run time (transformers' MatMuls).
+* ``quantize-static``  — INT8 QDQ with activation ranges calibrated on the workload's calibration data;
+  ``calibration="auto"`` tries each method and keeps the one with the smallest output error on a
+  held-out calibration slice (the comparison is recorded).
+* ``quantize-int4``    — block-wise INT4 weight-only MatMuls (``MatMulNBits``).
+
+The tooling's rough edges are handled here: symbolic shape inference that fails on transformer exports
+is skipped, fused graphs get ``DefaultTensorType`` so tensors of unknown type still quantize, and the
+FFN output projections (post-GELU activation outliers) can be kept in float with ``keep_float="ffn_out"``.
+Quantization is lossy: the pass records fidelity against its parent on real inputs rather than failing,
+unless ``min_cosine`` is set.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from slimship.errors import CompressionError, ConfigError
+from slimship.measure.verify import VerifyThresholds
+from slimship.passes.base import Pass, PassConfig
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+    from slimship.workload import Workload
+
+#: ops whose output carries the post-activation outliers that hurt the next MatMul (FFN output projection)
+_GELU_OPS = {"Gelu", "BiasGelu", "FastGelu", "QuickGelu"}
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+
+
+class _QuantCommon(PassConfig):
+    #: op types to quantize (empty = the tool's defaults for the pass)
+    op_types: tuple[str, ...] = ()
+    #: node names kept in float (paste the list a diagnosis prints)
+    exclude_nodes: tuple[str, ...] = ()
+    #: regular expressions on node names kept in float
+    exclude_patterns: tuple[str, ...] = ()
+    #: structural mixed precision: "ffn_out" keeps MatMuls fed by a GELU in float (post-GELU outliers)
+    keep_float: Literal["none", "ffn_out"] = "none"
+    #: fail the pass if the per-sample cosine to the parent falls below this (0 = record only)
+    min_cosine: float = Field(default=0.0, ge=0.0, le=1.0)
+    verify_samples: int = Field(default=48, ge=1)
+
+
+class DynamicQuantConfig(_QuantCommon):
+    version: int = 1
+    #: "int8" (signed; the fast u8s8 path on VNNI/AMX CPUs) or "uint8"
+    weight_type: Literal["int8", "uint8"] = "int8"
+    #: one scale per output channel (keeps fidelity) or one per tensor
+    per_channel: bool = True
+    #: 7-bit weights for CPUs without VNNI (avoids u8s8 saturation); off on VNNI machines
+    reduce_range: bool = False
+
+
+class StaticQuantConfig(_QuantCommon):
+    version: int = 1
+    #: activation-range calibration; "auto" picks by output error on a held-out calibration slice
+    calibration: Literal["auto", "minmax", "entropy", "percentile", "distribution"] = "auto"
+    #: methods "auto" compares
+    auto_methods: tuple[str, ...] = ("minmax", "entropy", "percentile")
+    #: percentile for the percentile method
+    percentile: float = Field(default=99.999, gt=90.0, le=100.0)
+    calibration_samples: int = Field(default=128, ge=1)
+    calibration_batch_size: int = Field(default=16, ge=1)
+    #: samples held out (after the calibration samples) to choose the method
+    holdout_samples: int = Field(default=64, ge=1)
+    activation_type: Literal["int8", "uint8"] = "uint8"
+    activation_symmetric: bool = False
+    weight_type: Literal["int8", "uint8"] = "int8"
+    weight_symmetric: bool = True
+    per_channel: bool = True
+
+
+class Int4WeightOnlyConfig(_QuantCommon):
+    version: int = 1
+    #: weights per quantization block along the input dimension (16, 32, 64, 128, 256)
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    symmetric: bool = True
+    #: compute precision of MatMulNBits on CPU: 0 = default, 1 = fp32, 2 = fp16, 3 = bf16, 4 = int8
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def _excluded_nodes(model: Any, cfg: _QuantCommon) -> list[str]:
+    names = {n.name for n in model.graph.node}
+    unknown = [n for n in cfg.exclude_nodes if n not in names]
+    if unknown:
+        sample = sorted(n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv"))[:5]
+        raise ConfigError(f"exclude_nodes names nodes that aren't in the graph: {unknown[:5]}; node names look like {sample}")
+    excluded = set(cfg.exclude_nodes)
+    for pattern in cfg.exclude_patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"exclude_patterns: {pattern!r} is not a valid regular expression ({err})") from err
+        excluded.update(n.name for n in model.graph.node if rx.search(n.name))
+    if cfg.keep_float == "ffn_out":
+        producer = {o: n for n in model.graph.node for o in n.output}
+        for n in model.graph.node:
+            if n.op_type in ("MatMul", "Gemm") and n.input and n.input[0] in producer and producer[n.input[0]].op_type in _GELU_OPS:
+                excluded.add(n.name)
+    return sorted(excluded)
+
+
+def _is_fused(model: Any) -> bool:
+    return any(n.domain == "com.microsoft" for n in model.graph.node)
+
+
+#: ops ORT's graph optimiser creates at level "extended" that its quantizer does not know
+_UNQUANTIZABLE_FUSED = {"FusedConv", "FusedGemm", "FusedMatMul"}
+
+
+def _prepare(candidate: Candidate, out_dir: Path) -> tuple[Any, Path, list[str]]:
+    """Load the parent graph and write a copy without ``value_info``: graphs saved by ORT's optimiser
+    carry shapes the quantizer's ONNX shape inference rejects ("Inferred shape and existing shape differ")."""
+    import onnx
+
+    model = onnx.load(str(candidate.artifact_path))
+    warnings: list[str] = []
+    fused = [n for n in model.graph.node if n.op_type in _UNQUANTIZABLE_FUSED and any(i in {t.name for t in model.graph.initializer} for i in n.input[1:])]
+    if fused:
+        kinds = sorted({n.op_type for n in fused})
+        warnings.append(
+            f"{len(fused)} weight node(s) were fused by graph optimisation at level 'extended' ({', '.join(kinds)}) and stay float: "
+            "quantize the exported graph, or run `optimize` with level='basic' first"
+        )
+    del model.graph.value_info[:]
+    staged = out_dir / ".input.onnx"
+    onnx.save_model(model, str(staged))
+    return model, staged, warnings
+
+
+def quantizable_nodes(model: Any, op_types: tuple[str, ...]) -> list[str]:
+    """Nodes of the given types that have a constant (initializer) weight input."""
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in op_types and any(i in inits for i in n.input[1:])]
+
+
+def _lossy_report(parent: Candidate, out: Path, workload: Workload, cfg: _QuantCommon) -> dict[str, Any]:
+    from slimship.machine import physical_cores
+    from slimship.measure.verify import compare_outputs, verification_batches
+    from slimship.runtime.ort_backend import OrtRuntime
+
+    threads = physical_cores()
+    thresholds = VerifyThresholds(min_cosine=cfg.min_cosine, atol=float("inf"), rtol=0.0, min_top1_agreement=0.0)
+    report = compare_outputs(
+        OrtRuntime(parent.artifact_path, threads), OrtRuntime(out, threads), verification_batches(workload, cfg.verify_samples), thresholds
+    )
+    return report
+
+
+def _finish(
+    pass_name: str, name: str, parent: Candidate, workload: Workload, cfg: _QuantCommon, out_dir: Path, info: dict[str, Any]
+) -> Candidate:
+    import onnx
+
+    from slimship.candidate import new_candidate
+    from slimship.passes._onnx_graph import op_histogram
+
+    out = out_dir / "model.onnx"
+    model = onnx.load(str(out))
+    info["ops_after"] = op_histogram(model)
+    info["int8_initializers"] = sum(1 for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+    info["fidelity_to_parent"] = report = _lossy_report(parent, out, workload, cfg)
+    info["size_ratio_vs_parent"] = parent.size_bytes / out.stat().st_size
+    if cfg.min_cosine and not report["passed"]:
+        out.unlink(missing_ok=True)
+        raise CompressionError(
+            f"{pass_name}: fidelity to the parent is below min_cosine={cfg.min_cosine}: " + "; ".join(report["failures"])
+            + ". Try keep_float='ffn_out', per-channel weights, or exclude the nodes a diagnosis ranks worst."
+        )
+    return new_candidate(
+        out_dir, name=name, format="onnx", artifact="model.onnx", workload=workload, parent=parent,
+        pass_name=pass_name, pass_config=cfg.to_json_dict(), info=info,
+    )
+
+
+def _qtype(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
+
+
+# ---- dynamic ----------------------------------------------------------------------------------------
+
+class DynamicQuantPass(Pass):
+    name: ClassVar[str] = "quantize-dynamic"
+    summary: ClassVar[str] = "INT8 weights, activations quantized at run time (ORT quantize_dynamic), fidelity recorded"
+    config_cls: ClassVar[type[PassConfig]] = DynamicQuantConfig
+    input_format: ClassVar[str] = "onnx"
+    output_format: ClassVar[str] = "onnx"
+
+    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+        assert isinstance(config, DynamicQuantConfig)  # guaranteed by Pass.__call__
+        import onnx
+        from onnxruntime.quantization import quantize_dynamic
+
+        model, staged, warnings = _prepare(candidate, out_dir)
+        op_types = config.op_types or ("MatMul", "Gemm", "Attention", "Gather")
+        targets = quantizable_nodes(model, op_types)
+        excluded = _excluded_nodes(model, config)
+        if not [n for n in targets if n not in excluded]:
+            raise CompressionError(
+                f"nothing to quantize in {candidate.id}: no {'/'.join(op_types)} node with constant weights "
+                f"{'is left after exclusions' if targets else 'exists'}; op types in the graph: "
+                f"{sorted({n.op_type for n in model.graph.node})}"
+            )
+        extra: dict[str, Any] = {"MatMulConstBOnly": True}
+        if _is_fused(model):
+            extra["DefaultTensorType"] = onnx.TensorProto.FLOAT  # fused ops lack type info the quantizer needs
+        t0 = time.perf_counter()
+        try:
+            quantize_dynamic(
+                str(staged), str(out_dir / "model.onnx"), op_types_to_quantize=list(op_types),
+                per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type=_qtype(config.weight_type),
+                nodes_to_exclude=excluded, extra_options=extra,
+            )
+        except Exception as err:
+            raise CompressionError(f"ONNX Runtime's quantize_dynamic failed on {candidate.id}: {type(err).__name__}: {err}") from err
+        finally:
+            staged.unlink(missing_ok=True)
+        conv = [n for n in quantizable_nodes(model, ("Conv",)) if n not in excluded and "Conv" in op_types]
+        info: dict[str, Any] = {
+            "quantized_nodes": len([n for n in targets if n not in excluded]),
+            "excluded_nodes": excluded,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "warnings": warnings,
+        }
+        if conv:
+            info["warnings"].append(
+                f"{len(conv)} convolution(s) dynamically quantized (ConvInteger): usually slower than float on CPU; "
+                "use quantize-static for CNNs"
+            )
+        return _finish(self.name, "int8-dynamic", candidate, workload, config, out_dir, info)
+
+
+# ---- static -----------------------------------------------------------------------------------------
+
+class _Reader:
+    """ORT CalibrationDataReader over a list of batches, checked against the model's inputs."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._batches = batches
+        self._it: Iterator[dict[str, np.ndarray]] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+def _calibration_batches(candidate: Candidate, workload: Workload, cfg: StaticQuantConfig) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    from slimship.errors import InputSpecError, WorkloadError
+    from slimship.runtime.base import validate_batch
+    from slimship.runtime.ort_backend import OrtRuntime
+
+    specs = OrtRuntime(candidate.artifact_path, 1).inputs
+    specs = tuple({s.name: s for s in workload.inputs}.get(s.name, s) for s in specs)
+    total = cfg.calibration_samples + cfg.holdout_samples
+    try:
+        batches = list(workload.calibration_batches(total, cfg.calibration_batch_size))
+    except WorkloadError:
+        raise
+    calib: list[dict[str, np.ndarray]] = []
+    held: list[dict[str, np.ndarray]] = []
+    seen = 0
+    for i, batch in enumerate(batches):
+        try:
+            checked = validate_batch(batch, specs)
+        except InputSpecError as err:
+            raise ConfigError(f"calibration batch {i} doesn't fit the model: {err}") from err
+        (calib if seen < cfg.calibration_samples else held).append(checked)
+        seen += next(iter(checked.values())).shape[0]
+    if not calib:
+        raise ConfigError(f"workload {workload.name} gave no calibration data")
+    return calib, held
+
+
+class StaticQuantPass(Pass):
+    name: ClassVar[str] = "quantize-static"
+    summary: ClassVar[str] = "INT8 QDQ with calibrated activation ranges (MinMax/Entropy/Percentile/Distribution, or auto)"
+    config_cls: ClassVar[type[PassConfig]] = StaticQuantConfig
+    input_format: ClassVar[str] = "onnx"
+    output_format: ClassVar[str] = "onnx"
+
+    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+        assert isinstance(config, StaticQuantConfig)  # guaranteed by Pass.__call__
+
+        unknown = [m for m in config.auto_methods if m not in CALIBRATION_METHODS]
+        if unknown:
+            raise ConfigError(f"unknown calibration method(s) {unknown}; choose from {list(CALIBRATION_METHODS)}")
+        model, staged, warnings = _prepare(candidate, out_dir)
+        op_types = config.op_types or ("Conv", "MatMul", "Gemm")
+        excluded = _excluded_nodes(model, config)
+        if not [n for n in quantizable_nodes(model, op_types) if n not in excluded]:
+            raise CompressionError(
+                f"nothing to quantize in {candidate.id}: no {'/'.join(op_types)} node with constant weights; "
+                f"op types in the graph: {sorted({n.op_type for n in model.graph.node})}"
+            )
+        calib, held = _calibration_batches(candidate, workload, config)
+        methods = list(config.auto_methods) if config.calibration == "auto" else [config.calibration]
+        t0 = time.perf_counter()
+        comparison: dict[str, Any] = {}
+        best: tuple[float, str] | None = None
+        for method in methods:
+            path = out_dir / f".{method}.onnx"
+            self._quantize(staged, path, calib, method, config, op_types, excluded, _is_fused(model))
+            if len(methods) > 1:
+                score = _holdout_error(candidate.artifact_path, path, held or calib)
+                comparison[method] = score
+                key = (-score["cosine_min"], method)
+                if best is None or key < (best[0], best[1]):
+                    best = (key[0], method)
+        staged.unlink(missing_ok=True)
+        chosen = best[1] if best else methods[0]
+        (out_dir / f".{chosen}.onnx").replace(out_dir / "model.onnx")
+        for method in methods:
+            (out_dir / f".{method}.onnx").unlink(missing_ok=True)
+        info = {
+            "calibration_method": chosen,
+            "calibration_comparison": comparison,
+            "calibration_samples": sum(next(iter(b.values())).shape[0] for b in calib),
+            "holdout_samples": sum(next(iter(b.values())).shape[0] for b in held),
+            "excluded_nodes": excluded,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "warnings": warnings,
+        }
+        return _finish(self.name, "int8-static", candidate, workload, config, out_dir, info)
+
+    @staticmethod
+    def _quantize(src: Path, dst: Path, calib: list[dict[str, np.ndarray]], method: str, cfg: StaticQuantConfig,
+                  op_types: tuple[str, ...], excluded: list[str], fused: bool) -> None:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+        extra: dict[str, Any] = {
+            "ActivationSymmetric": cfg.activation_symmetric,
+            "WeightSymmetric": cfg.weight_symmetric,
+            "CalibMovingAverage": False,
+        }
+        if method == "percentile":
+            extra["CalibPercentile"] = cfg.percentile
+        if fused:
+            extra["DefaultTensorType"] = onnx.TensorProto.FLOAT
+        cal = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
+        import contextlib
+        import io
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    str(src), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
+                    per_channel=cfg.per_channel, activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
+                    nodes_to_exclude=excluded, calibrate_method=cal, extra_options=extra,
+                )
+        except Exception as err:
+            raise CompressionError(f"ONNX Runtime's quantize_static ({method}) failed: {type(err).__name__}: {err}") from err
+
+
+def _holdout_error(parent: Path, child: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    from slimship.machine import physical_cores
+    from slimship.measure.verify import compare_outputs
+    from slimship.runtime.ort_backend import OrtRuntime
+
+    threads = physical_cores()
+    report = compare_outputs(OrtRuntime(parent, threads), OrtRuntime(child, threads), batches, VerifyThresholds(min_cosine=0.0, atol=float("inf"), min_top1_agreement=0.0))
+    first = next(iter(report["outputs"].values()))
+    return {k: v for k, v in first.items() if k in ("cosine_min", "cosine_mean", "max_abs_error", "top1_agreement")}
+
+
+# ---- int4 weight-only -----------------------------------------------------------------------------
+
+class Int4WeightOnlyPass(Pass):
+    name: ClassVar[str] = "quantize-int4"
+    summary: ClassVar[str] = "block-wise INT4 weight-only MatMuls (MatMulNBits); activations stay float"
+    config_cls: ClassVar[type[PassConfig]] = Int4WeightOnlyConfig
+    input_format: ClassVar[str] = "onnx"
+    output_format: ClassVar[str] = "onnx"
+
+    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+        assert isinstance(config, Int4WeightOnlyConfig)  # guaranteed by Pass.__call__
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+
+        model, staged, _ = _prepare(candidate, out_dir)
+        staged.unlink(missing_ok=True)
+        excluded = _excluded_nodes(model, config)
+        targets = [n for n in quantizable_nodes(model, ("MatMul",)) if n not in excluded]
+        if not targets:
+            raise CompressionError(f"nothing to quantize in {candidate.id}: INT4 weight-only needs MatMul nodes with constant weights")
+        t0 = time.perf_counter()
+        try:
+            algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
+                                                accuracy_level=config.accuracy_level or None)
+            q = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
+                                     accuracy_level=config.accuracy_level or None, nodes_to_exclude=excluded, algo_config=algo)
+            q.process()
+            onnx.save_model(q.model.model, str(out_dir / "model.onnx"))
+        except Exception as err:
+            raise CompressionError(f"ONNX Runtime's MatMulNBits quantizer failed: {type(err).__name__}: {err}") from err
+        info = {"quantized_nodes": len(targets), "excluded_nodes": excluded, "seconds": round(time.perf_counter() - t0, 2), "warnings": []}
+        return _finish(self.name, "int4-weight-only", candidate, workload, config, out_dir, info)
