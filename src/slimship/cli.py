@@ -99,7 +99,10 @@ def _main(
 
 @app.command()
 def workloads(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
-    """List the built-in workloads (and how to bring your own)."""
+    """List the built-in workloads (and how to bring your own).
+
+    Example: `slimship workloads --json`
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -120,7 +123,10 @@ def workloads(as_json: Annotated[bool, typer.Option("--json", help="Print JSON i
 
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """This machine: CPU, cores, the ISA flags that decide int8 speed, library versions."""
+    """This machine: CPU, cores, the ISA flags that decide int8 speed, library versions.
+
+    Example: `slimship info --json > machine.json`
+    """
     from slimship.machine import machine_info
 
     m = machine_info()
@@ -136,7 +142,10 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
 
 @app.command()
 def passes() -> None:
-    """List the passes, what each takes and makes, and its config with defaults."""
+    """List the passes, what each takes and makes, and its config with defaults.
+
+    Example: `slimship passes`
+    """
     from slimship.passes import list_passes
 
     for p in list_passes():
@@ -187,7 +196,7 @@ def _print_candidate(c: Any) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    target: Annotated[str, typer.Argument(help="`original`, a candidate directory, or a .onnx file; append @torch or @onnxruntime to pick the runtime.")],
+    target: Annotated[str, typer.Argument(help="`original` (the workload's own model, saved once under the cache dir), a candidate directory, or a .onnx file; append @torch or @onnxruntime to pick the runtime.")],
     workload: WorkloadOpt = "minilm",
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate on the first N samples (minilm: N articles) for a quick look.")] = None,
     threads: ThreadsOpt = None,
@@ -196,7 +205,7 @@ def eval_cmd(
 ) -> None:
     """Task quality and fidelity to the original model for one candidate.
 
-    Example: `slimship eval runs/export/optimized -w minilm --limit 200`
+    Example: `slimship eval runs/mnist/optimized -w mnist`
     """
     from slimship._util import write_json_atomic
     from slimship.measure.evaluate import evaluate
@@ -214,7 +223,7 @@ def eval_cmd(
 
 @app.command()
 def bench(
-    targets: Annotated[list[str], typer.Argument(help="Candidates as `[LABEL=]TARGET[@RUNTIME]`; TARGET is `original`, a candidate directory or a .onnx file. Example: `torch=original@torch ort=runs/export/optimized`.")],
+    targets: Annotated[list[str], typer.Argument(help="Candidates as `[LABEL=]TARGET[@RUNTIME]`; TARGET is `original` (the workload's own model), a candidate directory or a .onnx file. Example: `torch=original@torch ort=runs/export/optimized`.")],
     workload: WorkloadOpt = "minilm",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,8,32",
     seq_len: Annotated[int, typer.Option(min=1, help="Sequence length for text workloads (inputs are real text, truncated/padded to it).")] = 128,
@@ -228,7 +237,7 @@ def bench(
 ) -> None:
     """Time candidates interleaved (A B A B …): latency percentiles, throughput, size, peak memory, ratios.
 
-    Example: `slimship bench pytorch=original@torch ort=runs/export/optimized -w minilm -b 1,32 --json-out bench.json`
+    Example: `slimship bench pytorch=original@torch ort=runs/mnist/optimized -w mnist -b 1,32 --json-out runs/mnist/bench.json`
     """
     from rich.console import Console
     from rich.table import Table
@@ -251,21 +260,98 @@ def bench(
         baseline=baseline,
         memory=memory,
     )
-    table = Table(title=f"{w.name}: {runs} interleaved runs, threads {result['settings']['threads']}")
-    for col in ("candidate", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", f"× {result['baseline']}", "MB", "peak RSS MB"):
-        table.add_column(col, justify="right" if col != "candidate" else "left")
+    from slimship.report.summary import fmt_bytes, fmt_ms
+
+    table = Table(title=f"{w.name}: ≥ {runs} interleaved runs per row (runs column), threads {result['settings']['threads']}")
+    for col in ("candidate", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "items/s", f"× {result['baseline']}", "size", "peak RSS MB"):
+        table.add_column(col, justify="right" if col != "candidate" else "left", overflow="fold")
     for c in result["candidates"]:
         for r in c["results"]:
             lat = r["latency_ms"]
             table.add_row(
-                c["label"], str(r["batch_size"]), f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}",
-                f"{r['throughput_items_per_s']:.1f}", f"{r['speedup_vs_baseline_p50']:.2f}", f"{c['file_size_mb']:.1f}",
+                c["label"], str(r["batch_size"]), str(r["runs"]), fmt_ms(lat["p50"]), fmt_ms(lat["p90"]), fmt_ms(lat["p99"]),
+                f"{r['throughput_items_per_s']:.0f}", f"{r['speedup_vs_baseline_p50']:.2f}", fmt_bytes(c["file_size_bytes"]),
                 f"{c['memory']['peak_rss_mb']:.0f}" if c.get("memory") else "—",
             )
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
     if json_out:
         write_json_atomic(json_out, result)
         typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def quantize(
+    target: Annotated[str, typer.Argument(help="The ONNX candidate to quantize: a candidate directory (e.g. runs/export/exported).")],
+    workload: WorkloadOpt = "minilm",
+    mode: Annotated[str, typer.Option(help="dynamic (INT8 weights, run-time activation scales), static (INT8 QDQ, calibrated), int4 (weight-only MatMulNBits).")] = "dynamic",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the new candidate (default: beside TARGET, named after the mode).")] = None,
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="INT8 weight scales per output channel (fidelity) or per tensor.")] = True,
+    weight_type: Annotated[str, typer.Option(help="int8 (signed, the fast u8s8 path on VNNI/AMX) or uint8.")] = "int8",
+    calibration: Annotated[str, typer.Option(help="static: auto (pick by held-out output error), minmax, entropy, percentile, distribution.")] = "auto",
+    keep_float: Annotated[str, typer.Option(help="none, or ffn_out: keep MatMuls fed by a GELU (transformer FFN output projections) in float.")] = "none",
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Node name to keep in float (repeatable).")] = None,
+    block_size: Annotated[int, typer.Option(help="int4: weights per quantization block (16–256).")] = 32,
+    preflight_only: Annotated[bool, typer.Option("--preflight", help="Only report whether and how quantization pays off on this machine; write nothing.")] = False,
+    compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Time the result against its parent (interleaved) and warn loudly if it is slower.")] = True,
+    threads: ThreadsOpt = None,
+    data: DataOpt = None,
+) -> None:
+    """Quantize an ONNX candidate (INT8 dynamic / static QDQ, INT4 weight-only), with preflight and a speed check.
+
+    Example: `slimship quantize runs/export/optimized -w minilm --mode dynamic --keep-float ffn_out`
+    """
+    from slimship.candidate import load_candidate
+    from slimship.errors import ConfigError
+    from slimship.measure.preflight import format_preflight, preflight
+    from slimship.passes import run_pass
+    from slimship.workload import resolve_workload
+
+    cand = load_candidate(target)
+    if cand.format != "onnx":
+        raise ConfigError(f"{target} is a PyTorch candidate; quantization works on ONNX graphs: `slimship export` first")
+    report = preflight(cand.artifact_path)
+    typer.echo(format_preflight(report))
+    if preflight_only:
+        return
+    passes_by_mode = {"dynamic": "quantize-dynamic", "static": "quantize-static", "int4": "quantize-int4"}
+    if mode not in passes_by_mode:
+        raise ConfigError(f"unknown --mode {mode!r}; choose one of {sorted(passes_by_mode)}")
+    common = {"exclude_nodes": list(exclude or []), "keep_float": keep_float}
+    config = {
+        "dynamic": {**common, "per_channel": per_channel, "weight_type": weight_type},
+        "static": {**common, "per_channel": per_channel, "weight_type": weight_type, "calibration": calibration},
+        "int4": {**common, "block_size": block_size},
+    }[mode]
+    w = resolve_workload(workload, data=data)
+    out = out or cand.path.parent / f"{cand.name}-{mode}"
+    q = run_pass(passes_by_mode[mode], cand, w, config, out)
+    fid = q.info["fidelity_to_parent"]["outputs"]
+    typer.echo(f"{q.name}: {q.artifact_path} ({q.size_bytes / 1e6:.1f} MB, {q.info['size_ratio_vs_parent']:.2f}x smaller than its parent)")
+    for name, f in fid.items():
+        typer.echo(f"  {name}: cosine to parent mean {f['cosine_mean']:.5f}, min {f['cosine_min']:.5f}" + (f", top-1 agreement {f['top1_agreement']:.4f}" if "top1_agreement" in f else ""))
+    for warning in q.info.get("warnings", []):
+        typer.echo(f"WARNING: {warning}")
+    if q.info.get("calibration_comparison"):
+        typer.echo(f"  calibration: chose {q.info['calibration_method']} from " + json.dumps(q.info["calibration_comparison"]))
+    if compare:
+        from slimship.measure.bench import BenchTarget
+        from slimship.measure.bench import bench as run_bench
+
+        is_text = any("sequence" in s.shape for s in w.inputs)
+        result = run_bench([BenchTarget("parent", cand, "onnxruntime"), BenchTarget(q.name, q, "onnxruntime")], w,
+                           batch_sizes=(1, 32), seq_len=128 if is_text else None, threads=threads, memory=False, min_seconds=0.5)
+        rows = result["candidates"][1]["results"]
+        speeds = {r["batch_size"]: r["speedup_vs_baseline_p50"] for r in rows}
+        typer.echo("  speed vs parent (p50, interleaved): " + ", ".join(f"{s:.2f}x at batch {b}" for b, s in speeds.items()))
+        from slimship.candidate import Candidate  # noqa: F401 - type of q
+
+        q.with_info(speed_vs_parent=speeds).save()
+        slower = [b for b, s in speeds.items() if s < 1.0]
+        if slower:
+            _console().print(
+                f"[bold red]WARNING: the quantized model is SLOWER than its parent at batch {slower} on this machine[/bold red] "
+                "— see the preflight warnings above; ship the parent unless size is what you need."
+            )
 
 
 @app.command()

@@ -64,3 +64,8 @@ def test_thread_count_is_applied(digits, digits_chain):
     rt = create_runtime(digits_chain[1], digits, threads=1)
     assert rt.describe()["threads"] == 1
     assert rt.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_a_candidate_run_with_the_wrong_workload(mnist, digits_chain):
+    with pytest.raises(InferenceError, match=r"expects 'pixels' of shape \[.*8, 8\] but workload 'mnist' provides .*28, 28"):
+        create_runtime(digits_chain[1], mnist)

@@ -62,11 +62,16 @@ def reference_outputs(workload: Workload, limit: int | None = None, threads: int
         assert onnx_path is not None  # has_torch_model is False only for ONNX workloads
         rt = OrtRuntime(onnx_path, threads)
     outputs = collect_outputs(rt, workload, limit, desc="reference outputs", progress=progress)
+    _save_reference(workload, limit, outputs)
+    return outputs
+
+
+def _save_reference(workload: Workload, limit: int | None, outputs: dict[str, np.ndarray]) -> None:
+    path = _reference_path(workload, limit)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **outputs)  # type: ignore[arg-type]
     tmp.replace(path)
-    return outputs
 
 
 def evaluate(
@@ -80,11 +85,20 @@ def evaluate(
     """Quality (the workload's task metrics) and fidelity (agreement with the original's outputs)."""
     from slimship.runtime import create_runtime
 
-    reference = reference_outputs(workload, limit, threads, progress)
     rt = create_runtime(candidate, workload, backend, threads)
-    t0 = time.perf_counter()
-    outputs = collect_outputs(rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress)
-    seconds = time.perf_counter() - t0
+    # the original model on its own runtime *is* the reference: run it once, not twice
+    is_reference = candidate.pass_name is None and rt.backend == ("torch" if workload.has_torch_model else "onnxruntime")
+    if is_reference and not _reference_path(workload, limit).exists():
+        t0 = time.perf_counter()
+        outputs = collect_outputs(rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress)
+        seconds = time.perf_counter() - t0
+        _save_reference(workload, limit, outputs)
+        reference = outputs
+    else:
+        reference = reference_outputs(workload, limit, threads, progress)
+        t0 = time.perf_counter()
+        outputs = collect_outputs(rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress)
+        seconds = time.perf_counter() - t0
     rt.close()
     return {
         "candidate": candidate.id,

@@ -122,21 +122,32 @@ _UNQUANTIZABLE_FUSED = {"FusedConv", "FusedGemm", "FusedMatMul"}
 
 
 def _prepare(candidate: Candidate, out_dir: Path) -> tuple[Any, Path, list[str]]:
-    """Load the parent graph and write a copy without ``value_info``: graphs saved by ORT's optimiser
-    carry shapes the quantizer's ONNX shape inference rejects ("Inferred shape and existing shape differ")."""
+    """Pre-process the parent graph as ONNX Runtime recommends (basic graph optimisation + ONNX shape
+    inference) into a staging file. Symbolic shape inference is skipped: it fails on transformer exports
+    ("Incomplete symbolic shape inference"). If pre-processing itself fails, the graph is staged with its
+    ``value_info`` dropped (graphs saved by ORT's optimiser carry shapes the quantizer's ONNX shape
+    inference rejects: "Inferred shape and existing shape differ")."""
     import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = onnx.load(str(candidate.artifact_path))
     warnings: list[str] = []
-    fused = [n for n in model.graph.node if n.op_type in _UNQUANTIZABLE_FUSED and any(i in {t.name for t in model.graph.initializer} for i in n.input[1:])]
+    inits = {t.name for t in model.graph.initializer}
+    fused = [n for n in model.graph.node if n.op_type in _UNQUANTIZABLE_FUSED and any(i in inits for i in n.input[1:])]
     if fused:
         kinds = sorted({n.op_type for n in fused})
         warnings.append(
             f"{len(fused)} weight node(s) were fused by graph optimisation at level 'extended' ({', '.join(kinds)}) and stay float: "
             "quantize the exported graph, or run `optimize` with level='basic' first"
         )
-    del model.graph.value_info[:]
     staged = out_dir / ".input.onnx"
+    try:
+        quant_pre_process(str(candidate.artifact_path), str(staged), skip_optimization=False, skip_onnx_shape=False, skip_symbolic_shape=True)
+        model = onnx.load(str(staged))
+    except Exception as err:
+        warnings.append(f"ONNX Runtime's quantization pre-processing failed ({type(err).__name__}); quantized the graph as is")
+    # stale value_info makes the quantizer's own shape inference fail after it rewrites Gemm/MatMul weights
+    del model.graph.value_info[:]
     onnx.save_model(model, str(staged))
     return model, staged, warnings
 
@@ -144,7 +155,10 @@ def _prepare(candidate: Candidate, out_dir: Path) -> tuple[Any, Path, list[str]]
 def quantizable_nodes(model: Any, op_types: tuple[str, ...]) -> list[str]:
     """Nodes of the given types that have a constant (initializer) weight input."""
     inits = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in op_types and any(i in inits for i in n.input[1:])]
+    return [
+        n.name for n in model.graph.node
+        if n.op_type in op_types and any(i in inits for i in (n.input[:1] if n.op_type == 'Gather' else n.input[1:]))
+    ]
 
 
 def _lossy_report(parent: Candidate, out: Path, workload: Workload, cfg: _QuantCommon) -> dict[str, Any]:

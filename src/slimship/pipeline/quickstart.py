@@ -67,7 +67,7 @@ def quickstart(
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or physical_cores()
     workload = resolve_workload(workload_ref, data=data)
-    log(f"workload {workload.name}: {workload.description}")
+    log(f"workload {workload.name}" + (f": {workload.description}" if workload.name not in workload.description else ""))
 
     orig_dir = out / "original"
     original = None

@@ -13,25 +13,38 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "—" if v is None else str(v)
 
 
+def fmt_ms(ms: float) -> str:
+    """Milliseconds with 3 significant digits, so 0.05 and 0.048 stay apart."""
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def fmt_bytes(n: int) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} kB"
+    return f"{n} B"
+
+
 def bench_table(bench: dict[str, Any]) -> str:
-    rows = ["| candidate | runtime | batch | p50 ms | p90 ms | p99 ms | mean ms | items/s | speed-up vs " + bench["baseline"] + " (p50) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| candidate | runtime | batch | runs | p50 ms | p90 ms | p99 ms | mean ms | items/s | speed-up vs " + bench["baseline"] + " (p50) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for c in bench["candidates"]:
         for r in c["results"]:
             lat = r["latency_ms"]
             rows.append(
-                f"| {c['label']} | {c['runtime']['backend']} | {r['batch_size']} | {lat['p50']:.2f} | {lat['p90']:.2f} | "
-                f"{lat['p99']:.2f} | {lat['mean']:.2f} | {r['throughput_items_per_s']:.1f} | {r['speedup_vs_baseline_p50']:.2f}x |"
+                f"| {c['label']} | {c['runtime']['backend']} | {r['batch_size']} | {r['runs']} | {fmt_ms(lat['p50'])} | {fmt_ms(lat['p90'])} | "
+                f"{fmt_ms(lat['p99'])} | {fmt_ms(lat['mean'])} | {r['throughput_items_per_s']:.1f} | {r['speedup_vs_baseline_p50']:.2f}x |"
             )
     return "\n".join(rows)
 
 
 def size_memory_table(bench: dict[str, Any]) -> str:
-    rows = ["| candidate | file MB | size vs baseline | peak RSS MB | model peak MB (over process baseline) |", "|---|---|---|---|---|"]
+    rows = ["| candidate | file size | size vs baseline | peak RSS MB | model peak MB (over process baseline) |", "|---|---|---|---|---|"]
     for c in bench["candidates"]:
         mem = c.get("memory") or {}
         rows.append(
-            f"| {c['label']} | {c['file_size_mb']:.1f} | {c['size_ratio_vs_baseline']:.2f}x | "
+            f"| {c['label']} | {fmt_bytes(c['file_size_bytes'])} | {c['size_ratio_vs_baseline']:.2f}x | "
             f"{mem.get('peak_rss_mb', '—')} | {mem.get('model_peak_mb', '—')} |"
         )
     return "\n".join(rows)

@@ -15,6 +15,7 @@ from slimship.runtime.base import Runtime, validate_batch
 if TYPE_CHECKING:
     from slimship.candidate import Candidate
     from slimship.workload import Workload
+    from slimship.workload.base import TensorSpec
 
 __all__ = ["BACKENDS", "Runtime", "create_runtime", "validate_batch"]
 
@@ -54,7 +55,27 @@ def create_runtime(
     from slimship.runtime.ort_backend import OrtRuntime
 
     rt = OrtRuntime(candidate.artifact_path, threads, spin=spin)
-    # the workload's spec is authoritative for names and dtypes; ORT's for which inputs exist
-    specs = {s.name: s for s in workload.inputs}
-    rt.inputs = tuple(specs.get(s.name, s) for s in rt.inputs)
+    rt.inputs = _merge_specs(rt.inputs, workload, candidate)
     return rt
+
+
+def _merge_specs(model_specs: tuple[TensorSpec, ...], workload: Workload, candidate: Candidate) -> tuple[TensorSpec, ...]:
+    """The model's graph is the truth for which inputs exist, their dtypes and fixed dims; the workload
+    names the dynamic dims. A workload whose fixed dims contradict the model is the wrong workload."""
+    wl = {s.name: s for s in workload.inputs}
+    merged = []
+    for spec in model_specs:
+        w = wl.get(spec.name)
+        if w is None or len(w.shape) != len(spec.shape):
+            merged.append(spec)
+            continue
+        for axis, (m, d) in enumerate(zip(spec.shape, w.shape, strict=True)):
+            if isinstance(m, int) and isinstance(d, int) and m != d:
+                raise InferenceError(
+                    f"candidate {candidate.id} expects {spec.name!r} of shape {list(spec.shape)} but workload "
+                    f"{workload.name!r} provides {list(w.shape)} (axis {axis}: {m} vs {d}); is this the candidate's "
+                    f"workload? It was made for {candidate.workload.get('name')!r}"
+                )
+        shape = tuple(m if isinstance(m, int) else d for m, d in zip(spec.shape, w.shape, strict=True))
+        merged.append(type(spec)(spec.name, spec.dtype, shape))
+    return tuple(merged)
