@@ -54,6 +54,13 @@ class _QuantCommon(PassConfig):
 
 class DynamicQuantConfig(_QuantCommon):
     version: int = 1
+    #: SmoothQuant-style outlier handling: "ffn_out" migrates per-channel activation scale of the GELU
+    #: outputs into the FFN output weights (X·W = (X/s)·(s·W)), so per-tensor activation scales fit
+    smooth: Literal["none", "ffn_out"] = "none"
+    #: migration strength: 0 = all difficulty stays in activations, 1 = all moves to the weights
+    smooth_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    #: calibration samples used to measure activation ranges for smoothing
+    smooth_samples: int = Field(default=64, ge=1)
     #: "int8" (signed; the fast u8s8 path on VNNI/AMX CPUs) or "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
     #: one scale per output channel (keeps fidelity) or one per tensor
@@ -206,6 +213,93 @@ def _qtype(name: str) -> Any:
     return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
 
 
+# ---- smoothing (SmoothQuant-style migration of activation outliers into weights) ----------------------
+
+def _gelu_fed_matmuls(model: Any) -> list[Any]:
+    inits = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return [
+        n for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[0] in producer and producer[n.input[0]].op_type in _GELU_OPS and n.input[1] in inits
+    ]
+
+
+def _activation_absmax(path: Path, names: list[str], batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of intermediate values, by running the graph with them as outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    maxima: dict[str, np.ndarray] = {}
+    for batch in batches:
+        values = sess.run(names, batch)
+        for name, v in zip(names, values, strict=True):
+            m = np.abs(v.reshape(-1, v.shape[-1])).max(axis=0)
+            maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
+    return maxima
+
+
+def smooth_ffn_out(staged: Path, workload: Workload, alpha: float, samples: int) -> list[dict[str, Any]]:
+    """Rewrite ``staged`` in place: for each MatMul fed by a GELU, insert ``X * (1/s)`` and scale the
+    weight rows by ``s``, with s_j = max|X_j|^α / max|W_j|^(1-α). Exact in float; returns per-node stats."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(staged))
+    targets = _gelu_fed_matmuls(model)
+    if not targets:
+        raise ConfigError("smooth='ffn_out' found no MatMul fed by a GELU in this graph (it targets transformer FFN output projections)")
+    batches = list(workload.calibration_batches(samples, 16))
+    maxima = _activation_absmax(staged, sorted({n.input[0] for n in targets}), batches)
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    stats = []
+    inserts: dict[str, Any] = {}
+    for k, node in enumerate(targets):
+        w_init = inits[node.input[1]]
+        w = numpy_helper.to_array(w_init).astype(np.float32)
+        x_max = np.maximum(maxima[node.input[0]].astype(np.float64), 1e-5)
+        w_max = np.maximum(np.abs(w).max(axis=1).astype(np.float64), 1e-5)
+        scale = np.clip(x_max**alpha / w_max ** (1.0 - alpha), 1e-4, 1e4)
+        new_w = (w * scale[:, None]).astype(np.float32)
+        w_name = node.input[1] if uses.get(node.input[1], 0) == 1 else f"{node.input[1]}_smoothed{k}"
+        if w_name == node.input[1]:
+            w_init.CopyFrom(numpy_helper.from_array(new_w, w_name))
+        else:
+            model.graph.initializer.append(numpy_helper.from_array(new_w, w_name))
+            node.input[1] = w_name
+        inv_name = f"{node.name}_smooth_inv_scale"
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), inv_name))
+        smoothed = f"{node.input[0]}_smoothed_for_{node.name}"
+        inserts[node.name] = onnx.helper.make_node("Mul", [node.input[0], inv_name], [smoothed], name=f"{node.name}_smooth")
+        node.input[0] = smoothed
+        stats.append({
+            "node": node.name,
+            "activation_absmax_max_over_median": float(x_max.max() / np.median(x_max)),
+            "smoothed_absmax_max_over_median": float((x_max / scale).max() / np.median(x_max / scale)),
+        })
+    # each Mul goes right before its MatMul, so the graph stays topologically sorted
+    rebuilt: list[Any] = []
+    for n in model.graph.node:
+        if n.name in inserts:
+            rebuilt.append(inserts[n.name])
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        rebuilt.append(copy)
+    del model.graph.node[:]
+    model.graph.node.extend(rebuilt)
+    onnx.save_model(model, str(staged))
+    return stats
+
+
 # ---- dynamic ----------------------------------------------------------------------------------------
 
 class DynamicQuantPass(Pass):
@@ -221,6 +315,9 @@ class DynamicQuantPass(Pass):
         from onnxruntime.quantization import quantize_dynamic
 
         model, staged, warnings = _prepare(candidate, out_dir)
+        smoothing = smooth_ffn_out(staged, workload, config.smooth_alpha, config.smooth_samples) if config.smooth == "ffn_out" else []
+        if smoothing:
+            model = onnx.load(str(staged))
         op_types = config.op_types or ("MatMul", "Gemm", "Attention", "Gather")
         targets = quantizable_nodes(model, op_types)
         excluded = _excluded_nodes(model, config)
@@ -248,6 +345,7 @@ class DynamicQuantPass(Pass):
         info: dict[str, Any] = {
             "quantized_nodes": len([n for n in targets if n not in excluded]),
             "excluded_nodes": excluded,
+            "smoothing": smoothing,
             "seconds": round(time.perf_counter() - t0, 2),
             "warnings": warnings,
         }
