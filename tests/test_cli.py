@@ -70,3 +70,18 @@ def test_bad_option_values(tmp_path):
     assert proc.returncode == 2 and "comma-separated list of integers" in proc.stderr
     proc = slimship("bench", "original", "-w", "digits", "--runs", "5", check=False)
     assert proc.returncode == 2 and "30" in proc.stderr
+
+
+def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
+    slimship("export", "-w", "digits", "-o", str(tmp_path / "run"), "--no-optimize")
+    exported = str(tmp_path / "run" / "exported")
+    pre = slimship("quantize", exported, "-w", "digits", "--preflight")
+    assert "WARNING [dynamic-conv]" in pre.stdout and not (tmp_path / "run" / "exported-dynamic").exists()
+    st = slimship("quantize", exported, "-w", "digits", "--mode", "static", "--calibration", "minmax", "-o", str(tmp_path / "static"))
+    assert "int8-static" in st.stdout and "speed vs parent" in st.stdout
+    meta = json.loads((tmp_path / "static" / "candidate.json").read_text())
+    assert meta["pass_name"] == "quantize-static" and set(meta["info"]["speed_vs_parent"]) == {"1", "32"}
+    aa = slimship("quantize", exported, "-w", "digits", "--max-quality-drop", "0.5", "-o", str(tmp_path / "aa"))
+    assert "met the budget" in aa.stdout and (tmp_path / "aa" / "accuracy_aware.json").exists()
+    bad = slimship("quantize", exported, "-w", "digits", "--mode", "static", "--calibration", "kl", "-o", str(tmp_path / "x"), check=False)
+    assert bad.returncode == 2 and "calibration" in bad.stderr and "Traceback" not in bad.stderr

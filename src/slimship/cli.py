@@ -292,6 +292,11 @@ def quantize(
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Node name to keep in float (repeatable).")] = None,
     block_size: Annotated[int, typer.Option(help="int4: weights per quantization block (16–256).")] = 32,
     preflight_only: Annotated[bool, typer.Option("--preflight", help="Only report whether and how quantization pays off on this machine; write nothing.")] = False,
+    diagnose_only: Annotated[bool, typer.Option("--diagnose", help="Rank nodes by the harm dynamic INT8 does to each (emulated SQNR + measured impact) and print an exclusion list; writes diagnosis.json into --out.")] = False,
+    min_fidelity: Annotated[float | None, typer.Option(help="Accuracy-aware (dynamic): revert the most harmful nodes to float until fidelity ≥ this, e.g. 0.99.")] = None,
+    fidelity_metric: Annotated[str, typer.Option(help="Fidelity used by --min-fidelity: cosine_min, cosine_mean or top1_agreement.")] = "cosine_min",
+    max_quality_drop: Annotated[float | None, typer.Option(help="Accuracy-aware (dynamic): largest allowed drop of the workload's quality metric, in points, e.g. 1.0.")] = None,
+    smooth: Annotated[str, typer.Option(help="dynamic: none, or ffn_out (SmoothQuant-style migration of post-GELU outliers into the FFN output weights).")] = "none",
     compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Time the result against its parent (interleaved) and warn loudly if it is slower.")] = True,
     threads: ThreadsOpt = None,
     data: DataOpt = None,
@@ -318,12 +323,37 @@ def quantize(
         raise ConfigError(f"unknown --mode {mode!r}; choose one of {sorted(passes_by_mode)}")
     common = {"exclude_nodes": list(exclude or []), "keep_float": keep_float}
     config = {
-        "dynamic": {**common, "per_channel": per_channel, "weight_type": weight_type},
+        "dynamic": {**common, "per_channel": per_channel, "weight_type": weight_type, "smooth": smooth},
         "static": {**common, "per_channel": per_channel, "weight_type": weight_type, "calibration": calibration},
         "int4": {**common, "block_size": block_size},
     }[mode]
     w = resolve_workload(workload, data=data)
     out = out or cand.path.parent / f"{cand.name}-{mode}"
+    if diagnose_only or min_fidelity is not None or max_quality_drop is not None:
+        if mode != "dynamic":
+            raise ConfigError("--diagnose, --min-fidelity and --max-quality-drop work with --mode dynamic")
+        from slimship._util import write_json_atomic
+
+        if diagnose_only:
+            from slimship.measure.diagnose import diagnose, format_diagnosis
+
+            report = diagnose(cand, w, config)
+            typer.echo(format_diagnosis(report))
+            write_json_atomic(out / "diagnosis.json", report)
+            typer.echo(f"wrote {out / 'diagnosis.json'}")
+            return
+        from slimship.pipeline.accuracy_aware import quantize_accuracy_aware
+
+        result = quantize_accuracy_aware(cand, w, out, config, min_fidelity=min_fidelity, fidelity_metric=fidelity_metric,  # type: ignore[arg-type]
+                                         max_quality_drop=max_quality_drop, log=typer.echo)
+        typer.echo(result["message"])
+        typer.echo(f"reverted to float: {result['reverted_nodes']}")
+        typer.echo(f"chosen: {result['chosen']['candidate']}")
+        typer.echo(f"record: {out / 'accuracy_aware.json'}")
+        if not result["met_budget"]:
+            _console().print("[bold red]WARNING: no configuration met the budget[/bold red]")
+            raise typer.Exit(1)
+        return
     q = run_pass(passes_by_mode[mode], cand, w, config, out)
     fid = q.info["fidelity_to_parent"]["outputs"]
     typer.echo(f"{q.name}: {q.artifact_path} ({q.size_bytes / 1e6:.1f} MB, {q.info['size_ratio_vs_parent']:.2f}x smaller than its parent)")

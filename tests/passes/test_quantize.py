@@ -97,7 +97,7 @@ def test_a_model_with_nothing_to_quantize(tmp_path):
         [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, ["batch", 6])],
     )
     (tmp_path / "relu").mkdir()
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "relu" / "model.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), tmp_path / "relu" / "model.onnx")
     from slimship.candidate import new_candidate
 
     cand = new_candidate(tmp_path / "relu", name="relu", format="onnx", artifact="model.onnx", workload=w)

@@ -15,6 +15,9 @@ unless ``min_cosine`` is set.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -98,6 +101,32 @@ class Int4WeightOnlyConfig(_QuantCommon):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _tool_messages(record: list[str]) -> Iterator[None]:
+    """ONNX Runtime's quantization tools log warnings and info on the root logger ("Failed to infer data
+    type…", "Please consider pre-processing…"): collect them into the candidate's record instead."""
+
+    class _Collect(logging.Handler):
+        def emit(self, rec: logging.LogRecord) -> None:
+            msg = rec.getMessage().strip().splitlines()[0][:200] if rec.getMessage().strip() else ""
+            if msg and msg not in record and len(record) < 50:
+                record.append(f"{rec.levelname}: {msg}")
+
+    root = logging.getLogger()
+    handler, level, handlers = _Collect(level=logging.WARNING), root.level, list(root.handlers)
+    for h in handlers:
+        root.removeHandler(h)
+    root.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeHandler(handler)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+
 
 def _excluded_nodes(model: Any, cfg: _QuantCommon) -> list[str]:
     names = {n.name for n in model.graph.node}
@@ -302,6 +331,20 @@ def smooth_ffn_out(staged: Path, workload: Workload, alpha: float, samples: int)
 
 # ---- dynamic ----------------------------------------------------------------------------------------
 
+def _quiet_run(run: Any) -> Any:
+    """Decorate a pass's run(): tool chatter goes to ``info["tool_messages"]`` of the new candidate."""
+
+    def wrapped(self: Pass, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+        messages: list[str] = []
+        with _tool_messages(messages):
+            result = run(self, candidate, workload, config, out_dir)
+        if messages:
+            result = result.with_info(tool_messages=messages).save()
+        return result
+
+    return wrapped
+
+
 class DynamicQuantPass(Pass):
     name: ClassVar[str] = "quantize-dynamic"
     summary: ClassVar[str] = "INT8 weights, activations quantized at run time (ORT quantize_dynamic), fidelity recorded"
@@ -309,6 +352,7 @@ class DynamicQuantPass(Pass):
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
 
+    @_quiet_run
     def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
         assert isinstance(config, DynamicQuantConfig)  # guaranteed by Pass.__call__
         import onnx
@@ -407,6 +451,7 @@ class StaticQuantPass(Pass):
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
 
+    @_quiet_run
     def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
         assert isinstance(config, StaticQuantConfig)  # guaranteed by Pass.__call__
 
@@ -502,6 +547,7 @@ class Int4WeightOnlyPass(Pass):
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
 
+    @_quiet_run
     def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
         assert isinstance(config, Int4WeightOnlyConfig)  # guaranteed by Pass.__call__
         import onnx
