@@ -158,8 +158,7 @@ _UNQUANTIZABLE_FUSED = {"FusedConv", "FusedGemm", "FusedMatMul"}
 
 
 def _prepare(candidate: Candidate, out_dir: Path) -> tuple[Any, Path, list[str]]:
-    """Pre-process the parent graph as ONNX Runtime recommends (basic graph optimisation + ONNX shape
-    inference) into a staging file. Symbolic shape inference is skipped: it fails on transformer exports
+    """Pre-process the parent graph for ONNX Runtime's quantizer (ONNX shape inference) into a staging file. Symbolic shape inference is skipped: it fails on transformer exports
     ("Incomplete symbolic shape inference"). If pre-processing itself fails, the graph is staged with its
     ``value_info`` dropped (graphs saved by ORT's optimiser carry shapes the quantizer's ONNX shape
     inference rejects: "Inferred shape and existing shape differ")."""
@@ -178,7 +177,9 @@ def _prepare(candidate: Candidate, out_dir: Path) -> tuple[Any, Path, list[str]]
         )
     staged = out_dir / ".input.onnx"
     try:
-        quant_pre_process(str(candidate.artifact_path), str(staged), skip_optimization=False, skip_onnx_shape=False, skip_symbolic_shape=True)
+        # skip_optimization: ORT's optimiser would rename nodes (Gemm → MatMul + Add), and exclusions,
+        # diagnoses and accuracy-aware reverts all address nodes by the names in the parent graph
+        quant_pre_process(str(candidate.artifact_path), str(staged), skip_optimization=True, skip_onnx_shape=False, skip_symbolic_shape=True)
         model = onnx.load(str(staged))
     except Exception as err:
         warnings.append(f"ONNX Runtime's quantization pre-processing failed ({type(err).__name__}); quantized the graph as is")
@@ -371,6 +372,7 @@ class DynamicQuantPass(Pass):
                 f"{'is left after exclusions' if targets else 'exists'}; op types in the graph: "
                 f"{sorted({n.op_type for n in model.graph.node})}"
             )
+        gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
         extra: dict[str, Any] = {"MatMulConstBOnly": True}
         if _is_fused(model):
             extra["DefaultTensorType"] = onnx.TensorProto.FLOAT  # fused ops lack type info the quantizer needs
@@ -379,7 +381,8 @@ class DynamicQuantPass(Pass):
             quantize_dynamic(
                 str(staged), str(out_dir / "model.onnx"), op_types_to_quantize=list(op_types),
                 per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type=_qtype(config.weight_type),
-                nodes_to_exclude=excluded, extra_options=extra,
+                # dynamic mode rewrites Gemm as MatMul named "<gemm>_MatMul" before it applies exclusions
+                nodes_to_exclude=excluded + [f"{n}_MatMul" for n in excluded if n in gemms], extra_options=extra,
             )
         except Exception as err:
             raise CompressionError(f"ONNX Runtime's quantize_dynamic failed on {candidate.id}: {type(err).__name__}: {err}") from err

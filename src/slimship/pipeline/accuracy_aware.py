@@ -97,7 +97,8 @@ def quantize_accuracy_aware(
         if ok:
             break
         remaining = [n for n in ranking if n not in reverted]
-        if not remaining:
+        if len(remaining) <= nodes_per_step:
+            say("stopping: reverting more would leave nothing quantized")
             break
         reverted.extend(remaining[:nodes_per_step])
     met = [s for s in steps if s["meets_budget"]]
