@@ -53,9 +53,12 @@ def main() -> None:
     plain = run_pass("quantize-dynamic", optimized, w, {}, run / "int8-per-channel")
     say("slimship dynamic INT8 + FFN-out smoothing")
     smooth = run_pass("quantize-dynamic", optimized, w, {"smooth": "ffn_out", "smooth_alpha": 0.75}, run / "int8-smooth")
-    say("slimship accuracy-aware (smoothing + revert worst nodes until cosine mean ≥ 0.995 and min ≥ 0.99)")
-    aa = quantize_accuracy_aware(optimized, w, run / "int8-accuracy-aware", {"smooth": "ffn_out", "smooth_alpha": 0.75},
-                                 min_fidelity=0.995, fidelity_metric="cosine_mean", max_steps=8, log=say)
+    say("slimship dynamic INT8 + smoothing of every MatMul group (QKV, attention out, FFN in/out)")
+    smooth_all = run_pass("quantize-dynamic", optimized, w, {"smooth": "all", "smooth_alpha": 0.7}, run / "int8-smooth-all")
+    say("slimship accuracy-aware: smoothing all + revert worst nodes until cosine min ≥ 0.99 on all texts and top-1 drop ≤ 1")
+    aa = quantize_accuracy_aware(optimized, w, run / "int8-accuracy-aware", {"smooth": "all", "smooth_alpha": 0.7},
+                                 min_fidelity=0.99, fidelity_metric="cosine_min", fidelity_source="evaluation",
+                                 max_quality_drop=1.0, max_steps=6, log=say)
     aware = load_candidate(aa["chosen"]["candidate"])
     say("INT4 weight-only")
     int4 = run_pass("quantize-int4", optimized, w, {}, run / "int4-weight-only")
@@ -65,6 +68,7 @@ def main() -> None:
         "ort-quantize_dynamic-default": ort_default,
         "int8-per-channel": plain,
         "int8-smooth-ffn-out": smooth,
+        "int8-smooth-all": smooth_all,
         "int8-accuracy-aware": aware,
         "int4-weight-only": int4,
     }

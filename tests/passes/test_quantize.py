@@ -131,3 +131,40 @@ def test_minilm_int8_and_int4(minilm, minilm_chain, tmp_path):
     int4 = run_pass("quantize-int4", opt, minilm, {}, tmp_path / "int4")
     assert "MatMulNBits" in _ops(int4) and int4.size_bytes < opt.size_bytes
     assert int4.info["fidelity_to_parent"]["outputs"]["sentence_embedding"]["cosine_mean"] > 0.9
+
+
+def test_smoothing_is_exact_in_float(minilm, minilm_chain, tmp_path):
+    """X·W = (X/s)·(s·W): the smoothed fp32 graph gives the same outputs before any quantization."""
+    import shutil
+
+    from slimship.passes.quantize import smooth_matmuls
+    from slimship.runtime.ort_backend import OrtRuntime
+
+    opt = minilm_chain[2]
+    staged = tmp_path / "staged.onnx"
+    shutil.copyfile(opt.artifact_path, staged)
+    stats = smooth_matmuls(staged, minilm, alpha=0.7, samples=16, scope="all")
+    assert len(stats) == 6 * 4  # per layer: QKV, attention out, FFN in, FFN out
+    assert all(s["smoothed_absmax_max_over_median"] < s["activation_absmax_max_over_median"] for s in stats)
+    batch = minilm.example_inputs(4, seq_len=64)
+    a = OrtRuntime(opt.artifact_path, 2).predict(batch)["sentence_embedding"]
+    b = OrtRuntime(staged, 2).predict(batch)["sentence_embedding"]
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_smoothing_all_meets_the_fidelity_targets_on_minilm(minilm, minilm_chain, tmp_path):
+    q = run_pass("quantize-dynamic", minilm_chain[2], minilm, {"smooth": "all", "smooth_alpha": 0.7}, tmp_path / "q")
+    f = q.info["fidelity_to_parent"]["outputs"]["sentence_embedding"]
+    assert f["cosine_mean"] >= 0.995 and f["cosine_min"] >= 0.99
+    assert minilm_chain[2].size_bytes / q.size_bytes >= 3.5
+
+
+def test_smoothing_needs_matmuls(digits, digits_chain, tmp_path):
+    with pytest.raises(ConfigError, match="found no MatMul"):
+        run_pass("quantize-dynamic", digits_chain[1], digits, {"smooth": "all"}, tmp_path / "q")
+
+
+def test_a_failed_pass_leaves_no_staging_files(digits, digits_chain, tmp_path):
+    with pytest.raises(ConfigError):
+        run_pass("quantize-dynamic", digits_chain[1], digits, {"smooth": "all"}, tmp_path / "q")
+    assert not list((tmp_path / "q").glob("*.onnx"))

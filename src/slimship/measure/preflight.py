@@ -70,7 +70,8 @@ def preflight(onnx_path: str | Path, isa: dict[str, bool] | None = None) -> dict
         warn(
             "post-gelu-outliers",
             f"{gelu_fed} MatMul(s) take a GELU output (transformer FFN output projections): post-GELU activation outliers make "
-            "dynamic/static int8 lose most fidelity there; consider keep_float='ffn_out' (costs size) and compare",
+            "dynamic/static int8 lose most fidelity there; use smooth='all' (SmoothQuant-style, free in size; measured best on "
+            "minilm) or keep_float='ffn_out' (costs size), and compare",
         )
     everything = set(DYNAMIC_OPS) | set(STATIC_OPS)
     stays_float = {k: v for k, v in sorted(ops.items()) if k not in everything and k not in ("Constant", "Shape", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Concat", "Slice", "Gather", "Cast")}

@@ -59,7 +59,8 @@ class DynamicQuantConfig(_QuantCommon):
     version: int = 1
     #: SmoothQuant-style outlier handling: "ffn_out" migrates per-channel activation scale of the GELU
     #: outputs into the FFN output weights (X·W = (X/s)·(s·W)), so per-tensor activation scales fit
-    smooth: Literal["none", "ffn_out"] = "none"
+    #: "all" smooths every group of MatMuls that share an input (QKV, FFN in, FFN out, attention out)
+    smooth: Literal["none", "ffn_out", "all"] = "none"
     #: migration strength: 0 = all difficulty stays in activations, 1 = all moves to the weights
     smooth_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     #: calibration samples used to measure activation ranges for smoothing
@@ -274,16 +275,22 @@ def _activation_absmax(path: Path, names: list[str], batches: list[dict[str, np.
     return maxima
 
 
-def smooth_ffn_out(staged: Path, workload: Workload, alpha: float, samples: int) -> list[dict[str, Any]]:
-    """Rewrite ``staged`` in place: for each MatMul fed by a GELU, insert ``X * (1/s)`` and scale the
-    weight rows by ``s``, with s_j = max|X_j|^α / max|W_j|^(1-α). Exact in float; returns per-node stats."""
+def smooth_matmuls(staged: Path, workload: Workload, alpha: float, samples: int, scope: str = "ffn_out") -> list[dict[str, Any]]:
+    """Rewrite ``staged`` in place (SmoothQuant): for each group of MatMuls sharing an input X (``scope``
+    "ffn_out": those fed by a GELU; "all": every MatMul with constant weights), insert one ``X * (1/s)``
+    and scale the rows of every weight in the group by ``s``, with s_j = max|X_j|^α / max_group|W_j|^(1-α).
+    Exact in float; returns per-group statistics."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(staged))
-    targets = _gelu_fed_matmuls(model)
+    if scope == "ffn_out":
+        targets = _gelu_fed_matmuls(model)
+    else:
+        init_names = {t.name for t in model.graph.initializer}
+        targets = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in init_names and n.input[0] not in init_names]
     if not targets:
-        raise ConfigError("smooth='ffn_out' found no MatMul fed by a GELU in this graph (it targets transformer FFN output projections)")
+        raise ConfigError(f"smooth={scope!r} found no MatMul to smooth in this graph (it targets transformer MatMuls with constant weights)")
     batches = list(workload.calibration_batches(samples, 16))
     maxima = _activation_absmax(staged, sorted({n.input[0] for n in targets}), batches)
     inits = {t.name: t for t in model.graph.initializer}
@@ -293,26 +300,33 @@ def smooth_ffn_out(staged: Path, workload: Workload, alpha: float, samples: int)
             uses[i] = uses.get(i, 0) + 1
     stats = []
     inserts: dict[str, Any] = {}
-    for k, node in enumerate(targets):
-        w_init = inits[node.input[1]]
-        w = numpy_helper.to_array(w_init).astype(np.float32)
-        x_max = np.maximum(maxima[node.input[0]].astype(np.float64), 1e-5)
-        w_max = np.maximum(np.abs(w).max(axis=1).astype(np.float64), 1e-5)
+    groups: dict[str, list[Any]] = {}
+    for node in targets:
+        groups.setdefault(node.input[0], []).append(node)
+    for k, (x_name, members) in enumerate(sorted(groups.items())):
+        weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
+        if any(w.ndim != 2 or w.shape[0] != maxima[x_name].shape[0] for w in weights):
+            continue  # not a plain X[..., K] @ W[K, N]
+        x_max = np.maximum(maxima[x_name].astype(np.float64), 1e-5)
+        w_max = np.maximum(np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64), 1e-5)
         scale = np.clip(x_max**alpha / w_max ** (1.0 - alpha), 1e-4, 1e4)
-        new_w = (w * scale[:, None]).astype(np.float32)
-        w_name = node.input[1] if uses.get(node.input[1], 0) == 1 else f"{node.input[1]}_smoothed{k}"
-        if w_name == node.input[1]:
-            w_init.CopyFrom(numpy_helper.from_array(new_w, w_name))
-        else:
-            model.graph.initializer.append(numpy_helper.from_array(new_w, w_name))
-            node.input[1] = w_name
-        inv_name = f"{node.name}_smooth_inv_scale"
+        for j, (node, w) in enumerate(zip(members, weights, strict=True)):
+            new_w = numpy_helper.from_array((w * scale[:, None]).astype(np.float32), node.input[1])
+            if uses.get(node.input[1], 0) == 1:
+                inits[node.input[1]].CopyFrom(new_w)
+            else:
+                new_w.name = f"{node.input[1]}_smoothed{k}_{j}"
+                model.graph.initializer.append(new_w)
+                node.input[1] = new_w.name
+        inv_name = f"{x_name}_smooth_inv_scale{k}"
         model.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), inv_name))
-        smoothed = f"{node.input[0]}_smoothed_for_{node.name}"
-        inserts[node.name] = onnx.helper.make_node("Mul", [node.input[0], inv_name], [smoothed], name=f"{node.name}_smooth")
-        node.input[0] = smoothed
+        smoothed = f"{x_name}_smoothed{k}"
+        first = members[0]
+        inserts[first.name] = onnx.helper.make_node("Mul", [x_name, inv_name], [smoothed], name=f"{first.name}_smooth")
+        for node in members:
+            node.input[0] = smoothed
         stats.append({
-            "node": node.name,
+            "nodes": [n.name for n in members],
             "activation_absmax_max_over_median": float(x_max.max() / np.median(x_max)),
             "smoothed_absmax_max_over_median": float((x_max / scale).max() / np.median(x_max / scale)),
         })
@@ -360,7 +374,11 @@ class DynamicQuantPass(Pass):
         from onnxruntime.quantization import quantize_dynamic
 
         model, staged, warnings = _prepare(candidate, out_dir)
-        smoothing = smooth_ffn_out(staged, workload, config.smooth_alpha, config.smooth_samples) if config.smooth == "ffn_out" else []
+        try:
+            smoothing = smooth_matmuls(staged, workload, config.smooth_alpha, config.smooth_samples, config.smooth) if config.smooth != "none" else []
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
         if smoothing:
             model = onnx.load(str(staged))
         op_types = config.op_types or ("MatMul", "Gemm", "Attention", "Gather")

@@ -40,9 +40,14 @@ def quantize_accuracy_aware(
     quality_limit: int | None = None,
     max_steps: int = 12,
     nodes_per_step: int = 1,
+    fidelity_source: Literal["verification", "evaluation"] = "verification",
     log: Any = None,
 ) -> dict[str, Any]:
-    """Returns a JSON-ready record of every step, the chosen step and whether the budget was met."""
+    """Returns a JSON-ready record of every step, the chosen step and whether the budget was met.
+
+    ``fidelity_source="verification"`` reads fidelity to the parent from the pass's verification batches
+    (cheap); ``"evaluation"`` measures fidelity to the original on the workload's evaluation data (first
+    ``quality_limit`` samples), which sees far more inputs and so a more honest minimum."""
     from slimship.measure.diagnose import emulated_sqnr
     from slimship.measure.evaluate import evaluate
     from slimship.passes import run_pass
@@ -82,11 +87,21 @@ def quantize_accuracy_aware(
             "size_bytes": cand.size_bytes,
             "fidelity": _fidelity(cand, fidelity_metric),
         }
+        evaluation = None
+        if fidelity_source == "evaluation" or max_quality_drop is not None:
+            evaluation = evaluate(cand, workload, limit=quality_limit, progress=False)
+        if fidelity_source == "evaluation":
+            assert evaluation is not None
+            if fidelity_metric not in evaluation["fidelity"]:
+                raise ConfigError(f"fidelity metric {fidelity_metric!r} isn't measured for {workload.name}; available: {sorted(evaluation['fidelity'])}")
+            record["fidelity"] = float(evaluation["fidelity"][fidelity_metric])
+            record["fidelity_all"] = evaluation["fidelity"]
         ok = True
         if min_fidelity is not None:
             ok &= record["fidelity"] >= min_fidelity
         if max_quality_drop is not None:
-            q = evaluate(cand, workload, limit=quality_limit, progress=False)["quality"][workload.primary_metric]
+            assert evaluation is not None
+            q = evaluation["quality"][workload.primary_metric]
             record["quality"] = q
             record["quality_drop"] = (parent_quality or 0.0) - q if workload.higher_is_better else q - (parent_quality or 0.0)
             ok &= record["quality_drop"] <= max_quality_drop
@@ -103,7 +118,8 @@ def quantize_accuracy_aware(
         reverted.extend(remaining[:nodes_per_step])
     met = [s for s in steps if s["meets_budget"]]
     chosen = met[0] if met else max(steps, key=lambda s: (s["fidelity"], -s.get("quality_drop", 0.0)))
-    budget = {"min_fidelity": min_fidelity, "fidelity_metric": fidelity_metric, "max_quality_drop": max_quality_drop, "quality_limit": quality_limit}
+    budget = {"min_fidelity": min_fidelity, "fidelity_metric": fidelity_metric, "fidelity_source": fidelity_source,
+              "max_quality_drop": max_quality_drop, "quality_limit": quality_limit}
     message = (
         f"met the budget at step {chosen['step']} with {len(chosen['reverted_nodes'])} node(s) kept in float"
         if met
