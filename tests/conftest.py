@@ -25,17 +25,20 @@ def digits():
     return resolve_workload("digits")
 
 
-@pytest.fixture(scope="session")
-def digits_chain(digits, tmp_path_factory):
-    """original → exported → optimized for the digits CNN."""
+def _chain(workload, root):
+    """original → exported → optimized."""
     from slimship.candidate import original_candidate
     from slimship.passes import export, optimize_graph
 
-    root = tmp_path_factory.mktemp("digits-chain")
-    orig = original_candidate(digits, root / "original")
-    exp = export(orig, digits, out_dir=root / "exported")
-    opt = optimize_graph(exp, digits, out_dir=root / "optimized")
+    orig = original_candidate(workload, root / "original")
+    exp = export(orig, workload, out_dir=root / "exported")
+    opt = optimize_graph(exp, workload, out_dir=root / "optimized")
     return orig, exp, opt
+
+
+@pytest.fixture(scope="session")
+def digits_chain(digits, tmp_path_factory):
+    return _chain(digits, tmp_path_factory.mktemp("digits-chain"))
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +57,4 @@ def minilm():
 
 @pytest.fixture(scope="session")
 def minilm_chain(minilm, tmp_path_factory):
-    from slimship.candidate import original_candidate
-    from slimship.passes import export, optimize_graph
-
-    root = tmp_path_factory.mktemp("minilm-chain")
-    orig = original_candidate(minilm, root / "original")
-    exp = export(orig, minilm, out_dir=root / "exported")
-    opt = optimize_graph(exp, minilm, out_dir=root / "optimized")
-    return orig, exp, opt
+    return _chain(minilm, tmp_path_factory.mktemp("minilm-chain"))
