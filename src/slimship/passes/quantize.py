@@ -109,6 +109,8 @@ class Int4WeightOnlyConfig(_QuantCommon):
     symmetric: bool = True
     #: compute precision of MatMulNBits on CPU: 0 = default, 1 = fp32, 2 = fp16, 3 = bf16, 4 = int8
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    #: also store embedding tables (Gather) in 4 bits (GatherBlockQuantized); they are often most of the bytes
+    quantize_embeddings: bool = True
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -494,11 +496,14 @@ class Int4WeightOnlyPass(Pass):
         if not targets:
             raise CompressionError(f"nothing to quantize in {candidate.id}: INT4 weight-only needs MatMul nodes with constant weights")
         t0 = time.perf_counter()
+        op_types: tuple[str, ...] = ("MatMul", "Gather") if config.quantize_embeddings else ("MatMul",)
+        axes = (("MatMul", 0), ("Gather", 1))
         try:
             algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
-                                                accuracy_level=config.accuracy_level or None)
+                                                accuracy_level=config.accuracy_level or None, op_types_to_quantize=op_types, quant_axes=axes)
             q = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
-                                     accuracy_level=config.accuracy_level or None, nodes_to_exclude=excluded, algo_config=algo)
+                                     accuracy_level=config.accuracy_level or None, nodes_to_exclude=excluded, algo_config=algo,
+                                     op_types_to_quantize=op_types, quant_axes=axes)
             q.process()
             onnx.save_model(q.model.model, str(out_dir / "model.onnx"))
         except Exception as err:
