@@ -85,3 +85,5 @@ def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
     assert "met the budget" in aa.stdout and (tmp_path / "aa" / "accuracy_aware.json").exists()
     bad = slimship("quantize", exported, "-w", "digits", "--mode", "static", "--calibration", "kl", "-o", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and "calibration" in bad.stderr and "Traceback" not in bad.stderr
+    magic = slimship("quantize", exported, "-w", "digits", "--mode", "magic", check=False)
+    assert magic.returncode == 2 and magic.stdout == "" and "unknown --mode 'magic'" in magic.stderr

@@ -311,16 +311,17 @@ def quantize(
     from slimship.passes import run_pass
     from slimship.workload import resolve_workload
 
-    cand = load_candidate(target)
-    if cand.format != "onnx":
-        raise ConfigError(f"{target} is a PyTorch candidate; quantization works on ONNX graphs: `slimship export` first")
-    report = preflight(cand.artifact_path)
-    typer.echo(format_preflight(report))
-    if preflight_only:
-        return
     passes_by_mode = {"dynamic": "quantize-dynamic", "static": "quantize-static", "int4": "quantize-int4"}
     if mode not in passes_by_mode:
         raise ConfigError(f"unknown --mode {mode!r}; choose one of {sorted(passes_by_mode)}")
+    cand = load_candidate(target)
+    if cand.format != "onnx":
+        raise ConfigError(f"{target} is a PyTorch candidate; quantization works on ONNX graphs: `slimship export` first")
+    accuracy_aware = min_fidelity is not None or max_quality_drop is not None
+    if preflight_only or not (diagnose_only or accuracy_aware):
+        typer.echo(format_preflight(preflight(cand.artifact_path), None if preflight_only else mode))
+    if preflight_only:
+        return
     common = {"exclude_nodes": list(exclude or []), "keep_float": keep_float}
     config = {
         "dynamic": {**common, "per_channel": per_channel, "weight_type": weight_type, "smooth": smooth},
@@ -329,7 +330,7 @@ def quantize(
     }[mode]
     w = resolve_workload(workload, data=data)
     out = out or cand.path.parent / f"{cand.name}-{mode}"
-    if diagnose_only or min_fidelity is not None or max_quality_drop is not None:
+    if diagnose_only or accuracy_aware:
         if mode != "dynamic":
             raise ConfigError("--diagnose, --min-fidelity and --max-quality-drop work with --mode dynamic")
         from slimship._util import write_json_atomic
@@ -362,7 +363,8 @@ def quantize(
     for warning in q.info.get("warnings", []):
         typer.echo(f"WARNING: {warning}")
     if q.info.get("calibration_comparison"):
-        typer.echo(f"  calibration: chose {q.info['calibration_method']} from " + json.dumps(q.info["calibration_comparison"]))
+        scores = ", ".join(f"{m} {v['cosine_min']:.5f}" for m, v in q.info["calibration_comparison"].items())
+        typer.echo(f"  calibration: chose {q.info['calibration_method']} (held-out min cosine: {scores})")
     if compare:
         from slimship.measure.bench import BenchTarget
         from slimship.measure.bench import bench as run_bench
@@ -380,7 +382,7 @@ def quantize(
         if slower:
             _console().print(
                 f"[bold red]WARNING: the quantized model is SLOWER than its parent at batch {slower} on this machine[/bold red] "
-                "— see the preflight warnings above; ship the parent unless size is what you need."
+                "— ship the parent unless size is what you need (preflight warnings above name known causes)."
             )
 
 

@@ -52,6 +52,10 @@ def test_preflight_flags_dynamic_quantization_of_convolutions(digits_chain):
     codes = {w["code"] for w in report["warnings"]}
     assert "dynamic-conv" in codes
     assert report["would_quantize"]["static"]["Conv"] == 2
+    from slimship.measure.preflight import format_preflight
+
+    static_view = format_preflight(report, "static")
+    assert "[small-model]" in static_view and "[dynamic-conv]" not in static_view
     no_vnni = preflight(digits_chain[2].artifact_path, isa={"avx2": True})
     codes = {w["code"] for w in no_vnni["warnings"]}
     assert {"no-int8-dot-product", "fused-before-quantize"} <= codes

@@ -112,9 +112,8 @@ def diagnose(
     rows: list[dict[str, Any]] = [{"node": k, **v} for k, v in ranked]
 
     def fidelity(cand: Candidate) -> float:
-        outs = cand.info["fidelity_to_parent"]["outputs"]
-        first = next(iter(outs.values()))
-        return float(first.get("top1_agreement", first["cosine_min"])) if "top1_agreement" in first else float(first["cosine_min"])
+        """Min per-sample cosine of the first output (finer-grained than top-1 agreement on a few dozen samples)."""
+        return float(next(iter(cand.info["fidelity_to_parent"]["outputs"].values()))["cosine_min"])
 
     with tempfile.TemporaryDirectory(prefix="slimship-diagnose-") as tmp:
         full = run_pass("quantize-dynamic", candidate, workload, base.to_json_dict(), Path(tmp) / "full")
@@ -133,7 +132,7 @@ def diagnose(
         "candidate": candidate.id,
         "mode": "dynamic",
         "config": base.to_json_dict(),
-        "fidelity_metric": "min per-sample cosine to the parent (top-1 agreement for classifiers)",
+        "fidelity_metric": "min per-sample cosine of outputs to the parent",
         "fully_quantized_fidelity": full_fid,
         "nodes": rows,
         "suggested_exclude_nodes": suggested,
@@ -143,6 +142,8 @@ def diagnose(
 
 def format_diagnosis(report: dict[str, Any], limit: int = 15) -> str:
     lines = [
+        f"mode: {report['mode']} INT8 ({'per-channel' if report['config'].get('per_channel') else 'per-tensor'} weights); "
+        f"nodes it quantizes: {len(report['nodes'])}",
         f"fully quantized: {report['fidelity_metric']} = {report['fully_quantized_fidelity']:.5f}",
         f"{'node':40s} {'op':8s} {'SQNR dB':>8s} {'only-this':>10s} {'all-but-this':>13s} {'gain':>8s}",
     ]
