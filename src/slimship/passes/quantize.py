@@ -392,28 +392,35 @@ class StaticQuantPass(Pass):
         if unknown:
             raise ConfigError(f"unknown calibration method(s) {unknown}; choose from {list(CALIBRATION_METHODS)}")
         model, staged, warnings = _prepare(candidate, out_dir)
-        op_types = config.op_types or ("Conv", "MatMul", "Gemm")
-        excluded = _excluded_nodes(model, config)
-        if not [n for n in quantizable_nodes(model, op_types) if n not in excluded]:
-            raise CompressionError(
-                f"nothing to quantize in {candidate.id}: no {'/'.join(op_types)} node with constant weights; "
-                f"op types in the graph: {sorted({n.op_type for n in model.graph.node})}"
-            )
-        calib, held = _calibration_batches(candidate, workload, config)
-        methods = list(config.auto_methods) if config.calibration == "auto" else [config.calibration]
-        t0 = time.perf_counter()
-        comparison: dict[str, Any] = {}
-        best: tuple[float, str] | None = None
-        for method in methods:
-            path = out_dir / f".{method}.onnx"
-            self._quantize(staged, path, calib, method, config, op_types, excluded, _is_fused(model))
-            if len(methods) > 1:
-                score = _holdout_error(candidate.artifact_path, path, held or calib)
-                comparison[method] = score
-                key = (-score["cosine_min"], method)
-                if best is None or key < (best[0], best[1]):
-                    best = (key[0], method)
-        staged.unlink(missing_ok=True)
+        methods: list[str] = []
+        try:
+            op_types = config.op_types or ("Conv", "MatMul", "Gemm")
+            excluded = _excluded_nodes(model, config)
+            if not [n for n in quantizable_nodes(model, op_types) if n not in excluded]:
+                raise CompressionError(
+                    f"nothing to quantize in {candidate.id}: no {'/'.join(op_types)} node with constant weights; "
+                    f"op types in the graph: {sorted({n.op_type for n in model.graph.node})}"
+                )
+            calib, held = _calibration_batches(candidate, workload, config)
+            methods = list(config.auto_methods) if config.calibration == "auto" else [config.calibration]
+            t0 = time.perf_counter()
+            comparison: dict[str, Any] = {}
+            best: tuple[float, str] | None = None
+            for method in methods:
+                path = out_dir / f".{method}.onnx"
+                self._quantize(staged, path, calib, method, config, op_types, excluded, _is_fused(model))
+                if len(methods) > 1:
+                    score = _holdout_error(candidate.artifact_path, path, held or calib)
+                    comparison[method] = score
+                    key = (-score["cosine_min"], method)
+                    if best is None or key < (best[0], best[1]):
+                        best = (key[0], method)
+        except BaseException:
+            for method in methods:
+                (out_dir / f".{method}.onnx").unlink(missing_ok=True)
+            raise
+        finally:
+            staged.unlink(missing_ok=True)
         chosen = best[1] if best else methods[0]
         (out_dir / f".{chosen}.onnx").replace(out_dir / "model.onnx")
         for method in methods:
