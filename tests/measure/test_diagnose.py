@@ -28,7 +28,8 @@ def test_diagnosis_ranks_nodes_and_suggests_exclusions(digits, digits_chain, tmp
     for row in report["nodes"][:2]:
         assert 0 < row["fidelity_only_this_quantized"] <= 1.0 and "gain_from_reverting" in row
     text = format_diagnosis(report)
-    assert "exclude_nodes" in text
+    assert "exclude_nodes" in text and "worst groups" in text
+    assert {g["group"] for g in report["groups"]} == {"Gemm"}  # a CNN has no transformer sub-layers
     json.dumps(report)
     q = run_pass("quantize-dynamic", digits_chain[1], digits, {"per_channel": False, **report["paste_into_config"]}, tmp_path / "q")
     assert set(q.info["excluded_nodes"]) == set(report["suggested_exclude_nodes"])
@@ -72,3 +73,14 @@ def test_a_quality_budget_uses_the_task_metric(digits, digits_chain, tmp_path):
 def test_accuracy_aware_needs_a_budget(digits, digits_chain, tmp_path):
     with pytest.raises(ConfigError, match="needs a budget"):
         quantize_accuracy_aware(digits_chain[1], digits, tmp_path / "aa")
+
+
+def test_transformer_nodes_get_natural_groups(minilm_chain):
+    from collections import Counter
+
+    from slimship.measure.diagnose import node_roles
+
+    for cand in minilm_chain[1:]:  # the exported graph (GELU as Erf) and the fused one (BiasGelu)
+        roles = node_roles(onnx.load(str(cand.artifact_path)))
+        assert Counter(r["role"] for r in roles.values()) == {"qkv": 18, "attn_out": 6, "ffn_in": 6, "ffn_out": 6}
+        assert Counter(r["layer"] for r in roles.values()) == dict.fromkeys(range(6), 6)

@@ -85,6 +85,66 @@ def emulated_sqnr(onnx_path: str | Path, workload: Workload, node_names: list[st
     return out
 
 
+_NORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+_GELU_OPS = {"Gelu", "BiasGelu", "FastGelu", "QuickGelu"}
+
+
+def node_roles(model: Any) -> dict[str, dict[str, Any]]:
+    """Natural groups for transformer graphs, found from structure (names from exporters carry none):
+    ``layer`` = how many normalisation nodes precede the node, halved (two per encoder layer); ``role`` =
+    ``qkv`` (MatMuls sharing one input three ways), ``ffn_in`` (output feeds a GELU), ``ffn_out`` (input comes
+    from a GELU), ``attn_out`` (the other MatMul of the layer). Nodes of other graphs get role ``other``."""
+    inits = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    weighted = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+    sharing: dict[str, int] = {}
+    for n in weighted:
+        sharing[n.input[0]] = sharing.get(n.input[0], 0) + 1
+    norms_seen = 0
+    roles: dict[str, dict[str, Any]] = {}
+    for n in model.graph.node:
+        if n.op_type in _NORM_OPS:
+            norms_seen += 1
+            continue
+        if n not in weighted:
+            continue
+
+        def feeds_gelu(out: str, depth: int = 3) -> bool:
+            """A GELU (fused, or decomposed around Erf) within a few steps downstream."""
+            for c in consumers.get(out, []):
+                if c.op_type in _GELU_OPS or c.op_type == "Erf":
+                    return True
+                if depth and c.op_type in ("Add", "Div", "Mul") and feeds_gelu(c.output[0], depth - 1):
+                    return True
+            return False
+
+        def from_gelu(value: str, depth: int = 3) -> bool:
+            """A GELU (fused, or decomposed around Erf) within a few steps upstream."""
+            src = producer.get(value)
+            if src is None:
+                return False
+            if src.op_type in _GELU_OPS or src.op_type == "Erf":
+                return True
+            return bool(depth) and src.op_type in ("Mul", "Add", "Div") and any(from_gelu(i, depth - 1) for i in src.input)
+
+        if from_gelu(n.input[0]):
+            role = "ffn_out"
+        elif sharing.get(n.input[0], 0) >= 3:
+            role = "qkv"
+        elif feeds_gelu(n.output[0]):
+            role = "ffn_in"
+        elif norms_seen:
+            role = "attn_out"
+        else:
+            role = "other"
+        roles[n.name] = {"layer": max(0, (norms_seen - 1) // 2), "role": role}
+    return roles
+
+
 def diagnose(
     candidate: Candidate,
     workload: Workload,
@@ -109,7 +169,14 @@ def diagnose(
     targets = quantizable_nodes(model, op_types)
     sq = emulated_sqnr(candidate.artifact_path, workload, targets, base.per_channel, samples)
     ranked = sorted(sq.items(), key=lambda kv: kv[1]["sqnr_db"])
-    rows: list[dict[str, Any]] = [{"node": k, **v} for k, v in ranked]
+    roles = node_roles(model)
+    rows: list[dict[str, Any]] = [{"node": k, **roles.get(k, {"layer": None, "role": "other"}), **v} for k, v in ranked]
+    groups: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = f"layer {row['layer']} {row['role']}" if row["layer"] is not None and row["role"] != "other" else row["op_type"]
+        g = groups.setdefault(key, {"group": key, "nodes": [], "min_sqnr_db": float("inf")})
+        g["nodes"].append(row["node"])
+        g["min_sqnr_db"] = min(g["min_sqnr_db"], row["sqnr_db"])
 
     def fidelity(cand: Candidate) -> float:
         """Min per-sample cosine of the first output (finer-grained than top-1 agreement on a few dozen samples)."""
@@ -135,6 +202,7 @@ def diagnose(
         "fidelity_metric": "min per-sample cosine of outputs to the parent",
         "fully_quantized_fidelity": full_fid,
         "nodes": rows,
+        "groups": sorted(groups.values(), key=lambda g: g["min_sqnr_db"]),
         "suggested_exclude_nodes": suggested,
         "paste_into_config": {"exclude_nodes": suggested},
     }
@@ -145,13 +213,16 @@ def format_diagnosis(report: dict[str, Any], limit: int = 15) -> str:
         f"mode: {report['mode']} INT8 ({'per-channel' if report['config'].get('per_channel') else 'per-tensor'} weights); "
         f"nodes it quantizes: {len(report['nodes'])}",
         f"fully quantized: {report['fidelity_metric']} = {report['fully_quantized_fidelity']:.5f}",
-        f"{'node':40s} {'op':8s} {'SQNR dB':>8s} {'only-this':>10s} {'all-but-this':>13s} {'gain':>8s}",
+        f"{'node':32s} {'group':16s} {'op':8s} {'SQNR dB':>8s} {'only-this':>10s} {'all-but-this':>13s} {'gain':>8s}",
     ]
     for r in report["nodes"][:limit]:
+        group = f"L{r['layer']} {r['role']}" if r.get("layer") is not None and r.get("role") != "other" else "—"
         lines.append(
-            f"{r['node'][:40]:40s} {r['op_type']:8s} {r['sqnr_db']:8.2f} "
+            f"{r['node'][:32]:32s} {group:16s} {r['op_type']:8s} {r['sqnr_db']:8.2f} "
             f"{r.get('fidelity_only_this_quantized', float('nan')):10.5f} {r.get('fidelity_all_but_this', float('nan')):13.5f} "
             f"{r.get('gain_from_reverting', float('nan')):+8.5f}"
         )
+    worst_groups = ", ".join(f"{g['group']} ({g['min_sqnr_db']:.1f} dB)" for g in report.get("groups", [])[:5])
+    lines.append(f"worst groups: {worst_groups}")
     lines.append(f"exclude_nodes: {report['suggested_exclude_nodes']}")
     return "\n".join(lines)
