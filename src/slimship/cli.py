@@ -296,7 +296,8 @@ def quantize(
     min_fidelity: Annotated[float | None, typer.Option(help="Accuracy-aware (dynamic): revert the most harmful nodes to float until fidelity ≥ this, e.g. 0.99.")] = None,
     fidelity_metric: Annotated[str, typer.Option(help="Fidelity used by --min-fidelity: cosine_min, cosine_mean or top1_agreement.")] = "cosine_min",
     max_quality_drop: Annotated[float | None, typer.Option(help="Accuracy-aware (dynamic): largest allowed drop of the workload's quality metric, in points, e.g. 1.0.")] = None,
-    smooth: Annotated[str, typer.Option(help="dynamic: none, or ffn_out (SmoothQuant-style migration of post-GELU outliers into the FFN output weights).")] = "none",
+    smooth: Annotated[str, typer.Option(help="dynamic: none, ffn_out (SmoothQuant-style migration of post-GELU outliers into the FFN output weights) or all (every MatMul group: best measured on minilm).")] = "none",
+    smooth_alpha: Annotated[float, typer.Option(help="dynamic: smoothing strength 0–1 (how much activation range moves into the weights).")] = 0.7,
     compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Time the result against its parent (interleaved) and warn loudly if it is slower.")] = True,
     threads: ThreadsOpt = None,
     data: DataOpt = None,
@@ -324,7 +325,7 @@ def quantize(
         return
     common = {"exclude_nodes": list(exclude or []), "keep_float": keep_float}
     config = {
-        "dynamic": {**common, "per_channel": per_channel, "weight_type": weight_type, "smooth": smooth},
+        "dynamic": {**common, "per_channel": per_channel, "weight_type": weight_type, "smooth": smooth, "smooth_alpha": smooth_alpha},
         "static": {**common, "per_channel": per_channel, "weight_type": weight_type, "calibration": calibration},
         "int4": {**common, "block_size": block_size},
     }[mode]

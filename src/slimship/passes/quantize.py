@@ -72,7 +72,8 @@ class DynamicQuantConfig(_QuantCommon):
     #: "all" smooths every group of MatMuls that share an input (QKV, FFN in, FFN out, attention out)
     smooth: Literal["none", "ffn_out", "all"] = "none"
     #: migration strength: 0 = all difficulty stays in activations, 1 = all moves to the weights
-    smooth_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    #: (0.7 measured best for minilm with smooth="all": cosine mean/min 0.9972/0.9921 vs 0.9866/0.9765 at 0.5)
+    smooth_alpha: float = Field(default=0.7, ge=0.0, le=1.0)
     #: calibration samples used to measure activation ranges for smoothing
     smooth_samples: int = Field(default=64, ge=1)
     #: "int8" (signed; the fast u8s8 path on VNNI/AMX CPUs) or "uint8"
