@@ -85,5 +85,9 @@ def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
     assert "met the budget" in aa.stdout and (tmp_path / "aa" / "accuracy_aware.json").exists()
     bad = slimship("quantize", exported, "-w", "digits", "--mode", "static", "--calibration", "kl", "-o", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and "calibration" in bad.stderr and "Traceback" not in bad.stderr
+    qat = slimship("quantize", str(tmp_path / "run" / "original"), "-w", "digits", "--mode", "qat", "-o", str(tmp_path / "qat"))
+    assert "int8-qat" in qat.stdout and (tmp_path / "qat" / "model.onnx").exists()
+    wrong = slimship("quantize", exported, "-w", "digits", "--mode", "qat", check=False)
+    assert wrong.returncode == 2 and "fine-tunes a PyTorch candidate" in wrong.stderr
     magic = slimship("quantize", exported, "-w", "digits", "--mode", "magic", check=False)
     assert magic.returncode == 2 and magic.stdout == "" and "unknown --mode 'magic'" in magic.stderr

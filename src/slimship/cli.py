@@ -283,7 +283,7 @@ def bench(
 def quantize(
     target: Annotated[str, typer.Argument(help="The ONNX candidate to quantize: a candidate directory (e.g. runs/export/exported).")],
     workload: WorkloadOpt = "minilm",
-    mode: Annotated[str, typer.Option(help="dynamic (INT8 weights, run-time activation scales), static (INT8 QDQ, calibrated), int4 (weight-only MatMulNBits).")] = "dynamic",
+    mode: Annotated[str, typer.Option(help="dynamic (INT8 weights, run-time activation scales), static (INT8 QDQ, calibrated), int4 (weight-only MatMulNBits), qat (fine-tune a PyTorch candidate with fake quantization, export INT8 QDQ).")] = "dynamic",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the new candidate (default: beside TARGET, named after the mode).")] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="INT8 weight scales per output channel (fidelity) or per tensor.")] = True,
     weight_type: Annotated[str, typer.Option(help="int8 (signed, the fast u8s8 path on VNNI/AMX) or uint8.")] = "int8",
@@ -312,10 +312,20 @@ def quantize(
     from slimship.passes import run_pass
     from slimship.workload import resolve_workload
 
-    passes_by_mode = {"dynamic": "quantize-dynamic", "static": "quantize-static", "int4": "quantize-int4"}
+    passes_by_mode = {"dynamic": "quantize-dynamic", "static": "quantize-static", "int4": "quantize-int4", "qat": "qat"}
     if mode not in passes_by_mode:
         raise ConfigError(f"unknown --mode {mode!r}; choose one of {sorted(passes_by_mode)}")
     cand = load_candidate(target)
+    if mode == "qat":
+        if cand.format != "torch":
+            raise ConfigError(f"--mode qat fine-tunes a PyTorch candidate (e.g. runs/mnist/original); {target} is {cand.format}")
+        w = resolve_workload(workload, data=data)
+        q = run_pass("qat", cand, w, {}, out or cand.path.parent / f"{cand.name}-qat")
+        f = next(iter(q.info["fidelity_to_parent"]["outputs"].values()))
+        typer.echo(f"{q.name}: {q.artifact_path} ({q.size_bytes / 1e6:.2f} MB, {q.info['size_ratio_vs_parent']:.2f}x smaller); "
+                   f"{q.info['steps']} fine-tuning steps in {q.info['train_seconds']} s; cosine to the original mean "
+                   f"{f['cosine_mean']:.5f}, min {f['cosine_min']:.5f}; QDQ export verified against the fake-quantized model")
+        return
     if cand.format != "onnx":
         raise ConfigError(f"{target} is a PyTorch candidate; quantization works on ONNX graphs: `slimship export` first")
     accuracy_aware = min_fidelity is not None or max_quality_drop is not None

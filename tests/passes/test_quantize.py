@@ -174,3 +174,27 @@ def test_a_failed_pass_leaves_no_staging_files(digits, digits_chain, tmp_path):
     with pytest.raises(ConfigError):
         run_pass("quantize-dynamic", digits_chain[1], digits, {"smooth": "all"}, tmp_path / "q")
     assert not list((tmp_path / "q").glob("*.onnx")) and not list((tmp_path / "q").glob(".*.onnx"))
+
+
+def test_qat_exports_an_int8_qdq_graph_that_keeps_accuracy(mnist, tmp_path):
+    from slimship.passes import QATConfig
+
+    assert QATConfig.parse(json.loads(json.dumps(QATConfig().to_json_dict()))) == QATConfig()
+    orig = original_candidate(mnist, tmp_path / "original")
+    q = run_pass("qat", orig, mnist, {}, tmp_path / "qat")
+    ops = _ops(q)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    model = onnx.load(str(q.artifact_path))
+    assert sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8) == q.info["weights_stored_int8"] == 4
+    assert q.info["export_verification"]["passed"]  # ONNX Runtime's QDQ graph equals the fake-quantized PyTorch model
+    assert orig.size_bytes / q.size_bytes > 3.0
+    fp32 = evaluate(orig, mnist, "torch", progress=False)["quality"]["accuracy"]
+    int8 = evaluate(q, mnist, progress=False)["quality"]["accuracy"]
+    assert abs(fp32 - int8) <= 0.5, (fp32, int8)
+
+
+def test_qat_needs_layers_to_wrap(tmp_path):
+    w = resolve_workload(f"{FIXTURES / 'factories.py'}:build_nondeterministic")
+    orig = original_candidate(w, tmp_path / "original")
+    with pytest.raises(CompressionError, match="nothing to quantize"):
+        run_pass("qat", orig, w, {}, tmp_path / "qat")

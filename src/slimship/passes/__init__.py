@@ -13,6 +13,7 @@ from slimship.errors import ConfigError
 from slimship.passes.base import Pass, PassConfig
 from slimship.passes.export import ExportConfig, ExportPass
 from slimship.passes.optimize import GraphOptimizeConfig, GraphOptimizePass
+from slimship.passes.qat import QATConfig, QATPass
 from slimship.passes.quantize import (
     DynamicQuantConfig,
     DynamicQuantPass,
@@ -34,6 +35,7 @@ __all__ = [
     "Int4WeightOnlyConfig",
     "Pass",
     "PassConfig",
+    "QATConfig",
     "StaticQuantConfig",
     "export",
     "list_passes",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 PASSES: dict[str, type[Pass]] = {
-    p.name: p for p in (ExportPass, GraphOptimizePass, DynamicQuantPass, StaticQuantPass, Int4WeightOnlyPass)
+    p.name: p for p in (ExportPass, GraphOptimizePass, DynamicQuantPass, StaticQuantPass, Int4WeightOnlyPass, QATPass)
 }
 
 
