@@ -3,6 +3,7 @@
 size, and latency at batch 1 and 32 (seq 128) timed interleaved in one run.
 
     .venv/bin/python benchmarks/quantize_minilm.py     # ≈ 10 min on 2 cores; writes benchmarks/results/minilm_int8.{json,md}
+    .venv/bin/python benchmarks/quantize_minilm.py --render-only   # rewrite the .md from the committed .json
 
 Run it on an otherwise idle machine. Uses the fp32 candidates of benchmarks/fp32_runtimes.py if present.
 """
@@ -17,7 +18,49 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
+def targets_section(result: dict) -> str:
+    """The issue's acceptance targets, each with the measured figure and whether it holds."""
+    rows = {r["label"]: r for r in result["rows"]}
+    best = rows["int8-smooth-all"]
+    sp = best["speedup_vs_pytorch_p50"]
+    vs = best["speed_vs_ort_default_p50"]
+
+    def k(d: dict, b: int) -> float:
+        return d.get(b, d.get(str(b)))  # JSON turns int keys into strings
+
+    checks = [
+        ("file ≥ 3.5x smaller than the fp32 ONNX file", f"{best['size_ratio_vs_fp32_onnx']:.2f}x", best["size_ratio_vs_fp32_onnx"] >= 3.5),
+        ("≥ 3x faster than PyTorch fp32 at batch 1 and 32", f"{k(sp, 1):.2f}x / {k(sp, 32):.2f}x", min(k(sp, 1), k(sp, 32)) >= 3.0),
+        ("no slower than ORT quantize_dynamic defaults (b1 / b32)", f"{k(vs, 1):.2f}x / {k(vs, 32):.2f}x", min(k(vs, 1), k(vs, 32)) >= 0.99),
+        ("cosine to fp32 mean ≥ 0.995 and min ≥ 0.99", f"{best['cosine_mean']:.4f} / {best['cosine_min']:.4f}", best["cosine_mean"] >= 0.995 and best["cosine_min"] >= 0.99),
+        ("retrieval top-1 within 1 point of fp32", f"{-best['retrieval_top1_drop']:+.2f}", best["retrieval_top1_drop"] <= 1.0),
+    ]
+    lines = ["## Targets (INT8 row: `int8-smooth-all`, dynamic per-channel + smoothing of every MatMul group, α 0.7)", "",
+             "| target | measured | holds |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in checks]
+    lines += ["", "What was tried for speed: per-channel (ours) vs per-tensor (ORT defaults), signed int8 weights with uint8",
+              "activations (u8s8, the fast path; s8s8 MatMulInteger measured 25x slower in gemm_ceiling), static QDQ (0.94x PyTorch: Q/DQ around unfused ops), FFN-out as 8-bit",
+              "MatMulNBits (fidelity 0.9993 but as slow as fp32), INT4 MatMulNBits (slower than fp32 here), graph fusion before",
+              "quantizing (SkipLayerNorm/BiasGelu fused; Attention not fused). The int8 MatMuls run at ~25% of this CPU's u8s8",
+              "ceiling while PyTorch fp32 on this AMX CPU is as fast as ORT fp32, so the 3x target is missed: the remaining time",
+              "is in non-GEMM ops (DynamicQuantizeLinear, fp32 attention, softmax, layer norms). Next: fused Attention, folding",
+              "smoothing scales into preceding weights.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if "--render-only" in sys.argv:  # re-render the Markdown from the committed JSON (no re-timing)
+        out = HERE / "results"
+        result = json.loads((out / "minilm_int8.json").read_text())
+        md = (out / "minilm_int8.md").read_text()
+        head, sep, rest = md.partition("## Targets")
+        if sep:
+            rest = rest[rest.index("## Latency"):]
+            md = head + rest
+        md = md.replace("## Latency", targets_section(result) + "\n## Latency", 1)
+        (out / "minilm_int8.md").write_text(md)
+        print(targets_section(result))
+        return
     import onnx
     from gemm_ceiling import measure as gemm_measure
     from onnxruntime.quantization import quantize_dynamic
@@ -137,7 +180,7 @@ def main() -> None:
         )
     lines += ["", f"Accuracy-aware: {aa['message']}; reverted: {aa['reverted_nodes']}.", "",
               "GEMM ceilings (ONNX Runtime, M=4096 K=384 N=1536): " + ", ".join(f"{k} {v['gops_per_s']:.0f} GOP/s" for k, v in gemm["ceilings"].items()), "",
-              "## Latency", "", bench_table(timing), "", "## Quality and fidelity (all 2,225 articles)", "", eval_table(evaluations), "",
+              targets_section(result), "## Latency", "", bench_table(timing), "", "## Quality and fidelity (all 2,225 articles)", "", eval_table(evaluations), "",
               "## Machine", "", machine_line(timing["machine"]), "", "Reproduce: `python benchmarks/quantize_minilm.py`", ""]
     (out / "minilm_int8.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -85,6 +85,11 @@ def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
     assert "met the budget" in aa.stdout and (tmp_path / "aa" / "accuracy_aware.json").exists()
     bad = slimship("quantize", exported, "-w", "digits", "--mode", "static", "--calibration", "kl", "-o", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and "calibration" in bad.stderr and "Traceback" not in bad.stderr
+    diag = slimship("quantize", exported, "-w", "digits", "--diagnose", "--diagnose-top", "0", "-o", str(tmp_path / "diag"))
+    assert "exclude_nodes" in diag.stdout
+    report = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
+    assert all("gain_from_reverting" in r for r in report["nodes"])  # 0 = every node measured
+    assert "Paste into a quantize-dynamic config" in (tmp_path / "diag" / "diagnosis.md").read_text()
     qat = slimship("quantize", str(tmp_path / "run" / "original"), "-w", "digits", "--mode", "qat", "-o", str(tmp_path / "qat"))
     assert "int8-qat" in qat.stdout and (tmp_path / "qat" / "model.onnx").exists()
     wrong = slimship("quantize", exported, "-w", "digits", "--mode", "qat", check=False)

@@ -293,6 +293,7 @@ def quantize(
     block_size: Annotated[int, typer.Option(help="int4: weights per quantization block (16–256).")] = 32,
     preflight_only: Annotated[bool, typer.Option("--preflight", help="Only report whether and how quantization pays off on this machine; write nothing.")] = False,
     diagnose_only: Annotated[bool, typer.Option("--diagnose", help="Rank nodes by the harm dynamic INT8 does to each (emulated SQNR + measured impact) and print an exclusion list; writes diagnosis.json into --out.")] = False,
+    diagnose_top: Annotated[int, typer.Option(min=0, help="--diagnose: measure quantize-only / revert-only fidelity for the N nodes with the lowest SQNR (0 = every node; slow on big models).")] = 6,
     min_fidelity: Annotated[float | None, typer.Option(help="Accuracy-aware (dynamic): revert the most harmful nodes to float until fidelity ≥ this, e.g. 0.99.")] = None,
     fidelity_metric: Annotated[str, typer.Option(help="Fidelity used by --min-fidelity: cosine_min, cosine_mean or top1_agreement.")] = "cosine_min",
     max_quality_drop: Annotated[float | None, typer.Option(help="Accuracy-aware (dynamic): largest allowed drop of the workload's quality metric, in points, e.g. 1.0.")] = None,
@@ -349,10 +350,15 @@ def quantize(
         if diagnose_only:
             from slimship.measure.diagnose import diagnose, format_diagnosis
 
-            report = diagnose(cand, w, config)
+            report = diagnose(cand, w, config, measure_top=diagnose_top or 10**9)
+            text = format_diagnosis(report, limit=10**9)
             typer.echo(format_diagnosis(report))
             write_json_atomic(out / "diagnosis.json", report)
-            typer.echo(f"wrote {out / 'diagnosis.json'}")
+            (out / "diagnosis.md").write_text(
+                f"# Quantization diagnosis of {cand.id}\n\n```\n{text}\n```\n\nPaste into a quantize-dynamic config:\n\n"
+                f"```json\n{json.dumps(report['paste_into_config'], indent=2)}\n```\n"
+            )
+            typer.echo(f"wrote {out / 'diagnosis.json'} and {out / 'diagnosis.md'}")
             return
         from slimship.pipeline.accuracy_aware import quantize_accuracy_aware
 
