@@ -392,8 +392,6 @@ def quantize(
         rows = result["candidates"][1]["results"]
         speeds = {r["batch_size"]: r["speedup_vs_baseline_p50"] for r in rows}
         typer.echo("  speed vs parent (p50, interleaved): " + ", ".join(f"{s:.2f}x at batch {b}" for b, s in speeds.items()))
-        from slimship.candidate import Candidate  # noqa: F401 - type of q
-
         q.with_info(speed_vs_parent=speeds).save()
         slower = [b for b, s in speeds.items() if s < 1.0]
         if slower:

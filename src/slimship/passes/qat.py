@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field
 
 from slimship.errors import CompressionError
-from slimship.measure.verify import VerifyThresholds
+from slimship.measure.verify import RECORD_ONLY, VerifyThresholds
 from slimship.passes.base import Pass, PassConfig
 
 if TYPE_CHECKING:
@@ -191,7 +191,6 @@ class QATPass(Pass):
         from slimship.passes._onnx_graph import op_histogram, set_io_names_and_dims
         from slimship.runtime.ort_backend import OrtRuntime
         from slimship.runtime.torch_backend import TorchRuntime, call_model, forward_binding
-        from slimship.workload.base import Workload as _W  # noqa: F401 - for type checkers only
 
         torch.manual_seed(config.seed)
         teacher = load_torch_model(candidate, workload).eval()
@@ -272,8 +271,7 @@ class QATPass(Pass):
         if not report["passed"]:
             path.unlink(missing_ok=True)
             raise CompressionError("the exported QDQ graph disagrees with the fake-quantized PyTorch model: " + "; ".join(report["failures"]))
-        lossy = VerifyThresholds(min_cosine=0.0, atol=float("inf"), rtol=0.0, min_top1_agreement=0.0)
-        fidelity = compare_outputs(TorchRuntime(teacher, workload.inputs, out_names, threads), OrtRuntime(path, threads), batches_v, lossy)
+        fidelity = compare_outputs(TorchRuntime(teacher, workload.inputs, out_names, threads), OrtRuntime(path, threads), batches_v, RECORD_ONLY)
         ops = op_histogram(onnx.load(str(path)))
         info = {
             "wrapped_layers": len(wrappers),

@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import Field
 
 from slimship.errors import CompressionError, ConfigError
-from slimship.measure.verify import VerifyThresholds
+from slimship.measure.verify import RECORD_ONLY
 from slimship.passes._smoothing import GELU_OPS as _GELU_OPS
 from slimship.passes._smoothing import smooth_matmuls
 from slimship.passes.base import Pass, PassConfig
@@ -218,7 +218,7 @@ def _lossy_report(parent: Candidate, out: Path, workload: Workload, cfg: _QuantC
     from slimship.runtime.ort_backend import OrtRuntime
 
     threads = physical_cores()
-    thresholds = VerifyThresholds(min_cosine=cfg.min_cosine, atol=float("inf"), rtol=0.0, min_top1_agreement=0.0)
+    thresholds = RECORD_ONLY.model_copy(update={"min_cosine": cfg.min_cosine})
     report = compare_outputs(
         OrtRuntime(parent.artifact_path, threads), OrtRuntime(out, threads), verification_batches(workload, cfg.verify_samples), thresholds
     )
@@ -352,17 +352,14 @@ class _Reader:
 
 
 def _calibration_batches(candidate: Candidate, workload: Workload, cfg: StaticQuantConfig) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    from slimship.errors import InputSpecError, WorkloadError
+    from slimship.errors import InputSpecError
     from slimship.runtime.base import validate_batch
     from slimship.runtime.ort_backend import OrtRuntime
 
     specs = OrtRuntime(candidate.artifact_path, 1).inputs
     specs = tuple({s.name: s for s in workload.inputs}.get(s.name, s) for s in specs)
     total = cfg.calibration_samples + cfg.holdout_samples
-    try:
-        batches = list(workload.calibration_batches(total, cfg.calibration_batch_size))
-    except WorkloadError:
-        raise
+    batches = list(workload.calibration_batches(total, cfg.calibration_batch_size))
     calib: list[dict[str, np.ndarray]] = []
     held: list[dict[str, np.ndarray]] = []
     seen = 0
@@ -474,7 +471,7 @@ def _holdout_error(parent: Path, child: Path, batches: list[dict[str, np.ndarray
     from slimship.runtime.ort_backend import OrtRuntime
 
     threads = physical_cores()
-    report = compare_outputs(OrtRuntime(parent, threads), OrtRuntime(child, threads), batches, VerifyThresholds(min_cosine=0.0, atol=float("inf"), min_top1_agreement=0.0))
+    report = compare_outputs(OrtRuntime(parent, threads), OrtRuntime(child, threads), batches, RECORD_ONLY)
     first = next(iter(report["outputs"].values()))
     return {k: v for k, v in first.items() if k in ("cosine_min", "cosine_mean", "max_abs_error", "top1_agreement")}
 

