@@ -182,19 +182,70 @@ def original_candidate(workload: Workload, out_dir: str | Path) -> Candidate:
 
 
 def load_torch_model(candidate: Candidate, workload: Workload) -> torch.nn.Module:
-    """Rebuild a PyTorch candidate: the workload's architecture with the candidate's weights."""
+    """Rebuild a PyTorch candidate: the workload's architecture, with the architecture edits recorded in
+    ``info["structure"]`` replayed (pruning, depth pruning, factorisation), loaded with the candidate's weights."""
     if candidate.format != "torch":
         raise CandidateError(f"candidate {candidate.id} is {candidate.format}, not a PyTorch model")
+    from safetensors import safe_open
     from safetensors.torch import load_model
 
-    model = workload.build_model()
+    from slimship.passes._structure import rebuild
+
+    path = str(candidate.artifact_path)
     try:
-        missing, unexpected = load_model(model, str(candidate.artifact_path), strict=False)
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        model = rebuild(workload.build_model(), candidate.info.get("structure", []), shapes)
+        missing, unexpected = load_model(model, path, strict=False)
+    except CandidateError as err:
+        raise CandidateError(f"can't load {path} into {workload.name}'s model: {err}") from err
     except Exception as err:
-        raise CandidateError(f"can't load weights {candidate.artifact_path} into {workload.name}'s model: {err}") from err
+        raise CandidateError(f"can't load weights {path} into {workload.name}'s model: {err}") from err
     if missing or unexpected:
         raise CandidateError(
-            f"weights {candidate.artifact_path} don't fit {workload.name}'s model: "
+            f"weights {path} don't fit {workload.name}'s model: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     return model.eval()
+
+
+def save_torch_candidate(
+    model: torch.nn.Module,
+    out_dir: Path,
+    *,
+    name: str,
+    workload: Workload,
+    parent: Candidate,
+    pass_name: str,
+    pass_config: dict[str, Any],
+    edits: list[dict[str, Any]] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Candidate:
+    """Write a (possibly restructured) PyTorch model as a candidate: safetensors weights plus the parent's
+    architecture edits followed by ``edits``. The model is reloaded from the file and compared, so a
+    candidate that can't be rebuilt is never written."""
+    import torch
+    from safetensors.torch import save_model
+
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_model(model, str(tmp))
+    tmp.replace(out_dir / "model.safetensors")
+    structure = list(parent.info.get("structure", [])) + list(edits or [])
+    n_params = sum(p.numel() for p in model.parameters())
+    cand = new_candidate(
+        out_dir,
+        name=name,
+        format="torch",
+        artifact="model.safetensors",
+        workload=workload,
+        parent=parent,
+        pass_name=pass_name,
+        pass_config=pass_config,
+        info={**(info or {}), "parameters": n_params, "structure": structure},
+    )
+    rebuilt = load_torch_model(cand, workload)
+    with torch.no_grad():
+        for (k, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(rebuilt.state_dict().items()), strict=True):
+            if a.shape != b.shape or not torch.equal(a, b):
+                raise CandidateError(f"rebuilt model differs from the saved one at {k}: the architecture edits are incomplete")
+    return cand

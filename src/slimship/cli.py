@@ -440,6 +440,9 @@ def quickstart(
     typer.echo(f"results: {out / 'results.json'}\nsummary: {out / 'summary.md'}")
 
 
+import slimship.cli_compress  # noqa: E402,F401 - registers prune / lowrank / share / distill on `app`
+
+
 def main() -> None:
     try:
         app()

@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from slimship.errors import ConfigError
 from slimship.passes.base import Pass, PassConfig
+from slimship.passes.distill import DistillConfig, DistillPass, StudentSpec
 from slimship.passes.export import ExportConfig, ExportPass
+from slimship.passes.lowrank import LowRankConfig, LowRankPass
 from slimship.passes.optimize import GraphOptimizeConfig, GraphOptimizePass
+from slimship.passes.prune import DepthPruneConfig, DepthPrunePass, StructuredPruneConfig, StructuredPrunePass
 from slimship.passes.qat import QATConfig, QATPass
 from slimship.passes.quantize import (
     DynamicQuantConfig,
@@ -22,6 +25,8 @@ from slimship.passes.quantize import (
     StaticQuantConfig,
     StaticQuantPass,
 )
+from slimship.passes.share import WeightShareConfig, WeightSharePass
+from slimship.passes.sparsity import UnstructuredPruneConfig, UnstructuredPrunePass
 
 if TYPE_CHECKING:
     from slimship.candidate import Candidate
@@ -29,14 +34,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PASSES",
+    "DepthPruneConfig",
+    "DistillConfig",
     "DynamicQuantConfig",
     "ExportConfig",
     "GraphOptimizeConfig",
     "Int4WeightOnlyConfig",
+    "LowRankConfig",
     "Pass",
     "PassConfig",
     "QATConfig",
     "StaticQuantConfig",
+    "StructuredPruneConfig",
+    "StudentSpec",
+    "UnstructuredPruneConfig",
+    "WeightShareConfig",
     "export",
     "list_passes",
     "optimize_graph",
@@ -44,7 +56,21 @@ __all__ = [
 ]
 
 PASSES: dict[str, type[Pass]] = {
-    p.name: p for p in (ExportPass, GraphOptimizePass, DynamicQuantPass, StaticQuantPass, Int4WeightOnlyPass, QATPass)
+    p.name: p
+    for p in (
+        ExportPass,
+        GraphOptimizePass,
+        DynamicQuantPass,
+        StaticQuantPass,
+        Int4WeightOnlyPass,
+        QATPass,
+        StructuredPrunePass,
+        DepthPrunePass,
+        UnstructuredPrunePass,
+        LowRankPass,
+        DistillPass,
+        WeightSharePass,
+    )
 }
 
 

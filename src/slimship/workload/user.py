@@ -10,6 +10,8 @@ Factory contract (``path/to/file.py:build``) — ``build()`` takes no arguments 
         "eval_labels": array,                      # optional: class labels -> "accuracy" quality metric
         "metric": fn(outputs, labels) -> dict,     # optional: your quality metric(s), higher is better
         "calibration_inputs": {"x": array},        # optional (default: eval_inputs)
+        "train_inputs": {"x": array},              # optional: data for passes that fine-tune / distil
+        "train_labels": array,                     # optional: labels for train_inputs (classification)
         "output_names": ["logits"],                # optional (default: output_0, output_1, ...)
         "dynamic_axes": {"x": {0: "batch"}},       # optional (default: axis 0 of every input is "batch")
     }
@@ -50,6 +52,8 @@ _ALLOWED_KEYS = {
     "eval_labels",
     "metric",
     "calibration_inputs",
+    "train_inputs",
+    "train_labels",
     "output_names",
     "dynamic_axes",
 }
@@ -158,6 +162,12 @@ class FactoryWorkload(Workload):
         self._example = _as_input_dict(self._bundle["example_inputs"], "example_inputs")
         self._eval = _as_input_dict(self._bundle.get("eval_inputs", self._example), "eval_inputs")
         self._calib = _as_input_dict(self._bundle.get("calibration_inputs", self._eval), "calibration_inputs")
+        train = self._bundle.get("train_inputs")
+        self._train = None if train is None else _as_input_dict(train, "train_inputs")
+        tl = self._bundle.get("train_labels")
+        self._train_labels = None if tl is None else _to_numpy(tl, "train_labels")
+        if self._train_labels is not None and (self._train is None or len(self._train_labels) != next(iter(self._train.values())).shape[0]):
+            raise WorkloadError("train_labels needs train_inputs with the same number of samples")
         labels = self._bundle.get("eval_labels")
         self._labels = None if labels is None else _to_numpy(labels, "eval_labels")
         if self._labels is not None and len(self._labels) != next(iter(self._eval.values())).shape[0]:
@@ -260,6 +270,20 @@ class FactoryWorkload(Workload):
         n = min(num_samples, next(iter(self._calib.values())).shape[0])
         for _, batch in _batched(self._calib, n, batch_size):
             yield batch
+
+    def train_batches(self, batch_size: int = 32, seed: int = 0) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        if self._train is None:
+            raise WorkloadError(
+                f"factory {self.spec} returned no 'train_inputs' (add \"train_inputs\": {{...}} and, for "
+                "classification, \"train_labels\" to the dict build() returns)"
+            )
+        n = next(iter(self._train.values())).shape[0]
+        order = np.random.default_rng(seed).permutation(n)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield {k: np.ascontiguousarray(v[idx]) for k, v in self._train.items()}, (
+                None if self._train_labels is None else self._train_labels[idx]
+            )
 
     def quality(self, outputs: Mapping[str, np.ndarray], limit: int | None = None) -> dict[str, float]:
         labels = None if self._labels is None else self._labels[: self.eval_size(limit)]

@@ -1,0 +1,262 @@
+"""`slimship prune | lowrank | share | distill`: the structural-compression verbs (registered on the main app)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from slimship.cli import DataOpt, ThreadsOpt, WorkloadOpt, _resolve_target, app
+
+TargetArg = Annotated[
+    str,
+    typer.Argument(help="The PyTorch model to compress: `original` (the workload's own model) or a PyTorch candidate directory."),
+]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the new candidate (default: runs/<verb>-<workload>).")]
+EpochsOpt = Annotated[int, typer.Option(min=1, help="Recovery: training epochs over the workload's training data (early stopping may end sooner).")]
+MaxSecondsOpt = Annotated[float, typer.Option(min=1, help="Recovery: wall-clock budget in seconds; the best model so far is kept.")]
+LrOpt = Annotated[float | None, typer.Option(help="Recovery: learning rate (default 1e-3 for classification, 5e-5 for embedding models).")]
+FinetuneOpt = Annotated[bool, typer.Option("--finetune/--no-finetune", help="Recover quality by distillation from the input model after compressing.")]
+ExportOpt = Annotated[bool, typer.Option("--export/--no-export", help="Also export the result to ONNX and verify it against PyTorch.")]
+EvalOpt = Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate quality and fidelity of the result against the original.")]
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="--eval on the first N samples only (minilm: N articles).")]
+
+
+def _finetune(enabled: bool, epochs: int, max_seconds: float, lr: float | None) -> dict[str, Any] | None:
+    return {"epochs": epochs, "max_seconds": max_seconds, "lr": lr} if enabled else None
+
+
+def _kv(items: list[str] | None, what: str, cast: type) -> dict[str, Any]:
+    from slimship.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, value = item.rpartition("=")
+        if not sep or not name:
+            raise ConfigError(f"{what} takes LAYER=VALUE, e.g. `0=0.25`; got {item!r}")
+        try:
+            out[name] = cast(value)
+        except ValueError:
+            raise ConfigError(f"{what}: {value!r} is not a {cast.__name__} (in {item!r})") from None
+    return out
+
+
+def _finish(cand: Any, workload: Any, out: Path, export: bool, evaluate_: bool, limit: int | None, threads: int | None) -> None:
+    """Print what the pass recorded, then optionally export + verify and evaluate."""
+    cx = cand.info.get("complexity")
+    typer.echo(f"{cand.name}: {cand.path} ({cand.info.get('parameters', 0):,} parameters, {cand.size_bytes / 1e6:.2f} MB)")
+    if cx:
+        typer.echo(
+            f"  MACs {cx['macs_before'] / 1e6:,.1f}M → {cx['macs_after'] / 1e6:,.1f}M ({cx['macs_ratio']:.2f}x fewer); "
+            f"params {cx['params_ratio']:.2f}x fewer; measured PyTorch latency at batch {cx['batch_size']}: "
+            f"{cx['torch_latency_ms_before']:.1f} → {cx['torch_latency_ms_after']:.1f} ms ({cx['torch_speedup']:.2f}x)"
+        )
+    ft = cand.info.get("finetune")
+    for rep in ft if isinstance(ft, list) else [ft] if ft else []:
+        typer.echo(f"  recovery: {rep['steps']} steps, {rep['epochs_run']} epoch(s) in {rep['seconds']} s (stopped by {rep['stopped_by']}); "
+                   f"held-out distillation loss {rep['val_loss_before']:.4g} → {rep['val_loss_best']:.4g}")
+    if "sparsity" in cand.info:
+        typer.echo(f"  sparsity {cand.info['sparsity']:.1%}; compressed (xz) {cand.info['compressed_bytes'] / 1e3:.1f} kB. {cand.info['note']}")
+    if "shipped_bytes" in cand.info:
+        typer.echo(f"  shipped file {cand.path / cand.info['shipped_file']}: {cand.info['shipped_bytes'] / 1e3:.1f} kB, "
+                   f"{cand.info['shipped_ratio_vs_original']:.1f}x smaller than the original's {cand.info['original_bytes'] / 1e3:.1f} kB; "
+                   f"runtime form {cand.info['runtime_bytes'] / 1e3:.1f} kB")
+    if export:
+        from slimship.passes import export as export_pass
+
+        onnx_cand = export_pass(cand, workload, None, out / "exported")
+        ver = onnx_cand.info.get("verification", {})
+        worst = min((o.get("cosine_min", 1.0) for o in ver.get("outputs", {}).values()), default=1.0)
+        typer.echo(f"  exported: {onnx_cand.path / onnx_cand.artifact} (verified on {ver.get('samples')} samples, cosine min {worst:.7f})")
+    if evaluate_:
+        from slimship.measure.evaluate import evaluate
+
+        res = evaluate(cand, workload, None, threads, limit)
+        typer.echo("  quality  " + "  ".join(f"{k}={v:.4g}" for k, v in res["quality"].items()))
+        typer.echo("  fidelity " + "  ".join(f"{k}={v:.4g}" for k, v in res["fidelity"].items()))
+
+
+def _load(target: str, workload: str, data: str | None) -> tuple[Any, Any]:
+    from slimship.errors import ConfigError
+    from slimship.workload import resolve_workload
+
+    w = resolve_workload(workload, data=data)
+    _, cand, _ = _resolve_target(target, w, "")
+    if cand.format != "torch":
+        raise ConfigError(f"{target} is an ONNX candidate; compression passes work on PyTorch models (`original` or a pass's output)")
+    return w, cand
+
+
+@app.command()
+def prune(
+    target: TargetArg = "original",
+    workload: WorkloadOpt = "mnist",
+    method: Annotated[str, typer.Option(help="structured (channels / FFN neurons / heads, physically removed), depth (drop transformer layers) or unstructured (zero single weights: smaller compressed file, not faster).")] = "structured",
+    channel_ratio: Annotated[float, typer.Option(help="structured: fraction of channels / FFN neurons removed, in [0, 1).")] = 0.5,
+    head_ratio: Annotated[float, typer.Option(help="structured: fraction of attention heads removed per layer (BERT family), in [0, 1).")] = 0.0,
+    importance: Annotated[str, typer.Option(help="structured: l1, l2 (weight magnitude), taylor (|gradient × weight|, needs labels) or bn_scale.")] = "l2",
+    scope: Annotated[str, typer.Option(help="structured: uniform (same ratio per layer) or global (ranked across layers).")] = "uniform",
+    layer_ratio: Annotated[list[str] | None, typer.Option("--layer-ratio", help="structured: LAYER=RATIO overriding --channel-ratio for one layer (repeatable), e.g. 0=0.25.")] = None,
+    round_to: Annotated[int | None, typer.Option(min=1, help="structured: keep channel counts multiples of this (8 or 16 suit SIMD kernels).")] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer to leave whole (repeatable). The output layer is always kept.")] = None,
+    keep_layers: Annotated[int, typer.Option(min=1, help="depth: transformer layers to keep.")] = 3,
+    criterion: Annotated[str, typer.Option(help="depth: alternate (evenly spaced), first, last, or fidelity (greedily drop the layer that hurts the output least).")] = "alternate",
+    sparsity: Annotated[float, typer.Option(help="unstructured: fraction of weights zeroed, in (0, 1).")] = 0.8,
+    sparsity_scope: Annotated[str, typer.Option(help="unstructured: global (one threshold) or layer (same sparsity per layer).")] = "global",
+    steps: Annotated[int, typer.Option(min=1, help="unstructured: pruning steps on a cubic schedule, fine-tuning after each.")] = 1,
+    finetune: FinetuneOpt = True,
+    epochs: EpochsOpt = 3,
+    max_seconds: MaxSecondsOpt = 600.0,
+    lr: LrOpt = None,
+    out: OutOpt = None,
+    export: ExportOpt = True,
+    evaluate: EvalOpt = True,
+    limit: LimitOpt = None,
+    threads: ThreadsOpt = None,
+    data: DataOpt = None,
+) -> None:
+    """Prune a PyTorch model: structured (faster dense kernels), depth (fewer layers) or unstructured (smaller file).
+
+    Records MACs, parameters and measured latency side by side, recovers quality by distillation from the input
+    model, then exports to ONNX (verified) and evaluates.
+
+    Examples: `slimship prune -w mnist --channel-ratio 0.5` ·
+    `slimship prune -w minilm --channel-ratio 0.5 --max-seconds 600` (FFN neurons) ·
+    `slimship prune -w minilm --method depth --keep-layers 3` ·
+    `slimship prune -w mnist --method unstructured --sparsity 0.9 --steps 3`
+    """
+    from slimship.errors import ConfigError
+    from slimship.passes import run_pass
+
+    w, cand = _load(target, workload, data)
+    ft = _finetune(finetune, epochs, max_seconds, lr)
+    if method == "structured":
+        name, cfg = "prune", {
+            "channel_ratio": channel_ratio, "head_ratio": head_ratio, "importance": importance, "scope": scope,
+            "layer_ratios": _kv(layer_ratio, "--layer-ratio", float), "round_to": round_to, "ignore": ignore or [], "finetune": ft,
+        }
+    elif method == "depth":
+        name, cfg = "depth-prune", {"keep_layers": keep_layers, "criterion": criterion, "finetune": ft}
+    elif method == "unstructured":
+        name, cfg = "sparsify", {"sparsity": sparsity, "scope": sparsity_scope, "steps": steps, "ignore": ignore or [], "finetune": ft}
+    else:
+        raise ConfigError(f"unknown --method {method!r}; choose structured, depth or unstructured")
+    dest = out or Path("runs") / f"prune-{w.name}"
+    result = run_pass(name, cand, w, cfg, dest / name)
+    _finish(result, w, dest / name, export and method != "unstructured", evaluate, limit, threads)
+
+
+@app.command()
+def lowrank(
+    target: TargetArg = "original",
+    workload: WorkloadOpt = "mnist",
+    energy: Annotated[float | None, typer.Option(help="Rank per layer: keep this fraction of squared singular values, e.g. 0.9 (the default rule).")] = None,
+    param_ratio: Annotated[float | None, typer.Option(help="Rank per layer from a global budget: factorised layers keep this fraction of their parameters, e.g. 0.5.")] = None,
+    rank: Annotated[list[str] | None, typer.Option("--rank", help="LAYER=RANK for one layer (repeatable), e.g. backbone.encoder.layer.0.intermediate.dense=96.")] = None,
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="Glob over layer names to factorise (repeatable), e.g. '*.intermediate.dense'. Default: every Linear/1x1 Conv but the output layer.")] = None,
+    round_to: Annotated[int, typer.Option(min=1, help="Round ranks up to a multiple of this.")] = 8,
+    min_speedup: Annotated[float, typer.Option(min=0, help="Keep a layer dense unless its factorised shape times this much faster on ONNX Runtime (0: factorise regardless).")] = 1.05,
+    finetune: FinetuneOpt = True,
+    epochs: EpochsOpt = 3,
+    max_seconds: MaxSecondsOpt = 600.0,
+    lr: LrOpt = None,
+    out: OutOpt = None,
+    export: ExportOpt = True,
+    evaluate: EvalOpt = True,
+    limit: LimitOpt = None,
+    threads: ThreadsOpt = None,
+    data: DataOpt = None,
+) -> None:
+    """Factorise Linear / 1x1 Conv layers by truncated SVD where it measures faster, then recover by distillation.
+
+    Examples: `slimship lowrank -w minilm --layers '*.intermediate.dense' --energy 0.8` ·
+    `slimship lowrank -w mnist --param-ratio 0.3 --min-speedup 0`
+    """
+    from slimship.passes import run_pass
+
+    w, cand = _load(target, workload, data)
+    cfg = {
+        "energy": energy, "param_ratio": param_ratio, "ranks": _kv(rank, "--rank", int), "layers": layers or [],
+        "round_to": round_to, "min_speedup": min_speedup, "finetune": _finetune(finetune, epochs, max_seconds, lr),
+    }
+    dest = out or Path("runs") / f"lowrank-{w.name}"
+    result = run_pass("lowrank", cand, w, cfg, dest / "lowrank")
+    decided = result.info["layers"]
+    for name, d in decided.items():
+        typer.echo(f"  {name}: rank {d['rank']}/{d['full_rank']} (energy {d['energy_kept']:.3f}) — {d['decision']}")
+    _finish(result, w, dest / "lowrank", export, evaluate, limit, threads)
+
+
+@app.command()
+def share(
+    target: TargetArg = "original",
+    workload: WorkloadOpt = "mnist",
+    bits: Annotated[int, typer.Option(min=2, max=8, help="Index bits per weight: 2**bits shared values per layer.")] = 5,
+    layer_bits: Annotated[list[str] | None, typer.Option("--layer-bits", help="LAYER=BITS for one layer (repeatable), e.g. 0=8.")] = None,
+    init: Annotated[str, typer.Option(help="k-means initialisation: linear or density.")] = "linear",
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer stored losslessly instead (repeatable).")] = None,
+    finetune: FinetuneOpt = True,
+    epochs: EpochsOpt = 2,
+    max_seconds: MaxSecondsOpt = 600.0,
+    lr: LrOpt = None,
+    out: OutOpt = None,
+    evaluate: EvalOpt = True,
+    limit: LimitOpt = None,
+    threads: ThreadsOpt = None,
+    data: DataOpt = None,
+) -> None:
+    """Weight sharing: k-means codebooks per layer, centroid fine-tuning, and a compact shipped file
+    (codebook + bit-packed, Huffman/xz-coded indices). Run it after pruning for Deep Compression.
+
+    Examples: `slimship share runs/prune-mnist/sparsify -w mnist --bits 5` ·
+    `slimship share original -w mnist --bits 4 --layer-bits 0=8`
+    """
+    from slimship.passes import run_pass
+
+    w, cand = _load(target, workload, data)
+    cfg = {"bits": bits, "layer_bits": _kv(layer_bits, "--layer-bits", int), "init": init, "ignore": ignore or [],
+           "finetune": _finetune(finetune, epochs, max_seconds, lr)}
+    dest = out or Path("runs") / f"share-{w.name}"
+    result = run_pass("share", cand, w, cfg, dest / "share")
+    _finish(result, w, dest / "share", False, evaluate, limit, threads)
+
+
+@app.command()
+def distill(
+    target: TargetArg = "original",
+    workload: WorkloadOpt = "mnist",
+    num_layers: Annotated[int | None, typer.Option(min=1, help="Student transformer layers (evenly spaced teacher layers initialise them).")] = None,
+    width: Annotated[float, typer.Option(help="Fraction of FFN neurons / channels the student keeps, in (0, 1].")] = 0.5,
+    init: Annotated[str, typer.Option(help="teacher (start from the teacher's weights) or random (from scratch).")] = "teacher",
+    loss: Annotated[str, typer.Option(help="auto, kl (+ labels, weight --alpha), labels (no teacher: the baseline), cosine or mse (embeddings).")] = "auto",
+    temperature: Annotated[float, typer.Option(help="kl: softmax temperature.")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="kl: weight of the teacher term against the labels' cross-entropy.")] = 0.7,
+    feature_weight: Annotated[float, typer.Option(help="Weight of hidden-state matching between kept layers and their teacher layers.")] = 0.0,
+    epochs: EpochsOpt = 10,
+    max_seconds: MaxSecondsOpt = 600.0,
+    lr: LrOpt = None,
+    out: OutOpt = None,
+    export: ExportOpt = True,
+    evaluate: EvalOpt = True,
+    limit: LimitOpt = None,
+    threads: ThreadsOpt = None,
+    data: DataOpt = None,
+) -> None:
+    """Distil the model into a smaller student built from it (fewer layers, narrower FFN / fewer channels).
+
+    Examples: `slimship distill -w mnist --width 0.5 --init random` ·
+    `slimship distill -w minilm --num-layers 3 --width 1.0 --feature-weight 1 --max-seconds 600`
+    """
+    from slimship.passes import run_pass
+
+    w, cand = _load(target, workload, data)
+    cfg = {
+        "student": {"num_layers": num_layers, "width": width, "init": init},
+        "finetune": {"epochs": epochs, "max_seconds": max_seconds, "lr": lr, "loss": loss, "temperature": temperature,
+                     "alpha": alpha, "patience": 3},
+        "feature_weight": feature_weight,
+    }
+    dest = out or Path("runs") / f"distill-{w.name}"
+    result = run_pass("distill", cand, w, cfg, dest / "distill")
+    _finish(result, w, dest / "distill", export, evaluate, limit, threads)

@@ -1,0 +1,98 @@
+"""Shared pieces of the PyTorch passes that change a model: layer lookup with helpful errors, the
+complexity/latency record every structural pass writes, and optional recovery training."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from slimship.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slimship.train import FinetuneConfig
+    from slimship.workload import Workload
+
+
+def resolve_layers(model: nn.Module, paths: Iterable[str], what: str) -> list[nn.Module]:
+    """Modules named by ``paths``; a name that doesn't exist is a ConfigError listing close names."""
+    names = {n for n, _ in model.named_modules() if n}
+    mods = []
+    for p in paths:
+        if p not in names:
+            close = difflib.get_close_matches(p, sorted(names), n=4, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; layers look like {sorted(names)[:4]}"
+            raise ConfigError(f"{what}: the model has no layer named {p!r}{hint} (list them with `slimship info --layers`)")
+        mods.append(model.get_submodule(p))
+    return mods
+
+
+def executed_layers(model: nn.Module, workload: Workload) -> list[str]:
+    """Names of Linear/Conv layers in the order a forward pass runs them."""
+    import torch
+
+    from slimship.runtime.torch_backend import call_model
+
+    order: list[str] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d):
+            handles.append(mod.register_forward_hook(lambda _m, _i, _o, n=name: order.append(n)))
+    try:
+        batch = workload.example_inputs(2, seq_len=16)
+        with torch.inference_mode():
+            call_model(model, {k: torch.from_numpy(v) for k, v in batch.items()}, [s.name for s in workload.inputs])
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def measure_batch_size(workload: Workload, requested: int | None) -> int:
+    return requested or (256 if workload.task == "classification" else 8)
+
+
+def complexity_record(
+    before: nn.Module, after: nn.Module, workload: Workload, batch_size: int, threads: int, rounds: int = 15
+) -> dict[str, Any]:
+    """MACs, parameters and measured PyTorch latency of ``before`` and ``after``, side by side."""
+    from slimship.measure.complexity import count_macs, count_params, time_interleaved
+
+    batch = workload.example_inputs(batch_size)
+    macs_b, macs_a = count_macs(before, workload, batch), count_macs(after, workload, batch)
+    ms = time_interleaved({"before": before, "after": after}, workload, batch, threads, rounds)
+    p_b, p_a = count_params(before), count_params(after)
+    return {
+        "batch_size": batch_size,
+        "macs_before": macs_b,
+        "macs_after": macs_a,
+        "macs_ratio": macs_b / max(1, macs_a),
+        "params_before": p_b,
+        "params_after": p_a,
+        "params_ratio": p_b / max(1, p_a),
+        "torch_latency_ms_before": ms["before"],
+        "torch_latency_ms_after": ms["after"],
+        "torch_speedup": ms["before"] / ms["after"],
+        "note": "MACs count Linear/Conv work; the speed-up is measured (PyTorch eager, interleaved, median). "
+        "Benchmark the exported ONNX candidates with `slimship bench` for the deployment runtime.",
+    }
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    workload: Workload,
+    cfg: FinetuneConfig | None,
+    *,
+    feature_map: dict[str, str] | None = None,
+    after_step: Any = None,
+    desc: str,
+) -> dict[str, Any] | None:
+    """Fine-tune ``student`` against ``teacher`` when ``cfg`` is set; the trainer's report, or None."""
+    if cfg is None:
+        return None
+    from slimship.train import finetune
+
+    return finetune(student, teacher, workload, cfg, feature_map=feature_map, after_step=after_step, desc=desc)

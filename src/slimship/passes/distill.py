@@ -1,0 +1,107 @@
+"""Knowledge distillation into a smaller student built from the teacher: fewer transformer layers, a
+narrower FFN, fewer CNN channels. The student starts from the teacher's weights (the kept layers, the
+most important channels) or from scratch (``init: random``, the classic Hinton et al. 2015 setting),
+then learns from the teacher's outputs through the shared trainer (:mod:`slimship.train`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from slimship.passes.base import Pass, PassConfig
+from slimship.train import FinetuneConfig
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+    from slimship.workload import Workload
+
+
+class StudentSpec(BaseModel):
+    """The student's shape relative to the teacher."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: transformer layers to keep (evenly spaced teacher layers initialise them); None keeps all
+    num_layers: int | None = Field(default=None, ge=1)
+    #: fraction of FFN neurons (transformers) or channels (CNNs) the student keeps, in (0, 1]
+    width: float = Field(default=1.0, gt=0.0, le=1.0)
+    #: teacher: start from the teacher's weights (kept layers, largest-magnitude channels); random: from scratch
+    init: Literal["teacher", "random"] = "teacher"
+
+
+class DistillConfig(PassConfig):
+    version: int = 1
+    student: StudentSpec = StudentSpec(width=0.5)
+    finetune: FinetuneConfig = FinetuneConfig(epochs=10, patience=3)
+    #: weight of hidden-state matching between kept layers and their teacher layers (transformers)
+    feature_weight: float = Field(default=0.0, ge=0)
+    measure_batch_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.student.num_layers is None and self.student.width == 1.0 and self.student.init == "teacher":
+            raise ValueError("the student equals the teacher: set student.num_layers or student.width < 1 (e.g. 0.5)")
+        return self
+
+
+class DistillPass(Pass):
+    name: ClassVar[str] = "distill"
+    summary: ClassVar[str] = "build a smaller student (fewer layers / narrower) from the teacher and distil into it"
+    config_cls: ClassVar[type[PassConfig]] = DistillConfig
+    input_format: ClassVar[str] = "torch"
+    output_format: ClassVar[str] = "torch"
+    requires: ClassVar[tuple[str, ...]] = ("torch-pruning",)
+
+    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+        assert isinstance(config, DistillConfig)  # guaranteed by Pass.__call__
+        import torch
+
+        from slimship.candidate import load_torch_model, save_torch_candidate
+        from slimship.errors import ConfigError
+        from slimship.machine import physical_cores
+        from slimship.passes._common import complexity_record, measure_batch_size
+        from slimship.passes._structure import apply_edits
+        from slimship.passes.prune import (
+            DepthPruneConfig,
+            StructuredPruneConfig,
+            _layer_list,
+            choose_layers,
+            structured_prune,
+        )
+        from slimship.train import finetune
+
+        spec = config.student
+        teacher = load_torch_model(candidate, workload)
+        student = load_torch_model(candidate, workload)
+        edits = []
+        fmap: dict[str, str] = {}
+        if spec.num_layers is not None:
+            path, layers = _layer_list(student, None)
+            if spec.num_layers >= len(layers):
+                raise ConfigError(f"student.num_layers={spec.num_layers} but the teacher has {len(layers)} layers in {path}")
+            keep, _ = choose_layers(student, workload, DepthPruneConfig(keep_layers=spec.num_layers), path, len(layers))
+            edit = {"op": "keep_layers", "module": path, "keep": keep}
+            apply_edits(student, [edit])
+            edits.append(edit)
+            fmap = {f"{path}.{i}": f"{path}.{orig}" for i, orig in enumerate(keep)}
+        if spec.width < 1.0:
+            more, _ = structured_prune(student, workload, StructuredPruneConfig(channel_ratio=1.0 - spec.width, finetune=None))
+            edits += more
+        if spec.init == "random":
+            torch.manual_seed(config.finetune.seed)
+            for m in student.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()  # type: ignore[operator]
+        record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), physical_cores())
+        ft = config.finetune
+        if config.feature_weight > 0 and fmap:
+            ft = ft.model_copy(update={"feature_weight": config.feature_weight})
+        training = finetune(student, teacher, workload, ft, feature_map=fmap or None, desc="distil")
+        return save_torch_candidate(
+            student, out_dir, name="student", workload=workload, parent=candidate, pass_name=self.name,
+            pass_config=config.to_json_dict(), edits=edits,
+            info={"student": spec.model_dump(), "complexity": record, "finetune": training},
+        )

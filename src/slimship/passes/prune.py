@@ -1,0 +1,363 @@
+"""Structured pruning that physically removes channels, neurons, attention heads and layers, so dense
+kernels get faster; followed by distillation from the unpruned model to recover quality.
+
+Coupled channels (a conv's filters, the BatchNorm after it, the next layer's inputs) are found by
+Torch-Pruning's dependency graph (Fang et al., DepGraph, CVPR 2023). What the library leaves to its
+user is done here: for BERT-family models the attention modules' head count, head size and all-head
+size are updated after head pruning (the precomputed ``scaling`` keeps the value the weights were
+trained with), the classifier that produces the model's output is left alone, and the architecture
+edits are recorded so the candidate can be rebuilt from its safetensors file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from slimship.errors import CompressionError, ConfigError
+from slimship.passes.base import Pass, PassConfig
+from slimship.train import FinetuneConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slimship.candidate import Candidate
+    from slimship.workload import Workload
+
+
+class StructuredPruneConfig(PassConfig):
+    version: int = 1
+    #: fraction of prunable channels removed: conv filters and hidden Linear neurons of CNNs/MLPs, FFN neurons of transformers
+    channel_ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
+    #: fraction of attention heads removed in each transformer layer (BERT family)
+    head_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    #: how channels are ranked: weight magnitude (l1, l2), Taylor (|gradient × weight|, needs labels), BatchNorm scale
+    importance: Literal["l1", "l2", "taylor", "bn_scale"] = "l2"
+    #: uniform: every layer loses channel_ratio; global: channels ranked across layers (layers end up uneven)
+    scope: Literal["uniform", "global"] = "uniform"
+    #: per-layer ratios that override channel_ratio, e.g. {"0": 0.25}
+    layer_ratios: dict[str, float] = Field(default_factory=dict)
+    #: keep channel counts multiples of this (SIMD-friendly: 8 or 16); None keeps exact counts
+    round_to: int | None = Field(default=None, ge=1)
+    #: layers left whole (the classifier producing the output is always left alone)
+    ignore: list[str] = Field(default_factory=list)
+    #: batches used to estimate Taylor importance
+    taylor_batches: int = Field(default=8, ge=1)
+    #: recovery by distillation from the unpruned model; null to skip
+    finetune: FinetuneConfig | None = FinetuneConfig()
+    #: batch size of the recorded MACs/latency comparison (None: 256 for classification, 8 for text)
+    measure_batch_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> StructuredPruneConfig:
+        if self.channel_ratio == 0 and self.head_ratio == 0 and not self.layer_ratios:
+            raise ValueError("nothing to prune: set channel_ratio (e.g. 0.5), head_ratio or layer_ratios")
+        for k, v in self.layer_ratios.items():
+            if not 0 < v < 1:
+                raise ValueError(f"layer_ratios[{k!r}] = {v}: a ratio must be in (0, 1), e.g. 0.5")
+        return self
+
+
+class DepthPruneConfig(PassConfig):
+    version: int = 1
+    #: how many transformer layers to keep
+    keep_layers: int = Field(default=3, ge=1)
+    #: which to keep: evenly spaced, the first k, the last k, or greedily the ones whose removal hurts fidelity least
+    criterion: Literal["alternate", "first", "last", "fidelity"] = "alternate"
+    #: the ModuleList holding the layers; None finds the longest ModuleList (e.g. backbone.encoder.layer)
+    layers_module: str | None = None
+    #: calibration samples used by the fidelity criterion
+    fidelity_samples: int = Field(default=64, ge=4)
+    #: weight of hidden-state matching (kept layer i ↔ its original layer) during recovery
+    feature_weight: float = Field(default=1.0, ge=0)
+    finetune: FinetuneConfig | None = FinetuneConfig()
+    measure_batch_size: int | None = Field(default=None, ge=1)
+
+
+def _bert_attention(model: nn.Module) -> list[tuple[str, Any]]:
+    from torch import nn
+
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if hasattr(m, "num_attention_heads") and all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
+    ]
+
+
+def _untraceable(model: nn.Module, workload: Workload) -> str:
+    """Name the first module whose output carries no autograd history (where the dependency graph stops)."""
+    import torch
+
+    from slimship.runtime.torch_backend import call_model
+
+    found: list[str] = []
+
+    def hook(name: str) -> Any:
+        def f(mod: nn.Module, inputs: Any, out: Any) -> None:
+            tensors = [t for t in (out if isinstance(out, tuple | list) else [out]) if isinstance(t, torch.Tensor)]
+            ins = [t for t in (inputs if isinstance(inputs, tuple) else [inputs]) if isinstance(t, torch.Tensor)]
+            if not found and tensors and any(t.requires_grad for t in ins) and not any(t.requires_grad for t in tensors):
+                found.append(f"{name or '(model)'} ({type(mod).__name__})")
+
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
+    try:
+        batch = workload.example_inputs(2, seq_len=16)
+        tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+        for t in tensors.values():
+            if t.is_floating_point():
+                t.requires_grad_(True)
+        call_model(model, tensors, [s.name for s in workload.inputs])
+    except Exception as err:
+        return f"the forward pass fails: {type(err).__name__}: {err}"
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        return f"module {found[0]} returns a tensor without autograd history (e.g. a NumPy round trip, .detach() or an integer op)"
+    return "no module breaks the autograd graph; the failing operation is in the forward function itself"
+
+
+def _importance(cfg: StructuredPruneConfig, model: nn.Module, workload: Workload) -> Any:
+    import torch
+    import torch_pruning as tp
+
+    if cfg.importance in ("l1", "l2"):
+        return tp.importance.GroupMagnitudeImportance(p=1 if cfg.importance == "l1" else 2)
+    if cfg.importance == "bn_scale":
+        if not any(isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d) for m in model.modules()):
+            raise ConfigError("importance 'bn_scale' ranks channels by BatchNorm scale, but this model has no BatchNorm; use 'l2'")
+        return tp.importance.BNScaleImportance()
+    return tp.importance.GroupTaylorImportance()
+
+
+def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> None:
+    import numpy as np
+    import torch
+
+    from slimship.runtime.torch_backend import call_model
+    from slimship.train import training_data
+    from slimship.train.trainer import _to_tensor_out
+
+    data = training_data(workload, 32, 0)[:batches]
+    if any(y is None for _, y in data):
+        raise ConfigError(
+            f"Taylor importance needs a labelled loss (gradient × weight), and {workload.name!r} has no labels; use importance 'l2'"
+        )
+    model.zero_grad()
+    names = [s.name for s in workload.inputs]
+    for x, y in data:
+        out = _to_tensor_out(call_model(model, {k: torch.from_numpy(v) for k, v in x.items()}, names))
+        torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(y))).backward()
+
+
+def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Prune ``model`` in place. Returns the architecture edits to record and a summary of what changed."""
+    import torch
+    import torch_pruning as tp
+
+    from slimship.passes._common import executed_layers, resolve_layers
+    from slimship.runtime.torch_backend import call_model
+
+    names = [s.name for s in workload.inputs]
+    ignored = resolve_layers(model, cfg.ignore, "ignore")
+    overrides = dict(zip(resolve_layers(model, cfg.layer_ratios, "layer_ratios"), cfg.layer_ratios.values(), strict=True))
+    attn = _bert_attention(model)
+    ratio_dict: dict[Any, float] = {}
+    num_heads: dict[Any, int] = {}
+    pruning_ratio = cfg.channel_ratio
+    if attn:  # transformer: FFN neurons and heads only; the residual width stays
+        pruning_ratio = 0.0
+        emb = [m for n, m in model.named_modules() if n.endswith("embeddings")]
+        ignored += emb
+        for _, mod in attn:
+            for lin in (mod.query, mod.key, mod.value):
+                num_heads[lin] = int(mod.num_attention_heads)
+            if cfg.head_ratio > 0:
+                ratio_dict[mod.query] = cfg.head_ratio
+        if cfg.channel_ratio > 0:
+            ffn = [m for n, m in model.named_modules() if n.endswith("intermediate.dense")]
+            if not ffn:
+                raise CompressionError("found attention layers but no FFN 'intermediate.dense' layers; FFN pruning supports the BERT family")
+            ratio_dict.update({m: cfg.channel_ratio for m in ffn})
+    elif cfg.head_ratio > 0:
+        raise ConfigError("head_ratio applies to BERT-family attention; this model has no attention layers with query/key/value")
+    else:
+        order = executed_layers(model, workload)
+        if order:
+            ignored.append(model.get_submodule(order[-1]))  # the classifier / output projection keeps its outputs
+    ratio_dict.update(overrides)
+    if cfg.importance == "taylor":
+        _taylor_gradients(model, workload, cfg.taylor_batches)
+    example = {k: torch.from_numpy(v) for k, v in workload.example_inputs(2, seq_len=16).items()}
+    before = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example_inputs=example,
+            importance=_importance(cfg, model, workload),
+            global_pruning=cfg.scope == "global",
+            pruning_ratio=pruning_ratio,
+            pruning_ratio_dict=ratio_dict,
+            ignored_layers=ignored,
+            round_to=cfg.round_to,
+            num_heads=num_heads,
+            prune_num_heads=bool(attn) and cfg.head_ratio > 0,
+            prune_head_dims=False,
+            head_pruning_ratio=cfg.head_ratio,
+            forward_fn=lambda m, x: call_model(m, x, names),
+        )
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise CompressionError(
+            f"Torch-Pruning's dependency graph can't trace this model ({type(err).__name__}: {err}); "
+            f"{_untraceable(model, workload)}. Structured pruning needs a forward pass that autograd can follow."
+        ) from err
+    try:
+        pruner.step()
+    except Exception as err:
+        raise CompressionError(f"pruning failed while removing channels: {type(err).__name__}: {err}") from err
+    model.zero_grad(set_to_none=True)
+    edits: list[dict[str, Any]] = []
+    heads: dict[str, int] = {}
+    for path, mod in attn:
+        q, k, v = mod.query.out_features, mod.key.out_features, mod.value.out_features
+        if not q == k == v or q % mod.attention_head_size:
+            raise CompressionError(f"{path}: query/key/value widths {q}/{k}/{v} are not whole heads of {mod.attention_head_size}")
+        attrs = {"num_attention_heads": q // mod.attention_head_size, "all_head_size": q, "attention_head_size": mod.attention_head_size}
+        if hasattr(mod, "scaling"):
+            attrs["scaling"] = float(mod.scaling)
+        for key, val in attrs.items():
+            setattr(mod, key, val)
+        heads[path] = attrs["num_attention_heads"]
+        edits.append({"op": "set_attr", "module": path, "attrs": attrs})
+    changed = {n: [list(before[n]), list(p.shape)] for n, p in model.named_parameters() if n in before and tuple(p.shape) != before[n]}
+    if not changed:
+        raise CompressionError("nothing was pruned: every prunable layer is ignored or the ratios round to zero channels")
+    return edits, {"changed_shapes": changed, "heads_per_layer": heads or None}
+
+
+def _layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+    from torch import nn
+
+    from slimship.passes._common import resolve_layers
+
+    if path is not None:
+        mod = resolve_layers(model, [path], "layers_module")[0]
+        if not isinstance(mod, nn.ModuleList):
+            raise ConfigError(f"layers_module {path!r} is a {type(mod).__name__}, not a ModuleList of layers")
+        return path, mod
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        raise ConfigError("depth pruning needs a model whose layers sit in a ModuleList (e.g. a transformer encoder); none found")
+    return max(lists, key=lambda nm: len(nm[1]))
+
+
+def choose_layers(model: nn.Module, workload: Workload, cfg: DepthPruneConfig, path: str, n: int) -> tuple[list[int], list[dict[str, Any]]]:
+    """Indices of the layers to keep (ascending) and, for 'fidelity', the greedy trace."""
+    import copy
+
+    import numpy as np
+
+    k = cfg.keep_layers
+    if cfg.criterion == "first":
+        return list(range(k)), []
+    if cfg.criterion == "last":
+        return list(range(n - k, n)), []
+    if cfg.criterion == "alternate":
+        return sorted({round(float(x)) for x in np.linspace(0, n - 1, k)}), []
+    import torch
+
+    from slimship.passes._structure import apply_edits
+    from slimship.runtime.torch_backend import call_model
+    from slimship.workload.base import rowwise_cosine
+
+    names = [s.name for s in workload.inputs]
+    batches = list(workload.calibration_batches(cfg.fidelity_samples, 16))
+
+    def outputs(m: nn.Module) -> np.ndarray:
+        with torch.inference_mode():
+            return np.concatenate([
+                np.asarray(call_model(m, {kk: torch.from_numpy(v) for kk, v in b.items()}, names)) for b in batches
+            ])
+
+    ref = outputs(model)
+    keep = list(range(n))
+    trace = []
+    while len(keep) > k:
+        scores = []
+        for drop in keep:
+            trial = [i for i in keep if i != drop]
+            m = apply_edits(copy.deepcopy(model), [{"op": "keep_layers", "module": path, "keep": trial}])
+            scores.append((float(rowwise_cosine(outputs(m), ref).mean()), drop))
+        best_cos, drop = max(scores)
+        keep.remove(drop)
+        trace.append({"dropped": drop, "cosine_mean_after": best_cos})
+    return keep, trace
+
+
+class StructuredPrunePass(Pass):
+    name: ClassVar[str] = "prune"
+    summary: ClassVar[str] = "structured pruning (channels, FFN neurons, heads) with Torch-Pruning, then distillation"
+    config_cls: ClassVar[type[PassConfig]] = StructuredPruneConfig
+    input_format: ClassVar[str] = "torch"
+    output_format: ClassVar[str] = "torch"
+    requires: ClassVar[tuple[str, ...]] = ("torch-pruning",)
+
+    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+        assert isinstance(config, StructuredPruneConfig)  # guaranteed by Pass.__call__
+        from slimship.candidate import load_torch_model, save_torch_candidate
+        from slimship.machine import physical_cores
+        from slimship.passes._common import complexity_record, measure_batch_size, recover
+
+        teacher = load_torch_model(candidate, workload)
+        student = load_torch_model(candidate, workload)
+        edits, summary = structured_prune(student, workload, config)
+        record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), physical_cores())
+        training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
+        return save_torch_candidate(
+            student, out_dir, name="pruned", workload=workload, parent=candidate, pass_name=self.name,
+            pass_config=config.to_json_dict(), edits=edits,
+            info={"pruning": summary, "complexity": record, "finetune": training},
+        )
+
+
+class DepthPrunePass(Pass):
+    name: ClassVar[str] = "depth-prune"
+    summary: ClassVar[str] = "keep k of n transformer layers (alternate / first / last / least fidelity loss), then distillation"
+    config_cls: ClassVar[type[PassConfig]] = DepthPruneConfig
+    input_format: ClassVar[str] = "torch"
+    output_format: ClassVar[str] = "torch"
+
+    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+        assert isinstance(config, DepthPruneConfig)  # guaranteed by Pass.__call__
+        from slimship.candidate import load_torch_model, save_torch_candidate
+        from slimship.machine import physical_cores
+        from slimship.passes._common import complexity_record, measure_batch_size, recover
+        from slimship.passes._structure import apply_edits
+
+        teacher = load_torch_model(candidate, workload)
+        student = load_torch_model(candidate, workload)
+        path, layers = _layer_list(student, config.layers_module)
+        n = len(layers)
+        if config.keep_layers >= n:
+            raise ConfigError(f"keep_layers={config.keep_layers} but {path} has only {n} layers; keep fewer (e.g. {max(1, n // 2)})")
+        keep, trace = choose_layers(student, workload, config, path, n)
+        edit = {"op": "keep_layers", "module": path, "keep": keep}
+        apply_edits(student, [edit])
+        record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), physical_cores())
+        fmap = {f"{path}.{i}": f"{path}.{orig}" for i, orig in enumerate(keep)} if config.feature_weight > 0 else None
+        cfg = config.finetune
+        if cfg is not None and fmap:
+            cfg = cfg.model_copy(update={"feature_weight": cfg.feature_weight or config.feature_weight})
+        training = recover(student, teacher, workload, cfg, feature_map=fmap, desc="recover (distil)")
+        return save_torch_candidate(
+            student, out_dir, name=f"depth{len(keep)}", workload=workload, parent=candidate, pass_name=self.name,
+            pass_config=config.to_json_dict(), edits=[edit],
+            info={"layers_kept": keep, "layers_before": n, "fidelity_trace": trace, "complexity": record, "finetune": training},
+        )
+

@@ -1,0 +1,281 @@
+"""One trainer for every pass that has to recover quality: distillation from a teacher, with labels
+where the workload has them, and intermediate-feature matching.
+
+Losses (``FinetuneConfig.loss``):
+
+* ``kl`` — classification: ``alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-alpha)·CE(s, y)`` (Hinton et al. 2015);
+  without labels it is the KL term alone. ``labels`` trains on labels only (the baseline a distillation is judged against);
+* ``cosine`` / ``mse`` — embeddings: ``1 - cos(s, t)`` or the mean squared error to the teacher's output;
+  when the student's output width differs from the teacher's, a learned linear projection maps it across;
+* ``auto`` — ``kl`` for classification workloads, ``cosine`` otherwise;
+* ``feature_map`` (student module → teacher module) adds ``feature_weight·MSE`` between those modules'
+  outputs (hidden-state matching, with a learned projection when widths differ).
+
+A fixed slice of the workload's training data (``val_fraction``) is held out; the student with the best
+held-out distillation loss is kept (early stopping after ``patience`` epochs without improvement).
+Training stops at ``max_seconds``. Seeds are fixed and batches are drawn in a seeded order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from slimship.errors import CompressionError, WorkloadError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from slimship.workload import Workload
+    from slimship.workload.base import Batch
+
+
+class FinetuneConfig(BaseModel):
+    """How a pass recovers quality after it changed the model. Nested in the passes' configs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=3, ge=1)
+    #: wall-clock budget for training; the best student so far is kept when it runs out
+    max_seconds: float = Field(default=600.0, gt=0)
+    #: learning rate; None picks 1e-3 for classification (CNNs) and 5e-5 for embedding models (transformers)
+    lr: float | None = Field(default=None, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int | None = Field(default=None, ge=1, description="None: 64 for classification, 32 for text")
+    loss: Literal["auto", "kl", "labels", "cosine", "mse"] = "auto"
+    temperature: float = Field(default=4.0, gt=0)
+    #: weight of the distillation term against the labels' cross-entropy (classification with labels)
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    feature_weight: float = Field(default=0.0, ge=0)
+    #: L1 penalty on the weights of Linear/Conv layers (sparse training for unstructured pruning)
+    l1_weight: float = Field(default=0.0, ge=0)
+    val_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    patience: int = Field(default=2, ge=1)
+    #: cap on training batches per epoch (None: the whole training split)
+    max_batches_per_epoch: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return next(iter(out.values()))
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out[0]
+
+
+def _to_tensor_out(out: Any) -> torch.Tensor:
+    t = _first_output(out)
+    return t[0] if isinstance(t, tuple) else t
+
+
+def training_data(workload: Workload, batch_size: int, seed: int) -> list[tuple[Batch, np.ndarray | None]]:
+    """The workload's training batches, materialised once (a pass that needs training data says so here)."""
+    try:
+        data = list(workload.train_batches(batch_size, seed=seed))
+    except WorkloadError as err:
+        raise CompressionError(
+            f"this pass fine-tunes the model and needs training data, but {err}. Pass `finetune: null` (or "
+            "--no-finetune) to skip recovery, or use a workload with training data (e.g. a factory whose "
+            "workload implements train_batches)."
+        ) from err
+    if len(data) < 2:
+        raise CompressionError(f"workload {workload.name!r} gave {len(data)} training batch(es); fine-tuning needs at least 2")
+    return data
+
+
+class _Collector:
+    """Forward hooks that keep the latest output of named modules."""
+
+    def __init__(self, model: nn.Module, paths: list[str]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for p in paths:
+            try:
+                mod = model.get_submodule(p)
+            except AttributeError as err:
+                raise CompressionError(f"feature_map names a module that doesn't exist: {p!r}") from err
+            self.handles.append(mod.register_forward_hook(self._hook(p)))
+
+    def _hook(self, path: str) -> Callable[..., None]:
+        def hook(_m: Any, _i: Any, out: Any) -> None:
+            self.outputs[path] = _to_tensor_out(out)
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    workload: Workload,
+    cfg: FinetuneConfig,
+    *,
+    feature_map: Mapping[str, str] | None = None,
+    after_step: Callable[[], None] | None = None,
+    desc: str = "fine-tune",
+) -> dict[str, Any]:
+    """Train ``student`` in place against ``teacher`` on ``workload``'s training data; return a report.
+    ``after_step`` runs after every optimiser step (e.g. to re-apply a pruning mask or shared weights)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from slimship.runtime.torch_backend import call_model
+
+    classification = workload.task == "classification"
+    loss_kind = cfg.loss if cfg.loss != "auto" else ("kl" if classification else "cosine")
+    if loss_kind in ("kl", "cosine", "mse") and teacher is None:
+        raise CompressionError(f"loss {loss_kind!r} distils from a teacher, but none was given")
+    lr = cfg.lr or (1e-3 if classification else 5e-5)
+    bs = cfg.batch_size or (64 if classification else 32)
+    torch.manual_seed(cfg.seed)
+    names = [s.name for s in workload.inputs]
+    data = training_data(workload, bs, cfg.seed)
+    n_val = max(1, round(len(data) * cfg.val_fraction))
+    train, val = data[:-n_val], data[-n_val:]
+    if loss_kind == "labels" and any(t is None for _, t in train):
+        raise CompressionError(f"loss 'labels' needs labelled training data; {workload.name!r} has none")
+
+    fmap = dict(feature_map or {})
+    s_hooks = _Collector(student, list(fmap)) if fmap and cfg.feature_weight > 0 else None
+    t_hooks = _Collector(teacher, list(fmap.values())) if s_hooks and teacher is not None else None
+    projections = torch.nn.ModuleDict()
+
+    def project(key: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if s.shape == t.shape:
+            return s
+        if s.shape[:-1] != t.shape[:-1] and s.ndim == 4:  # conv features: project channels with a 1x1 conv
+            k = key.replace(".", "_")
+            if k not in projections:
+                projections[k] = torch.nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False)
+            return projections[k](s)
+        k = key.replace(".", "_")
+        if k not in projections:
+            projections[k] = torch.nn.Linear(s.shape[-1], t.shape[-1], bias=False)
+        return projections[k](s)
+
+    def batch_loss(inputs: Batch, targets: np.ndarray | None, train_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        t_out = None
+        if (teacher is not None and loss_kind != "labels") or t_hooks is not None:
+            assert teacher is not None
+            with torch.no_grad():
+                t_out = _to_tensor_out(call_model(teacher, tensors, names))
+        s_out = _to_tensor_out(call_model(student, tensors, names))
+        y = torch.from_numpy(np.asarray(targets)) if targets is not None else None
+        if loss_kind == "labels":
+            assert y is not None
+            distill = F.cross_entropy(s_out, y)
+            total = distill
+        elif loss_kind == "kl":
+            assert t_out is not None
+            temp = cfg.temperature
+            distill = F.kl_div(F.log_softmax(s_out / temp, -1), F.log_softmax(t_out / temp, -1), reduction="batchmean", log_target=True) * temp * temp
+            total = cfg.alpha * distill + (1 - cfg.alpha) * F.cross_entropy(s_out, y) if y is not None else distill
+        else:
+            assert t_out is not None
+            s_p = project("output", s_out, t_out)
+            distill = (1 - F.cosine_similarity(s_p, t_out, dim=-1)).mean() if loss_kind == "cosine" else F.mse_loss(s_p, t_out)
+            total = distill
+        if s_hooks is not None and t_hooks is not None and train_mode:
+            feat = sum(
+                F.mse_loss(project(sp, s_hooks.outputs[sp], t_hooks.outputs[tp]), t_hooks.outputs[tp]) for sp, tp in fmap.items()
+            )
+            total = total + cfg.feature_weight * feat
+        if cfg.l1_weight > 0 and train_mode:
+            total = total + cfg.l1_weight * sum(
+                m.weight.abs().sum() for m in student.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+            )
+        return total, distill
+
+    def evaluate() -> float:
+        student.eval()
+        with torch.no_grad():
+            vals = [float(batch_loss(x, y, False)[1]) for x, y in val]
+        return float(np.mean(vals))
+
+    rng = np.random.default_rng(cfg.seed)
+    steps_per_epoch = min(len(train), cfg.max_batches_per_epoch or len(train))
+    best = evaluate()
+    start_loss = best
+    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    opt: torch.optim.Optimizer | None = None
+    t0 = time.perf_counter()
+    history: list[dict[str, float]] = []
+    stale, stopped, steps = 0, "epochs", 0
+    try:
+        with tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch", leave=False, disable=None) as bar:
+            for epoch in range(cfg.epochs):
+                student.train()
+                order = rng.permutation(len(train))[:steps_per_epoch]
+                running = 0.0
+                for i in order:
+                    x, y = train[int(i)]
+                    total, _ = batch_loss(x, y, True)
+                    if opt is None:  # after the first forward, so lazily created projections are trained too
+                        params = [p for p in student.parameters() if p.requires_grad] + list(projections.parameters())
+                        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    opt.step()
+                    if after_step is not None:
+                        with torch.no_grad():
+                            after_step()
+                    steps += 1
+                    running += float(total.detach())
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(total.detach()):.4f}")
+                    if time.perf_counter() - t0 > cfg.max_seconds:
+                        stopped = "time budget"
+                        break
+                val_loss = evaluate()
+                history.append({"epoch": epoch + 1, "train_loss": running / max(1, steps_per_epoch), "val_loss": val_loss})
+                if val_loss < best - 1e-9 or math.isnan(best):
+                    best, stale = val_loss, 0
+                    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                else:
+                    stale += 1
+                if stopped == "time budget":
+                    break
+                if stale >= cfg.patience:
+                    stopped = "early stopping"
+                    break
+    finally:
+        for hooks in (s_hooks, t_hooks):
+            if hooks is not None:
+                hooks.close()
+    student.load_state_dict(best_state)
+    student.eval()
+    return {
+        "loss": loss_kind,
+        "lr": lr,
+        "batch_size": bs,
+        "steps": steps,
+        "epochs_run": len(history),
+        "stopped_by": stopped,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "val_loss_before": start_loss,
+        "val_loss_best": best,
+        "history": history,
+        "train_batches": len(train),
+        "val_batches": len(val),
+    }
+
+
+def batches_of(data: list[tuple[Batch, np.ndarray | None]]) -> Iterator[Batch]:
+    for x, _ in data:
+        yield x
