@@ -86,8 +86,9 @@ def _bert_attention(model: nn.Module) -> list[tuple[str, Any]]:
     ]
 
 
-def _untraceable(model: nn.Module, workload: Workload) -> str:
-    """Name the first module whose output carries no autograd history (where the dependency graph stops)."""
+def _untraceable(model: nn.Module, workload: Workload) -> str | None:
+    """Name the first module whose output carries no autograd history (where the dependency graph stops);
+    None when autograd follows the whole forward pass."""
     import torch
 
     from slimship.runtime.torch_backend import call_model
@@ -118,7 +119,7 @@ def _untraceable(model: nn.Module, workload: Workload) -> str:
             h.remove()
     if found:
         return f"module {found[0]} returns a tensor without autograd history (e.g. a NumPy round trip, .detach() or an integer op)"
-    return "no module breaks the autograd graph; the failing operation is in the forward function itself"
+    return None
 
 
 def _importance(cfg: StructuredPruneConfig, model: nn.Module, workload: Workload) -> Any:
@@ -192,6 +193,12 @@ def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneC
     ratio_dict.update(overrides)
     if cfg.importance == "taylor":
         _taylor_gradients(model, workload, cfg.taylor_batches)
+    broken = _untraceable(model, workload)
+    if broken is not None:
+        raise CompressionError(
+            f"Torch-Pruning's dependency graph can't trace this model: {broken}. Structured pruning follows autograd "
+            "from inputs to outputs to find coupled channels; make that operation a torch op, or list the layers around it in `ignore`."
+        )
     example = {k: torch.from_numpy(v) for k, v in workload.example_inputs(2, seq_len=16).items()}
     before = {n: tuple(p.shape) for n, p in model.named_parameters()}
     try:
@@ -215,7 +222,8 @@ def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneC
     except Exception as err:
         raise CompressionError(
             f"Torch-Pruning's dependency graph can't trace this model ({type(err).__name__}: {err}); "
-            f"{_untraceable(model, workload)}. Structured pruning needs a forward pass that autograd can follow."
+            f"{_untraceable(model, workload) or 'the failing operation is in the forward function itself'}. "
+            "Structured pruning needs a forward pass that autograd can follow."
         ) from err
     try:
         pruner.step()
