@@ -96,3 +96,34 @@ def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
     assert wrong.returncode == 2 and "fine-tunes a PyTorch candidate" in wrong.stderr
     magic = slimship("quantize", exported, "-w", "digits", "--mode", "magic", check=False)
     assert magic.returncode == 2 and magic.stdout == "" and "unknown --mode 'magic'" in magic.stderr
+
+
+def test_compression_commands_chain_prune_sparsify_share(tmp_path):
+    out = tmp_path / "p"
+    proc = slimship("prune", "original", "-w", "digits", "--channel-ratio", "0.5", "--epochs", "1", "-o", str(out))
+    assert "fewer" in proc.stdout and "measured PyTorch latency" in proc.stdout
+    assert "exported:" in proc.stdout and "quality  accuracy=" in proc.stdout
+    sparse = slimship("prune", str(out / "prune"), "-w", "digits", "--method", "unstructured", "--sparsity", "0.6",
+                      "--epochs", "1", "--no-eval", "-o", str(out))
+    assert "sparsity 60" in sparse.stdout and "dense runtimes" in sparse.stdout
+    shared = slimship("share", str(out / "sparsify"), "-w", "digits", "--bits", "4", "--epochs", "1", "--no-eval", "-o", str(out))
+    assert "shipped file" in shared.stdout and (out / "share" / "model.slimw").is_file()
+    lr = slimship("lowrank", "original", "-w", "digits", "--param-ratio", "0.5", "--min-speedup", "0", "--no-finetune",
+                  "--no-eval", "-o", str(tmp_path / "lr"))
+    assert "factorised" in lr.stdout and "exported:" in lr.stdout
+    st = slimship("distill", "original", "-w", "digits", "--width", "0.5", "--epochs", "1", "--no-eval", "--no-export",
+                  "-o", str(tmp_path / "d"))
+    assert "recovery:" in st.stdout
+
+
+def test_compression_commands_reject_bad_input(tmp_path):
+    bad = slimship("prune", "-w", "digits", "--channel-ratio", "1.5", "-o", str(tmp_path), check=False)
+    assert bad.returncode == 2 and "channel_ratio" in bad.stderr and "Traceback" not in bad.stderr
+    bad = slimship("prune", "-w", "digits", "--ignore", "nope", "--no-finetune", "-o", str(tmp_path), check=False)
+    assert bad.returncode == 2 and "no layer named 'nope'" in bad.stderr
+    bad = slimship("prune", "-w", "digits", "--method", "magic", "-o", str(tmp_path), check=False)
+    assert bad.returncode == 2 and "structured, depth or unstructured" in bad.stderr
+    bad = slimship("share", "-w", "digits", "--layer-bits", "oops", "-o", str(tmp_path), check=False)
+    assert bad.returncode == 2 and "LAYER=VALUE" in bad.stderr
+    for verb in ("prune", "lowrank", "share", "distill"):
+        assert "Example" in slimship(verb, "--help").stdout

@@ -444,8 +444,12 @@ import slimship.cli_compress  # noqa: E402,F401 - registers prune / lowrank / sh
 
 
 def main() -> None:
+    # under `python -m slimship.cli` this file runs as __main__; the verbs of cli_compress register on the
+    # importable module's app, so run that one
+    from slimship.cli import app as registered
+
     try:
-        app()
+        registered()
     except SlimshipError as err:
         _console().print(f"[bold red]error:[/bold red] {err}", highlight=False, markup=True)
         sys.exit(2)

@@ -152,7 +152,7 @@ def ort_break_even(rows: int, in_f: int, out_f: int, rank: int, threads: int, ro
             nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, in_f])],
             [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [rows, out_f])], inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
         return ort.InferenceSession(model.SerializeToString(), session_options(threads, spin=False), providers=["CPUExecutionProvider"])
 
     dense = session([rng.standard_normal((in_f, out_f))])
