@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUDGET_S = 600.0  # the 10-minute distillation budget per variant
-FT = {"epochs": 30, "max_seconds": BUDGET_S, "lr": 1e-4, "loss": "cosine", "patience": 2}
+FT = {"epochs": 30, "max_seconds": BUDGET_S, "lr": 1e-4, "loss": "cosine", "patience": 3, "eval_every": 100}
 
 VARIANTS = {
     "ffn50": ("prune", {"channel_ratio": 0.5, "finetune": FT}),

@@ -32,7 +32,7 @@ def test_lowrank_is_exact_at_full_rank_and_shrinks_below_it(digits, digits_origi
 
     ref = load_torch_model(digits_original, digits)
     model = load_torch_model(digits_original, digits)
-    fc = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][0]
+    fc = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     full = min(model.get_submodule(fc).weight.shape)
     factorize(model, fc, full)
     np.testing.assert_allclose(_logits(model, digits), _logits(ref, digits), atol=1e-4)

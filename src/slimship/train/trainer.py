@@ -11,8 +11,9 @@ Losses (``FinetuneConfig.loss``):
 * ``feature_map`` (student module → teacher module) adds ``feature_weight·MSE`` between those modules'
   outputs (hidden-state matching, with a learned projection when widths differ).
 
-A fixed slice of the workload's training data (``val_fraction``) is held out; the student with the best
-held-out distillation loss is kept (early stopping after ``patience`` epochs without improvement).
+A fixed slice of the workload's training data (``val_fraction``, at most ``max_val_batches``) is held out;
+the student with the best held-out distillation loss is kept (validation after every epoch and every
+``eval_every`` steps; early stopping after ``patience`` validations without improvement).
 Training stops at ``max_seconds``. Seeds are fixed and batches are drawn in a seeded order.
 """
 
@@ -56,6 +57,10 @@ class FinetuneConfig(BaseModel):
     #: L1 penalty on the weights of Linear/Conv layers (sparse training for unstructured pruning)
     l1_weight: float = Field(default=0.0, ge=0)
     val_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    #: at most this many held-out batches (validation cost stays bounded on big datasets)
+    max_val_batches: int = Field(default=20, ge=1)
+    #: validate every N steps as well as at the end of each epoch (None: per epoch only)
+    eval_every: int | None = Field(default=None, ge=1)
     patience: int = Field(default=2, ge=1)
     #: cap on training batches per epoch (None: the whole training split)
     max_batches_per_epoch: int | None = Field(default=None, ge=1)
@@ -145,7 +150,7 @@ def finetune(
     torch.manual_seed(cfg.seed)
     names = [s.name for s in workload.inputs]
     data = training_data(workload, bs, cfg.seed)
-    n_val = max(1, round(len(data) * cfg.val_fraction))
+    n_val = max(1, min(cfg.max_val_batches, round(len(data) * cfg.val_fraction)))
     train, val = data[:-n_val], data[-n_val:]
     if loss_kind == "labels" and any(t is None for _, t in train):
         raise CompressionError(f"loss 'labels' needs labelled training data; {workload.name!r} has none")
@@ -217,12 +222,27 @@ def finetune(
     t0 = time.perf_counter()
     history: list[dict[str, float]] = []
     stale, stopped, steps = 0, "epochs", 0
+    running, since = 0.0, 0
+
+    def checkpoint(epoch: int) -> bool:
+        """Validate, keep the best student; True when patience ran out."""
+        nonlocal best, best_state, stale, running, since
+        val_loss = evaluate()
+        history.append({"epoch": epoch + 1, "step": steps, "train_loss": running / max(1, since), "val_loss": val_loss})
+        running, since = 0.0, 0
+        if val_loss < best - 1e-9 or math.isnan(best):
+            best, stale = val_loss, 0
+            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        else:
+            stale += 1
+        student.train()
+        return stale >= cfg.patience
+
     try:
         with tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch", leave=False, disable=None) as bar:
             for epoch in range(cfg.epochs):
                 student.train()
                 order = rng.permutation(len(train))[:steps_per_epoch]
-                running = 0.0
                 for i in order:
                     x, y = train[int(i)]
                     total, _ = batch_loss(x, y, True)
@@ -236,22 +256,21 @@ def finetune(
                         with torch.no_grad():
                             after_step()
                     steps += 1
+                    since += 1
                     running += float(total.detach())
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(total.detach()):.4f}")
                     if time.perf_counter() - t0 > cfg.max_seconds:
                         stopped = "time budget"
                         break
-                val_loss = evaluate()
-                history.append({"epoch": epoch + 1, "train_loss": running / max(1, steps_per_epoch), "val_loss": val_loss})
-                if val_loss < best - 1e-9 or math.isnan(best):
-                    best, stale = val_loss, 0
-                    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-                else:
-                    stale += 1
-                if stopped == "time budget":
+                    if cfg.eval_every and steps % cfg.eval_every == 0 and checkpoint(epoch):
+                        stopped = "early stopping"
+                        break
+                if stopped != "epochs":
+                    if since:
+                        checkpoint(epoch)
                     break
-                if stale >= cfg.patience:
+                if since and checkpoint(epoch):
                     stopped = "early stopping"
                     break
     finally:

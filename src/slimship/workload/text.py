@@ -248,8 +248,9 @@ class SentenceEmbeddingWorkload(Workload):
             yield self._tokenize(texts[start : start + batch_size])
 
     def train_batches(self, batch_size: int = 32, seed: int = 0) -> Iterator[tuple[Batch, np.ndarray | None]]:
-        """Unlabelled text for distillation: the same unseen tail paragraphs, shuffled."""
-        texts = self._tail_paragraphs
+        """Unlabelled text for distillation, shuffled: windows and single sentences from the parts of every
+        article that evaluation never sees (past the first 128 tokens of the body)."""
+        texts = self._train_texts
         order = np.random.default_rng(seed).permutation(len(texts))
         for start in range(0, len(order), batch_size):
             yield self._tokenize([texts[i] for i in order[start : start + batch_size]]), None
@@ -262,6 +263,22 @@ class SentenceEmbeddingWorkload(Workload):
         for i in perm:
             paragraphs = [p.strip() for p in texts[i].strip().split("\n") if p.strip()]
             out.extend(p for p in paragraphs[6:] if len(p) > 80)  # past the evaluated first ~128 tokens
+        return out
+
+    @cached_property
+    def _train_texts(self) -> list[str]:
+        """~64-word windows (stride 48) and sentences of at least 40 characters, from article text past the
+        body's first 110 words (evaluation truncates bodies at 128 tokens, ≈ 95 words). Sentences give
+        short texts like the headlines that retrieval queries with."""
+        texts = self._raw[0]
+        out: list[str] = []
+        for i in self._data[3]:
+            body = texts[i].strip().split("\n", 1)[-1]
+            words = body.split()[110:]
+            for start in range(0, max(0, len(words) - 16), 48):
+                out.append(" ".join(words[start : start + 64]))
+            tail = " ".join(words)
+            out.extend(s.strip() + "." for s in tail.split(". ") if len(s.strip()) >= 40)
         return out
 
     # ---- metrics --------------------------------------------------------------------------------
