@@ -125,5 +125,7 @@ def test_compression_commands_reject_bad_input(tmp_path):
     assert bad.returncode == 2 and "structured, depth or unstructured" in bad.stderr
     bad = slimship("share", "-w", "digits", "--layer-bits", "oops", "-o", str(tmp_path), check=False)
     assert bad.returncode == 2 and "LAYER=VALUE" in bad.stderr
-    for verb in ("prune", "lowrank", "share", "distill"):
+    for verb in ("prune", "lowrank", "share", "distill", "layers"):
         assert "Example" in slimship(verb, "--help").stdout
+    listing = slimship("layers", "-w", "digits").stdout
+    assert "Conv2d" in listing and "16x1x3x3" in listing

@@ -260,3 +260,30 @@ def distill(
     dest = out or Path("runs") / f"distill-{w.name}"
     result = run_pass("distill", cand, w, cfg, dest / "distill")
     _finish(result, w, dest / "distill", export, evaluate, limit, threads)
+
+
+@app.command()
+def layers(
+    target: TargetArg = "original",
+    workload: WorkloadOpt = "mnist",
+    data: DataOpt = None,
+) -> None:
+    """List a PyTorch model's Linear / Conv / attention layers: the names that --ignore, --layer-ratio, --rank,
+    --layers and --layer-bits take, with shapes and parameter counts.
+
+    Example: `slimship layers -w minilm`
+    """
+    import torch
+
+    from slimship.candidate import load_torch_model
+
+    w, cand = _load(target, workload, data)
+    model = load_torch_model(cand, w)
+    typer.echo(f"{'layer':58s} {'type':18s} {'shape':>18s} {'params':>10s}")
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d):
+            shape = "x".join(str(d) for d in mod.weight.shape)
+            n = sum(p.numel() for p in mod.parameters(recurse=False))
+            typer.echo(f"{name:58s} {type(mod).__name__:18s} {shape:>18s} {n:>10,}")
+        elif hasattr(mod, "num_attention_heads"):
+            typer.echo(f"{name:58s} {'attention':18s} {str(mod.num_attention_heads) + ' heads':>18s}")

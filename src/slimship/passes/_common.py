@@ -24,7 +24,7 @@ def resolve_layers(model: nn.Module, paths: Iterable[str], what: str) -> list[nn
         if p not in names:
             close = difflib.get_close_matches(p, sorted(names), n=4, cutoff=0.5)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; layers look like {sorted(names)[:4]}"
-            raise ConfigError(f"{what}: the model has no layer named {p!r}{hint} (list them with `slimship info --layers`)")
+            raise ConfigError(f"{what}: the model has no layer named {p!r}{hint} (list them with `slimship layers -w WORKLOAD`)")
         mods.append(model.get_submodule(p))
     return mods
 
@@ -96,3 +96,31 @@ def recover(
     from slimship.train import finetune
 
     return finetune(student, teacher, workload, cfg, feature_map=feature_map, after_step=after_step, desc=desc)
+
+
+def export_check(candidate: Any, workload: Workload) -> dict[str, Any]:
+    """Export a restructured PyTorch candidate to ONNX in a scratch directory and verify it against PyTorch;
+    a model that no longer exports is a CompressionError now, not a surprise at deployment."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from slimship.errors import CompressionError, ExportError
+    from slimship.passes.export import ExportConfig, ExportPass
+
+    scratch = Path(tempfile.mkdtemp(prefix="slimship-export-check-"))
+    try:
+        onnx_c = ExportPass()(candidate, workload, ExportConfig(verify_samples=16), scratch / "onnx")
+    except ExportError as err:
+        raise CompressionError(f"the compressed model no longer exports to ONNX or disagrees with PyTorch after export: {err}") from err
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    ver = onnx_c.info.get("verification", {})
+    outs = ver.get("outputs", {})
+    return {
+        "passed": bool(ver.get("passed")),
+        "exporter": onnx_c.info.get("exporter"),
+        "onnx_bytes": onnx_c.size_bytes,
+        "cosine_min": min((o.get("cosine_min", 1.0) for o in outs.values()), default=None),
+        "max_abs_error": max((o.get("max_abs_error", 0.0) for o in outs.values()), default=None),
+    }

@@ -39,6 +39,8 @@ class DistillConfig(PassConfig):
     #: weight of hidden-state matching between kept layers and their teacher layers (transformers)
     feature_weight: float = Field(default=0.0, ge=0)
     measure_batch_size: int | None = Field(default=None, ge=1)
+    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
+    verify_export: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
@@ -100,8 +102,13 @@ class DistillPass(Pass):
         if config.feature_weight > 0 and fmap:
             ft = ft.model_copy(update={"feature_weight": config.feature_weight})
         training = finetune(student, teacher, workload, ft, feature_map=fmap or None, desc="distil")
-        return save_torch_candidate(
+        cand = save_torch_candidate(
             student, out_dir, name="student", workload=workload, parent=candidate, pass_name=self.name,
             pass_config=config.to_json_dict(), edits=edits,
             info={"student": spec.model_dump(), "complexity": record, "finetune": training},
         )
+        if config.verify_export:
+            from slimship.passes._common import export_check
+
+            cand = cand.with_info(export_check=export_check(cand, workload)).save()
+        return cand

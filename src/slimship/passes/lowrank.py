@@ -50,6 +50,8 @@ class LowRankConfig(PassConfig):
     timing_rows: int | None = Field(default=None, ge=1)
     finetune: FinetuneConfig | None = FinetuneConfig()
     measure_batch_size: int | None = Field(default=None, ge=1)
+    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
+    verify_export: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> LowRankConfig:
@@ -238,8 +240,13 @@ class LowRankPass(Pass):
             )
         record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), threads)
         training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
-        return save_torch_candidate(
+        cand = save_torch_candidate(
             student, out_dir, name="lowrank", workload=workload, parent=candidate, pass_name=self.name,
             pass_config=config.to_json_dict(), edits=edits,
             info={"layers": decisions, "factorised": len(edits), "timing_rows": rows, "complexity": record, "finetune": training},
         )
+        if config.verify_export:
+            from slimship.passes._common import export_check
+
+            cand = cand.with_info(export_check=export_check(cand, workload)).save()
+        return cand

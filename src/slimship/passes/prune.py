@@ -49,6 +49,8 @@ class StructuredPruneConfig(PassConfig):
     finetune: FinetuneConfig | None = FinetuneConfig()
     #: batch size of the recorded MACs/latency comparison (None: 256 for classification, 8 for text)
     measure_batch_size: int | None = Field(default=None, ge=1)
+    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
+    verify_export: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> StructuredPruneConfig:
@@ -74,6 +76,8 @@ class DepthPruneConfig(PassConfig):
     feature_weight: float = Field(default=1.0, ge=0)
     finetune: FinetuneConfig | None = FinetuneConfig()
     measure_batch_size: int | None = Field(default=None, ge=1)
+    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
+    verify_export: bool = True
 
 
 def _bert_attention(model: nn.Module) -> list[tuple[str, Any]]:
@@ -327,11 +331,16 @@ class StructuredPrunePass(Pass):
         edits, summary = structured_prune(student, workload, config)
         record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), physical_cores())
         training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
-        return save_torch_candidate(
+        cand = save_torch_candidate(
             student, out_dir, name="pruned", workload=workload, parent=candidate, pass_name=self.name,
             pass_config=config.to_json_dict(), edits=edits,
             info={"pruning": summary, "complexity": record, "finetune": training},
         )
+        if config.verify_export:
+            from slimship.passes._common import export_check
+
+            cand = cand.with_info(export_check=export_check(cand, workload)).save()
+        return cand
 
 
 class DepthPrunePass(Pass):
@@ -363,9 +372,14 @@ class DepthPrunePass(Pass):
         if cfg is not None and fmap:
             cfg = cfg.model_copy(update={"feature_weight": cfg.feature_weight or config.feature_weight})
         training = recover(student, teacher, workload, cfg, feature_map=fmap, desc="recover (distil)")
-        return save_torch_candidate(
+        cand = save_torch_candidate(
             student, out_dir, name=f"depth{len(keep)}", workload=workload, parent=candidate, pass_name=self.name,
             pass_config=config.to_json_dict(), edits=[edit],
             info={"layers_kept": keep, "layers_before": n, "fidelity_trace": trace, "complexity": record, "finetune": training},
         )
+        if config.verify_export:
+            from slimship.passes._common import export_check
+
+            cand = cand.with_info(export_check=export_check(cand, workload)).save()
+        return cand
 
