@@ -167,3 +167,16 @@ def test_distillation_needs_training_data(tmp_path):
     orig = original_candidate(w, tmp_path / "o")
     with pytest.raises(CompressionError, match="needs training data"):
         run_pass("distill", orig, w, {"student": {"width": 0.5}}, tmp_path / "d")
+
+
+def test_trainer_validates_every_n_steps_on_a_bounded_held_out_set(digits, digits_original):
+    from slimship.passes.prune import StructuredPruneConfig, structured_prune
+
+    teacher = load_torch_model(digits_original, digits)
+    student = load_torch_model(digits_original, digits)
+    structured_prune(student, digits, StructuredPruneConfig(channel_ratio=0.5, finetune=None))
+    rep = finetune(student, teacher, digits, FinetuneConfig(epochs=1, eval_every=5, max_val_batches=1, patience=100))
+    assert rep["val_batches"] == 1
+    steps = [h["step"] for h in rep["history"]]
+    assert steps[:-1] == list(range(5, 5 * len(steps), 5)) and steps[-1] == rep["steps"]
+    assert rep["val_loss_best"] == min(h["val_loss"] for h in rep["history"])
