@@ -180,3 +180,19 @@ def test_trainer_validates_every_n_steps_on_a_bounded_held_out_set(digits, digit
     steps = [h["step"] for h in rep["history"]]
     assert steps[:-1] == list(range(5, 5 * len(steps), 5)) and steps[-1] == rep["steps"]
     assert rep["val_loss_best"] == min(h["val_loss"] for h in rep["history"])
+
+
+def test_weight_sharing_stores_tied_weights_once_and_keeps_them_tied(tmp_path):
+    from slimship.workload import resolve_workload
+
+    w = resolve_workload(f"{FIXTURES / 'factories.py'}:build_tied")
+    orig = original_candidate(w, tmp_path / "o")
+    c = run_pass("share", orig, w, {"bits": 4, "finetune": None}, tmp_path / "s")
+    tied = {"emb.weight", "head.weight"}
+    assert len(tied & set(c.info["layers"])) == 1  # clustered once
+    restored = load_shared(c.path / SHIPPED, w)
+    assert restored.head.weight.data_ptr() == restored.emb.weight.data_ptr()
+    assert len(torch.unique(restored.head.weight)) <= 16
+    tokens = torch.from_numpy(w.example_inputs(4)["tokens"])
+    with torch.no_grad():
+        torch.testing.assert_close(restored(tokens), load_torch_model(c, w)(tokens))

@@ -1,4 +1,4 @@
-"""Weight sharing (Han et al., Deep Compression, 2016): the weights of each Linear/Conv layer are clustered
+"""Weight sharing (Han et al., Deep Compression, 2016): the weights of each Linear/Conv/Embedding layer are clustered
 by 1-D k-means into ``k = 2**bits`` shared values, the centroids are fine-tuned (every weight in a cluster
 moves together), and the model is stored as codebooks plus bit-packed, entropy-coded indices.
 
@@ -86,6 +86,8 @@ def load_shared(path: str | Path, workload: Workload) -> nn.Module:
     if meta.get("workload", {}).get("name") not in (None, workload.name):
         raise CandidateError(f"{path} was made for workload {meta['workload'].get('name')!r}, not {workload.name!r}")
     state = {k: torch.from_numpy(v.copy()) for k, v in state_np.items()}
+    for alias, source in meta.get("aliases", {}).items():
+        state[alias] = state[source]
     model = rebuild(workload.build_model(), meta.get("structure", []), {k: tuple(v.shape) for k, v in state.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -115,8 +117,21 @@ class WeightSharePass(Pass):
         student = load_torch_model(candidate, workload)
         resolve_layers(student, config.layer_bits, "layer_bits")
         weights = prunable_weights(student, config.ignore)
+        skip = {id(m) for m in resolve_layers(student, config.ignore, "ignore")}
+        weights.update({
+            f"{n}.weight": m.weight for n, m in student.named_modules() if isinstance(m, torch.nn.Embedding) and id(m) not in skip
+        })
         if not weights:
-            raise CompressionError("no Linear or Conv weights to share after `ignore`")
+            raise CompressionError("no Linear, Conv or Embedding weights to share after `ignore`")
+        # tied weights (e.g. an LM head sharing the embedding matrix) are clustered and stored once
+        first: dict[int, str] = {}
+        aliases: dict[str, str] = {}
+        for key, w in list(weights.items()):
+            if id(w) in first:
+                aliases[key] = first[id(w)]
+                del weights[key]
+            else:
+                first[id(w)] = key
         plan: dict[str, dict[str, Any]] = {}
         clusters: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         for key, w in weights.items():
@@ -144,9 +159,9 @@ class WeightSharePass(Pass):
             project()  # the kept (best) state was projected; make sure codebooks match it exactly
         shared = {k: (clusters[k][0].numpy().astype(np.float32), clusters[k][1].numpy()) for k in weights}
         state = student.state_dict()
-        others = {k: v.detach().numpy() for k, v in state.items() if k not in shared}
+        others = {k: v.detach().numpy() for k, v in state.items() if k not in shared and k not in aliases}
         structure = list(candidate.info.get("structure", []))
-        blob = encode(others, shared, meta={"structure": structure, "workload": dict(workload.ref)})
+        blob = encode(others, shared, meta={"structure": structure, "workload": dict(workload.ref), "aliases": aliases})
         tmp = out_dir / (SHIPPED + ".tmp")
         tmp.write_bytes(blob)
         tmp.replace(out_dir / SHIPPED)
