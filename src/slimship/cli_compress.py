@@ -104,6 +104,7 @@ def prune(
     criterion: Annotated[str, typer.Option(help="depth: alternate (evenly spaced), first, last, or fidelity (greedily drop the layer that hurts the output least).")] = "alternate",
     sparsity: Annotated[float, typer.Option(help="unstructured: fraction of weights zeroed, in (0, 1).")] = 0.8,
     sparsity_scope: Annotated[str, typer.Option(help="unstructured: global (one threshold) or layer (same sparsity per layer).")] = "global",
+    l1_weight: Annotated[float, typer.Option(min=0, help="Recovery: L1 penalty on Linear/Conv weights (sparse training; pairs with --method unstructured).")] = 0.0,
     steps: Annotated[int, typer.Option(min=1, help="unstructured: pruning steps on a cubic schedule, fine-tuning after each.")] = 1,
     finetune: FinetuneOpt = True,
     epochs: EpochsOpt = 3,
@@ -131,6 +132,8 @@ def prune(
 
     w, cand = _load(target, workload, data)
     ft = _finetune(finetune, epochs, max_seconds, lr)
+    if ft is not None and l1_weight:
+        ft["l1_weight"] = l1_weight
     if method == "structured":
         name, cfg = "prune", {
             "channel_ratio": channel_ratio, "head_ratio": head_ratio, "importance": importance, "scope": scope,
@@ -153,6 +156,7 @@ def lowrank(
     workload: WorkloadOpt = "mnist",
     energy: Annotated[float | None, typer.Option(help="Rank per layer: keep this fraction of squared singular values, e.g. 0.9 (the default rule).")] = None,
     param_ratio: Annotated[float | None, typer.Option(help="Rank per layer from a global budget: factorised layers keep this fraction of their parameters, e.g. 0.5.")] = None,
+    sensitivity: Annotated[float | None, typer.Option(help="Rank per layer by measurement: the smallest rank that, factorised alone, keeps the output cosine ≥ this, e.g. 0.99.")] = None,
     rank: Annotated[list[str] | None, typer.Option("--rank", help="LAYER=RANK for one layer (repeatable), e.g. backbone.encoder.layer.0.intermediate.dense=96.")] = None,
     layers: Annotated[list[str] | None, typer.Option("--layers", help="Glob over layer names to factorise (repeatable), e.g. '*.intermediate.dense'. Default: every Linear/1x1 Conv but the output layer.")] = None,
     round_to: Annotated[int, typer.Option(min=1, help="Round ranks up to a multiple of this.")] = 8,
@@ -177,7 +181,7 @@ def lowrank(
 
     w, cand = _load(target, workload, data)
     cfg = {
-        "energy": energy, "param_ratio": param_ratio, "ranks": _kv(rank, "--rank", int), "layers": layers or [],
+        "energy": energy, "param_ratio": param_ratio, "sensitivity": sensitivity, "ranks": _kv(rank, "--rank", int), "layers": layers or [],
         "round_to": round_to, "min_speedup": min_speedup, "finetune": _finetune(finetune, epochs, max_seconds, lr),
     }
     dest = out or Path("runs") / f"lowrank-{w.name}"

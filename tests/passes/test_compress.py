@@ -64,6 +64,28 @@ def test_lowrank_param_budget(digits, digits_original, tmp_path):
     assert used <= 0.3 * total * 1.05
 
 
+def test_lowrank_rank_by_measured_sensitivity(digits, digits_original):
+    from slimship.passes.lowrank import LowRankConfig, sensitivity_ranks
+
+    model = load_torch_model(digits_original, digits)
+    layers = {"9": model.get_submodule("9")}
+    loose = sensitivity_ranks(model, digits, layers, LowRankConfig(sensitivity=0.5, round_to=2))["9"]
+    strict = sensitivity_ranks(model, digits, layers, LowRankConfig(sensitivity=0.9999, round_to=2))["9"]
+    assert 2 <= loose < strict <= 32
+
+
+def test_l1_regularised_training_shrinks_weights(digits, digits_original):
+    from slimship.passes.prune import StructuredPruneConfig, structured_prune
+
+    totals = {}
+    for l1 in (0.0, 1e-2):
+        student = load_torch_model(digits_original, digits)
+        structured_prune(student, digits, StructuredPruneConfig(channel_ratio=0.25, finetune=None))
+        finetune(student, load_torch_model(digits_original, digits), digits, FinetuneConfig(epochs=2, l1_weight=l1, patience=100))
+        totals[l1] = sum(float(m.weight.detach().abs().sum()) for m in student.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d))
+    assert totals[1e-2] < 0.9 * totals[0.0]
+
+
 def test_lowrank_bad_layers(digits, digits_original, tmp_path):
     with pytest.raises(ConfigError, match="match no Linear"):
         run_pass("lowrank", digits_original, digits, {"layers": ["*.nothing"], "finetune": None}, tmp_path / "a")

@@ -53,7 +53,7 @@ def test_configs_round_trip_through_json(cfg):
         (UnstructuredPruneConfig, {"sparsity": 1.0}, "sparsity"),
         (WeightShareConfig, {"bits": 9}, "bits"),
         (WeightShareConfig, {"layer_bits": {"0": 1}}, "bits must be 2–8"),
-        (LowRankConfig, {"energy": 0.9, "param_ratio": 0.5}, "either energy or param_ratio"),
+        (LowRankConfig, {"energy": 0.9, "param_ratio": 0.5}, "one of energy, param_ratio or sensitivity"),
         (DistillConfig, {"student": {"width": 1.0}}, "equals the teacher"),
         (StructuredPruneConfig, {"chanel_ratio": 0.5}, "chanel_ratio"),
     ],

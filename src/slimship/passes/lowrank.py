@@ -2,7 +2,8 @@
 SVD — two thinner layers, ``r·(in + out)`` weights instead of ``in·out``.
 
 Rank per layer: the smallest keeping ``energy`` of the squared singular values, a global parameter
-budget (``param_ratio``, ranks allocated greedily to the largest singular values across layers), or
+budget (``param_ratio``, ranks allocated greedily to the largest singular values across layers), the
+layer's measured ``sensitivity`` (smallest rank that alone keeps the output's cosine above a floor), or
 explicit ``ranks``. Ranks are rounded up to ``round_to``. A factorised layer is only faster when
 ``r < in·out/(in+out)`` by a margin that depends on the kernels, so the pass times each distinct shape
 on ONNX Runtime (dense MatMul against the two thin MatMuls, interleaved) and keeps a layer dense when
@@ -39,7 +40,12 @@ class LowRankConfig(PassConfig):
     energy: float | None = Field(default=None, gt=0.0, le=1.0)
     #: global budget: factorised layers together keep at most this fraction of their parameters, in (0, 1)
     param_ratio: float | None = Field(default=None, gt=0.0, lt=1.0)
-    #: explicit ranks per layer name (override energy / param_ratio for those layers)
+    #: per-layer sensitivity: the smallest rank (multiple of round_to) that, factorised alone, keeps the model's
+    #: output cosine to the unfactorised model (mean over calibration samples) at least this, e.g. 0.99
+    sensitivity: float | None = Field(default=None, gt=0.0, lt=1.0)
+    #: calibration samples for the sensitivity search
+    sensitivity_samples: int = Field(default=32, ge=4)
+    #: explicit ranks per layer name (override energy / param_ratio / sensitivity for those layers)
     ranks: dict[str, int] = Field(default_factory=dict)
     #: which layers to consider, as glob patterns over layer names; empty = every Linear and 1x1 Conv except the output layer
     layers: list[str] = Field(default_factory=list)
@@ -55,8 +61,8 @@ class LowRankConfig(PassConfig):
 
     @model_validator(mode="after")
     def _check(self) -> LowRankConfig:
-        if self.energy is not None and self.param_ratio is not None:
-            raise ValueError("set either energy or param_ratio, not both")
+        if sum(x is not None for x in (self.energy, self.param_ratio, self.sensitivity)) > 1:
+            raise ValueError("set one of energy, param_ratio or sensitivity, not several")
         for k, r in self.ranks.items():
             if r < 1:
                 raise ValueError(f"ranks[{k!r}] = {r}: a rank is a positive integer")
@@ -94,7 +100,43 @@ def _round_up(r: int, to: int, cap: int) -> int:
     return int(min(cap, max(to, -(-r // to) * to)))
 
 
-def choose_ranks(layers: dict[str, nn.Module], cfg: LowRankConfig) -> dict[str, dict[str, Any]]:
+def sensitivity_ranks(model: nn.Module, workload: Workload, layers: dict[str, nn.Module], cfg: LowRankConfig) -> dict[str, int]:
+    """Per layer, binary-search the smallest rank whose factorisation alone keeps output cosine ≥ cfg.sensitivity."""
+    import copy
+
+    import torch
+
+    from slimship.runtime.torch_backend import call_model
+    from slimship.train.trainer import _to_tensor_out
+    from slimship.workload.base import rowwise_cosine
+
+    names = [s.name for s in workload.inputs]
+    batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in workload.calibration_batches(cfg.sensitivity_samples, 16)]
+
+    def outputs(m: nn.Module) -> np.ndarray:
+        with torch.inference_mode():
+            return np.concatenate([_to_tensor_out(call_model(m, b, names)).numpy() for b in batches])
+
+    ref = outputs(model)
+    ranks = {}
+    for name, mod in layers.items():
+        full = min(_matrix(mod).shape)
+        grid = list(range(cfg.round_to, full, cfg.round_to)) or [full]
+        lo, hi = 0, len(grid) - 1
+        best = full
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            trial = copy.deepcopy(model)
+            factorize(trial, name, grid[mid])
+            if float(rowwise_cosine(outputs(trial), ref).mean()) >= (cfg.sensitivity or 0.0):
+                best, hi = grid[mid], mid - 1
+            else:
+                lo = mid + 1
+        ranks[name] = best
+    return ranks
+
+
+def choose_ranks(layers: dict[str, nn.Module], cfg: LowRankConfig, sensitive: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Rank per layer with the singular-value evidence behind it."""
     import torch
 
@@ -121,6 +163,8 @@ def choose_ranks(layers: dict[str, nn.Module], cfg: LowRankConfig) -> dict[str, 
             r, why = cfg.ranks[n], "explicit"
         elif cfg.param_ratio is not None:
             r, why = budget_ranks[n], f"param_ratio {cfg.param_ratio}"
+        elif sensitive is not None:
+            r, why = sensitive[n], f"sensitivity {cfg.sensitivity}"
         else:
             energy = cfg.energy if cfg.energy is not None else 0.9
             cum = np.cumsum(s**2) / (s**2).sum()
@@ -212,7 +256,9 @@ class LowRankPass(Pass):
         teacher = load_torch_model(candidate, workload)
         student = load_torch_model(candidate, workload)
         layers = candidate_layers(student, workload, config)
-        plan = choose_ranks(layers, config)
+        todo = {n: m for n, m in layers.items() if n not in config.ranks}
+        sensitive = sensitivity_ranks(student, workload, todo, config) if config.sensitivity is not None else None
+        plan = choose_ranks(layers, config, sensitive)
         threads = physical_cores()
         rows = config.timing_rows or (256 if workload.task == "classification" else 8 * 128)
         timings: dict[tuple[int, int, int], dict[str, float]] = {}
