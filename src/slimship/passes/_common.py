@@ -111,6 +111,7 @@ def export_check(candidate: Any, workload: Workload) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="slimship-export-check-"))
     try:
         onnx_c = ExportPass()(candidate, workload, ExportConfig(verify_samples=16), scratch / "onnx")
+        onnx_bytes = onnx_c.size_bytes
     except ExportError as err:
         raise CompressionError(f"the compressed model no longer exports to ONNX or disagrees with PyTorch after export: {err}") from err
     finally:
@@ -120,7 +121,7 @@ def export_check(candidate: Any, workload: Workload) -> dict[str, Any]:
     return {
         "passed": bool(ver.get("passed")),
         "exporter": onnx_c.info.get("exporter"),
-        "onnx_bytes": onnx_c.size_bytes,
+        "onnx_bytes": onnx_bytes,
         "cosine_min": min((o.get("cosine_min", 1.0) for o in outs.values()), default=None),
         "max_abs_error": max((o.get("max_abs_error", 0.0) for o in outs.values()), default=None),
     }
