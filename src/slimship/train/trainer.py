@@ -149,6 +149,13 @@ def finetune(
     bs = cfg.batch_size or (64 if classification else 32)
     torch.manual_seed(cfg.seed)
     names = [s.name for s in workload.inputs]
+    if loss_kind == "labels":  # check on one batch before materialising the whole training set
+        try:
+            first = next(iter(workload.train_batches(bs, seed=cfg.seed)), None)
+        except WorkloadError:
+            first = None  # training_data below explains what is missing
+        if first is not None and first[1] is None:
+            raise CompressionError(f"loss 'labels' needs labelled training data; {workload.name!r} has none")
     data = training_data(workload, bs, cfg.seed)
     n_val = max(1, min(cfg.max_val_batches, round(len(data) * cfg.val_fraction)))
     train, val = data[:-n_val], data[-n_val:]
