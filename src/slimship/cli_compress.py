@@ -95,6 +95,7 @@ def prune(
     method: Annotated[str, typer.Option(help="structured (channels / FFN neurons / heads, physically removed), depth (drop transformer layers) or unstructured (zero single weights: smaller compressed file, not faster).")] = "structured",
     channel_ratio: Annotated[float, typer.Option(help="structured: fraction of channels / FFN neurons removed, in [0, 1).")] = 0.5,
     head_ratio: Annotated[float, typer.Option(help="structured: fraction of attention heads removed per layer (BERT family), in [0, 1).")] = 0.0,
+    head_dim_ratio: Annotated[float, typer.Option(help="structured: fraction of dimensions removed inside every attention head (BERT family), in [0, 1); not with --head-ratio.")] = 0.0,
     importance: Annotated[str, typer.Option(help="structured: l1, l2 (weight magnitude), taylor (|gradient × weight|, needs labels) or bn_scale.")] = "l2",
     scope: Annotated[str, typer.Option(help="structured: uniform (same ratio per layer) or global (ranked across layers).")] = "uniform",
     layer_ratio: Annotated[list[str] | None, typer.Option("--layer-ratio", help="structured: LAYER=RATIO overriding --channel-ratio for one layer (repeatable), e.g. 0=0.25.")] = None,
@@ -136,7 +137,7 @@ def prune(
         ft["l1_weight"] = l1_weight
     if method == "structured":
         name, cfg = "prune", {
-            "channel_ratio": channel_ratio, "head_ratio": head_ratio, "importance": importance, "scope": scope,
+            "channel_ratio": channel_ratio, "head_ratio": head_ratio, "head_dim_ratio": head_dim_ratio, "importance": importance, "scope": scope,
             "layer_ratios": _kv(layer_ratio, "--layer-ratio", float), "round_to": round_to, "ignore": ignore or [], "finetune": ft,
         }
     elif method == "depth":

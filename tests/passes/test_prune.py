@@ -50,6 +50,7 @@ def test_configs_round_trip_through_json(cfg):
         (StructuredPruneConfig, {"channel_ratio": -0.1}, "channel_ratio"),
         (StructuredPruneConfig, {"channel_ratio": 0.0}, "nothing to prune"),
         (StructuredPruneConfig, {"layer_ratios": {"0": 1.0}}, "must be in (0, 1)"),
+        (StructuredPruneConfig, {"head_ratio": 0.25, "head_dim_ratio": 0.25}, "not both"),
         (UnstructuredPruneConfig, {"sparsity": 1.0}, "sparsity"),
         (WeightShareConfig, {"bits": 9}, "bits"),
         (WeightShareConfig, {"layer_bits": {"0": 1}}, "bits must be 2–8"),
@@ -214,6 +215,21 @@ def test_minilm_ffn_and_head_pruning_fix_attention_and_export(minilm, minilm_ori
     assert onnx_c.info["verification"]["passed"]
     q = run_pass("quantize-dynamic", onnx_c, minilm, {}, tmp_path / "int8")  # a pruned model can then be quantized
     assert q.size_bytes < onnx_c.size_bytes / 2
+
+
+def test_minilm_head_dimension_pruning(minilm, minilm_original, tmp_path):
+    c = run_pass("prune", minilm_original, minilm, {"channel_ratio": 0.0, "head_dim_ratio": 0.25, "finetune": None,
+                                                    "measure_batch_size": 1}, tmp_path / "p")
+    assert c.info["export_check"]["passed"]  # the narrower heads export and match PyTorch
+    attn = load_torch_model(c, minilm).backbone.encoder.layer[3].attention.self
+    assert (attn.num_attention_heads, attn.attention_head_size, attn.all_head_size) == (12, 24, 288)
+    assert attn.scaling == pytest.approx(32**-0.5)  # the scale the weights were trained with
+    assert c.info["pruning"]["head_size"] == 24
+    batch = minilm.example_inputs(4, seq_len=32)
+    with torch.no_grad():
+        ref = load_torch_model(minilm_original, minilm)(**{k: torch.from_numpy(v) for k, v in batch.items()}).numpy()
+        out = load_torch_model(c, minilm)(**{k: torch.from_numpy(v) for k, v in batch.items()}).numpy()
+    assert 0.5 < _cosine(out, ref) < 0.9999
 
 
 def test_minilm_taylor_needs_labels(minilm, minilm_original, tmp_path):

@@ -33,6 +33,8 @@ class StructuredPruneConfig(PassConfig):
     channel_ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
     #: fraction of attention heads removed in each transformer layer (BERT family)
     head_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    #: fraction of each head's dimensions removed, the same in every head (BERT family; not with head_ratio)
+    head_dim_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     #: how channels are ranked: weight magnitude (l1, l2), Taylor (|gradient × weight|, needs labels), BatchNorm scale
     importance: Literal["l1", "l2", "taylor", "bn_scale"] = "l2"
     #: uniform: every layer loses channel_ratio; global: channels ranked across layers (layers end up uneven)
@@ -54,8 +56,10 @@ class StructuredPruneConfig(PassConfig):
 
     @model_validator(mode="after")
     def _check(self) -> StructuredPruneConfig:
-        if self.channel_ratio == 0 and self.head_ratio == 0 and not self.layer_ratios:
-            raise ValueError("nothing to prune: set channel_ratio (e.g. 0.5), head_ratio or layer_ratios")
+        if self.channel_ratio == 0 and self.head_ratio == 0 and self.head_dim_ratio == 0 and not self.layer_ratios:
+            raise ValueError("nothing to prune: set channel_ratio (e.g. 0.5), head_ratio, head_dim_ratio or layer_ratios")
+        if self.head_ratio > 0 and self.head_dim_ratio > 0:
+            raise ValueError("prune whole heads (head_ratio) or dimensions inside every head (head_dim_ratio), not both in one pass")
         for k, v in self.layer_ratios.items():
             if not 0 < v < 1:
                 raise ValueError(f"layer_ratios[{k!r}] = {v}: a ratio must be in (0, 1), e.g. 0.5")
@@ -181,15 +185,15 @@ def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneC
         for _, mod in attn:
             for lin in (mod.query, mod.key, mod.value):
                 num_heads[lin] = int(mod.num_attention_heads)
-            if cfg.head_ratio > 0:
-                ratio_dict[mod.query] = cfg.head_ratio
+            if cfg.head_ratio > 0 or cfg.head_dim_ratio > 0:
+                ratio_dict[mod.query] = cfg.head_ratio or cfg.head_dim_ratio
         if cfg.channel_ratio > 0:
             ffn = [m for n, m in model.named_modules() if n.endswith("intermediate.dense")]
             if not ffn:
                 raise CompressionError("found attention layers but no FFN 'intermediate.dense' layers; FFN pruning supports the BERT family")
             ratio_dict.update({m: cfg.channel_ratio for m in ffn})
-    elif cfg.head_ratio > 0:
-        raise ConfigError("head_ratio applies to BERT-family attention; this model has no attention layers with query/key/value")
+    elif cfg.head_ratio > 0 or cfg.head_dim_ratio > 0:
+        raise ConfigError("head_ratio / head_dim_ratio apply to BERT-family attention; this model has no attention layers with query/key/value")
     else:
         order = executed_layers(model, workload)
         if order:
@@ -217,7 +221,7 @@ def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneC
             round_to=cfg.round_to,
             num_heads=num_heads,
             prune_num_heads=bool(attn) and cfg.head_ratio > 0,
-            prune_head_dims=False,
+            prune_head_dims=bool(attn) and cfg.head_dim_ratio > 0,
             head_pruning_ratio=cfg.head_ratio,
             forward_fn=lambda m, x: call_model(m, x, names),
         )
@@ -236,21 +240,27 @@ def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneC
     model.zero_grad(set_to_none=True)
     edits: list[dict[str, Any]] = []
     heads: dict[str, int] = {}
+    head_sizes = 0
     for path, mod in attn:
         q, k, v = mod.query.out_features, mod.key.out_features, mod.value.out_features
-        if not q == k == v or q % mod.attention_head_size:
-            raise CompressionError(f"{path}: query/key/value widths {q}/{k}/{v} are not whole heads of {mod.attention_head_size}")
-        attrs = {"num_attention_heads": q // mod.attention_head_size, "all_head_size": q, "attention_head_size": mod.attention_head_size}
+        unit = mod.num_attention_heads if cfg.head_dim_ratio > 0 else mod.attention_head_size
+        if not q == k == v or q % unit:
+            raise CompressionError(f"{path}: query/key/value widths {q}/{k}/{v} don't split into equal heads ({unit})")
+        if cfg.head_dim_ratio > 0:  # same heads, each narrower; the trained scaling 1/sqrt(original head size) is kept
+            attrs = {"num_attention_heads": mod.num_attention_heads, "all_head_size": q, "attention_head_size": q // mod.num_attention_heads}
+        else:
+            attrs = {"num_attention_heads": q // mod.attention_head_size, "all_head_size": q, "attention_head_size": mod.attention_head_size}
         if hasattr(mod, "scaling"):
             attrs["scaling"] = float(mod.scaling)
         for key, val in attrs.items():
             setattr(mod, key, val)
         heads[path] = attrs["num_attention_heads"]
+        head_sizes = attrs["attention_head_size"]
         edits.append({"op": "set_attr", "module": path, "attrs": attrs})
     changed = {n: [list(before[n]), list(p.shape)] for n, p in model.named_parameters() if n in before and tuple(p.shape) != before[n]}
     if not changed:
         raise CompressionError("nothing was pruned: every prunable layer is ignored or the ratios round to zero channels")
-    return edits, {"changed_shapes": changed, "heads_per_layer": heads or None}
+    return edits, {"changed_shapes": changed, "heads_per_layer": heads or None, "head_size": head_sizes if attn else None}
 
 
 def _layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
