@@ -218,3 +218,21 @@ def test_weight_sharing_stores_tied_weights_once_and_keeps_them_tied(tmp_path):
     tokens = torch.from_numpy(w.example_inputs(4)["tokens"])
     with torch.no_grad():
         torch.testing.assert_close(restored(tokens), load_torch_model(c, w)(tokens))
+
+
+def test_lowrank_splits_a_1x1_convolution(tmp_path):
+    from slimship.passes.lowrank import factorize
+    from slimship.workload import resolve_workload
+
+    w = resolve_workload(f"{FIXTURES / 'factories.py'}:build_conv1x1")
+    orig = original_candidate(w, tmp_path / "o")
+    x = torch.from_numpy(w.example_inputs(8)["image"])
+    ref, full = load_torch_model(orig, w), load_torch_model(orig, w)
+    factorize(full, "2", 16)  # full rank: the same function
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), ref(x), atol=1e-5, rtol=1e-4)
+    c = run_pass("lowrank", orig, w, {"ranks": {"2": 4}, "min_speedup": 0, "finetune": None}, tmp_path / "lr")
+    split = load_torch_model(c, w).get_submodule("2")
+    assert type(split).__name__ == "LowRankConv1x1"
+    assert split.down.weight.shape == (4, 16, 1, 1) and split.up.weight.shape == (32, 4, 1, 1)
+    assert c.info["export_check"]["passed"]

@@ -169,7 +169,7 @@ def choose_ranks(layers: dict[str, nn.Module], cfg: LowRankConfig, sensitive: di
             energy = cfg.energy if cfg.energy is not None else 0.9
             cum = np.cumsum(s**2) / (s**2).sum()
             r, why = int(np.searchsorted(cum, energy - 1e-12) + 1), f"energy {energy}"
-        r = _round_up(max(r, 1), cfg.round_to, full)
+        r = min(max(r, 1), full) if n in cfg.ranks else _round_up(max(r, 1), cfg.round_to, full)  # explicit ranks are taken as given
         cum = np.cumsum(s**2) / (s**2).sum()
         out[n] = {
             "rank": r, "full_rank": full, "in": in_f, "out": out_f, "why": why,
