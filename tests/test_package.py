@@ -30,11 +30,13 @@ def test_listing_passes_and_workloads_stays_light():
 
 def test_public_api_is_pinned():
     assert slimship.__all__ == [
-        "BenchTarget", "Candidate", "CandidateError", "CompressionError", "ConfigError", "ExportConfig",
-        "ExportError", "GraphOptimizeConfig", "InferenceError", "InputSpecError", "RegistryError",
-        "ServingError", "SlimshipError", "VerificationError", "Workload", "WorkloadError", "__version__",
-        "bench", "create_runtime", "evaluate", "export", "load_candidate", "machine_info", "optimize_graph",
-        "original_candidate", "resolve_workload", "run_pass",
+        "BenchTarget", "Candidate", "CandidateError", "CompressionError", "ConfigError", "DepthPruneConfig",
+        "DistillConfig", "ExportConfig", "ExportError", "FinetuneConfig", "GraphOptimizeConfig", "InferenceError",
+        "InputSpecError", "LowRankConfig", "RegistryError", "ServingError", "SlimshipError", "StructuredPruneConfig",
+        "UnstructuredPruneConfig", "VerificationError", "WeightShareConfig", "Workload", "WorkloadError", "__version__",
+        "bench", "create_runtime", "depth_prune", "distill", "evaluate", "export", "load_candidate", "load_shared",
+        "lowrank", "machine_info", "optimize_graph", "original_candidate", "prune", "resolve_workload", "run_pass",
+        "share", "sparsify",
     ]
     for name in slimship.__all__:
         assert getattr(slimship, name) is not None

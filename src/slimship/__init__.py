@@ -31,28 +31,42 @@ __all__ = [
     "CandidateError",
     "CompressionError",
     "ConfigError",
+    "DepthPruneConfig",
+    "DistillConfig",
     "ExportConfig",
     "ExportError",
+    "FinetuneConfig",
     "GraphOptimizeConfig",
     "InferenceError",
     "InputSpecError",
+    "LowRankConfig",
     "RegistryError",
     "ServingError",
     "SlimshipError",
+    "StructuredPruneConfig",
+    "UnstructuredPruneConfig",
     "VerificationError",
+    "WeightShareConfig",
     "Workload",
     "WorkloadError",
     "__version__",
     "bench",
     "create_runtime",
+    "depth_prune",
+    "distill",
     "evaluate",
     "export",
     "load_candidate",
+    "load_shared",
+    "lowrank",
     "machine_info",
     "optimize_graph",
     "original_candidate",
+    "prune",
     "resolve_workload",
     "run_pass",
+    "share",
+    "sparsify",
 ]
 
 # name -> module that defines it; resolved on first access so `import slimship` stays light
@@ -67,6 +81,20 @@ _LAZY = {
     "export": "slimship.passes",
     "optimize_graph": "slimship.passes",
     "run_pass": "slimship.passes",
+    "StructuredPruneConfig": "slimship.passes",
+    "DepthPruneConfig": "slimship.passes",
+    "UnstructuredPruneConfig": "slimship.passes",
+    "LowRankConfig": "slimship.passes",
+    "WeightShareConfig": "slimship.passes",
+    "DistillConfig": "slimship.passes",
+    "prune": "slimship.passes",
+    "depth_prune": "slimship.passes",
+    "sparsify": "slimship.passes",
+    "lowrank": "slimship.passes",
+    "share": "slimship.passes",
+    "distill": "slimship.passes",
+    "load_shared": "slimship.passes.share",
+    "FinetuneConfig": "slimship.train",
     "create_runtime": "slimship.runtime",
     "evaluate": "slimship.measure.evaluate",
     "machine_info": "slimship.machine",
@@ -79,8 +107,28 @@ if TYPE_CHECKING:
     from slimship.machine import machine_info
     from slimship.measure.bench import BenchTarget, bench
     from slimship.measure.evaluate import evaluate
-    from slimship.passes import ExportConfig, GraphOptimizeConfig, export, optimize_graph, run_pass
+    from slimship.passes import (
+        DepthPruneConfig,
+        DistillConfig,
+        ExportConfig,
+        GraphOptimizeConfig,
+        LowRankConfig,
+        StructuredPruneConfig,
+        UnstructuredPruneConfig,
+        WeightShareConfig,
+        depth_prune,
+        distill,
+        export,
+        lowrank,
+        optimize_graph,
+        prune,
+        run_pass,
+        share,
+        sparsify,
+    )
+    from slimship.passes.share import load_shared
     from slimship.runtime import create_runtime
+    from slimship.train import FinetuneConfig
     from slimship.workload import Workload, resolve_workload
 
 

@@ -236,3 +236,10 @@ def test_lowrank_splits_a_1x1_convolution(tmp_path):
     assert type(split).__name__ == "LowRankConv1x1"
     assert split.down.weight.shape == (4, 16, 1, 1) and split.up.weight.shape == (32, 4, 1, 1)
     assert c.info["export_check"]["passed"]
+
+
+def test_typed_verbs_read_like_the_style_guide(digits, digits_original, tmp_path):
+    import slimship
+
+    c = slimship.prune(digits_original, digits, slimship.StructuredPruneConfig(channel_ratio=0.25, finetune=None, verify_export=False), tmp_path)
+    assert c.pass_name == "prune" and c.parent_id == digits_original.id
