@@ -243,3 +243,12 @@ def test_typed_verbs_read_like_the_style_guide(digits, digits_original, tmp_path
 
     c = slimship.prune(digits_original, digits, slimship.StructuredPruneConfig(channel_ratio=0.25, finetune=None, verify_export=False), tmp_path)
     assert c.pass_name == "prune" and c.parent_id == digits_original.id
+
+
+def test_explicit_ranks_alone_touch_only_those_layers(minilm, tmp_path):
+    from slimship.passes.lowrank import LowRankConfig, candidate_layers
+
+    model = minilm.build_model()
+    name = "backbone.encoder.layer.0.intermediate.dense"
+    assert list(candidate_layers(model, minilm, LowRankConfig(ranks={name: 64}))) == [name]
+    assert len(candidate_layers(model, minilm, LowRankConfig(ranks={name: 64}, energy=0.9))) > 30  # a rule widens it

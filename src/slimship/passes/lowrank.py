@@ -47,7 +47,8 @@ class LowRankConfig(PassConfig):
     sensitivity_samples: int = Field(default=32, ge=4)
     #: explicit ranks per layer name (override energy / param_ratio / sensitivity for those layers)
     ranks: dict[str, int] = Field(default_factory=dict)
-    #: which layers to consider, as glob patterns over layer names; empty = every Linear and 1x1 Conv except the output layer
+    #: which layers to consider, as glob patterns over layer names; empty = every Linear and 1x1 Conv except the output
+    #: layer, or only the layers in ``ranks`` when ranks are given and no rule (energy / param_ratio / sensitivity) is
     layers: list[str] = Field(default_factory=list)
     round_to: int = Field(default=8, ge=1)
     #: keep a layer dense unless the factorised shape measures at least this much faster on ONNX Runtime; 0 disables the check
@@ -89,7 +90,9 @@ def candidate_layers(model: nn.Module, workload: Workload, cfg: LowRankConfig) -
         )
         if not ok or name not in order:
             continue
-        if name in cfg.ranks or (cfg.layers and any(fnmatch.fnmatch(name, p) for p in cfg.layers)) or (not cfg.layers and name != output_layer):
+        only_ranked = not cfg.layers and cfg.ranks and cfg.energy is None and cfg.param_ratio is None and cfg.sensitivity is None
+        chosen = name in cfg.ranks or (cfg.layers and any(fnmatch.fnmatch(name, p) for p in cfg.layers))
+        if chosen or (not cfg.layers and not only_ranked and name != output_layer):
             found[name] = mod
     if cfg.layers and not found:
         raise ConfigError(f"layers {cfg.layers} match no Linear / 1x1 Conv layer; names look like {order[:4]}")
