@@ -13,7 +13,7 @@ TargetArg = Annotated[
     str,
     typer.Argument(help="The PyTorch model to compress: `original` (the workload's own model) or a PyTorch candidate directory."),
 ]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the new candidate (default: runs/<verb>-<workload>).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the new candidate (default: runs/VERB-WORKLOAD).")]
 EpochsOpt = Annotated[int, typer.Option(min=1, help="Recovery: training epochs over the workload's training data (early stopping may end sooner).")]
 MaxSecondsOpt = Annotated[float, typer.Option(min=1, help="Recovery: wall-clock budget in seconds; the best model so far is kept.")]
 LrOpt = Annotated[float | None, typer.Option(help="Recovery: learning rate (default 1e-3 for classification, 5e-5 for embedding models).")]
@@ -56,6 +56,9 @@ def _finish(cand: Any, workload: Any, out: Path, export: bool, evaluate_: bool, 
     for rep in ft if isinstance(ft, list) else [ft] if ft else []:
         typer.echo(f"  recovery: {rep['steps']} steps, {rep['epochs_run']} epoch(s) in {rep['seconds']} s (stopped by {rep['stopped_by']}); "
                    f"held-out distillation loss {rep['val_loss_before']:.4g} → {rep['val_loss_best']:.4g}")
+        if rep.get("kept", "trained") != "trained":
+            typer.echo("  note: fine-tuning never beat the model it started from on the held-out slice, so those weights were kept "
+                       "(try a lower --lr or more --epochs)")
     if "sparsity" in cand.info:
         typer.echo(f"  sparsity {cand.info['sparsity']:.1%}; compressed (xz) {cand.info['compressed_bytes'] / 1e3:.1f} kB. {cand.info['note']}")
     if "shipped_bytes" in cand.info:
@@ -148,7 +151,7 @@ def prune(
         raise ConfigError(f"unknown --method {method!r}; choose structured, depth or unstructured")
     dest = out or Path("runs") / f"prune-{w.name}"
     result = run_pass(name, cand, w, cfg, dest / name)
-    _finish(result, w, dest / name, export and method != "unstructured", evaluate, limit, threads)
+    _finish(result, w, dest / name, export, evaluate, limit, threads)
 
 
 @app.command()
@@ -189,7 +192,9 @@ def lowrank(
     result = run_pass("lowrank", cand, w, cfg, dest / "lowrank")
     decided = result.info["layers"]
     for name, d in decided.items():
-        typer.echo(f"  {name}: rank {d['rank']}/{d['full_rank']} (energy {d['energy_kept']:.3f}) — {d['decision']}")
+        typer.echo(f"  {name}: rank {d['rank']}/{d['full_rank']} (energy {d['energy_kept']:.3f}, {d['params_ratio']:.0%} of its weights) — {d['decision']}")
+    budget = f" (budget {param_ratio:.0%})" if param_ratio is not None else ""
+    typer.echo(f"  factorised layers keep {result.info['params_kept_in_factorised_layers']:.0%} of their weights{budget}")
     _finish(result, w, dest / "lowrank", export, evaluate, limit, threads)
 
 

@@ -19,11 +19,12 @@ if TYPE_CHECKING:
 def resolve_layers(model: nn.Module, paths: Iterable[str], what: str) -> list[nn.Module]:
     """Modules named by ``paths``; a name that doesn't exist is a ConfigError listing close names."""
     names = {n for n, _ in model.named_modules() if n}
+    weighted = [n for n, m in model.named_modules() if n and next(m.parameters(recurse=False), None) is not None]
     mods = []
     for p in paths:
         if p not in names:
-            close = difflib.get_close_matches(p, sorted(names), n=4, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; layers look like {sorted(names)[:4]}"
+            close = difflib.get_close_matches(p, weighted, n=4, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; layers with weights: {weighted[:6]}"
             raise ConfigError(f"{what}: the model has no layer named {p!r}{hint} (list them with `slimship layers -w WORKLOAD`)")
         mods.append(model.get_submodule(p))
     return mods

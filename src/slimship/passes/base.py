@@ -39,13 +39,19 @@ class PassConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            lines = []
+            problems = []
             for e in err.errors():
                 loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+                msg = e["msg"].removeprefix("Value error, ")
                 given = e.get("input")
-                lines.append(f"{loc}: {e['msg']} (given: {given!r})")
-            fields = ", ".join(f"{n}={f.default!r}" for n, f in cls.model_fields.items())
-            raise ConfigError(f"invalid {cls.__name__}:\n  " + "\n  ".join(lines) + f"\nvalid fields and defaults: {fields}") from err
+                problems.append(f"{loc}: {msg}" + (f" (given: {given!r})" if e["loc"] and not isinstance(given, dict) else ""))
+
+            def default(f: Any) -> str:
+                value = f.get_default(call_default_factory=True)
+                return "{…}" if isinstance(value, BaseModel) else repr(value)
+
+            fields = ", ".join(f"{n}={default(f)}" for n, f in cls.model_fields.items() if n != "version")
+            raise ConfigError(f"invalid {cls.__name__}: " + "; ".join(problems) + f". Valid fields and defaults: {fields}") from err
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -172,7 +172,12 @@ def choose_ranks(layers: dict[str, nn.Module], cfg: LowRankConfig, sensitive: di
             energy = cfg.energy if cfg.energy is not None else 0.9
             cum = np.cumsum(s**2) / (s**2).sum()
             r, why = int(np.searchsorted(cum, energy - 1e-12) + 1), f"energy {energy}"
-        r = min(max(r, 1), full) if n in cfg.ranks else _round_up(max(r, 1), cfg.round_to, full)  # explicit ranks are taken as given
+        if n in cfg.ranks:  # explicit ranks are taken as given
+            r = min(max(r, 1), full)
+        elif cfg.param_ratio is not None:  # round down so the budget holds
+            r = max(min(cfg.round_to, full), (r // cfg.round_to) * cfg.round_to)
+        else:  # round up so the energy / sensitivity floor holds
+            r = _round_up(max(r, 1), cfg.round_to, full)
         cum = np.cumsum(s**2) / (s**2).sum()
         out[n] = {
             "rank": r, "full_rank": full, "in": in_f, "out": out_f, "why": why,
@@ -292,7 +297,9 @@ class LowRankPass(Pass):
         cand = save_torch_candidate(
             student, out_dir, name="lowrank", workload=workload, parent=candidate, pass_name=self.name,
             pass_config=config.to_json_dict(), edits=edits,
-            info={"layers": decisions, "factorised": len(edits), "timing_rows": rows, "complexity": record, "finetune": training},
+            info={"layers": decisions, "factorised": len(edits),
+                  "params_kept_in_factorised_layers": sum(d["rank"] * (d["in"] + d["out"]) for d in decisions.values() if d["decision"] == "factorised")
+                  / max(1, sum(d["in"] * d["out"] for d in decisions.values() if d["decision"] == "factorised")), "timing_rows": rows, "complexity": record, "finetune": training},
         )
         if config.verify_export:
             from slimship.passes._common import export_check

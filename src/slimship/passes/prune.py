@@ -275,7 +275,10 @@ def _layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]
         return path, mod
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     if not lists:
-        raise ConfigError("depth pruning needs a model whose layers sit in a ModuleList (e.g. a transformer encoder); none found")
+        raise ConfigError(
+            "depth pruning needs a model whose layers sit in a ModuleList (e.g. a transformer encoder); none found. "
+            "For a CNN, prune channels instead (method structured, e.g. channel_ratio 0.5)"
+        )
     return max(lists, key=lambda nm: len(nm[1]))
 
 

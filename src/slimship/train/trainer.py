@@ -297,6 +297,7 @@ def finetune(
         "seconds": round(time.perf_counter() - t0, 1),
         "val_loss_before": start_loss,
         "val_loss_best": best,
+        "kept": "trained" if best < start_loss else "initial (training never improved the held-out loss)",
         "history": history,
         "train_batches": len(train),
         "val_batches": len(val),
