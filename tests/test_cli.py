@@ -119,6 +119,7 @@ def test_compression_commands_chain_prune_sparsify_share(tmp_path):
 def test_compression_commands_reject_bad_input(tmp_path):
     bad = slimship("prune", "-w", "digits", "--channel-ratio", "1.5", "-o", str(tmp_path), check=False)
     assert bad.returncode == 2 and "channel_ratio" in bad.stderr and "Traceback" not in bad.stderr
+    assert "PydanticUndefined" not in bad.stderr and "layer_ratios={}" in bad.stderr
     bad = slimship("prune", "-w", "digits", "--ignore", "nope", "--no-finetune", "-o", str(tmp_path), check=False)
     assert bad.returncode == 2 and "no layer named 'nope'" in bad.stderr
     bad = slimship("prune", "-w", "digits", "--method", "magic", "-o", str(tmp_path), check=False)

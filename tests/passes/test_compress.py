@@ -162,6 +162,7 @@ def test_trainer_time_budget_and_unknown_feature_module(digits, digits_original)
     student = load_torch_model(digits_original, digits)
     rep = finetune(student, teacher, digits, FinetuneConfig(epochs=50, max_seconds=1.0, patience=100))
     assert rep["stopped_by"] == "time budget" and rep["epochs_run"] < 50
+    assert rep["kept"].startswith("initial")  # a copy of the teacher can't improve: the report says so
     with pytest.raises(CompressionError, match="doesn't exist"):
         finetune(student, teacher, digits, FinetuneConfig(epochs=1, feature_weight=1.0), feature_map={"nope": "0"})
 
