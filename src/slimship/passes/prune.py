@@ -166,7 +166,11 @@ def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> Non
 def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Prune ``model`` in place. Returns the architecture edits to record and a summary of what changed."""
     import torch
-    import torch_pruning as tp
+
+    try:
+        import torch_pruning as tp
+    except ImportError as err:  # a core dependency; only a broken install gets here
+        raise CompressionError(f"structured pruning needs the torch-pruning package ({err}); pip install -c constraints.txt torch-pruning") from err
 
     from slimship.passes._common import executed_layers, resolve_layers
     from slimship.runtime.torch_backend import call_model
