@@ -30,7 +30,7 @@ def test_configs_round_trip_through_json(cfg):
 def test_invalid_config_names_the_field(data, needle):
     with pytest.raises(ConfigError) as info:
         ExportConfig.parse(data)
-    assert needle in str(info.value) and "valid fields" in str(info.value)
+    assert needle in str(info.value) and "Valid fields and defaults: opset=18" in str(info.value)
 
 
 def test_passes_are_listed_with_their_configs():
