@@ -1,0 +1,218 @@
+"""Recipes: a YAML file naming a workload, ordered passes with their configs, and constraints.
+
+    version: 1
+    workload: mnist                 # built-in name, path/to/factory.py:build, hf:DIR, or model.onnx (+ data)
+    passes:
+      - pass: prune
+        name: pruned                # optional label (default: the pass name, numbered if repeated)
+        config: {channel_ratio: 0.5}
+      - pass: export
+      - pass: quantize-static
+    constraints:
+      max_quality_drop: 1.0         # points of the workload's primary metric
+      min_fidelity: 0.99            # the workload's first fidelity metric (cosine_min, top1_agreement, ...)
+      max_latency_ms: {batch_size: 32, value: 150}
+      max_size_mb: 25
+
+Everything is validated before anything runs: unknown keys, wrong types, unknown passes, pass configs
+(each against its pass's own schema), a pass chain whose formats don't connect (an ONNX pass before the
+export), and constraints that contradict each other. Errors name the file, the line, the field, the value
+given and what is allowed. :func:`recipe_json_schema` publishes the schema for editors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slimship.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+
+class LatencyLimit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    batch_size: int = Field(ge=1)
+    #: p50 latency in milliseconds at that batch size
+    value: float = Field(gt=0)
+
+
+class Constraints(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: largest allowed drop of the workload's primary metric, in points (e.g. 1.0)
+    max_quality_drop: float | None = Field(default=None, ge=0)
+    #: smallest allowed value of the workload's fidelity metric against the original, in (0, 1]
+    min_fidelity: float | None = Field(default=None, gt=0, le=1)
+    max_latency_ms: LatencyLimit | None = None
+    max_size_mb: float | None = Field(default=None, gt=0)
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    pass_name: str = Field(alias="pass")
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: int = SCHEMA_VERSION
+    workload: str
+    #: for an ONNX workload: the .npz of inputs
+    data: str | None = None
+    passes: list[Step] = Field(min_length=1)
+    constraints: Constraints = Constraints()
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.version > SCHEMA_VERSION:
+            raise ValueError(f"recipe version {self.version} is newer than this slimship reads ({SCHEMA_VERSION})")
+        names = [s.name for s in self.passes if s.name]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"step names must be unique; repeated: {dup}")
+        return self
+
+    def step_labels(self) -> list[str]:
+        """The directory name of each step: its ``name``, else the pass name (numbered when repeated)."""
+        labels: list[str] = []
+        seen: dict[str, int] = {}
+        for s in self.passes:
+            if s.name:
+                labels.append(s.name)
+                continue
+            seen[s.pass_name] = seen.get(s.pass_name, 0) + 1
+            labels.append(s.pass_name if seen[s.pass_name] == 1 else f"{s.pass_name}-{seen[s.pass_name]}")
+        return labels
+
+
+def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at pydantic location ``loc`` (the deepest node that exists)."""
+    import yaml
+
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if getattr(k, "value", None) == (part if isinstance(part, str) else str(part))), None)
+            if nxt is None and part == "pass_name":
+                nxt = next((v for k, v in node.value if getattr(k, "value", None) == "pass"), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            nxt = node.value[part]
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node, line = nxt, nxt.start_mark.line + 1
+    return line
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out.replace("pass_name", "pass") or "(recipe)"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file; every problem is a ConfigError naming file, line and field."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {p} does not exist")
+    text = p.read_text()
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe is a mapping with at least `workload` and `passes`, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = tuple(e["loc"])
+            given = e.get("input")
+            shown = "" if isinstance(given, dict | list) or e["type"] == "missing" else f" (given: {given!r})"
+            allowed = ""
+            if e["type"] == "extra_forbidden":
+                allowed = _allowed_keys(loc[:-1])
+            problems.append(f"{p}:{_line_of(root, loc)}: {_fmt_loc(loc)}: {e['msg'].removeprefix('Value error, ')}{shown}{allowed}")
+        raise ConfigError("invalid recipe:\n  " + "\n  ".join(problems)) from err
+    _check_steps(recipe, p, root)
+    _check_constraints(recipe, p, root)
+    return recipe
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> str:
+    models: dict[tuple[str, ...], type[BaseModel]] = {(): Recipe, ("constraints",): Constraints, ("constraints", "max_latency_ms"): LatencyLimit}
+    key = tuple(x for x in parent if isinstance(x, str))
+    model = Step if parent and parent[0] == "passes" else models.get(key)
+    if model is None:
+        return ""
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    return f"; allowed keys: {names}"
+
+
+def _check_steps(recipe: Recipe, path: Path, root: Any) -> None:
+    from slimship.passes import PASSES
+
+    fmt: str | None = None  # unknown until the workload is resolved; the first pass fixes it
+    for i, step in enumerate(recipe.passes):
+        where = f"{path}:{_line_of(root, ('passes', i, 'pass_name'))}: passes[{i}].pass"
+        if step.pass_name not in PASSES:
+            import difflib
+
+            close = difflib.get_close_matches(step.pass_name, list(PASSES), n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ConfigError(f"{where}: unknown pass {step.pass_name!r}{hint}; passes: {sorted(PASSES)}")
+        cls = PASSES[step.pass_name]
+        try:
+            cls.config_cls.parse(step.config)
+        except ConfigError as err:
+            line = _line_of(root, ("passes", i, "config"))
+            raise ConfigError(f"{path}:{line}: passes[{i}].config ({step.pass_name}): {err}") from err
+        if fmt is not None and cls.input_format != fmt:
+            hint = " — add `- pass: export` before it" if cls.input_format == "onnx" else " — PyTorch passes come before `export`"
+            raise ConfigError(f"{where}: {step.pass_name!r} takes a {cls.input_format} model but the step before gives {fmt}{hint}")
+        fmt = cls.output_format
+
+
+def _check_constraints(recipe: Recipe, path: Path, root: Any) -> None:
+    c = recipe.constraints
+    lossy = [s.pass_name for s in recipe.passes if s.pass_name not in ("export", "optimize")]
+    if c.min_fidelity == 1.0 and lossy:
+        line = _line_of(root, ("constraints", "min_fidelity"))
+        raise ConfigError(
+            f"{path}:{line}: constraints.min_fidelity: 1.0 demands outputs identical to the original, which the lossy "
+            f"passes {lossy} cannot give; use e.g. 0.99"
+        )
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of recipes with each pass's config schema, for editors (yaml-language-server)."""
+    from slimship.passes import PASSES
+
+    schema = Recipe.model_json_schema(by_alias=True)
+    variants = []
+    for name, cls in PASSES.items():
+        variants.append({
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["pass"],
+            "properties": {
+                "pass": {"const": name, "description": cls.summary},
+                "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+                "config": cls.config_cls.model_json_schema(),
+            },
+        })
+    schema["properties"]["passes"] = {"type": "array", "minItems": 1, "items": {"oneOf": variants}}
+    schema.setdefault("$defs", {}).pop("Step", None)
+    schema["title"] = "slimship recipe"
+    return schema

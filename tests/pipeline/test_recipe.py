@@ -1,0 +1,75 @@
+"""Recipes: the shipped examples load; every kind of broken recipe names the file, the line and the field."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from slimship.errors import ConfigError
+from slimship.pipeline.recipe import load_recipe, recipe_json_schema
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["mnist", "minilm", "digits"])
+def test_example_recipes_load(name):
+    r = load_recipe(ROOT / "examples" / "recipes" / f"{name}.yaml")
+    assert r.workload == name and r.passes
+
+
+def test_published_schema_is_current_and_covers_every_pass():
+    from slimship.passes import PASSES
+
+    published = json.loads((ROOT / "docs" / "recipe.schema.json").read_text())
+    assert published == json.loads(json.dumps(recipe_json_schema()))  # regenerate: see DEVELOPERS.md
+    names = {v["properties"]["pass"]["const"] for v in published["properties"]["passes"]["items"]["oneOf"]}
+    assert names == set(PASSES)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(textwrap.dedent(text).lstrip())
+    return p
+
+
+GOOD_HEAD = """
+version: 1
+workload: digits
+passes:
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        (GOOD_HEAD + "  - pass: prunee\n", ["recipe.yaml:4:", "passes[0].pass", "unknown pass 'prunee'", "did you mean ['prune']"]),
+        (GOOD_HEAD + "  - pass: prune\n    config: {channel_ratio: lots}\n",
+         ["recipe.yaml:5:", "passes[0].config (prune)", "channel_ratio", "'lots'"]),
+        ("version: 1\npasses:\n  - pass: export\n", ["recipe.yaml:1:", "workload: Field required"]),
+        (GOOD_HEAD + "  - pass: prune\nconstraints:\n  max_quality_drop: 1\n  min_fidelity: 1.0\n",
+         ["recipe.yaml:7:", "constraints.min_fidelity", "lossy"]),
+        (GOOD_HEAD + "  - pass: export\nconstrains: {}\n", ["recipe.yaml:5:", "constrains", "Extra inputs are not permitted", "allowed keys"]),
+        (GOOD_HEAD + "  - pass: export\n    confg: {}\n", ["recipe.yaml:5:", "passes[0].confg", "allowed keys: ['pass', 'name', 'config']"]),
+        (GOOD_HEAD + "  - pass: quantize-dynamic\n  - pass: prune\n", ["recipe.yaml:5:", "passes[1].pass", "takes a torch model", "onnx"]),
+        (GOOD_HEAD + "  - pass: export\nconstraints:\n  max_latency_ms: {batch_size: 0, value: 5}\n",
+         ["recipe.yaml:6:", "constraints.max_latency_ms.batch_size", "greater than or equal to 1"]),
+        ("workload: digits\npasses: [\n", ["recipe.yaml:", "not valid YAML"]),
+        ("- just\n- a list\n", ["a recipe is a mapping"]),
+        (GOOD_HEAD + "  - pass: export\n    name: a\n  - pass: optimize\n    name: a\n", ["step names must be unique"]),
+    ],
+    ids=["unknown-pass", "wrong-type", "missing-workload", "contradictory", "unknown-key", "unknown-step-key",
+         "format-chain", "bad-constraint", "bad-yaml", "not-a-mapping", "duplicate-names"],
+)
+def test_broken_recipes_name_file_line_and_field(tmp_path, text, needles):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_write(tmp_path, text))
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_a_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
