@@ -130,3 +130,17 @@ def test_compression_commands_reject_bad_input(tmp_path):
         assert "Example" in slimship(verb, "--help").stdout
     listing = slimship("layers", "-w", "digits").stdout
     assert "Conv2d" in listing and "16x1x3x3" in listing
+
+
+def test_run_command_on_the_digits_example_recipe(tmp_path):
+    from tests.conftest import ROOT
+
+    proc = slimship("run", str(ROOT / "examples" / "recipes" / "digits.yaml"), "-o", str(tmp_path / "run"))
+    assert "prune" in proc.stdout and "ran" in proc.stdout
+    assert "constraint max_quality_drop" in proc.stdout and "results:" in proc.stdout
+    again = slimship("run", str(ROOT / "examples" / "recipes" / "digits.yaml"), "-o", str(tmp_path / "run"))
+    assert again.stdout.count("reused") == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workload: digits\npasses:\n  - pass: nope\n")
+    err = slimship("run", str(bad), "-o", str(tmp_path / "bad"), check=False)
+    assert err.returncode == 2 and "bad.yaml:3:" in err.stderr and "Traceback" not in err.stderr

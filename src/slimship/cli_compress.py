@@ -297,3 +297,32 @@ def layers(
             typer.echo(f"{name:58s} {type(mod).__name__:18s} {shape:>18s} {n:>10,}")
         elif hasattr(mod, "num_attention_heads"):
             typer.echo(f"{name:58s} {'attention':18s} {str(mod.num_attention_heads) + ' heads':>18s}")
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML (see examples/recipes/ and docs/recipe.schema.json).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/RECIPE-NAME). Re-running into it resumes.")] = None,
+    limit: LimitOpt = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes timed for the original and the final candidate (plus the latency constraint's).")] = "1",
+) -> None:
+    """Run a recipe's passes in order, evaluate every step, time the result against the original and check the constraints.
+
+    An interrupted run resumes: steps whose pass, config and parent are unchanged are reused. A failing step is
+    recorded with its reason and the steps after it are skipped.
+
+    Example: `slimship run examples/recipes/digits.yaml -o runs/digits-recipe`
+    """
+    from slimship.cli import _parse_ints
+    from slimship.pipeline.runner import run_recipe
+
+    dest = out or Path("runs") / recipe.stem
+    result = run_recipe(recipe, dest, evaluate_limit=limit, bench_batch_sizes=_parse_ints(batch_sizes, "--batch-sizes"))
+    for s in result["steps"]:
+        extra = s.get("reason") or s.get("candidate", "")
+        typer.echo(f"{s['label']:20s} {s['status']:8s} {extra}")
+    verdict = result["constraints"]
+    for name, c in verdict["checks"].items():
+        measured = "—" if c["measured"] is None else f"{c['measured']:.4g}"
+        typer.echo(f"constraint {name}: limit {c['limit']}, measured {measured} → {'holds' if c['holds'] else 'FAILS'}")
+    typer.echo(f"final: {verdict['final']}; constraints {'hold' if verdict['holds'] else 'do not hold'}; results: {dest / 'results.json'}")
