@@ -40,6 +40,12 @@ def test_recipe_runs_and_resumes_without_repeating(tmp_path):
     assert set(first["constraints"]["checks"]) == {"max_quality_drop", "min_fidelity", "max_size_mb"}
     assert json.loads((out / "results.json").read_text())["schema"] == "slimship.run/1"
     assert (out / "recipe.yaml").read_text() == recipe.read_text() and (out / "machine.json").exists()
+    report = (out / "report.html").read_text()
+    assert "final candidate: <b>quantize-dynamic</b>" in report and "constraints hold" in report
+    assert "<svg" in report and "max_size_mb" in report and "slimship run" in report
+    import re
+
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", report)  # self-contained: nothing fetched
 
     # interrupted after the second step: the last step's directory is gone (or half-written)
     last = next(p for p in (out / "steps").iterdir() if "quantize-dynamic" in p.name)

@@ -64,7 +64,10 @@ def run_recipe(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(recipe_path, out / "recipe.yaml")
-    write_json_atomic(out / "machine.json", machine_info())
+    from slimship.machine import physical_cores
+
+    machine = machine_info(physical_cores())
+    write_json_atomic(out / "machine.json", machine)
     workload = resolve_workload(recipe.workload, data=recipe.data)
     orig_dir = out / "original"
     original = _reuse(orig_dir) or original_candidate(workload, orig_dir)
@@ -128,6 +131,7 @@ def run_recipe(
         timing = bench(targets, workload, batch_sizes=tuple(sizes), memory=False, progress=False, baseline="original")
     result = {
         "schema": SCHEMA,
+        "machine": machine,
         "recipe": recipe.model_dump(mode="json", by_alias=True),
         "workload": workload.describe(),
         "steps": steps,
@@ -136,6 +140,12 @@ def run_recipe(
         "constraints": check_constraints(recipe, workload, evaluations, timing, final, original),
     }
     write_json_atomic(out / "results.json", result)
+    from slimship.report.html import render_run_report
+
+    report = out / "report.html"
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(render_run_report(result, out, str(recipe_path)))
+    tmp.replace(report)
     return result
 
 
