@@ -325,4 +325,7 @@ def run(
     for name, c in verdict["checks"].items():
         measured = "—" if c["measured"] is None else f"{c['measured']:.4g}"
         typer.echo(f"constraint {name}: limit {c['limit']}, measured {measured} → {'holds' if c['holds'] else 'FAILS'}")
-    typer.echo(f"final: {verdict['final']}; constraints {'hold' if verdict['holds'] else 'do not hold'}; results: {dest / 'results.json'}")
+    if not verdict.get("complete", True):
+        typer.echo(f"recipe incomplete: a step failed, so the final candidate is the last one that finished ({verdict['final']})")
+    typer.echo(f"final: {verdict['final']}; constraints {'hold' if verdict['holds'] else 'do not hold'}; "
+               f"results: {dest / 'results.json'}; report: {dest / 'report.html'}")

@@ -59,9 +59,10 @@ passes:
         ("workload: digits\npasses: [\n", ["recipe.yaml:", "not valid YAML"]),
         ("- just\n- a list\n", ["a recipe is a mapping"]),
         (GOOD_HEAD + "  - pass: export\n    name: a\n  - pass: optimize\n    name: a\n", ["step names must be unique"]),
+        (GOOD_HEAD + "  - pass: export\n  - pass: optimize\n  - pass: quantize-static\n", ["recipe.yaml:6:", "FusedConv", "drop the optimize step"]),
     ],
     ids=["unknown-pass", "wrong-type", "missing-workload", "contradictory", "unknown-key", "unknown-step-key",
-         "format-chain", "bad-constraint", "bad-yaml", "not-a-mapping", "duplicate-names"],
+         "format-chain", "bad-constraint", "bad-yaml", "not-a-mapping", "duplicate-names", "static-after-fusion"],
 )
 def test_broken_recipes_name_file_line_and_field(tmp_path, text, needles):
     with pytest.raises(ConfigError) as err:

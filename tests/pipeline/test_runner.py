@@ -75,4 +75,4 @@ def test_a_failing_step_is_recorded_and_the_rest_skipped(tmp_path):
     result = run_recipe(recipe, tmp_path / "run", bench_batch_sizes=(1,))
     assert [s["status"] for s in result["steps"]] == ["ran", "failed", "skipped"]
     assert "no_such_node" in result["steps"][1]["reason"]
-    assert result["constraints"]["final"] == "export"
+    assert result["constraints"]["final"] == "export" and result["constraints"]["complete"] is False

@@ -178,6 +178,14 @@ def _check_steps(recipe: Recipe, path: Path, root: Any) -> None:
         except ConfigError as err:
             line = _line_of(root, ("passes", i, "config"))
             raise ConfigError(f"{path}:{line}: passes[{i}].config ({step.pass_name}): {err}") from err
+        prev = recipe.passes[i - 1] if i else None
+        if step.pass_name == "quantize-static" and prev is not None and prev.pass_name == "optimize" \
+                and prev.config.get("level", "extended") in ("extended", "all"):
+            raise ConfigError(
+                f"{where}: quantize-static right after optimize (level {prev.config.get('level', 'extended')!r}) meets ONNX "
+                "Runtime's fused ops (FusedConv, FusedGemm), which its calibrator can't range; quantize the exported graph "
+                "(drop the optimize step, or use level: basic) — ONNX Runtime fuses again when it loads the INT8 model"
+            )
         if fmt is not None and cls.input_format != fmt:
             hint = " — add `- pass: export` before it" if cls.input_format == "onnx" else " — PyTorch passes come before `export`"
             raise ConfigError(f"{where}: {step.pass_name!r} takes a {cls.input_format} model but the step before gives {fmt}{hint}")

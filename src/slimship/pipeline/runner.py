@@ -179,4 +179,5 @@ def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any]
         size = load_candidate(final["candidate"]).size_bytes / 1e6
         checks["max_size_mb"] = {"limit": c.max_size_mb, "measured": size, "holds": size <= c.max_size_mb}
     return {"final": final["label"], "holds": all(v["holds"] for v in checks.values()), "checks": checks,
+            "complete": final["label"] == recipe.step_labels()[-1],
             "original_bytes": original.size_bytes}

@@ -99,6 +99,8 @@ def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -
     if final in sizes and "original" in sizes:
         parts.append(f"{sizes['original'] / sizes[final]:.1f}x smaller")
     parts.append("constraints hold" if verdict.get("holds") else "constraints do NOT hold")
+    if not verdict.get("complete", True):
+        parts.append("recipe incomplete: a step failed (see Steps)")
     checks = "".join(
         f"<tr><td>{_e(n)}</td><td>{_num(c['limit'])}</td><td>{_num(c['measured'])}</td>"
         f"<td class={'ok' if c['holds'] else 'fail'}>{'holds' if c['holds'] else 'fails'}</td></tr>"
