@@ -126,3 +126,10 @@ def export_check(candidate: Any, workload: Workload) -> dict[str, Any]:
         "cosine_min": min((o.get("cosine_min", 1.0) for o in outs.values()), default=None),
         "max_abs_error": max((o.get("max_abs_error", 0.0) for o in outs.values()), default=None),
     }
+
+
+def with_export_check(candidate: Any, workload: Workload, enabled: bool) -> Any:
+    """The candidate with its ``export_check`` recorded (when ``enabled``), saved."""
+    if not enabled:
+        return candidate
+    return candidate.with_info(export_check=export_check(candidate, workload)).save()

@@ -64,7 +64,7 @@ class DistillPass(Pass):
         from slimship.candidate import load_torch_model, save_torch_candidate
         from slimship.errors import ConfigError
         from slimship.machine import physical_cores
-        from slimship.passes._common import complexity_record, measure_batch_size
+        from slimship.passes._common import complexity_record, measure_batch_size, with_export_check
         from slimship.passes._structure import apply_edits
         from slimship.passes.prune import (
             DepthPruneConfig,
@@ -107,8 +107,4 @@ class DistillPass(Pass):
             pass_config=config.to_json_dict(), edits=edits,
             info={"student": spec.model_dump(), "complexity": record, "finetune": training},
         )
-        if config.verify_export:
-            from slimship.passes._common import export_check
-
-            cand = cand.with_info(export_check=export_check(cand, workload)).save()
-        return cand
+        return with_export_check(cand, workload, config.verify_export)

@@ -259,7 +259,7 @@ class LowRankPass(Pass):
         assert isinstance(config, LowRankConfig)  # guaranteed by Pass.__call__
         from slimship.candidate import load_torch_model, save_torch_candidate
         from slimship.machine import physical_cores
-        from slimship.passes._common import complexity_record, measure_batch_size, recover
+        from slimship.passes._common import complexity_record, measure_batch_size, recover, with_export_check
 
         teacher = load_torch_model(candidate, workload)
         student = load_torch_model(candidate, workload)
@@ -301,8 +301,4 @@ class LowRankPass(Pass):
                   "params_kept_in_factorised_layers": sum(d["rank"] * (d["in"] + d["out"]) for d in decisions.values() if d["decision"] == "factorised")
                   / max(1, sum(d["in"] * d["out"] for d in decisions.values() if d["decision"] == "factorised")), "timing_rows": rows, "complexity": record, "finetune": training},
         )
-        if config.verify_export:
-            from slimship.passes._common import export_check
-
-            cand = cand.with_info(export_check=export_check(cand, workload)).save()
-        return cand
+        return with_export_check(cand, workload, config.verify_export)

@@ -341,7 +341,7 @@ class StructuredPrunePass(Pass):
         assert isinstance(config, StructuredPruneConfig)  # guaranteed by Pass.__call__
         from slimship.candidate import load_torch_model, save_torch_candidate
         from slimship.machine import physical_cores
-        from slimship.passes._common import complexity_record, measure_batch_size, recover
+        from slimship.passes._common import complexity_record, measure_batch_size, recover, with_export_check
 
         teacher = load_torch_model(candidate, workload)
         student = load_torch_model(candidate, workload)
@@ -353,11 +353,7 @@ class StructuredPrunePass(Pass):
             pass_config=config.to_json_dict(), edits=edits,
             info={"pruning": summary, "complexity": record, "finetune": training},
         )
-        if config.verify_export:
-            from slimship.passes._common import export_check
-
-            cand = cand.with_info(export_check=export_check(cand, workload)).save()
-        return cand
+        return with_export_check(cand, workload, config.verify_export)
 
 
 class DepthPrunePass(Pass):
@@ -371,7 +367,7 @@ class DepthPrunePass(Pass):
         assert isinstance(config, DepthPruneConfig)  # guaranteed by Pass.__call__
         from slimship.candidate import load_torch_model, save_torch_candidate
         from slimship.machine import physical_cores
-        from slimship.passes._common import complexity_record, measure_batch_size, recover
+        from slimship.passes._common import complexity_record, measure_batch_size, recover, with_export_check
         from slimship.passes._structure import apply_edits
 
         teacher = load_torch_model(candidate, workload)
@@ -394,9 +390,5 @@ class DepthPrunePass(Pass):
             pass_config=config.to_json_dict(), edits=[edit],
             info={"layers_kept": keep, "layers_before": n, "fidelity_trace": trace, "complexity": record, "finetune": training},
         )
-        if config.verify_export:
-            from slimship.passes._common import export_check
-
-            cand = cand.with_info(export_check=export_check(cand, workload)).save()
-        return cand
+        return with_export_check(cand, workload, config.verify_export)
 
