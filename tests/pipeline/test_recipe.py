@@ -71,6 +71,41 @@ def test_broken_recipes_name_file_line_and_field(tmp_path, text, needles):
         assert needle in str(err.value), (needle, str(err.value))
 
 
+SEARCH = GOOD_HEAD + """  - pass: prune
+  - pass: export
+  - pass: quantize-dynamic
+search:
+  trials: 10
+  params:
+"""
+
+
+def test_a_search_space_loads(tmp_path):
+    r = load_recipe(_write(tmp_path, SEARCH + "    prune.channel_ratio: {low: 0.2, high: 0.6, step: 0.1}\n"
+                                              "    quantize-dynamic.smooth: {choices: [none, all]}\n"
+                                              "    prune.finetune.epochs: {choices: [1, 2]}\n"))
+    assert r.search is not None and r.search.trials == 10 and len(r.search.params) == 3
+
+
+@pytest.mark.parametrize(
+    ("line", "needles"),
+    [
+        ("    prunee.channel_ratio: {low: 0.2, high: 0.6}", ["recipe.yaml:10:", "search.params.prunee.channel_ratio", "steps: ['prune'"]),
+        ("    prune.chanel_ratio: {low: 0.2, high: 0.6}", ["recipe.yaml:10:", "no config field 'chanel_ratio'"]),
+        ("    prune.channel_ratio: {low: 0.6, high: 0.2}", ["recipe.yaml:10:", "low < high"]),
+        ("    prune.channel_ratio: {choices: [0.3, 1.5]}", ["recipe.yaml:10:", "the value 1.5 is not valid for prune", "channel_ratio"]),
+        ("    quantize-dynamic.smooth: {choices: [some]}", ["the value 'some' is not valid for quantize-dynamic"]),
+        ("    prune.channel_ratio: {choices: [0.3], low: 0.1}", ["either choices"]),
+    ],
+    ids=["unknown-step", "unknown-field", "empty-range", "invalid-choice", "invalid-literal", "choices-and-range"],
+)
+def test_broken_search_spaces(tmp_path, line, needles):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_write(tmp_path, SEARCH + line + "\n"))
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
 def test_a_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")

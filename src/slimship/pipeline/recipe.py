@@ -23,7 +23,7 @@ given and what is allowed. :func:`recipe_json_schema` publishes the schema for e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -49,6 +49,42 @@ class Constraints(BaseModel):
     max_size_mb: float | None = Field(default=None, gt=0)
 
 
+class SearchParam(BaseModel):
+    """One searched config field: a list of ``choices``, or a numeric range ``low``..``high`` (``step``, ``log``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    choices: list[Any] | None = Field(default=None, min_length=1)
+    low: float | None = None
+    high: float | None = None
+    step: float | None = Field(default=None, gt=0)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchParam:
+        if (self.choices is None) == (self.low is None and self.high is None):
+            raise ValueError("give either choices: [...] or low and high")
+        if self.choices is None and (self.low is None or self.high is None or self.low >= self.high):
+            raise ValueError(f"a range needs low < high, got low={self.low}, high={self.high}")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+class Search(BaseModel):
+    """What `slimship tune` varies: ``"<step>.<config field>"`` → its choices or range."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: candidate evaluations at most
+    trials: int = Field(default=25, ge=1, le=1000)
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    #: what to minimise within the constraints
+    objective: Literal["latency", "size"] = "latency"
+    #: batch size the latency objective is timed at
+    batch_size: int = Field(default=32, ge=1)
+    params: dict[str, SearchParam] = Field(min_length=1)
+
+
 class Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     pass_name: str = Field(alias="pass")
@@ -64,6 +100,7 @@ class Recipe(BaseModel):
     data: str | None = None
     passes: list[Step] = Field(min_length=1)
     constraints: Constraints = Constraints()
+    search: Search | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -147,11 +184,14 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ConfigError("invalid recipe:\n  " + "\n  ".join(problems)) from err
     _check_steps(recipe, p, root)
     _check_constraints(recipe, p, root)
+    _check_search(recipe, p, root)
     return recipe
 
 
 def _allowed_keys(parent: tuple[Any, ...]) -> str:
-    models: dict[tuple[str, ...], type[BaseModel]] = {(): Recipe, ("constraints",): Constraints, ("constraints", "max_latency_ms"): LatencyLimit}
+    models: dict[tuple[str, ...], type[BaseModel]] = {
+        (): Recipe, ("constraints",): Constraints, ("constraints", "max_latency_ms"): LatencyLimit, ("search",): Search,
+    }
     key = tuple(x for x in parent if isinstance(x, str))
     model = Step if parent and parent[0] == "passes" else models.get(key)
     if model is None:
@@ -201,6 +241,42 @@ def _check_constraints(recipe: Recipe, path: Path, root: Any) -> None:
             f"{path}:{line}: constraints.min_fidelity: 1.0 demands outputs identical to the original, which the lossy "
             f"passes {lossy} cannot give; use e.g. 0.99"
         )
+
+
+def with_value(config: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of ``config`` with the (possibly nested, dotted) field set to ``value``."""
+    import copy
+
+    out = copy.deepcopy(config)
+    node = out
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return out
+
+
+def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
+    from slimship.passes import PASSES
+
+    if recipe.search is None:
+        return
+    labels = recipe.step_labels()
+    for key, param in recipe.search.params.items():
+        where = f"{path}:{_line_of(root, ('search', 'params', key))}: search.params.{key}"
+        label, dot, field = key.partition(".")
+        if not dot or label not in labels:
+            raise ConfigError(f"{where}: a searched parameter is '<step>.<config field>' with a step of this recipe; steps: {labels}")
+        step = recipe.passes[labels.index(label)]
+        cls = PASSES[step.pass_name]
+        top = field.split(".")[0]
+        if top not in cls.config_cls.model_fields:
+            raise ConfigError(f"{where}: {step.pass_name} has no config field {top!r}; fields: {sorted(cls.config_cls.model_fields)}")
+        for value in param.values_to_check():
+            try:
+                cls.config_cls.parse(with_value(step.config, field, value))
+            except ConfigError as err:
+                raise ConfigError(f"{where}: the value {value!r} is not valid for {step.pass_name}: {err}") from err
 
 
 def recipe_json_schema() -> dict[str, Any]:
