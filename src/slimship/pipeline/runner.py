@@ -23,7 +23,7 @@ from typing import Any
 
 from slimship._util import sha256_text, stable_json, write_json_atomic
 from slimship.errors import ConfigError, SlimshipError
-from slimship.pipeline.recipe import Recipe, load_recipe
+from slimship.pipeline.recipe import Recipe, Step, load_recipe
 
 SCHEMA = "slimship.run/1"
 
@@ -54,9 +54,8 @@ def run_recipe(
     log: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
     """Run (or resume) a recipe into ``out_dir``; returns what results.json holds."""
-    from slimship.candidate import Candidate, load_candidate, original_candidate
+    from slimship.candidate import load_candidate, original_candidate
     from slimship.machine import machine_info
-    from slimship.measure.evaluate import evaluate
     from slimship.passes import PASSES
     from slimship.workload import resolve_workload
 
@@ -75,49 +74,8 @@ def run_recipe(
     if first.input_format != original.format:
         raise ConfigError(f"{recipe_path}: the first pass {first.name!r} takes a {first.input_format} model, but {workload.name}'s "
                           f"model is {original.format}")
-    steps: list[dict[str, Any]] = []
-    parent: Candidate | None = original
-    for i, (step, label) in enumerate(zip(recipe.passes, recipe.step_labels(), strict=True)):
-        cls = PASSES[step.pass_name]
-        cfg = cls.config_cls.parse(step.config)
-        if parent is None:
-            steps.append({"label": label, "pass": step.pass_name, "status": "skipped", "reason": "an earlier step failed"})
-            continue
-        key = sha256_text(step.pass_name, stable_json(cfg.to_json_dict()), parent.id)[:10]
-        step_dir = out / "steps" / f"{i:02d}-{label}-{key}"
-        done = _reuse(step_dir)
-        t0 = time.perf_counter()
-        if done is not None:
-            log(f"{label}: reusing {step_dir.name} (same pass, config and parent)")
-            steps.append({"label": label, "pass": step.pass_name, "status": "reused", "candidate": str(step_dir), "id": done.id})
-            parent = done
-            continue
-        if step_dir.exists():
-            shutil.rmtree(step_dir)  # half-written by an interrupted run
-        log(f"{label}: running {step.pass_name}")
-        try:
-            cand = cls()(parent, workload, cfg, step_dir)
-        except SlimshipError as err:
-            log(f"{label}: failed — {err}")
-            steps.append({"label": label, "pass": step.pass_name, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
-            shutil.rmtree(step_dir, ignore_errors=True)
-            parent = None
-            continue
-        steps.append({"label": label, "pass": step.pass_name, "status": "ran", "candidate": str(step_dir), "id": cand.id,
-                      "seconds": round(time.perf_counter() - t0, 1)})
-        parent = cand
-    evaluations: dict[str, Any] = {}
-    for s in [{"label": "original", "candidate": str(orig_dir)}] + [s for s in steps if "candidate" in s]:
-        cache = Path(s["candidate"]) / f"evaluation{'' if evaluate_limit is None else f'-{evaluate_limit}'}.json"
-        if cache.exists():
-            import json
-
-            evaluations[s["label"]] = json.loads(cache.read_text())
-            continue
-        log(f"evaluating {s['label']}")
-        ev = evaluate(load_candidate(s["candidate"]), workload, limit=evaluate_limit, progress=False)
-        write_json_atomic(cache, ev)
-        evaluations[s["label"]] = ev
+    steps = execute_steps(list(recipe.passes), recipe.step_labels(), workload, original, out, log)
+    evaluations = evaluate_steps(steps, orig_dir, workload, evaluate_limit, log)
     final = next((s for s in reversed(steps) if s["status"] in ("ran", "reused")), None)
     timing = None
     sizes = sorted({*(bench_batch_sizes or (1,)), *([recipe.constraints.max_latency_ms.batch_size] if recipe.constraints.max_latency_ms else [])})
@@ -181,3 +139,64 @@ def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any]
     return {"final": final["label"], "holds": all(v["holds"] for v in checks.values()), "checks": checks,
             "complete": final["label"] == recipe.step_labels()[-1],
             "original_bytes": original.size_bytes}
+
+
+def execute_steps(passes: list[Step], labels: list[str], workload: Any, original: Any, out: Path,
+                  log: Callable[[str], None] = _say) -> list[dict[str, Any]]:
+    """Run ``passes`` in order from ``original``; each step's candidate is cached under a key of (pass, config, parent)."""
+    from slimship.candidate import Candidate
+    from slimship.passes import PASSES
+
+    steps: list[dict[str, Any]] = []
+    parent: Candidate | None = original
+    for i, (step, label) in enumerate(zip(passes, labels, strict=True)):
+        cls = PASSES[step.pass_name]
+        cfg = cls.config_cls.parse(step.config)
+        if parent is None:
+            steps.append({"label": label, "pass": step.pass_name, "status": "skipped", "reason": "an earlier step failed"})
+            continue
+        key = sha256_text(step.pass_name, stable_json(cfg.to_json_dict()), parent.id)[:10]
+        step_dir = out / "steps" / f"{i:02d}-{label}-{key}"
+        done = _reuse(step_dir)
+        t0 = time.perf_counter()
+        if done is not None:
+            log(f"{label}: reusing {step_dir.name} (same pass, config and parent)")
+            steps.append({"label": label, "pass": step.pass_name, "status": "reused", "candidate": str(step_dir), "id": done.id})
+            parent = done
+            continue
+        if step_dir.exists():
+            shutil.rmtree(step_dir)  # half-written by an interrupted run
+        log(f"{label}: running {step.pass_name}")
+        try:
+            cand = cls()(parent, workload, cfg, step_dir)
+        except SlimshipError as err:
+            log(f"{label}: failed — {err}")
+            steps.append({"label": label, "pass": step.pass_name, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
+            shutil.rmtree(step_dir, ignore_errors=True)
+            parent = None
+            continue
+        steps.append({"label": label, "pass": step.pass_name, "status": "ran", "candidate": str(step_dir), "id": cand.id,
+                      "seconds": round(time.perf_counter() - t0, 1)})
+        parent = cand
+    return steps
+
+
+def evaluate_steps(steps: list[dict[str, Any]], orig_dir: Path, workload: Any, evaluate_limit: int | None,
+                   log: Callable[[str], None] = _say) -> dict[str, Any]:
+    """Quality and fidelity of the original and of every finished step (cached beside each candidate)."""
+    import json
+
+    from slimship.candidate import load_candidate
+    from slimship.measure.evaluate import evaluate
+
+    evaluations: dict[str, Any] = {}
+    for s in [{"label": "original", "candidate": str(orig_dir)}] + [s for s in steps if "candidate" in s]:
+        cache = Path(s["candidate"]) / f"evaluation{'' if evaluate_limit is None else f'-{evaluate_limit}'}.json"
+        if cache.exists():
+            evaluations[s["label"]] = json.loads(cache.read_text())
+            continue
+        log(f"evaluating {s['label']}")
+        ev = evaluate(load_candidate(s["candidate"]), workload, limit=evaluate_limit, progress=False)
+        write_json_atomic(cache, ev)
+        evaluations[s["label"]] = ev
+    return evaluations
