@@ -329,3 +329,35 @@ def run(
         typer.echo(f"recipe incomplete: a step failed, so the final candidate is the last one that finished ({verdict['final']})")
     typer.echo(f"final: {verdict['final']}; constraints {'hold' if verdict['holds'] else 'do not hold'}; "
                f"results: {dest / 'results.json'}; report: {dest / 'report.html'}")
+
+
+@app.command()
+def tune(
+    recipe: Annotated[Path, typer.Argument(help="A recipe with a `search` section (see docs/recipe.schema.json).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the search (default: runs/RECIPE-tune). Steps already built there are reused.")] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="Override the recipe's search.trials.")] = None,
+    limit: LimitOpt = None,
+) -> None:
+    """Search the recipe's `search` space for the fastest (or smallest) candidate within its constraints: every trial
+    is built, evaluated and timed against the original on its real runtime (Optuna, seeded multi-objective TPE).
+
+    Example: `slimship tune my-recipe.yaml --trials 10`
+    """
+    from slimship.pipeline.tune import tune_recipe
+
+    dest = out or Path("runs") / f"{recipe.stem}-tune"
+    result = tune_recipe(recipe, dest, trials=trials, evaluate_limit=limit)
+    for t in result["trials"]:
+        if t["status"] != "ok":
+            typer.echo(f"trial {t['trial']:3d} {t['params']} failed: {t.get('reason')}")
+            continue
+        mark = "*" if t.get("pareto") else " "
+        typer.echo(f"trial {t['trial']:3d}{mark} {t['params']} speed-up {t['speedup']:.2f}x, quality {t['quality']}, "
+                   f"{'feasible' if t['feasible'] else 'violates constraints'}")
+    best = result["best"]
+    if best:
+        typer.echo(f"best within constraints: trial {best['trial']} ({best['candidate']}): {best['speedup']:.2f}x faster than the "
+                   f"original at batch {result['batch_size']}, quality drop {best['quality_drop']}")
+    else:
+        typer.echo("no trial met the constraints; closest: " + ", ".join(str(t["trial"]) for t in result["closest_if_none_feasible"]))
+    typer.echo(f"results: {dest / 'tune.json'} (* = on the Pareto front of speed and quality)")
