@@ -133,3 +133,13 @@ def with_export_check(candidate: Any, workload: Workload, enabled: bool) -> Any:
     if not enabled:
         return candidate
     return candidate.with_info(export_check=export_check(candidate, workload)).save()
+
+
+def teacher_and_student(candidate: Any, workload: Workload) -> tuple[nn.Module, nn.Module]:
+    """The candidate's model loaded once: the frozen teacher, and an independent copy to compress and train."""
+    import copy
+
+    from slimship.candidate import load_torch_model
+
+    teacher = load_torch_model(candidate, workload)
+    return teacher, copy.deepcopy(teacher)

@@ -61,10 +61,15 @@ class DistillPass(Pass):
         assert isinstance(config, DistillConfig)  # guaranteed by Pass.__call__
         import torch
 
-        from slimship.candidate import load_torch_model, save_torch_candidate
+        from slimship.candidate import save_torch_candidate
         from slimship.errors import ConfigError
         from slimship.machine import physical_cores
-        from slimship.passes._common import complexity_record, measure_batch_size, with_export_check
+        from slimship.passes._common import (
+            complexity_record,
+            measure_batch_size,
+            teacher_and_student,
+            with_export_check,
+        )
         from slimship.passes._structure import apply_edits
         from slimship.passes.prune import (
             DepthPruneConfig,
@@ -76,8 +81,7 @@ class DistillPass(Pass):
         from slimship.train import finetune
 
         spec = config.student
-        teacher = load_torch_model(candidate, workload)
-        student = load_torch_model(candidate, workload)
+        teacher, student = teacher_and_student(candidate, workload)
         edits = []
         fmap: dict[str, str] = {}
         if spec.num_layers is not None:

@@ -257,12 +257,17 @@ class LowRankPass(Pass):
 
     def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
         assert isinstance(config, LowRankConfig)  # guaranteed by Pass.__call__
-        from slimship.candidate import load_torch_model, save_torch_candidate
+        from slimship.candidate import save_torch_candidate
         from slimship.machine import physical_cores
-        from slimship.passes._common import complexity_record, measure_batch_size, recover, with_export_check
+        from slimship.passes._common import (
+            complexity_record,
+            measure_batch_size,
+            recover,
+            teacher_and_student,
+            with_export_check,
+        )
 
-        teacher = load_torch_model(candidate, workload)
-        student = load_torch_model(candidate, workload)
+        teacher, student = teacher_and_student(candidate, workload)
         layers = candidate_layers(student, workload, config)
         todo = {n: m for n, m in layers.items() if n not in config.ranks}
         sensitive = sensitivity_ranks(student, workload, todo, config) if config.sensitivity is not None else None

@@ -339,12 +339,17 @@ class StructuredPrunePass(Pass):
 
     def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
         assert isinstance(config, StructuredPruneConfig)  # guaranteed by Pass.__call__
-        from slimship.candidate import load_torch_model, save_torch_candidate
+        from slimship.candidate import save_torch_candidate
         from slimship.machine import physical_cores
-        from slimship.passes._common import complexity_record, measure_batch_size, recover, with_export_check
+        from slimship.passes._common import (
+            complexity_record,
+            measure_batch_size,
+            recover,
+            teacher_and_student,
+            with_export_check,
+        )
 
-        teacher = load_torch_model(candidate, workload)
-        student = load_torch_model(candidate, workload)
+        teacher, student = teacher_and_student(candidate, workload)
         edits, summary = structured_prune(student, workload, config)
         record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), physical_cores())
         training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
@@ -365,13 +370,18 @@ class DepthPrunePass(Pass):
 
     def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
         assert isinstance(config, DepthPruneConfig)  # guaranteed by Pass.__call__
-        from slimship.candidate import load_torch_model, save_torch_candidate
+        from slimship.candidate import save_torch_candidate
         from slimship.machine import physical_cores
-        from slimship.passes._common import complexity_record, measure_batch_size, recover, with_export_check
+        from slimship.passes._common import (
+            complexity_record,
+            measure_batch_size,
+            recover,
+            teacher_and_student,
+            with_export_check,
+        )
         from slimship.passes._structure import apply_edits
 
-        teacher = load_torch_model(candidate, workload)
-        student = load_torch_model(candidate, workload)
+        teacher, student = teacher_and_student(candidate, workload)
         path, layers = _layer_list(student, config.layers_module)
         n = len(layers)
         if config.keep_layers >= n:

@@ -107,14 +107,13 @@ class WeightSharePass(Pass):
         import numpy as np
         import torch
 
-        from slimship.candidate import load_torch_model, save_torch_candidate
+        from slimship.candidate import save_torch_candidate
         from slimship.errors import CompressionError
         from slimship.passes._codec import encode, size_report
-        from slimship.passes._common import recover, resolve_layers
+        from slimship.passes._common import recover, resolve_layers, teacher_and_student
         from slimship.passes.sparsity import prunable_weights
 
-        teacher = load_torch_model(candidate, workload)
-        student = load_torch_model(candidate, workload)
+        teacher, student = teacher_and_student(candidate, workload)
         resolve_layers(student, config.layer_bits, "layer_bits")
         weights = prunable_weights(student, config.ignore)
         skip = {id(m) for m in resolve_layers(student, config.ignore, "ignore")}

@@ -91,12 +91,11 @@ class UnstructuredPrunePass(Pass):
         assert isinstance(config, UnstructuredPruneConfig)  # guaranteed by Pass.__call__
         import torch
 
-        from slimship.candidate import load_torch_model, save_torch_candidate
+        from slimship.candidate import save_torch_candidate
         from slimship.errors import CompressionError
-        from slimship.passes._common import recover
+        from slimship.passes._common import recover, teacher_and_student
 
-        teacher = load_torch_model(candidate, workload)
-        student = load_torch_model(candidate, workload)
+        teacher, student = teacher_and_student(candidate, workload)
         weights = prunable_weights(student, config.ignore)
         if not weights:
             raise CompressionError("no Linear or Conv weights left to prune after `ignore`")
