@@ -17,4 +17,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 .venv/bin/python -m pip install -q -c constraints.txt -e "$spec"
+if [ "$extras" = dev ] && ! command -v chromium >/dev/null 2>&1; then
+  # the report tests load report.html in a real headless browser: Debian's chromium (Playwright drives it)
+  echo "installing Debian's chromium for the report tests" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 echo "slimship installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2

@@ -52,7 +52,7 @@ passes:
         (GOOD_HEAD + "  - pass: prune\nconstraints:\n  max_quality_drop: 1\n  min_fidelity: 1.0\n",
          ["recipe.yaml:7:", "constraints.min_fidelity", "lossy"]),
         (GOOD_HEAD + "  - pass: export\nconstrains: {}\n", ["recipe.yaml:5:", "constrains", "Extra inputs are not permitted", "allowed keys"]),
-        (GOOD_HEAD + "  - pass: export\n    confg: {}\n", ["recipe.yaml:5:", "passes[0].confg", "allowed keys: ['pass', 'name', 'config']"]),
+        (GOOD_HEAD + "  - pass: export\n    confg: {}\n", ["recipe.yaml:5:", "passes[0].confg", "allowed keys: ['pass', 'name', 'config', 'skip']"]),
         (GOOD_HEAD + "  - pass: quantize-dynamic\n  - pass: prune\n", ["recipe.yaml:5:", "passes[1].pass", "takes a torch model", "onnx"]),
         (GOOD_HEAD + "  - pass: export\nconstraints:\n  max_latency_ms: {batch_size: 0, value: 5}\n",
          ["recipe.yaml:6:", "constraints.max_latency_ms.batch_size", "greater than or equal to 1"]),

@@ -36,6 +36,9 @@ class DistillConfig(PassConfig):
     version: int = 1
     student: StudentSpec = StudentSpec(width=0.5)
     finetune: FinetuneConfig = FinetuneConfig(epochs=10, patience=3)
+    #: parent: distil from the input model; original: from the first model of the lineage (e.g. recover a
+    #: pruned model from the unpruned one — the student may then keep the input's shape unchanged)
+    teacher: Literal["parent", "original"] = "parent"
     #: weight of hidden-state matching between kept layers and their teacher layers (transformers)
     feature_weight: float = Field(default=0.0, ge=0)
     measure_batch_size: int | None = Field(default=None, ge=1)
@@ -44,8 +47,10 @@ class DistillConfig(PassConfig):
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
-        if self.student.num_layers is None and self.student.width == 1.0 and self.student.init == "teacher":
-            raise ValueError("the student equals the teacher: set student.num_layers or student.width < 1 (e.g. 0.5)")
+        if (self.teacher == "parent" and self.student.num_layers is None and self.student.width == 1.0
+                and self.student.init == "teacher"):
+            raise ValueError("the student equals the teacher: set student.num_layers or student.width < 1 (e.g. 0.5), "
+                             "or teacher: original to recover the input model from the lineage's first model")
         return self
 
 
@@ -82,6 +87,15 @@ class DistillPass(Pass):
 
         spec = config.student
         teacher, student = teacher_and_student(candidate, workload)
+        if config.teacher == "original":
+            from slimship.candidate import load_torch_model
+
+            root = candidate.lineage()[-1]
+            if root.id == candidate.id:
+                raise ConfigError("teacher: original, but the input model has no ancestors — it is the original")
+            if root.format != "torch":
+                raise ConfigError(f"teacher: original needs a PyTorch original; the lineage starts with a {root.format} model")
+            teacher = load_torch_model(root, workload).eval()
         edits = []
         fmap: dict[str, str] = {}
         if spec.num_layers is not None:
@@ -103,12 +117,14 @@ class DistillPass(Pass):
                     m.reset_parameters()  # type: ignore[operator]
         record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), physical_cores())
         ft = config.finetune
+        if config.teacher == "original" and any(e.get("op") == "keep_layers" for e in candidate.info.get("structure", [])):
+            fmap = {}  # layer i of the input is not layer i of the original: no hidden-state matching
         if config.feature_weight > 0 and fmap:
             ft = ft.model_copy(update={"feature_weight": config.feature_weight})
         training = finetune(student, teacher, workload, ft, feature_map=fmap or None, desc="distil")
         cand = save_torch_candidate(
             student, out_dir, name="student", workload=workload, parent=candidate, pass_name=self.name,
             pass_config=config.to_json_dict(), edits=edits,
-            info={"student": spec.model_dump(), "complexity": record, "finetune": training},
+            info={"student": spec.model_dump(), "teacher": config.teacher, "complexity": record, "finetune": training},
         )
         return with_export_check(cand, workload, config.verify_export)

@@ -71,6 +71,18 @@ class SearchParam(BaseModel):
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
 
+class Screen(BaseModel):
+    """Cheap signals checked before a candidate's full evaluation: quality and fidelity on a small slice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: evaluation samples in the slice
+    samples: int = Field(default=256, ge=16)
+    #: screened out when the slice's quality drop exceeds max_quality_drop by more than this many points
+    quality_margin: float = Field(default=2.0, ge=0)
+    #: screened out when the slice's fidelity is below min_fidelity by more than this
+    fidelity_margin: float = Field(default=0.02, ge=0)
+
+
 class Search(BaseModel):
     """What `slimship tune` varies: ``"<step>.<config field>"`` → its choices or range."""
 
@@ -83,6 +95,10 @@ class Search(BaseModel):
     #: batch size the latency objective is timed at
     batch_size: int = Field(default=32, ge=1)
     params: dict[str, SearchParam] = Field(min_length=1)
+    #: stop once a feasible candidate exists and this many candidates in a row haven't beaten it (null: never)
+    patience: int | None = Field(default=8, ge=1)
+    #: cheap signals before the full evaluation (null: evaluate everything)
+    screen: Screen | None = Screen()
 
 
 class Step(BaseModel):
@@ -90,6 +106,8 @@ class Step(BaseModel):
     pass_name: str = Field(alias="pass")
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
     config: dict[str, Any] = Field(default_factory=dict)
+    #: leave the step out (its input goes on unchanged); searchable as ``<step>.skip``
+    skip: bool = False
 
 
 class Recipe(BaseModel):
@@ -226,6 +244,11 @@ def _check_steps(recipe: Recipe, path: Path, root: Any) -> None:
                 "Runtime's fused ops (FusedConv, FusedGemm), which its calibrator can't range; quantize the exported graph "
                 "(drop the optimize step, or use level: basic) — ONNX Runtime fuses again when it loads the INT8 model"
             )
+        if step.skip:
+            if cls.input_format != cls.output_format:
+                raise ConfigError(f"{where}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
+                                  "it can't be skipped")
+            continue
         if fmt is not None and cls.input_format != fmt:
             hint = " — add `- pass: export` before it" if cls.input_format == "onnx" else " — PyTorch passes come before `export`"
             raise ConfigError(f"{where}: {step.pass_name!r} takes a {cls.input_format} model but the step before gives {fmt}{hint}")
@@ -269,9 +292,18 @@ def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
             raise ConfigError(f"{where}: a searched parameter is '<step>.<config field>' with a step of this recipe; steps: {labels}")
         step = recipe.passes[labels.index(label)]
         cls = PASSES[step.pass_name]
+        if field == "skip":
+            if cls.input_format != cls.output_format:
+                raise ConfigError(f"{where}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
+                                  "it can't be skipped")
+            bad = [v for v in param.values_to_check() if not isinstance(v, bool)]
+            if bad or param.choices is None:
+                raise ConfigError(f"{where}: skip takes choices of true/false, got {param.choices or [param.low, param.high]}")
+            continue
         top = field.split(".")[0]
         if top not in cls.config_cls.model_fields:
-            raise ConfigError(f"{where}: {step.pass_name} has no config field {top!r}; fields: {sorted(cls.config_cls.model_fields)}")
+            raise ConfigError(f"{where}: {step.pass_name} has no config field {top!r}; fields: "
+                              f"{sorted(cls.config_cls.model_fields)} (or `skip`)")
         for value in param.values_to_check():
             try:
                 cls.config_cls.parse(with_value(step.config, field, value))
@@ -293,6 +325,7 @@ def recipe_json_schema() -> dict[str, Any]:
             "properties": {
                 "pass": {"const": name, "description": cls.summary},
                 "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+                "skip": {"type": "boolean", "default": False, "description": "leave the step out"},
                 "config": cls.config_cls.model_json_schema(),
             },
         })

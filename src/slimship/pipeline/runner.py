@@ -95,20 +95,17 @@ def run_recipe(
         "steps": steps,
         "evaluations": evaluations,
         "bench": timing,
-        "constraints": check_constraints(recipe, workload, evaluations, timing, final, original),
+        "constraints": check_constraints(recipe, workload, evaluations, timing, final, original, steps),
     }
     write_json_atomic(out / "results.json", result)
-    from slimship.report.html import render_run_report
+    from slimship.report.html import write_report
 
-    report = out / "report.html"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text(render_run_report(result, out, str(recipe_path)))
-    tmp.replace(report)
+    write_report(out, result, str(recipe_path))
     return result
 
 
 def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any], timing: dict[str, Any] | None,
-                      final: dict[str, Any] | None, original: Any) -> dict[str, Any]:
+                      final: dict[str, Any] | None, original: Any, steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Each constraint with the final candidate's measured value and whether it holds."""
     from slimship.candidate import load_candidate
 
@@ -137,7 +134,7 @@ def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any]
         size = load_candidate(final["candidate"]).size_bytes / 1e6
         checks["max_size_mb"] = {"limit": c.max_size_mb, "measured": size, "holds": size <= c.max_size_mb}
     return {"final": final["label"], "holds": all(v["holds"] for v in checks.values()), "checks": checks,
-            "complete": final["label"] == recipe.step_labels()[-1],
+            "complete": all(s.get("status") in ("ran", "reused", "omitted") for s in steps),
             "original_bytes": original.size_bytes}
 
 
@@ -152,6 +149,9 @@ def execute_steps(passes: list[Step], labels: list[str], workload: Any, original
     for i, (step, label) in enumerate(zip(passes, labels, strict=True)):
         cls = PASSES[step.pass_name]
         cfg = cls.config_cls.parse(step.config)
+        if step.skip:
+            steps.append({"label": label, "pass": step.pass_name, "status": "omitted", "reason": "skip: true"})
+            continue
         if parent is None:
             steps.append({"label": label, "pass": step.pass_name, "status": "skipped", "reason": "an earlier step failed"})
             continue

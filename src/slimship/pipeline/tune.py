@@ -1,28 +1,336 @@
 """`slimship tune recipe.yaml`: search a recipe's ``search`` space for the fastest (or smallest) candidate
 within its constraints, timing every candidate on its real runtime interleaved with the original.
 
-Optuna's multi-objective TPE sampler (seeded) proposes values for the searched ``<step>.<field>`` params;
-each trial runs the recipe's steps with those values through the same cached step machinery as
-`slimship run` (trials that share a prefix of steps share its candidates), evaluates the final candidate,
-times it against the original at the search's batch size, and records speed, size, quality and which
-constraints hold. Constraint violations are fed to the sampler, so it learns the feasible region. A trial
-whose pass fails is recorded with its reason and the search goes on. The result is every trial, the Pareto
-front (quality against speed) and the best feasible trial — or, when none is feasible, the closest ones.
+How a search runs:
+
+* An **executor** proposes parameter sets and runs trials. :class:`LocalExecutor` drives Optuna's
+  multi-objective TPE sampler (seeded, so a search is reproducible) in this process; the scale-out issue adds
+  a Ray Tune executor behind the same interface. A trial is :func:`run_trial` — a plain function of a
+  :class:`TrialContext` and the chosen values — so any executor can ship it to a worker, and every executor
+  produces the same rows.
+* A trial builds the recipe's steps with the chosen values through the cached step machinery of
+  `slimship run` (trials that share a prefix of steps share its candidates), then **screens** the result
+  with cheap signals before the expensive part: file size against ``max_size_mb`` (exact), and quality and
+  fidelity on a small slice of the evaluation data against the budget plus a margin. A hopeless candidate
+  stops there (status ``screened``). Otherwise it is evaluated on the whole evaluation set and timed against
+  the original at the search's batch size, interleaved.
+* Constraint violations go back to the sampler, which learns the feasible region. A trial whose pass fails
+  is recorded with its reason and the search goes on. The search **stops early** when every combination
+  of an all-choices space has been tried, or when a feasible candidate exists and ``patience`` evaluated
+  trials in a row have not beaten it; a repeated proposal reuses the earlier row and costs no evaluation.
+* The result (``tune.json``, rewritten after every trial) holds every trial, the Pareto front of quality
+  against speed (or size), the best feasible trial — or, when none is feasible, the closest ones — and the
+  reason the search stopped; ``report.html`` shows it.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from slimship._util import write_json_atomic
 from slimship.errors import ConfigError
-from slimship.pipeline.recipe import load_recipe, with_value
+from slimship.pipeline.recipe import Recipe, load_recipe, with_value
 from slimship.pipeline.runner import _reuse, _say, check_constraints, evaluate_steps, execute_steps
 
 SCHEMA = "slimship.tune/1"
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs, picklable: where the recipe and the search directory are."""
+
+    recipe_path: str
+    out_dir: str
+    evaluate_limit: int | None = None
+
+
+@functools.lru_cache(maxsize=4)
+def _setup(recipe_path: str, out_dir: str) -> tuple[Recipe, Any, Any]:
+    """The recipe, workload and original candidate, once per process (workers reuse them across trials)."""
+    from slimship.candidate import original_candidate
+    from slimship.workload import resolve_workload
+
+    recipe = load_recipe(recipe_path)
+    workload = resolve_workload(recipe.workload, data=recipe.data)
+    out = Path(out_dir)
+    original = _reuse(out / "original") or original_candidate(workload, out / "original")
+    return recipe, workload, original
+
+
+def apply_params(recipe: Recipe, params: dict[str, Any]) -> list[Any]:
+    """The recipe's steps with the searched ``<step>.<field>`` (or ``<step>.skip``) values set."""
+    labels = recipe.step_labels()
+    steps = list(recipe.passes)
+    for key, value in params.items():
+        label, _, fld = key.partition(".")
+        i = labels.index(label)
+        if fld == "skip":
+            steps[i] = steps[i].model_copy(update={"skip": bool(value)})
+        else:
+            steps[i] = steps[i].model_copy(update={"config": with_value(steps[i].config, fld, value)})
+    return steps
+
+
+def _screen(recipe: Recipe, workload: Any, cand_dir: str, orig_dir: Path, final: Any, original: Any,
+            log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Cheap signals: exact size, and quality / fidelity on a small slice. A dict saying why when hopeless."""
+    search, c = recipe.search, recipe.constraints
+    assert search is not None
+    if c.max_size_mb is not None and final.size_bytes / 1e6 > c.max_size_mb:
+        return {"signal": "size", "measured": final.size_bytes / 1e6, "limit": c.max_size_mb}
+    if search.screen is None or (c.max_quality_drop is None and c.min_fidelity is None):
+        return None
+    n = search.screen.samples
+    ev = evaluate_steps([{"label": "trial", "candidate": cand_dir}], orig_dir, workload, n, log)
+    metric = workload.primary_metric
+    if c.max_quality_drop is not None and metric:
+        q0, q = ev["original"]["quality"].get(metric), ev["trial"]["quality"].get(metric)
+        if q0 is not None and q is not None:
+            drop = q0 - q if workload.higher_is_better else q - q0
+            if drop > c.max_quality_drop + search.screen.quality_margin:
+                return {"signal": f"{metric} on {n} samples", "measured": drop,
+                        "limit": c.max_quality_drop + search.screen.quality_margin}
+    if c.min_fidelity is not None:
+        name, value = next(iter(ev["trial"].get("fidelity", {}).items()), (None, None))
+        if value is not None and value < c.min_fidelity - search.screen.fidelity_margin:
+            return {"signal": f"{name} on {n} samples", "measured": value,
+                    "limit": c.min_fidelity - search.screen.fidelity_margin}
+    return None
+
+
+def _macs(cand: Any) -> int | None:
+    """MACs of the newest structural step in the lineage (recorded by the passes), if any."""
+    for c in cand.lineage():
+        rec = c.info.get("complexity")
+        if isinstance(rec, dict) and rec.get("macs_after"):
+            return int(rec["macs_after"])
+    return None
+
+
+def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Callable[[str], None] = _say) -> dict[str, Any]:
+    """Build, screen, evaluate and time one candidate; the row every executor records for it."""
+    from slimship.candidate import load_candidate
+    from slimship.measure.bench import BenchTarget, bench
+
+    recipe, workload, original = _setup(ctx.recipe_path, ctx.out_dir)
+    assert recipe.search is not None
+    out = Path(ctx.out_dir)
+    t0 = time.perf_counter()
+    log(f"trial {number}: {params}")
+    done = execute_steps(apply_params(recipe, params), recipe.step_labels(), workload, original, out, log)
+    row: dict[str, Any] = {"trial": number, "params": params, "steps": done}
+    failed = [s for s in done if s["status"] == "failed"]
+    finished = [s for s in done if s["status"] in ("ran", "reused")]
+    if failed or not finished:
+        row.update(status="failed", reason=failed[0].get("reason") if failed else "no step ran",
+                   seconds=round(time.perf_counter() - t0, 1))
+        return row
+    last = finished[-1]
+    final = load_candidate(last["candidate"])
+    row.update(candidate=last["candidate"], size_bytes=final.size_bytes, macs=_macs(final))
+    screened = _screen(recipe, workload, last["candidate"], out / "original", final, original, log)
+    if screened is not None:
+        log(f"trial {number}: screened out — {screened['signal']} {screened['measured']:.4g} vs limit {screened['limit']:.4g}")
+        row.update(status="screened", screen=screened, seconds=round(time.perf_counter() - t0, 1))
+        return row
+    evaluations = evaluate_steps([last], out / "original", workload, ctx.evaluate_limit, log)
+    backend = lambda c: "torch" if c.format == "torch" else "onnxruntime"  # noqa: E731
+    log(f"trial {number}: timing against the original at batch {recipe.search.batch_size} (interleaved)")
+    timing = bench([BenchTarget("original", original, backend(original)), BenchTarget(last["label"], final, backend(final))],
+                   workload, batch_sizes=(recipe.search.batch_size,), memory=False, progress=False, baseline="original")
+    verdict = check_constraints(recipe, workload, evaluations, timing, last, original, done)
+    res = next(c for c in timing["candidates"] if c["label"] != "original")["results"][0]
+    base = next(c for c in timing["candidates"] if c["label"] == "original")["results"][0]
+    metric = workload.primary_metric
+    q = evaluations[last["label"]]["quality"].get(metric) if metric else None
+    q0 = evaluations["original"]["quality"].get(metric) if metric else None
+    row.update({
+        "status": "ok",
+        "speedup": res["speedup_vs_baseline_p50"],
+        "latency_ms_p50": res["latency_ms"]["p50"],
+        "original_latency_ms_p50": base["latency_ms"]["p50"],
+        "size_ratio": original.size_bytes / final.size_bytes,
+        "quality": q,
+        "quality_drop": None if q is None or q0 is None else (q0 - q if workload.higher_is_better else q - q0),
+        "fidelity": evaluations[last["label"]]["fidelity"],
+        "feasible": verdict["holds"],
+        "checks": verdict["checks"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    })
+    return row
+
+
+def objectives(row: dict[str, Any], objective: str) -> tuple[float, float] | None:
+    """(speed or size ratio, quality) — both maximised — for an evaluated row."""
+    if row.get("status") != "ok":
+        return None
+    speed = row["speedup"] if objective == "latency" else row["size_ratio"]
+    return float(speed), float(row["quality"] if row["quality"] is not None else 0.0)
+
+
+def constraint_values(row: dict[str, Any], recipe: Recipe) -> dict[str, float]:
+    """One value per constraint, ≤ 0 when it holds (Optuna's convention): how far each is from holding."""
+    names = [n for n in ("max_quality_drop", "min_fidelity", "max_latency_ms", "max_size_mb")
+             if getattr(recipe.constraints, n) is not None] or ["completes"]
+    if row.get("status") == "ok":
+        checks = row["checks"]
+        return {n: 0.0 if checks.get(n, {"holds": True})["holds"]
+                else 1.0 + abs(float(checks[n]["measured"] or 0) - float(checks[n]["limit"])) for n in names}
+    return dict.fromkeys(names, 1e3)  # failed or screened: far outside the feasible region
+
+
+def pareto_front(rows: Iterable[dict[str, Any]], objective: str) -> set[int]:
+    """Trial numbers not dominated in (speed-or-size, quality) among the evaluated rows."""
+    pts = {r["trial"]: objectives(r, objective) for r in rows if objectives(r, objective) is not None}
+    front = set()
+    for t, (s, q) in pts.items():  # type: ignore[misc]
+        if not any((s2 >= s and q2 >= q) and (s2 > s or q2 > q) for t2, (s2, q2) in pts.items() if t2 != t):  # type: ignore[misc]
+            front.add(t)
+    return front
+
+
+def space_size(recipe: Recipe) -> int | None:
+    """How many distinct parameter sets the space holds, when it is all choices (else None)."""
+    assert recipe.search is not None
+    sizes = []
+    for p in recipe.search.params.values():
+        if p.choices is not None:
+            sizes.append(len(p.choices))
+        elif p.step is not None:
+            sizes.append(math.floor((float(p.high or 0) - float(p.low or 0)) / p.step + 1e-9) + 1)
+        else:
+            return None
+    return math.prod(sizes)
+
+
+@dataclass
+class SearchState:
+    """What the search has seen so far; executors consult ``stop_reason`` after every trial."""
+
+    recipe: Recipe
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best_value: float | None = None
+    since_best: int = 0
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if row.get("reused_from") is not None:
+            return
+        if row.get("status") == "ok" and row.get("feasible"):
+            v = objectives(row, self.objective)[0]  # type: ignore[index]
+            if self.best_value is None or v > self.best_value:
+                self.best_value, self.since_best = v, 0
+                return
+        if self.best_value is not None:
+            self.since_best += 1
+
+    @property
+    def objective(self) -> str:
+        assert self.recipe.search is not None
+        return self.recipe.search.objective
+
+    @property
+    def evaluations(self) -> int:
+        return sum(1 for r in self.rows if r.get("reused_from") is None)
+
+    def stop_reason(self, limit: int, deadline: float | None) -> str | None:
+        search = self.recipe.search
+        assert search is not None
+        if self.evaluations >= limit:
+            return f"trial budget reached ({limit} candidates)"
+        if deadline is not None and time.monotonic() >= deadline:
+            return f"time budget reached ({search.timeout_seconds:g} s)"
+        size = space_size(self.recipe)
+        if size is not None and len({_key(r["params"]) for r in self.rows}) >= size:
+            return f"every one of the {size} combinations in the space was tried"
+        if search.patience is not None and self.best_value is not None and self.since_best >= search.patience:
+            return (f"early stop: a feasible candidate exists and {self.since_best} candidates in a row did not beat it "
+                    f"(patience {search.patience})")
+        return None
+
+
+def _key(params: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+class Executor(Protocol):
+    """Runs a search: proposes parameter sets, runs :func:`run_trial` for each, records rows in ``state``."""
+
+    name: str
+
+    def search(self, ctx: TrialContext, state: SearchState, limit: int, deadline: float | None,
+               on_row: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> str: ...
+
+
+class LocalExecutor:
+    """Optuna TPE (multi-objective, seeded, constraint-aware) with trials run one after another in this process."""
+
+    name = "local"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def search(self, ctx: TrialContext, state: SearchState, limit: int, deadline: float | None,
+               on_row: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> str:
+        import warnings
+
+        import optuna
+
+        recipe = state.recipe
+        assert recipe.search is not None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        seen: dict[str, dict[str, Any]] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraints are "experimental"
+            sampler = optuna.samplers.TPESampler(seed=self.seed)
+            study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+            for number in itertools.count():
+                reason = state.stop_reason(limit, deadline)
+                if reason is not None:
+                    return reason
+                if number >= 4 * limit:
+                    return f"the sampler kept proposing tried combinations ({number} proposals)"
+                trial = study.ask()
+                params = {key: _suggest(trial, key, p) for key, p in recipe.search.params.items()}
+                earlier = seen.get(_key(params))
+                if earlier is not None:
+                    row = {**earlier, "trial": number, "reused_from": earlier["trial"]}
+                else:
+                    row = run_trial(ctx, number, params, log)
+                    seen[_key(params)] = row
+                for name, value in constraint_values(row, recipe).items():
+                    trial.set_constraint(name, value)
+                values = objectives(row, recipe.search.objective)
+                if values is None:
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                else:
+                    study.tell(trial, list(values))
+                state.record(row)
+                on_row(row)
+        raise AssertionError("unreachable")
+
+
+def _suggest(trial: Any, key: str, p: Any) -> Any:
+    if p.choices is not None:
+        return trial.suggest_categorical(key, p.choices)
+    if p.step is not None and float(p.step).is_integer() and float(p.low or 0).is_integer():
+        return trial.suggest_int(key, int(p.low or 0), int(p.high or 0), step=int(p.step), log=p.log)
+    return trial.suggest_float(key, float(p.low or 0), float(p.high or 0), step=p.step, log=p.log)
+
+
+def executor_for(name: str, **options: Any) -> Executor:
+    if name == "local":
+        return LocalExecutor(**options)
+    raise ConfigError(f"unknown executor {name!r}; executors: ['local'] (Ray Tune comes with the scale-out work)")
 
 
 def tune_recipe(
@@ -31,14 +339,13 @@ def tune_recipe(
     *,
     trials: int | None = None,
     evaluate_limit: int | None = None,
+    executor: Executor | None = None,
     log: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
-    import optuna
+    """Run (or resume — built steps and evaluations are reused) a search; returns what tune.json holds."""
+    import shutil
 
-    from slimship.candidate import load_candidate, original_candidate
     from slimship.machine import machine_info, physical_cores
-    from slimship.measure.bench import BenchTarget, bench
-    from slimship.workload import resolve_workload
 
     recipe = load_recipe(recipe_path)
     if recipe.search is None:
@@ -46,92 +353,55 @@ def tune_recipe(
     search = recipe.search
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(recipe_path, out / "recipe.yaml")
+    ctx = TrialContext(str(Path(recipe_path).resolve()), str(out.resolve()), evaluate_limit)
+    _, workload, original = _setup(ctx.recipe_path, ctx.out_dir)
+    executor = executor or LocalExecutor()
     machine = machine_info(physical_cores())
-    workload = resolve_workload(recipe.workload, data=recipe.data)
-    original = _reuse(out / "original") or original_candidate(workload, out / "original")
-    labels = recipe.step_labels()
-    rows: list[dict[str, Any]] = []
+    state = SearchState(recipe)
+    limit = trials or search.trials
     t_start = time.perf_counter()
-    metric = workload.primary_metric
+    deadline = time.monotonic() + search.timeout_seconds if search.timeout_seconds else None
+    base_eval = evaluate_steps([], out / "original", workload, evaluate_limit, log)["original"]
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
-        steps = list(recipe.passes)
-        chosen: dict[str, Any] = {}
-        for key, p in search.params.items():
-            if p.choices is not None:
-                value = trial.suggest_categorical(key, p.choices)
-            elif p.step is not None and float(p.step).is_integer() and float(p.low or 0).is_integer():
-                value = trial.suggest_int(key, int(p.low or 0), int(p.high or 0), step=int(p.step), log=p.log)
-            else:
-                value = trial.suggest_float(key, float(p.low or 0), float(p.high or 0), step=p.step, log=p.log)
-            chosen[key] = value
-            label, _, field = key.partition(".")
-            i = labels.index(label)
-            steps[i] = steps[i].model_copy(update={"config": with_value(steps[i].config, field, value)})
-        log(f"trial {trial.number}: {chosen}")
-        done = execute_steps(steps, labels, workload, original, out, log)
-        row: dict[str, Any] = {"trial": trial.number, "params": chosen, "steps": done}
-        if done[-1]["status"] not in ("ran", "reused"):
-            row["status"] = "failed"
-            row["reason"] = next((s.get("reason") for s in done if s["status"] == "failed"), "a step failed")
-            rows.append(row)
-            trial.set_constraint("failed", 1.0)
-            raise optuna.TrialPruned(row["reason"])
-        evaluations = evaluate_steps([done[-1]], out / "original", workload, evaluate_limit, log)
-        final = load_candidate(done[-1]["candidate"])
-        backend = lambda c: "torch" if c.format == "torch" else "onnxruntime"  # noqa: E731
-        timing = bench([BenchTarget("original", original, backend(original)), BenchTarget(done[-1]["label"], final, backend(final))],
-                       workload, batch_sizes=(search.batch_size,), memory=False, progress=False, baseline="original")
-        verdict = check_constraints(recipe, workload, evaluations, timing, done[-1], original)
-        res = next(c for c in timing["candidates"] if c["label"] != "original")["results"][0]
-        q = evaluations[done[-1]["label"]]["quality"].get(metric) if metric else None
-        q0 = evaluations["original"]["quality"].get(metric) if metric else None
-        row.update({
-            "status": "ok",
-            "candidate": done[-1]["candidate"],
-            "speedup": res["speedup_vs_baseline_p50"],
-            "latency_ms_p50": res["latency_ms"]["p50"],
-            "size_bytes": final.size_bytes,
-            "quality": q,
-            "quality_drop": None if q is None or q0 is None else q0 - q,
-            "fidelity": evaluations[done[-1]["label"]]["fidelity"],
-            "feasible": verdict["holds"],
-            "checks": verdict["checks"],
-        })
-        rows.append(row)
-        # ≤ 0 means satisfied: how far each constraint is from holding (the sampler learns the feasible region)
-        for name, c in verdict["checks"].items():
-            trial.set_constraint(name, 0.0 if c["holds"] else 1.0 + abs(float(c["measured"] or 0) - float(c["limit"])))
-        speed = res["speedup_vs_baseline_p50"] if search.objective == "latency" else original.size_bytes / final.size_bytes
-        return speed, q if q is not None else 0.0
+    def result(stopped: str | None) -> dict[str, Any]:
+        rows = state.rows
+        front = pareto_front([r for r in rows if r.get("reused_from") is None], search.objective)
+        for r in rows:
+            if r.get("status") == "ok":
+                r["pareto"] = r["trial"] in front and r.get("reused_from") is None
+        ok = [r for r in rows if r.get("status") == "ok" and r.get("reused_from") is None]
+        feasible = [r for r in ok if r["feasible"]]
+        best = max(feasible, key=lambda r: objectives(r, search.objective)[0]) if feasible else None  # type: ignore[index]
+        closest = [] if feasible else sorted(ok, key=lambda r: (sum(0 if c["holds"] else 1 for c in r["checks"].values()),
+                                                                 sum(constraint_values(r, recipe).values())))[:3]
+        return {
+            "schema": SCHEMA,
+            "machine": machine,
+            "recipe": recipe.model_dump(mode="json", by_alias=True),
+            "recipe_path": str(recipe_path),
+            "workload": workload.describe(),
+            "executor": executor.name,
+            "objective": search.objective,
+            "batch_size": search.batch_size,
+            "original": {"size_bytes": original.size_bytes, "quality": base_eval["quality"], "format": original.format,
+                         "candidate": str(out / "original")},
+            "trials": rows,
+            "evaluations": state.evaluations,
+            "best": best,
+            "closest_if_none_feasible": closest,
+            "stopped": stopped,
+            "seconds": round(time.perf_counter() - t_start, 1),
+        }
 
-    import warnings
+    def on_row(row: dict[str, Any]) -> None:
+        write_json_atomic(out / "tune.json", result(None))
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraint handling is marked experimental
-        sampler = optuna.samplers.TPESampler(seed=0)
-        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
-        study.optimize(objective, n_trials=trials or search.trials, timeout=search.timeout_seconds, catch=())
-    ok = [r for r in rows if r.get("status") == "ok"]
-    pareto_ids = {t.number for t in study.best_trials}
-    for r in ok:
-        r["pareto"] = r["trial"] in pareto_ids
-    key = "speedup" if search.objective == "latency" else "size_bytes"
-    feasible = [r for r in ok if r["feasible"]]
-    best = (max(feasible, key=lambda r: r["speedup"]) if key == "speedup" else min(feasible, key=lambda r: r["size_bytes"])) if feasible else None
-    closest = sorted(ok, key=lambda r: sum(0 if c["holds"] else 1 for c in r["checks"].values()))[:3] if not feasible else []
-    result = {
-        "schema": SCHEMA,
-        "machine": machine,
-        "recipe": recipe.model_dump(mode="json", by_alias=True),
-        "workload": workload.describe(),
-        "objective": search.objective,
-        "batch_size": search.batch_size,
-        "trials": rows,
-        "best": best,
-        "closest_if_none_feasible": closest,
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
-    write_json_atomic(out / "tune.json", result)
-    return result
+    stopped = executor.search(ctx, state, limit, deadline, on_row, log)
+    log(f"search stopped: {stopped}")
+    final = result(stopped)
+    write_json_atomic(out / "tune.json", final)
+    from slimship.report.html import write_report
+
+    write_report(out, final)
+    return final
