@@ -55,5 +55,5 @@ def not_blank(png: Path) -> float:
     from PIL import Image
 
     img = np.asarray(Image.open(png).convert("L"))
-    values, counts = np.unique(img, return_counts=True)
+    _values, counts = np.unique(img, return_counts=True)
     return float(1.0 - counts.max() / img.size)

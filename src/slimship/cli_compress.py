@@ -300,22 +300,43 @@ def layers(
 
 
 @app.command()
+def _recipe_path(recipe: Path | None) -> Path:
+    """A recipe file, or a built-in recipe by name (`minilm-fast`, the default)."""
+    from importlib import resources
+
+    from slimship.errors import ConfigError
+
+    builtin = {p.name.removesuffix(".yaml"): Path(str(p)) for p in resources.files("slimship.recipes").iterdir()
+               if p.name.endswith(".yaml")}
+    if recipe is None:
+        return builtin["minilm-fast"]
+    if recipe.exists():
+        return recipe
+    if str(recipe) in builtin:
+        return builtin[str(recipe)]
+    raise ConfigError(f"no recipe file {recipe}; built-in recipes: {sorted(builtin)} (or see examples/recipes/)")
+
+
+@app.command()
 def run(
-    recipe: Annotated[Path, typer.Argument(help="The recipe YAML (see examples/recipes/ and docs/recipe.schema.json).")],
+    recipe: Annotated[Path | None, typer.Argument(help="The recipe YAML (see examples/recipes/ and docs/recipe.schema.json), "
+                                                       "or a built-in recipe's name. Default: minilm-fast (MiniLM to INT8, a few minutes).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/RECIPE-NAME). Re-running into it resumes.")] = None,
     limit: LimitOpt = None,
-    batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes timed for the original and the final candidate (plus the latency constraint's).")] = "1",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes timed for the original and the final candidate (plus the latency constraint's).")] = "1,32",
 ) -> None:
     """Run a recipe's passes in order, evaluate every step, time the result against the original and check the constraints.
 
     An interrupted run resumes: steps whose pass, config and parent are unchanged are reused. A failing step is
     recorded with its reason and the steps after it are skipped.
 
-    Example: `slimship run examples/recipes/digits.yaml -o runs/digits-recipe`
+    Examples: `slimship run` (the built-in default on minilm) ·
+    `slimship run examples/recipes/mnist.yaml -o runs/mnist` (prune → distil → quantize; re-run to resume)
     """
     from slimship.cli import _parse_ints
     from slimship.pipeline.runner import run_recipe
 
+    recipe = _recipe_path(recipe)
     dest = out or Path("runs") / recipe.stem
     result = run_recipe(recipe, dest, evaluate_limit=limit, bench_batch_sizes=_parse_ints(batch_sizes, "--batch-sizes"))
     for s in result["steps"]:
@@ -327,37 +348,71 @@ def run(
         typer.echo(f"constraint {name}: limit {c['limit']}, measured {measured} → {'holds' if c['holds'] else 'FAILS'}")
     if not verdict.get("complete", True):
         typer.echo(f"recipe incomplete: a step failed, so the final candidate is the last one that finished ({verdict['final']})")
-    typer.echo(f"final: {verdict['final']}; constraints {'hold' if verdict['holds'] else 'do not hold'}; "
-               f"results: {dest / 'results.json'}; report: {dest / 'report.html'}")
+    bench = result.get("bench") or {}
+    for c in bench.get("candidates", []):
+        if c["label"] == verdict["final"]:
+            for r in c["results"]:
+                typer.echo(f"batch {r['batch_size']}: p50 {r['latency_ms']['p50']:.3g} ms, "
+                           f"{r.get('speedup_vs_baseline_p50', 1.0):.2f}x the original")
+    typer.echo(f"final: {verdict['final']}; constraints {'hold' if verdict['holds'] else 'do not hold'}")
+    typer.echo(f"results: {dest / 'results.json'}")
+    typer.echo(f"report:  {dest / 'report.html'}")
 
 
 @app.command()
 def tune(
-    recipe: Annotated[Path, typer.Argument(help="A recipe with a `search` section (see docs/recipe.schema.json).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the search (default: runs/RECIPE-tune). Steps already built there are reused.")] = None,
-    trials: Annotated[int | None, typer.Option(min=1, help="Override the recipe's search.trials.")] = None,
+    recipe: Annotated[Path, typer.Argument(help="A recipe with a `search` section (see examples/recipes/minilm-tune.yaml, docs/recipe.schema.json).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the search (default: runs/RECIPE-tune). Steps and evaluations already there are reused.")] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="Most candidates to evaluate (overrides the recipe's search.trials).")] = None,
     limit: LimitOpt = None,
+    executor: Annotated[str, typer.Option(help="Where trials run: local (this process, one after another).")] = "local",
+    seed: Annotated[int, typer.Option(help="Seed of the sampler: the same seed and recipe propose the same candidates.")] = 0,
 ) -> None:
-    """Search the recipe's `search` space for the fastest (or smallest) candidate within its constraints: every trial
-    is built, evaluated and timed against the original on its real runtime (Optuna, seeded multi-objective TPE).
+    """Search the recipe's `search` space for the fastest (or smallest) candidate within its constraints.
 
-    Example: `slimship tune my-recipe.yaml --trials 10`
+    Every candidate is built through the recipe's passes (shared steps are reused), screened with cheap signals
+    (exact size; quality and fidelity on a small slice), then evaluated in full and timed against the original on
+    its real runtime, interleaved. Optuna's seeded multi-objective TPE sampler learns from speed, quality and the
+    constraint violations; the search stops at the trial or time budget, when every combination was tried, or when
+    a feasible candidate has not been beaten for `patience` trials. Writes tune.json and report.html.
+
+    Example: `slimship tune examples/recipes/digits-tune.yaml --trials 10`
     """
-    from slimship.pipeline.tune import tune_recipe
+    from slimship.pipeline.tune import executor_for, tune_recipe
 
     dest = out or Path("runs") / f"{recipe.stem}-tune"
-    result = tune_recipe(recipe, dest, trials=trials, evaluate_limit=limit)
+    result = tune_recipe(recipe, dest, trials=trials, evaluate_limit=limit, executor=executor_for(executor, seed=seed))
     for t in result["trials"]:
-        if t["status"] != "ok":
-            typer.echo(f"trial {t['trial']:3d} {t['params']} failed: {t.get('reason')}")
-            continue
-        mark = "*" if t.get("pareto") else " "
-        typer.echo(f"trial {t['trial']:3d}{mark} {t['params']} speed-up {t['speedup']:.2f}x, quality {t['quality']}, "
-                   f"{'feasible' if t['feasible'] else 'violates constraints'}")
+        head = f"trial {t['trial']:3d}{'*' if t.get('pareto') else ' '} {t['params']}"
+        if t.get("reused_from") is not None:
+            typer.echo(f"{head} repeat of trial {t['reused_from']}")
+        elif t["status"] == "screened":
+            sc = t["screen"]
+            typer.echo(f"{head} screened out: {sc['signal']} {sc['measured']:.4g} vs limit {sc['limit']:.4g}")
+        elif t["status"] != "ok":
+            typer.echo(f"{head} failed: {t.get('reason')}")
+        else:
+            typer.echo(f"{head} speed-up {t['speedup']:.2f}x, quality {t['quality']:.4g}, "
+                       f"{'feasible' if t['feasible'] else 'violates constraints'}")
     best = result["best"]
     if best:
         typer.echo(f"best within constraints: trial {best['trial']} ({best['candidate']}): {best['speedup']:.2f}x faster than the "
-                   f"original at batch {result['batch_size']}, quality drop {best['quality_drop']}")
+                   f"original at batch {result['batch_size']}, quality drop {best['quality_drop']:.3g}")
     else:
-        typer.echo("no trial met the constraints; closest: " + ", ".join(str(t["trial"]) for t in result["closest_if_none_feasible"]))
+        typer.echo("no trial met the constraints; closest: " + (", ".join(str(t["trial"]) for t in result["closest_if_none_feasible"]) or "none evaluated"))
+    typer.echo(f"{result['evaluations']} candidates evaluated; stopped: {result['stopped']}")
     typer.echo(f"results: {dest / 'tune.json'} (* = on the Pareto front of speed and quality)")
+    typer.echo(f"report:  {dest / 'report.html'}")
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="A run directory (results.json) or a search directory (tune.json).")],
+) -> None:
+    """Rebuild report.html of a finished run or search from its JSON results (e.g. after upgrading slimship).
+
+    Example: `slimship report runs/minilm-fast`
+    """
+    from slimship.report.html import rebuild_report
+
+    typer.echo(f"report: {rebuild_report(directory)}")

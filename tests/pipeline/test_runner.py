@@ -7,6 +7,7 @@ import shutil
 import textwrap
 
 from slimship.pipeline.runner import run_recipe
+from tests.conftest import ROOT
 
 
 def _recipe(tmp_path, body):
@@ -76,3 +77,48 @@ def test_a_failing_step_is_recorded_and_the_rest_skipped(tmp_path):
     assert [s["status"] for s in result["steps"]] == ["ran", "failed", "skipped"]
     assert "no_such_node" in result["steps"][1]["reason"]
     assert result["constraints"]["final"] == "export" and result["constraints"]["complete"] is False
+
+
+def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(tmp_path):
+    """The example recipe's chain (prune → distil from the original → export → INT8), SIGKILLed while the
+    distillation runs, then restarted: the finished prune step is reused (same files, untouched), the run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = (ROOT / "examples" / "recipes" / "mnist.yaml").read_text().replace("epochs: 4", "epochs: 3")
+    p = tmp_path / "mnist.yaml"
+    p.write_text(recipe)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "slimship.cli", "run", str(p), "-o", str(out), "-b", "8"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    assert proc.stderr is not None
+    killed_during = None
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:
+        if "distill: running distill" in line:
+            time.sleep(1.0)  # well inside the distillation
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_during = "distill"
+            break
+        assert time.monotonic() < deadline
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert killed_during == "distill" and proc.returncode == -signal.SIGKILL
+    assert not (out / "results.json").exists()
+    done = {d.name: (d / "candidate.json").stat().st_mtime_ns for d in (out / "steps").iterdir() if (d / "candidate.json").exists()}
+    assert [n.split("-")[1] for n in done] == ["prune"], done  # prune finished, distill did not
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "prune: reusing" in again.stderr and "prune: running" not in again.stderr
+    for name, mtime in done.items():
+        assert (out / "steps" / name / "candidate.json").stat().st_mtime_ns == mtime  # not rewritten
+    results = json.loads((out / "results.json").read_text())
+    assert [s["status"] for s in results["steps"]] == ["reused", "ran", "ran", "ran"]
+    assert results["constraints"]["complete"] and (out / "report.html").exists()
+    acc = {k: v["quality"]["accuracy"] for k, v in results["evaluations"].items()}
+    assert acc["distill"] > acc["prune"] + 2 and acc["quantize-static"] > acc["original"] - 1.5, acc  # distillation recovered
+    assert "report:" in again.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import textwrap
 
 import pytest
@@ -59,3 +60,127 @@ def test_tune_command(tmp_path):
     p.write_text(textwrap.dedent(RECIPE).lstrip())
     proc = slimship("tune", str(p), "-o", str(tmp_path / "t"), "--trials", "2")
     assert proc.stdout.count("trial ") >= 2 and "best within constraints" in proc.stdout and "tune.json" in proc.stdout
+
+
+def test_hopeless_candidates_are_screened_before_the_full_evaluation(tmp_path):
+    """A 90% channel cut without recovery loses far more than the budget on a small slice: it is screened out,
+    never fully evaluated or timed; the 25% cut passes the screen and is evaluated."""
+    p = tmp_path / "r.yaml"
+    p.write_text(textwrap.dedent("""
+        workload: digits
+        passes:
+          - pass: prune
+            config: {channel_ratio: 0.25, finetune: null, verify_export: false}
+          - pass: export
+        constraints: {max_quality_drop: 1.0}
+        search:
+          trials: 4
+          batch_size: 8
+          screen: {samples: 64, quality_margin: 5.0}
+          params:
+            prune.channel_ratio: {choices: [0.1, 0.9]}
+    """).lstrip())
+    result = tune_recipe(p, tmp_path / "t")
+    rows = {r["params"]["prune.channel_ratio"]: r for r in result["trials"] if r.get("reused_from") is None}
+    assert set(rows) == {0.1, 0.9}
+    cut = rows[0.9]
+    assert cut["status"] == "screened" and cut["screen"]["measured"] > 6.0 and "speedup" not in cut
+    assert rows[0.1]["status"] == "ok" and rows[0.1]["speedup"] > 0
+    # the screened candidate has only the slice evaluation beside it
+    assert (pathlib.Path(cut["candidate"]) / "evaluation-64.json").exists()
+    assert not (pathlib.Path(cut["candidate"]) / "evaluation.json").exists()
+    # two combinations in the space: the search stops once both are tried, repeats cost nothing
+    assert result["evaluations"] == 2 and "every one of the 2 combinations" in result["stopped"]
+
+
+def test_a_step_can_be_searched_in_or_out(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(textwrap.dedent("""
+        workload: digits
+        passes:
+          - pass: prune
+            config: {channel_ratio: 0.5, finetune: {epochs: 1}, verify_export: false}
+          - pass: export
+        search:
+          trials: 2
+          batch_size: 8
+          params:
+            prune.skip: {choices: [true, false]}
+    """).lstrip())
+    result = tune_recipe(p, tmp_path / "t")
+    by = {r["params"]["prune.skip"]: r for r in result["trials"]}
+    assert by[True]["steps"][0]["status"] == "omitted" and by[False]["steps"][0]["status"] == "ran"
+    # without pruning the export is the original model: about as fast; pruned half the channels: faster and smaller
+    assert by[False]["size_bytes"] < 0.5 * by[True]["size_bytes"]
+
+
+def test_skipping_a_format_changing_step_is_refused(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("workload: digits\npasses:\n  - pass: export\nsearch:\n  params:\n    export.skip: {choices: [true, false]}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:6: search.params.export.skip: 'export' turns a torch model into onnx"):
+        from slimship.pipeline.recipe import load_recipe
+
+        load_recipe(p)
+
+
+def test_search_state_stops_on_patience_budget_and_exhaustion():
+    from slimship.pipeline.recipe import Recipe
+    from slimship.pipeline.tune import SearchState, pareto_front
+
+    def recipe(patience, choices):
+        return Recipe.model_validate({"workload": "digits", "passes": [{"pass": "export"}],
+                                      "search": {"patience": patience, "params": {"export.opset": {"choices": choices}}}})
+
+    def ok(n, speed, q, feasible=True, opset=17):
+        return {"trial": n, "params": {"export.opset": opset}, "status": "ok", "speedup": speed, "quality": q, "feasible": feasible}
+
+    state = SearchState(recipe(2, [16, 17, 18, 19, 20]))
+    state.record(ok(0, 1.5, 90, feasible=False, opset=16))
+    assert state.stop_reason(25, None) is None  # nothing feasible yet: patience doesn't count
+    state.record(ok(1, 1.2, 95, opset=17))
+    state.record(ok(2, 1.1, 96, opset=18))
+    assert state.stop_reason(25, None) is None and state.since_best == 1
+    state.record({**ok(3, 1.1, 96, opset=18), "reused_from": 2})  # a repeat: no evaluation, no patience spent
+    assert state.evaluations == 3 and state.since_best == 1
+    assert state.stop_reason(3, None).startswith("trial budget")
+    state.record(ok(4, 1.0, 97, opset=19))
+    assert state.since_best == 2 and state.stop_reason(25, None).startswith("early stop")
+    # a faster feasible candidate resets the count
+    state.record(ok(5, 1.3, 94.5, opset=20))
+    assert state.best_value == 1.3 and state.since_best == 0
+    assert "every one of the 5 combinations" in state.stop_reason(25, None)
+    # Pareto: 0 (fastest), 5, 1, 2, 4 (each more accurate at lower speed) are all non-dominated; 3 is a repeat
+    assert pareto_front([r for r in state.rows if r.get("reused_from") is None], "latency") == {0, 1, 2, 4, 5}
+    assert pareto_front([ok(0, 1.0, 90), ok(1, 2.0, 95)], "latency") == {1}
+
+
+def test_unknown_executor_is_a_clear_error():
+    from slimship.pipeline.tune import executor_for
+
+    with pytest.raises(ConfigError, match="unknown executor 'ray'.*executors: \\['local'\\]"):
+        executor_for("ray")
+
+
+def test_report_command_rebuilds_and_refuses_a_directory_without_results(tmp_path):
+    from tests.test_cli import slimship
+
+    p = tmp_path / "r.yaml"
+    p.write_text(textwrap.dedent(RECIPE).lstrip())
+    tune_recipe(p, tmp_path / "t", trials=1)
+    (tmp_path / "t" / "report.html").unlink()
+    proc = slimship("report", str(tmp_path / "t"))
+    assert "report:" in proc.stdout and "slimship tune" in (tmp_path / "t" / "report.html").read_text()
+    bad = slimship("report", str(tmp_path), check=False)
+    assert bad.returncode == 2 and "neither results.json" in bad.stderr
+
+
+def test_builtin_default_recipe_is_packaged_and_valid(tmp_path):
+    from slimship.cli_compress import _recipe_path
+    from slimship.pipeline.recipe import load_recipe
+
+    default = _recipe_path(None)
+    r = load_recipe(default)
+    assert r.workload == "minilm" and [s.pass_name for s in r.passes] == ["export", "optimize", "quantize-dynamic"]
+    assert r.constraints.max_quality_drop == 1.0
+    with pytest.raises(ConfigError, match=r"no recipe file nope.yaml; built-in recipes: \['minilm-fast'\]"):
+        _recipe_path(pathlib.Path("nope.yaml"))

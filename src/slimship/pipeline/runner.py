@@ -141,12 +141,17 @@ def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any]
 def execute_steps(passes: list[Step], labels: list[str], workload: Any, original: Any, out: Path,
                   log: Callable[[str], None] = _say) -> list[dict[str, Any]]:
     """Run ``passes`` in order from ``original``; each step's candidate is cached under a key of (pass, config, parent)."""
+    from tqdm import tqdm
+
     from slimship.candidate import Candidate
     from slimship.passes import PASSES
 
     steps: list[dict[str, Any]] = []
     parent: Candidate | None = original
+    overall = tqdm(total=len(passes), desc="recipe", unit="step", disable=None, leave=False)  # off when not a terminal
     for i, (step, label) in enumerate(zip(passes, labels, strict=True)):
+        overall.set_postfix_str(label)
+        overall.update(0 if i == 0 else 1)
         cls = PASSES[step.pass_name]
         cfg = cls.config_cls.parse(step.config)
         if step.skip:
@@ -178,6 +183,8 @@ def execute_steps(passes: list[Step], labels: list[str], workload: Any, original
         steps.append({"label": label, "pass": step.pass_name, "status": "ran", "candidate": str(step_dir), "id": cand.id,
                       "seconds": round(time.perf_counter() - t0, 1)})
         parent = cand
+    overall.update(1)
+    overall.close()
     return steps
 
 

@@ -394,10 +394,20 @@ def tune_recipe(
             "seconds": round(time.perf_counter() - t_start, 1),
         }
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=limit, desc="search", unit="candidate", disable=None)  # off when not a terminal
+
     def on_row(row: dict[str, Any]) -> None:
+        bar.n = state.evaluations
+        bar.set_postfix_str(f"best {state.best_value:.2f}x" if state.best_value else "no feasible yet")
+        bar.refresh()
         write_json_atomic(out / "tune.json", result(None))
 
-    stopped = executor.search(ctx, state, limit, deadline, on_row, log)
+    try:
+        stopped = executor.search(ctx, state, limit, deadline, on_row, log)
+    finally:
+        bar.close()
     log(f"search stopped: {stopped}")
     final = result(stopped)
     write_json_atomic(out / "tune.json", final)
