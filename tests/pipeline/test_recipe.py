@@ -109,3 +109,47 @@ def test_broken_search_spaces(tmp_path, line, needles):
 def test_a_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+PASS_SEARCH = GOOD_HEAD + """  - pass: export
+  - name: int8
+    pass: quantize-static
+search:
+  params:
+"""
+
+
+@pytest.mark.parametrize(
+    ("params", "needles"),
+    [
+        ("    int8.pass: {choices: [quantize-static, quantize-dinamic]}\n", ["recipe.yaml:9:", "unknown pass 'quantize-dinamic'"]),
+        ("    int8.pass: {choices: [quantize-static, prune]}\n", ["recipe.yaml:9:", "'prune' takes torch and gives torch", "takes onnx"]),
+        ("    int8.pass: [quantize-static]\n", ["recipe.yaml:9:", "search.params.int8.pass"]),
+        ("    int8.pass: {choices: [quantize-static, quantize-dynamic]}\n    int8.bits: {choices: [4, 8]}\n",
+         ["recipe.yaml:10:", "quantize-static / quantize-dynamic has no config field 'bits'", "smooth"]),
+        ("    int8.pass: {choices: [quantize-static, quantize-dynamic]}\n    int8.smooth: {choices: [all, most]}\n",
+         ["recipe.yaml:10:", "'most' is not valid for quantize-dynamic"]),
+    ],
+    ids=["unknown-alternative", "format-mismatch", "not-choices", "field-in-no-alternative", "bad-value-for-the-pass-that-has-it"],
+)
+def test_searched_pass_alternatives_are_validated(tmp_path, params, needles):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_write(tmp_path, PASS_SEARCH + params))
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_a_field_of_one_alternative_applies_only_to_it(tmp_path):
+    from slimship.pipeline.recipe import effective_params
+    from slimship.pipeline.tune import apply_params, space_size
+
+    r = load_recipe(_write(tmp_path, PASS_SEARCH + "    int8.pass: {choices: [quantize-static, quantize-dynamic]}\n"
+                                                  "    int8.smooth: {choices: [none, all]}\n"
+                                                  "    int8.calibration: {choices: [minmax, entropy]}\n"))
+    params = {"int8.pass": "quantize-static", "int8.smooth": "all", "int8.calibration": "entropy"}
+    assert effective_params(r, params) == {"int8.pass": "quantize-static", "int8.calibration": "entropy"}
+    step = apply_params(r, params)[1]
+    assert step.pass_name == "quantize-static" and step.config == {"calibration": "entropy"}
+    step = apply_params(r, {**params, "int8.pass": "quantize-dynamic"})[1]
+    assert step.pass_name == "quantize-dynamic" and step.config == {"smooth": "all"}
+    assert space_size(r) == 4  # static × 2 calibrations + dynamic × 2 smoothings, not 8

@@ -81,6 +81,9 @@ class Screen(BaseModel):
     quality_margin: float = Field(default=2.0, ge=0)
     #: screened out when the slice's fidelity is below min_fidelity by more than this
     fidelity_margin: float = Field(default=0.02, ge=0)
+    #: latency objective: screened out when even this multiple of the speed its MACs predict (from evaluated
+    #: candidates with the same runtime steps) can't beat the best feasible candidate
+    macs_margin: float = Field(default=1.25, ge=1.0)
 
 
 class Search(BaseModel):
@@ -280,35 +283,102 @@ def with_value(config: dict[str, Any], dotted: str, value: Any) -> dict[str, Any
 
 
 def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
+    """Every searched key names a step of the recipe and something it can vary: ``skip``, ``pass`` (alternative
+    passes with the same input and output), or a config field of at least one of the step's passes — a field
+    applies only to the passes that have it (e.g. ``smooth`` to quantize-dynamic when the pass is searched too)."""
     from slimship.passes import PASSES
 
     if recipe.search is None:
         return
     labels = recipe.step_labels()
-    for key, param in recipe.search.params.items():
-        where = f"{path}:{_line_of(root, ('search', 'params', key))}: search.params.{key}"
-        label, dot, field = key.partition(".")
+
+    def where(key: str) -> str:
+        return f"{path}:{_line_of(root, ('search', 'params', key))}: search.params.{key}"
+
+    for key in recipe.search.params:
+        label, dot, _ = key.partition(".")
         if not dot or label not in labels:
-            raise ConfigError(f"{where}: a searched parameter is '<step>.<config field>' with a step of this recipe; steps: {labels}")
-        step = recipe.passes[labels.index(label)]
+            raise ConfigError(f"{where(key)}: a searched parameter is '<step>.<config field>' (or '<step>.skip', "
+                              f"'<step>.pass') with a step of this recipe; steps: {labels}")
+    for key, param in recipe.search.params.items():
+        label, _, field = key.partition(".")
+        i = labels.index(label)
+        step = recipe.passes[i]
         cls = PASSES[step.pass_name]
         if field == "skip":
             if cls.input_format != cls.output_format:
-                raise ConfigError(f"{where}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
+                raise ConfigError(f"{where(key)}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
                                   "it can't be skipped")
             bad = [v for v in param.values_to_check() if not isinstance(v, bool)]
             if bad or param.choices is None:
-                raise ConfigError(f"{where}: skip takes choices of true/false, got {param.choices or [param.low, param.high]}")
+                raise ConfigError(f"{where(key)}: skip takes choices of true/false, got {param.choices or [param.low, param.high]}")
+        elif field == "pass":
+            if param.choices is None:
+                raise ConfigError(f"{where(key)}: pass takes choices of pass names, e.g. [quantize-dynamic, quantize-static]")
+            for name in param.choices:
+                alt = PASSES.get(str(name))
+                if alt is None:
+                    raise ConfigError(f"{where(key)}: unknown pass {name!r}; passes: {sorted(PASSES)}")
+                if (alt.input_format, alt.output_format) != (cls.input_format, cls.output_format):
+                    raise ConfigError(f"{where(key)}: {name!r} takes {alt.input_format} and gives {alt.output_format}, but step "
+                                      f"{label!r} ({step.pass_name}) takes {cls.input_format} and gives {cls.output_format}")
+                try:
+                    alt.config_cls.parse(step.config)
+                except ConfigError as err:
+                    raise ConfigError(f"{where(key)}: step {label!r}'s config doesn't suit the alternative {name!r} "
+                                      f"(keep only fields every alternative has; search the others): {err}") from err
+                variant = recipe.model_copy(update={"passes": [*recipe.passes[:i], step.model_copy(update={"pass_name": str(name)}),
+                                                               *recipe.passes[i + 1:]]})
+                try:
+                    _check_steps(variant, path, root)
+                except ConfigError as err:
+                    raise ConfigError(f"{where(key)}: with {name!r} for step {label!r}: {err}") from err
+    for key, param in recipe.search.params.items():
+        label, _, field = key.partition(".")
+        if field in ("skip", "pass"):
             continue
+        step = recipe.passes[labels.index(label)]
+        names = step_pass_choices(recipe, label)
         top = field.split(".")[0]
-        if top not in cls.config_cls.model_fields:
-            raise ConfigError(f"{where}: {step.pass_name} has no config field {top!r}; fields: "
-                              f"{sorted(cls.config_cls.model_fields)} (or `skip`)")
-        for value in param.values_to_check():
-            try:
-                cls.config_cls.parse(with_value(step.config, field, value))
-            except ConfigError as err:
-                raise ConfigError(f"{where}: the value {value!r} is not valid for {step.pass_name}: {err}") from err
+        having = [n for n in names if top in PASSES[n].config_cls.model_fields]
+        if not having:
+            fields = sorted({f for n in names for f in PASSES[n].config_cls.model_fields})
+            raise ConfigError(f"{where(key)}: {' / '.join(names)} has no config field {top!r}; fields: {fields} "
+                              "(or `skip`, `pass`)")
+        for name in having:
+            for value in param.values_to_check():
+                try:
+                    PASSES[name].config_cls.parse(with_value(step.config, field, value))
+                except ConfigError as err:
+                    raise ConfigError(f"{where(key)}: the value {value!r} is not valid for {name}: {err}") from err
+
+
+def step_pass_choices(recipe: Recipe, label: str) -> list[str]:
+    """The passes a step may run: its own, or the searched ``<step>.pass`` choices."""
+    labels = recipe.step_labels()
+    p = recipe.search.params.get(f"{label}.pass") if recipe.search else None
+    return [str(c) for c in p.choices] if p is not None and p.choices else [recipe.passes[labels.index(label)].pass_name]
+
+
+def effective_params(recipe: Recipe, params: dict[str, Any]) -> dict[str, Any]:
+    """The searched values that change the candidate: a skipped step's fields and fields its chosen pass lacks
+    are dropped, so two proposals that build the same candidate compare equal."""
+    from slimship.passes import PASSES
+
+    labels = recipe.step_labels()
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        label, _, field = key.partition(".")
+        step = recipe.passes[labels.index(label)]
+        if field == "skip":
+            out[key] = value
+            continue
+        if params.get(f"{label}.skip", step.skip):
+            continue
+        chosen = str(params.get(f"{label}.pass", step.pass_name))
+        if field == "pass" or field.split(".")[0] in PASSES[chosen].config_cls.model_fields:
+            out[key] = value
+    return out
 
 
 def recipe_json_schema() -> dict[str, Any]:

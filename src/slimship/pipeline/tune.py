@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from slimship._util import write_json_atomic
 from slimship.errors import ConfigError
-from slimship.pipeline.recipe import Recipe, load_recipe, with_value
+from slimship.pipeline.recipe import Recipe, effective_params, load_recipe, with_value
 from slimship.pipeline.runner import _reuse, _say, check_constraints, evaluate_steps, execute_steps
 
 SCHEMA = "slimship.tune/1"
@@ -65,26 +65,36 @@ def _setup(recipe_path: str, out_dir: str) -> tuple[Recipe, Any, Any]:
 
 
 def apply_params(recipe: Recipe, params: dict[str, Any]) -> list[Any]:
-    """The recipe's steps with the searched ``<step>.<field>`` (or ``<step>.skip``) values set."""
+    """The recipe's steps with the searched ``<step>.<field>``, ``<step>.skip`` and ``<step>.pass`` values set
+    (a field the chosen pass doesn't have is left out)."""
     labels = recipe.step_labels()
     steps = list(recipe.passes)
-    for key, value in params.items():
+    params = effective_params(recipe, params)
+    for key, value in sorted(params.items(), key=lambda kv: not kv[0].endswith((".pass", ".skip"))):
         label, _, fld = key.partition(".")
         i = labels.index(label)
         if fld == "skip":
             steps[i] = steps[i].model_copy(update={"skip": bool(value)})
+        elif fld == "pass":
+            steps[i] = steps[i].model_copy(update={"pass_name": str(value)})
         else:
             steps[i] = steps[i].model_copy(update={"config": with_value(steps[i].config, fld, value)})
     return steps
 
 
 def _screen(recipe: Recipe, workload: Any, cand_dir: str, orig_dir: Path, final: Any, original: Any,
-            log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Cheap signals: exact size, and quality / fidelity on a small slice. A dict saying why when hopeless."""
+            log: Callable[[str], None], row: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any] | None:
+    """Cheap signals: exact size; for a latency search, the speed its MACs predict against the best feasible
+    candidate; quality / fidelity on a small slice. A dict saying why when the candidate is hopeless."""
     search, c = recipe.search, recipe.constraints
     assert search is not None
     if c.max_size_mb is not None and final.size_bytes / 1e6 > c.max_size_mb:
         return {"signal": "size", "measured": final.size_bytes / 1e6, "limit": c.max_size_mb}
+    best, per_mac = hints.get("best_feasible"), hints.get("speed_per_mac", {}).get(row["signature"])
+    if search.screen is not None and search.objective == "latency" and best is not None and per_mac is not None:
+        predicted = row["macs_ratio"] * per_mac * search.screen.macs_margin
+        if predicted < best:
+            return {"signal": f"speed-up its MACs predict (x{search.screen.macs_margin:g} margin)", "measured": predicted, "limit": best}
     if search.screen is None or (c.max_quality_drop is None and c.min_fidelity is None):
         return None
     n = search.screen.samples
@@ -105,17 +115,27 @@ def _screen(recipe: Recipe, workload: Any, cand_dir: str, orig_dir: Path, final:
     return None
 
 
-def _macs(cand: Any) -> int | None:
-    """MACs of the newest structural step in the lineage (recorded by the passes), if any."""
-    for c in cand.lineage():
-        rec = c.info.get("complexity")
-        if isinstance(rec, dict) and rec.get("macs_after"):
-            return int(rec["macs_after"])
-    return None
+def _macs(cand: Any) -> tuple[int | None, float]:
+    """MACs after the newest structural step in the lineage (the passes record them) and the ratio to the original's."""
+    recs = [c.info["complexity"] for c in cand.lineage() if isinstance(c.info.get("complexity"), dict)
+            and c.info["complexity"].get("macs_after") and c.info["complexity"].get("macs_before")]
+    if not recs:
+        return None, 1.0
+    return int(recs[0]["macs_after"]), float(recs[-1]["macs_before"]) / max(1, int(recs[0]["macs_after"]))
 
 
-def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Build, screen, evaluate and time one candidate; the row every executor records for it."""
+def _signature(steps: list[dict[str, Any]]) -> str:
+    """The runtime-side passes a candidate went through (export, optimize, quantize…): candidates that share
+    them convert MACs into time at a similar rate."""
+    from slimship.passes import PASSES
+
+    return ">".join(s["pass"] for s in steps if s["status"] in ("ran", "reused") and PASSES[s["pass"]].output_format != "torch") or "torch"
+
+
+def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Callable[[str], None] = _say,
+              hints: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build, screen, evaluate and time one candidate; the row every executor records for it. ``hints`` are what
+    the search knows so far (:meth:`SearchState.hints`), for the cheap MACs signal."""
     from slimship.candidate import load_candidate
     from slimship.measure.bench import BenchTarget, bench
 
@@ -134,8 +154,9 @@ def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Calla
         return row
     last = finished[-1]
     final = load_candidate(last["candidate"])
-    row.update(candidate=last["candidate"], size_bytes=final.size_bytes, macs=_macs(final))
-    screened = _screen(recipe, workload, last["candidate"], out / "original", final, original, log)
+    macs, macs_ratio = _macs(final)
+    row.update(candidate=last["candidate"], size_bytes=final.size_bytes, macs=macs, macs_ratio=macs_ratio, signature=_signature(done))
+    screened = _screen(recipe, workload, last["candidate"], out / "original", final, original, log, row, hints or {})
     if screened is not None:
         log(f"trial {number}: screened out — {screened['signal']} {screened['measured']:.4g} vs limit {screened['limit']:.4g}")
         row.update(status="screened", screen=screened, seconds=round(time.perf_counter() - t0, 1))
@@ -197,17 +218,23 @@ def pareto_front(rows: Iterable[dict[str, Any]], objective: str) -> set[int]:
 
 
 def space_size(recipe: Recipe) -> int | None:
-    """How many distinct parameter sets the space holds, when it is all choices (else None)."""
+    """How many distinct candidates the space can build, when it is all choices or stepped ranges (else None).
+    Proposals that differ only in a skipped step's fields, or in a field the chosen pass lacks, count once."""
     assert recipe.search is not None
-    sizes = []
+    values: list[list[Any]] = []
     for p in recipe.search.params.values():
         if p.choices is not None:
-            sizes.append(len(p.choices))
+            values.append(list(p.choices))
         elif p.step is not None:
-            sizes.append(math.floor((float(p.high or 0) - float(p.low or 0)) / p.step + 1e-9) + 1)
+            n = math.floor((float(p.high or 0) - float(p.low or 0)) / p.step + 1e-9) + 1
+            values.append([float(p.low or 0) + k * p.step for k in range(n)])
         else:
             return None
-    return math.prod(sizes)
+    total = math.prod(len(v) for v in values)
+    if total > 20000:
+        return total
+    keys = list(recipe.search.params)
+    return len({_key(effective_params(recipe, dict(zip(keys, combo, strict=True)))) for combo in itertools.product(*values)})
 
 
 @dataclass
@@ -231,6 +258,16 @@ class SearchState:
         if self.best_value is not None:
             self.since_best += 1
 
+    def hints(self) -> dict[str, Any]:
+        """For cheap signals in the next trial: the best feasible objective value, and per runtime signature the
+        best speed-up per unit of MAC reduction seen so far."""
+        per_mac: dict[str, float] = {}
+        for r in self.rows:
+            if r.get("status") == "ok" and r.get("reused_from") is None and r.get("macs_ratio"):
+                v = float(r["speedup"]) / float(r["macs_ratio"])
+                per_mac[r["signature"]] = max(per_mac.get(r["signature"], 0.0), v)
+        return {"best_feasible": self.best_value, "speed_per_mac": per_mac}
+
     @property
     def objective(self) -> str:
         assert self.recipe.search is not None
@@ -248,7 +285,7 @@ class SearchState:
         if deadline is not None and time.monotonic() >= deadline:
             return f"time budget reached ({search.timeout_seconds:g} s)"
         size = space_size(self.recipe)
-        if size is not None and len({_key(r["params"]) for r in self.rows}) >= size:
+        if size is not None and len({_key(effective_params(self.recipe, r["params"])) for r in self.rows}) >= size:
             return f"every one of the {size} combinations in the space was tried"
         if search.patience is not None and self.best_value is not None and self.since_best >= search.patience:
             return (f"early stop: a feasible candidate exists and {self.since_best} candidates in a row did not beat it "
@@ -301,12 +338,13 @@ class LocalExecutor:
                     return f"the sampler kept proposing tried combinations ({number} proposals)"
                 trial = study.ask()
                 params = {key: _suggest(trial, key, p) for key, p in recipe.search.params.items()}
-                earlier = seen.get(_key(params))
+                same = _key(effective_params(recipe, params))
+                earlier = seen.get(same)
                 if earlier is not None:
-                    row = {**earlier, "trial": number, "reused_from": earlier["trial"]}
+                    row = {**earlier, "trial": number, "params": params, "reused_from": earlier["trial"]}
                 else:
-                    row = run_trial(ctx, number, params, log)
-                    seen[_key(params)] = row
+                    row = run_trial(ctx, number, params, log, hints=state.hints())
+                    seen[same] = row
                 for name, value in constraint_values(row, recipe).items():
                     trial.set_constraint(name, value)
                 values = objectives(row, recipe.search.objective)
