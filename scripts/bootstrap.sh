@@ -17,10 +17,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 .venv/bin/python -m pip install -q -c constraints.txt -e "$spec"
-if [ "$extras" = dev ] && ! command -v chromium >/dev/null 2>&1; then
-  # the report tests load report.html in a real headless browser: Debian's chromium (Playwright drives it)
-  echo "installing Debian's chromium for the report tests" >&2
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+if [ "$extras" = dev ]; then
+  # the tests use real system components from Debian: chromium (report pages, driven by Playwright) and a
+  # PostgreSQL server (the registry tests start their own cluster on 127.0.0.1)
+  need=""
+  command -v chromium >/dev/null 2>&1 || need="$need chromium"
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$need postgresql"
+  if [ -n "$need" ]; then
+    echo "installing Debian packages for the tests:$need" >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need >/dev/null
+  fi
 fi
 echo "slimship installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2

@@ -1,0 +1,91 @@
+"""The registry's metadata in SQL (SQLAlchemy 2): SQLite file by default, PostgreSQL by URL.
+
+    models    name (unique), description, created
+    versions  model, number (1, 2, 3… per model, gap-free), digest (sha256 of the manifest), manifest, format,
+              stage (none / staging / production / archived), lineage (original model, parent version, recipe,
+              run), measurements, tags, created
+    events    what happened to a model or version, with its evidence (registered, stage changes, …)
+
+Version numbers are taken inside the inserting transaction while the model's row is locked (PostgreSQL:
+``SELECT … FOR UPDATE``; SQLite: ``BEGIN IMMEDIATE`` takes the database's write lock), so concurrent
+registrations from many processes get unique, gap-free numbers; versions are never deleted (archived instead).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created: Mapped[datetime] = mapped_column(default=_now)
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("model_id", "number", name="uq_version_number"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    format: Mapped[str] = mapped_column(String(32))
+    artifact: Mapped[str] = mapped_column(String(500))
+    stage: Mapped[str] = mapped_column(String(16), default="none")
+    original: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"), nullable=True)
+    candidate: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    run: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    measurements: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created: Mapped[datetime] = mapped_column(default=_now)
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    at: Mapped[datetime] = mapped_column(default=_now)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn: Any, _rec: Any) -> None:
+            dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" below open transactions
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock up front: no read-then-upgrade races
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return create_engine(url, pool_pre_ping=True)
