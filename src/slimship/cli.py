@@ -440,7 +440,8 @@ def quickstart(
     typer.echo(f"results: {out / 'results.json'}\nsummary: {out / 'summary.md'}")
 
 
-import slimship.cli_compress  # noqa: E402,F401 - registers prune / lowrank / share / distill on `app`
+import slimship.cli_compress  # noqa: E402 - registers prune / lowrank / share / distill on `app`
+import slimship.cli_registry  # noqa: E402,F401 - registers `slimship registry …`
 
 
 def main() -> None:

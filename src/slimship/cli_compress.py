@@ -324,6 +324,10 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/RECIPE-NAME). Re-running into it resumes.")] = None,
     limit: LimitOpt = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", "-b", help="Batch sizes timed for the original and the final candidate (plus the latency constraint's).")] = "1,32",
+    register: Annotated[str | None, typer.Option(help="Register the final candidate in the model registry under this name, with "
+                                                      "the recipe, the run and its measurements as lineage.")] = None,
+    registry_root: Annotated[Path | None, typer.Option(envvar="SLIMSHIP_REGISTRY", help="Registry directory for --register (default: $SLIMSHIP_REGISTRY or ~/.local/share/slimship/registry).")] = None,
+    registry_url: Annotated[str | None, typer.Option(envvar="SLIMSHIP_REGISTRY_URL", help="Registry database URL for --register (default: SQLite in the registry directory).")] = None,
 ) -> None:
     """Run a recipe's passes in order, evaluate every step, time the result against the original and check the constraints.
 
@@ -357,6 +361,28 @@ def run(
     typer.echo(f"final: {verdict['final']}; constraints {'hold' if verdict['holds'] else 'do not hold'}")
     typer.echo(f"results: {dest / 'results.json'}")
     typer.echo(f"report:  {dest / 'report.html'}")
+    if register:
+        _register_run(result, dest, register, registry_root, registry_url)
+
+
+def _register_run(result: dict[str, Any], dest: Path, name: str, root: Path | None, url: str | None) -> None:
+    from slimship.errors import ConfigError
+    from slimship.registry import Registry
+
+    verdict = result["constraints"]
+    final = next((s for s in result["steps"] if s["label"] == verdict["final"]), None)
+    if final is None:
+        raise ConfigError("--register: no step finished, nothing to register")
+    bench = next((c for c in (result.get("bench") or {}).get("candidates", []) if c["label"] == final["label"]), None)
+    measurements = {"evaluation": result["evaluations"].get(final["label"], {}),
+                    "original_evaluation": result["evaluations"].get("original", {}),
+                    "latency": bench["results"] if bench else [], "constraints": verdict}
+    v = Registry(root, url=url).register(
+        final["candidate"], name, recipe=result["recipe"], measurements=measurements,
+        run={"dir": str(dest.resolve()), "results": str((dest / "results.json").resolve()), "step": final["label"]},
+        tags={"constraints": "hold" if verdict["holds"] else "fail"},
+    )
+    typer.echo(f"registered {v.label} ({v.digest[:12]}){'' if verdict['holds'] else ' — note: the constraints did NOT hold'}")
 
 
 @app.command()

@@ -21,7 +21,6 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
-
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
