@@ -441,7 +441,8 @@ def quickstart(
 
 
 import slimship.cli_compress  # noqa: E402 - registers prune / lowrank / share / distill on `app`
-import slimship.cli_registry  # noqa: E402,F401 - registers `slimship registry …`
+import slimship.cli_registry  # noqa: E402 - registers `slimship registry …`
+import slimship.cli_serve  # noqa: E402,F401 - registers `slimship serve`
 
 
 def main() -> None:

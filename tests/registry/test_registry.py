@@ -3,12 +3,10 @@ concurrent writers."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -139,7 +137,7 @@ def test_a_writer_killed_mid_registration_leaves_no_version(registry_url, tmp_pa
 
 
 def test_gc_keeps_what_versions_reference(registry, digits_chain, tmp_path):
-    _, exp, opt = digits_chain
+    _, exp, _opt = digits_chain
     registry.register(exp.path, "digits")
     orphan = tmp_path / "orphan.bin"
     orphan.write_bytes(b"x" * 1000)

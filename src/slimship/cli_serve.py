@@ -1,0 +1,79 @@
+"""`slimship serve`: the Open Inference Protocol server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from slimship.cli import app
+
+
+def _model_spec(text: str) -> dict[str, Any]:
+    """NAME=PATH, NAME@VERSION=PATH or NAME=registry:REF into a ModelSpec dict."""
+    from slimship.errors import ConfigError
+
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise ConfigError(f"--model {text!r}: use NAME=PATH (ONNX file or candidate dir), NAME@VERSION=PATH, "
+                          "or NAME=registry:REF (REF: a version number, production, staging, latest)")
+    name, _, version = name.partition("@")
+    spec: dict[str, Any] = {"name": name}
+    if version:
+        spec["version"] = version
+    if source.startswith("registry:"):
+        spec["registry"] = source.removeprefix("registry:")
+    else:
+        spec["path"] = source
+    return spec
+
+
+@app.command()
+def serve(
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="What to serve, repeatable: NAME=PATH (an ONNX file or candidate "
+                                                    "directory), NAME@VERSION=PATH, or NAME=registry:REF (REF: version number, production, "
+                                                    "staging, latest).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="A serving config YAML (models, batching, traffic, limits); "
+                                                "flags add to it. See slimship/serve/config.py for the format.")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000; 0 picks a free one).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Dynamic batching: most rows per batch, for models given with --model (default 32).")] = None,
+    max_queue_delay_ms: Annotated[float | None, typer.Option(min=0, help="Dynamic batching: longest wait for a batch to fill (default 2 ms).")] = None,
+    max_queue: Annotated[int | None, typer.Option(min=1, help="Requests that may wait per endpoint; beyond, 503 + Retry-After (default 256).")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds before an unanswered request gets 504 (default 30).")] = None,
+    max_body_mb: Annotated[float | None, typer.Option(min=0.001, help="Largest request body in MB; beyond, 413 (default 64).")] = None,
+    registry: Annotated[Path | None, typer.Option(envvar="SLIMSHIP_REGISTRY", help="Registry directory, for registry: models and the stage API.")] = None,
+    registry_url: Annotated[str | None, typer.Option(envvar="SLIMSHIP_REGISTRY_URL", help="Registry database URL (default SQLite in the registry directory).")] = None,
+    token_env: Annotated[str, typer.Option(help="Environment variable holding the bearer token inference requires (unset: no token needed).")] = "SLIMSHIP_TOKEN",
+    admin_token_env: Annotated[str, typer.Option(help="Environment variable holding the admin API's bearer token (unset: admin API disabled).")] = "SLIMSHIP_ADMIN_TOKEN",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="One JSON line per request on stderr.")] = True,
+) -> None:
+    """Serve ONNX models over the Open Inference Protocol (KServe V2, JSON and binary tensors — tritonclient works as is),
+    with dynamic batching, versions and traffic splitting, Prometheus metrics at /metrics and an admin API.
+
+    Examples: `slimship serve -m mnist=runs/mnist/optimized` ·
+    `SLIMSHIP_ADMIN_TOKEN=s3cret slimship serve -m minilm=registry:production --registry ~/reg`
+    """
+    from slimship.serve.config import load_serve_config
+    from slimship.serve.run import serve as run_server
+
+    models = [_model_spec(m) for m in model or []]
+    batching = {k: v for k, v in {"max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
+                                   "max_queue": max_queue, "timeout_s": timeout}.items() if v is not None}
+    for m in models:
+        m["batching"] = batching
+    overrides: dict[str, Any] = {"host": host, "port": port, "models": models or None,
+                                 "registry": str(registry) if registry else None, "registry_url": registry_url}
+    if max_body_mb is not None:
+        overrides["limits"] = {"max_body_bytes": int(max_body_mb * 1e6)}
+    cfg = load_serve_config(config, overrides)
+    if not cfg.models:
+        from slimship.errors import ConfigError
+
+        raise ConfigError("nothing to serve: give --model NAME=PATH (or models in --config), e.g. -m mnist=runs/mnist/optimized")
+    typer.echo(f"serving {', '.join(sorted({m.name for m in cfg.models}))} on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", err=True)
+    run_server(cfg, token=os.environ.get(token_env) or None, admin_token=os.environ.get(admin_token_env) or None,
+               log_level=log_level, access_log=access_log)

@@ -1,0 +1,501 @@
+"""The inference server: an ASGI app (Starlette, run by uvicorn) speaking the Open Inference Protocol.
+
+    GET  /v2/health/live | /v2/health/ready | /v2                      server health and metadata
+    GET  /v2/models/{m}[/versions/{v}]  and  …/ready                  model metadata and readiness
+    POST /v2/models/{m}[/versions/{v}]/infer                           inference (JSON or binary tensors)
+    GET  /metrics                                                      Prometheus
+    GET|POST|PUT /v2/admin/…                                           load / unload / traffic / stage (bearer token)
+
+Each model is a group of versions (endpoints). A versionless request is routed by the model's traffic policy:
+weights (A/B, canary), optionally sticky by a header so one user stays on one variant, and a shadow version that
+receives a share of the traffic in the background — the client is answered by the primary, the two outputs are
+compared and the agreement recorded. Known errors map to their status with an ``{"error": ...}`` body; anything
+unexpected is logged with its traceback and answered with an opaque 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slimship.errors import ServingError, SlimshipError
+from slimship.serve.endpoint import BatchingConfig, Endpoint
+from slimship.serve.metrics import Metrics
+from slimship.serve.protocol import (
+    HEADER_LENGTH,
+    NotFound,
+    PayloadTooLarge,
+    ProtocolError,
+    Unauthorized,
+    encode_infer_response,
+    parse_infer_request,
+)
+
+log = logging.getLogger("slimship.serve")
+access_log = logging.getLogger("slimship.access")
+
+SERVER_NAME = "slimship"
+EXTENSIONS = ["binary_tensor_data", "classification_free", "slimship_admin", "slimship_traffic"]
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: largest request body in bytes (413 beyond)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+
+class ShadowPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: str
+    #: share of the model's traffic mirrored to the shadow version, in [0, 1]
+    fraction: float = Field(default=1.0, ge=0, le=1)
+
+
+class TrafficPolicy(BaseModel):
+    """How versionless requests to a model are split between its versions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: version → weight (any non-negative numbers; normalised); empty = the newest loaded version takes all
+    weights: dict[str, float] = Field(default_factory=dict)
+    #: a request header whose value pins a caller to one variant (e.g. x-user-id); None = random per request
+    sticky_header: str | None = None
+    shadow: ShadowPolicy | None = None
+
+
+@dataclass
+class ShadowStats:
+    pairs: int = 0
+    errors: int = 0
+    fidelity_sum: float = 0.0
+    fidelity_min: float = 1.0
+    recent: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.pairs += 1
+        self.fidelity_sum += value
+        self.fidelity_min = min(self.fidelity_min, value)
+        self.recent.append(value)
+        del self.recent[:-1000]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pairs": self.pairs, "errors": self.errors, "fidelity_mean": self.fidelity_sum / self.pairs if self.pairs else None,
+                "fidelity_min": self.fidelity_min if self.pairs else None}
+
+
+@dataclass
+class ModelGroup:
+    name: str
+    versions: dict[str, Endpoint] = field(default_factory=dict)
+    policy: TrafficPolicy = field(default_factory=TrafficPolicy)
+    shadow_stats: dict[str, ShadowStats] = field(default_factory=dict)
+
+    def default_version(self) -> str:
+        return max(self.versions, key=_version_key)
+
+    def route(self, sticky_value: str | None) -> Endpoint:
+        weights = {v: w for v, w in self.policy.weights.items() if v in self.versions and w > 0}
+        if not weights:
+            return self.versions[self.default_version()]
+        total = sum(weights.values())
+        if sticky_value is not None:
+            u = int.from_bytes(hashlib.sha256(f"{self.name}\0{sticky_value}".encode()).digest()[:8], "big") / 2**64
+        else:
+            u = random.random()
+        acc = 0.0
+        for v in sorted(weights, key=_version_key):
+            acc += weights[v] / total
+            if u < acc:
+                return self.versions[v]
+        return self.versions[max(weights, key=_version_key)]
+
+
+def _version_key(v: str) -> tuple[int, Any]:
+    return (0, int(v)) if v.isdigit() else (1, v)
+
+
+def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Fidelity of a shadow output to the primary's: mean row cosine over float outputs; for a single-column-per-class
+    output (logits) the top-1 agreement is what users see, so classifiers use that."""
+    scores = []
+    for name, x in a.items():
+        y = b.get(name)
+        if y is None or y.shape != x.shape or x.dtype.kind != "f":
+            continue
+        x2, y2 = x.reshape(x.shape[0], -1).astype(np.float64), y.reshape(y.shape[0], -1).astype(np.float64)
+        if x2.shape[1] > 1 and x2.shape[1] <= 1000 and name.lower() in ("logits", "output", "scores", "probabilities"):
+            scores.append(float((x2.argmax(1) == y2.argmax(1)).mean()))
+            continue
+        num = (x2 * y2).sum(1)
+        den = np.linalg.norm(x2, axis=1) * np.linalg.norm(y2, axis=1)
+        scores.append(float(np.mean(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0))))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+class Server:
+    """The state behind the app: model groups, metrics, tokens, limits, an optional registry."""
+
+    def __init__(self, *, limits: Limits | None = None, token: str | None = None, admin_token: str | None = None,
+                 registry: Any = None) -> None:
+        self.models: dict[str, ModelGroup] = {}
+        self.metrics = Metrics()
+        self.limits = limits or Limits()
+        self.token = token
+        self.admin_token = admin_token
+        self.registry = registry
+        self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.started = False
+
+    # ---- model management ---------------------------------------------------------------------
+    async def load(self, name: str, version: str, path: str, batching: BatchingConfig | None = None,
+                   source: dict[str, Any] | None = None) -> Endpoint:
+        async with self._lock:
+            group = self.models.setdefault(name, ModelGroup(name))
+            if version in group.versions:
+                raise ServingError(f"{name} v{version} is already loaded; unload it first or load under another version")
+            loop = asyncio.get_running_loop()
+            ep = await loop.run_in_executor(None, lambda: Endpoint(name, version, path, batching, self.metrics, source))
+            await ep.start()
+            group.versions[version] = ep  # routable only once it is warm
+            log.info(json.dumps({"event": "loaded", "model": name, "version": version, "path": str(path)}))
+            return ep
+
+    async def load_from_registry(self, name: str, ref: str, version: str | None = None,
+                                 batching: BatchingConfig | None = None, registry_model: str | None = None) -> Endpoint:
+        if self.registry is None:
+            raise ServingError("this server has no registry: start it with --registry (or SLIMSHIP_REGISTRY)")
+        loop = asyncio.get_running_loop()
+        reg_model = registry_model or name
+        v = await loop.run_in_executor(None, self.registry.get, reg_model, int(ref) if str(ref).isdigit() else ref)
+        cand = await loop.run_in_executor(None, self.registry.fetch, reg_model, v.number)  # verified by hash
+        if cand.format != "onnx":
+            raise ServingError(f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)")
+        return await self.load(name, version or str(v.number), str(cand.artifact_path), batching,
+                               {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage})
+
+    async def unload(self, name: str, version: str, drain_timeout: float = 30.0) -> None:
+        async with self._lock:
+            group = self._group(name)
+            ep = group.versions.get(version)
+            if ep is None:
+                raise NotFound(f"{name} has no loaded version {version}; loaded: {sorted(group.versions, key=_version_key)}")
+            del group.versions[version]  # no new request is routed to it from here on
+            weights = {v: w for v, w in group.policy.weights.items() if v != version}
+            shadow = group.policy.shadow if group.policy.shadow is None or group.policy.shadow.version != version else None
+            group.policy = group.policy.model_copy(update={"weights": weights, "shadow": shadow})
+            if not group.versions:
+                del self.models[name]
+        await ep.stop(drain_timeout)  # requests already routed to it are answered first
+        log.info(json.dumps({"event": "unloaded", "model": name, "version": version}))
+
+    def set_traffic(self, name: str, policy: TrafficPolicy) -> None:
+        group = self._group(name)
+        unknown = [v for v in policy.weights if v not in group.versions]
+        if policy.shadow is not None and policy.shadow.version not in group.versions:
+            unknown.append(policy.shadow.version)
+        if unknown:
+            raise ProtocolError(f"traffic for {name} names version(s) {unknown} that aren't loaded; loaded: "
+                                f"{sorted(group.versions, key=_version_key)}")
+        if policy.weights and sum(policy.weights.values()) <= 0:
+            raise ProtocolError("traffic weights must include a positive weight")
+        group.policy = policy
+
+    def _group(self, name: str) -> ModelGroup:
+        group = self.models.get(name)
+        if group is None:
+            raise NotFound(f"unknown model {name!r}; models: {sorted(self.models)}")
+        return group
+
+    def endpoint(self, name: str, version: str | None, sticky: str | None = None) -> Endpoint:
+        group = self._group(name)
+        if version is None:
+            return group.route(sticky)
+        ep = group.versions.get(version)
+        if ep is None:
+            raise NotFound(f"model {name!r} has no version {version!r}; versions: {sorted(group.versions, key=_version_key)}")
+        return ep
+
+    async def stop(self) -> None:
+        for t in list(self._background):
+            t.cancel()
+        for group in list(self.models.values()):
+            for ep in list(group.versions.values()):
+                await ep.stop()
+
+    # ---- shadow -------------------------------------------------------------------------------
+    def maybe_shadow(self, name: str, primary: Endpoint, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        group = self.models.get(name)
+        if group is None or group.policy.shadow is None:
+            return
+        sh = group.policy.shadow
+        target = group.versions.get(sh.version)
+        if target is None or target is primary or random.random() >= sh.fraction:
+            return
+
+        async def run() -> None:
+            stats = group.shadow_stats.setdefault(sh.version, ShadowStats())
+            try:
+                got = await target.infer(inputs)
+            except Exception as err:  # never reaches the client
+                stats.errors += 1
+                self.metrics.shadow_errors.labels(name, sh.version).inc()
+                log.debug("shadow request to %s v%s failed: %s", name, sh.version, err)
+                return
+            value = agreement(outputs, got)
+            stats.add(value)
+            self.metrics.shadow_fidelity.labels(name, primary.version, sh.version).observe(value)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+# ---- HTTP --------------------------------------------------------------------------------------
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import Response
+
+    return Response(json.dumps(body, separators=(",", ":")), status, headers=headers, media_type="application/json")
+
+
+def _error(err: ProtocolError | str, status: int = 400) -> Any:
+    if isinstance(err, ProtocolError):
+        return _json({"error": str(err)}, err.status, err.headers)
+    return _json({"error": err}, status)
+
+
+def _bearer_ok(header: str | None, token: str) -> bool:
+    if not header or not header.lower().startswith("bearer "):
+        return False
+    return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+
+
+async def _read_body(request: Any, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; this server takes at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(server: Server, startup: list[Any] | None = None) -> Any:
+    """The ASGI app. ``startup``: coroutines (e.g. model loads) awaited when the app starts."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from slimship import __version__
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        for coro in startup or []:
+            await coro
+        server.started = True
+        try:
+            yield
+        finally:
+            server.started = False
+            await server.stop()
+
+    def guard(admin: bool = False) -> Any:
+        def deco(fn: Any) -> Any:
+            async def handler(request: Request) -> Any:
+                t0 = time.perf_counter()
+                rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+                request.state.rid = request.state.model = request.state.version = None
+                request.state.rid = rid
+                try:
+                    if admin:
+                        if server.admin_token is None:
+                            raise ProtocolError("the admin API is disabled: start the server with --admin-token", 403)
+                        if not _bearer_ok(request.headers.get("authorization"), server.admin_token):
+                            raise Unauthorized("admin API: send `Authorization: Bearer <admin token>`",
+                                               headers={"WWW-Authenticate": "Bearer"})
+                    elif server.token is not None and request.url.path.endswith("/infer") \
+                            and not _bearer_ok(request.headers.get("authorization"), server.token):
+                        raise Unauthorized("inference needs `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"})
+                    resp = await fn(request)
+                except ProtocolError as err:
+                    resp = _error(err)
+                except ValidationError as err:
+                    resp = _error(f"invalid body: {err.errors(include_url=False)}", 400)
+                except SlimshipError as err:
+                    resp = _error(str(err), 400)
+                except Exception:  # opaque to the client, whole in the log
+                    log.exception("unexpected error on %s %s (request %s)", request.method, request.url.path, rid)
+                    resp = _error(f"internal server error (request id {rid})", 500)
+                resp.headers["x-request-id"] = rid
+                ms = (time.perf_counter() - t0) * 1000
+                route = request.scope.get("route")
+                server.metrics.http.labels(getattr(route, "path", request.url.path), str(resp.status_code)).inc()
+                access_log.info(json.dumps({"method": request.method, "path": request.url.path, "status": resp.status_code,
+                                            "ms": round(ms, 3), "model": request.state.model, "version": request.state.version,
+                                            "request_id": rid, "client": request.client.host if request.client else None}))
+                return resp
+            return handler
+        return deco
+
+    # ---- health & metadata ----
+    @guard()
+    async def live(request: Request) -> Any:
+        return _json({"live": True})
+
+    @guard()
+    async def ready(request: Request) -> Any:
+        ok = server.started and all(ep.ready for g in server.models.values() for ep in g.versions.values())
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    @guard()
+    async def server_meta(request: Request) -> Any:
+        return _json({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+
+    @guard()
+    async def model_meta(request: Request) -> Any:
+        name, version = request.path_params["model"], request.path_params.get("version")
+        group = server._group(name)
+        ep = server.endpoint(name, version or group.default_version())
+        meta = ep.metadata()
+        meta["versions"] = sorted(group.versions, key=_version_key) if version is None else [ep.version]
+        return _json(meta)
+
+    @guard()
+    async def model_ready(request: Request) -> Any:
+        name, version = request.path_params["model"], request.path_params.get("version")
+        group = server._group(name)
+        ep = server.endpoint(name, version or group.default_version())
+        return _json({"name": name, "version": ep.version, "ready": ep.ready}, 200 if ep.ready else 503)
+
+    @guard()
+    async def infer(request: Request) -> Any:
+        name, version = request.path_params["model"], request.path_params.get("version")
+        t0 = time.perf_counter()
+        body = await _read_body(request, server.limits.max_body_bytes)
+        req = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+        group = server._group(name)
+        sticky = request.headers.get(group.policy.sticky_header) if group.policy.sticky_header else None
+        ep = server.endpoint(name, version, sticky)
+        request.state.model, request.state.version = name, ep.version
+        status = "200"
+        try:
+            outputs = await ep.infer(req.inputs)
+            data, headers = encode_infer_response(name, ep.version, req.id, outputs, req)
+        except ProtocolError as err:
+            status = str(err.status)
+            raise
+        except Exception:
+            status = "500"
+            raise
+        finally:
+            server.metrics.requests.labels(name, ep.version, status).inc()
+            server.metrics.latency.labels(name, ep.version).observe(time.perf_counter() - t0)
+        if version is None:
+            server.maybe_shadow(name, ep, req.inputs, outputs)
+        headers["x-model-version"] = ep.version
+        return Response(data, 200, headers=headers)
+
+    async def metrics(request: Request) -> Any:
+        data, ctype = server.metrics.render()
+        return Response(data, 200, media_type=ctype.split(";")[0], headers={"content-type": ctype})
+
+    # ---- admin ----
+    @guard(admin=True)
+    async def admin_state(request: Request) -> Any:
+        out = {}
+        for name, g in server.models.items():
+            out[name] = {
+                "versions": {v: {"ready": ep.ready, "source": ep.source, "queue": ep._queue.qsize() if ep._queue else 0,
+                                 "batching": ep.config.model_dump()} for v, ep in g.versions.items()},
+                "traffic": g.policy.model_dump(),
+                "shadow": {v: s.as_dict() for v, s in g.shadow_stats.items()},
+            }
+        return _json({"models": out})
+
+    class LoadBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        path: str | None = None
+        registry: str | None = None  # a version number or stage of the registry model with this name
+        registry_model: str | None = None
+        version: str | None = None
+        batching: BatchingConfig = BatchingConfig()
+
+    @guard(admin=True)
+    async def admin_load(request: Request) -> Any:
+        name = request.path_params["model"]
+        body = LoadBody.model_validate_json(await _read_body(request, 1 << 20) or b"{}")
+        if (body.path is None) == (body.registry is None):
+            raise ProtocolError('give either "path" (an ONNX file) or "registry" (a version number or stage)')
+        if body.path is not None:
+            version = body.version or str(1 + max((int(v) for v in server.models.get(name, ModelGroup(name)).versions if v.isdigit()), default=0))
+            ep = await server.load(name, version, body.path, body.batching)
+        else:
+            ep = await server.load_from_registry(name, str(body.registry), body.version, body.batching, body.registry_model)
+        return _json({"model": name, "version": ep.version, "ready": ep.ready, "source": ep.source})
+
+    @guard(admin=True)
+    async def admin_unload(request: Request) -> Any:
+        name, version = request.path_params["model"], request.path_params["version"]
+        await server.unload(name, version)
+        return _json({"model": name, "version": version, "unloaded": True})
+
+    @guard(admin=True)
+    async def admin_traffic(request: Request) -> Any:
+        name = request.path_params["model"]
+        policy = TrafficPolicy.model_validate_json(await _read_body(request, 1 << 20))
+        server.set_traffic(name, policy)
+        return _json({"model": name, "traffic": server.models[name].policy.model_dump()})
+
+    class StageBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        stage: str
+        reason: str = ""
+
+    @guard(admin=True)
+    async def admin_stage(request: Request) -> Any:
+        name, version = request.path_params["model"], request.path_params["version"]
+        body = StageBody.model_validate_json(await _read_body(request, 1 << 20))
+        if server.registry is None:
+            raise ServingError("this server has no registry: start it with --registry")
+        ep = server.endpoint(name, version)
+        reg_model = ep.source.get("registry", name)
+        number = int(ep.source.get("version", version))
+        v = await asyncio.get_running_loop().run_in_executor(None, lambda: server.registry.set_stage(reg_model, number, body.stage, reason=body.reason))
+        return _json({"model": reg_model, "version": v.number, "stage": v.stage})
+
+    async def not_found(request: Request, exc: Exception) -> Any:
+        return _error(f"no route {request.method} {request.url.path}; see /v2 for the protocol's endpoints", 404)
+
+    routes = [
+        Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", server_meta),
+        Route("/v2/models/{model}", model_meta), Route("/v2/models/{model}/versions/{version}", model_meta),
+        Route("/v2/models/{model}/ready", model_ready), Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/metrics", metrics),
+        Route("/v2/admin/models", admin_state),
+        Route("/v2/admin/models/{model}/load", admin_load, methods=["POST"]),
+        Route("/v2/admin/models/{model}/versions/{version}/unload", admin_unload, methods=["POST"]),
+        Route("/v2/admin/models/{model}/traffic", admin_traffic, methods=["PUT"]),
+        Route("/v2/admin/models/{model}/versions/{version}/stage", admin_stage, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.server = server
+    return app

@@ -1,0 +1,297 @@
+"""An endpoint: one model version with its own ONNX Runtime session and dynamic batcher.
+
+Requests are validated against the model's inputs (names, datatypes, ranks, fixed dimensions) *before* they
+are queued. The queue is bounded: when it is full a request is refused at once with 503 and Retry-After, never
+left to hang. One batch runs at a time (ONNX Runtime already uses every core inside a batch); while it runs,
+arriving requests queue up and form the next batch — up to ``max_batch_size`` rows, waiting at most
+``max_queue_delay_ms`` after the first. Requests whose sequences differ in length are padded to the longest
+when the model allows it (an ``attention_mask`` input masks the padding); outputs with a sequence axis are cut
+back to each request's length. A request that waits beyond its timeout is answered 504 and dropped from the
+batch if it hasn't started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from slimship.serve.protocol import DATATYPES, Overloaded, ProtocolError, TimedOut
+
+_ORT_TO_DT = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16", "tensor(int64)": "INT64",
+              "tensor(int32)": "INT32", "tensor(int16)": "INT16", "tensor(int8)": "INT8", "tensor(uint8)": "UINT8",
+              "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(bool)": "BOOL",
+              "tensor(string)": "BYTES"}
+
+
+class BatchingConfig(BaseModel):
+    """How an endpoint batches and protects itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: most rows in one executed batch (a request with more rows is refused)
+    max_batch_size: int = Field(default=32, ge=1)
+    #: longest a request waits for others to join its batch, in milliseconds
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    #: most requests waiting; beyond it requests get 503 with Retry-After
+    max_queue: int = Field(default=256, ge=1)
+    #: pad variable-length sequences (axis 1) to batch them: auto = when the model has an attention_mask input
+    pad: Literal["auto", "on", "off"] = "auto"
+    #: a request not answered within this many seconds gets 504
+    timeout_s: float = Field(default=30.0, gt=0)
+    #: intra-op threads of the session (None: physical cores)
+    threads: int | None = Field(default=None, ge=1)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int | str | None, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": [d if isinstance(d, int) else -1 for d in self.shape]}
+
+
+@dataclass
+class _Item:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    seq: int | None
+    future: asyncio.Future[dict[str, np.ndarray]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Endpoint:
+    def __init__(self, model: str, version: str, onnx_path: str | Path, config: BatchingConfig | None = None,
+                 metrics: Any = None, source: dict[str, Any] | None = None) -> None:
+        import onnxruntime as ort
+
+        from slimship.machine import physical_cores
+
+        self.model, self.version = model, str(version)
+        self.path = Path(onnx_path)
+        self.config = config or BatchingConfig()
+        self.metrics = metrics
+        self.source = source or {"path": str(self.path)}
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.config.threads or physical_cores()
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle endpoints must not burn cores
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        except Exception as err:
+            from slimship.errors import ServingError
+
+            raise ServingError(f"can't load {self.path} for {model} v{version}: {err}") from err
+        self.inputs = [TensorSpec(i.name, _ORT_TO_DT.get(i.type, i.type), tuple(i.shape)) for i in self.session.get_inputs()]
+        self.outputs = [TensorSpec(o.name, _ORT_TO_DT.get(o.type, o.type), tuple(o.shape)) for o in self.session.get_outputs()]
+        self._by_name = {s.name: s for s in self.inputs}
+        self.batchable = all(len(s.shape) >= 1 and not isinstance(s.shape[0], int) for s in self.inputs)
+        seq_dynamic = all(len(s.shape) >= 2 and not isinstance(s.shape[1], int) for s in self.inputs)
+        has_mask = any("mask" in s.name.lower() for s in self.inputs)
+        self.pads = seq_dynamic and (self.config.pad == "on" or (self.config.pad == "auto" and has_mask))
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._carry: _Item | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{model}-{version}")
+        self.in_flight = 0
+        self.ready = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.create_task(self._batcher(), name=f"batcher-{self.model}-{self.version}")
+            # one warm-up run so the first request doesn't pay for ORT's lazy initialisation
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._warmup)
+            self.ready = True
+
+    def _warmup(self) -> None:
+        try:
+            feeds = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=DATATYPES[s.datatype])
+                     for s in self.inputs if s.datatype != "BYTES"}
+            if len(feeds) == len(self.inputs):
+                self.session.run(None, feeds)
+        except Exception:  # a model that can't run zeros still serves real inputs
+            pass
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop taking requests, answer those queued or running, then stop the batcher."""
+        self.ready = False
+        deadline = time.monotonic() + drain_timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._pool.shutdown(wait=True)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.model, "versions": [self.version], "platform": "onnxruntime_onnx",
+                "inputs": [s.as_dict() for s in self.inputs], "outputs": [s.as_dict() for s in self.outputs]}
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
+        """Check names, datatypes and shapes against the model; returns (rows, sequence length if padded)."""
+        from slimship.serve.protocol import datatype_of
+
+        expected = [s.name for s in self.inputs]
+        unknown = [n for n in inputs if n not in self._by_name]
+        if unknown:
+            raise ProtocolError(f"unknown input(s) {unknown} for {self.model} v{self.version}; it takes {expected}")
+        missing = [n for n in expected if n not in inputs]
+        if missing:
+            raise ProtocolError(f"missing input(s) {missing} for {self.model} v{self.version}; it takes {expected}")
+        rows: int | None = None
+        seq: int | None = None
+        for name, arr in inputs.items():
+            spec = self._by_name[name]
+            dt = datatype_of(arr)
+            if dt != spec.datatype:
+                raise ProtocolError(f"input {name!r} is {dt} but {self.model} v{self.version} takes {spec.datatype}")
+            if arr.ndim != len(spec.shape):
+                raise ProtocolError(f"input {name!r} has shape {list(arr.shape)} but the model takes rank {len(spec.shape)} "
+                                    f"{[d if isinstance(d, int) else -1 for d in spec.shape]}")
+            for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
+                if isinstance(want, int) and want >= 0 and got != want:
+                    raise ProtocolError(f"input {name!r} has shape {list(arr.shape)} but the model takes "
+                                        f"{[d if isinstance(d, int) else -1 for d in spec.shape]} (axis {axis} must be {want})")
+            if self.batchable:
+                if rows is not None and arr.shape[0] != rows:
+                    raise ProtocolError(f"inputs disagree on the batch size: {name!r} has {arr.shape[0]} rows, others {rows}")
+                rows = int(arr.shape[0])
+            if self.pads:
+                if seq is not None and arr.shape[1] != seq:
+                    raise ProtocolError(f"inputs disagree on the sequence length: {name!r} has {arr.shape[1]}, others {seq}")
+                seq = int(arr.shape[1])
+        rows = rows if rows is not None else 1
+        if rows == 0:
+            raise ProtocolError("a request needs at least one row")
+        if self.batchable and rows > self.config.max_batch_size:
+            raise ProtocolError(f"a request of {rows} rows exceeds max_batch_size {self.config.max_batch_size} of "
+                                f"{self.model} v{self.version}; split it")
+        return rows, seq
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._queue is None or not self.ready:
+            raise Overloaded(f"{self.model} v{self.version} is not ready (loading or shutting down)", headers={"Retry-After": "1"})
+        rows, seq = self.validate(inputs)
+        if self._queue.qsize() >= self.config.max_queue:
+            raise Overloaded(f"{self.model} v{self.version} is overloaded: {self._queue.qsize()} requests queued "
+                             f"(max_queue {self.config.max_queue}); retry shortly", headers={"Retry-After": "1"})
+        fut: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        item = _Item(inputs, rows, seq, fut)
+        self.in_flight += 1
+        self._queue.put_nowait(item)
+        self._gauge()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.config.timeout_s)
+        except TimeoutError as err:
+            fut.cancel()  # the batcher skips it if it hasn't started
+            raise TimedOut(f"{self.model} v{self.version} did not answer within {self.config.timeout_s:g} s") from err
+        finally:
+            self.in_flight -= 1
+
+    def _gauge(self) -> None:
+        if self.metrics is not None and self._queue is not None:
+            self.metrics.queue_depth.labels(self.model, self.version).set(self._queue.qsize())
+
+    # ---- the batcher --------------------------------------------------------------------------
+    def _fits(self, batch: list[_Item], rows: int, nxt: _Item) -> bool:
+        if not self.batchable or rows + nxt.rows > self.config.max_batch_size:
+            return False
+        first = batch[0]
+        for name, arr in nxt.inputs.items():
+            ref = first.inputs[name]
+            lo = 2 if self.pads else 1
+            if arr.shape[lo:] != ref.shape[lo:]:
+                return False
+        return True
+
+    async def _batcher(self) -> None:
+        assert self._queue is not None
+        q = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            item = self._carry or await q.get()
+            self._carry = None
+            batch, rows = [item], item.rows
+            deadline = time.perf_counter() + self.config.max_queue_delay_ms / 1000.0
+            while rows < self.config.max_batch_size:
+                try:
+                    nxt = q.get_nowait()
+                except asyncio.QueueEmpty:
+                    wait = deadline - time.perf_counter()
+                    if wait <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(q.get(), wait)
+                    except TimeoutError:
+                        break
+                if self._fits(batch, rows, nxt):
+                    batch.append(nxt)
+                    rows += nxt.rows
+                else:
+                    self._carry = nxt
+                    break
+            self._gauge()
+            live = [b for b in batch if not b.future.done()]  # timed-out requests are dropped here
+            if not live:
+                continue
+            started = time.perf_counter()
+            feeds = self._merge(live)
+            try:
+                outs = await loop.run_in_executor(self._pool, self.session.run, None, feeds)
+            except Exception as err:  # a model failing on valid inputs: every request of the batch learns why
+                for b in live:
+                    if not b.future.done():
+                        b.future.set_exception(err)
+                continue
+            if self.metrics is not None:
+                self.metrics.batch_size.labels(self.model, self.version).observe(sum(b.rows for b in live))
+                for b in live:
+                    self.metrics.queue_time.labels(self.model, self.version).observe(started - b.enqueued)
+            names = [o.name for o in self.outputs]
+            padded = _seq_len(feeds) if self.pads else None
+            offset = 0
+            for b in live:
+                result = {}
+                for name, arr in zip(names, outs, strict=True):
+                    part = arr[offset:offset + b.rows] if self.batchable else arr
+                    if padded is not None and b.seq is not None and b.seq != padded and part.ndim >= 2 and part.shape[1] == padded:
+                        part = part[:, :b.seq]  # an output with the sequence axis: back to this request's length
+                    result[name] = part
+                offset += b.rows
+                if not b.future.done():
+                    b.future.set_result(result)
+
+    def _merge(self, batch: list[_Item]) -> dict[str, np.ndarray]:
+        if len(batch) == 1:
+            return batch[0].inputs
+        feeds = {}
+        longest = max(b.seq or 0 for b in batch)
+        for spec in self.inputs:
+            parts = []
+            for b in batch:
+                arr = b.inputs[spec.name]
+                if self.pads and arr.shape[1] < longest:
+                    pad = [(0, 0)] * arr.ndim
+                    pad[1] = (0, longest - arr.shape[1])
+                    arr = np.pad(arr, pad)
+                parts.append(arr)
+            feeds[spec.name] = np.concatenate(parts, axis=0)
+        return feeds
+
+
+def _seq_len(feeds: dict[str, np.ndarray]) -> int | None:
+    arr = next(iter(feeds.values()))
+    return int(arr.shape[1]) if arr.ndim >= 2 else None

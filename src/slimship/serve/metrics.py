@@ -1,0 +1,42 @@
+"""Prometheus metrics of the server (text format at ``/metrics``), one registry per app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        import prometheus_client
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        prometheus_client.disable_created_metrics()  # the *_created series only add noise to every scrape
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("slimship_requests", "Inference requests by model, version and HTTP status",
+                                ["model", "version", "status"], registry=r)
+        self.latency = Histogram("slimship_request_latency_seconds", "Inference request latency, arrival to response",
+                                 ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("slimship_queue_time_seconds", "Time a request waited for its batch to start",
+                                    ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("slimship_batch_size", "Rows per executed batch", ["model", "version"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.queue_depth = Gauge("slimship_queue_depth", "Requests waiting in an endpoint's queue", ["model", "version"], registry=r)
+        self.shadow_fidelity = Histogram("slimship_shadow_fidelity", "Agreement of a shadow version's output with the "
+                                         "primary's on the same request (cosine, or top-1 agreement for classifiers)",
+                                         ["model", "primary", "shadow"],
+                                         buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0), registry=r)
+        self.shadow_errors = Counter("slimship_shadow_errors", "Shadow requests that failed (the client never sees them)",
+                                     ["model", "shadow"], registry=r)
+        self.http = Counter("slimship_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> Any:
+        """A current value (for tests and the dashboard): ``sample("slimship_requests_total", {...})``."""
+        return self.registry.get_sample_value(name, labels or {})

@@ -1,0 +1,239 @@
+"""Open Inference Protocol (KServe V2) over HTTP: request parsing and response encoding, JSON and the binary
+tensor data extension (what tritonclient sends by default).
+
+A binary request is ``<JSON header><raw tensor bytes…>`` with the header's length in the
+``Inference-Header-Content-Length`` HTTP header; each binary input carries ``parameters.binary_data_size``.
+BYTES tensors are, element after element, a 4-byte little-endian length and the bytes. JSON bodies may arrive
+without a Content-Type (tritonclient sends none). Errors are :class:`ProtocolError` with the HTTP status the
+protocol prescribes; the app answers them as ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from slimship.errors import ServingError
+
+HEADER_LENGTH = "inference-header-content-length"
+
+#: OIP datatype → numpy dtype (BYTES is an object array of bytes)
+DATATYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
+}
+_NP_TO_DT = {np.dtype(v).str: k for k, v in DATATYPES.items() if k != "BYTES"}
+
+
+def datatype_of(arr: np.ndarray) -> str:
+    if arr.dtype == np.object_ or arr.dtype.kind in ("S", "U"):
+        return "BYTES"
+    try:
+        return _NP_TO_DT[arr.dtype.newbyteorder("<").str if arr.dtype.byteorder == ">" else arr.dtype.str]
+    except KeyError as err:
+        raise ServingError(f"no Open Inference Protocol datatype for numpy {arr.dtype}") from err
+
+
+class ProtocolError(ServingError):
+    """A request the server refuses, with its HTTP status."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+
+class NotFound(ProtocolError):
+    status = 404
+
+
+class PayloadTooLarge(ProtocolError):
+    status = 413
+
+
+class Overloaded(ProtocolError):
+    status = 503
+
+
+class TimedOut(ProtocolError):
+    status = 504
+
+
+class Unauthorized(ProtocolError):
+    status = 401
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    #: requested outputs: name → wants binary data (None = all outputs, JSON unless binary_data_output)
+    outputs: dict[str, bool] | None
+    binary_output_default: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _bytes_elements(buf: bytes, count: int, name: str) -> np.ndarray:
+    out = np.empty(count, dtype=np.object_)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(buf):
+            raise ProtocolError(f"input {name!r}: BYTES data ends inside element {i} of {count}")
+        (n,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if pos + n > len(buf):
+            raise ProtocolError(f"input {name!r}: BYTES element {i} claims {n} bytes but only {len(buf) - pos} remain")
+        out[i] = buf[pos:pos + n]
+        pos += n
+    if pos != len(buf):
+        raise ProtocolError(f"input {name!r}: {len(buf) - pos} bytes left over after {count} BYTES elements")
+    return out
+
+
+def _shape(spec: dict[str, Any], name: str) -> tuple[int, ...]:
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"input {name!r}: `shape` must be a list of non-negative integers, got {shape!r}")
+    return tuple(shape)
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Decode an infer request body (JSON, or JSON header + binary tensors)."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError as err:
+            raise ProtocolError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from err
+        if n < 0 or n > len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+        head, binary = body[:n], memoryview(body)[n:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"the request body is not valid JSON: {err}") from err
+    if not isinstance(req, dict):
+        raise ProtocolError(f"an infer request is a JSON object with `inputs`, got {type(req).__name__}")
+    raw_inputs = req.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError("an infer request needs a non-empty `inputs` list, e.g. "
+                            '{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}')
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, spec in enumerate(raw_inputs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ProtocolError(f"inputs[{i}] must be an object with a string `name`")
+        name = spec["name"]
+        if name in inputs:
+            raise ProtocolError(f"input {name!r} is given twice")
+        dt = spec.get("datatype")
+        if dt not in DATATYPES:
+            raise ProtocolError(f"input {name!r}: unknown datatype {dt!r}; datatypes: {sorted(DATATYPES)}")
+        shape = _shape(spec, name)
+        count = int(np.prod(shape)) if shape else 1
+        params = spec.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0:
+                raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise ProtocolError(f"input {name!r}: binary_data_size {size} runs past the end of the body "
+                                    f"({len(binary) - offset} bytes left); the payload is truncated")
+            chunk = bytes(binary[offset:offset + size])
+            offset += size
+            if dt == "BYTES":
+                arr = _bytes_elements(chunk, count, name)
+            else:
+                item = np.dtype(DATATYPES[dt]).itemsize
+                if size != count * item:
+                    raise ProtocolError(f"input {name!r}: shape {list(shape)} of {dt} needs {count * item} bytes, got {size}")
+                arr = np.frombuffer(chunk, dtype=np.dtype(DATATYPES[dt]).newbyteorder("<"))
+            inputs[name] = arr.reshape(shape)
+            continue
+        data = spec.get("data")
+        if data is None:
+            raise ProtocolError(f"input {name!r} has neither `data` nor parameters.binary_data_size")
+        try:
+            if dt == "BYTES":
+                flat = list(np.asarray(data, dtype=np.object_).reshape(-1))
+                arr = np.empty(len(flat), dtype=np.object_)
+                arr[:] = [x.encode() if isinstance(x, str) else bytes(x) for x in flat]
+            else:
+                arr = np.asarray(data, dtype=DATATYPES[dt]).reshape(-1)
+        except (ValueError, TypeError, OverflowError) as err:
+            raise ProtocolError(f"input {name!r}: `data` doesn't hold {dt} values: {err}") from err
+        if arr.size != count:
+            raise ProtocolError(f"input {name!r}: shape {list(shape)} needs {count} values, `data` has {arr.size}")
+        inputs[name] = arr.reshape(shape)
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} bytes of binary data follow the inputs that no input claims")
+    params = req.get("parameters") or {}
+    binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    outputs = None
+    if req.get("outputs") is not None:
+        if not isinstance(req["outputs"], list):
+            raise ProtocolError("`outputs` must be a list of {\"name\": ...} objects")
+        outputs = {}
+        for o in req["outputs"]:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise ProtocolError("each of `outputs` must be an object with a string `name`")
+            p = o.get("parameters") or {}
+            outputs[o["name"]] = bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default
+    rid = req.get("id")
+    return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, outputs=outputs,
+                        binary_output_default=binary_default, parameters=params if isinstance(params, dict) else {})
+
+
+def _json_data(arr: np.ndarray) -> list[Any]:
+    if arr.dtype == np.object_:
+        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
+    flat = arr.reshape(-1)
+    if arr.dtype.kind == "f":
+        return [float(x) for x in flat]  # NaN/inf become JSON NaN/Infinity, as Triton does
+    return flat.tolist()  # type: ignore[no-any-return]
+
+
+def _binary(arr: np.ndarray) -> bytes:
+    if arr.dtype == np.object_:
+        parts = []
+        for x in arr.reshape(-1):
+            b = x if isinstance(x, bytes) else str(x).encode()
+            parts.append(struct.pack("<I", len(b)) + b)
+        return b"".join(parts)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_infer_response(model: str, version: str, request_id: str | None, outputs: dict[str, np.ndarray],
+                          req: InferRequest) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers: JSON, or JSON header + binary tensors when any output asks for binary."""
+    wanted = req.outputs if req.outputs is not None else dict.fromkeys(outputs, req.binary_output_default)
+    unknown = [n for n in wanted if n not in outputs]
+    if unknown:
+        raise ProtocolError(f"unknown output(s) {unknown} requested; {model} v{version} has outputs {sorted(outputs)}")
+    head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": []}
+    if request_id is not None:
+        head["id"] = request_id
+    blobs: list[bytes] = []
+    for name, binary in wanted.items():
+        arr = outputs[name]
+        out: dict[str, Any] = {"name": name, "datatype": datatype_of(arr), "shape": list(arr.shape)}
+        if binary:
+            b = _binary(arr)
+            out["parameters"] = {"binary_data_size": len(b)}
+            blobs.append(b)
+        else:
+            out["data"] = _json_data(arr)
+        head["outputs"].append(out)
+    text = json.dumps(head, separators=(",", ":")).encode()
+    if not blobs:
+        return text, {"content-type": "application/json"}
+    return text + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(text))}

@@ -1,0 +1,65 @@
+"""Run the server: build the app from a :class:`~slimship.serve.config.ServeConfig` and hand it to uvicorn.
+SIGTERM / Ctrl-C stop taking connections, answer in-flight requests (up to ``graceful_shutdown_s``), then drain
+every endpoint's queue before the process exits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+from slimship.serve.app import Server, create_app
+from slimship.serve.config import ServeConfig
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if msg.startswith("{"):
+            return msg
+        out = {"level": record.levelname.lower(), "logger": record.name, "message": msg}
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(level: str = "info", access_log: bool = True) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines())
+    for name in ("slimship.serve", "slimship.access"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.setLevel(level.upper())
+        lg.propagate = False
+    logging.getLogger("slimship.access").disabled = not access_log
+
+
+def build(config: ServeConfig, token: str | None = None, admin_token: str | None = None) -> tuple[Server, Any]:
+    registry = None
+    if config.registry is not None or config.registry_url is not None or any(m.registry for m in config.models):
+        from slimship.registry import Registry
+
+        registry = Registry(config.registry, url=config.registry_url)
+    server = Server(limits=config.limits, token=token, admin_token=admin_token, registry=registry)
+
+    async def load_all() -> None:
+        for m in config.models:
+            if m.path is not None:
+                await server.load(m.name, m.version or "1", m.onnx_path(), m.batching, {"path": m.path})
+            else:
+                await server.load_from_registry(m.name, str(m.registry), m.version, m.batching, m.registry_model)
+        for name, policy in config.traffic.items():
+            server.set_traffic(name, policy)
+
+    return server, create_app(server, startup=[load_all()])
+
+
+def serve(config: ServeConfig, token: str | None = None, admin_token: str | None = None, log_level: str = "info",
+          access_log: bool = True) -> None:
+    import uvicorn
+
+    configure_logging(log_level, access_log)
+    _, app = build(config, token, admin_token)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, lifespan="on",
+                timeout_graceful_shutdown=int(config.graceful_shutdown_s), http="httptools", loop="uvloop")
