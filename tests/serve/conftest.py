@@ -110,4 +110,4 @@ def models(digits_chain, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-models")
     _, exp, opt = digits_chain
     return {"digits_v1": str(opt.artifact_path), "digits_v2": str(exp.artifact_path),
-            "slow": str(slow_model(root / "slow.onnx")), "seq": str(seq_model(root / "seq.onnx"))}
+            "slow": str(slow_model(root / "slow.onnx", size=2048)), "seq": str(seq_model(root / "seq.onnx"))}
