@@ -74,6 +74,5 @@ def serve(
         from slimship.errors import ConfigError
 
         raise ConfigError("nothing to serve: give --model NAME=PATH (or models in --config), e.g. -m mnist=runs/mnist/optimized")
-    typer.echo(f"serving {', '.join(sorted({m.name for m in cfg.models}))} on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", err=True)
     run_server(cfg, token=os.environ.get(token_env) or None, admin_token=os.environ.get(admin_token_env) or None,
                log_level=log_level, access_log=access_log)

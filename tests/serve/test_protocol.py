@@ -182,3 +182,32 @@ def test_admin_api_needs_the_token(server):
     assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
     r = httpx.get(url, headers={"Authorization": f"Bearer {ADMIN}"})
     assert r.status_code == 200 and set(r.json()["models"]) == {"digits", "seq"}
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_kserve_rest_client_protocol_v2(server, models, binary):
+    import asyncio
+
+    import onnxruntime as ort
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    x = _x(4, seed=3)
+
+    async def go():
+        client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0))
+        base = f"http://{server.url}"
+        try:
+            assert await client.is_server_live(base) and await client.is_server_ready(base)
+            assert await client.is_model_ready(base, "digits")
+            inp = InferInput(name="pixels", shape=list(x.shape), datatype="FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            req = InferRequest(model_name="digits", infer_inputs=[inp], request_id="kserve-1", model_version="1")
+            res = await client.infer(base, req, model_name="digits")
+            return res
+        finally:
+            await client.close()
+
+    res = asyncio.run(go())
+    assert res.id == "kserve-1" and res.model_name == "digits"
+    want = ort.InferenceSession(models["digits_v1"]).run(None, {"pixels": x})[0]
+    np.testing.assert_allclose(res.outputs[0].as_numpy(), want, rtol=1e-4, atol=1e-4)  # v1 and v2 compute the same

@@ -160,16 +160,28 @@ class Server:
     # ---- model management ---------------------------------------------------------------------
     async def load(self, name: str, version: str, path: str, batching: BatchingConfig | None = None,
                    source: dict[str, Any] | None = None) -> Endpoint:
+        """Build an endpoint (ONNX Runtime session) off the event loop, warm it, then make it routable."""
         async with self._lock:
-            group = self.models.setdefault(name, ModelGroup(name))
-            if version in group.versions:
+            group = self.models.get(name)
+            if group is not None and version in group.versions:
                 raise ServingError(f"{name} v{version} is already loaded; unload it first or load under another version")
             loop = asyncio.get_running_loop()
             ep = await loop.run_in_executor(None, lambda: Endpoint(name, version, path, batching, self.metrics, source))
-            await ep.start()
-            group.versions[version] = ep  # routable only once it is warm
-            log.info(json.dumps({"event": "loaded", "model": name, "version": version, "path": str(path)}))
-            return ep
+            return await self._add(ep)
+
+    async def add(self, ep: Endpoint) -> Endpoint:
+        """Start a built endpoint and make it routable (once warm)."""
+        async with self._lock:
+            return await self._add(ep)
+
+    async def _add(self, ep: Endpoint) -> Endpoint:
+        group = self.models.get(ep.model)
+        if group is not None and ep.version in group.versions:
+            raise ServingError(f"{ep.model} v{ep.version} is already loaded; unload it first or load under another version")
+        await ep.start()
+        self.models.setdefault(ep.model, ModelGroup(ep.model)).versions[ep.version] = ep
+        log.info(json.dumps({"event": "loaded", "model": ep.model, "version": ep.version, "source": ep.source}))
+        return ep
 
     async def load_from_registry(self, name: str, ref: str, version: str | None = None,
                                  batching: BatchingConfig | None = None, registry_model: str | None = None) -> Endpoint:

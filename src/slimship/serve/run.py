@@ -42,17 +42,33 @@ def build(config: ServeConfig, token: str | None = None, admin_token: str | None
 
         registry = Registry(config.registry, url=config.registry_url)
     server = Server(limits=config.limits, token=token, admin_token=admin_token, registry=registry)
+    # every artifact is resolved (registry checkouts verified by hash) and its session created before the server
+    # starts listening: a model that can't be served stops the start with one clear error, not a traceback
+    from slimship.serve.endpoint import Endpoint
 
-    async def load_all() -> None:
-        for m in config.models:
-            if m.path is not None:
-                await server.load(m.name, m.version or "1", m.onnx_path(), m.batching, {"path": m.path})
-            else:
-                await server.load_from_registry(m.name, str(m.registry), m.version, m.batching, m.registry_model)
+    endpoints = []
+    for m in config.models:
+        if m.path is not None:
+            endpoints.append(Endpoint(m.name, m.version or "1", m.onnx_path(), m.batching, server.metrics, {"path": m.path}))
+            continue
+        assert registry is not None
+        reg_model = m.registry_model or m.name
+        v = registry.get(reg_model, int(m.registry) if str(m.registry).isdigit() else str(m.registry))
+        cand = registry.fetch(reg_model, v.number)
+        if cand.format != "onnx":
+            from slimship.errors import ConfigError
+
+            raise ConfigError(f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)")
+        endpoints.append(Endpoint(m.name, m.version or str(v.number), cand.artifact_path, m.batching, server.metrics,
+                                  {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage}))
+
+    async def start_all() -> None:
+        for ep in endpoints:
+            await server.add(ep)
         for name, policy in config.traffic.items():
             server.set_traffic(name, policy)
 
-    return server, create_app(server, startup=[load_all()])
+    return server, create_app(server, startup=[start_all()])
 
 
 def serve(config: ServeConfig, token: str | None = None, admin_token: str | None = None, log_level: str = "info",
@@ -61,5 +77,7 @@ def serve(config: ServeConfig, token: str | None = None, admin_token: str | None
 
     configure_logging(log_level, access_log)
     _, app = build(config, token, admin_token)
+    print(f"serving {', '.join(sorted({m.name for m in config.models}))} on http://{config.host}:{config.port} "
+          f"(Ctrl-C or SIGTERM stops after answering requests in flight)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, lifespan="on",
                 timeout_graceful_shutdown=int(config.graceful_shutdown_s), http="httptools", loop="uvloop")
