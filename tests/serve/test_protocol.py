@@ -211,3 +211,15 @@ def test_kserve_rest_client_protocol_v2(server, models, binary):
     assert res.id == "kserve-1" and res.model_name == "digits"
     want = ort.InferenceSession(models["digits_v1"]).run(None, {"pixels": x})[0]
     np.testing.assert_allclose(res.outputs[0].as_numpy(), want, rtol=1e-4, atol=1e-4)  # v1 and v2 compute the same
+
+
+def test_a_model_failing_at_run_time_is_an_opaque_500_and_the_server_goes_on(server):
+    """input_ids beyond the embedding table make ONNX Runtime fail inside the model: the client gets a 500 with
+    the request id and nothing of the internals; the log has the traceback; the next request is served."""
+    body = {"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [5, 1000]},
+                       {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]}]}
+    r = httpx.post(f"http://{server.url}/v2/models/seq/infer", json=body, headers={"x-request-id": "boom-1"})
+    assert r.status_code == 500 and r.json() == {"error": "internal server error (request id boom-1)"}
+    assert "Traceback" in server.log.read_text() and "boom-1" in server.log.read_text()
+    body["inputs"][0]["data"] = [5, 6]
+    assert httpx.post(f"http://{server.url}/v2/models/seq/infer", json=body).status_code == 200
