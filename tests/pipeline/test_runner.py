@@ -122,3 +122,15 @@ def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(t
     acc = {k: v["quality"]["accuracy"] for k, v in results["evaluations"].items()}
     assert acc["distill"] > acc["prune"] + 2 and acc["quantize-static"] > acc["original"] - 1.5, acc  # distillation recovered
     assert "report:" in again.stdout
+
+
+def test_min_speedup_is_judged_from_the_interleaved_timing(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("workload: digits\npasses:\n  - pass: export\n  - pass: quantize-dynamic\n"
+                 "constraints:\n  min_speedup: {batch_size: 8, value: 1000}\n")
+    result = run_recipe(p, tmp_path / "run", bench_batch_sizes=(1,))
+    check = result["constraints"]["checks"]["min_speedup"]
+    timed = {r["batch_size"] for c in result["bench"]["candidates"] for r in c["results"]}
+    assert timed == {1, 8}  # the constraint's batch size was timed too
+    assert check["batch_size"] == 8 and 0 < check["measured"] < 1000 and not check["holds"]
+    assert not result["constraints"]["holds"]

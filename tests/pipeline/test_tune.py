@@ -229,3 +229,18 @@ def test_macs_signal_screens_a_candidate_that_cannot_beat_the_best(tmp_path):
     assert _screen(recipe_nc, None, "", tmp_path, final, None, print, {**row, "macs_ratio": 2.0}, hints) is None
     # a different runtime signature has no evidence yet: not screened
     assert _screen(recipe, None, "", tmp_path, final, None, print, {**row, "signature": "export"}, hints) is None
+
+
+def test_macs_signal_screens_what_cannot_reach_min_speedup(tmp_path):
+    from types import SimpleNamespace
+
+    from slimship.pipeline.recipe import Recipe
+    from slimship.pipeline.tune import _screen
+
+    recipe = Recipe.model_validate({"workload": "digits", "passes": [{"pass": "export"}],
+                                    "constraints": {"min_speedup": {"batch_size": 32, "value": 3.0}},
+                                    "search": {"batch_size": 32, "params": {"export.opset": {"choices": [17, 18]}}}})
+    row = {"signature": "export", "macs_ratio": 1.2}
+    out = _screen(recipe, None, "", tmp_path, SimpleNamespace(size_bytes=1), None, print, row,
+                  {"best_feasible": None, "speed_per_mac": {"export": 1.8}})
+    assert out["signal"].endswith("vs min_speedup") and out["measured"] == pytest.approx(1.2 * 1.8 * 1.25) and out["limit"] == 3.0

@@ -39,6 +39,13 @@ class LatencyLimit(BaseModel):
     value: float = Field(gt=0)
 
 
+class SpeedupLimit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    batch_size: int = Field(ge=1)
+    #: at least this many times faster than the original (p50, timed interleaved on the same machine), e.g. 3.0
+    value: float = Field(gt=0)
+
+
 class Constraints(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     #: largest allowed drop of the workload's primary metric, in points (e.g. 1.0)
@@ -46,6 +53,8 @@ class Constraints(BaseModel):
     #: smallest allowed value of the workload's fidelity metric against the original, in (0, 1]
     min_fidelity: float | None = Field(default=None, gt=0, le=1)
     max_latency_ms: LatencyLimit | None = None
+    #: at least this speed-up over the original at a batch size (relative, so it holds on any machine)
+    min_speedup: SpeedupLimit | None = None
     max_size_mb: float | None = Field(default=None, gt=0)
 
 
@@ -211,7 +220,8 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _allowed_keys(parent: tuple[Any, ...]) -> str:
     models: dict[tuple[str, ...], type[BaseModel]] = {
-        (): Recipe, ("constraints",): Constraints, ("constraints", "max_latency_ms"): LatencyLimit, ("search",): Search,
+        (): Recipe, ("constraints",): Constraints, ("constraints", "max_latency_ms"): LatencyLimit,
+        ("constraints", "min_speedup"): SpeedupLimit, ("search",): Search,
     }
     key = tuple(x for x in parent if isinstance(x, str))
     model = Step if parent and parent[0] == "passes" else models.get(key)

@@ -78,7 +78,7 @@ def run_recipe(
     evaluations = evaluate_steps(steps, orig_dir, workload, evaluate_limit, log)
     final = next((s for s in reversed(steps) if s["status"] in ("ran", "reused")), None)
     timing = None
-    sizes = sorted({*(bench_batch_sizes or (1,)), *([recipe.constraints.max_latency_ms.batch_size] if recipe.constraints.max_latency_ms else [])})
+    sizes = sorted({*(bench_batch_sizes or (1,)), *constraint_batch_sizes(recipe)})
     if final is not None:
         from slimship.measure.bench import BenchTarget, bench
 
@@ -102,6 +102,12 @@ def run_recipe(
 
     write_report(out, result, str(recipe_path))
     return result
+
+
+def constraint_batch_sizes(recipe: Recipe) -> list[int]:
+    """Batch sizes the constraints are judged at (they must be timed)."""
+    c = recipe.constraints
+    return [lim.batch_size for lim in (c.max_latency_ms, c.min_speedup) if lim is not None]
 
 
 def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any], timing: dict[str, Any] | None,
@@ -130,6 +136,11 @@ def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any]
         p50 = next((r["latency_ms"]["p50"] for r in row["results"] if r["batch_size"] == c.max_latency_ms.batch_size), None)
         checks["max_latency_ms"] = {"limit": c.max_latency_ms.value, "batch_size": c.max_latency_ms.batch_size,
                                     "measured": p50, "holds": p50 is not None and p50 <= c.max_latency_ms.value}
+    if c.min_speedup is not None and timing is not None:
+        row = next(cd for cd in timing["candidates"] if cd["label"] == final["label"])
+        sp = next((r.get("speedup_vs_baseline_p50") for r in row["results"] if r["batch_size"] == c.min_speedup.batch_size), None)
+        checks["min_speedup"] = {"limit": c.min_speedup.value, "batch_size": c.min_speedup.batch_size,
+                                 "measured": sp, "holds": sp is not None and sp >= c.min_speedup.value}
     if c.max_size_mb is not None:
         size = load_candidate(final["candidate"]).size_bytes / 1e6
         checks["max_size_mb"] = {"limit": c.max_size_mb, "measured": size, "holds": size <= c.max_size_mb}

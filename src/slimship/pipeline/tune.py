@@ -37,7 +37,14 @@ from typing import Any, Protocol
 from slimship._util import write_json_atomic
 from slimship.errors import ConfigError
 from slimship.pipeline.recipe import Recipe, effective_params, load_recipe, with_value
-from slimship.pipeline.runner import _reuse, _say, check_constraints, evaluate_steps, execute_steps
+from slimship.pipeline.runner import (
+    _reuse,
+    _say,
+    check_constraints,
+    constraint_batch_sizes,
+    evaluate_steps,
+    execute_steps,
+)
 
 SCHEMA = "slimship.tune/1"
 
@@ -91,10 +98,13 @@ def _screen(recipe: Recipe, workload: Any, cand_dir: str, orig_dir: Path, final:
     if c.max_size_mb is not None and final.size_bytes / 1e6 > c.max_size_mb:
         return {"signal": "size", "measured": final.size_bytes / 1e6, "limit": c.max_size_mb}
     best, per_mac = hints.get("best_feasible"), hints.get("speed_per_mac", {}).get(row["signature"])
-    if search.screen is not None and search.objective == "latency" and best is not None and per_mac is not None:
+    if search.screen is not None and per_mac is not None:
         predicted = row["macs_ratio"] * per_mac * search.screen.macs_margin
-        if predicted < best:
-            return {"signal": f"speed-up its MACs predict (x{search.screen.macs_margin:g} margin)", "measured": predicted, "limit": best}
+        signal = f"speed-up its MACs predict (x{search.screen.macs_margin:g} margin)"
+        if c.min_speedup is not None and c.min_speedup.batch_size == search.batch_size and predicted < c.min_speedup.value:
+            return {"signal": signal + " vs min_speedup", "measured": predicted, "limit": c.min_speedup.value}
+        if search.objective == "latency" and best is not None and predicted < best:
+            return {"signal": signal + " vs the best feasible", "measured": predicted, "limit": best}
     if search.screen is None or (c.max_quality_drop is None and c.min_fidelity is None):
         return None
     n = search.screen.samples
@@ -164,11 +174,13 @@ def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Calla
     evaluations = evaluate_steps([last], out / "original", workload, ctx.evaluate_limit, log)
     backend = lambda c: "torch" if c.format == "torch" else "onnxruntime"  # noqa: E731
     log(f"trial {number}: timing against the original at batch {recipe.search.batch_size} (interleaved)")
+    sizes = tuple(sorted({recipe.search.batch_size, *constraint_batch_sizes(recipe)}))
     timing = bench([BenchTarget("original", original, backend(original)), BenchTarget(last["label"], final, backend(final))],
-                   workload, batch_sizes=(recipe.search.batch_size,), memory=False, progress=False, baseline="original")
+                   workload, batch_sizes=sizes, memory=False, progress=False, baseline="original")
     verdict = check_constraints(recipe, workload, evaluations, timing, last, original, done)
-    res = next(c for c in timing["candidates"] if c["label"] != "original")["results"][0]
-    base = next(c for c in timing["candidates"] if c["label"] == "original")["results"][0]
+    bs = recipe.search.batch_size
+    res = next(r for r in next(c for c in timing["candidates"] if c["label"] != "original")["results"] if r["batch_size"] == bs)
+    base = next(r for r in next(c for c in timing["candidates"] if c["label"] == "original")["results"] if r["batch_size"] == bs)
     metric = workload.primary_metric
     q = evaluations[last["label"]]["quality"].get(metric) if metric else None
     q0 = evaluations["original"]["quality"].get(metric) if metric else None
@@ -198,7 +210,7 @@ def objectives(row: dict[str, Any], objective: str) -> tuple[float, float] | Non
 
 def constraint_values(row: dict[str, Any], recipe: Recipe) -> dict[str, float]:
     """One value per constraint, ≤ 0 when it holds (Optuna's convention): how far each is from holding."""
-    names = [n for n in ("max_quality_drop", "min_fidelity", "max_latency_ms", "max_size_mb")
+    names = [n for n in ("max_quality_drop", "min_fidelity", "max_latency_ms", "min_speedup", "max_size_mb")
              if getattr(recipe.constraints, n) is not None] or ["completes"]
     if row.get("status") == "ok":
         checks = row["checks"]

@@ -281,6 +281,9 @@ def _pareto_plot(result: dict[str, Any], metric: str) -> str:
             ax.scatter(x0, q0, s=70, marker="D", color="#333", zorder=4, label="original")
             if drop is not None:
                 ax.axhline(q0 - drop, color="#c0392b", linestyle="--", linewidth=1, label=f"quality budget (−{drop:g})")
+        speed_min = (result["recipe"].get("constraints") or {}).get("min_speedup")
+        if xkey == "speedup" and speed_min and speed_min.get("batch_size") == result["batch_size"]:
+            ax.axvline(speed_min["value"], color="#c0392b", linestyle=":", linewidth=1, label=f"min speed-up ({speed_min['value']:g}x)")
         front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["speedup"])
         if xkey == "speedup" and len(front) > 1:
             ax.plot([r["speedup"] for r in front], [r["quality"] for r in front], color="#3b6fd8", alpha=0.5, zorder=2,
