@@ -347,7 +347,8 @@ def render_tune_report(result: dict[str, Any]) -> str:
             fid = next(iter((r.get("fidelity") or {}).values()), None)
             failing = [n for n, c in r["checks"].items() if not c["holds"]]
             verdict = "<span class=ok>yes</span>" if r["feasible"] else f"<span class=fail>no</span> <span class=muted>{_e(', '.join(failing))}</span>"
-            cells = (f"<td>{r['speedup']:.2f}x</td><td>{r['latency_ms_p50']:.3g}</td><td>{r['size_bytes'] / 1e6:.3g}</td>"
+            cells = (f"<td>{r['speedup']:.2f}x</td><td>{r['latency_ms_p50']:.3g} <span class=muted>/ {_num(r.get('original_latency_ms_p50'), 3)}</span></td>"
+                     f"<td>{r['size_bytes'] / 1e6:.3g}</td>"
                      f"<td>{_num(r['quality'])}</td><td>{_num(-r['quality_drop'] if r['quality_drop'] is not None else None, 3)}</td>"
                      f"<td>{_num(fid, 4)}</td><td>{verdict}</td><td>{'★' if r.get('pareto') else ''}</td>")
         elif r.get("status") == "screened":
@@ -377,7 +378,7 @@ def render_tune_report(result: dict[str, Any]) -> str:
 <p class=muted>{_e(' · '.join(head))}. Stopped: {_e(result.get('stopped') or 'still running')}. Original: {_num(q0)} {_e(metric)},
 {orig['size_bytes'] / 1e6:.3g} MB, on {runtime}. Constraints: {_e(budget)}. Objective: {_e(what)}.</p>
 <h2>Pareto front</h2>{plot}
-<h2>Candidates</h2><table><tr><th>trial</th><th>values</th><th>speed-up</th><th>p50 ms</th><th>MB</th><th>{_e(metric)}</th><th>Δ</th>
+<h2>Candidates</h2><table><tr><th>trial</th><th>values</th><th>speed-up</th><th>p50 ms <span class=muted>/ original's, same run</span></th><th>MB</th><th>{_e(metric)}</th><th>Δ</th>
 <th>fidelity</th><th>meets constraints</th><th>Pareto</th><th>seconds</th></tr>{''.join(rows)}</table>
 <p class=muted>★ on the Pareto front of quality against {'speed' if objective == 'latency' else 'size'} (all evaluated candidates); the highlighted row is the answer.</p>
 {detail}
