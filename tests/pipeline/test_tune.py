@@ -244,3 +244,23 @@ def test_macs_signal_screens_what_cannot_reach_min_speedup(tmp_path):
     out = _screen(recipe, None, "", tmp_path, SimpleNamespace(size_bytes=1), None, print, row,
                   {"best_feasible": None, "speed_per_mac": {"export": 1.8}})
     assert out["signal"].endswith("vs min_speedup") and out["measured"] == pytest.approx(1.2 * 1.8 * 1.25) and out["limit"] == 3.0
+
+
+def test_speed_is_judged_against_the_pooled_original():
+    from slimship.pipeline.recipe import Recipe
+    from slimship.pipeline.tune import pool_baseline
+
+    recipe = Recipe.model_validate({"workload": "digits", "passes": [{"pass": "export"}],
+                                    "constraints": {"min_speedup": {"batch_size": 32, "value": 3.0}},
+                                    "search": {"batch_size": 32, "params": {"export.opset": {"choices": [17, 18]}}}})
+
+    def row(n, cand, orig):
+        return {"trial": n, "status": "ok", "latency_ms_p50": cand, "original_latency_ms_p50": orig, "speedup": orig / cand,
+                "feasible": orig / cand >= 3, "checks": {"min_speedup": {"limit": 3.0, "measured": orig / cand, "holds": orig / cand >= 3}}}
+
+    rows = [row(0, 150, 528), row(1, 150, 440), row(2, 200, 430)]  # the same candidate twice: 3.52x and 2.93x in-run
+    assert pool_baseline(rows, recipe) == 440
+    assert [round(r["speedup"], 2) for r in rows] == [2.93, 2.93, 2.2]
+    assert [r["speedup_same_run"] for r in rows] == [528 / 150, 440 / 150, 430 / 200]
+    assert not any(r["feasible"] for r in rows) and rows[0]["checks"]["min_speedup"]["baseline"] == "pooled original p50"
+    assert pool_baseline(rows, recipe) == 440 and rows[0]["speedup_same_run"] == 528 / 150  # idempotent

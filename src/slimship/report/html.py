@@ -347,7 +347,8 @@ def render_tune_report(result: dict[str, Any]) -> str:
             fid = next(iter((r.get("fidelity") or {}).values()), None)
             failing = [n for n, c in r["checks"].items() if not c["holds"]]
             verdict = "<span class=ok>yes</span>" if r["feasible"] else f"<span class=fail>no</span> <span class=muted>{_e(', '.join(failing))}</span>"
-            cells = (f"<td>{r['speedup']:.2f}x</td><td>{r['latency_ms_p50']:.3g} <span class=muted>/ {_num(r.get('original_latency_ms_p50'), 3)}</span></td>"
+            same = f" <span class=muted>({r['speedup_same_run']:.2f}x)</span>" if r.get("speedup_same_run") is not None else ""
+            cells = (f"<td>{r['speedup']:.2f}x{same}</td><td>{r['latency_ms_p50']:.3g} <span class=muted>/ {_num(r.get('original_latency_ms_p50'), 3)}</span></td>"
                      f"<td>{r['size_bytes'] / 1e6:.3g}</td>"
                      f"<td>{_num(r['quality'])}</td><td>{_num(-r['quality_drop'] if r['quality_drop'] is not None else None, 3)}</td>"
                      f"<td>{_num(fid, 4)}</td><td>{verdict}</td><td>{'★' if r.get('pareto') else ''}</td>")
@@ -380,7 +381,9 @@ def render_tune_report(result: dict[str, Any]) -> str:
 <h2>Pareto front</h2>{plot}
 <h2>Candidates</h2><table><tr><th>trial</th><th>values</th><th>speed-up</th><th>p50 ms <span class=muted>/ original's, same run</span></th><th>MB</th><th>{_e(metric)}</th><th>Δ</th>
 <th>fidelity</th><th>meets constraints</th><th>Pareto</th><th>seconds</th></tr>{''.join(rows)}</table>
-<p class=muted>★ on the Pareto front of quality against {'speed' if objective == 'latency' else 'size'} (all evaluated candidates); the highlighted row is the answer.</p>
+<p class=muted>★ on the Pareto front of quality against {'speed' if objective == 'latency' else 'size'} (all evaluated candidates); the highlighted row is the answer.
+Speed-up: the median of the original's p50 over all trials{' (' + _num(result.get('original_latency_ms_p50_pooled'), 4) + ' ms)' if result.get('original_latency_ms_p50_pooled') else ''}
+over the candidate's p50; in brackets the ratio within the trial's own interleaved run.</p>
 {detail}
 <h2>Search space</h2><table><tr><th>parameter</th><th>values</th></tr>{space}</table>
 <h2>Machine</h2>{_machine(result.get('machine') or {})}
