@@ -364,8 +364,11 @@ class LocalExecutor:
 
         recipe = state.recipe
         assert recipe.search is not None
+        import random
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         seen: dict[str, dict[str, Any]] = {}
+        rng = random.Random(self.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraints are "experimental"
             sampler = optuna.samplers.TPESampler(seed=self.seed)
@@ -382,6 +385,10 @@ class LocalExecutor:
                 earlier = seen.get(same)
                 if earlier is not None:
                     row = {**earlier, "trial": number, "params": params, "reused_from": earlier["trial"]}
+                    # the sampler is circling: steer the next proposal to a combination not tried yet
+                    untried = _untried(recipe, seen, rng)
+                    if untried is not None:
+                        study.enqueue_trial(untried)
                 else:
                     row = run_trial(ctx, number, params, log, hints=state.hints())
                     seen[same] = row
@@ -395,6 +402,18 @@ class LocalExecutor:
                 state.record(row)
                 on_row(row)
         raise AssertionError("unreachable")
+
+
+def _untried(recipe: Recipe, seen: dict[str, Any], rng: Any) -> dict[str, Any] | None:
+    """A random combination of an all-choices space that builds a candidate not tried yet (None if none/too big)."""
+    assert recipe.search is not None
+    params = recipe.search.params
+    if any(p.choices is None for p in params.values()) or math.prod(len(p.choices or []) for p in params.values()) > 20000:
+        return None
+    keys = list(params)
+    combos = [dict(zip(keys, c, strict=True)) for c in itertools.product(*(params[k].choices or [] for k in keys))]
+    fresh = [c for c in combos if _key(effective_params(recipe, c)) not in seen]
+    return rng.choice(fresh) if fresh else None
 
 
 def _suggest(trial: Any, key: str, p: Any) -> Any:
