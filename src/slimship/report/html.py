@@ -302,6 +302,17 @@ def _pareto_plot(result: dict[str, Any], metric: str) -> str:
     return _svg(fig)
 
 
+def _budget(limits: dict[str, Any]) -> str:
+    """Constraints in words: 'quality drop ≤ 1 point, ≥ 3x faster at batch 32'."""
+    words = {"max_quality_drop": lambda v: f"quality drop ≤ {v:g} point{'s' if v != 1 else ''}",
+             "min_fidelity": lambda v: f"fidelity ≥ {v:g}",
+             "max_latency_ms": lambda v: f"p50 ≤ {v['value']:g} ms at batch {v['batch_size']}",
+             "min_speedup": lambda v: f"≥ {v['value']:g}x faster at batch {v['batch_size']}",
+             "max_size_mb": lambda v: f"≤ {v:g} MB"}
+    out = [words[k](v) if k in words else f"{k} {json.dumps(v)}" for k, v in limits.items() if v is not None]
+    return ", ".join(out) or "no constraints"
+
+
 def _space_values(p: dict[str, Any]) -> str:
     if p.get("choices") is not None:
         return json.dumps(p["choices"])
@@ -319,7 +330,7 @@ def render_tune_report(result: dict[str, Any]) -> str:
     ok = [r for r in trials if r.get("status") == "ok" and r.get("reused_from") is None]
     best = result.get("best")
     limits = result["recipe"].get("constraints") or {}
-    budget = ", ".join(f"{k} {json.dumps(v)}" for k, v in limits.items() if v is not None) or "no constraints"
+    budget = _budget(limits)
     runtime = "PyTorch" if orig.get("format") == "torch" else "ONNX Runtime"
 
     def describe(r: dict[str, Any]) -> str:
@@ -338,10 +349,13 @@ def render_tune_report(result: dict[str, Any]) -> str:
                    + (f"Closest: trial {closest[0]['trial']} — {_e(describe(closest[0]))}; fails "
                       + _e(", ".join(n for n, c in closest[0]["checks"].items() if not c["holds"])) if closest else "No candidate was evaluated."))
         klass = " bad"
-    head = [f"{result['evaluations']} candidates evaluated", f"{len(ok)} fully", f"{sum(1 for r in trials if r.get('status') == 'screened')} screened out by cheap signals",
-            f"{sum(1 for r in trials if r.get('status') == 'failed')} failed", f"{result['seconds']:.0f} s", f"executor: {result.get('executor', 'local')}"]
+    fresh = [r for r in trials if r.get("reused_from") is None]
+    repeats = [r for r in trials if r.get("reused_from") is not None]
+    head = [f"{result['evaluations']} candidates evaluated", f"{len(ok)} fully", f"{sum(1 for r in fresh if r.get('status') == 'screened')} screened out by cheap signals",
+            f"{sum(1 for r in fresh if r.get('status') == 'failed')} failed", f"{len(repeats)} repeated proposals reused",
+            f"{result['seconds']:.0f} s", f"executor: {result.get('executor', 'local')}"]
     rows = []
-    for r in trials:
+    for r in fresh:
         cls = "best" if best and r["trial"] == best["trial"] else ("front" if r.get("pareto") else "")
         if r.get("status") == "ok":
             fid = next(iter((r.get("fidelity") or {}).values()), None)
@@ -381,6 +395,7 @@ def render_tune_report(result: dict[str, Any]) -> str:
 <h2>Pareto front</h2>{plot}
 <h2>Candidates</h2><table><tr><th>trial</th><th>values</th><th>speed-up</th><th>p50 ms <span class=muted>/ original's, same run</span></th><th>MB</th><th>{_e(metric)}</th><th>Δ</th>
 <th>fidelity</th><th>meets constraints</th><th>Pareto</th><th>seconds</th></tr>{''.join(rows)}</table>
+{"<p class=muted>Repeated proposals (reused, not re-evaluated): " + _e(", ".join(f"{r['trial']}→{r['reused_from']}" for r in repeats)) + "</p>" if repeats else ""}
 <p class=muted>★ on the Pareto front of quality against {'speed' if objective == 'latency' else 'size'} (all evaluated candidates); the highlighted row is the answer.
 Speed-up: the median of the original's p50 over all trials{' (' + _num(result.get('original_latency_ms_p50_pooled'), 4) + ' ms)' if result.get('original_latency_ms_p50_pooled') else ''}
 over the candidate's p50; in brackets the ratio within the trial's own interleaved run.</p>
