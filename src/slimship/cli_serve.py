@@ -40,7 +40,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000; 0 picks a free one).")] = None,
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="Dynamic batching: most rows per batch, for models given with --model (default 32).")] = None,
-    max_queue_delay_ms: Annotated[float | None, typer.Option(min=0, help="Dynamic batching: longest wait for a batch to fill (default 2 ms).")] = None,
+    max_queue_delay_ms: Annotated[float | None, typer.Option(min=0, help="Dynamic batching: longest wait for more requests once one is queued (default 0: a batch starts when the previous ends, with whatever arrived meanwhile).")] = None,
     max_queue: Annotated[int | None, typer.Option(min=1, help="Requests that may wait per endpoint; beyond, 503 + Retry-After (default 256).")] = None,
     timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds before an unanswered request gets 504 (default 30).")] = None,
     max_body_mb: Annotated[float | None, typer.Option(min=0.001, help="Largest request body in MB; beyond, 413 (default 64).")] = None,
