@@ -122,6 +122,11 @@ def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(t
     acc = {k: v["quality"]["accuracy"] for k, v in results["evaluations"].items()}
     assert acc["distill"] > acc["prune"] + 2 and acc["quantize-static"] > acc["original"] - 1.5, acc  # distillation recovered
     assert "report:" in again.stdout
+    from tests.browser import not_blank, render
+
+    page = render((out / "report.html").as_uri(), tmp_path / "mnist-report.png", selectors=("svg",))
+    assert page.console_errors == [] and page.page_errors == [] and page.counts["svg"] == 1
+    assert "constraints" in page.text and "distill" in page.text and not_blank(page.screenshot) > 0.05
 
 
 def test_min_speedup_is_judged_from_the_interleaved_timing(tmp_path):
