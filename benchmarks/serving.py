@@ -67,13 +67,13 @@ def models() -> dict[str, dict]:
 
 
 class Srv:
-    def __init__(self, kind: str, model: str, path: Path, tmp: Path, max_batch: int, delay_ms: float) -> None:
+    def __init__(self, kind: str, model: str, path: Path, tmp: Path, max_batch: int, delay_ms: float, instances: int = 1) -> None:
         self.kind, self.port = kind, free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "2"}
         log = open(tmp / f"{kind}-{model}.log", "w")  # noqa: SIM115 - lives as long as the server
         if kind == "slimship":
             cmd = [sys.executable, "-m", "slimship.cli", "serve", "-m", f"{model}={path}", "--port", str(self.port),
-                   "--max-batch-size", str(max_batch), "--max-queue-delay-ms", str(delay_ms), "--no-access-log", "--max-queue", "1024"]
+                   "--max-batch-size", str(max_batch), "--max-queue-delay-ms", str(delay_ms), "--no-access-log", "--max-queue", "1024", "--instances", str(instances)]
         elif kind == "plain-fastapi":
             cmd = [sys.executable, str(ROOT / "benchmarks" / "servers" / "plain_fastapi.py"), str(path), str(self.port)]
         else:
@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=0.0, help="slimship's batching queue delay (0: a batch starts when the previous ends)")
     ap.add_argument("--mlserver-delay-ms", type=float, default=2.0,
                     help="MLServer's max_batch_time (its adaptive batching does worse at 0: 109 vs 134 req/s on minilm here)")
+    ap.add_argument("--instances", type=int, default=1, help="slimship model instances per endpoint")
     ap.add_argument("--out", default="serving", help="result file stem in benchmarks/results/")
     args = ap.parse_args()
     if shutil.which("hey") is None:
@@ -180,7 +181,7 @@ def main() -> None:
         for rnd in range(args.rounds):
             for kind in (kinds if rnd % 2 == 0 else kinds[::-1]):
                 srv = Srv(kind, model, spec["path"], tmp, max_batch=32,
-                          delay_ms=args.mlserver_delay_ms if kind == "mlserver" else args.delay_ms)
+                          delay_ms=args.mlserver_delay_ms if kind == "mlserver" else args.delay_ms, instances=args.instances)
                 try:
                     url = f"http://127.0.0.1:{srv.port}/v2/models/{model}/infer"
                     hey(url, body, 8, 2)  # warm-up

@@ -42,6 +42,7 @@ def serve(
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="Dynamic batching: most rows per batch, for models given with --model (default 32).")] = None,
     max_queue_delay_ms: Annotated[float | None, typer.Option(min=0, help="Dynamic batching: longest wait for more requests once one is queued (default 0: a batch starts when the previous ends, with whatever arrived meanwhile).")] = None,
     max_queue: Annotated[int | None, typer.Option(min=1, help="Requests that may wait per endpoint; beyond, 503 + Retry-After (default 256).")] = None,
+    instances: Annotated[int | None, typer.Option(min=1, max=16, help="Model instances per endpoint running batches side by side, the cores split between them (default 1).")] = None,
     timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds before an unanswered request gets 504 (default 30).")] = None,
     max_body_mb: Annotated[float | None, typer.Option(min=0.001, help="Largest request body in MB; beyond, 413 (default 64).")] = None,
     registry: Annotated[Path | None, typer.Option(envvar="SLIMSHIP_REGISTRY", help="Registry directory, for registry: models and the stage API.")] = None,
@@ -62,7 +63,7 @@ def serve(
 
     models = [_model_spec(m) for m in model or []]
     batching = {k: v for k, v in {"max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
-                                   "max_queue": max_queue, "timeout_s": timeout}.items() if v is not None}
+                                   "max_queue": max_queue, "timeout_s": timeout, "instances": instances}.items() if v is not None}
     for m in models:
         m["batching"] = batching
     overrides: dict[str, Any] = {"host": host, "port": port, "models": models or None,

@@ -20,7 +20,7 @@ ADMIN = "adm1n-t0ken"
 def server(models, tmp_path_factory):
     cfg = {"models": [{"name": "digits", "path": models["digits_v1"], "version": "1"},
                       {"name": "digits", "path": models["digits_v2"], "version": "2"},
-                      {"name": "seq", "path": models["seq"], "batching": {"max_batch_size": 16, "max_queue_delay_ms": 20}}],
+                      {"name": "seq", "path": models["seq"], "batching": {"max_batch_size": 16, "max_queue_delay_ms": 20, "instances": 2}}],
            "limits": {"max_body_bytes": 200_000}}
     s = ServerProcess(tmp_path_factory.mktemp("srv"), cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN})
     yield s

@@ -47,8 +47,11 @@ class BatchingConfig(BaseModel):
     pad: Literal["auto", "on", "off"] = "auto"
     #: a request not answered within this many seconds gets 504
     timeout_s: float = Field(default=30.0, gt=0)
-    #: intra-op threads of the session (None: physical cores)
+    #: intra-op threads in all (None: physical cores), split between the instances
     threads: int | None = Field(default=None, ge=1)
+    #: model instances running batches side by side, each with its own session and threads/instances intra-op
+    #: threads (Triton's instance count): one batch's serial parts overlap another's
+    instances: int = Field(default=1, ge=1, le=16)
 
 
 @dataclass(frozen=True)
@@ -82,16 +85,21 @@ class Endpoint:
         self.config = config or BatchingConfig()
         self.metrics = metrics
         self.source = source or {"path": str(self.path)}
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.config.threads or physical_cores()
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle endpoints must not burn cores
-        try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-        except Exception as err:
-            from slimship.errors import ServingError
+        total = self.config.threads or physical_cores()
+        per = max(1, total // self.config.instances)
+        self.sessions = []
+        for _ in range(self.config.instances):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = per
+            so.inter_op_num_threads = 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle endpoints must not burn cores
+            try:
+                self.sessions.append(ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"]))
+            except Exception as err:
+                from slimship.errors import ServingError
 
-            raise ServingError(f"can't load {self.path} for {model} v{version}: {err}") from err
+                raise ServingError(f"can't load {self.path} for {model} v{version}: {err}") from err
+        self.session = self.sessions[0]
         self.inputs = [TensorSpec(i.name, _ORT_TO_DT.get(i.type, i.type), tuple(i.shape)) for i in self.session.get_inputs()]
         self.outputs = [TensorSpec(o.name, _ORT_TO_DT.get(o.type, o.type), tuple(o.shape)) for o in self.session.get_outputs()]
         self._by_name = {s.name: s for s in self.inputs}
@@ -100,27 +108,28 @@ class Endpoint:
         has_mask = any("mask" in s.name.lower() for s in self.inputs)
         self.pads = seq_dynamic and (self.config.pad == "on" or (self.config.pad == "auto" and has_mask))
         self._queue: asyncio.Queue[_Item] | None = None
-        self._carry: _Item | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{model}-{version}")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pool = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"ort-{model}-{version}")
         self.in_flight = 0
         self.ready = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._task is None:
+        if not self._tasks:
             self._queue = asyncio.Queue()
-            self._task = asyncio.create_task(self._batcher(), name=f"batcher-{self.model}-{self.version}")
-            # one warm-up run so the first request doesn't pay for ORT's lazy initialisation
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._warmup)
+            loop = asyncio.get_running_loop()
+            for i, sess in enumerate(self.sessions):
+                # one warm-up run so the first request doesn't pay for ORT's lazy initialisation
+                await loop.run_in_executor(self._pool, self._warmup, sess)
+                self._tasks.append(asyncio.create_task(self._batcher(sess), name=f"batcher-{self.model}-{self.version}-{i}"))
             self.ready = True
 
-    def _warmup(self) -> None:
+    def _warmup(self, sess: Any) -> None:
         try:
             feeds = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=DATATYPES[s.datatype])
                      for s in self.inputs if s.datatype != "BYTES"}
             if len(feeds) == len(self.inputs):
-                self.session.run(None, feeds)
+                sess.run(None, feeds)
         except Exception:  # a model that can't run zeros still serves real inputs
             pass
 
@@ -130,11 +139,11 @@ class Endpoint:
         deadline = time.monotonic() + drain_timeout
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         self._pool.shutdown(wait=True)
 
     # ---- requests -----------------------------------------------------------------------------
@@ -219,13 +228,14 @@ class Endpoint:
                 return False
         return True
 
-    async def _batcher(self) -> None:
+    async def _batcher(self, session: Any) -> None:
         assert self._queue is not None
         q = self._queue
         loop = asyncio.get_running_loop()
+        carry: _Item | None = None
         while True:
-            item = self._carry or await q.get()
-            self._carry = None
+            item = carry or await q.get()
+            carry = None
             batch, rows = [item], item.rows
             deadline = time.perf_counter() + self.config.max_queue_delay_ms / 1000.0
             while rows < self.config.max_batch_size:
@@ -243,7 +253,7 @@ class Endpoint:
                     batch.append(nxt)
                     rows += nxt.rows
                 else:
-                    self._carry = nxt
+                    carry = nxt
                     break
             self._gauge()
             live = [b for b in batch if not b.future.done()]  # timed-out requests are dropped here
@@ -252,7 +262,7 @@ class Endpoint:
             started = time.perf_counter()
             feeds = self._merge(live)
             try:
-                outs = await loop.run_in_executor(self._pool, self.session.run, None, feeds)
+                outs = await loop.run_in_executor(self._pool, session.run, None, feeds)
             except Exception as err:  # a model failing on valid inputs: every request of the batch learns why
                 for b in live:
                     if not b.future.done():
