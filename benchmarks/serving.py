@@ -10,7 +10,7 @@ Rounds alternate the servers; the table reports the median round.
     .venv/bin/python benchmarks/serving.py --duration 5 --rounds 1   # a quick look
 
 MLServer needs its own venv (it pins older dependencies and crashes with uvloop ≥ 0.22):
-    python3.11 -m venv benchmarks/runs/mlserver-venv
+    python3.11 -m venv benchmarks/runs/mlserver-venv   # (the committed result: --instances 2)
     benchmarks/runs/mlserver-venv/bin/pip install "mlserver>=1.7,<1.8" "uvloop<0.22" onnxruntime numpy
 """
 
@@ -203,13 +203,14 @@ def main() -> None:
         base = next((x for x in table if x["model"] == t["model"] and x["clients"] == t["clients"] and x["server"] == "plain-fastapi"), None)
         t["x_plain"] = t["rps"] / base["rps"] if base else float("nan")
     out = {"machine": machine_info(physical_cores()), "duration_s": args.duration, "rounds": args.rounds, "rows": table,
-           "ceiling_rows_per_s": ceilings, "delay_ms": args.delay_ms}
+           "ceiling_rows_per_s": ceilings, "delay_ms": args.delay_ms, "instances": args.instances,
+           "command": "benchmarks/serving.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
     lines = ["# Serving: slimship vs plain FastAPI + ONNX Runtime vs MLServer (closed loop, one row per request)", "",
              f"`hey`, {args.duration:g} s per cell, median of {args.rounds} rounds (servers alternated); 2 cores shared with the load "
              "generator; minilm = all-MiniLM-L6-v2 INT8 (seq 128, a real BBC text), mnist = the CNN fp32 (a real digit). "
-             f"slimship: dynamic batching up to 32 rows, queue delay {args.delay_ms:g} ms (a batch starts as soon as the "
+             f"slimship: {args.instances} model instance(s) per endpoint, dynamic batching up to 32 rows, queue delay {args.delay_ms:g} ms (a batch starts as soon as the "
              "previous one ends; requests that arrive meanwhile join it). MLServer 1.7: adaptive batching up to 32 rows, "
              f"max_batch_time {args.mlserver_delay_ms:g} ms (its better setting here), custom ONNX Runtime runtime. Plain: FastAPI, one session.run per request, no batching.", "",
              "| model | clients | server | req/s | × plain | p50 ms | p99 ms | rounds (req/s) |", "|---|---|---|---|---|---|---|---|"]
