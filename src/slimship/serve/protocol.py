@@ -199,7 +199,7 @@ def _json_data(arr: np.ndarray) -> list[Any]:
     flat = arr.reshape(-1)
     if arr.dtype.kind == "f":
         return [float(x) for x in flat]  # NaN/inf become JSON NaN/Infinity, as Triton does
-    return flat.tolist()  # type: ignore[no-any-return]
+    return list(flat.tolist())
 
 
 def _binary(arr: np.ndarray) -> bytes:

@@ -53,7 +53,8 @@ def build(config: ServeConfig, token: str | None = None, admin_token: str | None
             continue
         assert registry is not None
         reg_model = m.registry_model or m.name
-        v = registry.get(reg_model, int(m.registry) if str(m.registry).isdigit() else str(m.registry))
+        ref = str(m.registry)
+        v = registry.get(reg_model, int(ref) if ref.isdigit() else ref)
         cand = registry.fetch(reg_model, v.number)
         if cand.format != "onnx":
             from slimship.errors import ConfigError
