@@ -67,7 +67,13 @@ class Registry:
         self.url = url or os.environ.get("SLIMSHIP_REGISTRY_URL") or f"sqlite:///{self.root / 'registry.db'}"
         try:
             self.engine = make_engine(self.url)
-            Base.metadata.create_all(self.engine)
+            from sqlalchemy import text
+
+            with self.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE serialises this already
+                if conn.dialect.name == "postgresql":
+                    # processes opening a new database at once would race creating the tables
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7265717)"))
+                Base.metadata.create_all(conn)
         except ModuleNotFoundError as err:
             raise RegistryError(f"the registry URL {self._safe_url()} needs a driver that isn't installed ({err.name}); "
                                 "for PostgreSQL: pip install 'slimship[postgres]'") from err
