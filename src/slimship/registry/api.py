@@ -146,7 +146,7 @@ class Registry:
                     number = (s.execute(select(func.max(VersionRow.number)).where(VersionRow.model_id == m.id)).scalar() or 0) + 1
                     parent_id = None
                     if parent is not None:
-                        pv = s.execute(select(VersionRow).where(VersionRow.model_id == m.id, VersionRow.number == parent)).scalar_one_or_none()
+                        pv = self._row(s, m.id, parent)
                         if pv is None:
                             raise RegistryError(f"parent version {parent} of {model!r} does not exist (latest: {number - 1})")
                         parent_id = pv.id
@@ -187,7 +187,7 @@ class Registry:
         """Move a version to a stage; making one production archives the current production version."""
         from sqlalchemy import select
 
-        from slimship.registry.db import EventRow, ModelRow, VersionRow
+        from slimship.registry.db import EventRow, ModelRow
 
         if stage not in STAGES:
             raise RegistryError(f"stage {stage!r} is not one of {list(STAGES)}")
@@ -195,9 +195,7 @@ class Registry:
             m = s.execute(select(ModelRow).where(ModelRow.name == model).with_for_update()).scalar_one_or_none()
             if m is None:
                 raise RegistryError(self._unknown_model(s, model))
-            v = s.execute(select(VersionRow).where(VersionRow.model_id == m.id, VersionRow.number == number)).scalar_one_or_none()
-            if v is None:
-                raise RegistryError(f"{model!r} has no version {number}; versions: {self._numbers(s, m.id)}")
+            v = self._existing_row(s, m.id, model, number)
             before = v.stage
             if stage == "production" and before != "production":
                 self._archive_production(s, m.id)
@@ -213,7 +211,7 @@ class Registry:
         """Append an event (e.g. a rollout decision with its evidence) to a model's history."""
         from sqlalchemy import select
 
-        from slimship.registry.db import EventRow, ModelRow, VersionRow
+        from slimship.registry.db import EventRow, ModelRow
 
         with self._session.begin() as s:
             m = s.execute(select(ModelRow).where(ModelRow.name == model)).scalar_one_or_none()
@@ -221,10 +219,7 @@ class Registry:
                 raise RegistryError(self._unknown_model(s, model))
             vid = None
             if number is not None:
-                v = s.execute(select(VersionRow).where(VersionRow.model_id == m.id, VersionRow.number == number)).scalar_one_or_none()
-                if v is None:
-                    raise RegistryError(f"{model!r} has no version {number}; versions: {self._numbers(s, m.id)}")
-                vid = v.id
+                vid = self._existing_row(s, m.id, model, number).id
             s.add(EventRow(model_id=m.id, version_id=vid, kind=kind, detail=detail))
 
     # ---- reading -------------------------------------------------------------------------------
@@ -330,6 +325,20 @@ class Registry:
         return Version(model=model, number=r.number, digest=r.digest, format=r.format, artifact=r.artifact, stage=r.stage,
                        created=r.created.isoformat(timespec="seconds"), original=r.original, parent=parent, recipe=r.recipe,
                        run=r.run, measurements=r.measurements, tags=r.tags, files=r.manifest["files"])
+
+    @staticmethod
+    def _row(s: Any, model_id: int, number: int) -> Any:
+        from sqlalchemy import select
+
+        from slimship.registry.db import VersionRow
+
+        return s.execute(select(VersionRow).where(VersionRow.model_id == model_id, VersionRow.number == number)).scalar_one_or_none()
+
+    def _existing_row(self, s: Any, model_id: int, model: str, number: int) -> Any:
+        row = self._row(s, model_id, number)
+        if row is None:
+            raise RegistryError(f"{model!r} has no version {number}; versions: {self._numbers(s, model_id)}")
+        return row
 
     @staticmethod
     def _numbers(s: Any, model_id: int) -> list[int]:
