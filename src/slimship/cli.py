@@ -442,6 +442,7 @@ def quickstart(
 
 import slimship.cli_compress  # noqa: E402 - registers prune / lowrank / share / distill on `app`
 import slimship.cli_registry  # noqa: E402 - registers `slimship registry …`
+import slimship.cli_rollout  # noqa: E402 - registers `slimship rollout …`
 import slimship.cli_serve  # noqa: E402,F401 - registers `slimship serve`
 
 

@@ -111,3 +111,67 @@ def models(digits_chain, tmp_path_factory):
     _, exp, opt = digits_chain
     return {"digits_v1": str(opt.artifact_path), "digits_v2": str(exp.artifact_path),
             "slow": str(slow_model(root / "slow.onnx", size=2048)), "seq": str(seq_model(root / "seq.onnx"))}
+
+
+def perturbed_candidate(cand, workload, out: Path, scale: float, seed: int = 0):
+    """A copy of an ONNX candidate whose weight matrices got Gaussian noise (``scale`` × each tensor's std):
+    a deliberately broken version that still runs and answers with the right shapes."""
+    import onnx
+    from onnx import numpy_helper
+
+    from slimship.candidate import new_candidate
+
+    model = onnx.load(str(cand.artifact_path))
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.ndim >= 2 and w.size >= 64:
+            noisy = (w + rng.normal(0, scale * float(w.std()), w.shape)).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out / "model.onnx"))
+    return new_candidate(out, name="perturbed", format="onnx", artifact="model.onnx", workload=workload, parent=cand,
+                         pass_name="perturb", pass_config={"scale": scale, "seed": seed})
+
+
+class Load:
+    """Clients sending requests in a loop until stopped; every status and answering version is kept."""
+
+    def __init__(self, url: str, bodies: list[dict], clients: int = 2, headers: dict | None = None,
+                 path: str = "/v2/models/digits/infer") -> None:
+        import threading
+
+        self.url, self.bodies, self.headers, self.path = url, bodies, headers or {}, path
+        self.statuses: list[int] = []
+        self.versions: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        import httpx
+
+        with httpx.Client(base_url=f"http://{self.url}", timeout=60) as c:
+            k = i
+            while not self._stop.is_set():
+                r = c.post(self.path, json=self.bodies[k % len(self.bodies)], headers=self.headers)
+                self.statuses.append(r.status_code)
+                self.versions.append(r.headers.get("x-model-version", ""))
+                k += len(self._threads)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+def wait_for(fn, timeout: float = 120.0, every: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}; last: {last}")

@@ -23,6 +23,8 @@ from slimship.errors import RegistryError
 from slimship.registry.store import ArtifactStore, _test_pause, manifest_digest
 
 STAGES = ("none", "staging", "production", "archived")
+ROLLOUT_ACTIVE = ("running", "paused")
+ROLLOUT_STATES = (*ROLLOUT_ACTIVE, "promoted", "rolled_back", "aborted")
 
 
 def default_root() -> Path:
@@ -222,6 +224,103 @@ class Registry:
                 vid = self._existing_row(s, m.id, model, number).id
             s.add(EventRow(model_id=m.id, version_id=vid, kind=kind, detail=detail))
 
+    # ---- rollouts ------------------------------------------------------------------------------
+    def start_rollout(self, model: str, candidate: int, baseline: int, policy: dict[str, Any], *, served_as: str | None = None,
+                      detail: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record a new rollout of ``candidate`` against ``baseline`` (one active rollout per model)."""
+        from sqlalchemy import select
+
+        from slimship.registry.db import EventRow, ModelRow, RolloutRow
+
+        with self._session.begin() as s:
+            m = s.execute(select(ModelRow).where(ModelRow.name == model).with_for_update()).scalar_one_or_none()
+            if m is None:
+                raise RegistryError(self._unknown_model(s, model))
+            active = s.execute(select(RolloutRow).where(RolloutRow.model_id == m.id,
+                                                        RolloutRow.state.in_(ROLLOUT_ACTIVE))).scalars().first()
+            if active is not None:
+                raise RegistryError(f"{model!r} already has a {active.state} rollout (#{active.id}); abort it first "
+                                    f"(`slimship rollout abort {active.served_as}`)")
+            cand = self._existing_row(s, m.id, model, candidate)
+            base = self._existing_row(s, m.id, model, baseline)
+            if cand.id == base.id:
+                raise RegistryError(f"the candidate and the baseline are the same version ({model} v{candidate})")
+            row = RolloutRow(model_id=m.id, served_as=served_as or model, candidate_version_id=cand.id,
+                             baseline_version_id=base.id, policy=policy, state="running", stage=0)
+            s.add(row)
+            s.flush()
+            s.add(EventRow(model_id=m.id, version_id=cand.id, kind="rollout.started",
+                           detail={"rollout": row.id, "candidate": candidate, "baseline": baseline, "policy": policy,
+                                   **(detail or {})}))
+            rid = row.id
+        return self.rollout(rid)
+
+    def update_rollout(self, rollout_id: int, kind: str, evidence: dict[str, Any], *, state: str | None = None,
+                       stage: int | None = None, reason: str = "", expect_state: tuple[str, ...] = ROLLOUT_ACTIVE) -> dict[str, Any]:
+        """Move a rollout (new stage and/or state) and store the decision with its evidence as one transaction."""
+        from sqlalchemy import select
+
+        from slimship.registry.db import EventRow, RolloutRow, _now
+
+        if state is not None and state not in ROLLOUT_STATES:
+            raise RegistryError(f"rollout state {state!r} is not one of {list(ROLLOUT_STATES)}")
+        with self._session.begin() as s:
+            row = s.execute(select(RolloutRow).where(RolloutRow.id == rollout_id).with_for_update()).scalar_one_or_none()
+            if row is None:
+                raise RegistryError(f"no rollout #{rollout_id}")
+            if row.state not in expect_state:
+                raise RegistryError(f"rollout #{rollout_id} is {row.state}; this needs it to be one of {list(expect_state)}")
+            if state is not None:
+                row.state = state
+            if stage is not None and stage != row.stage:
+                row.stage = stage
+                row.stage_started = _now()
+            if reason:
+                row.reason = reason
+            row.updated = _now()
+            s.add(EventRow(model_id=row.model_id, version_id=row.candidate_version_id, kind=kind,
+                           detail={"rollout": row.id, "stage": row.stage, "state": row.state, "reason": reason, **evidence}))
+        return self.rollout(rollout_id)
+
+    def rollout(self, rollout_id: int) -> dict[str, Any]:
+        from sqlalchemy import select
+
+        from slimship.registry.db import RolloutRow
+
+        with self._session() as s:
+            row = s.execute(select(RolloutRow).where(RolloutRow.id == rollout_id)).scalar_one_or_none()
+            if row is None:
+                raise RegistryError(f"no rollout #{rollout_id}")
+            return self._rollout_dict(s, row)
+
+    def rollouts(self, model: str, active_only: bool = False) -> list[dict[str, Any]]:
+        """A model's rollouts, newest first."""
+        from sqlalchemy import select
+
+        from slimship.registry.db import ModelRow, RolloutRow
+
+        with self._session() as s:
+            m = s.execute(select(ModelRow).where(ModelRow.name == model)).scalar_one_or_none()
+            if m is None:
+                raise RegistryError(self._unknown_model(s, model))
+            q = select(RolloutRow).where(RolloutRow.model_id == m.id).order_by(RolloutRow.id.desc())
+            if active_only:
+                q = q.where(RolloutRow.state.in_(ROLLOUT_ACTIVE))
+            return [self._rollout_dict(s, r) for r in s.execute(q).scalars()]
+
+    @staticmethod
+    def _rollout_dict(s: Any, row: Any) -> dict[str, Any]:
+        from sqlalchemy import select
+
+        from slimship.registry.db import ModelRow, VersionRow
+
+        num = lambda vid: s.execute(select(VersionRow.number).where(VersionRow.id == vid)).scalar()  # noqa: E731
+        return {"id": row.id, "model": s.execute(select(ModelRow.name).where(ModelRow.id == row.model_id)).scalar(),
+                "served_as": row.served_as, "candidate": num(row.candidate_version_id), "baseline": num(row.baseline_version_id),
+                "policy": row.policy, "state": row.state, "stage": row.stage,
+                "stage_started": row.stage_started.isoformat(timespec="milliseconds"), "reason": row.reason,
+                "created": row.created.isoformat(timespec="seconds"), "updated": row.updated.isoformat(timespec="seconds")}
+
     # ---- reading -------------------------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
         from sqlalchemy import func, select
@@ -278,7 +377,8 @@ class Registry:
                 raise RegistryError(missing)
             return self._version(s, model, row)
 
-    def events(self, model: str, number: int | None = None) -> list[dict[str, Any]]:
+    def events(self, model: str, number: int | None = None, prefix: str | None = None) -> list[dict[str, Any]]:
+        """A model's history, oldest first (``prefix``: only kinds starting with it, e.g. ``rollout.``)."""
         from sqlalchemy import select
 
         from slimship.registry.db import EventRow, ModelRow, VersionRow
@@ -291,6 +391,8 @@ class Registry:
                  .where(EventRow.model_id == m.id).order_by(EventRow.id))
             if number is not None:
                 q = q.where(VersionRow.number == number)
+            if prefix:
+                q = q.where(EventRow.kind.startswith(prefix))
             return [{"at": e.at.isoformat(timespec="seconds"), "version": n, "kind": e.kind, "detail": e.detail}
                     for e, n in s.execute(q).all()]
 

@@ -4,7 +4,9 @@
     versions  model, number (1, 2, 3… per model, gap-free), digest (sha256 of the manifest), manifest, format,
               stage (none / staging / production / archived), lineage (original model, parent version, recipe,
               run), measurements, tags, created
-    events    what happened to a model or version, with its evidence (registered, stage changes, …)
+    events    what happened to a model or version, with its evidence (registered, stage changes, rollout decisions…)
+    rollouts  a staged rollout of a candidate version against a baseline: policy, state, current stage — the
+              server resumes it from here after a restart
 
 Version numbers are taken inside the inserting transaction while the model's row is locked (PostgreSQL:
 ``SELECT … FOR UPDATE``; SQLite: ``BEGIN IMMEDIATE`` takes the database's write lock), so concurrent
@@ -66,6 +68,23 @@ class EventRow(Base):
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class RolloutRow(Base):
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    served_as: Mapped[str] = mapped_column(String(200))
+    candidate_version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    baseline_version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: running, paused, promoted, rolled_back, aborted
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[int] = mapped_column(Integer, default=0)
+    stage_started: Mapped[datetime] = mapped_column(default=_now)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created: Mapped[datetime] = mapped_column(default=_now)
+    updated: Mapped[datetime] = mapped_column(default=_now)
 
 
 def make_engine(url: str) -> Engine:

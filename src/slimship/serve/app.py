@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slimship.errors import ServingError, SlimshipError
+from slimship.serve.drift import DriftConfig
 from slimship.serve.endpoint import BatchingConfig, Endpoint
 from slimship.serve.metrics import Metrics
 from slimship.serve.protocol import (
@@ -46,7 +47,8 @@ log = logging.getLogger("slimship.serve")
 access_log = logging.getLogger("slimship.access")
 
 SERVER_NAME = "slimship"
-EXTENSIONS = ["binary_tensor_data", "classification_free", "slimship_admin", "slimship_traffic"]
+EXTENSIONS = ["binary_tensor_data", "classification_free", "slimship_admin", "slimship_traffic", "slimship_rollout",
+              "slimship_feedback"]
 
 
 class Limits(BaseModel):
@@ -66,7 +68,8 @@ class TrafficPolicy(BaseModel):
     """How versionless requests to a model are split between its versions."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    #: version → weight (any non-negative numbers; normalised); empty = the newest loaded version takes all
+    #: version → weight (any non-negative numbers; normalised); empty = the registry's production version takes all
+    #: when it is loaded, else the newest loaded version
     weights: dict[str, float] = Field(default_factory=dict)
     #: a request header whose value pins a caller to one variant (e.g. x-user-id); None = random per request
     sticky_header: str | None = None
@@ -101,7 +104,10 @@ class ModelGroup:
     shadow_stats: dict[str, ShadowStats] = field(default_factory=dict)
 
     def default_version(self) -> str:
-        return max(self.versions, key=_version_key)
+        """Where versionless requests go without weights: the registry's production version if it is loaded (a
+        candidate loaded next to it gets no traffic until told), else the newest version."""
+        prod = [v for v, ep in self.versions.items() if ep.source.get("stage") == "production"]
+        return max(prod or self.versions, key=_version_key)
 
     def route(self, sticky_value: str | None) -> Endpoint:
         weights = {v: w for v, w in self.policy.weights.items() if v in self.versions and w > 0}
@@ -156,10 +162,62 @@ class Server:
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self.started = False
+        from slimship.serve.abtest import FeedbackStore
+        from slimship.serve.live import LiveStats
+        from slimship.serve.rollout import RolloutController
+
+        self.rollouts = RolloutController(self)
+        self.feedback = FeedbackStore()
+        self.live = LiveStats()
+
+    def remember(self, body_id: str | None, request_id: str, model: str, version: str) -> None:
+        """Which version answered a request, for feedback sent later (by the protocol id and by x-request-id)."""
+        self.feedback.remember(model, request_id, version)
+        if body_id and body_id != request_id:
+            self.feedback.remember(model, body_id, version)
+
+    def control_version(self, model: str) -> str | None:
+        """The version A/B comparisons are made against: the production version if one is loaded."""
+        r = self.rollouts.controls(model)
+        if r is not None:
+            return r.baseline
+        group = self.models.get(model)
+        for v, ep in (group.versions.items() if group else []):
+            if ep.source.get("stage") == "production":
+                return v
+        return None
+
+    def spawn(self, coro: Any) -> None:
+        """Run a coroutine in the background (shadow and compare runs), kept referenced until it ends."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def monitor_output(self, model: str, ep: Endpoint, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None) -> None:
+        """Feed an answered request to the version's drift monitor (if it has one)."""
+        if ep.drift is not None and outputs is not None:
+            try:
+                ep.drift.observe(inputs, outputs)
+            except Exception:  # a monitor never fails a request
+                log.exception("drift monitor of %s v%s failed on a request", model, ep.version)
+
+    async def watch(self) -> None:
+        """Background: refresh drift scores (metrics, alerts) and the rollout gauge every second."""
+        while True:
+            await asyncio.sleep(1.0)
+            for name, group in list(self.models.items()):
+                for ep in list(group.versions.values()):
+                    if ep.drift is not None:
+                        try:
+                            ep.drift.snapshot()
+                        except Exception:
+                            log.exception("drift snapshot of %s v%s failed", name, ep.version)
+                r = self.rollouts.controls(name)
+                self.metrics.rollout_stage.labels(name).set(r.stage if r is not None else -1)
 
     # ---- model management ---------------------------------------------------------------------
     async def load(self, name: str, version: str, path: str, batching: BatchingConfig | None = None,
-                   source: dict[str, Any] | None = None) -> Endpoint:
+                   source: dict[str, Any] | None = None, drift: Any = None) -> Endpoint:
         """Build an endpoint (ONNX Runtime session) off the event loop, warm it, then make it routable."""
         async with self._lock:
             group = self.models.get(name)
@@ -167,6 +225,7 @@ class Server:
                 raise ServingError(f"{name} v{version} is already loaded; unload it first or load under another version")
             loop = asyncio.get_running_loop()
             ep = await loop.run_in_executor(None, lambda: Endpoint(name, version, path, batching, self.metrics, source))
+            ep.drift_config = drift
             return await self._add(ep)
 
     async def add(self, ep: Endpoint) -> Endpoint:
@@ -179,12 +238,24 @@ class Server:
         if group is not None and ep.version in group.versions:
             raise ServingError(f"{ep.model} v{ep.version} is already loaded; unload it first or load under another version")
         await ep.start()
+        self._attach_drift(ep)
         self.models.setdefault(ep.model, ModelGroup(ep.model)).versions[ep.version] = ep
         log.info(json.dumps({"event": "loaded", "model": ep.model, "version": ep.version, "source": ep.source}))
         return ep
 
+    def _attach_drift(self, ep: Endpoint) -> None:
+        from slimship.serve.drift import DriftConfig, DriftMonitor
+
+        cfg = ep.drift_config or DriftConfig()
+        workload = cfg.workload or ep.source.get("workload")
+        if not cfg.enabled or not workload:
+            return
+        ep.drift = DriftMonitor(ep.model, ep.version, cfg, self.metrics)
+        ep.drift.build_in_background(ep.sessions[0], ep.path, workload)
+
     async def load_from_registry(self, name: str, ref: str, version: str | None = None,
-                                 batching: BatchingConfig | None = None, registry_model: str | None = None) -> Endpoint:
+                                 batching: BatchingConfig | None = None, registry_model: str | None = None,
+                                 drift: Any = None) -> Endpoint:
         if self.registry is None:
             raise ServingError("this server has no registry: start it with --registry (or SLIMSHIP_REGISTRY)")
         loop = asyncio.get_running_loop()
@@ -194,7 +265,8 @@ class Server:
         if cand.format != "onnx":
             raise ServingError(f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)")
         return await self.load(name, version or str(v.number), str(cand.artifact_path), batching,
-                               {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage})
+                               {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage,
+                                "workload": dict(cand.workload)}, drift)
 
     async def unload(self, name: str, version: str, drain_timeout: float = 30.0) -> None:
         async with self._lock:
@@ -202,6 +274,10 @@ class Server:
             ep = group.versions.get(version)
             if ep is None:
                 raise NotFound(f"{name} has no loaded version {version}; loaded: {sorted(group.versions, key=_version_key)}")
+            r = self.rollouts.controls(name)
+            if r is not None and version in (r.candidate, r.baseline):
+                raise ProtocolError(f"{name} v{version} is in rollout #{r.record['id']} ({r.state}); abort the rollout "
+                                    "before unloading it", 409)
             del group.versions[version]  # no new request is routed to it from here on
             weights = {v: w for v, w in group.policy.weights.items() if v != version}
             shadow = group.policy.shadow if group.policy.shadow is None or group.policy.shadow.version != version else None
@@ -213,6 +289,10 @@ class Server:
 
     def set_traffic(self, name: str, policy: TrafficPolicy) -> None:
         group = self._group(name)
+        r = self.rollouts.controls(name)
+        if r is not None:
+            raise ProtocolError(f"rollout #{r.record['id']} ({r.state}) controls {name}'s traffic; pause or abort it first "
+                                f"(`slimship rollout abort {name}`)", 409)
         unknown = [v for v in policy.weights if v not in group.versions]
         if policy.shadow is not None and policy.shadow.version not in group.versions:
             unknown.append(policy.shadow.version)
@@ -239,6 +319,7 @@ class Server:
         return ep
 
     async def stop(self) -> None:
+        await self.rollouts.stop_loop()
         for t in list(self._background):
             t.cancel()
         for group in list(self.models.values()):
@@ -266,11 +347,10 @@ class Server:
                 return
             value = agreement(outputs, got)
             stats.add(value)
+            self.monitor_output(name, target, inputs, got)
             self.metrics.shadow_fidelity.labels(name, primary.version, sh.version).observe(value)
 
-        task = asyncio.create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.spawn(run())
 
 
 # ---- HTTP --------------------------------------------------------------------------------------
@@ -321,6 +401,9 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
     async def lifespan(app: Any) -> Any:
         for coro in startup or []:
             await coro
+        await server.rollouts.restore()  # rollouts stored in the registry go on where they were
+        server.rollouts.start_loop()
+        server.spawn(server.watch())
         server.started = True
         try:
             yield
@@ -342,7 +425,7 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
                         if not _bearer_ok(request.headers.get("authorization"), server.admin_token):
                             raise Unauthorized("admin API: send `Authorization: Bearer <admin token>`",
                                                headers={"WWW-Authenticate": "Bearer"})
-                    elif server.token is not None and request.url.path.endswith("/infer") \
+                    elif server.token is not None and request.url.path.endswith(("/infer", "/feedback")) \
                             and not _bearer_ok(request.headers.get("authorization"), server.token):
                         raise Unauthorized("inference needs `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"})
                     resp = await fn(request)
@@ -407,6 +490,7 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         ep = server.endpoint(name, version, sticky)
         request.state.model, request.state.version = name, ep.version
         status = "200"
+        outputs = None
         try:
             outputs = await ep.infer(req.inputs)
             data, headers = encode_infer_response(name, ep.version, req.id, outputs, req)
@@ -417,8 +501,14 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
             status = "500"
             raise
         finally:
+            elapsed = time.perf_counter() - t0
             server.metrics.requests.labels(name, ep.version, status).inc()
-            server.metrics.latency.labels(name, ep.version).observe(time.perf_counter() - t0)
+            server.metrics.latency.labels(name, ep.version).observe(elapsed)
+            server.live.add(name, ep.version, elapsed, status)
+            if version is None and (status == "200" or int(status) >= 500):
+                server.rollouts.observe(name, ep, req.inputs, outputs if status == "200" else None, elapsed, status == "200")
+        server.remember(req.id, request.state.rid, name, ep.version)
+        server.monitor_output(name, ep, req.inputs, outputs)
         if version is None:
             server.maybe_shadow(name, ep, req.inputs, outputs)
         headers["x-model-version"] = ep.version
@@ -448,6 +538,7 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         registry_model: str | None = None
         version: str | None = None
         batching: BatchingConfig = BatchingConfig()
+        drift: DriftConfig = DriftConfig()
 
     @guard(admin=True)
     async def admin_load(request: Request) -> Any:
@@ -457,9 +548,11 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
             raise ProtocolError('give either "path" (an ONNX file) or "registry" (a version number or stage)')
         if body.path is not None:
             version = body.version or str(1 + max((int(v) for v in server.models.get(name, ModelGroup(name)).versions if v.isdigit()), default=0))
-            ep = await server.load(name, version, body.path, body.batching)
+            ep = await server.load(name, version, body.path, body.batching, {"path": body.path}, body.drift)
         else:
-            ep = await server.load_from_registry(name, str(body.registry), body.version, body.batching, body.registry_model)
+            ep = await server.load_from_registry(name, str(body.registry), body.version, body.batching, body.registry_model,
+                                                 body.drift)
+        await server.rollouts.restore()  # a stored rollout waiting for this version goes on
         return _json({"model": name, "version": ep.version, "ready": ep.ready, "source": ep.source})
 
     @guard(admin=True)
@@ -492,6 +585,82 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         v = await asyncio.get_running_loop().run_in_executor(None, lambda: server.registry.set_stage(reg_model, number, body.stage, reason=body.reason))
         return _json({"model": reg_model, "version": v.number, "stage": v.stage})
 
+    # ---- A/B feedback ----
+    class FeedbackBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        id: str = Field(min_length=1)
+        outcome: bool | float
+        metric: str = Field(default="outcome", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @guard()
+    async def feedback(request: Request) -> Any:
+        name = request.path_params["model"]
+        server._group(name)
+        body = FeedbackBody.model_validate_json(await _read_body(request, 1 << 20) or b"{}")
+        version = server.feedback.record(name, body.id, body.outcome, body.metric)
+        return _json({"model": name, "id": body.id, "version": version, "metric": body.metric, "recorded": True})
+
+    @guard()
+    async def feedback_summary(request: Request) -> Any:
+        name = request.path_params["model"]
+        server._group(name)
+        q = request.query_params
+        try:
+            alpha = float(q.get("alpha", 0.05))
+            min_samples = int(q.get("min_samples", 30))
+        except ValueError as err:
+            raise ProtocolError(f"alpha is a number in (0, 1) and min_samples an integer: {err}") from err
+        if not 0 < alpha < 1 or min_samples < 2:
+            raise ProtocolError("alpha must be in (0, 1) and min_samples ≥ 2")
+        return _json({"model": name, "metrics": server.feedback.summary(name, server.control_version(name), alpha, min_samples)})
+
+    # ---- rollouts ----
+    class RolloutBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        candidate: str
+        baseline: str | None = None
+        policy: dict[str, Any] | None = None
+
+    class ReasonBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        reason: str = ""
+
+    @guard(admin=True)
+    async def rollout_start(request: Request) -> Any:
+        name = request.path_params["model"]
+        body = RolloutBody.model_validate_json(await _read_body(request, 1 << 20) or b"{}")
+        return _json(await server.rollouts.start(name, body.candidate, body.baseline, body.policy))
+
+    @guard(admin=True)
+    async def rollout_status(request: Request) -> Any:
+        name = request.path_params["model"]
+        server._group(name)
+        return _json(await server.rollouts.status_with_history(name))
+
+    @guard(admin=True)
+    async def rollout_action(request: Request) -> Any:
+        name, action = request.path_params["model"], request.path_params["action"]
+        body = ReasonBody.model_validate_json(await _read_body(request, 1 << 20) or b"{}")
+        fn = {"pause": server.rollouts.pause, "resume": server.rollouts.resume, "abort": server.rollouts.abort}.get(action)
+        if fn is None:
+            raise NotFound(f"no rollout action {action!r}; use pause, resume or abort")
+        return _json(await fn(name, body.reason))
+
+    # ---- dashboard ----
+    @guard()
+    async def dashboard_page(request: Request) -> Any:
+        from slimship.serve.dashboard import page
+
+        return Response(page(), 200, media_type="text/html; charset=utf-8",
+                        headers={"content-security-policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                            "style-src 'unsafe-inline'; img-src data:"})
+
+    @guard()
+    async def dashboard_state(request: Request) -> Any:
+        from slimship.serve.dashboard import state
+
+        return _json(await state(server))
+
     async def not_found(request: Request, exc: Exception) -> Any:
         return _error(f"no route {request.method} {request.url.path}; see /v2 for the protocol's endpoints", 404)
 
@@ -507,6 +676,12 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         Route("/v2/admin/models/{model}/versions/{version}/unload", admin_unload, methods=["POST"]),
         Route("/v2/admin/models/{model}/traffic", admin_traffic, methods=["PUT"]),
         Route("/v2/admin/models/{model}/versions/{version}/stage", admin_stage, methods=["POST"]),
+        Route("/v2/models/{model}/feedback", feedback, methods=["POST"]),
+        Route("/v2/models/{model}/feedback", feedback_summary, methods=["GET"]),
+        Route("/v2/admin/models/{model}/rollout", rollout_start, methods=["POST"]),
+        Route("/v2/admin/models/{model}/rollout", rollout_status, methods=["GET"]),
+        Route("/v2/admin/models/{model}/rollout/{action}", rollout_action, methods=["POST"]),
+        Route("/dashboard", dashboard_page), Route("/v2/dashboard/state", dashboard_state),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.server = server

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from slimship.errors import ConfigError
 from slimship.serve.app import Limits, TrafficPolicy
+from slimship.serve.drift import DriftConfig
 from slimship.serve.endpoint import BatchingConfig
 
 
@@ -40,6 +41,8 @@ class ModelSpec(BaseModel):
     #: the version label it is served under (default: the registry version number, or 1)
     version: str | None = None
     batching: BatchingConfig = BatchingConfig()
+    #: drift monitoring against the workload's evaluation data (on when the workload is known)
+    drift: DriftConfig = DriftConfig()
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -49,6 +52,10 @@ class ModelSpec(BaseModel):
         return self
 
     def onnx_path(self) -> str:
+        return self.resolve()[0]
+
+    def resolve(self) -> tuple[str, dict[str, Any] | None]:
+        """The ONNX file to serve and the workload it belongs to (None for a bare ONNX file)."""
         assert self.path is not None
         p = Path(self.path)
         if p.is_dir():
@@ -58,10 +65,10 @@ class ModelSpec(BaseModel):
             if cand.format != "onnx":
                 raise ConfigError(f"{p} holds a {cand.format} candidate; the server runs ONNX — export it first "
                                   f"(`slimship export` or a recipe's export step)")
-            return str(cand.artifact_path)
+            return str(cand.artifact_path), dict(cand.workload)
         if not p.is_file():
             raise ConfigError(f"model {self.name!r}: {p} does not exist")
-        return str(p)
+        return str(p), None
 
 
 class ServeConfig(BaseModel):

@@ -112,6 +112,8 @@ class Endpoint:
         self._pool = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"ort-{model}-{version}")
         self.in_flight = 0
         self.ready = False
+        self.drift_config: Any = None  # a DriftConfig set by whoever builds the endpoint (None: defaults)
+        self.drift: Any = None  # its DriftMonitor once attached
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -30,6 +30,17 @@ class Metrics:
                                          buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0), registry=r)
         self.shadow_errors = Counter("slimship_shadow_errors", "Shadow requests that failed (the client never sees them)",
                                      ["model", "shadow"], registry=r)
+        self.drift_psi = Gauge("slimship_drift_psi", "Population stability index of a feature of a version's recent "
+                               "traffic against its reference (evaluation data)", ["model", "version", "feature"], registry=r)
+        self.drift_score = Gauge("slimship_drift_score", "A version's drift score: its worst feature's PSI",
+                                 ["model", "version"], registry=r)
+        self.drift_alert = Gauge("slimship_drift_alert", "1 while a version's drift score is over its alert threshold",
+                                 ["model", "version"], registry=r)
+        self.drift_alerts = Counter("slimship_drift_alerts", "Drift alerts raised", ["model", "version"], registry=r)
+        self.rollout_stage = Gauge("slimship_rollout_stage", "Stage index of a model's active rollout (-1: none)",
+                                   ["model"], registry=r)
+        self.rollout_decisions = Counter("slimship_rollout_decisions", "Rollout decisions by kind",
+                                         ["model", "decision"], registry=r)
         self.http = Counter("slimship_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
 
     def render(self) -> tuple[bytes, str]:

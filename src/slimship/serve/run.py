@@ -49,7 +49,11 @@ def build(config: ServeConfig, token: str | None = None, admin_token: str | None
     endpoints = []
     for m in config.models:
         if m.path is not None:
-            endpoints.append(Endpoint(m.name, m.version or "1", m.onnx_path(), m.batching, server.metrics, {"path": m.path}))
+            onnx, workload = m.resolve()
+            ep = Endpoint(m.name, m.version or "1", onnx, m.batching, server.metrics,
+                          {"path": m.path, **({"workload": workload} if workload else {})})
+            ep.drift_config = m.drift
+            endpoints.append(ep)
             continue
         assert registry is not None
         reg_model = m.registry_model or m.name
@@ -60,8 +64,11 @@ def build(config: ServeConfig, token: str | None = None, admin_token: str | None
             from slimship.errors import ConfigError
 
             raise ConfigError(f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)")
-        endpoints.append(Endpoint(m.name, m.version or str(v.number), cand.artifact_path, m.batching, server.metrics,
-                                  {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage}))
+        ep = Endpoint(m.name, m.version or str(v.number), cand.artifact_path, m.batching, server.metrics,
+                      {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage,
+                       "workload": dict(cand.workload)})
+        ep.drift_config = m.drift
+        endpoints.append(ep)
 
     async def start_all() -> None:
         for ep in endpoints:

@@ -1,0 +1,650 @@
+"""Staged rollouts: a candidate version goes live in steps, judged against the production version on the same requests.
+
+A policy (YAML or JSON)::
+
+    stages:
+      - {name: shadow, traffic: 0, compare: 100, min_requests: 200}   # candidate answers nobody; every request
+      - {name: canary-5, traffic: 5, min_requests: 50}                 # is also run on it and compared
+      - {name: canary-25, traffic: 25, min_requests: 100}
+      - {name: full, traffic: 100, min_requests: 100}
+    gates: {min_fidelity: 0.98, max_error_rate: 0.01, max_latency_p99_ms: 250}
+    min_pairs: 30
+
+``traffic``: percent of versionless requests the candidate answers; ``compare``: percent of requests that are also
+run on the *other* version in the background (baseline → candidate, or candidate → baseline), so fidelity is
+measured on identical inputs with the production version as the reference. Gates are judged on the stage's window:
+
+- ``max_error_rate`` — failed candidate requests (5xx, timeouts, overload refusals clients saw, failed shadow runs);
+  breached as soon as the errors exceed what the limit allows at ``min_requests`` (the breach is then certain);
+- ``max_latency_p99_ms`` — nearest-rank p99 of the candidate's latency; breached as soon as more requests were slower
+  than the limit than a p99 at ``min_requests`` tolerates; ``max_latency_p99_ratio`` compares with the baseline's p99
+  in the same window (judged at ``min_requests``);
+- ``min_fidelity`` — mean agreement of candidate and baseline outputs on the same inputs (row cosine; top-1 agreement
+  for classifiers), judged from ``min_pairs`` compared requests on.
+
+A breached gate rolls back at once: traffic returns to the baseline before the decision is written. When a stage has
+its requests and every gate holds, the rollout advances; after the last stage the candidate becomes production in the
+registry (the previous production version is archived). Every decision is stored in the registry with its evidence
+(counts, figures, time window), and the rollout's state lives there, so a restarted server picks it up where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slimship.errors import ConfigError, ServingError
+from slimship.serve.protocol import NotFound, Overloaded, ProtocolError
+
+if TYPE_CHECKING:
+    from slimship.serve.app import Server
+    from slimship.serve.endpoint import Endpoint
+
+log = logging.getLogger("slimship.serve")
+
+#: shadow runs of one rollout allowed in flight at once; beyond, a comparison is skipped (counted as shed)
+MAX_COMPARES_IN_FLIGHT = 8
+
+
+class Gates(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: lowest mean agreement of candidate and baseline outputs on the same inputs, in (0, 1]
+    min_fidelity: float | None = Field(default=None, gt=0, le=1)
+    #: highest candidate p99 latency in milliseconds
+    max_latency_p99_ms: float | None = Field(default=None, gt=0)
+    #: highest candidate p99 / baseline p99 in the same window (1.5 = at most 50% slower)
+    max_latency_p99_ratio: float | None = Field(default=None, gt=0)
+    #: highest share of failed candidate requests, in [0, 1)
+    max_error_rate: float | None = Field(default=None, ge=0, lt=1)
+
+    def merged(self, over: Gates | None) -> Gates:
+        if over is None:
+            return self
+        return Gates(**{**self.model_dump(), **over.model_dump(exclude_unset=True)})
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str | None = None
+    #: percent of versionless requests the candidate answers (0 = shadow only)
+    traffic: float = Field(ge=0, le=100)
+    #: percent of requests also run on the other version to measure fidelity (default: 100 in shadow, 25 otherwise)
+    compare: float | None = Field(default=None, ge=0, le=100)
+    #: candidate requests (answered or shadow) before the stage can pass
+    min_requests: int = Field(ge=1)
+    #: shortest time in the stage, in seconds (a soak time)
+    min_seconds: float = Field(default=0.0, ge=0)
+    #: gates of this stage, overriding the policy's gates key by key
+    gates: Gates | None = None
+
+    @property
+    def compare_percent(self) -> float:
+        return self.compare if self.compare is not None else (100.0 if self.traffic == 0 else 25.0)
+
+    def label(self, index: int) -> str:
+        return self.name or (f"shadow-{index}" if self.traffic == 0 else f"canary-{self.traffic:g}")
+
+
+class RolloutPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stages: list[Stage] = Field(min_length=1)
+    gates: Gates = Gates()
+    #: compared requests needed before the fidelity gate is judged
+    min_pairs: int = Field(default=30, ge=1)
+    #: after the last stage, make the candidate production in the registry (false: stay at the last stage's split)
+    promote: bool = True
+    #: seconds between evaluations of the gates
+    tick_s: float = Field(default=0.25, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _possible(self) -> RolloutPolicy:
+        prev = -1.0
+        for i, st in enumerate(self.stages):
+            where = f"stage {i + 1} ({st.label(i)})"
+            if st.traffic < prev:
+                raise ValueError(f"{where}: traffic {st.traffic:g}% is below the previous stage's {prev:g}%; a rollout only "
+                                 "moves traffic towards the candidate")
+            prev = st.traffic
+            g = self.gates.merged(st.gates)
+            if st.traffic == 0 and st.compare_percent == 0:
+                raise ValueError(f"{where}: traffic 0 and compare 0 — the candidate would never see a request; "
+                                 "give compare > 0 (e.g. 100 for a shadow stage)")
+            if g.min_fidelity is not None and st.compare_percent == 0:
+                raise ValueError(f"{where}: a min_fidelity gate with compare 0 can never be judged (fidelity comes from "
+                                 "requests run on both versions); give compare > 0 or drop the gate")
+            if g.max_latency_p99_ratio is not None and st.traffic == 100 and st.compare_percent == 0:
+                raise ValueError(f"{where}: max_latency_p99_ratio needs baseline latencies, but at 100% traffic with "
+                                 "compare 0 the baseline runs nothing")
+        if self.promote and self.stages[-1].traffic != 100:
+            raise ValueError(f"the last stage sends {self.stages[-1].traffic:g}% to the candidate; promotion needs a last "
+                             "stage at traffic 100 (or set promote: false to hold at the last split)")
+        return self
+
+
+DEFAULT_POLICY: dict[str, Any] = {
+    "stages": [
+        {"name": "shadow", "traffic": 0, "compare": 100, "min_requests": 200},
+        {"name": "canary-5", "traffic": 5, "min_requests": 50},
+        {"name": "canary-25", "traffic": 25, "min_requests": 100},
+        {"name": "canary-50", "traffic": 50, "min_requests": 100},
+        {"name": "full", "traffic": 100, "min_requests": 100},
+    ],
+    "gates": {"min_fidelity": 0.98, "max_error_rate": 0.01, "max_latency_p99_ratio": 1.5},
+    "min_pairs": 30,
+}
+
+
+def parse_policy(data: Any, source: str = "policy") -> RolloutPolicy:
+    """A policy from a mapping, YAML/JSON text, or None (the default); errors name the key and the fix."""
+    if data is None:
+        data = DEFAULT_POLICY
+    if isinstance(data, str):
+        import yaml
+
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a rollout policy is a mapping with `stages` (and `gates`, `min_pairs`, `promote`)")
+    try:
+        return RolloutPolicy.model_validate(data)
+    except ValidationError as err:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(policy)'}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{source}: invalid rollout policy: {msgs}") from err
+
+
+# ---- measurement windows --------------------------------------------------------------------------
+
+@dataclass
+class Side:
+    requests: int = 0
+    errors: int = 0
+    shed: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def add(self, ok: bool, ms: float | None) -> None:
+        self.requests += 1
+        if not ok:
+            self.errors += 1
+        elif ms is not None:
+            self.latencies_ms.append(ms)
+
+    def p99(self) -> float | None:
+        return _nearest_rank(self.latencies_ms, 0.99)
+
+    def summary(self) -> dict[str, Any]:
+        lat = self.latencies_ms
+        return {"requests": self.requests, "errors": self.errors,
+                "error_rate": round(self.errors / self.requests, 5) if self.requests else None, "shed": self.shed,
+                "latency_p50_ms": _r(_nearest_rank(lat, 0.5)), "latency_p99_ms": _r(self.p99()),
+                "latency_max_ms": _r(max(lat) if lat else None)}
+
+
+def _nearest_rank(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[max(0, math.ceil(q * len(s)) - 1)]
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Window:
+    started: float = field(default_factory=time.time)
+    candidate: Side = field(default_factory=Side)
+    baseline: Side = field(default_factory=Side)
+    fidelity: list[float] = field(default_factory=list)
+
+    def fidelity_summary(self) -> dict[str, Any]:
+        f = self.fidelity
+        return {"pairs": len(f), "mean": _r(float(np.mean(f)), 5) if f else None, "min": _r(min(f), 5) if f else None,
+                "p05": _r(float(np.quantile(f, 0.05)), 5) if f else None}
+
+
+@dataclass
+class Judgement:
+    decision: str  # wait, advance, rollback
+    gates: dict[str, dict[str, Any]]
+    reason: str
+
+
+def judge(policy: RolloutPolicy, stage_index: int, w: Window, now: float | None = None) -> Judgement:
+    """The gates of one stage on its window: roll back on a breach, advance when everything is judged and holds."""
+    st = policy.stages[stage_index]
+    g = policy.gates.merged(st.gates)
+    c, b = w.candidate, w.baseline
+    n_final = max(c.requests, st.min_requests)
+    out: dict[str, dict[str, Any]] = {}
+    breaches: list[str] = []
+    if g.max_error_rate is not None:
+        allowed = g.max_error_rate * n_final
+        breached = c.errors > allowed
+        out["max_error_rate"] = {"limit": g.max_error_rate, "value": _r(c.errors / c.requests, 5) if c.requests else None,
+                                 "errors": c.errors, "requests": c.requests, "judged": breached or c.requests >= st.min_requests,
+                                 "ok": not breached}
+        if breached:
+            breaches.append(f"error rate {c.errors}/{c.requests} exceeds {g.max_error_rate:g} (at most "
+                            f"{math.floor(allowed)} errors in {n_final} requests)")
+    if g.max_latency_p99_ms is not None:
+        nl = max(len(c.latencies_ms), st.min_requests)
+        slow = sum(1 for x in c.latencies_ms if x > g.max_latency_p99_ms)
+        tolerated = nl - math.ceil(0.99 * nl)
+        breached = slow > tolerated
+        out["max_latency_p99_ms"] = {"limit": g.max_latency_p99_ms, "value": _r(c.p99()), "slower": slow,
+                                     "judged": breached or len(c.latencies_ms) >= st.min_requests, "ok": not breached}
+        if breached:
+            breaches.append(f"{slow} requests slower than {g.max_latency_p99_ms:g} ms (p99 {_r(c.p99(), 1)} ms)")
+    if g.max_latency_p99_ratio is not None:
+        cp, bp = c.p99(), b.p99()
+        judged = len(c.latencies_ms) >= st.min_requests and len(b.latencies_ms) >= min(20, st.min_requests) and bool(bp)
+        ratio = cp / bp if cp is not None and bp else None
+        breached = judged and ratio is not None and ratio > g.max_latency_p99_ratio
+        out["max_latency_p99_ratio"] = {"limit": g.max_latency_p99_ratio, "value": _r(ratio), "candidate_p99_ms": _r(cp),
+                                        "baseline_p99_ms": _r(bp), "judged": judged, "ok": not breached}
+        if breached:
+            breaches.append(f"p99 {cp:.1f} ms is {ratio:.2f}x the baseline's {bp:.1f} ms (limit {g.max_latency_p99_ratio:g}x)")
+    if g.min_fidelity is not None:
+        pairs = len(w.fidelity)
+        mean = float(np.mean(w.fidelity)) if pairs else None
+        judged = pairs >= policy.min_pairs
+        breached = judged and mean is not None and mean < g.min_fidelity
+        out["min_fidelity"] = {"limit": g.min_fidelity, "value": _r(mean, 5), "pairs": pairs, "judged": judged, "ok": not breached}
+        if breached:
+            breaches.append(f"fidelity {mean:.4f} < {g.min_fidelity:g} over {pairs} compared requests")
+    label = st.label(stage_index)
+    if breaches:
+        return Judgement("rollback", out, f"{label}: " + "; ".join(breaches))
+    elapsed = (now or time.time()) - w.started
+    if c.requests < st.min_requests:
+        return Judgement("wait", out, f"{label}: {c.requests}/{st.min_requests} candidate requests")
+    if elapsed < st.min_seconds:
+        return Judgement("wait", out, f"{label}: {elapsed:.0f}/{st.min_seconds:g} s")
+    pending = [k for k, v in out.items() if not v["judged"]]
+    if pending:
+        return Judgement("wait", out, f"{label}: waiting for data to judge {', '.join(pending)}")
+    return Judgement("advance", out, f"{label}: every gate holds over {c.requests} candidate requests")
+
+
+# ---- the controller -------------------------------------------------------------------------------
+
+@dataclass
+class ActiveRollout:
+    record: dict[str, Any]  # the registry's row
+    policy: RolloutPolicy
+    model: str  # served name
+    reg_model: str
+    candidate: str  # served version labels
+    baseline: str
+    window: Window = field(default_factory=Window)
+    compares_in_flight: int = 0
+    last: Judgement | None = None
+
+    @property
+    def state(self) -> str:
+        return str(self.record["state"])
+
+    @property
+    def stage(self) -> int:
+        return int(self.record["stage"])
+
+
+class RolloutController:
+    """Owns the active rollouts of one server: routes their traffic, collects their windows, judges their gates."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.active: dict[str, ActiveRollout] = {}
+        self.finished: dict[str, ActiveRollout] = {}
+        self.waiting: dict[str, str] = {}  # model → why a stored rollout isn't running here yet
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start_loop(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop())
+
+    async def stop_loop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            tick = min((r.policy.tick_s for r in self.active.values()), default=0.25)
+            await asyncio.sleep(tick)
+            try:
+                await self.tick()
+            except Exception:  # a bad tick must not end the controller
+                log.exception("rollout controller tick failed")
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _registry(self) -> Any:
+        if self.server.registry is None:
+            raise ServingError("rollouts keep their state and evidence in the registry; start the server with --registry "
+                               "(or SLIMSHIP_REGISTRY) and serve versions from it")
+        return self.server.registry
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
+
+    def _registry_version(self, ep: Endpoint) -> tuple[str, int]:
+        reg, num = ep.source.get("registry"), ep.source.get("version")
+        if reg is None or num is None:
+            raise ServingError(f"{ep.model} v{ep.version} was loaded from a file ({ep.source.get('path')}); a rollout needs "
+                               "registry versions (load it with {\"registry\": N}) so its decisions can be stored with them")
+        return str(reg), int(num)
+
+    def _served_label(self, model: str, reg_model: str, number: int) -> str | None:
+        group = self.server.models.get(model)
+        for label, ep in (group.versions.items() if group else []):
+            if ep.source.get("registry") == reg_model and ep.source.get("version") == number:
+                return label
+        return None
+
+    def _apply_traffic(self, r: ActiveRollout, share: float) -> None:
+        from slimship.serve.app import TrafficPolicy
+
+        group = self.server.models.get(r.model)
+        if group is None:
+            return
+        sticky = group.policy.sticky_header
+        weights = {r.baseline: 100.0 - share, r.candidate: share}
+        group.policy = TrafficPolicy(weights=weights, sticky_header=sticky)
+
+    def controls(self, model: str) -> ActiveRollout | None:
+        return self.active.get(model)
+
+    # ---- operator actions --------------------------------------------------------------------
+    async def start(self, model: str, candidate: str, baseline: str | None, policy_data: Any) -> dict[str, Any]:
+        registry = self._registry()
+        policy = parse_policy(policy_data)
+        async with self._lock:
+            group = self.server._group(model)
+            if model in self.active:
+                r = self.active[model]
+                raise ProtocolError(f"{model} already has a {r.state} rollout (#{r.record['id']}: v{r.candidate} against "
+                                    f"v{r.baseline}); abort it first", 409)
+            versions = sorted(group.versions)
+            if candidate not in group.versions:
+                raise NotFound(f"{model} has no loaded version {candidate!r} (loaded: {versions}); load it first: "
+                               f"POST /v2/admin/models/{model}/load {{\"registry\": N}}")
+            cand_ep = group.versions[candidate]
+            reg_model, cand_num = self._registry_version(cand_ep)
+            if baseline is None:
+                prod = await self._call(registry.get, reg_model, "production")
+                baseline = self._served_label(model, reg_model, prod.number)
+                if baseline is None:
+                    raise NotFound(f"{reg_model}'s production version v{prod.number} isn't loaded in this server (loaded: "
+                                   f"{versions}); load it, or name the baseline version explicitly")
+            if baseline not in group.versions:
+                raise NotFound(f"{model} has no loaded version {baseline!r} to compare against (loaded: {versions})")
+            if baseline == candidate:
+                raise ProtocolError(f"the candidate and the baseline are the same version ({candidate})")
+            base_reg, base_num = self._registry_version(group.versions[baseline])
+            if base_reg != reg_model:
+                raise ProtocolError(f"v{candidate} is {reg_model} in the registry but v{baseline} is {base_reg}; a rollout "
+                                    "compares two versions of one registry model")
+            try:
+                record = await self._call(registry.start_rollout, reg_model, cand_num, base_num,
+                                          policy.model_dump(mode="json", exclude_unset=False), served_as=model,
+                                          detail={"served_versions": {"candidate": candidate, "baseline": baseline}})
+            except ServingError:
+                raise
+            except Exception as err:
+                from slimship.errors import RegistryError
+
+                if isinstance(err, RegistryError) and "already has" in str(err):
+                    raise ProtocolError(str(err), 409) from err
+                raise
+            r = ActiveRollout(record, policy, model, reg_model, candidate, baseline)
+            self.active[model] = r
+            self.finished.pop(model, None)
+            self.waiting.pop(model, None)
+            self._apply_traffic(r, policy.stages[0].traffic)
+            log.info(json.dumps({"event": "rollout.started", "model": model, "rollout": record["id"], "candidate": candidate,
+                                 "baseline": baseline, "stage": policy.stages[0].label(0)}))
+            return self.status(model)
+
+    async def pause(self, model: str, reason: str = "") -> dict[str, Any]:
+        r = self._active_or_404(model)
+        if r.state != "running":
+            raise ProtocolError(f"{model}'s rollout is {r.state}, not running", 409)
+        r.record = await self._call(self._registry().update_rollout, r.record["id"], "rollout.paused", self._evidence(r),
+                                    state="paused", reason=reason or "paused by an operator")
+        return self.status(model)
+
+    async def resume(self, model: str, reason: str = "") -> dict[str, Any]:
+        r = self._active_or_404(model)
+        if r.state != "paused":
+            raise ProtocolError(f"{model}'s rollout is {r.state}, not paused", 409)
+        r.record = await self._call(self._registry().update_rollout, r.record["id"], "rollout.resumed", {},
+                                    state="running", reason=reason or "resumed by an operator")
+        r.window = Window()  # the stage is judged afresh from here
+        self._apply_traffic(r, r.policy.stages[r.stage].traffic)
+        return self.status(model)
+
+    async def abort(self, model: str, reason: str = "") -> dict[str, Any]:
+        r = self._active_or_404(model)
+        self._apply_traffic(r, 0.0)
+        r.record = await self._call(self._registry().update_rollout, r.record["id"], "rollout.aborted", self._evidence(r),
+                                    state="aborted", reason=reason or "aborted by an operator")
+        self._finish(r)
+        return self.status(model)
+
+    def _active_or_404(self, model: str) -> ActiveRollout:
+        r = self.active.get(model)
+        if r is None:
+            self.server._group(model)
+            raise NotFound(f"{model} has no active rollout; start one with `slimship rollout start {model} --candidate V`")
+        return r
+
+    def _finish(self, r: ActiveRollout) -> None:
+        self.active.pop(r.model, None)
+        self.finished[r.model] = r
+        group = self.server.models.get(r.model)
+        if group is not None:
+            from slimship.serve.app import TrafficPolicy
+
+            winner = r.candidate if r.state == "promoted" else r.baseline
+            group.policy = TrafficPolicy(weights={winner: 100.0}, sticky_header=group.policy.sticky_header)
+
+    # ---- restart -----------------------------------------------------------------------------
+    async def restore(self) -> None:
+        """Pick up the registry's active rollouts of the models this server serves (after a restart or a load)."""
+        if self.server.registry is None:
+            return
+        for model, group in list(self.server.models.items()):
+            if model in self.active:
+                continue
+            regs = {str(ep.source["registry"]) for ep in group.versions.values() if ep.source.get("registry")}
+            for reg_model in regs:
+                try:
+                    stored = await self._call(self.server.registry.rollouts, reg_model, True)
+                except Exception as err:
+                    log.warning("can't read rollouts of %s from the registry: %s", reg_model, err)
+                    continue
+                for rec in stored:
+                    if rec["served_as"] != model:
+                        continue
+                    cand = self._served_label(model, reg_model, rec["candidate"])
+                    base = self._served_label(model, reg_model, rec["baseline"])
+                    if cand is None or base is None:
+                        missing = [f"v{n}" for n, lab in ((rec["candidate"], cand), (rec["baseline"], base)) if lab is None]
+                        self.waiting[model] = (f"rollout #{rec['id']} is {rec['state']} in the registry but {', '.join(missing)} "
+                                               f"of {reg_model} isn't loaded here; load it to resume")
+                        log.warning(self.waiting[model])
+                        continue
+                    policy = parse_policy(rec["policy"], f"rollout #{rec['id']}")
+                    r = ActiveRollout(rec, policy, model, reg_model, cand, base)
+                    self.active[model] = r
+                    self.waiting.pop(model, None)
+                    self._apply_traffic(r, policy.stages[r.stage].traffic)
+                    await self._call(self.server.registry.record_event, reg_model, rec["candidate"], "rollout.restored",
+                                     {"rollout": rec["id"], "stage": r.stage, "state": r.state,
+                                      "reason": "picked up by a (re)started server; the stage is judged afresh"})
+                    log.info(json.dumps({"event": "rollout.restored", "model": model, "rollout": rec["id"],
+                                         "stage": policy.stages[r.stage].label(r.stage), "state": r.state}))
+
+    # ---- traffic -----------------------------------------------------------------------------
+    def observe(self, model: str, ep: Endpoint, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None,
+                latency_s: float, ok: bool) -> None:
+        """A versionless request answered by ``ep`` (``ok`` False: it failed server-side)."""
+        r = self.active.get(model)
+        if r is None or ep.version not in (r.candidate, r.baseline):
+            return
+        w = r.window
+        (w.candidate if ep.version == r.candidate else w.baseline).add(ok, latency_s * 1000)
+        if not ok or outputs is None:
+            return
+        stage = r.policy.stages[r.stage]
+        if random.random() * 100 >= stage.compare_percent:
+            return
+        group = self.server.models.get(model)
+        other_label = r.baseline if ep.version == r.candidate else r.candidate
+        other = group.versions.get(other_label) if group else None
+        if other is None:
+            return
+        if r.compares_in_flight >= MAX_COMPARES_IN_FLIGHT:
+            (w.candidate if other_label == r.candidate else w.baseline).shed += 1
+            return
+        r.compares_in_flight += 1
+
+        async def compare() -> None:
+            side = w.candidate if other_label == r.candidate else w.baseline
+            t0 = time.perf_counter()
+            try:
+                got = await other.infer(inputs)
+            except Overloaded:
+                side.shed += 1  # the shadow side is full: skip, don't blame the candidate for doubled load
+                return
+            except Exception as err:
+                side.add(False, None)
+                self.server.metrics.shadow_errors.labels(model, other_label).inc()
+                log.debug("compare run on %s v%s failed: %s", model, other_label, err)
+                return
+            finally:
+                r.compares_in_flight -= 1
+            side.add(True, (time.perf_counter() - t0) * 1000)
+            from slimship.serve.app import agreement
+
+            base_out, cand_out = (outputs, got) if other_label == r.candidate else (got, outputs)
+            value = agreement(base_out, cand_out)
+            w.fidelity.append(value)
+            self.server.metrics.shadow_fidelity.labels(model, r.baseline, r.candidate).observe(value)
+            self.server.monitor_output(model, other, inputs, got)
+
+        self.server.spawn(compare())
+
+    # ---- decisions ---------------------------------------------------------------------------
+    def _evidence(self, r: ActiveRollout, j: Judgement | None = None) -> dict[str, Any]:
+        st = r.policy.stages[r.stage]
+        now = time.time()
+        out = {"stage_name": st.label(r.stage), "traffic": st.traffic, "compare": st.compare_percent,
+               "window": {"from": _iso(r.window.started), "to": _iso(now), "seconds": round(now - r.window.started, 3)},
+               "candidate": {"version": r.record["candidate"], "served_as": r.candidate, **r.window.candidate.summary()},
+               "baseline": {"version": r.record["baseline"], "served_as": r.baseline, **r.window.baseline.summary()},
+               "fidelity": r.window.fidelity_summary()}
+        if j is not None:
+            out["gates"] = j.gates
+            out["judgement"] = j.reason
+        return out
+
+    async def tick(self) -> None:
+        for model, r in list(self.active.items()):
+            if r.state != "running":
+                continue
+            j = judge(r.policy, r.stage, r.window)
+            r.last = j
+            if j.decision == "wait":
+                continue
+            registry = self._registry()
+            evidence = self._evidence(r, j)
+            self.server.metrics.rollout_decisions.labels(model, j.decision).inc()
+            if j.decision == "rollback":
+                self._apply_traffic(r, 0.0)  # at once, before anything is written
+                r.record = await self._call(registry.update_rollout, r.record["id"], "rollout.rolled_back", evidence,
+                                            state="rolled_back", reason=j.reason)
+                await self._call(registry.set_stage, r.reg_model, r.record["candidate"], "archived",
+                                 reason=f"rolled back: {j.reason}", evidence={"rollout": r.record["id"], **evidence})
+                self._finish(r)
+                log.warning(json.dumps({"event": "rollout.rolled_back", "model": model, "rollout": r.record["id"],
+                                        "reason": j.reason}))
+                continue
+            last = r.stage + 1 >= len(r.policy.stages)
+            if not last:
+                r.record = await self._call(registry.update_rollout, r.record["id"], "rollout.advanced", evidence,
+                                            stage=r.stage + 1, reason=j.reason)
+                r.window = Window()
+                self._apply_traffic(r, r.policy.stages[r.stage].traffic)
+                log.info(json.dumps({"event": "rollout.advanced", "model": model, "rollout": r.record["id"],
+                                     "stage": r.policy.stages[r.stage].label(r.stage)}))
+                continue
+            if not r.policy.promote:
+                if r.record.get("reason") != "held at the last stage":
+                    r.record = await self._call(registry.update_rollout, r.record["id"], "rollout.completed", evidence,
+                                                reason="held at the last stage")
+                continue
+            r.record = await self._call(registry.update_rollout, r.record["id"], "rollout.promoted", evidence,
+                                        state="promoted", reason=j.reason)
+            await self._call(registry.set_stage, r.reg_model, r.record["candidate"], "production",
+                             reason=f"promoted by rollout #{r.record['id']}", evidence={"rollout": r.record["id"], **evidence})
+            for ep in self.server.models[model].versions.values():  # keep what the server reports in step
+                if ep.source.get("registry") == r.reg_model:
+                    ep.source["stage"] = "production" if ep.version == r.candidate else (
+                        "archived" if ep.source.get("stage") == "production" else ep.source.get("stage"))
+            self._finish(r)
+            log.info(json.dumps({"event": "rollout.promoted", "model": model, "rollout": r.record["id"],
+                                 "version": r.record["candidate"]}))
+
+    # ---- status ------------------------------------------------------------------------------
+    def status(self, model: str, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        r = self.active.get(model) or self.finished.get(model)
+        if r is None:
+            out: dict[str, Any] = {"model": model, "state": "none"}
+            if model in self.waiting:
+                out["waiting"] = self.waiting[model]
+            return out
+        st = r.policy.stages[r.stage]
+        j = r.last if r.state in ("running", "paused") else None
+        out = {"model": model, "rollout": r.record["id"], "state": r.state, "registry_model": r.reg_model,
+               "candidate": {"served_as": r.candidate, "version": r.record["candidate"]},
+               "baseline": {"served_as": r.baseline, "version": r.record["baseline"]},
+               "stage": {"index": r.stage, "of": len(r.policy.stages), "name": st.label(r.stage), "traffic": st.traffic,
+                         "compare": st.compare_percent, "min_requests": st.min_requests},
+               "stages": [s.label(i) for i, s in enumerate(r.policy.stages)],
+               "reason": r.record.get("reason", ""), "policy": r.policy.model_dump(mode="json")}
+        if r.state in ("running", "paused"):
+            out["window"] = self._evidence(r, j)
+            out["progress"] = min(1.0, r.window.candidate.requests / st.min_requests)
+        if history is not None:
+            out["history"] = history
+        return out
+
+    async def status_with_history(self, model: str) -> dict[str, Any]:
+        r = self.active.get(model) or self.finished.get(model)
+        if r is None or self.server.registry is None:
+            return self.status(model)
+        events = await self._call(self.server.registry.events, r.reg_model, None, "rollout.")
+        return self.status(model, [e for e in events if e["detail"].get("rollout") == r.record["id"]])
