@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from slimship.errors import ServingError, SlimshipError
 from slimship.serve.drift import DriftConfig
@@ -589,7 +589,7 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
     class FeedbackBody(BaseModel):
         model_config = ConfigDict(extra="forbid")
         id: str = Field(min_length=1)
-        outcome: bool | float
+        outcome: StrictBool | StrictInt | StrictFloat  # true/false, 0/1 or any number; "yes" is refused
         metric: str = Field(default="outcome", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     @guard()
