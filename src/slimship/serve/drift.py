@@ -9,9 +9,12 @@ what it answered. Per request the monitor computes cheap per-row features and ke
   for embeddings); for classifiers also the predicted-class mix and the top-class confidence.
 
 Each feature is compared with the reference by the population stability index over the reference's deciles (PSI;
-< 0.1 stable, 0.1–0.25 a moderate shift, > 0.25 a major one) and by the Kolmogorov–Smirnov statistic. The version's
-drift score is its worst feature's PSI; at ``alert_psi`` an alert is raised (a log line and ``slimship_drift_alert``),
-and cleared when the score falls back under ``warn_psi``. Features whose reference is constant are skipped.
+< 0.1 stable, 0.1–0.25 a moderate shift, > 0.25 a major one) and by the Kolmogorov–Smirnov statistic. PSI of two
+samples of one distribution is not 0: it is about (bins − 1)·(1/n_ref + 1/n_live) from sampling alone (0.08 for 512
+reference rows and a 150-row window), so a feature only counts when its PSI is also over three times that noise floor.
+The version's drift score is its worst counting feature's PSI; at ``alert_psi`` an alert is raised (a log line and
+``slimship_drift_alert``), cleared when the score falls back under ``warn_psi``. Features whose reference is constant
+are skipped.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ class DriftConfig(BaseModel):
     #: the workload whose evaluation data is the reference (default: the one in the version's lineage)
     workload: str | None = None
     #: evaluation samples the reference is built from
-    samples: int = Field(default=256, ge=32)
+    samples: int = Field(default=512, ge=32)
     #: most recent rows the live distribution is taken from
     window: int = Field(default=1000, ge=50)
     #: rows needed before the score is reported
-    min_rows: int = Field(default=100, ge=20)
+    min_rows: int = Field(default=200, ge=20)
     bins: int = Field(default=10, ge=4, le=50)
     warn_psi: float = Field(default=0.1, gt=0)
     alert_psi: float = Field(default=0.25, gt=0)
@@ -140,8 +143,8 @@ class Reference:
         feats: dict[str, dict[str, Any]] = {}
         for k, parts in values.items():
             v = np.concatenate(parts)
-            if v.size < 20 or np.std(v) == 0:
-                continue  # a constant feature (e.g. the norm of normalised embeddings) can't drift in a measurable way
+            if v.size < 20 or np.std(v) <= 1e-5 * max(1.0, float(np.mean(np.abs(v)))):
+                continue  # a constant feature (e.g. the norm of normalised embeddings) has only rounding noise to bin
             categorical = k.endswith(".top1")
             if categorical:
                 n_bins = int(v.max()) + 1
@@ -151,7 +154,7 @@ class Reference:
                 n_bins = len(edges) + 1
             rng = np.random.default_rng(0)
             sample = v if v.size <= 2000 else rng.choice(v, 2000, replace=False)
-            feats[k] = {"edges": edges, "probs": _hist(v, edges, categorical, n_bins), "categorical": categorical,
+            feats[k] = {"edges": edges, "probs": _hist(v, edges, categorical, n_bins), "categorical": categorical, "n": int(v.size),
                         "n_bins": n_bins, "pooled": not k.startswith("input.length") and k.endswith(".tokens"),
                         "sample": np.sort(sample)}
         return cls(feats, pcs, n)
@@ -196,7 +199,7 @@ def _cache_path(onnx_path: Path, workload: Any, cfg: DriftConfig) -> Path:
     with open(onnx_path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    h.update(f"{workload.fingerprint()}:{cfg.samples}:{cfg.bins}:v1".encode())
+    h.update(f"{workload.fingerprint()}:{cfg.samples}:{cfg.bins}:v2".encode())
     root = Path(os.environ.get("SLIMSHIP_CACHE_DIR", Path.home() / ".cache" / "slimship"))
     return root / "drift" / f"{h.hexdigest()[:32]}.json"
 
@@ -276,11 +279,14 @@ class DriftMonitor:
             cur = np.fromiter(window, dtype=np.float64)
             value = psi(f["probs"], _hist(cur, f["edges"], f["categorical"], f["n_bins"]))
             ks = ks_2samp(f["sample"], cur if cur.size <= 5000 else cur[-5000:])
-            feats[k] = {"psi": round(value, 4), "ks": round(float(ks.statistic), 4), "ks_p": float(ks.pvalue)}
+            noise = (f["n_bins"] - 1) * (1 / f.get("n", ref.rows) + 1 / cur.size)
+            feats[k] = {"psi": round(value, 4), "noise_psi": round(noise, 4), "ks": round(float(ks.statistic), 4),
+                        "ks_p": float(ks.pvalue)}
         out["features"] = feats
         if feats:
-            worst = max(feats, key=lambda k: feats[k]["psi"])
-            out["score"], out["worst_feature"] = feats[worst]["psi"], worst
+            counted = {k: (v["psi"] if v["psi"] > 3 * v["noise_psi"] else 0.0) for k, v in feats.items()}
+            worst = max(counted, key=lambda k: counted[k])
+            out["score"], out["worst_feature"] = counted[worst], worst
             was = self.alert
             if out["score"] >= self.cfg.alert_psi:
                 self.alert = True
