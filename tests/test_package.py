@@ -31,7 +31,7 @@ def test_listing_passes_and_workloads_stays_light():
 def test_public_api_is_pinned():
     assert slimship.__all__ == [
         "BenchTarget", "Candidate", "CandidateError", "CompressionError", "ConfigError", "DepthPruneConfig",
-        "DistillConfig", "ExportConfig", "ExportError", "FinetuneConfig", "GraphOptimizeConfig", "InferenceError",
+        "DistillConfig", "ExecutorError", "ExportConfig", "ExportError", "FinetuneConfig", "GraphOptimizeConfig", "InferenceError",
         "InputSpecError", "LowRankConfig", "RegistryError", "ServingError", "SlimshipError", "StructuredPruneConfig",
         "UnstructuredPruneConfig", "VerificationError", "WeightShareConfig", "Workload", "WorkloadError", "__version__",
         "bench", "create_runtime", "depth_prune", "distill", "evaluate", "export", "load_candidate", "load_shared",

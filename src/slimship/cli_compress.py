@@ -391,8 +391,13 @@ def tune(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for the search (default: runs/RECIPE-tune). Steps and evaluations already there are reused.")] = None,
     trials: Annotated[int | None, typer.Option(min=1, help="Most candidates to evaluate (overrides the recipe's search.trials).")] = None,
     limit: LimitOpt = None,
-    executor: Annotated[str, typer.Option(help="Where trials run: local (this process, one after another).")] = "local",
+    executor: Annotated[str, typer.Option(help="Where trials run: local (this process, one after another) or ray (each a Ray Tune trial on a Ray worker; pip install 'slimship[ray]').")] = "local",
     seed: Annotated[int, typer.Option(help="Seed of the sampler: the same seed and recipe propose the same candidates.")] = 0,
+    address: Annotated[str | None, typer.Option(help="ray: the cluster — host:port of the head's GCS (e.g. 10.0.0.5:6379), ray://host:10001 (Ray Client) or auto; default: start a Ray instance on this machine (127.0.0.1).")] = None,
+    trial_cpus: Annotated[float | None, typer.Option(help="ray: CPUs reserved per trial (timing inside a trial uses that many threads), e.g. 2. Default 1.")] = None,
+    concurrent_trials: Annotated[int | None, typer.Option(help="ray: trials running at once. Default 1: the same proposals as --executor local with the same seed; more trade that for throughput.")] = None,
+    max_failures: Annotated[int | None, typer.Option(help="ray: restarts of a trial whose worker died before it is recorded as failed (the search goes on). Default 2.")] = None,
+    storage: Annotated[str | None, typer.Option(help="ray: where Ray Tune keeps its experiment state, a path or a URI (s3://bucket/prefix). Default OUT/ray. Candidates go to OUT, which every node must see at the same path.")] = None,
 ) -> None:
     """Search the recipe's `search` space for the fastest (or smallest) candidate within its constraints.
 
@@ -402,12 +407,15 @@ def tune(
     constraint violations; the search stops at the trial or time budget, when every combination was tried, or when
     a feasible candidate has not been beaten for `patience` trials. Writes tune.json and report.html.
 
-    Example: `slimship tune examples/recipes/digits-tune.yaml --trials 10`
+    Example: `slimship tune examples/recipes/mnist-tune.yaml --trials 10`;
+    on Ray: `slimship tune examples/recipes/mnist-tune.yaml --executor ray --address auto --trial-cpus 2 --concurrent-trials 4`
     """
     from slimship.pipeline.tune import executor_for, tune_recipe
 
     dest = out or Path("runs") / f"{recipe.stem}-tune"
-    result = tune_recipe(recipe, dest, trials=trials, evaluate_limit=limit, executor=executor_for(executor, seed=seed))
+    ex = executor_for(executor, seed=seed, address=address, trial_cpus=trial_cpus, concurrent_trials=concurrent_trials,
+                      max_failures=max_failures, storage=storage)
+    result = tune_recipe(recipe, dest, trials=trials, evaluate_limit=limit, executor=ex)
     for t in result["trials"]:
         head = f"trial {t['trial']:3d}{'*' if t.get('pareto') else ' '} {t['params']}"
         if t.get("reused_from") is not None:

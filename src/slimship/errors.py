@@ -14,6 +14,8 @@ expected and, where it helps, an example of a valid value.
     │   └── InputSpecError             a batch has wrong input names, dtypes or shapes
     ├── CandidateError                 a candidate directory is missing, unreadable or inconsistent
     ├── RegistryError                  the model registry refused an operation
+    ├── ExecutorError                  a search executor can't run: its extra isn't installed, its cluster
+    │                                  can't be reached, or the cluster can't place one trial's resources
     └── ServingError                   the server refused a request or a configuration
 
 Built-in `ValueError`/`RuntimeError` from dependencies are caught at the boundary where they can be
@@ -26,6 +28,7 @@ __all__ = [
     "CandidateError",
     "CompressionError",
     "ConfigError",
+    "ExecutorError",
     "ExportError",
     "InferenceError",
     "InputSpecError",
@@ -88,6 +91,12 @@ class CandidateError(SlimshipError):
 
 class RegistryError(SlimshipError):
     """The model registry refused an operation (unknown model/version, hash mismatch, bad stage)."""
+
+
+class ExecutorError(SlimshipError):
+    """A search executor can't run trials: Ray isn't installed, the cluster address can't be reached, the
+    search directory isn't visible to the workers, or no node can hold one trial's resources. Raised before
+    the first trial starts."""
 
 
 class ServingError(SlimshipError):

@@ -157,8 +157,10 @@ def test_search_state_stops_on_patience_budget_and_exhaustion():
 def test_unknown_executor_is_a_clear_error():
     from slimship.pipeline.tune import executor_for
 
-    with pytest.raises(ConfigError, match="unknown executor 'ray'.*executors: \\['local'\\]"):
-        executor_for("ray")
+    with pytest.raises(ConfigError, match="unknown executor 'dask'.*executors: \\['local', 'ray'\\]"):
+        executor_for("dask")
+    with pytest.raises(ConfigError, match="trial_cpus only apply to --executor ray"):
+        executor_for("local", seed=0, trial_cpus=2.0)
 
 
 def test_report_command_rebuilds_and_refuses_a_directory_without_results(tmp_path):

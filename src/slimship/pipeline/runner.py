@@ -14,10 +14,11 @@ a broken recipe stops before anything runs (it is validated first).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,19 @@ def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any]
             "original_bytes": original.size_bytes}
 
 
+@contextlib.contextmanager
+def _step_lock(step_dir: Path) -> Iterator[None]:
+    """An exclusive lock on one step directory (``flock`` on ``steps/.locks/<step>``; released when the holder exits
+    or dies), so trials of a search running side by side never build the same step at once or delete each other's."""
+    import fcntl
+
+    locks = step_dir.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / step_dir.name, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def execute_steps(passes: list[Step], labels: list[str], workload: Any, original: Any, out: Path,
                   log: Callable[[str], None] = _say) -> list[dict[str, Any]]:
     """Run ``passes`` in order from ``original``; each step's candidate is cached under a key of (pass, config, parent)."""
@@ -173,24 +187,25 @@ def execute_steps(passes: list[Step], labels: list[str], workload: Any, original
             continue
         key = sha256_text(step.pass_name, stable_json(cfg.to_json_dict()), parent.id)[:10]
         step_dir = out / "steps" / f"{i:02d}-{label}-{key}"
-        done = _reuse(step_dir)
-        t0 = time.perf_counter()
-        if done is not None:
-            log(f"{label}: reusing {step_dir.name} (same pass, config and parent)")
-            steps.append({"label": label, "pass": step.pass_name, "status": "reused", "candidate": str(step_dir), "id": done.id})
-            parent = done
-            continue
-        if step_dir.exists():
-            shutil.rmtree(step_dir)  # half-written by an interrupted run
-        log(f"{label}: running {step.pass_name}")
-        try:
-            cand = cls()(parent, workload, cfg, step_dir)
-        except SlimshipError as err:
-            log(f"{label}: failed — {err}")
-            steps.append({"label": label, "pass": step.pass_name, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
-            shutil.rmtree(step_dir, ignore_errors=True)
-            parent = None
-            continue
+        with _step_lock(step_dir):  # a search's trials side by side: one builds a shared step, the others reuse it
+            done = _reuse(step_dir)
+            t0 = time.perf_counter()
+            if done is not None:
+                log(f"{label}: reusing {step_dir.name} (same pass, config and parent)")
+                steps.append({"label": label, "pass": step.pass_name, "status": "reused", "candidate": str(step_dir), "id": done.id})
+                parent = done
+                continue
+            if step_dir.exists():
+                shutil.rmtree(step_dir)  # half-written by an interrupted run
+            log(f"{label}: running {step.pass_name}")
+            try:
+                cand = cls()(parent, workload, cfg, step_dir)
+            except SlimshipError as err:
+                log(f"{label}: failed — {err}")
+                steps.append({"label": label, "pass": step.pass_name, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
+                shutil.rmtree(step_dir, ignore_errors=True)
+                parent = None
+                continue
         steps.append({"label": label, "pass": step.pass_name, "status": "ran", "candidate": str(step_dir), "id": cand.id,
                       "seconds": round(time.perf_counter() - t0, 1)})
         parent = cand

@@ -4,8 +4,9 @@ within its constraints, timing every candidate on its real runtime interleaved w
 How a search runs:
 
 * An **executor** proposes parameter sets and runs trials. :class:`LocalExecutor` drives Optuna's
-  multi-objective TPE sampler (seeded, so a search is reproducible) in this process; the scale-out issue adds
-  a Ray Tune executor behind the same interface. A trial is :func:`run_trial` — a plain function of a
+  multi-objective TPE sampler (seeded, so a search is reproducible) in this process;
+  :class:`~slimship.pipeline.tune_ray.RayExecutor` runs the same sampler inside Ray Tune (``OptunaSearch``)
+  with every trial on a Ray worker. A trial is :func:`run_trial` — a plain function of a
   :class:`TrialContext` and the chosen values — so any executor can ship it to a worker, and every executor
   produces the same rows.
 * A trial builds the recipe's steps with the chosen values through the cached step machinery of
@@ -51,11 +52,13 @@ SCHEMA = "slimship.tune/1"
 
 @dataclass(frozen=True)
 class TrialContext:
-    """Everything a trial needs, picklable: where the recipe and the search directory are."""
+    """Everything a trial needs, picklable: where the recipe and the search directory are, and how many threads
+    its timing may use (None: the machine's physical cores)."""
 
     recipe_path: str
     out_dir: str
     evaluate_limit: int | None = None
+    threads: int | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -155,6 +158,7 @@ def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Calla
     t0 = time.perf_counter()
     log(f"trial {number}: {params}")
     done = execute_steps(apply_params(recipe, params), recipe.step_labels(), workload, original, out, log)
+    _test_exit(number)
     row: dict[str, Any] = {"trial": number, "params": params, "steps": done}
     failed = [s for s in done if s["status"] == "failed"]
     finished = [s for s in done if s["status"] in ("ran", "reused")]
@@ -176,7 +180,7 @@ def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Calla
     log(f"trial {number}: timing against the original at batch {recipe.search.batch_size} (interleaved)")
     sizes = tuple(sorted({recipe.search.batch_size, *constraint_batch_sizes(recipe)}))
     timing = bench([BenchTarget("original", original, backend(original)), BenchTarget(last["label"], final, backend(final))],
-                   workload, batch_sizes=sizes, memory=False, progress=False, baseline="original")
+                   workload, batch_sizes=sizes, memory=False, progress=False, baseline="original", threads=ctx.threads)
     verdict = check_constraints(recipe, workload, evaluations, timing, last, original, done)
     bs = recipe.search.batch_size
     res = next(r for r in next(c for c in timing["candidates"] if c["label"] != "original")["results"] if r["batch_size"] == bs)
@@ -198,6 +202,26 @@ def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Calla
         "seconds": round(time.perf_counter() - t0, 1),
     })
     return row
+
+
+def _test_exit(number: int) -> None:
+    """A seam for the worker-death tests: with SLIMSHIP_TUNE_EXIT_ONCE=<trial>:<marker file> the process running
+    that trial exits abruptly once its steps are built (the first time; the marker remembers), ``<trial>:always``
+    every time. The Ray executor forwards the variable to its workers."""
+    import os
+
+    seam = os.environ.get("SLIMSHIP_TUNE_EXIT_ONCE")
+    if not seam:
+        return
+    trial, _, marker = seam.partition(":")
+    if trial != str(number):
+        return
+    if marker != "always":
+        if Path(marker).exists():
+            return
+        Path(marker).write_text("exited once")
+    print(f"trial {number}: exiting abruptly (SLIMSHIP_TUNE_EXIT_ONCE)", flush=True)
+    os._exit(17)
 
 
 def objectives(row: dict[str, Any], objective: str) -> tuple[float, float] | None:
@@ -380,11 +404,11 @@ class LocalExecutor:
                 if number >= 4 * limit:
                     return f"the sampler kept proposing tried combinations ({number} proposals)"
                 trial = study.ask()
-                params = {key: _suggest(trial, key, p) for key, p in recipe.search.params.items()}
+                params = suggest_params(trial, recipe)
                 same = _key(effective_params(recipe, params))
                 earlier = seen.get(same)
                 if earlier is not None:
-                    row = {**earlier, "trial": number, "params": params, "reused_from": earlier["trial"]}
+                    row = repeat_row(earlier, number, params)
                     # the sampler is circling: steer the next proposal to a combination not tried yet
                     untried = _untried(recipe, seen, rng)
                     if untried is not None:
@@ -392,16 +416,29 @@ class LocalExecutor:
                 else:
                     row = run_trial(ctx, number, params, log, hints=state.hints())
                     seen[same] = row
-                for name, value in constraint_values(row, recipe).items():
-                    trial.set_constraint(name, value)
-                values = objectives(row, recipe.search.objective)
-                if values is None:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                else:
-                    study.tell(trial, list(values))
+                tell_row(study, trial, row, recipe)
                 state.record(row)
                 on_row(row)
         raise AssertionError("unreachable")
+
+
+def repeat_row(earlier: dict[str, Any], number: int, params: dict[str, Any]) -> dict[str, Any]:
+    """The row of a proposal that builds the same candidate as trial ``earlier``: its results, no new evaluation."""
+    return {**earlier, "trial": number, "params": params, "reused_from": earlier["trial"]}
+
+
+def tell_row(study: Any, trial: Any, row: dict[str, Any], recipe: Recipe) -> None:
+    """Feed a finished row back to the Optuna study: constraint violations, then the objectives (or PRUNED)."""
+    import optuna
+
+    assert recipe.search is not None
+    for name, value in constraint_values(row, recipe).items():
+        trial.set_constraint(name, value)
+    values = objectives(row, recipe.search.objective)
+    if values is None:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(trial, list(values))
 
 
 def _untried(recipe: Recipe, seen: dict[str, Any], rng: Any) -> dict[str, Any] | None:
@@ -416,6 +453,12 @@ def _untried(recipe: Recipe, seen: dict[str, Any], rng: Any) -> dict[str, Any] |
     return rng.choice(fresh) if fresh else None
 
 
+def suggest_params(trial: Any, recipe: Recipe) -> dict[str, Any]:
+    """One value per searched key from an Optuna trial (the same calls, in the same order, in every executor)."""
+    assert recipe.search is not None
+    return {key: _suggest(trial, key, p) for key, p in recipe.search.params.items()}
+
+
 def _suggest(trial: Any, key: str, p: Any) -> Any:
     if p.choices is not None:
         return trial.suggest_categorical(key, p.choices)
@@ -424,10 +467,21 @@ def _suggest(trial: Any, key: str, p: Any) -> Any:
     return trial.suggest_float(key, float(p.low or 0), float(p.high or 0), step=p.step, log=p.log)
 
 
+EXECUTORS = ("local", "ray")
+
+
 def executor_for(name: str, **options: Any) -> Executor:
+    """``local`` takes ``seed``; ``ray`` takes ``seed`` and the options of :class:`~slimship.pipeline.tune_ray.RayExecutor`."""
     if name == "local":
-        return LocalExecutor(**options)
-    raise ConfigError(f"unknown executor {name!r}; executors: ['local'] (Ray Tune comes with the scale-out work)")
+        unknown = sorted(k for k, v in options.items() if k != "seed" and v is not None)
+        if unknown:
+            raise ConfigError(f"{', '.join(unknown)} only apply to --executor ray; drop them or add --executor ray")
+        return LocalExecutor(seed=options.get("seed", 0))
+    if name == "ray":
+        from slimship.pipeline.tune_ray import RayExecutor
+
+        return RayExecutor(**{k: v for k, v in options.items() if v is not None})
+    raise ConfigError(f"unknown executor {name!r}; executors: {list(EXECUTORS)} (e.g. --executor ray)")
 
 
 def tune_recipe(
