@@ -454,7 +454,10 @@ def main() -> None:
     try:
         registered()
     except SlimshipError as err:
-        _console().print(f"[bold red]error:[/bold red] {err}", highlight=False, markup=True)
+        from rich.markup import escape
+
+        # escaped: a message like "pip install 'slimship[ray]'" must not lose its brackets to rich markup
+        _console().print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, markup=True)
         sys.exit(2)
 
 

@@ -19,6 +19,8 @@ import pytest
 
 from slimship.errors import ExecutorError
 
+# read once when Ray is first imported: with node IP 127.0.0.1, no Ray port listens on another interface
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray", reason="the Ray executor tests need the ray extra (scripts/bootstrap.sh dev installs it)")
 
 # The objective is file size, not latency, so that the comparison with the local executor is exact: size and
@@ -48,7 +50,6 @@ search:
 @pytest.fixture(scope="module")
 def ray_address():
     """A local Ray instance bound to the loopback interface; yields its GCS address."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # with node IP 127.0.0.1: no port on other interfaces
     temp = tempfile.mkdtemp(prefix="sr-", dir="/tmp")
     info = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, object_store_memory=100 * 1024**2,
                     _temp_dir=temp, log_to_driver=True)

@@ -49,8 +49,12 @@ EXIT_SEAM = "SLIMSHIP_TUNE_EXIT_ONCE"
 CONNECT_TIMEOUT_S = 5.0
 
 
-def import_ray() -> Any:
-    """The ``ray`` module with Ray Tune, or an :class:`ExecutorError` that names the extra to install."""
+def import_ray(local: bool = False) -> Any:
+    """The ``ray`` module with Ray Tune, or an :class:`ExecutorError` that names the extra to install. ``local``:
+    a private single-machine instance will be started, so every Ray port binds to the loopback interface only
+    (Ray reads this switch once, when it is first imported; with node IP 127.0.0.1 it keeps every port there)."""
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
         import ray.tune
@@ -88,11 +92,11 @@ class RayExecutor:
             raise ConfigError(f"--max-failures must be ≥ 0, got {self.max_failures} (e.g. --max-failures 2)")
         if self.address is not None:
             _parse_address(self.address)
-        import_ray()  # before anything runs: say now that the extra is missing
+        import_ray(local=self.address is None)  # before anything runs: say now that the extra is missing
 
     def search(self, ctx: TrialContext, state: SearchState, limit: int, deadline: float | None,
                on_row: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> str:
-        ray = import_ray()
+        ray = import_ray(local=self.address is None)
         ctx = dataclasses.replace(ctx, threads=max(1, math.floor(self.trial_cpus)))
         connected_here = _connect(ray, self.address, log)
         try:
@@ -162,8 +166,11 @@ def _connect(ray: Any, address: str | None, log: Callable[[str], None]) -> bool:
         log("using this process's existing Ray connection")
         return False
     if address is None:
-        # a private single-machine instance: every Ray port on the loopback interface only
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:  # Ray was imported before import_ray(local=True) could say so
+            log("note: Ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset, so some of its ports may listen on "
+                "every interface; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep a local instance on 127.0.0.1")
         log("starting a local Ray instance (127.0.0.1)")
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
         return True
