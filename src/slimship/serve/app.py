@@ -162,6 +162,7 @@ class Server:
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self.started = False
+        self.created = time.time()
         from slimship.serve.abtest import FeedbackStore
         from slimship.serve.live import LiveStats
         from slimship.serve.rollout import RolloutController

@@ -13,9 +13,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from slimship.serve.app import Server
 
-_STARTED = time.time()
-
-
 @cache
 def page() -> str:
     return resources.files("slimship.serve").joinpath("static/dashboard.html").read_text(encoding="utf-8")
@@ -48,6 +45,6 @@ async def state(server: Server) -> dict[str, Any]:
                        "shadow": {v: s.as_dict() for v, s in group.shadow_stats.items()}, "rollout": rollout,
                        "abtest": server.feedback.summary(name, server.control_version(name))})
     await asyncio.sleep(0)
-    return {"server": {"name": "slimship", "version": __version__, "time": time.time(), "uptime_s": round(time.time() - _STARTED, 1),
+    return {"server": {"name": "slimship", "version": __version__, "time": time.time(), "uptime_s": round(time.time() - server.created, 1),
                        "admin": server.admin_token is not None, "registry": server.registry is not None},
             "models": models}

@@ -93,7 +93,7 @@ class Stage(BaseModel):
         return self.compare if self.compare is not None else (100.0 if self.traffic == 0 else 25.0)
 
     def label(self, index: int) -> str:
-        return self.name or (f"shadow-{index}" if self.traffic == 0 else f"canary-{self.traffic:g}")
+        return self.name or ("shadow" if self.traffic == 0 else "full" if self.traffic == 100 else f"canary-{self.traffic:g}")
 
 
 class RolloutPolicy(BaseModel):
