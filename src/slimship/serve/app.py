@@ -492,8 +492,10 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         request.state.model, request.state.version = name, ep.version
         status = "200"
         outputs = None
+        t_infer = time.perf_counter()
         try:
             outputs = await ep.infer(req.inputs)
+            t_infer = time.perf_counter() - t_infer  # queue + run: what the rollout compares between versions
             data, headers = encode_infer_response(name, ep.version, req.id, outputs, req)
         except ProtocolError as err:
             status = str(err.status)
@@ -507,7 +509,8 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
             server.metrics.latency.labels(name, ep.version).observe(elapsed)
             server.live.add(name, ep.version, elapsed, status)
             if version is None and (status == "200" or int(status) >= 500):
-                server.rollouts.observe(name, ep, req.inputs, outputs if status == "200" else None, elapsed, status == "200")
+                server.rollouts.observe(name, ep, req.inputs, outputs if status == "200" else None,
+                                        t_infer if status == "200" else elapsed, status == "200")
         server.remember(req.id, request.state.rid, name, ep.version)
         server.monitor_output(name, ep, req.inputs, outputs)
         if version is None:

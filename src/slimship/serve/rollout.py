@@ -16,9 +16,11 @@ measured on identical inputs with the production version as the reference. Gates
 
 - ``max_error_rate`` — failed candidate requests (5xx, timeouts, overload refusals clients saw, failed shadow runs);
   breached as soon as the errors exceed what the limit allows at ``min_requests`` (the breach is then certain);
-- ``max_latency_p99_ms`` — nearest-rank p99 of the candidate's latency; breached as soon as more requests were slower
-  than the limit than a p99 at ``min_requests`` tolerates; ``max_latency_p99_ratio`` compares with the baseline's p99
-  in the same window (judged at ``min_requests``);
+- ``max_latency_p99_ms`` — nearest-rank p99 of the candidate's latency (time in the endpoint: queue + run, measured
+  the same way for answered and compared requests of both versions); breached as soon as more requests were slower
+  than the limit than a p99 over the stage tolerates; ``max_latency_p99_ratio`` compares with the baseline's p99 in the
+  same window. A p99 of fewer than 100 samples is just the maximum (one pause would decide it), so latency gates are
+  judged from max(``min_requests``, 100) samples;
 - ``min_fidelity`` — mean agreement of candidate and baseline outputs on the same inputs (row cosine; top-1 agreement
   for classifiers), judged from ``min_pairs`` compared requests on.
 
@@ -53,6 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("slimship.serve")
 
+#: a p99 from fewer samples is the maximum: latency gates wait for this many
+LATENCY_MIN_SAMPLES = 100
 #: shadow runs of one rollout allowed in flight at once; beyond, a comparison is skipped (counted as shed)
 MAX_COMPARES_IN_FLIGHT = 8
 
@@ -244,18 +248,19 @@ def judge(policy: RolloutPolicy, stage_index: int, w: Window, now: float | None 
         if breached:
             breaches.append(f"error rate {c.errors}/{c.requests} exceeds {g.max_error_rate:g} (at most "
                             f"{math.floor(allowed)} errors in {n_final} requests)")
+    n_lat = max(st.min_requests, LATENCY_MIN_SAMPLES)
     if g.max_latency_p99_ms is not None:
-        nl = max(len(c.latencies_ms), st.min_requests)
+        nl = max(len(c.latencies_ms), n_lat)
         slow = sum(1 for x in c.latencies_ms if x > g.max_latency_p99_ms)
         tolerated = nl - math.ceil(0.99 * nl)
         breached = slow > tolerated
         out["max_latency_p99_ms"] = {"limit": g.max_latency_p99_ms, "value": _r(c.p99()), "slower": slow,
-                                     "judged": breached or len(c.latencies_ms) >= st.min_requests, "ok": not breached}
+                                     "judged": breached or len(c.latencies_ms) >= n_lat, "ok": not breached}
         if breached:
             breaches.append(f"{slow} requests slower than {g.max_latency_p99_ms:g} ms (p99 {_r(c.p99(), 1)} ms)")
     if g.max_latency_p99_ratio is not None:
         cp, bp = c.p99(), b.p99()
-        judged = len(c.latencies_ms) >= st.min_requests and len(b.latencies_ms) >= min(20, st.min_requests) and bool(bp)
+        judged = len(c.latencies_ms) >= n_lat and len(b.latencies_ms) >= n_lat and bool(bp)
         ratio = cp / bp if cp is not None and bp else None
         breached = judged and ratio is not None and ratio > g.max_latency_p99_ratio
         out["max_latency_p99_ratio"] = {"limit": g.max_latency_p99_ratio, "value": _r(ratio), "candidate_p99_ms": _r(cp),
