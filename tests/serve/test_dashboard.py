@@ -57,7 +57,7 @@ def test_dashboard_live_numbers_and_admin_action_in_chromium(server, digits, tmp
             assert float(rate.inner_text()) == 0.0
             assert "running" in page.locator(".rollout .state").inner_text()
             # live numbers change under load (the page polls once a second)
-            load = Load(server.url, _bodies(digits), clients=2)
+            load = Load(server.url, _bodies(digits, 360), clients=2)
             page.wait_for_function("() => parseFloat(document.querySelector('tr[data-version=\"1\"] td.rate').textContent) > 1",
                                    timeout=20_000)
             page.wait_for_function("() => /fidelity (0\\.9\\d+|1\\.0+) over [1-9]/.test(document.querySelector('.rollout').textContent)",

@@ -267,3 +267,16 @@ def test_policy_validation_and_gate_judgement_units():
     assert judge(p, 0, w).decision == "advance"
     w.fidelity[:] = [0.9] * 10
     assert judge(p, 0, w).decision == "rollback"
+
+
+def test_the_example_policy_and_serving_config_are_valid():
+    from pathlib import Path
+
+    from slimship.serve.config import load_serve_config
+    from slimship.serve.rollout import parse_policy
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "rollout"
+    p = parse_policy((root / "policy.yaml").read_text(), "policy.yaml")
+    assert [s.traffic for s in p.stages] == [0, 5, 25, 50, 100] and p.gates.min_fidelity == 0.98
+    cfg = load_serve_config(root / "serve.yaml", {})
+    assert [m.registry for m in cfg.models] == ["production", "latest"]
