@@ -51,6 +51,12 @@ def serve(
     admin_token_env: Annotated[str, typer.Option(help="Environment variable holding the admin API's bearer token (unset: admin API disabled).")] = "SLIMSHIP_ADMIN_TOKEN",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="One JSON line per request on stderr.")] = True,
+    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve: one Serve application per model version with the "
+                                      "replicas/autoscaling of its `replicas` block in --config, the same protocol, metrics, admin "
+                                      "API, rollouts and dashboard (needs the `ray` extra).")] = False,
+    address: Annotated[str | None, typer.Option("--address", help="With --ray: a running Ray cluster (host:port of the head's GCS, "
+                                                "or auto); default: start a local Ray instance bound to 127.0.0.1.")] = None,
+    replicas: Annotated[int | None, typer.Option(min=1, help="With --ray: replicas per model version given with --model (default 1).")] = None,
 ) -> None:
     """Serve ONNX models over the Open Inference Protocol (KServe V2, JSON and binary tensors — tritonclient works as is),
     with dynamic batching, versions and traffic splitting, Prometheus metrics at /metrics and an admin API.
@@ -66,6 +72,8 @@ def serve(
                                    "max_queue": max_queue, "timeout_s": timeout, "instances": instances}.items() if v is not None}
     for m in models:
         m["batching"] = batching
+        if replicas is not None:
+            m["replicas"] = {"num_replicas": replicas}
     overrides: dict[str, Any] = {"host": host, "port": port, "models": models or None,
                                  "registry": str(registry) if registry else None, "registry_url": registry_url}
     if max_body_mb is not None:
@@ -75,5 +83,14 @@ def serve(
         from slimship.errors import ConfigError
 
         raise ConfigError("nothing to serve: give --model NAME=PATH (or models in --config), e.g. -m mnist=runs/mnist/optimized")
-    run_server(cfg, token=os.environ.get(token_env) or None, admin_token=os.environ.get(admin_token_env) or None,
-               log_level=log_level, access_log=access_log)
+    if not ray and (address is not None or replicas is not None):
+        from slimship.errors import ConfigError
+
+        raise ConfigError("--address and --replicas only apply with --ray")
+    tokens = {"token": os.environ.get(token_env) or None, "admin_token": os.environ.get(admin_token_env) or None}
+    if ray:
+        from slimship.serve.ray_serve import serve_on_ray
+
+        serve_on_ray(cfg, **tokens, log_level=log_level, access_log=access_log, address=address)
+        return
+    run_server(cfg, **tokens, log_level=log_level, access_log=access_log)

@@ -24,17 +24,18 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m slimship.cli serve --config …` in its own process group; stderr (JSON log lines) kept in a file."""
 
-    def __init__(self, tmp: Path, config: dict, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, config: dict, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                 ready_timeout: float = 90.0) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         cfg = tmp / f"serve-{self.port}.yaml"
         cfg.write_text(yaml.safe_dump({**config, "host": "127.0.0.1", "port": self.port}))
         self.log = tmp / f"serve-{self.port}.log"
         self._log_f = open(self.log, "w")  # noqa: SIM115 - open as long as the server process lives
-        self.proc = subprocess.Popen([sys.executable, "-m", "slimship.cli", "serve", "--config", str(cfg)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "slimship.cli", "serve", "--config", str(cfg), *args],
                                      stdout=self._log_f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                      start_new_session=True)
-        self.wait_ready()
+        self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         import httpx

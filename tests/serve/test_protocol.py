@@ -16,13 +16,19 @@ from tests.serve.conftest import ServerProcess
 ADMIN = "adm1n-t0ken"
 
 
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    cfg = {"models": [{"name": "digits", "path": models["digits_v1"], "version": "1"},
-                      {"name": "digits", "path": models["digits_v2"], "version": "2"},
-                      {"name": "seq", "path": models["seq"], "batching": {"max_batch_size": 16, "max_queue_delay_ms": 20, "instances": 2}}],
+@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+def server(models, tmp_path_factory, request):
+    """The same suite against the single-process server and against the Ray Serve deployment (`serve --ray`)."""
+    ray = request.param == "ray"
+    small = {"replicas": {"num_cpus": 0.5}} if ray else {}  # three versions on a 2-CPU local Ray instance
+    cfg = {"models": [{"name": "digits", "path": models["digits_v1"], "version": "1", **small},
+                      {"name": "digits", "path": models["digits_v2"], "version": "2", **small},
+                      {"name": "seq", "path": models["seq"], **small,
+                       "batching": {"max_batch_size": 16, "max_queue_delay_ms": 20, "instances": 2}}],
            "limits": {"max_body_bytes": 200_000}}
-    s = ServerProcess(tmp_path_factory.mktemp("srv"), cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN})
+    s = ServerProcess(tmp_path_factory.mktemp("srv"), cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN},
+                      args=("--ray",) if ray else (), ready_timeout=240 if ray else 90)
+    s.ray = ray
     yield s
     assert s.stop() in (0, -15)  # uvicorn re-raises SIGTERM after its graceful shutdown
 

@@ -163,6 +163,10 @@ class Server:
         self._background: set[asyncio.Task[Any]] = set()
         self.started = False
         self.created = time.time()
+        #: builds endpoints elsewhere (Ray Serve) instead of in this process: async (name, version, path, batching, source)
+        self.endpoint_factory: Any = None
+        #: removes what endpoint_factory built, after an unload: async (endpoint)
+        self.endpoint_retire: Any = None
         from slimship.serve.abtest import FeedbackStore
         from slimship.serve.live import LiveStats
         from slimship.serve.rollout import RolloutController
@@ -224,8 +228,11 @@ class Server:
             group = self.models.get(name)
             if group is not None and version in group.versions:
                 raise ServingError(f"{name} v{version} is already loaded; unload it first or load under another version")
-            loop = asyncio.get_running_loop()
-            ep = await loop.run_in_executor(None, lambda: Endpoint(name, version, path, batching, self.metrics, source))
+            if self.endpoint_factory is not None:  # e.g. a new Ray Serve application
+                ep = await self.endpoint_factory(name, version, path, batching, source or {"path": path})
+            else:
+                loop = asyncio.get_running_loop()
+                ep = await loop.run_in_executor(None, lambda: Endpoint(name, version, path, batching, self.metrics, source))
             ep.drift_config = drift
             return await self._add(ep)
 
@@ -286,6 +293,8 @@ class Server:
             if not group.versions:
                 del self.models[name]
         await ep.stop(drain_timeout)  # requests already routed to it are answered first
+        if self.endpoint_retire is not None:
+            await self.endpoint_retire(ep)
         log.info(json.dumps({"event": "unloaded", "model": name, "version": version}))
 
     def set_traffic(self, name: str, policy: TrafficPolicy) -> None:

@@ -28,6 +28,7 @@ from slimship.errors import ConfigError
 from slimship.serve.app import Limits, TrafficPolicy
 from slimship.serve.drift import DriftConfig
 from slimship.serve.endpoint import BatchingConfig
+from slimship.serve.ray_serve import ReplicaConfig
 
 
 class ModelSpec(BaseModel):
@@ -43,6 +44,8 @@ class ModelSpec(BaseModel):
     batching: BatchingConfig = BatchingConfig()
     #: drift monitoring against the workload's evaluation data (on when the workload is known)
     drift: DriftConfig = DriftConfig()
+    #: replicas, autoscaling and backpressure on Ray Serve (`slimship serve --ray`; ignored otherwise)
+    replicas: ReplicaConfig = ReplicaConfig()
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

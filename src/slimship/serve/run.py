@@ -35,6 +35,41 @@ def configure_logging(level: str = "info", access_log: bool = True) -> None:
     logging.getLogger("slimship.access").disabled = not access_log
 
 
+def resolve_models(config: ServeConfig) -> list[dict[str, Any]]:
+    """Every model of the config as (name, version label, ONNX path, source, settings): registry checkouts are
+    verified by hash here, so a model that can't be served stops the start with one clear error."""
+    registry = None
+    if any(m.registry for m in config.models):
+        from slimship.registry import Registry
+
+        registry = Registry(config.registry, url=config.registry_url)
+    out = []
+    for m in config.models:
+        source: dict[str, Any]
+        if m.path is not None:
+            onnx, workload = m.resolve()
+            version, source = m.version or "1", {"path": m.path, **({"workload": workload} if workload else {})}
+        else:
+            assert registry is not None
+            reg_model = m.registry_model or m.name
+            ref = str(m.registry)
+            v = registry.get(reg_model, int(ref) if ref.isdigit() else ref)
+            cand = registry.fetch(reg_model, v.number)
+            if cand.format != "onnx":
+                from slimship.errors import ConfigError
+
+                raise ConfigError(f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)")
+            onnx, version = str(cand.artifact_path), m.version or str(v.number)
+            source = {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage,
+                      "workload": dict(cand.workload)}
+        out.append({"name": m.name, "version": version, "path": onnx, "source": source,
+                    "batching": m.batching.model_dump(), "drift": m.drift.model_dump(), "replicas": m.replicas.model_dump(),
+                    "batching_cfg": m.batching, "drift_cfg": m.drift, "replicas_cfg": m.replicas})
+    if registry is not None:
+        registry.close()
+    return out
+
+
 def build(config: ServeConfig, token: str | None = None, admin_token: str | None = None) -> tuple[Server, Any]:
     registry = None
     if config.registry is not None or config.registry_url is not None or any(m.registry for m in config.models):
@@ -42,32 +77,12 @@ def build(config: ServeConfig, token: str | None = None, admin_token: str | None
 
         registry = Registry(config.registry, url=config.registry_url)
     server = Server(limits=config.limits, token=token, admin_token=admin_token, registry=registry)
-    # every artifact is resolved (registry checkouts verified by hash) and its session created before the server
-    # starts listening: a model that can't be served stops the start with one clear error, not a traceback
     from slimship.serve.endpoint import Endpoint
 
     endpoints = []
-    for m in config.models:
-        if m.path is not None:
-            onnx, workload = m.resolve()
-            ep = Endpoint(m.name, m.version or "1", onnx, m.batching, server.metrics,
-                          {"path": m.path, **({"workload": workload} if workload else {})})
-            ep.drift_config = m.drift
-            endpoints.append(ep)
-            continue
-        assert registry is not None
-        reg_model = m.registry_model or m.name
-        ref = str(m.registry)
-        v = registry.get(reg_model, int(ref) if ref.isdigit() else ref)
-        cand = registry.fetch(reg_model, v.number)
-        if cand.format != "onnx":
-            from slimship.errors import ConfigError
-
-            raise ConfigError(f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)")
-        ep = Endpoint(m.name, m.version or str(v.number), cand.artifact_path, m.batching, server.metrics,
-                      {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage,
-                       "workload": dict(cand.workload)})
-        ep.drift_config = m.drift
+    for m in resolve_models(config):
+        ep = Endpoint(m["name"], m["version"], m["path"], m["batching_cfg"], server.metrics, m["source"])
+        ep.drift_config = m["drift_cfg"]
         endpoints.append(ep)
 
     async def start_all() -> None:

@@ -1,0 +1,418 @@
+"""`slimship serve --ray`: the same server on Ray Serve.
+
+    HTTP ─► Ray Serve proxy ─► slimship ingress (1 replica: the protocol app — routing, traffic, rollouts, drift,
+                                A/B feedback, metrics, admin API, dashboard — exactly the single-process code)
+                                     │ DeploymentHandle.infer(inputs)
+                                     ▼
+                               one Serve application per model version ("slimship-<model>-v<version>"):
+                               replicas, each an ONNX Runtime session with its own dynamic batcher
+
+Replicas and autoscaling come from each model's ``replicas`` block of the serving config. Backpressure is set
+deliberately: Ray Serve's default of 5 requests in flight per replica starves the batcher and collapses throughput
+under load, so each replica takes ``max_ongoing_requests`` (default 64) and Serve queues at most
+``max_queued_requests`` more per handle; beyond that the client gets 503 with Retry-After at once. A request whose
+replica dies while it runs is retried once on another replica (inference is idempotent), then answered 503 — never
+left hanging; Serve starts a replacement replica. Requests are validated in the ingress before they are sent.
+
+Admin loads deploy a new model application from the ingress; unloads delete it. ``--address`` points at a running
+cluster (``auto``, ``host:port`` of the head's GCS); without it a local Ray instance starts bound to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from slimship.errors import ServingError
+from slimship.serve.endpoint import BatchingConfig, Endpoint, TensorSpec
+from slimship.serve.protocol import Overloaded, ProtocolError, TimedOut
+
+log = logging.getLogger("slimship.serve")
+
+INSTALL_HINT = "pip install 'slimship[ray]'"
+INGRESS_APP = "slimship"
+#: attempts per request when its replica dies under it (the first try plus one retry on another replica)
+ATTEMPTS = 2
+
+
+class Autoscaling(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    #: requests in flight per replica Serve aims for when it scales
+    target_ongoing_requests: float = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"autoscaling: max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        return self
+
+
+class ReplicaConfig(BaseModel):
+    """How a model version runs on Ray Serve (ignored by the single-process server)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_replicas: int = Field(default=1, ge=1)
+    #: replaces num_replicas when given
+    autoscaling: Autoscaling | None = None
+    #: requests one replica holds at once (its batcher forms batches from them); Serve's default 5 starves it
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    #: requests waiting in Serve for a replica, per handle; beyond, 503 at once
+    max_queued_requests: int = Field(default=256, ge=1)
+    #: CPUs reserved per replica (its ONNX Runtime threads)
+    num_cpus: float = Field(default=1.0, gt=0)
+
+
+def _loopback_replica_grpc() -> None:
+    """Ray 2.60's replicas open their inter-deployment gRPC port on ``[::]`` whatever the node IP is; on a local
+    instance (bound to 127.0.0.1) keep that port on the loopback interface too. Runs in each replica process when it
+    imports this module (before the replica starts that server)."""
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    orig = replica.add_port_to_grpc_server
+    if getattr(orig, "_slimship_loopback", False):
+        return
+
+    def loopback(server: Any, address: str) -> Any:
+        return orig(server, address.replace("[::]", "127.0.0.1"))
+
+    loopback._slimship_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = loopback
+
+
+if os.environ.get("SLIMSHIP_RAY_LOOPBACK") == "1":
+    _loopback_replica_grpc()
+
+
+def import_serve(local: bool) -> Any:
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read once, when Ray is imported
+        os.environ["SLIMSHIP_RAY_LOOPBACK"] = "1"  # inherited by the workers of the local instance
+    try:
+        import ray
+        from ray import serve
+    except ImportError as err:
+        raise ServingError(f"--ray needs Ray Serve, which is not installed here ({err}); install it with: {INSTALL_HINT}") from err
+    return ray, serve
+
+
+def app_name(model: str, version: str) -> str:
+    return f"slimship-{model}-v{version}"
+
+
+# ---- the model replica -------------------------------------------------------------------------------
+
+class _Recorder:
+    """Stands in for the server's metrics inside a replica: batch sizes, queue times and queue depth are kept and
+    shipped back with the next answer, and the ingress replays them into its /metrics (every request passes it)."""
+
+    class _Series:
+        def __init__(self, rec: _Recorder, name: str) -> None:
+            self._rec, self._name = rec, name
+
+        def labels(self, *_: str) -> _Recorder._Series:
+            return self
+
+        def observe(self, value: float) -> None:
+            self._rec.pending.append((self._name, float(value)))
+
+        set = observe
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, float]] = []
+        self.batch_size = self._Series(self, "batch_size")
+        self.queue_time = self._Series(self, "queue_time")
+        self.queue_depth = self._Series(self, "queue_depth")
+
+    def drain(self) -> list[tuple[str, float]]:
+        out, self.pending = self.pending, []
+        return out
+
+
+class ModelReplica:
+    """One replica of one model version: an ONNX Runtime session and a dynamic batcher (the single-process Endpoint)."""
+
+    async def __init__(self, model: str, version: str, path: str, batching: dict[str, Any], source: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
+        cfg = BatchingConfig(**batching)
+        self.recorder = _Recorder()
+        self.ep = Endpoint(model, version, path, cfg, self.recorder, source)
+        await self.ep.start()
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        outputs = await self.ep.infer(inputs)
+        return {"outputs": outputs, "metrics": self.recorder.drain()}
+
+    def info(self) -> dict[str, Any]:
+        ep = self.ep
+        return {"inputs": [(s.name, s.datatype, s.shape) for s in ep.inputs], "outputs": [(s.name, s.datatype, s.shape) for s in ep.outputs],
+                "batchable": ep.batchable, "pads": ep.pads, "path": str(ep.path), "pid": os.getpid()}
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """A direct session run (the ingress builds the drift reference with it)."""
+        return list(self.ep.session.run(names, feeds))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def check_health(self) -> None:
+        if not self.ep.ready:
+            raise RuntimeError("the endpoint is not ready")
+
+
+class _RemoteSession:
+    """Just enough of an ONNX Runtime session for the drift reference, run on a replica."""
+
+    def __init__(self, handle: Any, info: dict[str, Any]) -> None:
+        from types import SimpleNamespace
+
+        self._handle = handle
+        self._inputs = [SimpleNamespace(name=n) for n, _, _ in info["inputs"]]
+        self._outputs = [SimpleNamespace(name=n) for n, _, _ in info["outputs"]]
+
+    def get_inputs(self) -> list[Any]:
+        return self._inputs
+
+    def get_outputs(self) -> list[Any]:
+        return self._outputs
+
+    def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self._handle.run.remote(names or [o.name for o in self._outputs], feeds).result(timeout_s=120))
+
+
+class RemoteEndpoint:
+    """An endpoint whose batches run on Ray Serve replicas: the ingress routes, validates and measures here."""
+
+    def __init__(self, model: str, version: str, handle: Any, info: dict[str, Any], config: BatchingConfig,
+                 source: dict[str, Any], replicas: ReplicaConfig, metrics: Any = None) -> None:
+        self.model, self.version = model, str(version)
+        self.metrics = metrics
+        self.handle, self.config, self.source, self.replicas = handle, config, source, replicas
+        self.inputs = [TensorSpec(n, d, tuple(s)) for n, d, s in info["inputs"]]
+        self.outputs = [TensorSpec(n, d, tuple(s)) for n, d, s in info["outputs"]]
+        self._by_name = {s.name: s for s in self.inputs}
+        self.batchable, self.pads = bool(info["batchable"]), bool(info["pads"])
+        self.path = Path(info["path"])
+        self.sessions = [_RemoteSession(handle, info)]
+        self._queue: asyncio.Queue[Any] | None = None
+        self.ready = False
+        self.in_flight = 0
+        self.drift_config: Any = None
+        self.drift: Any = None
+
+    def metadata(self) -> dict[str, Any]:
+        return Endpoint.metadata(self)  # type: ignore[arg-type]
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
+        return Endpoint.validate(self, inputs)  # type: ignore[arg-type]
+
+    async def start(self) -> None:
+        self.ready = True
+
+    def _replay(self, records: list[tuple[str, float]]) -> None:
+        if self.metrics is None:
+            return
+        for name, value in records:
+            series = getattr(self.metrics, name).labels(self.model, self.version)
+            (series.set if name == "queue_depth" else series.observe)(value)
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        self.ready = False
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ray import exceptions as rex
+        from ray.serve.exceptions import BackPressureError
+
+        if not self.ready:
+            raise Overloaded(f"{self.model} v{self.version} is not ready (loading or shutting down)", headers={"Retry-After": "1"})
+        self.validate(inputs)
+        self.in_flight += 1
+        try:
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    answer = await asyncio.wait_for(self.handle.infer.remote(inputs), self.config.timeout_s)
+                    self._replay(answer["metrics"])
+                    return dict(answer["outputs"])
+                except BackPressureError as err:
+                    raise Overloaded(f"{self.model} v{self.version} is overloaded on Ray Serve ({err}); retry shortly",
+                                     headers={"Retry-After": "1"}) from err
+                except TimeoutError as err:
+                    raise TimedOut(f"{self.model} v{self.version} did not answer within {self.config.timeout_s:g} s") from err
+                except (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError) as err:
+                    log.warning(json.dumps({"event": "replica.lost", "model": self.model, "version": self.version,
+                                            "attempt": attempt, "error": type(err).__name__}))
+                    if attempt == ATTEMPTS:
+                        raise Overloaded(f"the replica of {self.model} v{self.version} running this request died; retry",
+                                         headers={"Retry-After": "1"}) from err
+                except rex.RayTaskError as err:
+                    cause = getattr(err, "cause", None)
+                    if isinstance(cause, ProtocolError):
+                        raise cause from None
+                    raise
+            raise AssertionError("unreachable")
+        finally:
+            self.in_flight -= 1
+
+
+# ---- deploying ---------------------------------------------------------------------------------------
+
+def _deployment_options(replicas: ReplicaConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {"max_ongoing_requests": replicas.max_ongoing_requests,
+                            "max_queued_requests": replicas.max_queued_requests,
+                            "ray_actor_options": {"num_cpus": replicas.num_cpus},
+                            "health_check_period_s": 2, "graceful_shutdown_timeout_s": 10,
+                            "logging_config": {"enable_access_log": False, "log_level": "WARNING"}}
+    if replicas.autoscaling is not None:
+        a = replicas.autoscaling
+        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                      "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": 3,
+                                      "downscale_delay_s": 30}
+    else:
+        opts["num_replicas"] = replicas.num_replicas
+    return opts
+
+
+def check_placement(ray: Any, replicas: ReplicaConfig, where: str, what: str) -> None:
+    """Refuse up front a replica the cluster can't place (it would wait forever otherwise)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes]
+    total, largest = sum(cpus), max(cpus, default=0.0)
+    need = replicas.num_cpus * (replicas.autoscaling.min_replicas if replicas.autoscaling else replicas.num_replicas)
+    if replicas.num_cpus > largest:
+        raise ServingError(f"{what}: each replica asks for {replicas.num_cpus:g} CPUs but the largest node of the Ray cluster "
+                           f"at {where} has {largest:g}; lower replicas.num_cpus or add a bigger node")
+    if need > total:
+        raise ServingError(f"{what}: {need / replicas.num_cpus:g} replicas × {replicas.num_cpus:g} CPUs = {need:g} CPUs, but the "
+                           f"Ray cluster at {where} has {total:g} ({len(nodes)} node{'s' if len(nodes) != 1 else ''}); lower "
+                           "replicas.num_replicas / num_cpus, or add nodes")
+
+
+def deploy_model(serve: Any, model: str, version: str, path: str, batching: BatchingConfig, source: dict[str, Any],
+                 replicas: ReplicaConfig) -> Any:
+    """Deploy (or redeploy) one model version as its own Serve application; returns its handle."""
+    threads = max(1, int(replicas.num_cpus))
+    cfg = batching.model_copy(update={"threads": batching.threads or threads})
+    dep = serve.deployment(ModelReplica, name="model", **_deployment_options(replicas))
+    app = dep.bind(model, version, path, cfg.model_dump(), source)
+    return serve.run(app, name=app_name(model, version), route_prefix=None, blocking=False)
+
+
+class Ingress:
+    """The protocol app as the Serve ingress; its endpoints forward to the model applications."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        from ray import serve
+
+        from slimship.serve.app import Limits, Server, TrafficPolicy, create_app
+        from slimship.serve.drift import DriftConfig
+
+        spec = self.spec
+        from slimship.serve.run import configure_logging
+
+        configure_logging(spec.get("log_level", "info"), spec.get("access_log", True))
+        registry = None
+        if spec.get("registry") is not None or spec.get("registry_url") is not None:
+            from slimship.registry import Registry
+
+            registry = Registry(spec.get("registry"), url=spec.get("registry_url"))
+        server = Server(limits=Limits(**spec["limits"]), token=spec.get("token"), admin_token=spec.get("admin_token"),
+                        registry=registry)
+        endpoints: list[Any] = []
+        for m in spec["models"]:
+            handle = serve.get_app_handle(app_name(m["name"], m["version"]))
+            info = await handle.info.remote()
+            ep = RemoteEndpoint(m["name"], m["version"], handle, info, BatchingConfig(**m["batching"]), m["source"],
+                                ReplicaConfig(**m["replicas"]), server.metrics)
+            ep.drift_config = DriftConfig(**m["drift"])
+            endpoints.append(ep)
+
+        async def factory(name: str, version: str, path: str, batching: BatchingConfig | None, source: dict[str, Any]) -> Any:
+            replicas = ReplicaConfig()
+            b = batching or BatchingConfig()
+            loop = asyncio.get_running_loop()
+            handle = await loop.run_in_executor(None, lambda: deploy_model(serve, name, version, path, b, source, replicas))
+            info = await handle.info.remote()
+            return RemoteEndpoint(name, version, handle, info, b, source, replicas, server.metrics)
+
+        async def retire(ep: Any) -> None:
+            await asyncio.get_running_loop().run_in_executor(None, serve.delete, app_name(ep.model, ep.version))
+
+        server.endpoint_factory = factory
+        server.endpoint_retire = retire
+
+        async def start_all() -> None:
+            for ep in endpoints:
+                await server.add(ep)
+            for name, policy in spec.get("traffic", {}).items():
+                server.set_traffic(name, TrafficPolicy(**policy))
+
+        return create_app(server, startup=[start_all()])
+
+
+def serve_on_ray(config: Any, token: str | None = None, admin_token: str | None = None, log_level: str = "info",
+                 access_log: bool = True, address: str | None = None) -> None:
+    """Deploy every model version and the ingress, then block until interrupted (the deployments are removed)."""
+    import signal
+    import time
+
+    ray, serve = import_serve(local=address is None)
+    from slimship.pipeline.tune_ray import _connect
+    from slimship.serve.run import configure_logging, resolve_models
+
+    configure_logging(log_level, access_log)
+    resolved = resolve_models(config)  # registry checkouts verified, files found — before anything is deployed
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        _connect(ray, address, say)
+    except Exception as err:
+        raise ServingError(str(err)) from err
+    where = address or "127.0.0.1 (local)"
+    for m in resolved:
+        check_placement(ray, m["replicas_cfg"], where, f"{m['name']} v{m['version']}")
+    serve.start(http_options={"host": config.host, "port": config.port},
+                logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    try:
+        for m in resolved:
+            say(f"deploying {m['name']} v{m['version']} on Ray Serve ({m['replicas_cfg'].model_dump(exclude_none=True)})")
+            deploy_model(serve, m["name"], m["version"], m["path"], m["batching_cfg"], m["source"], m["replicas_cfg"])
+        spec = {"models": [{k: v for k, v in m.items() if not k.endswith("_cfg")} for m in resolved],
+                "traffic": {k: v.model_dump() for k, v in config.traffic.items()}, "limits": config.limits.model_dump(),
+                "registry": config.registry, "registry_url": config.registry_url, "token": token,
+                "admin_token": admin_token, "log_level": log_level, "access_log": access_log}
+        ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", max_ongoing_requests=1024,
+                                   max_queued_requests=4096, ray_actor_options={"num_cpus": 0},
+                                   logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        serve.run(ingress.bind(spec), name=INGRESS_APP, route_prefix="/")
+        say(f"serving {', '.join(sorted({m['name'] for m in resolved}))} on Ray Serve at http://{config.host}:{config.port} "
+            "(Ctrl-C or SIGTERM stops and removes the deployments)")
+        stop = {"now": False}
+
+        def _stop(*_: Any) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        while not stop["now"]:
+            time.sleep(0.2)
+    finally:
+        say("shutting down Ray Serve")
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
