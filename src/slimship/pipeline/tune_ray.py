@@ -172,7 +172,8 @@ def _connect(ray: Any, address: str | None, log: Callable[[str], None]) -> bool:
             log("note: Ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset, so some of its ports may listen on "
                 "every interface; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep a local instance on 127.0.0.1")
         log("starting a local Ray instance (127.0.0.1)")
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        # address="local": always a new instance (a bare ray.init() would join any cluster already on this machine)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
         return True
     target = _parse_address(address)
     if target is None:  # auto: the address of the cluster this machine runs, if any

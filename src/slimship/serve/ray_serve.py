@@ -39,6 +39,8 @@ log = logging.getLogger("slimship.serve")
 
 INSTALL_HINT = "pip install 'slimship[ray]'"
 INGRESS_APP = "slimship"
+#: a local instance's object store: requests and answers pass through it, models don't (each replica loads its file)
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 #: attempts per request when its replica dies under it (the first try plus one retry on another replica)
 ATTEMPTS = 2
 
@@ -378,10 +380,16 @@ def serve_on_ray(config: Any, token: str | None = None, admin_token: str | None 
     configure_logging(log_level, access_log)
     resolved = resolve_models(config)  # registry checkouts verified, files found — before anything is deployed
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        _connect(ray, address, say)
-    except Exception as err:
-        raise ServingError(str(err)) from err
+    if address is None:
+        # a new instance of our own, every port on 127.0.0.1 (a bare ray.init() would join any cluster already here)
+        say("starting a local Ray instance (127.0.0.1)")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    else:
+        try:
+            _connect(ray, address, say)
+        except Exception as err:
+            raise ServingError(str(err)) from err
     where = address or "127.0.0.1 (local)"
     for m in resolved:
         check_placement(ray, m["replicas_cfg"], where, f"{m['name']} v{m['version']}")
