@@ -1,5 +1,6 @@
-"""`slimship serve --ray` beyond the protocol suite (which test_protocol.py runs against it too): a replica killed
-under load costs at most its in-flight requests (retried or 503, never a hang) and the deployment recovers; rollouts
+"""`slimship serve --ray` beyond the protocol suite (which test_protocol.py runs against it too): it listens on
+127.0.0.1 only; a replica killed under load costs at most its in-flight requests (retried or 503, never a hang) and
+the deployment recovers; rollouts
 and admin loads work the same; bad input — an unreachable address, Ray missing, replicas the cluster can't place —
 is a clear error. Each server starts its own Ray instance on 127.0.0.1."""
 
@@ -52,6 +53,14 @@ def test_killing_a_replica_under_load_loses_at_most_its_requests_and_recovers(tm
 
     try:
         pids = wait_for(lambda: len(p := _replica_pids("slimship-digits-v1")) == 2 and p, 60, what="two replicas")
+        # every port of the deployment — Serve's HTTP proxy, replicas, GCS, raylet — is on the loopback interface
+        import psutil
+
+        tree = {s.proc.pid} | {c.pid for c in psutil.Process(s.proc.pid).children(recursive=True)}
+        assert pids <= tree
+        listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in tree]
+        assert any(c.laddr.port == s.port for c in listening)
+        assert {c.laddr.ip for c in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
         threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()

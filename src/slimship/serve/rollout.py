@@ -578,6 +578,9 @@ class RolloutController:
 
     async def tick(self) -> None:
         for model, r in list(self.active.items()):
+            if r.state not in ("running", "paused"):  # ended, but a later write of that decision failed: finish it
+                self._finish(r)
+                continue
             if r.state != "running":
                 continue
             j = judge(r.policy, r.stage, r.window)
