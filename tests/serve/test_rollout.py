@@ -174,6 +174,8 @@ def test_a_rollout_survives_a_server_restart_and_can_be_aborted(tmp_path, digits
         assert seen == {"1"}
         kinds = [e["kind"] for e in _status(s)["history"]]
         assert kinds[-3:] == ["rollout.paused", "rollout.resumed", "rollout.aborted"]
+        out = _cli("status", "digits", "--url", f"http://{s.url}")
+        assert out.returncode == 0 and f"rollout #{rid} aborted" in out.stdout and "rollout.restored" in out.stdout, out.stdout
     finally:
         s.stop()
 
@@ -267,6 +269,13 @@ def test_policy_validation_and_gate_judgement_units():
     assert judge(p, 0, w).decision == "advance"
     w.fidelity[:] = [0.9] * 10
     assert judge(p, 0, w).decision == "rollback"
+    # a soak time holds a stage that has its requests
+    soak = parse_policy({"stages": [{"traffic": 0, "min_requests": 10, "min_seconds": 60}, {"traffic": 100, "min_requests": 1}]})
+    w = Window()
+    for _ in range(10):
+        w.candidate.add(True, 5.0)
+    assert judge(soak, 0, w, now=w.started + 30).decision == "wait"
+    assert judge(soak, 0, w, now=w.started + 61).decision == "advance"
 
 
 def test_the_example_policy_and_serving_config_are_valid():
