@@ -246,7 +246,7 @@ def test_policy_validation_and_gate_judgement_units():
         parse_policy({"stages": [{"traffic": 0, "compare": 0, "min_requests": 1}, {"traffic": 100, "min_requests": 1}]})
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_policy("stages: [")
-    p = parse_policy({"stages": [{"traffic": 0, "min_requests": 100}, {"traffic": 100, "min_requests": 100}],
+    p = parse_policy({"stages": [{"traffic": 10, "min_requests": 100}, {"traffic": 100, "min_requests": 100}],
                       "gates": {"max_error_rate": 0.02, "max_latency_p99_ms": 50, "min_fidelity": 0.98}, "min_pairs": 10})
     w = Window()
     for _ in range(10):
@@ -269,6 +269,17 @@ def test_policy_validation_and_gate_judgement_units():
     assert judge(p, 0, w).decision == "advance"
     w.fidelity[:] = [0.9] * 10
     assert judge(p, 0, w).decision == "rollback"
+    # compare runs (background, queued behind the answering version) are never judged for latency, and a shadow
+    # stage has no answered requests: its latency gates don't apply
+    w = Window()
+    for _ in range(100):
+        w.candidate.add(True, 500.0, live=False)
+        w.fidelity.append(0.999)
+    shadow = parse_policy({"stages": [{"traffic": 0, "min_requests": 100}, {"traffic": 100, "min_requests": 1}],
+                           "gates": {"max_latency_p99_ms": 50, "max_latency_p99_ratio": 1.5}, "min_pairs": 10})
+    j = judge(shadow, 0, w)
+    assert j.decision == "advance" and j.gates["max_latency_p99_ms"]["applies"] is False
+    assert judge(p, 0, w).decision == "wait"  # at 10% it waits for 100 answered requests
     # a soak time holds a stage that has its requests
     soak = parse_policy({"stages": [{"traffic": 0, "min_requests": 10, "min_seconds": 60}, {"traffic": 100, "min_requests": 1}]})
     w = Window()

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 ADMIN = "adm1n-t0ken"
 H = {"Authorization": f"Bearer {ADMIN}"}
 POLICY = {"stages": [{"name": "shadow", "traffic": 0, "compare": 100, "min_requests": 60},
-                     {"name": "canary-10", "traffic": 10, "compare": 50, "min_requests": 30},
+                     {"name": "canary-25", "traffic": 25, "compare": 50, "min_requests": 30},
                      {"name": "canary-50", "traffic": 50, "compare": 50, "min_requests": 30},
                      {"name": "full", "traffic": 100, "compare": 50, "min_requests": 30}],
           "gates": {"min_fidelity": 0.98, "max_error_rate": 0.0, "max_latency_p99_ratio": 2.0},

@@ -206,17 +206,18 @@ class Server:
             except Exception:  # a monitor never fails a request
                 log.exception("drift monitor of %s v%s failed on a request", model, ep.version)
 
-    async def watch(self) -> None:
-        """Background: refresh drift scores (metrics, alerts) and the rollout gauge every second."""
+    async def watch(self, every_s: float = 2.0) -> None:
+        """Background: recompute drift (metrics, alerts) in a worker thread and refresh the rollout gauge."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(every_s)
             for name, group in list(self.models.items()):
                 for ep in list(group.versions.values()):
-                    if ep.drift is not None:
+                    if ep.drift is not None and ep.drift.reference is not None:
                         try:
-                            ep.drift.snapshot()
+                            await loop.run_in_executor(None, ep.drift.compute, ep.drift.take())
                         except Exception:
-                            log.exception("drift snapshot of %s v%s failed", name, ep.version)
+                            log.exception("drift computation of %s v%s failed", name, ep.version)
                 r = self.rollouts.controls(name)
                 self.metrics.rollout_stage.labels(name).set(r.stage if r is not None else -1)
 
