@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ class ServerProcess:
                  ready_timeout: float = 90.0) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.ray = "--ray" in args
         cfg = tmp / f"serve-{self.port}.yaml"
         cfg.write_text(yaml.safe_dump({**config, "host": "127.0.0.1", "port": self.port}))
         self.log = tmp / f"serve-{self.port}.log"
@@ -54,8 +56,13 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+            if self.ray:  # the driver stops its Ray instance itself; signalling the group would kill Ray under it
+                os.kill(self.proc.pid, sig)
+            else:
+                os.killpg(self.proc.pid, sig)
         rc = self.proc.wait(timeout=timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever the server left behind
         self._log_f.close()
         return rc
 

@@ -28,7 +28,6 @@ def server(models, tmp_path_factory, request):
            "limits": {"max_body_bytes": 200_000}}
     s = ServerProcess(tmp_path_factory.mktemp("srv"), cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN},
                       args=("--ray",) if ray else (), ready_timeout=240 if ray else 90)
-    s.ray = ray
     yield s
     assert s.stop() in (0, -15)  # uvicorn re-raises SIGTERM after its graceful shutdown
 
@@ -226,6 +225,22 @@ def test_a_model_failing_at_run_time_is_an_opaque_500_and_the_server_goes_on(ser
                        {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]}]}
     r = httpx.post(f"http://{server.url}/v2/models/seq/infer", json=body, headers={"x-request-id": "boom-1"})
     assert r.status_code == 500 and r.json() == {"error": "internal server error (request id boom-1)"}
-    assert "Traceback" in server.log.read_text() and "boom-1" in server.log.read_text()
+    if not getattr(server, "ray", False):
+        assert "Traceback" in server.log.read_text() and "boom-1" in server.log.read_text()
+    else:  # Ray forwards replicas' stderr to the driver late (sometimes never): read the worker logs it names
+        import re
+        import time
+        from pathlib import Path
+
+        logs = Path(re.search(r"Ray worker logs \(.*?\): (\S+)", server.log.read_text()).group(1))
+
+        def worker_logs() -> str:
+            return "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.err"))
+
+        deadline = time.monotonic() + 20
+        while not ("boom-1" in worker_logs() and "Traceback" in worker_logs()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        text = worker_logs()
+        assert "Traceback" in text and "boom-1" in text
     body["inputs"][0]["data"] = [5, 6]
     assert httpx.post(f"http://{server.url}/v2/models/seq/infer", json=body).status_code == 200

@@ -15,7 +15,10 @@ replica dies while it runs is retried once on another replica (inference is idem
 left hanging; Serve starts a replacement replica. Requests are validated in the ingress before they are sent.
 
 Admin loads deploy a new model application from the ingress; unloads delete it. ``--address`` points at a running
-cluster (``auto``, ``host:port`` of the head's GCS); without it a local Ray instance starts bound to 127.0.0.1.
+cluster (``auto``, ``host:port`` of the head's GCS); without it a local Ray instance starts bound to 127.0.0.1, its
+processes children of this one: stop it by signalling this process (SIGTERM / Ctrl-C), which removes the deployments
+and then stops Ray — a SIGTERM to the whole process group kills Ray's own processes under the shutdown, and Ray's core
+may then abort the driver (exit -6) after waiting for a controller that is gone.
 """
 
 from __future__ import annotations
@@ -385,6 +388,13 @@ def serve_on_ray(config: Any, token: str | None = None, admin_token: str | None 
         say("starting a local Ray instance (127.0.0.1)")
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+        try:  # replicas' output reaches this process's stderr asynchronously (and not always): say where it lands first
+            from ray._private.worker import _global_node
+
+            if _global_node is not None:
+                say(f"Ray worker logs (every replica's stdout/stderr): {_global_node.get_logs_dir_path()}")
+        except Exception:  # a private API; only a hint
+            pass
     else:
         try:
             _connect(ray, address, say)
