@@ -127,7 +127,9 @@ def test_rollout_and_admin_load_on_ray(tmp_path, digits, digits_chain):
         metrics = httpx.get(f"{base}/metrics").text
         assert 'slimship_batch_size_count{model="digits",version="2"}' in metrics  # shipped back from the replicas
         # a version loaded at run time becomes its own Serve application, and goes away on unload
-        r = httpx.post(f"{base}/v2/admin/models/digits/load", json={"registry": "3"}, headers=H)
+        r = httpx.post(f"{base}/v2/admin/models/digits/load", json={"registry": "3", "replicas": {"num_replicas": 9}}, headers=H)
+        assert r.status_code == 400 and "9 replicas" in r.json()["error"]  # refused before anything is deployed
+        r = httpx.post(f"{base}/v2/admin/models/digits/load", json={"registry": "3", "replicas": {"num_cpus": 0.5}}, headers=H)
         assert r.status_code == 200, r.text
         assert _replica_pids("slimship-digits-v3")
         r = httpx.post(f"{base}/v2/models/digits/versions/3/infer", json=_bodies(digits, 1)[0])

@@ -42,6 +42,7 @@ from slimship.serve.protocol import (
     encode_infer_response,
     parse_infer_request,
 )
+from slimship.serve.ray_serve import ReplicaConfig
 
 log = logging.getLogger("slimship.serve")
 access_log = logging.getLogger("slimship.access")
@@ -223,14 +224,14 @@ class Server:
 
     # ---- model management ---------------------------------------------------------------------
     async def load(self, name: str, version: str, path: str, batching: BatchingConfig | None = None,
-                   source: dict[str, Any] | None = None, drift: Any = None) -> Endpoint:
+                   source: dict[str, Any] | None = None, drift: Any = None, replicas: Any = None) -> Endpoint:
         """Build an endpoint (ONNX Runtime session) off the event loop, warm it, then make it routable."""
         async with self._lock:
             group = self.models.get(name)
             if group is not None and version in group.versions:
                 raise ServingError(f"{name} v{version} is already loaded; unload it first or load under another version")
             if self.endpoint_factory is not None:  # e.g. a new Ray Serve application
-                ep = await self.endpoint_factory(name, version, path, batching, source or {"path": path})
+                ep = await self.endpoint_factory(name, version, path, batching, source or {"path": path}, replicas)
             else:
                 loop = asyncio.get_running_loop()
                 ep = await loop.run_in_executor(None, lambda: Endpoint(name, version, path, batching, self.metrics, source))
@@ -264,7 +265,7 @@ class Server:
 
     async def load_from_registry(self, name: str, ref: str, version: str | None = None,
                                  batching: BatchingConfig | None = None, registry_model: str | None = None,
-                                 drift: Any = None) -> Endpoint:
+                                 drift: Any = None, replicas: Any = None) -> Endpoint:
         if self.registry is None:
             raise ServingError("this server has no registry: start it with --registry (or SLIMSHIP_REGISTRY)")
         loop = asyncio.get_running_loop()
@@ -275,7 +276,7 @@ class Server:
             raise ServingError(f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)")
         return await self.load(name, version or str(v.number), str(cand.artifact_path), batching,
                                {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage,
-                                "workload": dict(cand.workload)}, drift)
+                                "workload": dict(cand.workload)}, drift, replicas)
 
     async def unload(self, name: str, version: str, drain_timeout: float = 30.0) -> None:
         async with self._lock:
@@ -553,6 +554,7 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         version: str | None = None
         batching: BatchingConfig = BatchingConfig()
         drift: DriftConfig = DriftConfig()
+        replicas: ReplicaConfig | None = None  # on Ray Serve (`serve --ray`); ignored by the single-process server
 
     @guard(admin=True)
     async def admin_load(request: Request) -> Any:
@@ -562,10 +564,10 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
             raise ProtocolError('give either "path" (an ONNX file) or "registry" (a version number or stage)')
         if body.path is not None:
             version = body.version or str(1 + max((int(v) for v in server.models.get(name, ModelGroup(name)).versions if v.isdigit()), default=0))
-            ep = await server.load(name, version, body.path, body.batching, {"path": body.path}, body.drift)
+            ep = await server.load(name, version, body.path, body.batching, {"path": body.path}, body.drift, body.replicas)
         else:
             ep = await server.load_from_registry(name, str(body.registry), body.version, body.batching, body.registry_model,
-                                                 body.drift)
+                                                 body.drift, body.replicas)
         await server.rollouts.restore()  # a stored rollout waiting for this version goes on
         return _json({"model": name, "version": ep.version, "ready": ep.ready, "source": ep.source})
 

@@ -322,6 +322,7 @@ class Ingress:
         self.spec = spec
 
     async def __serve_build_asgi_app__(self) -> Any:
+        import ray
         from ray import serve
 
         from slimship.serve.app import Limits, Server, TrafficPolicy, create_app
@@ -347,8 +348,10 @@ class Ingress:
             ep.drift_config = DriftConfig(**m["drift"])
             endpoints.append(ep)
 
-        async def factory(name: str, version: str, path: str, batching: BatchingConfig | None, source: dict[str, Any]) -> Any:
-            replicas = ReplicaConfig()
+        async def factory(name: str, version: str, path: str, batching: BatchingConfig | None, source: dict[str, Any],
+                          replicas_cfg: ReplicaConfig | None = None) -> Any:
+            replicas = replicas_cfg or ReplicaConfig()
+            check_placement(ray, replicas, "this cluster", f"{name} v{version}")
             b = batching or BatchingConfig()
             loop = asyncio.get_running_loop()
             handle = await loop.run_in_executor(None, lambda: deploy_model(serve, name, version, path, b, source, replicas))
