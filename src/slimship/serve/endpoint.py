@@ -107,6 +107,11 @@ class Endpoint:
         seq_dynamic = all(len(s.shape) >= 2 and not isinstance(s.shape[1], int) for s in self.inputs)
         has_mask = any("mask" in s.name.lower() for s in self.inputs)
         self.pads = seq_dynamic and (self.config.pad == "on" or (self.config.pad == "auto" and has_mask))
+        # outputs that carry the inputs' sequence axis (cut back to each request's length after padding): axis 1 named
+        # like an input's sequence axis, or dynamic and unnamed — never a fixed width that happens to equal the length
+        seq_dims = {sp.shape[1] for sp in self.inputs if len(sp.shape) >= 2 and isinstance(sp.shape[1], str)}
+        self._seq_outputs = {o.name for o in self.outputs if len(o.shape) >= 2 and not isinstance(o.shape[1], int)
+                             and (o.shape[1] in seq_dims or not isinstance(o.shape[1], str))}
         self._queue: asyncio.Queue[_Item] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"ort-{model}-{version}")
@@ -281,7 +286,8 @@ class Endpoint:
                 result = {}
                 for name, arr in zip(names, outs, strict=True):
                     part = arr[offset:offset + b.rows] if self.batchable else arr
-                    if padded is not None and b.seq is not None and b.seq != padded and part.ndim >= 2 and part.shape[1] == padded:
+                    if (padded is not None and b.seq is not None and b.seq != padded and name in self._seq_outputs
+                            and part.ndim >= 2 and part.shape[1] == padded):
                         part = part[:, :b.seq]  # an output with the sequence axis: back to this request's length
                     result[name] = part
                 offset += b.rows
