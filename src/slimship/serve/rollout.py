@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slimship.errors import ConfigError, ServingError
+from slimship.errors import ConfigError, RegistryError, ServingError
 from slimship.serve.protocol import NotFound, Overloaded, ProtocolError
 
 if TYPE_CHECKING:
@@ -427,12 +427,8 @@ class RolloutController:
                 record = await self._call(registry.start_rollout, reg_model, cand_num, base_num,
                                           policy.model_dump(mode="json", exclude_unset=False), served_as=model,
                                           detail={"served_versions": {"candidate": candidate, "baseline": baseline}})
-            except ServingError:
-                raise
-            except Exception as err:
-                from slimship.errors import RegistryError
-
-                if isinstance(err, RegistryError) and "already has" in str(err):
+            except RegistryError as err:
+                if "already has" in str(err):  # another server started one for this model meanwhile
                     raise ProtocolError(str(err), 409) from err
                 raise
             r = ActiveRollout(record, policy, model, reg_model, candidate, baseline)
