@@ -121,6 +121,22 @@ def workloads(as_json: Annotated[bool, typer.Option("--json", help="Print JSON i
     typer.echo("Bring your own: -w path/to/file.py:build | -w hf:path/to/model_dir | -w model.onnx --data inputs.npz")
 
 
+def int8_settings_lines(cls: str) -> list[str]:
+    """What slimship's deployment settings do for int8 graphs on this CPU class, in words."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from slimship.runtime.settings import decide_settings
+
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 1]),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])])
+    s = decide_settings(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]))
+    entries = ", ".join(f"{k}={v}" for k, v in s.session_config.items()) or "none needed"
+    return [f"ONNX Runtime session entries for int8 models here: {entries}"] + [f"  {k}: {v}" for k, v in s.reasons.items()]
+
+
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """This machine: CPU, cores, the ISA flags that decide int8 speed, library versions.
@@ -137,6 +153,9 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
     typer.echo(f"cores          {m['physical_cores']} physical, {m['logical_cpus']} logical; {m['memory_gib']} GiB RAM")
     typer.echo("isa            " + "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in m["isa"].items()))
     typer.echo(f"int8 kernels   {m['int8_kernels']}")
+    typer.echo(f"cpu class      {m['cpu_class']}")
+    for line in int8_settings_lines(m["cpu_class"]):
+        typer.echo(f"int8 settings  {line}")
     typer.echo("packages       " + "  ".join(f"{k} {v}" for k, v in m["packages"].items() if v))
 
 
@@ -263,14 +282,15 @@ def bench(
     from slimship.report.summary import fmt_bytes, fmt_ms
 
     table = Table(title=f"{w.name}: ≥ {runs} interleaved runs per row (runs column), threads {result['settings']['threads']}")
-    for col in ("candidate", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "items/s", f"× {result['baseline']}", "size", "peak RSS MB"):
+    for col in ("candidate", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "items/s", "CPU ms/inf", f"× {result['baseline']}", "size", "peak RSS MB"):
         table.add_column(col, justify="right" if col != "candidate" else "left", overflow="fold")
     for c in result["candidates"]:
         for r in c["results"]:
             lat = r["latency_ms"]
             table.add_row(
                 c["label"], str(r["batch_size"]), str(r["runs"]), fmt_ms(lat["p50"]), fmt_ms(lat["p90"]), fmt_ms(lat["p99"]),
-                f"{r['throughput_items_per_s']:.0f}", f"{r['speedup_vs_baseline_p50']:.2f}", fmt_bytes(c["file_size_bytes"]),
+                f"{r['throughput_items_per_s']:.0f}", f"{r['cpu_ms_per_inference']:.2f}", f"{r['speedup_vs_baseline_p50']:.2f}",
+                fmt_bytes(c["file_size_bytes"]),
                 f"{c['memory']['peak_rss_mb']:.0f}" if c.get("memory") else "—",
             )
     Console(width=max(120, Console().width)).print(table)

@@ -44,6 +44,11 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's ISA flags as ``/proc/cpuinfo`` lists them (empty where it doesn't exist)."""
+    return set(_cpuinfo()[1])
+
+
 def physical_cores() -> int:
     """Physical cores (the default thread count for runtimes); falls back to logical CPUs."""
     import psutil
@@ -59,6 +64,31 @@ def int8_kernel_summary(flags: set[str]) -> str:
     if "avx2" in flags:
         return "AVX2 without VNNI: int8 gains are small; measure before choosing int8"
     return "no x86 int8 dot-product support detected"
+
+
+def cpu_class(flags: set[str] | None = None, arch: str | None = None) -> str:
+    """The CPU class that decides int8 kernels and even int8 *results*: ``amx``, ``avx512-vnni``, ``avx-vnni``,
+    ``avx512`` (no VNNI), ``avx2`` (no VNNI), ``x86-64`` (older), or the architecture's name elsewhere."""
+    f = cpu_flags() if flags is None else set(flags)
+    arch = arch or platform.machine()
+    if arch not in ("x86_64", "AMD64", "amd64", "i686", "x86"):
+        return arch.lower()
+    if "amx_int8" in f:
+        return "amx"
+    if "avx512_vnni" in f:
+        return "avx512-vnni"
+    if "avx_vnni" in f:
+        return "avx-vnni"
+    if "avx512f" in f:
+        return "avx512"
+    if "avx2" in f:
+        return "avx2"
+    return "x86-64"
+
+
+def has_int8_dot_product(cls: str) -> bool:
+    """Whether ORT's int8 kernels on this CPU class accumulate without 16-bit saturation (VNNI/AMX, or not x86)."""
+    return cls in ("amx", "avx512-vnni", "avx-vnni") or not (cls.startswith("avx") or cls == "x86-64")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -84,6 +114,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "isa": {flag: flag in flags for flag in INT8_FLAGS},
         "int8_kernels": int8_kernel_summary(flags),
+        "cpu_class": cpu_class(flags),
         "os": platform.platform(),
         "python": platform.python_version(),
         "packages": package_versions(),

@@ -89,9 +89,20 @@ def preflight(onnx_path: str | Path, isa: dict[str, bool] | None = None) -> dict
     stays_float = {k: v for k, v in sorted(ops.items()) if k not in everything and k not in ("Constant", "Shape", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Concat", "Slice", "Gather", "Cast")}
     if not coverage(DYNAMIC_OPS) and not coverage(STATIC_OPS):
         warn("nothing-to-quantize", "no MatMul/Gemm/Conv/Gather with constant weights: quantization would change nothing")
+    from slimship.machine import cpu_class, has_int8_dot_product
+
+    cls = cpu_class({k for k, v in isa.items() if v})
+    int8_settings = (
+        f"none needed ({cls}: int8 dot products in hardware)"
+        if has_int8_dot_product(cls)
+        else f"session.x64quantprecision=1 ({cls} has no VNNI/AMX: ONNX Runtime's u8s8 kernels would sum in 16 bits and "
+        "can saturate; slimship records and applies it for every int8 candidate on this CPU)"
+    )
     return {
         "model": str(onnx_path),
         "int8_kernels": kernels,
+        "cpu_class": cls,
+        "int8_runtime_settings": int8_settings,
         "isa": isa,
         "recommended_types": {
             "dynamic": "weights int8 (signed): u8s8 is the fast path on VNNI/AMX; unsigned weights measured ~1.6x slower on a VNNI CPU",
@@ -108,6 +119,8 @@ def preflight(onnx_path: str | Path, isa: dict[str, bool] | None = None) -> dict
 def format_preflight(report: dict[str, Any], mode: str | None = None) -> str:
     """Readable preflight; with ``mode``, only that mode's coverage and warnings."""
     lines = [f"int8 kernels on this CPU: {report['int8_kernels']}"]
+    if report.get("int8_runtime_settings"):
+        lines.append(f"runtime settings an INT8 result gets here: {report['int8_runtime_settings']}")
     for kind, text in report["recommended_types"].items():
         lines.append(f"  {kind}: {text}")
     for m, cov in report["would_quantize"].items():

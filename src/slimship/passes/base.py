@@ -88,4 +88,15 @@ class Pass(ABC):
         if out.resolve() == candidate.path.resolve():
             raise ConfigError(f"pass {self.name!r} must write a new directory, not its input's ({out})")
         out.mkdir(parents=True, exist_ok=True)
-        return self.run(candidate, workload, cfg, out)
+        return record_deployment(self.run(candidate, workload, cfg, out))
+
+
+def record_deployment(candidate: Candidate) -> Candidate:
+    """Record the runtime settings an ONNX candidate was measured with on this machine (``info["deployment"]``,
+    decided by :mod:`slimship.runtime.settings`); every consumer applies them."""
+    if candidate.format != "onnx":
+        return candidate
+    from slimship.runtime.settings import decide_settings
+
+    settings = decide_settings(candidate.artifact_path)
+    return candidate.with_info(deployment=settings.to_json()).save()

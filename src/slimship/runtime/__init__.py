@@ -53,8 +53,10 @@ def create_runtime(
             f"candidate {candidate.id} is a PyTorch model; export it first (`slimship export`) to run it on onnxruntime"
         )
     from slimship.runtime.ort_backend import OrtRuntime
+    from slimship.runtime.settings import settings_for_candidate
 
-    rt = OrtRuntime(candidate.artifact_path, threads, spin=spin)
+    settings, _notes = settings_for_candidate(candidate.info, candidate.artifact_path)
+    rt = OrtRuntime(candidate.artifact_path, threads, spin=spin, settings=settings)
     rt.inputs = _merge_specs(rt.inputs, workload, candidate)
     return rt
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from slimship.errors import InferenceError
 from slimship.runtime.base import Runtime
+from slimship.runtime.settings import DeploymentSettings, decide_settings
 from slimship.workload.base import Batch, TensorSpec
 
 _ORT_TYPES = {
@@ -22,41 +23,42 @@ _ORT_TYPES = {
     "tensor(bool)": "bool",
 }
 
-GRAPH_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def session_options(threads: int, graph_level: str = "all", optimized_path: Path | None = None, spin: bool = True) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[graph_level]
-    if not spin:
-        # idle worker threads block instead of spinning: a spinning pool steals cores from whatever runs next
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3  # errors only; warnings are reported through slimship's own records
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    return so
+def session_options(
+    threads: int, graph_level: str = "all", optimized_path: Path | None = None, spin: bool = True, model: Any = None
+) -> Any:
+    """Session options for ``model`` (a path, bytes or ModelProto) on this machine, decided by
+    :mod:`slimship.runtime.settings` (the precision entries included); without a model, speed settings only."""
+    if model is None:
+        settings = DeploymentSettings(intra_op_threads=threads, spinning=spin, graph_optimization_level=graph_level)
+    else:
+        settings = decide_settings(model, threads=threads, spinning=spin, graph_optimization_level=graph_level)
+    return settings.session_options(optimized_path)
 
 
 class OrtRuntime(Runtime):
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int, graph_level: str = "all", spin: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int,
+        graph_level: str = "all",
+        spin: bool = True,
+        settings: DeploymentSettings | None = None,
+    ) -> None:
+        """``settings``: the candidate's deployment settings (threads and spinning given here override its
+        speed settings, never its precision entries); without them they are decided from the graph here."""
         import onnxruntime as ort
 
         self.path = Path(path)
+        if settings is None:
+            settings = decide_settings(self.path, threads=threads, spinning=spin, graph_optimization_level=graph_level)
+        else:
+            settings = settings.with_overrides(threads=threads, spinning=spin)
+        self.settings = settings
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(threads, graph_level, spin=spin), providers=["CPUExecutionProvider"]
+                str(self.path), settings.session_options(), providers=["CPUExecutionProvider"]
             )
         except Exception as err:
             raise InferenceError(f"ONNX Runtime can't load {self.path}: {err}") from err
@@ -69,8 +71,8 @@ class OrtRuntime(Runtime):
             for i in self.session.get_inputs()
         )
         super().__init__(inputs, [o.name for o in self.session.get_outputs()], threads)
-        self.graph_level = graph_level
-        self.spin = spin
+        self.graph_level = settings.graph_optimization_level
+        self.spin = settings.spinning
 
     def _run(self, batch: Batch) -> dict[str, np.ndarray]:
         try:
@@ -81,4 +83,10 @@ class OrtRuntime(Runtime):
         return dict(zip(self.output_names, outs, strict=True))
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "graph_optimization_level": self.graph_level, "inter_op_threads": 1, "thread_spinning": self.spin}
+        return {
+            **super().describe(),
+            "graph_optimization_level": self.graph_level,
+            "inter_op_threads": self.settings.inter_op_threads,
+            "thread_spinning": self.spin,
+            "deployment": self.settings.to_json(),
+        }

@@ -540,7 +540,8 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         for name, g in server.models.items():
             out[name] = {
                 "versions": {v: {"ready": ep.ready, "source": ep.source, "queue": ep._queue.qsize() if ep._queue else 0,
-                                 "batching": ep.config.model_dump()} for v, ep in g.versions.items()},
+                                 "batching": ep.config.model_dump(), "runtime_settings": ep.runtime_settings()}
+                             for v, ep in g.versions.items()},
                 "traffic": g.policy.model_dump(),
                 "shadow": {v: s.as_dict() for v, s in g.shadow_stats.items()},
             }

@@ -73,6 +73,20 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+def _candidate_settings(path: Path) -> tuple[Any, list[str]]:
+    """Deployment settings for the ONNX file at ``path``: its candidate's record when a candidate.json lies beside
+    it (a candidate directory or a registry checkout), else decided from the graph on this host."""
+    from slimship.runtime.settings import decide_settings, settings_for_candidate
+
+    meta = path.parent / "candidate.json"
+    if meta.exists():
+        import json
+
+        info = json.loads(meta.read_text()).get("info", {})
+        return settings_for_candidate(info, path)
+    return decide_settings(path), []
+
+
 class Endpoint:
     def __init__(self, model: str, version: str, onnx_path: str | Path, config: BatchingConfig | None = None,
                  metrics: Any = None, source: dict[str, Any] | None = None) -> None:
@@ -88,11 +102,17 @@ class Endpoint:
         total = self.config.threads or physical_cores()
         per = max(1, total // self.config.instances)
         self.sessions = []
+        # the candidate's deployment settings (precision entries re-decided for this host); the serving config owns
+        # threads, and idle endpoints must not burn cores, so spinning is off
+        try:
+            recorded, self.settings_notes = _candidate_settings(self.path)
+        except Exception as err:
+            from slimship.errors import ServingError
+
+            raise ServingError(f"can't decide runtime settings for {model} v{version} ({self.path}): {err}") from err
+        self.settings = recorded.with_overrides(threads=per, spinning=False)
         for _ in range(self.config.instances):
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = per
-            so.inter_op_num_threads = 1
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle endpoints must not burn cores
+            so = self.settings.session_options()
             try:
                 self.sessions.append(ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"]))
             except Exception as err:
@@ -154,9 +174,14 @@ class Endpoint:
         self._pool.shutdown(wait=True)
 
     # ---- requests -----------------------------------------------------------------------------
+    def runtime_settings(self) -> dict[str, Any]:
+        """The deployment settings this endpoint's sessions run with (threads are per model instance)."""
+        return {**self.settings.to_json(), "notes": list(self.settings_notes)}
+
     def metadata(self) -> dict[str, Any]:
         return {"name": self.model, "versions": [self.version], "platform": "onnxruntime_onnx",
-                "inputs": [s.as_dict() for s in self.inputs], "outputs": [s.as_dict() for s in self.outputs]}
+                "inputs": [s.as_dict() for s in self.inputs], "outputs": [s.as_dict() for s in self.outputs],
+                "parameters": {"runtime_settings": self.runtime_settings()}}
 
     def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
         """Check names, datatypes and shapes against the model; returns (rows, sequence length if padded)."""

@@ -161,7 +161,8 @@ class ModelReplica:
     def info(self) -> dict[str, Any]:
         ep = self.ep
         return {"inputs": [(s.name, s.datatype, s.shape) for s in ep.inputs], "outputs": [(s.name, s.datatype, s.shape) for s in ep.outputs],
-                "batchable": ep.batchable, "pads": ep.pads, "path": str(ep.path), "pid": os.getpid()}
+                "batchable": ep.batchable, "pads": ep.pads, "path": str(ep.path), "pid": os.getpid(),
+                "runtime_settings": ep.runtime_settings()}
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """A direct session run (the ingress builds the drift reference with it)."""
@@ -209,11 +210,15 @@ class RemoteEndpoint:
         self.batchable, self.pads = bool(info["batchable"]), bool(info["pads"])
         self.path = Path(info["path"])
         self.sessions = [_RemoteSession(handle, info)]
+        self._runtime_settings: dict[str, Any] = dict(info["runtime_settings"])  # as the replica applies them
         self._queue: asyncio.Queue[Any] | None = None
         self.ready = False
         self.in_flight = 0
         self.drift_config: Any = None
         self.drift: Any = None
+
+    def runtime_settings(self) -> dict[str, Any]:
+        return self._runtime_settings
 
     def metadata(self) -> dict[str, Any]:
         return Endpoint.metadata(self)  # type: ignore[arg-type]
