@@ -19,9 +19,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workload", default="minilm", help="built-in workload (default: minilm)")
-    parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
+    parser.add_argument(
+        "--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)"
+    )
     parser.add_argument("--runs", type=int, default=30, help="timed runs per candidate and batch size (≥ 30)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the result files go")
     args = parser.parse_args()
@@ -35,8 +39,14 @@ def main() -> None:
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     run_dir = HERE / "runs" / f"{args.workload}_fp32"
     command = f"python benchmarks/fp32_runtimes.py --workload {args.workload} --batch-sizes {args.batch_sizes} --runs {args.runs}"
-    results = quickstart(args.workload, run_dir, batch_sizes=batch_sizes, runs=args.runs, command=command,
-                         log=lambda m: print(f"· {m}", file=sys.stderr))
+    results = quickstart(
+        args.workload,
+        run_dir,
+        batch_sizes=batch_sizes,
+        runs=args.runs,
+        command=command,
+        log=lambda m: print(f"· {m}", file=sys.stderr),
+    )
 
     # the two exporters, each optimised, timed against each other in one interleaved run
     workload = resolve_workload(args.workload)
@@ -47,7 +57,10 @@ def main() -> None:
     ts = export(original, workload, ExportConfig(exporter="torchscript"), run_dir / "exported-torchscript")
     ts_opt = optimize_graph(ts, workload, GraphOptimizeConfig(), run_dir / "optimized-torchscript")
     exporters = bench(
-        [BenchTarget("dynamo+optimize", dynamo_opt, "onnxruntime"), BenchTarget("torchscript+optimize", ts_opt, "onnxruntime")],
+        [
+            BenchTarget("dynamo+optimize", dynamo_opt, "onnxruntime"),
+            BenchTarget("torchscript+optimize", ts_opt, "onnxruntime"),
+        ],
         workload,
         batch_sizes=batch_sizes,
         runs=args.runs,

@@ -23,7 +23,8 @@ def _graph(op: str, a_type: int, b: np.ndarray, m: int, k: int) -> bytes:
 
     out_type = TensorProto.FLOAT if op == "MatMul" else TensorProto.INT32
     g = helper.make_graph(
-        [helper.make_node(op, ["a", "b"], ["y"])], "gemm",
+        [helper.make_node(op, ["a", "b"], ["y"])],
+        "gemm",
         [helper.make_tensor_value_info("a", a_type, [m, k])],
         [helper.make_tensor_value_info("y", out_type, [m, b.shape[1]])],
         [numpy_helper.from_array(b, "b")],
@@ -41,11 +42,29 @@ def measure(m: int = 4096, k: int = 384, n: int = 1536, runs: int = 30, threads:
     threads = threads or physical_cores()
     rng = np.random.default_rng(0)
     cases = {
-        "fp32 MatMul": (_graph("MatMul", TensorProto.FLOAT, rng.normal(size=(k, n)).astype(np.float32), m, k), rng.normal(size=(m, k)).astype(np.float32)),
-        "int8 u8s8 MatMulInteger": (_graph("MatMulInteger", TensorProto.UINT8, rng.integers(-127, 127, size=(k, n)).astype(np.int8), m, k), rng.integers(0, 255, size=(m, k)).astype(np.uint8)),
-        "int8 s8s8 MatMulInteger": (_graph("MatMulInteger", TensorProto.INT8, rng.integers(-127, 127, size=(k, n)).astype(np.int8), m, k), rng.integers(-127, 127, size=(m, k)).astype(np.int8)),
+        "fp32 MatMul": (
+            _graph("MatMul", TensorProto.FLOAT, rng.normal(size=(k, n)).astype(np.float32), m, k),
+            rng.normal(size=(m, k)).astype(np.float32),
+        ),
+        "int8 u8s8 MatMulInteger": (
+            _graph(
+                "MatMulInteger", TensorProto.UINT8, rng.integers(-127, 127, size=(k, n)).astype(np.int8), m, k
+            ),
+            rng.integers(0, 255, size=(m, k)).astype(np.uint8),
+        ),
+        "int8 s8s8 MatMulInteger": (
+            _graph(
+                "MatMulInteger", TensorProto.INT8, rng.integers(-127, 127, size=(k, n)).astype(np.int8), m, k
+            ),
+            rng.integers(-127, 127, size=(m, k)).astype(np.int8),
+        ),
     }
-    sessions = {name: ort.InferenceSession(g, session_options(threads, spin=False), providers=["CPUExecutionProvider"]) for name, (g, _) in cases.items()}
+    sessions = {
+        name: ort.InferenceSession(
+            g, session_options(threads, spin=False), providers=["CPUExecutionProvider"]
+        )
+        for name, (g, _) in cases.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for name, sess in sessions.items():
         for _ in range(3):
@@ -61,7 +80,10 @@ def measure(m: int = 4096, k: int = 384, n: int = 1536, runs: int = 30, threads:
         "threads": threads,
         "runs": runs,
         "ops_per_call": ops,
-        "ceilings": {name: {"median_ms": float(np.median(t) * 1e3), "gops_per_s": ops / float(np.median(t)) / 1e9} for name, t in times.items()},
+        "ceilings": {
+            name: {"median_ms": float(np.median(t) * 1e3), "gops_per_s": ops / float(np.median(t)) / 1e9}
+            for name, t in times.items()
+        },
         "machine": machine_info(threads),
     }
     fp = result["ceilings"]["fp32 MatMul"]["gops_per_s"]
@@ -76,7 +98,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for name, v in result["ceilings"].items():
-        print(f"{name:26s} {v['median_ms']:8.2f} ms  {v['gops_per_s']:8.1f} GOP/s  {v['ratio_vs_fp32']:.2f}x fp32")
+        print(
+            f"{name:26s} {v['median_ms']:8.2f} ms  {v['gops_per_s']:8.1f} GOP/s  {v['ratio_vs_fp32']:.2f}x fp32"
+        )
 
 
 if __name__ == "__main__":

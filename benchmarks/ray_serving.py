@@ -41,7 +41,16 @@ def start(label: str, model: str, path: Path, tmp: Path) -> tuple[subprocess.Pop
     cfg = tmp / f"{model}-{port}.yaml"
     cfg.write_text(yaml.safe_dump({"host": "127.0.0.1", "port": port, "models": [spec]}))
     log = open(tmp / f"{model}-{port}.log", "w")  # noqa: SIM115 - lives as long as the server
-    cmd = [sys.executable, "-m", "slimship.cli", "serve", "--config", str(cfg), "--no-access-log", *(["--ray"] if ray else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimship.cli",
+        "serve",
+        "--config",
+        str(cfg),
+        "--no-access-log",
+        *(["--ray"] if ray else []),
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -85,21 +94,37 @@ def main() -> None:
                     for c in [int(x) for x in args.clients.split(",")]:
                         r = hey(url, body, c, args.duration)
                         rows.append({"model": model, "config": label, "clients": c, **r})
-                        print(f"{model:12} {label:26} c{c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
-                              f"codes {r['codes']}", flush=True)
+                        print(
+                            f"{model:12} {label:26} c{c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
+                            f"codes {r['codes']}",
+                            flush=True,
+                        )
                 finally:
                     stop(proc)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ray_serving.json").write_text(json.dumps({"rows": rows, "duration_s": args.duration}, indent=1))
-    lines = ["# Ray Serve sizing (`slimship serve --ray`) against the single-process server, same run", "",
-             f"`hey` closed loop, {args.duration:g} s per cell, one JSON request of one row each (a BBC article for minilm, "
-             "a digit for mnist); 2 shared cores. From `benchmarks/ray_serving.py`.", "",
-             "| model | config | clients | req/s | × single process | p50 ms | p99 ms | non-200 |", "|---|---|---|---|---|---|---|---|"]
+    (RESULTS / "ray_serving.json").write_text(
+        json.dumps({"rows": rows, "duration_s": args.duration}, indent=1)
+    )
+    lines = [
+        "# Ray Serve sizing (`slimship serve --ray`) against the single-process server, same run",
+        "",
+        f"`hey` closed loop, {args.duration:g} s per cell, one JSON request of one row each (a BBC article for minilm, "
+        "a digit for mnist); 2 shared cores. From `benchmarks/ray_serving.py`.",
+        "",
+        "| model | config | clients | req/s | × single process | p50 ms | p99 ms | non-200 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        anchor = next(a for a in rows if a["model"] == r["model"] and a["clients"] == r["clients"] and a["config"] == "single process")
+        anchor = next(
+            a
+            for a in rows
+            if a["model"] == r["model"] and a["clients"] == r["clients"] and a["config"] == "single process"
+        )
         bad = sum(n for code, n in r["codes"].items() if code != 200)
-        lines.append(f"| {r['model']} | {r['config']} | {r['clients']} | {r['rps']:.1f} | {r['rps'] / anchor['rps']:.2f} | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {bad} |")
+        lines.append(
+            f"| {r['model']} | {r['config']} | {r['clients']} | {r['rps']:.1f} | {r['rps'] / anchor['rps']:.2f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {bad} |"
+        )
     (RESULTS / "ray_serving.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

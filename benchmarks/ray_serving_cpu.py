@@ -42,11 +42,28 @@ def main() -> None:
     for model in ("mnist", "minilm-int8"):
         tmp = Path(tempfile.mkdtemp())
         port = free_port()
-        spec = {"name": model, "path": str(ms[model]["path"]), "batching": {"max_queue": 1024}, "replicas": {"num_cpus": 2}}
+        spec = {
+            "name": model,
+            "path": str(ms[model]["path"]),
+            "batching": {"max_queue": 1024},
+            "replicas": {"num_cpus": 2},
+        }
         (tmp / "serve.yaml").write_text(yaml.safe_dump({"host": "127.0.0.1", "port": port, "models": [spec]}))
-        proc = subprocess.Popen([sys.executable, "-m", "slimship.cli", "serve", "--config", str(tmp / "serve.yaml"), "--ray",
-                                 "--no-access-log"], stdout=open(tmp / "log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "slimship.cli",
+                "serve",
+                "--config",
+                str(tmp / "serve.yaml"),
+                "--ray",
+                "--no-access-log",
+            ],
+            stdout=open(tmp / "log", "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
@@ -68,8 +85,13 @@ def main() -> None:
             for pid, (name, t) in after.items():
                 if pid in before:
                     per[name] = per.get(name, 0.0) + (t - before[pid][1]) * 1000 / n
-            res[model] = {"requests": n, "rps": r["rps"],
-                          "cpu_ms_per_request": {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0.05}}
+            res[model] = {
+                "requests": n,
+                "rps": r["rps"],
+                "cpu_ms_per_request": {
+                    k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0.05
+                },
+            }
             print(model, json.dumps(res[model], indent=1), flush=True)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -25,16 +25,39 @@ FT = {"epochs": 30, "max_seconds": BUDGET_S, "lr": 1e-4, "loss": "cosine", "pati
 
 VARIANTS = {
     "ffn50": ("prune", {"channel_ratio": 0.5, "finetune": FT}),
-    "depth3": ("depth-prune", {"keep_layers": 3, "criterion": "alternate", "feature_weight": 1.0, "finetune": FT}),
-    "lowrank-r192": ("lowrank", {"ranks": {}, "layers": ["*.intermediate.dense", "*.output.dense"], "energy": None,
-                                 "param_ratio": None, "min_speedup": 0.0, "finetune": {**FT, "max_seconds": BUDGET_S / 2}}),
-    "lowrank-r96": ("lowrank", {"ranks": {}, "layers": ["*.intermediate.dense", "*.output.dense"], "energy": None,
-                                "param_ratio": None, "min_speedup": 0.0, "finetune": {**FT, "max_seconds": BUDGET_S / 2}}),
+    "depth3": (
+        "depth-prune",
+        {"keep_layers": 3, "criterion": "alternate", "feature_weight": 1.0, "finetune": FT},
+    ),
+    "lowrank-r192": (
+        "lowrank",
+        {
+            "ranks": {},
+            "layers": ["*.intermediate.dense", "*.output.dense"],
+            "energy": None,
+            "param_ratio": None,
+            "min_speedup": 0.0,
+            "finetune": {**FT, "max_seconds": BUDGET_S / 2},
+        },
+    ),
+    "lowrank-r96": (
+        "lowrank",
+        {
+            "ranks": {},
+            "layers": ["*.intermediate.dense", "*.output.dense"],
+            "energy": None,
+            "param_ratio": None,
+            "min_speedup": 0.0,
+            "finetune": {**FT, "max_seconds": BUDGET_S / 2},
+        },
+    ),
 }
 
 
 def _ffn_ranks(w, rank: int) -> dict[str, int]:
-    names = [f"backbone.encoder.layer.{i}.{p}" for i in range(6) for p in ("intermediate.dense", "output.dense")]
+    names = [
+        f"backbone.encoder.layer.{i}.{p}" for i in range(6) for p in ("intermediate.dense", "output.dense")
+    ]
     return dict.fromkeys(names, rank)
 
 
@@ -90,8 +113,14 @@ def main() -> None:
             say(f"evaluating {label} {form}")
             evaluations[f"{label}/{form}"] = evaluate(c[form], w, progress=False)
     say("timing (ONNX Runtime, interleaved)")
-    targets = [BenchTarget(f"{label}/{form}", c[form], "onnxruntime") for label, c in chains.items() for form in ("fp32", "int8")]
-    timing = bench(targets, w, batch_sizes=(1, 32), seq_len=128, runs=30, memory=False, baseline="original/fp32")
+    targets = [
+        BenchTarget(f"{label}/{form}", c[form], "onnxruntime")
+        for label, c in chains.items()
+        for form in ("fp32", "int8")
+    ]
+    timing = bench(
+        targets, w, batch_sizes=(1, 32), seq_len=128, runs=30, memory=False, baseline="original/fp32"
+    )
     rows = []
     for c in timing["candidates"]:
         label, form = c["label"].split("/")
@@ -99,22 +128,43 @@ def main() -> None:
         info = chains[label]["torch"].info
         cx = info.get("complexity") or {}
         ft = info.get("finetune") or {}
-        rows.append({
-            "label": c["label"], "variant": label, "form": form,
-            "file_size_bytes": c["file_size_bytes"],
-            "params": info.get("parameters"),
-            "macs_ratio": cx.get("macs_ratio", 1.0),
-            "latency_ms_p50": {r["batch_size"]: r["latency_ms"]["p50"] for r in c["results"]},
-            "speedup_vs_original_fp32": {r["batch_size"]: r["speedup_vs_baseline_p50"] for r in c["results"]},
-            "cosine_mean": ev["fidelity"]["cosine_mean"], "cosine_min": ev["fidelity"]["cosine_min"],
-            "retrieval_top1": ev["quality"]["retrieval_top1"], "mrr": ev["quality"].get("retrieval_mrr"),
-            "topic_accuracy": ev["quality"].get("topic_accuracy"),
-            "distill_seconds": ft.get("seconds"), "distill_steps": ft.get("steps"), "stopped_by": ft.get("stopped_by"),
-            "val_loss": [ft.get("val_loss_before"), ft.get("val_loss_best")],
-        })
-    result = {"machine": timing["machine"], "budget_seconds": BUDGET_S, "finetune": FT, "rows": rows,
-              "variants": {k: {"pass": v.pass_name, "config": v.pass_config, "info": {kk: vv for kk, vv in v.info.items() if kk != "structure"}}
-                           for k, v in variants.items()}}
+        rows.append(
+            {
+                "label": c["label"],
+                "variant": label,
+                "form": form,
+                "file_size_bytes": c["file_size_bytes"],
+                "params": info.get("parameters"),
+                "macs_ratio": cx.get("macs_ratio", 1.0),
+                "latency_ms_p50": {r["batch_size"]: r["latency_ms"]["p50"] for r in c["results"]},
+                "speedup_vs_original_fp32": {
+                    r["batch_size"]: r["speedup_vs_baseline_p50"] for r in c["results"]
+                },
+                "cosine_mean": ev["fidelity"]["cosine_mean"],
+                "cosine_min": ev["fidelity"]["cosine_min"],
+                "retrieval_top1": ev["quality"]["retrieval_top1"],
+                "mrr": ev["quality"].get("retrieval_mrr"),
+                "topic_accuracy": ev["quality"].get("topic_accuracy"),
+                "distill_seconds": ft.get("seconds"),
+                "distill_steps": ft.get("steps"),
+                "stopped_by": ft.get("stopped_by"),
+                "val_loss": [ft.get("val_loss_before"), ft.get("val_loss_best")],
+            }
+        )
+    result = {
+        "machine": timing["machine"],
+        "budget_seconds": BUDGET_S,
+        "finetune": FT,
+        "rows": rows,
+        "variants": {
+            k: {
+                "pass": v.pass_name,
+                "config": v.pass_config,
+                "info": {kk: vv for kk, vv in v.info.items() if kk != "structure"},
+            }
+            for k, v in variants.items()
+        },
+    }
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "minilm_structural.json").write_text(json.dumps(result, indent=1, default=str))
@@ -127,14 +177,17 @@ def render(result: dict, machine: str) -> str:
         return d.get(b, d.get(str(b)))
 
     lines = [
-        "# minilm: structural compression + distillation (BBC News, all 4,450 texts)", "",
-        f"{machine}", "",
+        "# minilm: structural compression + distillation (BBC News, all 4,450 texts)",
+        "",
+        f"{machine}",
+        "",
         f"Each variant is distilled from the original on ~38k unlabelled windows and sentences of BBC article text past "
         f"the evaluated first 128 tokens (cosine loss, lr {FT['lr']}, "
         f"budget {result['budget_seconds']:.0f} s; low-rank {result['budget_seconds'] / 2:.0f} s), then exported (verified), "
         "graph-optimised and INT8-quantized (dynamic, per-channel, smoothing α 0.7). Latency: ONNX Runtime, 2 threads, seq 128, "
         "p50 of ≥30 interleaved runs; speed-up against the original's optimised fp32 export in the same run. "
-        "MACs ratio = Linear work of the original / the variant (PyTorch model, same input).", "",
+        "MACs ratio = Linear work of the original / the variant (PyTorch model, same input).",
+        "",
         "| variant | form | params | MACs ratio | MB | b1 ms | b32 ms | speed-up b1 / b32 | cosine mean / min | top-1 | distil s (stop) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -146,7 +199,11 @@ def render(result: dict, machine: str) -> str:
             f"{r['cosine_mean']:.4f} / {r['cosine_min']:.4f} | {r['retrieval_top1']:.2f} | "
             f"{r['distill_seconds'] or '—'} ({r['stopped_by'] or '—'}) |"
         )
-    lines += ["", "Reproduce: `.venv/bin/python benchmarks/structural_minilm.py` (≈ 45 min: 30 min of distillation, then export, INT8, evaluation and timing; run on an otherwise idle machine).", ""]
+    lines += [
+        "",
+        "Reproduce: `.venv/bin/python benchmarks/structural_minilm.py` (≈ 45 min: 30 min of distillation, then export, INT8, evaluation and timing; run on an otherwise idle machine).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -42,11 +42,15 @@ def main() -> None:
     base_acc = acc(original)
 
     say("1. prune 50% of channels + distil")
-    pruned = run_pass("prune", original, w, {"channel_ratio": 0.5, "finetune": {"epochs": 8, "patience": 3}}, run / "pruned")
+    pruned = run_pass(
+        "prune", original, w, {"channel_ratio": 0.5, "finetune": {"epochs": 8, "patience": 3}}, run / "pruned"
+    )
     pruned_acc = acc(pruned)
     onnx = {}
     for label, cand in (("original", original), ("pruned", pruned)):
-        onnx[label] = optimize_graph(export(cand, w, out_dir=run / label / "exported"), w, out_dir=run / label / "optimized")
+        onnx[label] = optimize_graph(
+            export(cand, w, out_dir=run / label / "exported"), w, out_dir=run / label / "optimized"
+        )
     targets = [
         BenchTarget("original@ort", onnx["original"], "onnxruntime"),
         BenchTarget("pruned@ort", onnx["pruned"], "onnxruntime"),
@@ -54,14 +58,21 @@ def main() -> None:
         BenchTarget("pruned@torch", pruned, "torch"),
     ]
     say("timing at batch 256 and 1 (interleaved)")
-    timing = bench(targets, w, batch_sizes=(256, 1), seq_len=None, runs=40, memory=False, baseline="original@ort")
-    p50 = {c["label"]: {r["batch_size"]: r["latency_ms"]["p50"] for r in c["results"]} for c in timing["candidates"]}
+    timing = bench(
+        targets, w, batch_sizes=(256, 1), seq_len=None, runs=40, memory=False, baseline="original@ort"
+    )
+    p50 = {
+        c["label"]: {r["batch_size"]: r["latency_ms"]["p50"] for r in c["results"]}
+        for c in timing["candidates"]
+    }
     macs_ratio = pruned.info["complexity"]["macs_ratio"]
     speed = {rt: p50[f"original@{rt}"][256] / p50[f"pruned@{rt}"][256] for rt in ("ort", "torch")}
     speed_b1 = {rt: p50[f"original@{rt}"][1] / p50[f"pruned@{rt}"][1] for rt in ("ort", "torch")}
 
     say("2. prune → sparsify → share → encode")
-    sparse = run_pass("sparsify", pruned, w, {"sparsity": 0.75, "steps": 3, "finetune": {"epochs": 2}}, run / "sparse")
+    sparse = run_pass(
+        "sparsify", pruned, w, {"sparsity": 0.75, "steps": 3, "finetune": {"epochs": 2}}, run / "sparse"
+    )
     shared = run_pass("share", sparse, w, {"bits": 5, "finetune": {"epochs": 2}}, run / "shared")
     from slimship.passes.share import SHIPPED, load_shared
 
@@ -81,7 +92,9 @@ def main() -> None:
         "shipped_bytes": shared.info["shipped_bytes"],
         "ratio_vs_fp32_file": original.size_bytes / shared.info["shipped_bytes"],
         "ratio_vs_fp32_onnx": onnx["original"].size_bytes / shared.info["shipped_bytes"],
-        "accuracy_pruned": pruned_acc, "accuracy_sparse": acc(sparse), "accuracy_shipped": shipped_acc,
+        "accuracy_pruned": pruned_acc,
+        "accuracy_sparse": acc(sparse),
+        "accuracy_shipped": shipped_acc,
         "sparsity_of_pruned_model": sparse.info["sparsity"],
         "codec": shared.info["codec"].get("codings", None),
         "header_bytes": shared.info["codec"].get("header_bytes"),
@@ -91,8 +104,17 @@ def main() -> None:
     students: dict[str, list[float]] = {"labels": [], "distilled": []}
     for seed in SEEDS:
         for label, loss in (("labels", "labels"), ("distilled", "kl")):
-            cfg = {"student": {"width": 0.5, "init": "random"},
-                   "finetune": {"loss": loss, "epochs": 12, "patience": 12, "seed": seed, "temperature": 4.0, "alpha": 0.7}}
+            cfg = {
+                "student": {"width": 0.5, "init": "random"},
+                "finetune": {
+                    "loss": loss,
+                    "epochs": 12,
+                    "patience": 12,
+                    "seed": seed,
+                    "temperature": 4.0,
+                    "alpha": 0.7,
+                },
+            }
             c = run_pass("distill", original, w, cfg, run / f"student-{label}-{seed}")
             students[label].append(acc(c))
             say(f"  seed {seed} {label}: {students[label][-1]:.1f}")
@@ -101,9 +123,13 @@ def main() -> None:
         "machine": timing["machine"],
         "original_accuracy": base_acc,
         "pruning": {
-            "accuracy": pruned_acc, "accuracy_drop": base_acc - pruned_acc,
-            "macs_ratio": macs_ratio, "params_ratio": pruned.info["complexity"]["params_ratio"],
-            "latency_ms_p50": p50, "speedup_b256": speed, "speedup_b1": speed_b1,
+            "accuracy": pruned_acc,
+            "accuracy_drop": base_acc - pruned_acc,
+            "macs_ratio": macs_ratio,
+            "params_ratio": pruned.info["complexity"]["params_ratio"],
+            "latency_ms_p50": p50,
+            "speedup_b256": speed,
+            "speedup_b1": speed_b1,
             "speedup_over_macs_b256": {k: v / macs_ratio for k, v in speed.items()},
             "finetune": pruned.info["finetune"],
         },
@@ -123,9 +149,16 @@ def render(r: dict, machine: str) -> str:
     p, dc, st = r["pruning"], r["deep_compression"], r["students"]
     ok = lambda b: "yes" if b else "**no**"  # noqa: E731
     lines = [
-        "# mnist: structured pruning, Deep Compression and distillation", "", machine, "",
-        f"Original CNN: accuracy {r['original_accuracy']:.1f}% on the 1,000 held-out digits.", "",
-        "## Targets", "", "| target | measured | holds |", "|---|---|---|",
+        "# mnist: structured pruning, Deep Compression and distillation",
+        "",
+        machine,
+        "",
+        f"Original CNN: accuracy {r['original_accuracy']:.1f}% on the 1,000 held-out digits.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | holds |",
+        "|---|---|---|",
         f"| 50% channel pruning + distillation: accuracy within 0.5 points | {p['accuracy']:.1f}% ({-p['accuracy_drop']:+.1f}) | {ok(p['accuracy_drop'] <= 0.5)} |",
         f"| speed-up at batch 256 ≥ 0.75 × MACs ratio ({p['macs_ratio']:.2f}x → ≥ {0.75 * p['macs_ratio']:.2f}x), ONNX Runtime | "
         f"{p['speedup_b256']['ort']:.2f}x ({p['speedup_over_macs_b256']['ort']:.2f} of the MACs ratio) | {ok(p['speedup_b256']['ort'] >= 0.75 * p['macs_ratio'])} |",
@@ -135,31 +168,50 @@ def render(r: dict, machine: str) -> str:
         f"{ok(r['original_accuracy'] - dc['accuracy_shipped'] <= 0.5)} |",
         f"| half-width student: distilled beats labels-only (mean of {len(st['labels']['accuracies'])} seeds) | "
         f"{st['distilled']['mean']:.2f}% vs {st['labels']['mean']:.2f}% | {ok(st['distilled']['mean'] > st['labels']['mean'])} |",
-        "", "## Pruning: MACs beside measured latency", "",
-        "| runtime | original b256 ms | pruned b256 ms | speed-up b256 | speed-up b1 |", "|---|---|---|---|---|",
+        "",
+        "## Pruning: MACs beside measured latency",
+        "",
+        "| runtime | original b256 ms | pruned b256 ms | speed-up b256 | speed-up b1 |",
+        "|---|---|---|---|---|",
     ]
     k = lambda d, b: d.get(b, d.get(str(b)))  # noqa: E731 - JSON turns int keys into strings
     for rt in ("ort", "torch"):
         name = "ONNX Runtime (optimised)" if rt == "ort" else "PyTorch eager"
-        lines.append(f"| {name} | {k(p['latency_ms_p50'][f'original@{rt}'], 256):.2f} | {k(p['latency_ms_p50'][f'pruned@{rt}'], 256):.2f} | "
-                     f"{p['speedup_b256'][rt]:.2f}x | {p['speedup_b1'][rt]:.2f}x |")
+        lines.append(
+            f"| {name} | {k(p['latency_ms_p50'][f'original@{rt}'], 256):.2f} | {k(p['latency_ms_p50'][f'pruned@{rt}'], 256):.2f} | "
+            f"{p['speedup_b256'][rt]:.2f}x | {p['speedup_b1'][rt]:.2f}x |"
+        )
     lines += [
-        "", f"MACs {p['macs_ratio']:.2f}x fewer, parameters {p['params_ratio']:.2f}x fewer. Latency: p50 of ≥40 interleaved runs, 2 threads.",
-        "", "## Deep Compression: bytes at each stage", "",
-        "| stage | bytes | accuracy |", "|---|---|---|",
+        "",
+        f"MACs {p['macs_ratio']:.2f}x fewer, parameters {p['params_ratio']:.2f}x fewer. Latency: p50 of ≥40 interleaved runs, 2 threads.",
+        "",
+        "## Deep Compression: bytes at each stage",
+        "",
+        "| stage | bytes | accuracy |",
+        "|---|---|---|",
         f"| fp32 safetensors (original) | {dc['fp32_file_bytes']:,} | {r['original_accuracy']:.1f} |",
         f"| fp32 ONNX (original) | {dc['fp32_onnx_bytes']:,} | |",
         f"| 50% channels pruned (fp32) | {dc['pruned_bytes']:,} | {dc['accuracy_pruned']:.1f} |",
         f"| + 75% sparse, xz-compressed safetensors | {dc['sparse_xz_bytes']:,} | {dc['accuracy_sparse']:.1f} |",
         f"| + 5-bit sharing, encoded (`model.slimw`, the shipped file) | {dc['shipped_bytes']:,} | {dc['accuracy_shipped']:.1f} |",
-        "", f"The shipped file's header (names, shapes, codings, sha256) is {dc['header_bytes']:,} bytes of it. "
+        "",
+        f"The shipped file's header (names, shapes, codings, sha256) is {dc['header_bytes']:,} bytes of it. "
         "The runtime form expands the codebooks back to float32, so it runs exactly as fast as the pruned model.",
-        "", "## Distillation into a half-width student (from scratch)", "",
-        "| training | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean |", "|---|" + "---|" * (len(SEEDS) + 1),
+        "",
+        "## Distillation into a half-width student (from scratch)",
+        "",
+        "| training | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean |",
+        "|---|" + "---|" * (len(SEEDS) + 1),
     ]
     for k in ("labels", "distilled"):
-        lines.append(f"| {k} | " + " | ".join(f"{a:.1f}" for a in st[k]["accuracies"]) + f" | {st[k]['mean']:.2f} |")
-    lines += ["", "Reproduce: `.venv/bin/python benchmarks/structural_mnist.py` (≈ 8 min on an idle machine).", ""]
+        lines.append(
+            f"| {k} | " + " | ".join(f"{a:.1f}" for a in st[k]["accuracies"]) + f" | {st[k]['mean']:.2f} |"
+        )
+    lines += [
+        "",
+        "Reproduce: `.venv/bin/python benchmarks/structural_mnist.py` (≈ 8 min on an idle machine).",
+        "",
+    ]
     return "\n".join(lines)
 
 

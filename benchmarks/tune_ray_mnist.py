@@ -53,28 +53,50 @@ def main() -> None:
             "seconds_per_candidate": round(wall / max(1, res["evaluations"]), 1),
             "trial_seconds": [t.get("seconds") for t in rows if t.get("reused_from") is None],
             "proposals": [t["params"] for t in rows],
-            "rows": [{k: t.get(k) for k in ("trial", "status", "reused_from", "size_bytes", "quality", "speedup", "pareto")} for t in rows],
+            "rows": [
+                {
+                    k: t.get(k)
+                    for k in ("trial", "status", "reused_from", "size_bytes", "quality", "speedup", "pareto")
+                }
+                for t in rows
+            ],
             "stopped": res["stopped"],
         }
         print(label, results[label]["wall_seconds"], "s")
     shutil.rmtree(scratch, ignore_errors=True)
     local, ray1 = results["local"], results["ray, 1 at a time (2 CPUs each)"]
-    same = [(r["trial"], r["status"], r["size_bytes"], r["quality"]) for r in local["rows"]] == \
-           [(r["trial"], r["status"], r["size_bytes"], r["quality"]) for r in ray1["rows"]]
-    record = {"recipe": str(RECIPE.relative_to(ROOT)), "trials": args.trials, "machine": machine_info(physical_cores()),
-              "runs": results, "ray_1_at_a_time_matches_local": same}
+    same = [(r["trial"], r["status"], r["size_bytes"], r["quality"]) for r in local["rows"]] == [
+        (r["trial"], r["status"], r["size_bytes"], r["quality"]) for r in ray1["rows"]
+    ]
+    record = {
+        "recipe": str(RECIPE.relative_to(ROOT)),
+        "trials": args.trials,
+        "machine": machine_info(physical_cores()),
+        "runs": results,
+        "ray_1_at_a_time_matches_local": same,
+    }
     dest = ROOT / "benchmarks" / "results"
     (dest / "tune_ray_mnist.json").write_text(json.dumps(record, indent=1, default=str))
     base = local["wall_seconds"]
-    lines = [f"# Search throughput: local vs Ray executor (`{record['recipe']}`, {args.trials} trials, seed 0)", "",
-             f"From `benchmarks/tune_ray_mnist.py` on {record['machine'].get('cpu_model', 'this machine')}, "
-             f"{physical_cores()} cores, one run each (the machine is shared: ratios move by ~10%).", "",
-             "| executor | wall s | candidates | s / candidate | vs local | trial seconds |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Search throughput: local vs Ray executor (`{record['recipe']}`, {args.trials} trials, seed 0)",
+        "",
+        f"From `benchmarks/tune_ray_mnist.py` on {record['machine'].get('cpu_model', 'this machine')}, "
+        f"{physical_cores()} cores, one run each (the machine is shared: ratios move by ~10%).",
+        "",
+        "| executor | wall s | candidates | s / candidate | vs local | trial seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, r in results.items():
-        lines.append(f"| {label} | {r['wall_seconds']} | {r['evaluations']} | {r['seconds_per_candidate']} | "
-                     f"{base / r['wall_seconds']:.2f}x | {', '.join(str(s) for s in r['trial_seconds'])} |")
-    lines += ["", f"Ray 1-at-a-time proposals, sizes and accuracies equal the local run's: **{same}** "
-              "(speed-ups are timings and differ run to run)."]
+        lines.append(
+            f"| {label} | {r['wall_seconds']} | {r['evaluations']} | {r['seconds_per_candidate']} | "
+            f"{base / r['wall_seconds']:.2f}x | {', '.join(str(s) for s in r['trial_seconds'])} |"
+        )
+    lines += [
+        "",
+        f"Ray 1-at-a-time proposals, sizes and accuracies equal the local run's: **{same}** "
+        "(speed-ups are timings and differ run to run).",
+    ]
     (dest / "tune_ray_mnist.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

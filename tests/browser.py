@@ -33,7 +33,10 @@ def render(url: str, screenshot: Path, selectors: tuple[str, ...] = (), offline:
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             out = Rendered(title="", text="")
-            page.on("console", lambda m: out.console_errors.append(m.text) if m.type in ("error", "warning") else None)
+            page.on(
+                "console",
+                lambda m: out.console_errors.append(m.text) if m.type in ("error", "warning") else None,
+            )
             page.on("pageerror", lambda e: out.page_errors.append(str(e)))
             page.on("request", lambda r: out.requests.append(r.url))
             if offline:

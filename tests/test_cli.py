@@ -12,9 +12,13 @@ from tests.conftest import FIXTURES
 
 def slimship(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "160"}
-    proc = subprocess.run([sys.executable, "-m", "slimship.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "slimship.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"slimship {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"slimship {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -39,12 +43,23 @@ def test_quickstart_on_digits_writes_results_and_summary(tmp_path):
 def test_export_eval_and_bench_commands(tmp_path):
     slimship("export", "-w", "digits", "-o", str(tmp_path / "run"))
     assert (tmp_path / "run" / "optimized" / "model.onnx").exists()
-    ev = slimship("eval", str(tmp_path / "run" / "optimized"), "-w", "digits", "--json-out", str(tmp_path / "eval.json"))
+    ev = slimship(
+        "eval", str(tmp_path / "run" / "optimized"), "-w", "digits", "--json-out", str(tmp_path / "eval.json")
+    )
     assert "accuracy=" in ev.stdout and "top1_agreement=1" in ev.stdout
     assert json.loads((tmp_path / "eval.json").read_text())["samples"] == 360
     slimship(
-        "bench", "pt=original@torch", f"ort={tmp_path / 'run' / 'optimized'}", f"file={tmp_path / 'run' / 'exported' / 'model.onnx'}",
-        "-w", "digits", "-b", "1,4", "--no-memory", "--json-out", str(tmp_path / "bench.json"),
+        "bench",
+        "pt=original@torch",
+        f"ort={tmp_path / 'run' / 'optimized'}",
+        f"file={tmp_path / 'run' / 'exported' / 'model.onnx'}",
+        "-w",
+        "digits",
+        "-b",
+        "1,4",
+        "--no-memory",
+        "--json-out",
+        str(tmp_path / "bench.json"),
     )
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [c["label"] for c in data["candidates"]] == ["pt", "ort", "file"]
@@ -55,7 +70,10 @@ def test_user_errors_are_one_clear_line_without_a_traceback(tmp_path):
         (["eval", "original", "-w", "nosuch"], "unknown workload 'nosuch'"),
         (["eval", str(tmp_path), "-w", "digits"], "no candidate.json"),
         (["eval", "original@tensorrt", "-w", "digits"], "unknown runtime 'tensorrt'"),
-        (["export", "-w", f"{FIXTURES / 'factories.py'}:build_raises", "-o", str(tmp_path / "x")], "checkpoint weights.pt not found"),
+        (
+            ["export", "-w", f"{FIXTURES / 'factories.py'}:build_raises", "-o", str(tmp_path / "x")],
+            "checkpoint weights.pt not found",
+        ),
         (["export", "-w", "digits", "--opset", "99", "-o", str(tmp_path / "y")], "opset"),
     ]
     for args, needle in cases:
@@ -77,20 +95,64 @@ def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
     exported = str(tmp_path / "run" / "exported")
     pre = slimship("quantize", exported, "-w", "digits", "--preflight")
     assert "WARNING [dynamic-conv]" in pre.stdout and not (tmp_path / "run" / "exported-dynamic").exists()
-    st = slimship("quantize", exported, "-w", "digits", "--mode", "static", "--calibration", "minmax", "-o", str(tmp_path / "static"))
+    st = slimship(
+        "quantize",
+        exported,
+        "-w",
+        "digits",
+        "--mode",
+        "static",
+        "--calibration",
+        "minmax",
+        "-o",
+        str(tmp_path / "static"),
+    )
     assert "int8-static" in st.stdout and "speed vs parent" in st.stdout
     meta = json.loads((tmp_path / "static" / "candidate.json").read_text())
     assert meta["pass_name"] == "quantize-static" and set(meta["info"]["speed_vs_parent"]) == {"1", "32"}
-    aa = slimship("quantize", exported, "-w", "digits", "--max-quality-drop", "0.5", "-o", str(tmp_path / "aa"))
+    aa = slimship(
+        "quantize", exported, "-w", "digits", "--max-quality-drop", "0.5", "-o", str(tmp_path / "aa")
+    )
     assert "met the budget" in aa.stdout and (tmp_path / "aa" / "accuracy_aware.json").exists()
-    bad = slimship("quantize", exported, "-w", "digits", "--mode", "static", "--calibration", "kl", "-o", str(tmp_path / "x"), check=False)
+    bad = slimship(
+        "quantize",
+        exported,
+        "-w",
+        "digits",
+        "--mode",
+        "static",
+        "--calibration",
+        "kl",
+        "-o",
+        str(tmp_path / "x"),
+        check=False,
+    )
     assert bad.returncode == 2 and "calibration" in bad.stderr and "Traceback" not in bad.stderr
-    diag = slimship("quantize", exported, "-w", "digits", "--diagnose", "--diagnose-top", "0", "-o", str(tmp_path / "diag"))
+    diag = slimship(
+        "quantize",
+        exported,
+        "-w",
+        "digits",
+        "--diagnose",
+        "--diagnose-top",
+        "0",
+        "-o",
+        str(tmp_path / "diag"),
+    )
     assert "exclude_nodes" in diag.stdout
     report = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
     assert all("gain_from_reverting" in r for r in report["nodes"])  # 0 = every node measured
     assert "Paste into a quantize-dynamic config" in (tmp_path / "diag" / "diagnosis.md").read_text()
-    qat = slimship("quantize", str(tmp_path / "run" / "original"), "-w", "digits", "--mode", "qat", "-o", str(tmp_path / "qat"))
+    qat = slimship(
+        "quantize",
+        str(tmp_path / "run" / "original"),
+        "-w",
+        "digits",
+        "--mode",
+        "qat",
+        "-o",
+        str(tmp_path / "qat"),
+    )
     assert "int8-qat" in qat.stdout and (tmp_path / "qat" / "model.onnx").exists()
     wrong = slimship("quantize", exported, "-w", "digits", "--mode", "qat", check=False)
     assert wrong.returncode == 2 and "fine-tunes a PyTorch candidate" in wrong.stderr
@@ -100,19 +162,70 @@ def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
 
 def test_compression_commands_chain_prune_sparsify_share(tmp_path):
     out = tmp_path / "p"
-    proc = slimship("prune", "original", "-w", "digits", "--channel-ratio", "0.5", "--epochs", "1", "-o", str(out))
+    proc = slimship(
+        "prune", "original", "-w", "digits", "--channel-ratio", "0.5", "--epochs", "1", "-o", str(out)
+    )
     assert "fewer" in proc.stdout and "measured PyTorch latency" in proc.stdout
     assert "exported:" in proc.stdout and "quality  accuracy=" in proc.stdout
-    sparse = slimship("prune", str(out / "prune"), "-w", "digits", "--method", "unstructured", "--sparsity", "0.6",
-                      "--epochs", "1", "--no-eval", "-o", str(out))
+    sparse = slimship(
+        "prune",
+        str(out / "prune"),
+        "-w",
+        "digits",
+        "--method",
+        "unstructured",
+        "--sparsity",
+        "0.6",
+        "--epochs",
+        "1",
+        "--no-eval",
+        "-o",
+        str(out),
+    )
     assert "sparsity 60" in sparse.stdout and "dense runtimes" in sparse.stdout
-    shared = slimship("share", str(out / "sparsify"), "-w", "digits", "--bits", "4", "--epochs", "1", "--no-eval", "-o", str(out))
+    shared = slimship(
+        "share",
+        str(out / "sparsify"),
+        "-w",
+        "digits",
+        "--bits",
+        "4",
+        "--epochs",
+        "1",
+        "--no-eval",
+        "-o",
+        str(out),
+    )
     assert "shipped file" in shared.stdout and (out / "share" / "model.slimw").is_file()
-    lr = slimship("lowrank", "original", "-w", "digits", "--param-ratio", "0.5", "--min-speedup", "0", "--no-finetune",
-                  "--no-eval", "-o", str(tmp_path / "lr"))
+    lr = slimship(
+        "lowrank",
+        "original",
+        "-w",
+        "digits",
+        "--param-ratio",
+        "0.5",
+        "--min-speedup",
+        "0",
+        "--no-finetune",
+        "--no-eval",
+        "-o",
+        str(tmp_path / "lr"),
+    )
     assert "factorised" in lr.stdout and "exported:" in lr.stdout
-    st = slimship("distill", "original", "-w", "digits", "--width", "0.5", "--epochs", "1", "--no-eval", "--no-export",
-                  "-o", str(tmp_path / "d"))
+    st = slimship(
+        "distill",
+        "original",
+        "-w",
+        "digits",
+        "--width",
+        "0.5",
+        "--epochs",
+        "1",
+        "--no-eval",
+        "--no-export",
+        "-o",
+        str(tmp_path / "d"),
+    )
     assert "recovery:" in st.stdout
 
 
@@ -120,7 +233,9 @@ def test_compression_commands_reject_bad_input(tmp_path):
     bad = slimship("prune", "-w", "digits", "--channel-ratio", "1.5", "-o", str(tmp_path), check=False)
     assert bad.returncode == 2 and "channel_ratio" in bad.stderr and "Traceback" not in bad.stderr
     assert "PydanticUndefined" not in bad.stderr and "layer_ratios={}" in bad.stderr
-    bad = slimship("prune", "-w", "digits", "--ignore", "nope", "--no-finetune", "-o", str(tmp_path), check=False)
+    bad = slimship(
+        "prune", "-w", "digits", "--ignore", "nope", "--no-finetune", "-o", str(tmp_path), check=False
+    )
     assert bad.returncode == 2 and "no layer named 'nope'" in bad.stderr
     bad = slimship("prune", "-w", "digits", "--method", "magic", "-o", str(tmp_path), check=False)
     assert bad.returncode == 2 and "structured, depth or unstructured" in bad.stderr

@@ -24,11 +24,19 @@ def ready() -> dict:
 
 @app.post("/v2/models/{name}/infer")
 def infer(name: str, body: dict) -> JSONResponse:
-    feeds = {i["name"]: np.asarray(i["data"], dtype=DT[i["datatype"]]).reshape(i["shape"]) for i in body["inputs"]}
+    feeds = {
+        i["name"]: np.asarray(i["data"], dtype=DT[i["datatype"]]).reshape(i["shape"]) for i in body["inputs"]
+    }
     outs = session.run(None, feeds)
-    return JSONResponse({"model_name": name, "outputs": [
-        {"name": o.name, "datatype": "FP32", "shape": list(a.shape), "data": a.reshape(-1).tolist()}
-        for o, a in zip(session.get_outputs(), outs, strict=False)]})
+    return JSONResponse(
+        {
+            "model_name": name,
+            "outputs": [
+                {"name": o.name, "datatype": "FP32", "shape": list(a.shape), "data": a.reshape(-1).tolist()}
+                for o, a in zip(session.get_outputs(), outs, strict=False)
+            ],
+        }
+    )
 
 
 if __name__ == "__main__":

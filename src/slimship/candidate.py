@@ -245,7 +245,11 @@ def save_torch_candidate(
     )
     rebuilt = load_torch_model(cand, workload)
     with torch.no_grad():
-        for (k, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(rebuilt.state_dict().items()), strict=True):
+        for (k, a), (_, b) in zip(
+            sorted(model.state_dict().items()), sorted(rebuilt.state_dict().items()), strict=True
+        ):
             if a.shape != b.shape or not torch.equal(a, b):
-                raise CandidateError(f"rebuilt model differs from the saved one at {k}: the architecture edits are incomplete")
+                raise CandidateError(
+                    f"rebuilt model differs from the saved one at {k}: the architecture edits are incomplete"
+                )
     return cand

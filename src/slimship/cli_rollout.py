@@ -15,19 +15,23 @@ from slimship.cli import app
 rollout_app = typer.Typer(
     name="rollout",
     help="Staged rollouts on a running `slimship serve`: shadow → canary → 100% with fidelity, latency and error gates; "
-         "automatic promotion or rollback, every decision stored in the registry with its evidence.",
+    "automatic promotion or rollback, every decision stored in the registry with its evidence.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
 app.add_typer(rollout_app)
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="SLIMSHIP_SERVER", help="The server's base URL.")]
-TokenOpt = Annotated[str, typer.Option("--admin-token-env", help="Environment variable holding the admin API's bearer token.")]
+TokenOpt = Annotated[
+    str, typer.Option("--admin-token-env", help="Environment variable holding the admin API's bearer token.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's JSON answer.")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (stored with the decision in the registry).")]
 
 
-def _call(method: str, url: str, path: str, token_env: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _call(
+    method: str, url: str, path: str, token_env: str, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
     import urllib.error
     import urllib.request
 
@@ -37,8 +41,12 @@ def _call(method: str, url: str, path: str, token_env: str, body: dict[str, Any]
     if not token:
         raise ServingError(f"the admin API needs a token: set {token_env} to the server's admin token")
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method,
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return dict(json.loads(resp.read()))
@@ -49,7 +57,9 @@ def _call(method: str, url: str, path: str, token_env: str, body: dict[str, Any]
             msg = ""
         raise ServingError(f"{method} {path}: HTTP {err.code}: {msg or err.reason}") from err
     except urllib.error.URLError as err:
-        raise ServingError(f"can't reach the server at {url}: {err.reason} (is `slimship serve` running? --url)") from err
+        raise ServingError(
+            f"can't reach the server at {url}: {err.reason} (is `slimship serve` running? --url)"
+        ) from err
 
 
 def _show(st: dict[str, Any], as_json: bool) -> None:
@@ -60,17 +70,23 @@ def _show(st: dict[str, Any], as_json: bool) -> None:
         typer.echo(f"{st['model']}: no rollout" + (f" ({st['waiting']})" if st.get("waiting") else ""))
         return
     stg = st["stage"]
-    typer.echo(f"{st['model']}: rollout #{st['rollout']} {st['state']} — v{st['candidate']['served_as']} against "
-               f"v{st['baseline']['served_as']} ({st['registry_model']} v{st['candidate']['version']} vs v{st['baseline']['version']})")
-    typer.echo("  stages: " + " → ".join(f"[{s}]" if i == stg["index"] else s for i, s in enumerate(st["stages"])))
+    typer.echo(
+        f"{st['model']}: rollout #{st['rollout']} {st['state']} — v{st['candidate']['served_as']} against "
+        f"v{st['baseline']['served_as']} ({st['registry_model']} v{st['candidate']['version']} vs v{st['baseline']['version']})"
+    )
+    typer.echo(
+        "  stages: " + " → ".join(f"[{s}]" if i == stg["index"] else s for i, s in enumerate(st["stages"]))
+    )
     if st.get("reason"):
         typer.echo(f"  {st['reason']}")
     w = st.get("window")
     if w:
         c, f = w["candidate"], w["fidelity"]
-        typer.echo(f"  stage {stg['name']}: candidate answers {stg['traffic']:g}%, {stg['compare']:g}% compared; "
-                   f"{c['requests']}/{stg['min_requests']} candidate requests, {c['errors']} errors, p99 {c['latency_p99_ms']} ms; "
-                   f"fidelity {f['mean']} over {f['pairs']} pairs")
+        typer.echo(
+            f"  stage {stg['name']}: candidate answers {stg['traffic']:g}%, {stg['compare']:g}% compared; "
+            f"{c['requests']}/{stg['min_requests']} candidate requests, {c['errors']} errors, p99 {c['latency_p99_ms']} ms; "
+            f"fidelity {f['mean']} over {f['pairs']} pairs"
+        )
         for name, g in (w.get("gates") or {}).items():
             verdict = "BREACHED" if not g["ok"] else "holds" if g["judged"] else "not judged yet"
             typer.echo(f"    {name}: {g['value']} (limit {g['limit']}) {verdict}")
@@ -82,12 +98,28 @@ def _show(st: dict[str, Any], as_json: bool) -> None:
 @rollout_app.command("start")
 def start(
     model: Annotated[str, typer.Argument(help="The served model name.")],
-    candidate: Annotated[str, typer.Option("--candidate", "-c", help="The served version to roll out (loaded from the registry).")],
-    baseline: Annotated[str | None, typer.Option("--baseline", "-b", help="The version to compare against (default: the loaded "
-                                                 "registry production version).")] = None,
-    policy: Annotated[Path | None, typer.Option("--policy", "-p", help="A rollout policy YAML (stages, gates, min_pairs, promote); "
-                                                "default: shadow 200 → 5% → 25% → 50% → 100%, fidelity ≥ 0.98, errors ≤ 1%, "
-                                                "p99 ≤ 1.5x the baseline's. See slimship/serve/rollout.py.")] = None,
+    candidate: Annotated[
+        str,
+        typer.Option("--candidate", "-c", help="The served version to roll out (loaded from the registry)."),
+    ],
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            "-b",
+            help="The version to compare against (default: the loaded registry production version).",
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            "-p",
+            help="A rollout policy YAML (stages, gates, min_pairs, promote); "
+            "default: shadow 200 → 5% → 25% → 50% → 100%, fidelity ≥ 0.98, errors ≤ 1%, "
+            "p99 ≤ 1.5x the baseline's. See slimship/serve/rollout.py.",
+        ),
+    ] = None,
     url: UrlOpt = "http://127.0.0.1:8000",
     admin_token_env: TokenOpt = "SLIMSHIP_ADMIN_TOKEN",
     as_json: JsonOpt = False,
@@ -114,7 +146,9 @@ def status(
     model: Annotated[str, typer.Argument(help="The served model name.")],
     url: UrlOpt = "http://127.0.0.1:8000",
     admin_token_env: TokenOpt = "SLIMSHIP_ADMIN_TOKEN",
-    watch: Annotated[float, typer.Option("--watch", "-w", help="Refresh every N seconds until the rollout ends (0: once).")] = 0.0,
+    watch: Annotated[
+        float, typer.Option("--watch", "-w", help="Refresh every N seconds until the rollout ends (0: once).")
+    ] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """The rollout's stage, window figures, gates and decision history."""
@@ -135,11 +169,18 @@ def _action(name: str) -> Any:
         admin_token_env: TokenOpt = "SLIMSHIP_ADMIN_TOKEN",
         as_json: JsonOpt = False,
     ) -> None:
-        _show(_call("POST", url, f"/v2/admin/models/{model}/rollout/{name}", admin_token_env, {"reason": reason}), as_json)
+        _show(
+            _call(
+                "POST", url, f"/v2/admin/models/{model}/rollout/{name}", admin_token_env, {"reason": reason}
+            ),
+            as_json,
+        )
 
-    command.__doc__ = {"pause": "Hold the rollout at its stage and split (no decisions until resumed).",
-                       "resume": "Go on from the paused stage; its gates are judged afresh.",
-                       "abort": "Send all traffic back to the baseline and end the rollout (recorded as aborted)."}[name]
+    command.__doc__ = {
+        "pause": "Hold the rollout at its stage and split (no decisions until resumed).",
+        "resume": "Go on from the paused stage; its gates are judged afresh.",
+        "abort": "Send all traffic back to the baseline and end the rollout (recorded as aborted).",
+    }[name]
     return command
 
 

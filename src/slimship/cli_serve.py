@@ -17,8 +17,10 @@ def _model_spec(text: str) -> dict[str, Any]:
 
     name, sep, source = text.partition("=")
     if not sep or not name or not source:
-        raise ConfigError(f"--model {text!r}: use NAME=PATH (ONNX file or candidate dir), NAME@VERSION=PATH, "
-                          "or NAME=registry:REF (REF: a version number, production, staging, latest)")
+        raise ConfigError(
+            f"--model {text!r}: use NAME=PATH (ONNX file or candidate dir), NAME@VERSION=PATH, "
+            "or NAME=registry:REF (REF: a version number, production, staging, latest)"
+        )
     name, _, version = name.partition("@")
     spec: dict[str, Any] = {"name": name}
     if version:
@@ -32,31 +34,116 @@ def _model_spec(text: str) -> dict[str, Any]:
 
 @app.command()
 def serve(
-    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="What to serve, repeatable: NAME=PATH (an ONNX file or candidate "
-                                                    "directory), NAME@VERSION=PATH, or NAME=registry:REF (REF: version number, production, "
-                                                    "staging, latest).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="A serving config YAML (models, batching, traffic, limits); "
-                                                "flags add to it. See slimship/serve/config.py for the format.")] = None,
-    host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network).")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="What to serve, repeatable: NAME=PATH (an ONNX file or candidate "
+            "directory), NAME@VERSION=PATH, or NAME=registry:REF (REF: version number, production, "
+            "staging, latest).",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="A serving config YAML (models, batching, traffic, limits); "
+            "flags add to it. See slimship/serve/config.py for the format.",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Interface to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)."
+        ),
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000; 0 picks a free one).")] = None,
-    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Dynamic batching: most rows per batch, for models given with --model (default 32).")] = None,
-    max_queue_delay_ms: Annotated[float | None, typer.Option(min=0, help="Dynamic batching: longest wait for more requests once one is queued (default 0: a batch starts when the previous ends, with whatever arrived meanwhile).")] = None,
-    max_queue: Annotated[int | None, typer.Option(min=1, help="Requests that may wait per endpoint; beyond, 503 + Retry-After (default 256).")] = None,
-    instances: Annotated[int | None, typer.Option(min=1, max=16, help="Model instances per endpoint running batches side by side, the cores split between them (default 1).")] = None,
-    timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds before an unanswered request gets 504 (default 30).")] = None,
-    max_body_mb: Annotated[float | None, typer.Option(min=0.001, help="Largest request body in MB; beyond, 413 (default 64).")] = None,
-    registry: Annotated[Path | None, typer.Option(envvar="SLIMSHIP_REGISTRY", help="Registry directory, for registry: models and the stage API.")] = None,
-    registry_url: Annotated[str | None, typer.Option(envvar="SLIMSHIP_REGISTRY_URL", help="Registry database URL (default SQLite in the registry directory).")] = None,
-    token_env: Annotated[str, typer.Option(help="Environment variable holding the bearer token inference requires (unset: no token needed).")] = "SLIMSHIP_TOKEN",
-    admin_token_env: Annotated[str, typer.Option(help="Environment variable holding the admin API's bearer token (unset: admin API disabled).")] = "SLIMSHIP_ADMIN_TOKEN",
+    max_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Dynamic batching: most rows per batch, for models given with --model (default 32)."
+        ),
+    ] = None,
+    max_queue_delay_ms: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Dynamic batching: longest wait for more requests once one is queued (default 0: a batch starts when the previous ends, with whatever arrived meanwhile).",
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Requests that may wait per endpoint; beyond, 503 + Retry-After (default 256)."
+        ),
+    ] = None,
+    instances: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=16,
+            help="Model instances per endpoint running batches side by side, the cores split between them (default 1).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Seconds before an unanswered request gets 504 (default 30)."),
+    ] = None,
+    max_body_mb: Annotated[
+        float | None, typer.Option(min=0.001, help="Largest request body in MB; beyond, 413 (default 64).")
+    ] = None,
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SLIMSHIP_REGISTRY", help="Registry directory, for registry: models and the stage API."
+        ),
+    ] = None,
+    registry_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SLIMSHIP_REGISTRY_URL",
+            help="Registry database URL (default SQLite in the registry directory).",
+        ),
+    ] = None,
+    token_env: Annotated[
+        str,
+        typer.Option(
+            help="Environment variable holding the bearer token inference requires (unset: no token needed)."
+        ),
+    ] = "SLIMSHIP_TOKEN",
+    admin_token_env: Annotated[
+        str,
+        typer.Option(
+            help="Environment variable holding the admin API's bearer token (unset: admin API disabled)."
+        ),
+    ] = "SLIMSHIP_ADMIN_TOKEN",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="One JSON line per request on stderr.")] = True,
-    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve: one Serve application per model version with the "
-                                      "replicas/autoscaling of its `replicas` block in --config, the same protocol, metrics, admin "
-                                      "API, rollouts and dashboard (needs the `ray` extra).")] = False,
-    address: Annotated[str | None, typer.Option("--address", help="With --ray: a running Ray cluster (host:port of the head's GCS, "
-                                                "or auto); default: start a local Ray instance bound to 127.0.0.1.")] = None,
-    replicas: Annotated[int | None, typer.Option(min=1, help="With --ray: replicas per model version given with --model (default 1).")] = None,
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", help="One JSON line per request on stderr.")
+    ] = True,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Deploy on Ray Serve: one Serve application per model version with the "
+            "replicas/autoscaling of its `replicas` block in --config, the same protocol, metrics, admin "
+            "API, rollouts and dashboard (needs the `ray` extra).",
+        ),
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="With --ray: a running Ray cluster (host:port of the head's GCS, "
+            "or auto); default: start a local Ray instance bound to 127.0.0.1.",
+        ),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --ray: replicas per model version given with --model (default 1)."),
+    ] = None,
 ) -> None:
     """Serve ONNX models over the Open Inference Protocol (KServe V2, JSON and binary tensors — tritonclient works as is),
     with dynamic batching, versions and traffic splitting, Prometheus metrics at /metrics and an admin API.
@@ -68,26 +155,45 @@ def serve(
     from slimship.serve.run import serve as run_server
 
     models = [_model_spec(m) for m in model or []]
-    batching = {k: v for k, v in {"max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
-                                   "max_queue": max_queue, "timeout_s": timeout, "instances": instances}.items() if v is not None}
+    batching = {
+        k: v
+        for k, v in {
+            "max_batch_size": max_batch_size,
+            "max_queue_delay_ms": max_queue_delay_ms,
+            "max_queue": max_queue,
+            "timeout_s": timeout,
+            "instances": instances,
+        }.items()
+        if v is not None
+    }
     for m in models:
         m["batching"] = batching
         if replicas is not None:
             m["replicas"] = {"num_replicas": replicas}
-    overrides: dict[str, Any] = {"host": host, "port": port, "models": models or None,
-                                 "registry": str(registry) if registry else None, "registry_url": registry_url}
+    overrides: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "models": models or None,
+        "registry": str(registry) if registry else None,
+        "registry_url": registry_url,
+    }
     if max_body_mb is not None:
         overrides["limits"] = {"max_body_bytes": int(max_body_mb * 1e6)}
     cfg = load_serve_config(config, overrides)
     if not cfg.models:
         from slimship.errors import ConfigError
 
-        raise ConfigError("nothing to serve: give --model NAME=PATH (or models in --config), e.g. -m mnist=runs/mnist/optimized")
+        raise ConfigError(
+            "nothing to serve: give --model NAME=PATH (or models in --config), e.g. -m mnist=runs/mnist/optimized"
+        )
     if not ray and (address is not None or replicas is not None):
         from slimship.errors import ConfigError
 
         raise ConfigError("--address and --replicas only apply with --ray")
-    tokens = {"token": os.environ.get(token_env) or None, "admin_token": os.environ.get(admin_token_env) or None}
+    tokens = {
+        "token": os.environ.get(token_env) or None,
+        "admin_token": os.environ.get(admin_token_env) or None,
+    }
     if ray:
         from slimship.serve.ray_serve import serve_on_ray
 

@@ -72,7 +72,9 @@ class VerificationError(ExportError):
 
     ``report`` holds the measured numbers (max abs error, cosine, agreement)."""
 
-    def __init__(self, message: str, report: dict | None = None, attempts: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, report: dict | None = None, attempts: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message, attempts)
         self.report = dict(report or {})
 

@@ -24,14 +24,22 @@ def test_fake_quantizers_are_exact_on_the_grid():
 def test_diagnosis_ranks_nodes_and_suggests_exclusions(digits, digits_chain, tmp_path):
     report = diagnose(digits_chain[1], digits, {"per_channel": False}, measure_top=2, samples=64)
     sqnrs = [r["sqnr_db"] for r in report["nodes"]]
-    assert sqnrs == sorted(sqnrs) and len(sqnrs) == 2  # the two Gemms (convolutions are not dynamic-quantized by default)
+    assert (
+        sqnrs == sorted(sqnrs) and len(sqnrs) == 2
+    )  # the two Gemms (convolutions are not dynamic-quantized by default)
     for row in report["nodes"][:2]:
         assert 0 < row["fidelity_only_this_quantized"] <= 1.0 and "gain_from_reverting" in row
     text = format_diagnosis(report)
     assert "exclude_nodes" in text and "worst groups" in text
     assert {g["group"] for g in report["groups"]} == {"Gemm"}  # a CNN has no transformer sub-layers
     json.dumps(report)
-    q = run_pass("quantize-dynamic", digits_chain[1], digits, {"per_channel": False, **report["paste_into_config"]}, tmp_path / "q")
+    q = run_pass(
+        "quantize-dynamic",
+        digits_chain[1],
+        digits,
+        {"per_channel": False, **report["paste_into_config"]},
+        tmp_path / "q",
+    )
     assert set(q.info["excluded_nodes"]) == set(report["suggested_exclude_nodes"])
 
 
@@ -44,13 +52,20 @@ def test_accuracy_aware_meets_a_floor_the_full_model_misses(digits, digits_chain
     full = _full_fidelity(digits, digits_chain, tmp_path)
     gemms = [n.name for n in onnx.load(str(digits_chain[1].artifact_path)).graph.node if n.op_type == "Gemm"]
     best_single_revert = max(
-        run_pass("quantize-dynamic", digits_chain[1], digits, {"per_channel": False, "exclude_nodes": [g]}, tmp_path / f"r{i}")
-        .info["fidelity_to_parent"]["outputs"]["logits"]["cosine_min"]
+        run_pass(
+            "quantize-dynamic",
+            digits_chain[1],
+            digits,
+            {"per_channel": False, "exclude_nodes": [g]},
+            tmp_path / f"r{i}",
+        ).info["fidelity_to_parent"]["outputs"]["logits"]["cosine_min"]
         for i, g in enumerate(gemms)
     )
     assert full < best_single_revert
     floor = (full + best_single_revert) / 2
-    result = quantize_accuracy_aware(digits_chain[1], digits, tmp_path / "aa", {"per_channel": False}, min_fidelity=floor)
+    result = quantize_accuracy_aware(
+        digits_chain[1], digits, tmp_path / "aa", {"per_channel": False}, min_fidelity=floor
+    )
     assert result["met_budget"] and result["reverted_nodes"]
     assert result["chosen"]["fidelity"] >= floor and result["steps"][0]["fidelity"] < floor
     assert all((tmp_path / "aa" / f"step-{s['step']:02d}" / "model.onnx").exists() for s in result["steps"])
@@ -59,7 +74,9 @@ def test_accuracy_aware_meets_a_floor_the_full_model_misses(digits, digits_chain
 
 
 def test_a_budget_no_configuration_can_meet(digits, digits_chain, tmp_path):
-    result = quantize_accuracy_aware(digits_chain[1], digits, tmp_path / "aa", {"per_channel": False}, min_fidelity=1.01, max_steps=1)
+    result = quantize_accuracy_aware(
+        digits_chain[1], digits, tmp_path / "aa", {"per_channel": False}, min_fidelity=1.01, max_steps=1
+    )
     assert not result["met_budget"]
     assert "no configuration met the budget" in result["message"]
     assert (tmp_path / "aa" / f"step-{result['chosen']['step']:02d}" / "model.onnx").exists()
@@ -82,5 +99,10 @@ def test_transformer_nodes_get_natural_groups(minilm_chain):
 
     for cand in minilm_chain[1:]:  # the exported graph (GELU as Erf) and the fused one (BiasGelu)
         roles = node_roles(onnx.load(str(cand.artifact_path)))
-        assert Counter(r["role"] for r in roles.values()) == {"qkv": 18, "attn_out": 6, "ffn_in": 6, "ffn_out": 6}
+        assert Counter(r["role"] for r in roles.values()) == {
+            "qkv": 18,
+            "attn_out": 6,
+            "ffn_in": 6,
+            "ffn_out": 6,
+        }
         assert Counter(r["layer"] for r in roles.values()) == dict.fromkeys(range(6), 6)

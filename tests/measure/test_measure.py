@@ -39,9 +39,18 @@ def test_bench_json_has_every_field(digits, digits_chain):
     m = result["machine"]
     for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
         assert flag in m["isa"]
-    assert m["cpu_model"] and m["physical_cores"] >= 1 and m["packages"]["onnxruntime"] and m["packages"]["torch"]
+    assert (
+        m["cpu_model"]
+        and m["physical_cores"] >= 1
+        and m["packages"]["onnxruntime"]
+        and m["packages"]["torch"]
+    )
     for c in result["candidates"]:
-        assert c["file_size_bytes"] > 1000 and c["memory"]["peak_rss_mb"] > 0 and c["memory"]["model_peak_mb"] >= 0
+        assert (
+            c["file_size_bytes"] > 1000
+            and c["memory"]["peak_rss_mb"] > 0
+            and c["memory"]["model_peak_mb"] >= 0
+        )
         assert [r["batch_size"] for r in c["results"]] == [1, 8]
         for r in c["results"]:
             lat = r["latency_ms"]

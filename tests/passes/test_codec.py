@@ -92,7 +92,9 @@ def test_round_trip_is_exact():
         "empty": np.zeros((0, 7), dtype=np.float32),
     }
     meta = {"arch": "mlp", "layers": [784, 64, 10], "dropout": 0.1, "nested": {"ok": True}}
-    state, meta_back = decode(encode(tensors, {"fc.weight": (codebook, idx), "one": (np.zeros(1), np.zeros(5, int))}, meta=meta))
+    state, meta_back = decode(
+        encode(tensors, {"fc.weight": (codebook, idx), "one": (np.zeros(1), np.zeros(5, int))}, meta=meta)
+    )
     assert meta_back == meta
     assert set(state) == {*tensors, "fc.weight", "one"}
     for name, value in tensors.items():
@@ -101,7 +103,9 @@ def test_round_trip_is_exact():
     w = state["fc.weight"]
     assert w.dtype == np.float32 and w.shape == (64, 100)
     np.testing.assert_array_equal(w, codebook[idx])
-    assert np.count_nonzero(w == 0.0) == np.count_nonzero(idx == 0) > 0.7 * idx.size  # pruned weights stay exact zeros
+    assert (
+        np.count_nonzero(w == 0.0) == np.count_nonzero(idx == 0) > 0.7 * idx.size
+    )  # pruned weights stay exact zeros
     np.testing.assert_array_equal(state["one"], np.zeros(5, np.float32))
 
 
@@ -135,7 +139,13 @@ def test_lzma_is_kept_when_smaller():
 
 
 def test_lossless_tensors_are_compressed_when_it_helps():
-    blob = encode({"zeros": np.zeros(10_000, np.int64), "noise": np.random.default_rng(7).integers(0, 256, 100, dtype=np.uint8)}, {})
+    blob = encode(
+        {
+            "zeros": np.zeros(10_000, np.int64),
+            "noise": np.random.default_rng(7).integers(0, 256, 100, dtype=np.uint8),
+        },
+        {},
+    )
     report = size_report(blob)
     assert report["tensors"]["zeros"]["coding"] == "lzma" and report["tensors"]["zeros"]["bytes"] < 1_000
     assert report["tensors"]["noise"]["coding"] == "raw" and report["codings"] == {"lzma": 1, "raw": 1}

@@ -16,7 +16,10 @@ from tests.conftest import FIXTURES
 F = FIXTURES / "factories.py"
 
 
-@pytest.mark.parametrize("cfg", [ExportConfig(), ExportConfig(opset=17, exporter="torchscript"), GraphOptimizeConfig(level="basic")])
+@pytest.mark.parametrize(
+    "cfg",
+    [ExportConfig(), ExportConfig(opset=17, exporter="torchscript"), GraphOptimizeConfig(level="basic")],
+)
 def test_configs_round_trip_through_json(cfg):
     data = json.loads(json.dumps(cfg.to_json_dict()))
     assert type(cfg).parse(data) == cfg
@@ -25,7 +28,12 @@ def test_configs_round_trip_through_json(cfg):
 
 @pytest.mark.parametrize(
     ("data", "needle"),
-    [({"opset": 99}, "opset"), ({"exporter": "magic"}, "exporter"), ({"opsett": 17}, "opsett"), ({"verify": {"min_cos": 1}}, "verify.min_cos")],
+    [
+        ({"opset": 99}, "opset"),
+        ({"exporter": "magic"}, "exporter"),
+        ({"opsett": 17}, "opsett"),
+        ({"verify": {"min_cos": 1}}, "verify.min_cos"),
+    ],
 )
 def test_invalid_config_names_the_field(data, needle):
     with pytest.raises(ConfigError) as info:

@@ -30,7 +30,9 @@ ONE_EPOCH = {"epochs": 1, "max_seconds": 120}
 @pytest.mark.parametrize(
     "cfg",
     [
-        StructuredPruneConfig(channel_ratio=0.3, head_ratio=0.25, layer_ratios={"0": 0.5}, round_to=8, ignore=["x"]),
+        StructuredPruneConfig(
+            channel_ratio=0.3, head_ratio=0.25, layer_ratios={"0": 0.5}, round_to=8, ignore=["x"]
+        ),
         DepthPruneConfig(keep_layers=2, criterion="fidelity"),
         UnstructuredPruneConfig(sparsity=0.9, steps=3, scope="layer"),
         LowRankConfig(param_ratio=0.4, layers=["*.dense"], finetune=None),
@@ -72,7 +74,13 @@ def digits_original(digits, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits_pruned(digits, digits_original, tmp_path_factory):
-    return run_pass("prune", digits_original, digits, {"channel_ratio": 0.5, "finetune": {"epochs": 3}}, tmp_path_factory.mktemp("pruned"))
+    return run_pass(
+        "prune",
+        digits_original,
+        digits,
+        {"channel_ratio": 0.5, "finetune": {"epochs": 3}},
+        tmp_path_factory.mktemp("pruned"),
+    )
 
 
 def test_channel_pruning_removes_channels_and_recovers(digits, digits_original, digits_pruned, tmp_path):
@@ -101,26 +109,47 @@ def test_channel_pruning_removes_channels_and_recovers(digits, digits_original, 
 
 
 def test_rebuilt_candidate_is_reproduced_exactly(digits, digits_pruned):
-    a, b = load_torch_model(digits_pruned, digits), load_torch_model(load_candidate(digits_pruned.path), digits)
+    a, b = (
+        load_torch_model(digits_pruned, digits),
+        load_torch_model(load_candidate(digits_pruned.path), digits),
+    )
     x = torch.from_numpy(digits.example_inputs(8)["pixels"])
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
 
 
 def test_round_to_and_layer_ratios(digits, digits_original, tmp_path):
-    c = run_pass("prune", digits_original, digits, {"channel_ratio": 0.3, "round_to": 8, "layer_ratios": {"0": 0.5}, "finetune": None}, tmp_path)
+    c = run_pass(
+        "prune",
+        digits_original,
+        digits,
+        {"channel_ratio": 0.3, "round_to": 8, "layer_ratios": {"0": 0.5}, "finetune": None},
+        tmp_path,
+    )
     convs = [m for m in load_torch_model(c, digits).modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs[0].out_channels == 8  # 16 → 8 by its own ratio
     assert all(cv.out_channels % 8 == 0 for cv in convs)
 
 
 def test_bn_scale_and_global_scope(digits, digits_original, tmp_path):
-    c = run_pass("prune", digits_original, digits, {"channel_ratio": 0.4, "importance": "bn_scale", "scope": "global", "finetune": None}, tmp_path)
+    c = run_pass(
+        "prune",
+        digits_original,
+        digits,
+        {"channel_ratio": 0.4, "importance": "bn_scale", "scope": "global", "finetune": None},
+        tmp_path,
+    )
     assert c.info["complexity"]["params_after"] < c.info["complexity"]["params_before"]
 
 
 def test_taylor_importance_uses_labels(digits, digits_original, tmp_path):
-    c = run_pass("prune", digits_original, digits, {"channel_ratio": 0.25, "importance": "taylor", "finetune": None}, tmp_path)
+    c = run_pass(
+        "prune",
+        digits_original,
+        digits,
+        {"channel_ratio": 0.25, "importance": "taylor", "finetune": None},
+        tmp_path,
+    )
     assert c.info["complexity"]["macs_ratio"] > 1.2
 
 
@@ -128,12 +157,20 @@ def test_unknown_layer_names_suggest_real_ones(digits, digits_original, tmp_path
     with pytest.raises(ConfigError, match="no layer named '9x'"):
         run_pass("prune", digits_original, digits, {"ignore": ["9x"], "finetune": None}, tmp_path)
     with pytest.raises(ConfigError, match="did you mean"):
-        run_pass("prune", digits_original, digits, {"layer_ratios": {"100": 0.5}, "finetune": None}, tmp_path / "b")
+        run_pass(
+            "prune", digits_original, digits, {"layer_ratios": {"100": 0.5}, "finetune": None}, tmp_path / "b"
+        )
 
 
 def test_head_ratio_on_a_cnn_is_an_error(digits, digits_original, tmp_path):
     with pytest.raises(ConfigError, match="BERT-family attention"):
-        run_pass("prune", digits_original, digits, {"channel_ratio": 0.0, "head_ratio": 0.5, "finetune": None}, tmp_path)
+        run_pass(
+            "prune",
+            digits_original,
+            digits,
+            {"channel_ratio": 0.0, "head_ratio": 0.5, "finetune": None},
+            tmp_path,
+        )
 
 
 def test_untraceable_model_names_the_operation(tmp_path):
@@ -155,7 +192,10 @@ def test_fine_tuning_without_training_data_says_how_to_add_it(tmp_path):
         run_pass("prune", orig, w, {"channel_ratio": 0.5}, tmp_path / "p")
     assert "train_inputs" in str(err.value) and "--no-finetune" in str(err.value)
     # without recovery the same pass runs
-    assert run_pass("prune", orig, w, {"channel_ratio": 0.5, "finetune": None}, tmp_path / "q").info["finetune"] is None
+    assert (
+        run_pass("prune", orig, w, {"channel_ratio": 0.5, "finetune": None}, tmp_path / "q").info["finetune"]
+        is None
+    )
 
 
 def test_factory_training_data_is_used(tmp_path):
@@ -163,12 +203,16 @@ def test_factory_training_data_is_used(tmp_path):
 
     w = resolve_workload(f"{FIXTURES / 'factories.py'}:build_trainable")
     orig = original_candidate(w, tmp_path / "o")
-    c = run_pass("prune", orig, w, {"channel_ratio": 0.5, "finetune": {"epochs": 2, "lr": 1e-2}}, tmp_path / "p")
+    c = run_pass(
+        "prune", orig, w, {"channel_ratio": 0.5, "finetune": {"epochs": 2, "lr": 1e-2}}, tmp_path / "p"
+    )
     assert c.info["finetune"]["loss"] == "kl" and c.info["finetune"]["steps"] > 0
 
 
 def test_unstructured_pruning_keeps_its_mask_through_fine_tuning(digits, digits_original, tmp_path):
-    c = run_pass("sparsify", digits_original, digits, {"sparsity": 0.8, "steps": 2, "finetune": ONE_EPOCH}, tmp_path)
+    c = run_pass(
+        "sparsify", digits_original, digits, {"sparsity": 0.8, "steps": 2, "finetune": ONE_EPOCH}, tmp_path
+    )
     assert c.info["sparsity"] == pytest.approx(0.8, abs=0.01)
     model = load_torch_model(c, digits)
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
@@ -180,11 +224,14 @@ def test_unstructured_pruning_keeps_its_mask_through_fine_tuning(digits, digits_
 
 
 def test_per_layer_sparsity(digits, digits_original, tmp_path):
-    c = run_pass("sparsify", digits_original, digits, {"sparsity": 0.5, "scope": "layer", "finetune": None}, tmp_path)
+    c = run_pass(
+        "sparsify", digits_original, digits, {"sparsity": 0.5, "scope": "layer", "finetune": None}, tmp_path
+    )
     assert all(s == pytest.approx(0.5, abs=0.02) for s in c.info["sparsity_per_layer"].values())
 
 
 # ---- transformers --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def minilm_original(minilm, tmp_path_factory):
@@ -198,7 +245,19 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_minilm_ffn_and_head_pruning_fix_attention_and_export(minilm, minilm_original, tmp_path):
-    c = run_pass("prune", minilm_original, minilm, {"channel_ratio": 0.5, "head_ratio": 0.25, "finetune": None, "measure_batch_size": 1, "verify_export": False}, tmp_path / "p")
+    c = run_pass(
+        "prune",
+        minilm_original,
+        minilm,
+        {
+            "channel_ratio": 0.5,
+            "head_ratio": 0.25,
+            "finetune": None,
+            "measure_batch_size": 1,
+            "verify_export": False,
+        },
+        tmp_path / "p",
+    )
     model = load_torch_model(c, minilm)
     layer = model.backbone.encoder.layer[0]
     assert layer.intermediate.dense.out_features == 768 and layer.output.dense.in_features == 768
@@ -208,18 +267,27 @@ def test_minilm_ffn_and_head_pruning_fix_attention_and_export(minilm, minilm_ori
     assert set(c.info["pruning"]["heads_per_layer"].values()) == {9}
     batch = minilm.example_inputs(4, seq_len=32)
     with torch.no_grad():
-        ref = load_torch_model(minilm_original, minilm)(**{k: torch.from_numpy(v) for k, v in batch.items()}).numpy()
+        ref = load_torch_model(minilm_original, minilm)(
+            **{k: torch.from_numpy(v) for k, v in batch.items()}
+        ).numpy()
         out = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).numpy()
     assert 0.3 < _cosine(out, ref) < 0.999  # changed, not broken
     onnx_c = export(c, minilm, out_dir=tmp_path / "onnx")
     assert onnx_c.info["verification"]["passed"]
-    q = run_pass("quantize-dynamic", onnx_c, minilm, {}, tmp_path / "int8")  # a pruned model can then be quantized
+    q = run_pass(
+        "quantize-dynamic", onnx_c, minilm, {}, tmp_path / "int8"
+    )  # a pruned model can then be quantized
     assert q.size_bytes < onnx_c.size_bytes / 2
 
 
 def test_minilm_head_dimension_pruning(minilm, minilm_original, tmp_path):
-    c = run_pass("prune", minilm_original, minilm, {"channel_ratio": 0.0, "head_dim_ratio": 0.25, "finetune": None,
-                                                    "measure_batch_size": 1}, tmp_path / "p")
+    c = run_pass(
+        "prune",
+        minilm_original,
+        minilm,
+        {"channel_ratio": 0.0, "head_dim_ratio": 0.25, "finetune": None, "measure_batch_size": 1},
+        tmp_path / "p",
+    )
     assert c.info["export_check"]["passed"]  # the narrower heads export and match PyTorch
     attn = load_torch_model(c, minilm).backbone.encoder.layer[3].attention.self
     assert (attn.num_attention_heads, attn.attention_head_size, attn.all_head_size) == (12, 24, 288)
@@ -227,7 +295,9 @@ def test_minilm_head_dimension_pruning(minilm, minilm_original, tmp_path):
     assert c.info["pruning"]["head_size"] == 24
     batch = minilm.example_inputs(4, seq_len=32)
     with torch.no_grad():
-        ref = load_torch_model(minilm_original, minilm)(**{k: torch.from_numpy(v) for k, v in batch.items()}).numpy()
+        ref = load_torch_model(minilm_original, minilm)(
+            **{k: torch.from_numpy(v) for k, v in batch.items()}
+        ).numpy()
         out = load_torch_model(c, minilm)(**{k: torch.from_numpy(v) for k, v in batch.items()}).numpy()
     assert 0.5 < _cosine(out, ref) < 0.9999
 
@@ -238,9 +308,17 @@ def test_minilm_taylor_needs_labels(minilm, minilm_original, tmp_path):
 
 
 def test_minilm_depth_pruning(minilm, minilm_original, tmp_path):
-    c = run_pass("depth-prune", minilm_original, minilm, {"keep_layers": 3, "finetune": None, "measure_batch_size": 1, "verify_export": False}, tmp_path / "d")
+    c = run_pass(
+        "depth-prune",
+        minilm_original,
+        minilm,
+        {"keep_layers": 3, "finetune": None, "measure_batch_size": 1, "verify_export": False},
+        tmp_path / "d",
+    )
     assert c.info["layers_kept"] == [0, 2, 5]
-    assert c.info["structure"] == [{"op": "keep_layers", "module": "backbone.encoder.layer", "keep": [0, 2, 5]}]
+    assert c.info["structure"] == [
+        {"op": "keep_layers", "module": "backbone.encoder.layer", "keep": [0, 2, 5]}
+    ]
     model = load_torch_model(c, minilm)
     assert len(model.backbone.encoder.layer) == 3
     assert c.info["complexity"]["macs_ratio"] == pytest.approx(2.0, rel=0.01)
@@ -248,7 +326,20 @@ def test_minilm_depth_pruning(minilm, minilm_original, tmp_path):
 
 
 def test_minilm_depth_by_fidelity_keeps_the_least_harmful(minilm, minilm_original, tmp_path):
-    c = run_pass("depth-prune", minilm_original, minilm, {"keep_layers": 5, "criterion": "fidelity", "fidelity_samples": 16, "finetune": None, "measure_batch_size": 1, "verify_export": False}, tmp_path)
+    c = run_pass(
+        "depth-prune",
+        minilm_original,
+        minilm,
+        {
+            "keep_layers": 5,
+            "criterion": "fidelity",
+            "fidelity_samples": 16,
+            "finetune": None,
+            "measure_batch_size": 1,
+            "verify_export": False,
+        },
+        tmp_path,
+    )
     (step,) = c.info["fidelity_trace"]
     assert len(c.info["layers_kept"]) == 5 and step["dropped"] not in c.info["layers_kept"]
     assert 0.5 < step["cosine_mean_after"] < 1.0

@@ -16,7 +16,10 @@ from slimship.workload.vision import DigitsWorkload
 from tests.conftest import FIXTURES
 
 
-@pytest.mark.parametrize("cfg", [DynamicQuantConfig(), StaticQuantConfig(calibration="entropy"), Int4WeightOnlyConfig(block_size=64)])
+@pytest.mark.parametrize(
+    "cfg",
+    [DynamicQuantConfig(), StaticQuantConfig(calibration="entropy"), Int4WeightOnlyConfig(block_size=64)],
+)
 def test_quant_configs_round_trip(cfg):
     assert type(cfg).parse(json.loads(json.dumps(cfg.to_json_dict()))) == cfg
 
@@ -40,7 +43,9 @@ def test_static_int8_on_mnist_keeps_accuracy(mnist, tmp_path):
     ops = _ops(q)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     comparison = q.info["calibration_comparison"]
-    assert set(comparison) == {"minmax", "entropy", "percentile"} and q.info["calibration_method"] in comparison
+    assert (
+        set(comparison) == {"minmax", "entropy", "percentile"} and q.info["calibration_method"] in comparison
+    )
     fp32 = evaluate(exp, mnist, progress=False)["quality"]["accuracy"]
     int8 = evaluate(q, mnist, progress=False)["quality"]["accuracy"]
     assert abs(fp32 - int8) <= 0.5, (fp32, int8)
@@ -76,7 +81,10 @@ class _WrongShapeCalibration(DigitsWorkload):
         yield {"pixels": np.zeros((4, 1, 28, 28), np.float32)}
 
 
-@pytest.mark.parametrize(("cls", "needle"), [(_Float64Calibration, "dtype float64, expected float32"), (_WrongShapeCalibration, "axis 2 must be 8")])
+@pytest.mark.parametrize(
+    ("cls", "needle"),
+    [(_Float64Calibration, "dtype float64, expected float32"), (_WrongShapeCalibration, "axis 2 must be 8")],
+)
 def test_calibration_data_that_does_not_fit(digits_chain, tmp_path, cls, needle):
     with pytest.raises(ConfigError) as info:
         run_pass("quantize-static", digits_chain[1], cls(), {"calibration": "minmax"}, tmp_path / "q")
@@ -88,7 +96,9 @@ def test_unknown_calibration_method(digits, digits_chain, tmp_path):
     with pytest.raises(ConfigError, match="calibration"):
         run_pass("quantize-static", digits_chain[1], digits, {"calibration": "magic"}, tmp_path / "q")
     with pytest.raises(ConfigError, match=r"unknown calibration method\(s\) \['kl'\]"):
-        run_pass("quantize-static", digits_chain[1], digits, {"auto_methods": ["minmax", "kl"]}, tmp_path / "q2")
+        run_pass(
+            "quantize-static", digits_chain[1], digits, {"auto_methods": ["minmax", "kl"]}, tmp_path / "q2"
+        )
 
 
 def test_a_model_with_nothing_to_quantize(tmp_path):
@@ -97,12 +107,16 @@ def test_a_model_with_nothing_to_quantize(tmp_path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["output_0"])], "g",
+        [helper.make_node("Relu", ["x"], ["output_0"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
         [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, ["batch", 6])],
     )
     (tmp_path / "relu").mkdir()
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), tmp_path / "relu" / "model.onnx")
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9),
+        tmp_path / "relu" / "model.onnx",
+    )
     from slimship.candidate import new_candidate
 
     cand = new_candidate(tmp_path / "relu", name="relu", format="onnx", artifact="model.onnx", workload=w)
@@ -113,14 +127,22 @@ def test_a_model_with_nothing_to_quantize(tmp_path):
 
 def test_exclusions_are_checked(digits, digits_chain, tmp_path):
     with pytest.raises(ConfigError, match="aren't in the graph"):
-        run_pass("quantize-dynamic", digits_chain[1], digits, {"exclude_nodes": ["no_such_node"]}, tmp_path / "q")
+        run_pass(
+            "quantize-dynamic", digits_chain[1], digits, {"exclude_nodes": ["no_such_node"]}, tmp_path / "q"
+        )
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         run_pass("quantize-dynamic", digits_chain[1], digits, {"exclude_patterns": ["("]}, tmp_path / "q2")
 
 
 def test_fidelity_floor_refuses_a_bad_result(digits, digits_chain, tmp_path):
     with pytest.raises(CompressionError, match="below min_cosine"):
-        run_pass("quantize-dynamic", digits_chain[1], digits, {"min_cosine": 0.9999999, "per_channel": False}, tmp_path / "q")
+        run_pass(
+            "quantize-dynamic",
+            digits_chain[1],
+            digits,
+            {"min_cosine": 0.9999999, "per_channel": False},
+            tmp_path / "q",
+        )
     assert not (tmp_path / "q" / "model.onnx").exists()
 
 
@@ -159,7 +181,9 @@ def test_smoothing_is_exact_in_float(minilm, minilm_chain, tmp_path):
 
 
 def test_smoothing_all_meets_the_fidelity_targets_on_minilm(minilm, minilm_chain, tmp_path):
-    q = run_pass("quantize-dynamic", minilm_chain[2], minilm, {"smooth": "all", "smooth_alpha": 0.7}, tmp_path / "q")
+    q = run_pass(
+        "quantize-dynamic", minilm_chain[2], minilm, {"smooth": "all", "smooth_alpha": 0.7}, tmp_path / "q"
+    )
     f = q.info["fidelity_to_parent"]["outputs"]["sentence_embedding"]
     assert f["cosine_mean"] >= 0.995 and f["cosine_min"] >= 0.99
     assert minilm_chain[2].size_bytes / q.size_bytes >= 3.5
@@ -185,8 +209,14 @@ def test_qat_exports_an_int8_qdq_graph_that_keeps_accuracy(mnist, tmp_path):
     ops = _ops(q)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     model = onnx.load(str(q.artifact_path))
-    assert sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8) == q.info["weights_stored_int8"] == 4
-    assert q.info["export_verification"]["passed"]  # ONNX Runtime's QDQ graph equals the fake-quantized PyTorch model
+    assert (
+        sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8)
+        == q.info["weights_stored_int8"]
+        == 4
+    )
+    assert q.info["export_verification"][
+        "passed"
+    ]  # ONNX Runtime's QDQ graph equals the fake-quantized PyTorch model
     assert orig.size_bytes / q.size_bytes > 3.0
     fp32 = evaluate(orig, mnist, "torch", progress=False)["quality"]["accuracy"]
     int8 = evaluate(q, mnist, progress=False)["quality"]["accuracy"]

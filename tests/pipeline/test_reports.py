@@ -41,7 +41,9 @@ def tuned(tmp_path_factory):
 
 def test_tune_report_renders_in_chromium(tuned, tmp_path):
     result, out = tuned
-    page = render((out / "report.html").as_uri(), tmp_path / "tune.png", selectors=("#summary", "svg", "table tr"))
+    page = render(
+        (out / "report.html").as_uri(), tmp_path / "tune.png", selectors=("#summary", "svg", "table tr")
+    )
     assert page.console_errors == [] and page.page_errors == []
     assert all(u.startswith(("file:", "data:")) for u in page.requests), page.requests  # nothing fetched
     assert "fastest within budget: trial" in page.text and "x faster than the original" in page.text
@@ -57,7 +59,11 @@ def test_tune_report_renders_in_chromium(tuned, tmp_path):
 
 def test_tune_report_says_when_nothing_meets_the_constraints(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text(textwrap.dedent(TUNE.format(drop=0.0)).lstrip().replace("max_quality_drop: 0.0", "max_quality_drop: 0.0\n  max_size_mb: 0.001"))
+    p.write_text(
+        textwrap.dedent(TUNE.format(drop=0.0))
+        .lstrip()
+        .replace("max_quality_drop: 0.0", "max_quality_drop: 0.0\n  max_size_mb: 0.001")
+    )
     result = tune_recipe(p, tmp_path / "out", trials=2)
     assert result["best"] is None
     assert all(r["status"] == "screened" and r["screen"]["signal"] == "size" for r in result["trials"])
@@ -68,10 +74,16 @@ def test_tune_report_says_when_nothing_meets_the_constraints(tmp_path):
 
 def test_run_report_renders_in_chromium(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("workload: digits\npasses:\n  - pass: export\n  - pass: quantize-dynamic\n"
-                 "constraints: {max_quality_drop: 5}\n")
+    p.write_text(
+        "workload: digits\npasses:\n  - pass: export\n  - pass: quantize-dynamic\n"
+        "constraints: {max_quality_drop: 5}\n"
+    )
     run_recipe(p, tmp_path / "run")
     page = render((tmp_path / "run" / "report.html").as_uri(), tmp_path / "run.png", selectors=("svg",))
     assert page.console_errors == [] and page.page_errors == []
-    assert "constraints hold" in page.text and "What each pass did" in page.text and "quantized nodes" in page.text
+    assert (
+        "constraints hold" in page.text
+        and "What each pass did" in page.text
+        and "quantized nodes" in page.text
+    )
     assert page.counts["svg"] == 1 and not_blank(page.screenshot) > 0.05

@@ -64,7 +64,9 @@ def test_recipe_runs_and_resumes_without_repeating(tmp_path):
 
 
 def test_a_failing_step_is_recorded_and_the_rest_skipped(tmp_path):
-    recipe = _recipe(tmp_path, """
+    recipe = _recipe(
+        tmp_path,
+        """
         version: 1
         workload: digits
         passes:
@@ -72,7 +74,8 @@ def test_a_failing_step_is_recorded_and_the_rest_skipped(tmp_path):
           - pass: quantize-dynamic
             config: {exclude_nodes: [no_such_node]}
           - pass: optimize
-        """)
+        """,
+    )
     result = run_recipe(recipe, tmp_path / "run", bench_batch_sizes=(1,))
     assert [s["status"] for s in result["steps"]] == ["ran", "failed", "skipped"]
     assert "no_such_node" in result["steps"][1]["reason"]
@@ -93,7 +96,9 @@ def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(t
     p.write_text(recipe)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "slimship.cli", "run", str(p), "-o", str(out), "-b", "8"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True
+    )
     assert proc.stderr is not None
     killed_during = None
     deadline = time.monotonic() + 300
@@ -108,7 +113,11 @@ def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(t
     proc.stderr.close()
     assert killed_during == "distill" and proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists()
-    done = {d.name: (d / "candidate.json").stat().st_mtime_ns for d in (out / "steps").iterdir() if (d / "candidate.json").exists()}
+    done = {
+        d.name: (d / "candidate.json").stat().st_mtime_ns
+        for d in (out / "steps").iterdir()
+        if (d / "candidate.json").exists()
+    }
     assert [n.split("-")[1] for n in done] == ["prune"], done  # prune finished, distill did not
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -120,7 +129,9 @@ def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(t
     assert [s["status"] for s in results["steps"]] == ["reused", "ran", "ran", "ran"]
     assert results["constraints"]["complete"] and (out / "report.html").exists()
     acc = {k: v["quality"]["accuracy"] for k, v in results["evaluations"].items()}
-    assert acc["distill"] > acc["prune"] + 2 and acc["quantize-static"] > acc["original"] - 1.5, acc  # distillation recovered
+    assert acc["distill"] > acc["prune"] + 2 and acc["quantize-static"] > acc["original"] - 1.5, (
+        acc
+    )  # distillation recovered
     assert "report:" in again.stdout
     from tests.browser import not_blank, render
 
@@ -131,8 +142,10 @@ def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(t
 
 def test_min_speedup_is_judged_from_the_interleaved_timing(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("workload: digits\npasses:\n  - pass: export\n  - pass: quantize-dynamic\n"
-                 "constraints:\n  min_speedup: {batch_size: 8, value: 1000}\n")
+    p.write_text(
+        "workload: digits\npasses:\n  - pass: export\n  - pass: quantize-dynamic\n"
+        "constraints:\n  min_speedup: {batch_size: 8, value: 1000}\n"
+    )
     result = run_recipe(p, tmp_path / "run", bench_batch_sizes=(1,))
     check = result["constraints"]["checks"]["min_speedup"]
     timed = {r["batch_size"] for c in result["bench"]["candidates"] for r in c["results"]}

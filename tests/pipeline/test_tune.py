@@ -59,14 +59,19 @@ def test_tune_command(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text(textwrap.dedent(RECIPE).lstrip())
     proc = slimship("tune", str(p), "-o", str(tmp_path / "t"), "--trials", "2")
-    assert proc.stdout.count("trial ") >= 2 and "best within constraints" in proc.stdout and "tune.json" in proc.stdout
+    assert (
+        proc.stdout.count("trial ") >= 2
+        and "best within constraints" in proc.stdout
+        and "tune.json" in proc.stdout
+    )
 
 
 def test_hopeless_candidates_are_screened_before_the_full_evaluation(tmp_path):
     """A 90% channel cut without recovery loses far more than the budget on a small slice: it is screened out,
     never fully evaluated or timed; the 25% cut passes the screen and is evaluated."""
     p = tmp_path / "r.yaml"
-    p.write_text(textwrap.dedent("""
+    p.write_text(
+        textwrap.dedent("""
         workload: digits
         passes:
           - pass: prune
@@ -79,7 +84,8 @@ def test_hopeless_candidates_are_screened_before_the_full_evaluation(tmp_path):
           screen: {samples: 64, quality_margin: 5.0}
           params:
             prune.channel_ratio: {choices: [0.1, 0.9]}
-    """).lstrip())
+    """).lstrip()
+    )
     result = tune_recipe(p, tmp_path / "t")
     rows = {r["params"]["prune.channel_ratio"]: r for r in result["trials"] if r.get("reused_from") is None}
     assert set(rows) == {0.1, 0.9}
@@ -95,7 +101,8 @@ def test_hopeless_candidates_are_screened_before_the_full_evaluation(tmp_path):
 
 def test_a_step_can_be_searched_in_or_out(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text(textwrap.dedent("""
+    p.write_text(
+        textwrap.dedent("""
         workload: digits
         passes:
           - pass: prune
@@ -106,7 +113,8 @@ def test_a_step_can_be_searched_in_or_out(tmp_path):
           batch_size: 8
           params:
             prune.skip: {choices: [true, false]}
-    """).lstrip())
+    """).lstrip()
+    )
     result = tune_recipe(p, tmp_path / "t")
     by = {r["params"]["prune.skip"]: r for r in result["trials"]}
     assert by[True]["steps"][0]["status"] == "omitted" and by[False]["steps"][0]["status"] == "ran"
@@ -116,8 +124,12 @@ def test_a_step_can_be_searched_in_or_out(tmp_path):
 
 def test_skipping_a_format_changing_step_is_refused(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("workload: digits\npasses:\n  - pass: export\nsearch:\n  params:\n    export.skip: {choices: [true, false]}\n")
-    with pytest.raises(ConfigError, match=r"r.yaml:6: search.params.export.skip: 'export' turns a torch model into onnx"):
+    p.write_text(
+        "workload: digits\npasses:\n  - pass: export\nsearch:\n  params:\n    export.skip: {choices: [true, false]}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"r.yaml:6: search.params.export.skip: 'export' turns a torch model into onnx"
+    ):
         from slimship.pipeline.recipe import load_recipe
 
         load_recipe(p)
@@ -128,11 +140,23 @@ def test_search_state_stops_on_patience_budget_and_exhaustion():
     from slimship.pipeline.tune import SearchState, pareto_front
 
     def recipe(patience, choices):
-        return Recipe.model_validate({"workload": "digits", "passes": [{"pass": "export"}],
-                                      "search": {"patience": patience, "params": {"export.opset": {"choices": choices}}}})
+        return Recipe.model_validate(
+            {
+                "workload": "digits",
+                "passes": [{"pass": "export"}],
+                "search": {"patience": patience, "params": {"export.opset": {"choices": choices}}},
+            }
+        )
 
     def ok(n, speed, q, feasible=True, opset=17):
-        return {"trial": n, "params": {"export.opset": opset}, "status": "ok", "speedup": speed, "quality": q, "feasible": feasible}
+        return {
+            "trial": n,
+            "params": {"export.opset": opset},
+            "status": "ok",
+            "speedup": speed,
+            "quality": q,
+            "feasible": feasible,
+        }
 
     state = SearchState(recipe(2, [16, 17, 18, 19, 20]))
     state.record(ok(0, 1.5, 90, feasible=False, opset=16))
@@ -182,7 +206,11 @@ def test_builtin_default_recipe_is_packaged_and_valid(tmp_path):
 
     default = _recipe_path(None)
     r = load_recipe(default)
-    assert r.workload == "minilm" and [s.pass_name for s in r.passes] == ["export", "optimize", "quantize-dynamic"]
+    assert r.workload == "minilm" and [s.pass_name for s in r.passes] == [
+        "export",
+        "optimize",
+        "quantize-dynamic",
+    ]
     assert r.constraints.max_quality_drop == 1.0
     with pytest.raises(ConfigError, match=r"no recipe file nope.yaml; built-in recipes: \['minilm-fast'\]"):
         _recipe_path(pathlib.Path("nope.yaml"))
@@ -190,7 +218,8 @@ def test_builtin_default_recipe_is_packaged_and_valid(tmp_path):
 
 def test_quantization_mode_is_searched_as_alternative_passes(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text(textwrap.dedent("""
+    p.write_text(
+        textwrap.dedent("""
         workload: digits
         passes:
           - pass: export
@@ -202,10 +231,13 @@ def test_quantization_mode_is_searched_as_alternative_passes(tmp_path):
           params:
             int8.pass: {choices: [quantize-static, quantize-dynamic]}
             int8.calibration: {choices: [minmax, entropy]}
-    """).lstrip())
+    """).lstrip()
+    )
     result = tune_recipe(p, tmp_path / "t")
     fresh = [r for r in result["trials"] if r.get("reused_from") is None]
-    built = {json.loads((pathlib.Path(r["candidate"]) / "candidate.json").read_text())["pass_name"] for r in fresh}
+    built = {
+        json.loads((pathlib.Path(r["candidate"]) / "candidate.json").read_text())["pass_name"] for r in fresh
+    }
     assert built == {"quantize-static", "quantize-dynamic"}
     # 3 distinct candidates (dynamic ignores the calibration), so the search ends after 3 evaluations
     assert result["evaluations"] == 3 and "every one of the 3 combinations" in result["stopped"]
@@ -219,18 +251,31 @@ def test_macs_signal_screens_a_candidate_that_cannot_beat_the_best(tmp_path):
     from slimship.pipeline.recipe import Recipe
     from slimship.pipeline.tune import _screen
 
-    recipe = Recipe.model_validate({"workload": "digits", "passes": [{"pass": "export"}],
-                                    "search": {"params": {"export.opset": {"choices": [17, 18]}}}})
+    recipe = Recipe.model_validate(
+        {
+            "workload": "digits",
+            "passes": [{"pass": "export"}],
+            "search": {"params": {"export.opset": {"choices": [17, 18]}}},
+        }
+    )
     final = SimpleNamespace(size_bytes=1000)
     row = {"signature": "export>quantize-dynamic", "macs_ratio": 1.5}
     hints = {"best_feasible": 3.0, "speed_per_mac": {"export>quantize-dynamic": 1.4}}
     out = _screen(recipe, None, "", tmp_path, final, None, print, row, hints)
-    assert out is not None and out["signal"].startswith("speed-up its MACs predict") and out["measured"] == pytest.approx(1.5 * 1.4 * 1.25)
+    assert (
+        out is not None
+        and out["signal"].startswith("speed-up its MACs predict")
+        and out["measured"] == pytest.approx(1.5 * 1.4 * 1.25)
+    )
     # a bigger MAC cut could win: not screened by MACs (the slice check then needs a workload; none configured here)
     recipe_nc = recipe.model_copy(update={"constraints": recipe.constraints})
-    assert _screen(recipe_nc, None, "", tmp_path, final, None, print, {**row, "macs_ratio": 2.0}, hints) is None
+    assert (
+        _screen(recipe_nc, None, "", tmp_path, final, None, print, {**row, "macs_ratio": 2.0}, hints) is None
+    )
     # a different runtime signature has no evidence yet: not screened
-    assert _screen(recipe, None, "", tmp_path, final, None, print, {**row, "signature": "export"}, hints) is None
+    assert (
+        _screen(recipe, None, "", tmp_path, final, None, print, {**row, "signature": "export"}, hints) is None
+    )
 
 
 def test_macs_signal_screens_what_cannot_reach_min_speedup(tmp_path):
@@ -239,30 +284,67 @@ def test_macs_signal_screens_what_cannot_reach_min_speedup(tmp_path):
     from slimship.pipeline.recipe import Recipe
     from slimship.pipeline.tune import _screen
 
-    recipe = Recipe.model_validate({"workload": "digits", "passes": [{"pass": "export"}],
-                                    "constraints": {"min_speedup": {"batch_size": 32, "value": 3.0}},
-                                    "search": {"batch_size": 32, "params": {"export.opset": {"choices": [17, 18]}}}})
+    recipe = Recipe.model_validate(
+        {
+            "workload": "digits",
+            "passes": [{"pass": "export"}],
+            "constraints": {"min_speedup": {"batch_size": 32, "value": 3.0}},
+            "search": {"batch_size": 32, "params": {"export.opset": {"choices": [17, 18]}}},
+        }
+    )
     row = {"signature": "export", "macs_ratio": 1.2}
-    out = _screen(recipe, None, "", tmp_path, SimpleNamespace(size_bytes=1), None, print, row,
-                  {"best_feasible": None, "speed_per_mac": {"export": 1.8}})
-    assert out["signal"].endswith("vs min_speedup") and out["measured"] == pytest.approx(1.2 * 1.8 * 1.25) and out["limit"] == 3.0
+    out = _screen(
+        recipe,
+        None,
+        "",
+        tmp_path,
+        SimpleNamespace(size_bytes=1),
+        None,
+        print,
+        row,
+        {"best_feasible": None, "speed_per_mac": {"export": 1.8}},
+    )
+    assert (
+        out["signal"].endswith("vs min_speedup")
+        and out["measured"] == pytest.approx(1.2 * 1.8 * 1.25)
+        and out["limit"] == 3.0
+    )
 
 
 def test_speed_is_judged_against_the_pooled_original():
     from slimship.pipeline.recipe import Recipe
     from slimship.pipeline.tune import pool_baseline
 
-    recipe = Recipe.model_validate({"workload": "digits", "passes": [{"pass": "export"}],
-                                    "constraints": {"min_speedup": {"batch_size": 32, "value": 3.0}},
-                                    "search": {"batch_size": 32, "params": {"export.opset": {"choices": [17, 18]}}}})
+    recipe = Recipe.model_validate(
+        {
+            "workload": "digits",
+            "passes": [{"pass": "export"}],
+            "constraints": {"min_speedup": {"batch_size": 32, "value": 3.0}},
+            "search": {"batch_size": 32, "params": {"export.opset": {"choices": [17, 18]}}},
+        }
+    )
 
     def row(n, cand, orig):
-        return {"trial": n, "status": "ok", "latency_ms_p50": cand, "original_latency_ms_p50": orig, "speedup": orig / cand,
-                "feasible": orig / cand >= 3, "checks": {"min_speedup": {"limit": 3.0, "measured": orig / cand, "holds": orig / cand >= 3}}}
+        return {
+            "trial": n,
+            "status": "ok",
+            "latency_ms_p50": cand,
+            "original_latency_ms_p50": orig,
+            "speedup": orig / cand,
+            "feasible": orig / cand >= 3,
+            "checks": {"min_speedup": {"limit": 3.0, "measured": orig / cand, "holds": orig / cand >= 3}},
+        }
 
-    rows = [row(0, 150, 528), row(1, 150, 440), row(2, 200, 430)]  # the same candidate twice: 3.52x and 2.93x in-run
+    rows = [
+        row(0, 150, 528),
+        row(1, 150, 440),
+        row(2, 200, 430),
+    ]  # the same candidate twice: 3.52x and 2.93x in-run
     assert pool_baseline(rows, recipe) == 440
     assert [round(r["speedup"], 2) for r in rows] == [2.93, 2.93, 2.2]
     assert [r["speedup_same_run"] for r in rows] == [528 / 150, 440 / 150, 430 / 200]
-    assert not any(r["feasible"] for r in rows) and rows[0]["checks"]["min_speedup"]["baseline"] == "pooled original p50"
+    assert (
+        not any(r["feasible"] for r in rows)
+        and rows[0]["checks"]["min_speedup"]["baseline"] == "pooled original p50"
+    )
     assert pool_baseline(rows, recipe) == 440 and rows[0]["speedup_same_run"] == 528 / 150  # idempotent

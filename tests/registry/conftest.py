@@ -34,21 +34,45 @@ def postgres_server():
         yield url
         return
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    assert bins, "PostgreSQL's server binaries are missing: scripts/bootstrap.sh dev installs Debian's postgresql"
+    assert bins, (
+        "PostgreSQL's server binaries are missing: scripts/bootstrap.sh dev installs Debian's postgresql"
+    )
     bin_dir = Path(bins[-1])
     data = Path(tempfile.mkdtemp(prefix="slimship-pg-"))
     if os.geteuid() == 0:
         shutil.chown(data, "postgres", "postgres")
     port = _free_port()
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "slimship", "--no-sync"]),
-                   check=True, capture_output=True)
-    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"), "-w", "-o",
-                                 f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start"]),
-                   check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres(
+            [str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "slimship", "--no-sync"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        _as_postgres(
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(data / "server.log"),
+                "-w",
+                "-o",
+                f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://slimship@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True)
+        subprocess.run(
+            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+        )
         shutil.rmtree(data, ignore_errors=True)
 
 

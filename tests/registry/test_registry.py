@@ -16,10 +16,16 @@ from slimship.errors import RegistryError
 def test_register_fetch_stage_and_lineage(registry, digits_chain):
     orig, exp, opt = digits_chain
     v1 = registry.register(exp.path, "digits", measurements={"accuracy": 99.4}, tags={"team": "ml"})
-    v2 = registry.register(opt.path, "digits", parent=1, recipe={"passes": ["export", "optimize"]}, run={"dir": "runs/x"})
+    v2 = registry.register(
+        opt.path, "digits", parent=1, recipe={"passes": ["export", "optimize"]}, run={"dir": "runs/x"}
+    )
     assert (v1.number, v2.number) == (1, 2) and v2.parent == 1 and v1.digest != v2.digest
     assert v2.original["name"] == "digits" and v2.original["original_candidate_id"] == orig.id
-    assert v2.recipe == {"passes": ["export", "optimize"]} and v1.measurements == {"accuracy": 99.4} and v1.tags == {"team": "ml"}
+    assert (
+        v2.recipe == {"passes": ["export", "optimize"]}
+        and v1.measurements == {"accuracy": 99.4}
+        and v1.tags == {"team": "ml"}
+    )
     # the fetched candidate is a verified copy with the same bytes
     cand = registry.fetch("digits", 2)
     assert cand.format == "onnx" and cand.artifact_path.read_bytes() == opt.artifact_path.read_bytes()
@@ -30,10 +36,21 @@ def test_register_fetch_stage_and_lineage(registry, digits_chain):
     assert [v.stage for v in registry.versions("digits")] == ["archived", "production"]
     assert registry.get("digits", "production").number == 2 and registry.get("digits", "latest").number == 2
     kinds = [(e["version"], e["kind"], e["detail"].get("to")) for e in registry.events("digits")]
-    assert kinds == [(1, "registered", None), (2, "registered", None), (1, "stage", "production"),
-                     (1, "stage", "archived"), (2, "stage", "production")]
-    assert registry.models()[0] | {"created": None} == {"name": "digits", "versions": 2, "latest": 2, "production": 2,
-                                                        "description": "", "created": None}
+    assert kinds == [
+        (1, "registered", None),
+        (2, "registered", None),
+        (1, "stage", "production"),
+        (1, "stage", "archived"),
+        (2, "stage", "production"),
+    ]
+    assert registry.models()[0] | {"created": None} == {
+        "name": "digits",
+        "versions": 2,
+        "latest": 2,
+        "production": 2,
+        "description": "",
+        "created": None,
+    }
     # identical content is stored once
     v3 = registry.register(opt.path, "digits")
     assert v3.digest == v2.digest and v3.number == 3
@@ -66,7 +83,10 @@ def test_a_changed_artifact_is_refused(registry, digits_chain):
     data = bytearray(cand.artifact_path.read_bytes())
     data[-10] ^= 0xFF
     cand.artifact_path.write_bytes(bytes(data))
-    with pytest.raises(RegistryError, match=r"digits v1: .*model.onnx does not match the registered sha256.*refusing to serve it"):
+    with pytest.raises(
+        RegistryError,
+        match=r"digits v1: .*model.onnx does not match the registered sha256.*refusing to serve it",
+    ):
         registry.fetch("digits", 1)
     # a damaged blob in the store is caught when checking out again
     import shutil
@@ -90,8 +110,14 @@ for _ in range(int(sys.argv[4])):
 
 
 def _writer(store, url, cand, n, env=None):
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(store), url, str(cand), str(n)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(store), url, str(cand), str(n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
 
 
 def test_concurrent_writers_get_unique_gap_free_numbers(registry_url, tmp_path, digits_chain):
@@ -150,5 +176,8 @@ def test_gc_keeps_what_versions_reference(registry, digits_chain, tmp_path):
 def test_an_unreachable_database_is_a_clear_error(tmp_path):
     from slimship.registry import Registry
 
-    with pytest.raises(RegistryError, match=r"can't open the registry database postgresql://u:\*\*\*@127.0.0.1:1/x: connection failed"):
+    with pytest.raises(
+        RegistryError,
+        match=r"can't open the registry database postgresql://u:\*\*\*@127.0.0.1:1/x: connection failed",
+    ):
         Registry(tmp_path, url="postgresql://u:secret@127.0.0.1:1/x")

@@ -18,7 +18,9 @@ def test_one_predict_contract_for_every_backend(runtimes, digits):
     outs = [rt.predict(batch) for rt in runtimes]
     assert [rt.backend for rt in runtimes] == ["torch", "onnxruntime"]
     for out in outs:
-        assert list(out) == ["logits"] and out["logits"].shape == (5, 10) and out["logits"].dtype == np.float32
+        assert (
+            list(out) == ["logits"] and out["logits"].shape == (5, 10) and out["logits"].dtype == np.float32
+        )
     assert np.abs(outs[0]["logits"] - outs[1]["logits"]).max() < 1e-4
     # a batch of one is still a batch
     assert runtimes[1].predict(digits.example_inputs(1))["logits"].shape == (1, 10)
@@ -67,5 +69,7 @@ def test_thread_count_is_applied(digits, digits_chain):
 
 
 def test_a_candidate_run_with_the_wrong_workload(mnist, digits_chain):
-    with pytest.raises(InferenceError, match=r"expects 'pixels' of shape \[.*8, 8\] but workload 'mnist' provides .*28, 28"):
+    with pytest.raises(
+        InferenceError, match=r"expects 'pixels' of shape \[.*8, 8\] but workload 'mnist' provides .*28, 28"
+    ):
         create_runtime(digits_chain[1], mnist)

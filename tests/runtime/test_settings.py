@@ -21,21 +21,33 @@ AMX = VNNI | {"amx_tile", "amx_int8"}
 def _model(op: str) -> onnx.ModelProto:
     if op == "MatMulInteger":
         node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
-        ins = [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 2]), helper.make_tensor_value_info("b", TensorProto.INT8, [2, 1])]
+        ins = [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 2]),
+            helper.make_tensor_value_info("b", TensorProto.INT8, [2, 1]),
+        ]
         out = helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])
     else:
         node = helper.make_node("MatMul", ["a", "b"], ["y"])
-        ins = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 2]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 1])]
+        ins = [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 2]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 1]),
+        ]
         out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])
-    return helper.make_model(helper.make_graph([node], "g", ins, [out]), opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(
+        helper.make_graph([node], "g", ins, [out]), opset_imports=[helper.make_opsetid("", 13)]
+    )
 
 
-@pytest.mark.parametrize(("flags", "cls", "entry"), [(AVX2, "avx2", True), (VNNI, "avx512-vnni", False), (AMX, "amx", False)])
+@pytest.mark.parametrize(
+    ("flags", "cls", "entry"), [(AVX2, "avx2", True), (VNNI, "avx512-vnni", False), (AMX, "amx", False)]
+)
 def test_int8_graphs_get_the_saturation_free_kernels_only_without_vnni(flags, cls, entry):
     s = decide_settings(_model("MatMulInteger"), flags=flags, arch="x86_64")
     assert s.cpu_class == cls and s.int8_ops == ("MatMulInteger",)
     assert (s.session_config.get("session.x64quantprecision") == "1") is entry
-    assert "x64quantprecision" in " ".join(s.reasons) and s.reasons["session.x64quantprecision"].startswith("set" if entry else "not set")
+    assert "x64quantprecision" in " ".join(s.reasons) and s.reasons["session.x64quantprecision"].startswith(
+        "set" if entry else "not set"
+    )
     fp32 = decide_settings(_model("MatMul"), flags=AVX2, arch="x86_64")
     assert fp32.session_config == {} and "no int8" in fp32.reasons["session.x64quantprecision"]
     assert decide_settings(_model("MatMulInteger"), flags=set(), arch="aarch64").session_config == {}
@@ -85,7 +97,15 @@ def test_every_consumer_runs_with_the_candidates_recorded_settings(int8_digits, 
     assert rt.describe()["deployment"]["session_config"] == recorded["session_config"]
     ev = evaluate(int8_digits, digits, limit=64, progress=False)
     assert ev["runtime"]["deployment"]["session_config"] == recorded["session_config"]
-    res = bench([BenchTarget("q", int8_digits, "onnxruntime")], digits, [1], runs=30, memory=False, progress=False, min_seconds=0.05)
+    res = bench(
+        [BenchTarget("q", int8_digits, "onnxruntime")],
+        digits,
+        [1],
+        runs=30,
+        memory=False,
+        progress=False,
+        min_seconds=0.05,
+    )
     entry = res["candidates"][0]
     assert entry["runtime"]["deployment"]["session_config"] == recorded["session_config"]
     row = entry["results"][0]
@@ -96,7 +116,11 @@ def test_the_server_reports_and_applies_the_candidates_settings(int8_digits, tmp
     from tests.serve.conftest import ServerProcess
 
     recorded = int8_digits.info["deployment"]["session_config"]
-    s = ServerProcess(tmp_path, {"models": [{"name": "q", "path": str(int8_digits.path)}]}, env={"SLIMSHIP_ADMIN_TOKEN": "t0k3n-adm1n"})
+    s = ServerProcess(
+        tmp_path,
+        {"models": [{"name": "q", "path": str(int8_digits.path)}]},
+        env={"SLIMSHIP_ADMIN_TOKEN": "t0k3n-adm1n"},
+    )
     try:
         base = f"http://{s.url}"
         meta = httpx.get(f"{base}/v2/models/q").json()

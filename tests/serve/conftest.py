@@ -25,8 +25,14 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m slimship.cli serve --config …` in its own process group; stderr (JSON log lines) kept in a file."""
 
-    def __init__(self, tmp: Path, config: dict, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                 ready_timeout: float = 90.0) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        ready_timeout: float = 90.0,
+    ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.ray = "--ray" in args
@@ -34,9 +40,13 @@ class ServerProcess:
         cfg.write_text(yaml.safe_dump({**config, "host": "127.0.0.1", "port": self.port}))
         self.log = tmp / f"serve-{self.port}.log"
         self._log_f = open(self.log, "w")  # noqa: SIM115 - open as long as the server process lives
-        self.proc = subprocess.Popen([sys.executable, "-m", "slimship.cli", "serve", "--config", str(cfg), *args],
-                                     stdout=self._log_f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "slimship.cli", "serve", "--config", str(cfg), *args],
+            stdout=self._log_f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
@@ -45,7 +55,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                raise AssertionError(
+                    f"the server exited with {self.proc.returncode}:\n{self.log.read_text()}"
+                )
             try:
                 if httpx.get(f"http://{self.url}/v2/health/ready", timeout=1).status_code == 200:
                     return
@@ -56,7 +68,9 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
-            if self.ray:  # the driver stops its Ray instance itself; signalling the group would kill Ray under it
+            if (
+                self.ray
+            ):  # the driver stops its Ray instance itself; signalling the group would kill Ray under it
                 os.kill(self.proc.pid, sig)
             else:
                 os.killpg(self.proc.pid, sig)
@@ -73,15 +87,29 @@ def slow_model(path: Path, size: int = 1024, repeats: int = 6) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("RandomNormal", [], ["w"], shape=[size, size], dtype=TensorProto.FLOAT, scale=1.0 / size**0.5, seed=0.0)]
+    nodes = [
+        helper.make_node(
+            "RandomNormal",
+            [],
+            ["w"],
+            shape=[size, size],
+            dtype=TensorProto.FLOAT,
+            scale=1.0 / size**0.5,
+            seed=0.0,
+        )
+    ]
     prev = "x"
     for i in range(repeats):
         nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i}"]))
         prev = f"h{i}"
     nodes.append(helper.make_node("ReduceSum", [prev, "axes"], ["y"], keepdims=1))
-    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
-                              initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.save(model, path)
     return path
@@ -104,11 +132,19 @@ def seq_model(path: Path) -> Path:
         helper.make_node("Div", ["s", "c"], ["pooled"]),
     ]
     ints = lambda n, v: helper.make_tensor(n, TensorProto.INT64, [1], [v])  # noqa: E731
-    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "S"]),
-                                             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "S"])],
-                              [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 4]),
-                               helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", "S", 4])],
-                              initializer=[emb, ints("ax1", 1), ints("ax2", 2)])
+    graph = helper.make_graph(
+        nodes,
+        "seq",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "S"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "S"]),
+        ],
+        [
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", "S", 4]),
+        ],
+        initializer=[emb, ints("ax1", 1), ints("ax2", 2)],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
     return path
 
@@ -117,8 +153,12 @@ def seq_model(path: Path) -> Path:
 def models(digits_chain, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-models")
     _, exp, opt = digits_chain
-    return {"digits_v1": str(opt.artifact_path), "digits_v2": str(exp.artifact_path),
-            "slow": str(slow_model(root / "slow.onnx", size=2048)), "seq": str(seq_model(root / "seq.onnx"))}
+    return {
+        "digits_v1": str(opt.artifact_path),
+        "digits_v2": str(exp.artifact_path),
+        "slow": str(slow_model(root / "slow.onnx", size=2048)),
+        "seq": str(seq_model(root / "seq.onnx")),
+    }
 
 
 def perturbed_candidate(cand, workload, out: Path, scale: float, seed: int = 0):
@@ -138,15 +178,29 @@ def perturbed_candidate(cand, workload, out: Path, scale: float, seed: int = 0):
             init.CopyFrom(numpy_helper.from_array(noisy, init.name))
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out / "model.onnx"))
-    return new_candidate(out, name="perturbed", format="onnx", artifact="model.onnx", workload=workload, parent=cand,
-                         pass_name="perturb", pass_config={"scale": scale, "seed": seed})
+    return new_candidate(
+        out,
+        name="perturbed",
+        format="onnx",
+        artifact="model.onnx",
+        workload=workload,
+        parent=cand,
+        pass_name="perturb",
+        pass_config={"scale": scale, "seed": seed},
+    )
 
 
 class Load:
     """Clients sending requests in a loop until stopped; every status and answering version is kept."""
 
-    def __init__(self, url: str, bodies: list[dict], clients: int = 2, headers: dict | None = None,
-                 path: str = "/v2/models/digits/infer") -> None:
+    def __init__(
+        self,
+        url: str,
+        bodies: list[dict],
+        clients: int = 2,
+        headers: dict | None = None,
+        path: str = "/v2/models/digits/infer",
+    ) -> None:
         import threading
 
         self.url, self.bodies, self.headers, self.path = url, bodies, headers or {}, path

@@ -48,7 +48,10 @@ def test_small_samples_say_not_enough_data_and_numeric_outcomes_use_means():
         fb.remember("m", f"r{i}", "1" if i % 2 else "2")
         fb.record("m", f"r{i}", i % 3 == 0)
     s = fb.summary("m", control="1")["outcome"]
-    assert s["comparisons"]["2 vs 1"]["verdict"] == "not enough data" and "30 needed" in s["comparisons"]["2 vs 1"]["why"]
+    assert (
+        s["comparisons"]["2 vs 1"]["verdict"] == "not enough data"
+        and "30 needed" in s["comparisons"]["2 vs 1"]["why"]
+    )
     rng = np.random.default_rng(1)
     for i in range(400):
         v = "1" if i % 2 else "2"
@@ -64,11 +67,18 @@ def test_small_samples_say_not_enough_data_and_numeric_outcomes_use_means():
 
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
-    cfg = {"models": [{"name": "digits", "path": models["digits_v1"], "version": "1"},
-                      {"name": "digits", "path": models["digits_v2"], "version": "2"}]}
+    cfg = {
+        "models": [
+            {"name": "digits", "path": models["digits_v1"], "version": "1"},
+            {"name": "digits", "path": models["digits_v2"], "version": "2"},
+        ]
+    }
     s = ServerProcess(tmp_path_factory.mktemp("ab"), cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN})
-    httpx.put(f"http://{s.url}/v2/admin/models/digits/traffic", json={"weights": {"1": 50, "2": 50}, "sticky_header": "x-user"},
-              headers=H).raise_for_status()
+    httpx.put(
+        f"http://{s.url}/v2/admin/models/digits/traffic",
+        json={"weights": {"1": 50, "2": 50}, "sticky_header": "x-user"},
+        headers=H,
+    ).raise_for_status()
     yield s
     s.stop()
 
@@ -93,7 +103,9 @@ def test_feedback_endpoint_reports_rates_intervals_and_significance(server):
                 outcome = bool(rng.random() < rates[v]) if metric == "conversion" else (i * 7919) % 10 < 3
                 tally[metric][v][0] += outcome
                 tally[metric][v][1] += 1
-                fr = c.post("/v2/models/digits/feedback", json={"id": rid, "outcome": outcome, "metric": metric})
+                fr = c.post(
+                    "/v2/models/digits/feedback", json={"id": rid, "outcome": outcome, "metric": metric}
+                )
                 assert fr.status_code == 200 and fr.json()["version"] == v
         summary = c.get("/v2/models/digits/feedback").json()["metrics"]
     conv, ret = summary["conversion"], summary["retention"]
@@ -106,7 +118,10 @@ def test_feedback_endpoint_reports_rates_intervals_and_significance(server):
             assert x["n"] == n and x["rate"] == pytest.approx(k / n)
             assert x["ci95"] == pytest.approx(list(wilson(k, n)))
             assert abs(x["rate"] - true[metric][v]) < 0.06
-    assert conv["comparisons"]["2 vs 1"]["verdict"] == "significant" and conv["comparisons"]["2 vs 1"]["p_value"] < 0.001
+    assert (
+        conv["comparisons"]["2 vs 1"]["verdict"] == "significant"
+        and conv["comparisons"]["2 vs 1"]["p_value"] < 0.001
+    )
     assert ret["comparisons"]["2 vs 1"]["verdict"] == "no significant difference"
     # the dashboard shows the same
     state = httpx.get(f"http://{server.url}/v2/dashboard/state").json()

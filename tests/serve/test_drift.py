@@ -15,8 +15,19 @@ def _send(url: str, x: np.ndarray, rows: int = 8) -> None:
     with httpx.Client(base_url=f"http://{url}") as c:
         for i in range(0, len(x), rows):
             b = x[i : i + rows].astype(np.float32)
-            r = c.post("/v2/models/digits/infer", json={"inputs": [{"name": "pixels", "shape": list(b.shape), "datatype": "FP32",
-                                                                    "data": b.ravel().tolist()}]})
+            r = c.post(
+                "/v2/models/digits/infer",
+                json={
+                    "inputs": [
+                        {
+                            "name": "pixels",
+                            "shape": list(b.shape),
+                            "datatype": "FP32",
+                            "data": b.ravel().tolist(),
+                        }
+                    ]
+                },
+            )
             assert r.status_code == 200, r.text
 
 
@@ -27,8 +38,16 @@ def _drift(url: str) -> dict:
 
 def test_drift_stays_low_in_distribution_and_alerts_on_shifted_inputs(tmp_path, digits, digits_chain):
     _, _, opt = digits_chain
-    cfg = {"models": [{"name": "digits", "path": str(opt.path), "version": "1",  # a candidate dir: its workload is known
-                       "drift": {"window": 200, "min_rows": 120, "samples": 160}}]}
+    cfg = {
+        "models": [
+            {
+                "name": "digits",
+                "path": str(opt.path),
+                "version": "1",  # a candidate dir: its workload is known
+                "drift": {"window": 200, "min_rows": 120, "samples": 160},
+            }
+        ]
+    }
     s = ServerProcess(tmp_path, cfg)
     try:
         wait_for(lambda: _drift(s.url)["status"] == "ready", 60, what="the drift reference")
@@ -41,7 +60,13 @@ def test_drift_stays_low_in_distribution_and_alerts_on_shifted_inputs(tmp_path, 
         assert d["rows"] == 200 and not d["alert"], d
         assert d["score"] < 0.25, d
         feats = d["features"]
-        assert {"input.pixels.mean", "input.pixels.std", "input.pixels.pc1", "output.logits.top1", "output.logits.confidence"} <= set(feats)
+        assert {
+            "input.pixels.mean",
+            "input.pixels.std",
+            "input.pixels.pc1",
+            "output.logits.top1",
+            "output.logits.confidence",
+        } <= set(feats)
         # the same digits, inverted (background and strokes swapped): what a broken upstream pre-processing sends
         lo, hi = float(test.min()), float(test.max())
         _send(s.url, (hi + lo) - test[160:])
@@ -59,8 +84,17 @@ def test_drift_stays_low_in_distribution_and_alerts_on_shifted_inputs(tmp_path, 
 
 def test_bare_onnx_files_have_no_drift_monitor_unless_given_a_workload(tmp_path, digits_chain):
     _, _, opt = digits_chain
-    cfg = {"models": [{"name": "digits", "path": str(opt.artifact_path), "version": "1"},
-                      {"name": "digits", "path": str(opt.artifact_path), "version": "2", "drift": {"workload": "digits"}}]}
+    cfg = {
+        "models": [
+            {"name": "digits", "path": str(opt.artifact_path), "version": "1"},
+            {
+                "name": "digits",
+                "path": str(opt.artifact_path),
+                "version": "2",
+                "drift": {"workload": "digits"},
+            },
+        ]
+    }
     s = ServerProcess(tmp_path, cfg)
     try:
         st = httpx.get(f"http://{s.url}/v2/dashboard/state").json()["models"][0]["versions"]

@@ -26,8 +26,16 @@ def test_a_fixed_width_output_equal_to_the_padded_length_is_not_cut(models):
             await ep.stop()
 
     ra, rb = asyncio.run(main())
-    assert metrics.sample("slimship_batch_size_count", {"model": "seq", "version": "1"}) == 1  # one padded batch
+    assert (
+        metrics.sample("slimship_batch_size_count", {"model": "seq", "version": "1"}) == 1
+    )  # one padded batch
     emb = np.arange(400, dtype=np.float32).reshape(100, 4) / 100.0
     assert ra["pooled"].shape == (1, 4) and np.allclose(ra["pooled"], emb[[5, 6]].mean(0, keepdims=True))
-    assert rb["pooled"].shape == (1, 4) and np.allclose(rb["pooled"], emb[[1, 2, 3, 4]].mean(0, keepdims=True))
-    assert ra["tokens"].shape == (1, 2, 4) and rb["tokens"].shape == (1, 4, 4)  # the sequence output is cut back
+    assert rb["pooled"].shape == (1, 4) and np.allclose(
+        rb["pooled"], emb[[1, 2, 3, 4]].mean(0, keepdims=True)
+    )
+    assert ra["tokens"].shape == (1, 2, 4) and rb["tokens"].shape == (
+        1,
+        4,
+        4,
+    )  # the sequence output is cut back

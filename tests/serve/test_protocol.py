@@ -21,13 +21,26 @@ def server(models, tmp_path_factory, request):
     """The same suite against the single-process server and against the Ray Serve deployment (`serve --ray`)."""
     ray = request.param == "ray"
     small = {"replicas": {"num_cpus": 0.5}} if ray else {}  # three versions on a 2-CPU local Ray instance
-    cfg = {"models": [{"name": "digits", "path": models["digits_v1"], "version": "1", **small},
-                      {"name": "digits", "path": models["digits_v2"], "version": "2", **small},
-                      {"name": "seq", "path": models["seq"], **small,
-                       "batching": {"max_batch_size": 16, "max_queue_delay_ms": 20, "instances": 2}}],
-           "limits": {"max_body_bytes": 200_000}}
-    s = ServerProcess(tmp_path_factory.mktemp("srv"), cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN},
-                      args=("--ray",) if ray else (), ready_timeout=240 if ray else 90)
+    cfg = {
+        "models": [
+            {"name": "digits", "path": models["digits_v1"], "version": "1", **small},
+            {"name": "digits", "path": models["digits_v2"], "version": "2", **small},
+            {
+                "name": "seq",
+                "path": models["seq"],
+                **small,
+                "batching": {"max_batch_size": 16, "max_queue_delay_ms": 20, "instances": 2},
+            },
+        ],
+        "limits": {"max_body_bytes": 200_000},
+    }
+    s = ServerProcess(
+        tmp_path_factory.mktemp("srv"),
+        cfg,
+        env={"SLIMSHIP_ADMIN_TOKEN": ADMIN},
+        args=("--ray",) if ray else (),
+        ready_timeout=240 if ray else 90,
+    )
     yield s
     assert s.stop() in (0, -15)  # uvicorn re-raises SIGTERM after its graceful shutdown
 
@@ -44,7 +57,9 @@ def test_tritonclient_every_endpoint(server, binary, models):
     assert meta["name"] == "slimship" and "binary_tensor_data" in meta["extensions"]
     assert c.is_model_ready("digits") and c.is_model_ready("digits", "1") and c.is_model_ready("digits", "2")
     m = c.get_model_metadata("digits")
-    assert m["versions"] == ["1", "2"] and m["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert m["versions"] == ["1", "2"] and m["inputs"] == [
+        {"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
+    ]
     assert c.get_model_metadata("digits", "1")["versions"] == ["1"]
     x = _x()
     inp = triton.InferInput("pixels", list(x.shape), "FP32")
@@ -64,18 +79,29 @@ def test_tritonclient_every_endpoint(server, binary, models):
 
 
 def test_json_without_content_type_and_output_filtering(server):
-    body = {"id": "j1", "inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": _x(1).reshape(-1).tolist()}],
-            "outputs": [{"name": "logits"}]}
-    r = httpx.post(f"http://{server.url}/v2/models/digits/versions/2/infer", content=json.dumps(body))  # no Content-Type
+    body = {
+        "id": "j1",
+        "inputs": [
+            {"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": _x(1).reshape(-1).tolist()}
+        ],
+        "outputs": [{"name": "logits"}],
+    }
+    r = httpx.post(
+        f"http://{server.url}/v2/models/digits/versions/2/infer", content=json.dumps(body)
+    )  # no Content-Type
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["id"] == "j1" and out["model_name"] == "digits" and out["outputs"][0]["shape"] == [1, 10]
     assert r.headers["x-request-id"]
     # a multi-output model returns only what was asked for
     ids = np.array([[5, 6, 7]], dtype=np.int64)
-    body = {"inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": ids.reshape(-1).tolist()},
-                       {"name": "attention_mask", "shape": [1, 3], "datatype": "INT64", "data": [1, 1, 1]}],
-            "outputs": [{"name": "pooled"}]}
+    body = {
+        "inputs": [
+            {"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": ids.reshape(-1).tolist()},
+            {"name": "attention_mask", "shape": [1, 3], "datatype": "INT64", "data": [1, 1, 1]},
+        ],
+        "outputs": [{"name": "pooled"}],
+    }
     r = httpx.post(f"http://{server.url}/v2/models/seq/infer", json=body)
     assert [o["name"] for o in r.json()["outputs"]] == ["pooled"]
     r = httpx.post(f"http://{server.url}/v2/models/seq/infer", json={**body, "outputs": [{"name": "nope"}]})
@@ -90,40 +116,124 @@ def _post(server, path, **kw):
     ("path", "kwargs", "status", "needle"),
     [
         ("/v2/models/digits/infer", {"content": b"{not json"}, 400, "not valid JSON"),
-        ("/v2/models/digits/infer", {"json": {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP64",
-                                                          "data": [0.0] * 64}]}}, 400, "is FP64 but digits v"),
-        ("/v2/models/digits/infer", {"json": {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
-                                                          "data": [0.0] * 64}]}}, 400, "takes rank 4"),
-        ("/v2/models/digits/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                                          "data": [0.0] * 64}]}}, 400, "unknown input(s) ['image']"),
-        ("/v2/models/digits/infer", {"json": {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                                          "parameters": {"binary_data_size": 256}}]},
-                                     "headers": {"Inference-Header-Content-Length": "9999"}}, 400, "Inference-Header-Content-Length"),
-        ("/v2/models/nope/infer", {"json": {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}}, 404,
-         "unknown model 'nope'"),
-        ("/v2/models/digits/versions/9/infer", {"json": {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                                                     "data": [0.0] * 64}]}}, 404, "has no version '9'"),
+        (
+            "/v2/models/digits/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP64", "data": [0.0] * 64}
+                    ]
+                }
+            },
+            400,
+            "is FP64 but digits v",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {
+                "json": {
+                    "inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]
+                }
+            },
+            400,
+            "takes rank 4",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
+                    ]
+                }
+            },
+            400,
+            "unknown input(s) ['image']",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {
+                            "name": "pixels",
+                            "shape": [1, 1, 8, 8],
+                            "datatype": "FP32",
+                            "parameters": {"binary_data_size": 256},
+                        }
+                    ]
+                },
+                "headers": {"Inference-Header-Content-Length": "9999"},
+            },
+            400,
+            "Inference-Header-Content-Length",
+        ),
+        (
+            "/v2/models/nope/infer",
+            {"json": {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}},
+            404,
+            "unknown model 'nope'",
+        ),
+        (
+            "/v2/models/digits/versions/9/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
+                    ]
+                }
+            },
+            404,
+            "has no version '9'",
+        ),
         ("/v2/models/digits/infer", {"content": b"x" * 300_000}, 413, "at most 200000"),
         ("/v2/models/digits/infer", {"json": {"inputs": []}}, 400, "non-empty `inputs`"),
     ],
-    ids=["malformed-json", "wrong-datatype", "wrong-shape", "unknown-input", "bad-header-length", "unknown-model",
-         "unknown-version", "oversize-body", "no-inputs"],
+    ids=[
+        "malformed-json",
+        "wrong-datatype",
+        "wrong-shape",
+        "unknown-input",
+        "bad-header-length",
+        "unknown-model",
+        "unknown-version",
+        "oversize-body",
+        "no-inputs",
+    ],
 )
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, path, kwargs, status, needle):
     r = _post(server, path, **kwargs)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]
-    ok = _post(server, "/v2/models/digits/infer", json={"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                                                   "data": [0.0] * 64}]})
+    ok = _post(
+        server,
+        "/v2/models/digits/infer",
+        json={"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]},
+    )
     assert ok.status_code == 200
 
 
 def test_truncated_binary_payload(server):
     x = _x(2)
-    head = json.dumps({"inputs": [{"name": "pixels", "shape": [2, 1, 8, 8], "datatype": "FP32",
-                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "shape": [2, 1, 8, 8],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
     body = head + x.tobytes()[:-17]
-    r = _post(server, "/v2/models/digits/infer", content=body, headers={"Inference-Header-Content-Length": str(len(head))})
+    r = _post(
+        server,
+        "/v2/models/digits/infer",
+        content=body,
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
     assert r.status_code == 400 and "truncated" in r.json()["error"]
     with pytest.raises(InferenceServerException, match="400"):
         c = triton.InferenceServerClient(server.url)
@@ -206,7 +316,9 @@ def test_kserve_rest_client_protocol_v2(server, models, binary):
             assert await client.is_model_ready(base, "digits")
             inp = InferInput(name="pixels", shape=list(x.shape), datatype="FP32")
             inp.set_data_from_numpy(x, binary_data=binary)
-            req = InferRequest(model_name="digits", infer_inputs=[inp], request_id="kserve-1", model_version="1")
+            req = InferRequest(
+                model_name="digits", infer_inputs=[inp], request_id="kserve-1", model_version="1"
+            )
             res = await client.infer(base, req, model_name="digits")
             return res
         finally:
@@ -215,14 +327,20 @@ def test_kserve_rest_client_protocol_v2(server, models, binary):
     res = asyncio.run(go())
     assert res.id == "kserve-1" and res.model_name == "digits"
     want = ort.InferenceSession(models["digits_v1"]).run(None, {"pixels": x})[0]
-    np.testing.assert_allclose(res.outputs[0].as_numpy(), want, rtol=1e-4, atol=1e-4)  # v1 and v2 compute the same
+    np.testing.assert_allclose(
+        res.outputs[0].as_numpy(), want, rtol=1e-4, atol=1e-4
+    )  # v1 and v2 compute the same
 
 
 def test_a_model_failing_at_run_time_is_an_opaque_500_and_the_server_goes_on(server):
     """input_ids beyond the embedding table make ONNX Runtime fail inside the model: the client gets a 500 with
     the request id and nothing of the internals; the log has the traceback; the next request is served."""
-    body = {"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [5, 1000]},
-                       {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]}]}
+    body = {
+        "inputs": [
+            {"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [5, 1000]},
+            {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]},
+        ]
+    }
     r = httpx.post(f"http://{server.url}/v2/models/seq/infer", json=body, headers={"x-request-id": "boom-1"})
     assert r.status_code == 500 and r.json() == {"error": "internal server error (request id boom-1)"}
     if not getattr(server, "ray", False):
@@ -238,7 +356,9 @@ def test_a_model_failing_at_run_time_is_an_opaque_500_and_the_server_goes_on(ser
             return "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.err"))
 
         deadline = time.monotonic() + 20
-        while not ("boom-1" in worker_logs() and "Traceback" in worker_logs()) and time.monotonic() < deadline:
+        while (
+            not ("boom-1" in worker_logs() and "Traceback" in worker_logs()) and time.monotonic() < deadline
+        ):
             time.sleep(0.25)
         text = worker_logs()
         assert "Traceback" in text and "boom-1" in text

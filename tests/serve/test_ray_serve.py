@@ -32,8 +32,16 @@ def _replica_pids(app: str) -> set[int]:
 
 def test_killing_a_replica_under_load_loses_at_most_its_requests_and_recovers(tmp_path, digits, digits_chain):
     _, exp, _ = digits_chain
-    cfg = {"models": [{"name": "digits", "path": str(exp.artifact_path), "version": "1",
-                       "replicas": {"num_replicas": 2, "num_cpus": 0.5, "max_ongoing_requests": 16}}]}
+    cfg = {
+        "models": [
+            {
+                "name": "digits",
+                "path": str(exp.artifact_path),
+                "version": "1",
+                "replicas": {"num_replicas": 2, "num_cpus": 0.5, "max_ongoing_requests": 16},
+            }
+        ]
+    }
     s = ServerProcess(tmp_path, cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN}, args=("--ray",), ready_timeout=240)
     bodies = _bodies(digits)
     results: list[tuple[int | str, float]] = []
@@ -52,13 +60,17 @@ def test_killing_a_replica_under_load_loses_at_most_its_requests_and_recovers(tm
                 k += 4
 
     try:
-        pids = wait_for(lambda: len(p := _replica_pids("slimship-digits-v1")) == 2 and p, 60, what="two replicas")
+        pids = wait_for(
+            lambda: len(p := _replica_pids("slimship-digits-v1")) == 2 and p, 60, what="two replicas"
+        )
         # every port of the deployment — Serve's HTTP proxy, replicas, GCS, raylet — is on the loopback interface
         import psutil
 
         tree = {s.proc.pid} | {c.pid for c in psutil.Process(s.proc.pid).children(recursive=True)}
         assert pids <= tree
-        listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in tree]
+        listening = [
+            c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in tree
+        ]
         assert any(c.laddr.port == s.port for c in listening)
         assert {c.laddr.ip for c in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
         threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
@@ -70,8 +82,11 @@ def test_killing_a_replica_under_load_loses_at_most_its_requests_and_recovers(tm
         killed_at = len(results)
         wait_for(lambda: len(results) > killed_at + 300, 120, what="requests after the kill")
         # Serve replaces the replica; requests keep succeeding on the survivor meanwhile
-        new = wait_for(lambda: len(p := _replica_pids("slimship-digits-v1")) == 2 and victim not in p and p, 120,
-                       what="a replacement replica")
+        new = wait_for(
+            lambda: len(p := _replica_pids("slimship-digits-v1")) == 2 and victim not in p and p,
+            120,
+            what="a replacement replica",
+        )
         n_recovered = len(results)
         wait_for(lambda: len(results) > n_recovered + 100, 60, what="requests after recovery")
         stop.set()
@@ -79,7 +94,9 @@ def test_killing_a_replica_under_load_loses_at_most_its_requests_and_recovers(tm
             t.join(timeout=60)
         statuses = [r for r, _ in results]
         assert set(statuses) <= {200, 503}, {x for x in statuses if x not in (200, 503)}
-        assert statuses.count(503) <= 16, statuses.count(503)  # at most the killed replica's in-flight requests
+        assert statuses.count(503) <= 16, statuses.count(
+            503
+        )  # at most the killed replica's in-flight requests
         assert max(t for _, t in results) < 30  # nobody hung
         assert all(r == 200 for r, _ in results[n_recovered:])
         assert len(new - pids) == 1
@@ -98,7 +115,10 @@ def test_rollout_and_admin_load_on_ray(tmp_path, digits, digits_chain):
     reg.register(opt.path, "digits", parent=1)
     reg.close()
     small = {"replicas": {"num_cpus": 0.5}}
-    cfg = {"registry": str(tmp_path / "reg"), "models": [{"name": "digits", "registry": v, **small} for v in "12"]}
+    cfg = {
+        "registry": str(tmp_path / "reg"),
+        "models": [{"name": "digits", "registry": v, **small} for v in "12"],
+    }
     s = ServerProcess(tmp_path, cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN}, args=("--ray",), ready_timeout=240)
     base = f"http://{s.url}"
     stop = threading.Event()
@@ -112,24 +132,46 @@ def test_rollout_and_admin_load_on_ray(tmp_path, digits, digits_chain):
                 k += 1
 
     try:
-        r = httpx.post(f"{base}/v2/admin/models/digits/rollout", json={"candidate": "2", "policy": POLICY}, headers=H)
+        r = httpx.post(
+            f"{base}/v2/admin/models/digits/rollout", json={"candidate": "2", "policy": POLICY}, headers=H
+        )
         assert r.status_code == 200, r.text
         threads = [threading.Thread(target=client) for _ in range(2)]
         for t in threads:
             t.start()
-        st = wait_for(lambda: (x := httpx.get(f"{base}/v2/admin/models/digits/rollout", headers=H).json())["state"] != "running" and x,
-                      180, every=0.5, what="the rollout to end")
+        st = wait_for(
+            lambda: (
+                (x := httpx.get(f"{base}/v2/admin/models/digits/rollout", headers=H).json())["state"]
+                != "running"
+                and x
+            ),
+            180,
+            every=0.5,
+            what="the rollout to end",
+        )
         stop.set()
         for t in threads:
             t.join(timeout=60)
         assert st["state"] == "promoted", st
         assert set(statuses) == {200}
         metrics = httpx.get(f"{base}/metrics").text
-        assert 'slimship_batch_size_count{model="digits",version="2"}' in metrics  # shipped back from the replicas
+        assert (
+            'slimship_batch_size_count{model="digits",version="2"}' in metrics
+        )  # shipped back from the replicas
         # a version loaded at run time becomes its own Serve application, and goes away on unload
-        r = httpx.post(f"{base}/v2/admin/models/digits/load", json={"registry": "3", "replicas": {"num_replicas": 9}}, headers=H)
-        assert r.status_code == 400 and "9 replicas" in r.json()["error"]  # refused before anything is deployed
-        r = httpx.post(f"{base}/v2/admin/models/digits/load", json={"registry": "3", "replicas": {"num_cpus": 0.5}}, headers=H)
+        r = httpx.post(
+            f"{base}/v2/admin/models/digits/load",
+            json={"registry": "3", "replicas": {"num_replicas": 9}},
+            headers=H,
+        )
+        assert (
+            r.status_code == 400 and "9 replicas" in r.json()["error"]
+        )  # refused before anything is deployed
+        r = httpx.post(
+            f"{base}/v2/admin/models/digits/load",
+            json={"registry": "3", "replicas": {"num_cpus": 0.5}},
+            headers=H,
+        )
         assert r.status_code == 200, r.text
         assert _replica_pids("slimship-digits-v3")
         r = httpx.post(f"{base}/v2/models/digits/versions/3/infer", json=_bodies(digits, 1)[0])
@@ -141,9 +183,16 @@ def test_rollout_and_admin_load_on_ray(tmp_path, digits, digits_chain):
         s.stop()
 
 
-def _serve(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slimship.cli", "serve", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def _serve(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "slimship.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_ray_bad_input_is_a_clear_error(digits_chain):
@@ -152,11 +201,15 @@ def test_ray_bad_input_is_a_clear_error(digits_chain):
     t0 = time.monotonic()
     out = _serve("--ray", "--address", "127.0.0.1:9", "-m", model, "--port", "0")
     err = " ".join(out.stderr.split())
-    assert out.returncode == 2 and "can't reach the Ray cluster at 127.0.0.1:9" in err and "Traceback" not in err, err
+    assert (
+        out.returncode == 2 and "can't reach the Ray cluster at 127.0.0.1:9" in err and "Traceback" not in err
+    ), err
     assert time.monotonic() - t0 < 60
     # Ray not installed: the message names the extra
-    code = ("import sys; sys.modules['ray'] = None; sys.argv = ['slimship', 'serve', '--ray', '-m', %r, '--port', '0']; "
-            "from slimship.cli import main; main()" % model)
+    code = (
+        "import sys; sys.modules['ray'] = None; sys.argv = ['slimship', 'serve', '--ray', '-m', %r, '--port', '0']; "
+        "from slimship.cli import main; main()" % model
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     err = " ".join(out.stderr.split())
     assert out.returncode == 2 and "pip install 'slimship[ray]'" in err, err

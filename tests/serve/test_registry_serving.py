@@ -20,8 +20,11 @@ def test_serve_registry_versions_load_stage_and_refuse_tampered(tmp_path, digits
     reg = Registry(tmp_path / "reg")
     reg.register(exp.path, "digits", stage="production")
     reg.register(opt.path, "digits", parent=1)
-    s = ServerProcess(tmp_path, {"registry": str(tmp_path / "reg"), "models": [{"name": "digits", "registry": "production"}]},
-                      env={"SLIMSHIP_ADMIN_TOKEN": ADMIN})
+    s = ServerProcess(
+        tmp_path,
+        {"registry": str(tmp_path / "reg"), "models": [{"name": "digits", "registry": "production"}]},
+        env={"SLIMSHIP_ADMIN_TOKEN": ADMIN},
+    )
     try:
         base = f"http://{s.url}"
         meta = httpx.get(f"{base}/v2/models/digits").json()
@@ -31,8 +34,17 @@ def test_serve_registry_versions_load_stage_and_refuse_tampered(tmp_path, digits
         # load v2 from the registry, send it a tenth of the traffic, then promote it
         r = httpx.post(f"{base}/v2/admin/models/digits/load", json={"registry": "2"}, headers=H)
         assert r.status_code == 200 and r.json()["source"]["digest"] == reg.get("digits", 2).digest
-        assert httpx.put(f"{base}/v2/admin/models/digits/traffic", json={"weights": {"1": 90, "2": 10}}, headers=H).status_code == 200
-        r = httpx.post(f"{base}/v2/admin/models/digits/versions/2/stage", json={"stage": "production", "reason": "canary ok"}, headers=H)
+        assert (
+            httpx.put(
+                f"{base}/v2/admin/models/digits/traffic", json={"weights": {"1": 90, "2": 10}}, headers=H
+            ).status_code
+            == 200
+        )
+        r = httpx.post(
+            f"{base}/v2/admin/models/digits/versions/2/stage",
+            json={"stage": "production", "reason": "canary ok"},
+            headers=H,
+        )
         assert r.json() == {"model": "digits", "version": 2, "stage": "production"}
         assert [v.stage for v in reg.versions("digits")] == ["archived", "production"]
         # a checkout changed on disk is refused: the load fails with the reason, serving goes on
@@ -60,8 +72,27 @@ def test_a_server_whose_model_fails_its_hash_does_not_start(tmp_path, digits_cha
     reg.register(exp.path, "digits", stage="production")
     ckpt = reg.fetch("digits", 1)
     ckpt.artifact_path.write_bytes(ckpt.artifact_path.read_bytes()[:-1])
-    proc = subprocess.run([sys.executable, "-m", "slimship.cli", "serve", "-m", "digits=registry:production",
-                           "--registry", str(tmp_path / "reg"), "--port", "0"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slimship.cli",
+            "serve",
+            "-m",
+            "digits=registry:production",
+            "--registry",
+            str(tmp_path / "reg"),
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     err = " ".join(proc.stderr.split())
-    assert "does not match the registered sha256" in err and "refusing to serve it" in err and "Traceback" not in err
+    assert (
+        "does not match the registered sha256" in err
+        and "refusing to serve it" in err
+        and "Traceback" not in err
+    )

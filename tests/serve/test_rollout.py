@@ -22,7 +22,13 @@ def _bodies(digits, n: int = 64) -> list[dict]:
     out = []
     for _, batch in digits.eval_batches(limit=n, batch_size=1):
         x = batch["pixels"].astype(np.float32)
-        out.append({"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
+        out.append(
+            {
+                "inputs": [
+                    {"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+                ]
+            }
+        )
     return out
 
 
@@ -47,8 +53,13 @@ def _server(tmp_path, registry_root, versions=("1", "2", "3")) -> ServerProcess:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slimship.cli", "rollout", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "SLIMSHIP_ADMIN_TOKEN": ADMIN})
+    return subprocess.run(
+        [sys.executable, "-m", "slimship.cli", "rollout", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SLIMSHIP_ADMIN_TOKEN": ADMIN},
+    )
 
 
 def _status(s: ServerProcess) -> dict:
@@ -57,11 +68,15 @@ def _status(s: ServerProcess) -> dict:
     return r.json()
 
 
-POLICY = {"stages": [{"name": "shadow", "traffic": 0, "compare": 100, "min_requests": 40},
-                     {"name": "canary-20", "traffic": 20, "compare": 50, "min_requests": 20},
-                     {"name": "full", "traffic": 100, "compare": 50, "min_requests": 20}],
-          "gates": {"min_fidelity": 0.99, "max_error_rate": 0.01, "max_latency_p99_ms": 2000},
-          "min_pairs": 20}
+POLICY = {
+    "stages": [
+        {"name": "shadow", "traffic": 0, "compare": 100, "min_requests": 40},
+        {"name": "canary-20", "traffic": 20, "compare": 50, "min_requests": 20},
+        {"name": "full", "traffic": 100, "compare": 50, "min_requests": 20},
+    ],
+    "gates": {"min_fidelity": 0.99, "max_error_rate": 0.01, "max_latency_p99_ms": 2000},
+    "min_pairs": 20,
+}
 
 
 def test_faithful_candidate_goes_shadow_canary_full_and_is_promoted(tmp_path, digits, registry_root):
@@ -76,7 +91,11 @@ def test_faithful_candidate_goes_shadow_canary_full_and_is_promoted(tmp_path, di
         assert cli.returncode == 0, cli.stderr
         assert "rollout #" in cli.stdout and "[shadow]" in cli.stdout
         load = Load(s.url, _bodies(digits))
-        st = wait_for(lambda: (x := _status(s))["state"] in ("promoted", "rolled_back") and x, 120, what="the rollout to end")
+        st = wait_for(
+            lambda: (x := _status(s))["state"] in ("promoted", "rolled_back") and x,
+            120,
+            what="the rollout to end",
+        )
         load.stop()
         assert st["state"] == "promoted", st
         assert load.statuses and set(load.statuses) == {200}
@@ -92,11 +111,17 @@ def test_faithful_candidate_goes_shadow_canary_full_and_is_promoted(tmp_path, di
         # the registry moved the stages, with the evidence
         reg = Registry(registry_root)
         assert reg.get("digits", 2).stage == "production" and reg.get("digits", 1).stage == "archived"
-        promo = [e for e in reg.events("digits", 2) if e["kind"] == "stage" and e["detail"]["to"] == "production"][-1]
+        promo = [
+            e for e in reg.events("digits", 2) if e["kind"] == "stage" and e["detail"]["to"] == "production"
+        ][-1]
         assert promo["detail"]["evidence"]["rollout"] == st["rollout"]
         # and every request now goes to v2
-        vs = {httpx.post(f"http://{s.url}/v2/models/digits/infer", json=_bodies(digits, 1)[0]).headers["x-model-version"]
-              for _ in range(20)}
+        vs = {
+            httpx.post(f"http://{s.url}/v2/models/digits/infer", json=_bodies(digits, 1)[0]).headers[
+                "x-model-version"
+            ]
+            for _ in range(20)
+        }
         assert vs == {"2"}
         metrics = httpx.get(f"http://{s.url}/metrics").text
         assert 'slimship_rollout_decisions_total{decision="advance",model="digits"} 3.0' in metrics
@@ -109,13 +134,19 @@ def test_faithful_candidate_goes_shadow_canary_full_and_is_promoted(tmp_path, di
         s.stop()
 
 
-def test_broken_candidate_is_rolled_back_at_the_first_gate_and_no_client_sees_it(tmp_path, digits, registry_root):
+def test_broken_candidate_is_rolled_back_at_the_first_gate_and_no_client_sees_it(
+    tmp_path, digits, registry_root
+):
     from slimship.registry import Registry
 
     s = _server(tmp_path, registry_root, ("1", "3"))
     load = Load(s.url, _bodies(digits))
     try:
-        r = httpx.post(f"http://{s.url}/v2/admin/models/digits/rollout", json={"candidate": "3", "policy": POLICY}, headers=H)
+        r = httpx.post(
+            f"http://{s.url}/v2/admin/models/digits/rollout",
+            json={"candidate": "3", "policy": POLICY},
+            headers=H,
+        )
         assert r.status_code == 200, r.text
         st = wait_for(lambda: (x := _status(s))["state"] != "running" and x, 120, what="a decision")
         n_at_decision = len(load.statuses)
@@ -134,7 +165,9 @@ def test_broken_candidate_is_rolled_back_at_the_first_gate_and_no_client_sees_it
         v3 = reg.get("digits", 3)
         assert v3.stage == "archived" and reg.get("digits", 1).stage == "production"
         stage_ev = [e for e in reg.events("digits", 3) if e["kind"] == "stage"][-1]["detail"]
-        assert stage_ev["reason"].startswith("rolled back") and stage_ev["evidence"]["fidelity"]["mean"] < 0.99
+        assert (
+            stage_ev["reason"].startswith("rolled back") and stage_ev["evidence"]["fidelity"]["mean"] < 0.99
+        )
         reg.set_stage("digits", 3, "none", reason="test reset")
         reg.close()
     finally:
@@ -143,13 +176,23 @@ def test_broken_candidate_is_rolled_back_at_the_first_gate_and_no_client_sees_it
 
 
 def test_a_rollout_survives_a_server_restart_and_can_be_aborted(tmp_path, digits, registry_root):
-    policy = {"stages": [{"name": "shadow", "traffic": 0, "min_requests": 20},
-                         {"name": "half", "traffic": 50, "min_requests": 1_000_000}],
-              "gates": {"min_fidelity": 0.99}, "min_pairs": 10, "promote": False}
+    policy = {
+        "stages": [
+            {"name": "shadow", "traffic": 0, "min_requests": 20},
+            {"name": "half", "traffic": 50, "min_requests": 1_000_000},
+        ],
+        "gates": {"min_fidelity": 0.99},
+        "min_pairs": 10,
+        "promote": False,
+    }
     s = _server(tmp_path, registry_root, ("1", "2"))
     load = Load(s.url, _bodies(digits))
     try:
-        r = httpx.post(f"http://{s.url}/v2/admin/models/digits/rollout", json={"candidate": "2", "policy": policy}, headers=H)
+        r = httpx.post(
+            f"http://{s.url}/v2/admin/models/digits/rollout",
+            json={"candidate": "2", "policy": policy},
+            headers=H,
+        )
         assert r.status_code == 200, r.text
         rid = r.json()["rollout"]
         wait_for(lambda: _status(s)["stage"]["index"] == 1, 60, what="the second stage")
@@ -161,21 +204,33 @@ def test_a_rollout_survives_a_server_restart_and_can_be_aborted(tmp_path, digits
         st = _status(s)
         assert st["rollout"] == rid and st["state"] == "running" and st["stage"]["name"] == "half"
         assert st["history"][-1]["kind"] == "rollout.restored"
-        seen = {httpx.post(f"http://{s.url}/v2/models/digits/infer", json=_bodies(digits, 1)[0]).headers["x-model-version"]
-                for _ in range(60)}
+        seen = {
+            httpx.post(f"http://{s.url}/v2/models/digits/infer", json=_bodies(digits, 1)[0]).headers[
+                "x-model-version"
+            ]
+            for _ in range(60)
+        }
         assert seen == {"1", "2"}  # the 50% split is back in force
         # pause → resume → abort through the CLI
         for action, state in (("pause", "paused"), ("resume", "running"), ("abort", "aborted")):
             out = _cli(action, "digits", "--reason", f"test {action}", "--url", f"http://{s.url}", "--json")
             assert out.returncode == 0, out.stderr
             assert yaml.safe_load(out.stdout)["state"] == state
-        seen = {httpx.post(f"http://{s.url}/v2/models/digits/infer", json=_bodies(digits, 1)[0]).headers["x-model-version"]
-                for _ in range(30)}
+        seen = {
+            httpx.post(f"http://{s.url}/v2/models/digits/infer", json=_bodies(digits, 1)[0]).headers[
+                "x-model-version"
+            ]
+            for _ in range(30)
+        }
         assert seen == {"1"}
         kinds = [e["kind"] for e in _status(s)["history"]]
         assert kinds[-3:] == ["rollout.paused", "rollout.resumed", "rollout.aborted"]
         out = _cli("status", "digits", "--url", f"http://{s.url}")
-        assert out.returncode == 0 and f"rollout #{rid} aborted" in out.stdout and "rollout.restored" in out.stdout, out.stdout
+        assert (
+            out.returncode == 0
+            and f"rollout #{rid} aborted" in out.stdout
+            and "rollout.restored" in out.stdout
+        ), out.stdout
     finally:
         s.stop()
 
@@ -184,21 +239,53 @@ def test_bad_rollout_requests_get_clear_errors(tmp_path, digits, digits_chain, r
     s = _server(tmp_path, registry_root, ("1", "2"))
     base = f"http://{s.url}/v2/admin/models/digits"
     try:
+
         def start(body):
             return httpx.post(f"{base}/rollout", json=body, headers=H)
 
-        r = start({"candidate": "2", "policy": {"stages": [{"traffic": 100, "min_requests": 5, "min_requets": 1}]}})
-        assert r.status_code == 400 and "min_requets" in r.json()["error"] and "invalid rollout policy" in r.json()["error"]
-        r = start({"candidate": "2", "policy": {"stages": [{"traffic": 100, "min_requests": 5}], "gates": {"min_fidelity": 1.5}}})
+        r = start(
+            {"candidate": "2", "policy": {"stages": [{"traffic": 100, "min_requests": 5, "min_requets": 1}]}}
+        )
+        assert (
+            r.status_code == 400
+            and "min_requets" in r.json()["error"]
+            and "invalid rollout policy" in r.json()["error"]
+        )
+        r = start(
+            {
+                "candidate": "2",
+                "policy": {"stages": [{"traffic": 100, "min_requests": 5}], "gates": {"min_fidelity": 1.5}},
+            }
+        )
         assert r.status_code == 400 and "min_fidelity" in r.json()["error"]
-        r = start({"candidate": "2", "policy": {"stages": [{"traffic": 10, "compare": 0, "min_requests": 5},
-                                                           {"traffic": 100, "min_requests": 5}],
-                                                "gates": {"min_fidelity": 0.9}}})
+        r = start(
+            {
+                "candidate": "2",
+                "policy": {
+                    "stages": [
+                        {"traffic": 10, "compare": 0, "min_requests": 5},
+                        {"traffic": 100, "min_requests": 5},
+                    ],
+                    "gates": {"min_fidelity": 0.9},
+                },
+            }
+        )
         assert r.status_code == 400 and "can never be judged" in r.json()["error"]
-        r = start({"candidate": "2", "policy": {"stages": [{"traffic": 50, "min_requests": 5}, {"traffic": 20, "min_requests": 5}]}})
+        r = start(
+            {
+                "candidate": "2",
+                "policy": {
+                    "stages": [{"traffic": 50, "min_requests": 5}, {"traffic": 20, "min_requests": 5}]
+                },
+            }
+        )
         assert r.status_code == 400 and "only moves traffic towards the candidate" in r.json()["error"]
         r = start({"candidate": "7"})
-        assert r.status_code == 404 and "no loaded version '7'" in r.json()["error"] and "load it first" in r.json()["error"]
+        assert (
+            r.status_code == 404
+            and "no loaded version '7'" in r.json()["error"]
+            and "load it first" in r.json()["error"]
+        )
         assert httpx.post(f"{base}/rollout", json={"candidate": "2"}).status_code == 401  # no token
         # the CLI checks the policy file before calling the server
         bad = tmp_path / "bad.yaml"
@@ -219,14 +306,24 @@ def test_bad_rollout_requests_get_clear_errors(tmp_path, digits, digits_chain, r
         assert httpx.post(f"{base}/rollout/resume", headers=H).status_code == 409  # it isn't paused
         assert httpx.post(f"{base}/rollout/abort", headers=H).json()["state"] == "aborted"
         # the server is still healthy
-        assert httpx.post(f"http://{s.url}/v2/models/digits/infer", json=_bodies(digits, 1)[0]).status_code == 200
+        assert (
+            httpx.post(f"http://{s.url}/v2/models/digits/infer", json=_bodies(digits, 1)[0]).status_code
+            == 200
+        )
     finally:
         s.stop()
     # a server without a registry can't run rollouts: it says why
     _, _, opt = digits_chain
-    s = ServerProcess(tmp_path, {"models": [{"name": "digits", "path": str(opt.artifact_path), "version": "1"},
-                                            {"name": "digits", "path": str(opt.artifact_path), "version": "2"}]},
-                      env={"SLIMSHIP_ADMIN_TOKEN": ADMIN})
+    s = ServerProcess(
+        tmp_path,
+        {
+            "models": [
+                {"name": "digits", "path": str(opt.artifact_path), "version": "1"},
+                {"name": "digits", "path": str(opt.artifact_path), "version": "2"},
+            ]
+        },
+        env={"SLIMSHIP_ADMIN_TOKEN": ADMIN},
+    )
     try:
         r = httpx.post(f"http://{s.url}/v2/admin/models/digits/rollout", json={"candidate": "2"}, headers=H)
         assert r.status_code == 400 and "--registry" in r.json()["error"]
@@ -243,11 +340,18 @@ def test_policy_validation_and_gate_judgement_units():
     with pytest.raises(ConfigError, match="promotion needs a last stage at traffic 100"):
         parse_policy({"stages": [{"traffic": 50, "min_requests": 1}]})
     with pytest.raises(ConfigError, match="would never see a request"):
-        parse_policy({"stages": [{"traffic": 0, "compare": 0, "min_requests": 1}, {"traffic": 100, "min_requests": 1}]})
+        parse_policy(
+            {"stages": [{"traffic": 0, "compare": 0, "min_requests": 1}, {"traffic": 100, "min_requests": 1}]}
+        )
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_policy("stages: [")
-    p = parse_policy({"stages": [{"traffic": 10, "min_requests": 100}, {"traffic": 100, "min_requests": 100}],
-                      "gates": {"max_error_rate": 0.02, "max_latency_p99_ms": 50, "min_fidelity": 0.98}, "min_pairs": 10})
+    p = parse_policy(
+        {
+            "stages": [{"traffic": 10, "min_requests": 100}, {"traffic": 100, "min_requests": 100}],
+            "gates": {"max_error_rate": 0.02, "max_latency_p99_ms": 50, "min_fidelity": 0.98},
+            "min_pairs": 10,
+        }
+    )
     w = Window()
     for _ in range(10):
         w.candidate.add(True, 5.0)
@@ -258,7 +362,9 @@ def test_policy_validation_and_gate_judgement_units():
     assert judge(p, 0, w).decision == "wait"  # 2 errors: still within 2% of 100
     w.candidate.add(False, None)
     j = judge(p, 0, w)
-    assert j.decision == "rollback" and "error rate" in j.reason  # 3 > 2 allowed: certain, no need to wait for 100
+    assert (
+        j.decision == "rollback" and "error rate" in j.reason
+    )  # 3 > 2 allowed: certain, no need to wait for 100
     w = Window()
     for i in range(100):
         w.candidate.add(True, 60.0 if i < 2 else 5.0)  # 2 slow of 100: nearest-rank p99 is 60 > 50
@@ -275,13 +381,25 @@ def test_policy_validation_and_gate_judgement_units():
     for _ in range(100):
         w.candidate.add(True, 500.0, live=False)
         w.fidelity.append(0.999)
-    shadow = parse_policy({"stages": [{"traffic": 0, "min_requests": 100}, {"traffic": 100, "min_requests": 1}],
-                           "gates": {"max_latency_p99_ms": 50, "max_latency_p99_ratio": 1.5}, "min_pairs": 10})
+    shadow = parse_policy(
+        {
+            "stages": [{"traffic": 0, "min_requests": 100}, {"traffic": 100, "min_requests": 1}],
+            "gates": {"max_latency_p99_ms": 50, "max_latency_p99_ratio": 1.5},
+            "min_pairs": 10,
+        }
+    )
     j = judge(shadow, 0, w)
     assert j.decision == "advance" and j.gates["max_latency_p99_ms"]["applies"] is False
     assert judge(p, 0, w).decision == "wait"  # at 10% it waits for 100 answered requests
     # a soak time holds a stage that has its requests
-    soak = parse_policy({"stages": [{"traffic": 0, "min_requests": 10, "min_seconds": 60}, {"traffic": 100, "min_requests": 1}]})
+    soak = parse_policy(
+        {
+            "stages": [
+                {"traffic": 0, "min_requests": 10, "min_seconds": 60},
+                {"traffic": 100, "min_requests": 1},
+            ]
+        }
+    )
     w = Window()
     for _ in range(10):
         w.candidate.add(True, 5.0)

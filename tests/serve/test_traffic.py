@@ -22,8 +22,12 @@ SLOW = {"inputs": [{"name": "x", "shape": [1, 2048], "datatype": "FP32", "data":
 
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
-    cfg = {"models": [{"name": "digits", "path": models["digits_v1"], "version": "1"},
-                      {"name": "digits", "path": models["digits_v2"], "version": "2"}]}
+    cfg = {
+        "models": [
+            {"name": "digits", "path": models["digits_v1"], "version": "1"},
+            {"name": "digits", "path": models["digits_v2"], "version": "2"},
+        ]
+    }
     s = ServerProcess(tmp_path_factory.mktemp("traffic"), cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN})
     yield s
     s.stop()
@@ -61,9 +65,15 @@ def test_sticky_key_never_changes_variant(server):
 
 
 def test_traffic_naming_an_unloaded_version_is_refused(server):
-    r = httpx.put(f"http://{server.url}/v2/admin/models/digits/traffic", json={"weights": {"7": 1}}, headers=H)
+    r = httpx.put(
+        f"http://{server.url}/v2/admin/models/digits/traffic", json={"weights": {"7": 1}}, headers=H
+    )
     assert r.status_code == 400 and "aren't loaded" in r.json()["error"]
-    r = httpx.put(f"http://{server.url}/v2/admin/models/digits/traffic", json={"weights": {"1": 1}, "bogus": 1}, headers=H)
+    r = httpx.put(
+        f"http://{server.url}/v2/admin/models/digits/traffic",
+        json={"weights": {"1": 1}, "bogus": 1},
+        headers=H,
+    )
     assert r.status_code == 400 and "invalid body" in r.json()["error"]
 
 
@@ -74,12 +84,18 @@ def test_shadow_mirrors_traffic_and_records_fidelity(server):
     assert versions == {"1"}  # clients are answered by the primary only
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        st = httpx.get(f"http://{server.url}/v2/admin/models", headers=H).json()["models"]["digits"]["shadow"].get("2", {})
+        st = (
+            httpx.get(f"http://{server.url}/v2/admin/models", headers=H)
+            .json()["models"]["digits"]["shadow"]
+            .get("2", {})
+        )
         if st.get("pairs", 0) >= 60:
             break
         time.sleep(0.05)
     assert st["pairs"] >= 60 and st["errors"] == 0
-    assert st["fidelity_mean"] == pytest.approx(1.0) and st["fidelity_min"] == pytest.approx(1.0)  # v2 is the same model
+    assert st["fidelity_mean"] == pytest.approx(1.0) and st["fidelity_min"] == pytest.approx(
+        1.0
+    )  # v2 is the same model
     metrics = httpx.get(f"http://{server.url}/metrics").text
     assert 'slimship_shadow_fidelity_count{model="digits",primary="1",shadow="2"}' in metrics
     _traffic(server, "digits", {"weights": {}})
@@ -103,9 +119,15 @@ def test_hot_swap_twenty_times_under_load_fails_no_request(server, models):
             current = ["1", "2"]
             for i in range(20):
                 new = str(10 + i)
-                r = admin.post("/v2/admin/models/digits/load", json={"path": models["digits_v1" if i % 2 else "digits_v2"], "version": new})
+                r = admin.post(
+                    "/v2/admin/models/digits/load",
+                    json={"path": models["digits_v1" if i % 2 else "digits_v2"], "version": new},
+                )
                 assert r.status_code == 200, r.text
-                assert admin.put("/v2/admin/models/digits/traffic", json={"weights": {new: 1}}).status_code == 200
+                assert (
+                    admin.put("/v2/admin/models/digits/traffic", json={"weights": {new: 1}}).status_code
+                    == 200
+                )
                 for old in current:
                     assert admin.post(f"/v2/admin/models/digits/versions/{old}/unload").status_code == 200
                 current = [new]
@@ -120,9 +142,21 @@ def test_hot_swap_twenty_times_under_load_fails_no_request(server, models):
 
 @pytest.fixture(scope="module")
 def slow_server(models, tmp_path_factory):
-    cfg = {"models": [{"name": "slow", "path": models["slow"], "batching": {"max_batch_size": 1, "max_queue": 4, "timeout_s": 20}},
-                      {"name": "slow", "path": models["slow"], "version": "2",
-                       "batching": {"max_batch_size": 1, "timeout_s": 0.001}}]}
+    cfg = {
+        "models": [
+            {
+                "name": "slow",
+                "path": models["slow"],
+                "batching": {"max_batch_size": 1, "max_queue": 4, "timeout_s": 20},
+            },
+            {
+                "name": "slow",
+                "path": models["slow"],
+                "version": "2",
+                "batching": {"max_batch_size": 1, "timeout_s": 0.001},
+            },
+        ]
+    }
     s = ServerProcess(tmp_path_factory.mktemp("slow"), cfg, env={"SLIMSHIP_TOKEN": "infer-token"})
     yield s
     s.stop()
@@ -130,8 +164,12 @@ def slow_server(models, tmp_path_factory):
 
 def _slow_post(server, version="1", token="infer-token"):
     t0 = time.perf_counter()
-    r = httpx.post(f"http://{server.url}/v2/models/slow/versions/{version}/infer", json=SLOW,
-                   headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    r = httpx.post(
+        f"http://{server.url}/v2/models/slow/versions/{version}/infer",
+        json=SLOW,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
     return r, time.perf_counter() - t0
 
 
@@ -163,10 +201,17 @@ def test_inference_token(slow_server):
 
 
 def test_graceful_shutdown_answers_in_flight_requests(models, tmp_path):
-    cfg = {"models": [{"name": "slow", "path": models["slow"], "batching": {"max_batch_size": 1, "max_queue": 64}}]}
+    cfg = {
+        "models": [
+            {"name": "slow", "path": models["slow"], "batching": {"max_batch_size": 1, "max_queue": 64}}
+        ]
+    }
     s = ServerProcess(tmp_path, cfg)
     with cf.ThreadPoolExecutor(12) as pool:
-        futs = [pool.submit(lambda: httpx.post(f"http://{s.url}/v2/models/slow/infer", json=SLOW, timeout=60)) for _ in range(12)]
+        futs = [
+            pool.submit(lambda: httpx.post(f"http://{s.url}/v2/models/slow/infer", json=SLOW, timeout=60))
+            for _ in range(12)
+        ]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # every request received: answered + queued + the one running = 12
             text = httpx.get(f"http://{s.url}/metrics").text

@@ -18,5 +18,10 @@ class OnnxRuntimeModel(MLModel):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         feeds = {i.name: NumpyCodec.decode_input(i) for i in payload.inputs}
         outs = self.session.run(None, feeds)
-        return InferenceResponse(model_name=self.name, outputs=[
-            NumpyCodec.encode_output(name, np.asarray(a)) for name, a in zip(self.output_names, outs, strict=False)])
+        return InferenceResponse(
+            model_name=self.name,
+            outputs=[
+                NumpyCodec.encode_output(name, np.asarray(a))
+                for name, a in zip(self.output_names, outs, strict=False)
+            ],
+        )

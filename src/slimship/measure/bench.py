@@ -90,7 +90,9 @@ def bench(
 
     # ORT's spinning pool would steal the cores from the next candidate in the interleaving (measured:
     # PyTorch p50 doubled beside a spinning ORT session on 2 cores), so ORT threads block when idle.
-    runtimes = {t.label: create_runtime(t.candidate, workload, t.backend, threads, spin=False) for t in targets}
+    runtimes = {
+        t.label: create_runtime(t.candidate, workload, t.backend, threads, spin=False) for t in targets
+    }
     timings: dict[str, dict[int, list[float]]] = {t.label: {} for t in targets}
     # process CPU time per call (all threads): survives noisy neighbours better than wall time and prices a deployment
     cpu: dict[str, dict[int, list[float]]] = {t.label: {} for t in targets}
@@ -157,8 +159,14 @@ def bench(
     if memory:
         from slimship.measure.memory import measure_in_child
 
-        for t, entry in zip(tqdm(targets, desc="memory", disable=None if progress else True, leave=False), results, strict=True):
-            entry["memory"] = measure_in_child(str(t.candidate.path), t.backend, threads, max(batch_sizes), seq)
+        for t, entry in zip(
+            tqdm(targets, desc="memory", disable=None if progress else True, leave=False),
+            results,
+            strict=True,
+        ):
+            entry["memory"] = measure_in_child(
+                str(t.candidate.path), t.backend, threads, max(batch_sizes), seq
+            )
     base_size = next(e for e in results if e["label"] == baseline)["file_size_bytes"]
     for entry in results:
         entry["size_ratio_vs_baseline"] = entry["file_size_bytes"] / base_size

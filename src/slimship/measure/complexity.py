@@ -38,10 +38,18 @@ def count_macs(model: nn.Module, workload: Workload, batch: Batch) -> int:
             k = int(np.prod(mod.kernel_size))
             total += out.numel() * (mod.in_channels // mod.groups) * k
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d)]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d)
+    ]
     try:
         with torch.inference_mode():
-            call_model(model.eval(), {k: torch.from_numpy(v) for k, v in batch.items()}, [s.name for s in workload.inputs])
+            call_model(
+                model.eval(),
+                {k: torch.from_numpy(v) for k, v in batch.items()},
+                [s.name for s in workload.inputs],
+            )
     finally:
         for h in handles:
             h.remove()
@@ -56,7 +64,9 @@ def nonzero_params(model: nn.Module) -> int:
     return int(sum(int((p != 0).sum()) for p in model.parameters()))
 
 
-def time_interleaved(models: Mapping[str, nn.Module], workload: Workload, batch: Batch, threads: int, rounds: int = 15) -> dict[str, float]:
+def time_interleaved(
+    models: Mapping[str, nn.Module], workload: Workload, batch: Batch, threads: int, rounds: int = 15
+) -> dict[str, float]:
     """Median PyTorch eager latency (ms) of each model on ``batch``, timed round-robin so noise hits all alike."""
     import torch
 
@@ -76,7 +86,7 @@ def time_interleaved(models: Mapping[str, nn.Module], workload: Workload, batch:
                 call_model(m, tensors, names)  # warm-up
             keys = list(models)
             for r in range(rounds):
-                for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+                for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
                     t0 = time.perf_counter()
                     call_model(models[k], tensors, names)
                     times[k].append(time.perf_counter() - t0)

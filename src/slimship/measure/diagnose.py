@@ -44,7 +44,13 @@ def _fake_quant_weight_s8(w: np.ndarray, per_channel: bool, axis: int = 1) -> np
     return np.clip(np.round(w / scale), -127, 127) * scale
 
 
-def emulated_sqnr(onnx_path: str | Path, workload: Workload, node_names: list[str], per_channel: bool = True, samples: int = 32) -> dict[str, dict[str, Any]]:
+def emulated_sqnr(
+    onnx_path: str | Path,
+    workload: Workload,
+    node_names: list[str],
+    per_channel: bool = True,
+    samples: int = 32,
+) -> dict[str, dict[str, Any]]:
     """Output SQNR (dB) of each node when only it is quantized (dynamic INT8 emulation)."""
     import onnx
     import onnxruntime as ort
@@ -68,7 +74,11 @@ def emulated_sqnr(onnx_path: str | Path, workload: Workload, node_names: list[st
     for name, node in nodes.items():
         if node.op_type == "Gather":
             w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-            out[name] = {"op_type": "Gather", "sqnr_db": _sqnr_db(w, _fake_quant_weight_s8(w, per_channel, axis=0)), "emulated": "weights only"}
+            out[name] = {
+                "op_type": "Gather",
+                "sqnr_db": _sqnr_db(w, _fake_quant_weight_s8(w, per_channel, axis=0)),
+                "emulated": "weights only",
+            }
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
@@ -85,7 +95,12 @@ def emulated_sqnr(onnx_path: str | Path, workload: Workload, node_names: list[st
     return out
 
 
-_NORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+_NORM_OPS = {
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+}
 _GELU_OPS = {"Gelu", "BiasGelu", "FastGelu", "QuickGelu"}
 
 
@@ -100,7 +115,9 @@ def node_roles(model: Any) -> dict[str, dict[str, Any]]:
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    weighted = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+    weighted = [
+        n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits
+    ]
     sharing: dict[str, int] = {}
     for n in weighted:
         sharing[n.input[0]] = sharing.get(n.input[0], 0) + 1
@@ -129,7 +146,11 @@ def node_roles(model: Any) -> dict[str, dict[str, Any]]:
                 return False
             if src.op_type in _GELU_OPS or src.op_type == "Erf":
                 return True
-            return bool(depth) and src.op_type in ("Mul", "Add", "Div") and any(from_gelu(i, depth - 1) for i in src.input)
+            return (
+                bool(depth)
+                and src.op_type in ("Mul", "Add", "Div")
+                and any(from_gelu(i, depth - 1) for i in src.input)
+            )
 
         if from_gelu(n.input[0]):
             role = "ffn_out"
@@ -170,10 +191,16 @@ def diagnose(
     sq = emulated_sqnr(candidate.artifact_path, workload, targets, base.per_channel, samples)
     ranked = sorted(sq.items(), key=lambda kv: kv[1]["sqnr_db"])
     roles = node_roles(model)
-    rows: list[dict[str, Any]] = [{"node": k, **roles.get(k, {"layer": None, "role": "other"}), **v} for k, v in ranked]
+    rows: list[dict[str, Any]] = [
+        {"node": k, **roles.get(k, {"layer": None, "role": "other"}), **v} for k, v in ranked
+    ]
     groups: dict[str, dict[str, Any]] = {}
     for row in rows:
-        key = f"layer {row['layer']} {row['role']}" if row["layer"] is not None and row["role"] != "other" else row["op_type"]
+        key = (
+            f"layer {row['layer']} {row['role']}"
+            if row["layer"] is not None and row["role"] != "other"
+            else row["op_type"]
+        )
         g = groups.setdefault(key, {"group": key, "nodes": [], "min_sqnr_db": float("inf")})
         g["nodes"].append(row["node"])
         g["min_sqnr_db"] = min(g["min_sqnr_db"], row["sqnr_db"])
@@ -187,8 +214,20 @@ def diagnose(
         full_fid = fidelity(full)
         for i, row in enumerate(rows[:measure_top]):
             others = [n for n in targets if n != row["node"]]
-            only = run_pass("quantize-dynamic", candidate, workload, {**base.to_json_dict(), "exclude_nodes": others}, Path(tmp) / f"only{i}")
-            revert = run_pass("quantize-dynamic", candidate, workload, {**base.to_json_dict(), "exclude_nodes": sorted({*base.exclude_nodes, row["node"]})}, Path(tmp) / f"rev{i}")
+            only = run_pass(
+                "quantize-dynamic",
+                candidate,
+                workload,
+                {**base.to_json_dict(), "exclude_nodes": others},
+                Path(tmp) / f"only{i}",
+            )
+            revert = run_pass(
+                "quantize-dynamic",
+                candidate,
+                workload,
+                {**base.to_json_dict(), "exclude_nodes": sorted({*base.exclude_nodes, row["node"]})},
+                Path(tmp) / f"rev{i}",
+            )
             row["fidelity_only_this_quantized"] = fidelity(only)
             row["fidelity_all_but_this"] = fidelity(revert)
             row["gain_from_reverting"] = fidelity(revert) - full_fid
@@ -216,13 +255,17 @@ def format_diagnosis(report: dict[str, Any], limit: int = 15) -> str:
         f"{'node':32s} {'group':16s} {'op':8s} {'SQNR dB':>8s} {'only-this':>10s} {'all-but-this':>13s} {'gain':>8s}",
     ]
     for r in report["nodes"][:limit]:
-        group = f"L{r['layer']} {r['role']}" if r.get("layer") is not None and r.get("role") != "other" else "—"
+        group = (
+            f"L{r['layer']} {r['role']}" if r.get("layer") is not None and r.get("role") != "other" else "—"
+        )
         lines.append(
             f"{r['node'][:32]:32s} {group:16s} {r['op_type']:8s} {r['sqnr_db']:8.2f} "
             f"{r.get('fidelity_only_this_quantized', float('nan')):10.5f} {r.get('fidelity_all_but_this', float('nan')):13.5f} "
             f"{r.get('gain_from_reverting', float('nan')):+8.5f}"
         )
-    worst_groups = ", ".join(f"{g['group']} ({g['min_sqnr_db']:.1f} dB)" for g in report.get("groups", [])[:5])
+    worst_groups = ", ".join(
+        f"{g['group']} ({g['min_sqnr_db']:.1f} dB)" for g in report.get("groups", [])[:5]
+    )
     lines.append(f"worst groups: {worst_groups}")
     lines.append(f"exclude_nodes: {report['suggested_exclude_nodes']}")
     return "\n".join(lines)

@@ -17,7 +17,13 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
 
 
-def collect_outputs(runtime: Runtime, workload: Workload, limit: int | None = None, desc: str = "evaluating", progress: bool = True) -> dict[str, np.ndarray]:
+def collect_outputs(
+    runtime: Runtime,
+    workload: Workload,
+    limit: int | None = None,
+    desc: str = "evaluating",
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     """Run every evaluation sample through ``runtime``; outputs come back in evaluation order."""
     from tqdm.auto import tqdm
 
@@ -43,7 +49,9 @@ def _reference_path(workload: Workload, limit: int | None) -> Path:
     return cache_dir() / "reference-outputs" / f"{safe}-{workload.fingerprint()}-{limit or 'all'}.npz"
 
 
-def reference_outputs(workload: Workload, limit: int | None = None, threads: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+def reference_outputs(
+    workload: Workload, limit: int | None = None, threads: int | None = None, progress: bool = True
+) -> dict[str, np.ndarray]:
     """The original model's outputs on the evaluation data (PyTorch if the workload has a PyTorch
     model, else the original ONNX on ONNX Runtime). Cached per workload fingerprint and limit."""
     path = _reference_path(workload, limit)
@@ -56,7 +64,9 @@ def reference_outputs(workload: Workload, limit: int | None = None, threads: int
 
     threads = threads or physical_cores()
     if workload.has_torch_model:
-        rt: Runtime = TorchRuntime(workload.build_model(), workload.inputs, [o.name for o in workload.outputs], threads)
+        rt: Runtime = TorchRuntime(
+            workload.build_model(), workload.inputs, [o.name for o in workload.outputs], threads
+        )
     else:
         onnx_path = workload.original_onnx()
         assert onnx_path is not None  # has_torch_model is False only for ONNX workloads
@@ -87,17 +97,23 @@ def evaluate(
 
     rt = create_runtime(candidate, workload, backend, threads)
     # the original model on its own runtime *is* the reference: run it once, not twice
-    is_reference = candidate.pass_name is None and rt.backend == ("torch" if workload.has_torch_model else "onnxruntime")
+    is_reference = candidate.pass_name is None and rt.backend == (
+        "torch" if workload.has_torch_model else "onnxruntime"
+    )
     if is_reference and not _reference_path(workload, limit).exists():
         t0 = time.perf_counter()
-        outputs = collect_outputs(rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress)
+        outputs = collect_outputs(
+            rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress
+        )
         seconds = time.perf_counter() - t0
         _save_reference(workload, limit, outputs)
         reference = outputs
     else:
         reference = reference_outputs(workload, limit, threads, progress)
         t0 = time.perf_counter()
-        outputs = collect_outputs(rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress)
+        outputs = collect_outputs(
+            rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress
+        )
         seconds = time.perf_counter() - t0
     rt.close()
     return {

@@ -46,8 +46,21 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure_in_child(candidate_dir: str, backend: str, threads: int, batch_size: int, seq_len: int | None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "slimship.measure.memory", candidate_dir, "--backend", backend, "--threads", str(threads), "--batch-size", str(batch_size)]
+def measure_in_child(
+    candidate_dir: str, backend: str, threads: int, batch_size: int, seq_len: int | None
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimship.measure.memory",
+        candidate_dir,
+        "--backend",
+        backend,
+        "--threads",
+        str(threads),
+        "--batch-size",
+        str(batch_size),
+    ]
     if seq_len:
         cmd += ["--seq-len", str(seq_len)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
@@ -77,7 +90,9 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
     rt.predict(batch)
     peak = _peak_mb()
     return {
-        "peak_covers": "model load + 2 batches" if peak_reset else "whole process (peak reset unsupported here)",
+        "peak_covers": "model load + 2 batches"
+        if peak_reset
+        else "whole process (peak reset unsupported here)",
         "rss_baseline_mb": round(baseline, 1),
         "rss_after_load_mb": round(loaded, 1),
         "peak_rss_mb": round(peak, 1),
@@ -88,7 +103,9 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("candidate")
     parser.add_argument("--backend", required=True, choices=["torch", "onnxruntime"])
     parser.add_argument("--threads", type=int, required=True)

@@ -29,7 +29,11 @@ def preflight(onnx_path: str | Path, isa: dict[str, bool] | None = None) -> dict
     model = onnx.load(str(onnx_path), load_external_data=False)
     isa = isa if isa is not None else _isa()
     inits = {i.name for i in model.graph.initializer}
-    weighted = [n for n in model.graph.node if any(i in inits for i in (n.input if n.op_type == 'Gather' else n.input[1:]))]
+    weighted = [
+        n
+        for n in model.graph.node
+        if any(i in inits for i in (n.input if n.op_type == "Gather" else n.input[1:]))
+    ]
     ops = Counter(n.op_type for n in model.graph.node)
 
     def coverage(op_types: tuple[str, ...]) -> dict[str, int]:
@@ -45,7 +49,11 @@ def preflight(onnx_path: str | Path, isa: dict[str, bool] | None = None) -> dict
         warnings.append({"code": code, "message": message, "modes": list(modes)})
 
     if not vnni and not amx:
-        warn("no-int8-dot-product", "this CPU has no VNNI/AMX: int8 matmuls use AVX2 emulation and may not beat fp32; measure before shipping int8", ("dynamic", "static"))
+        warn(
+            "no-int8-dot-product",
+            "this CPU has no VNNI/AMX: int8 matmuls use AVX2 emulation and may not beat fp32; measure before shipping int8",
+            ("dynamic", "static"),
+        )
     conv = coverage(("Conv",))
     if conv:
         warn(
@@ -71,11 +79,18 @@ def preflight(onnx_path: str | Path, isa: dict[str, bool] | None = None) -> dict
         )
     qdq = ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0)
     if qdq:
-        warn("already-quantized", f"the graph already holds {qdq} Q/DQ nodes; quantizing again compounds error")
+        warn(
+            "already-quantized", f"the graph already holds {qdq} Q/DQ nodes; quantizing again compounds error"
+        )
     gelu_fed = 0
     producer = {o: n for n in model.graph.node for o in n.output}
     for n in model.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and n.input and n.input[0] in producer and producer[n.input[0]].op_type in ("Gelu", "BiasGelu", "FastGelu"):
+        if (
+            n.op_type in ("MatMul", "Gemm")
+            and n.input
+            and n.input[0] in producer
+            and producer[n.input[0]].op_type in ("Gelu", "BiasGelu", "FastGelu")
+        ):
             gelu_fed += 1
     if gelu_fed:
         warn(
@@ -86,9 +101,29 @@ def preflight(onnx_path: str | Path, isa: dict[str, bool] | None = None) -> dict
             ("dynamic", "static"),
         )
     everything = set(DYNAMIC_OPS) | set(STATIC_OPS)
-    stays_float = {k: v for k, v in sorted(ops.items()) if k not in everything and k not in ("Constant", "Shape", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Concat", "Slice", "Gather", "Cast")}
+    stays_float = {
+        k: v
+        for k, v in sorted(ops.items())
+        if k not in everything
+        and k
+        not in (
+            "Constant",
+            "Shape",
+            "Reshape",
+            "Transpose",
+            "Unsqueeze",
+            "Squeeze",
+            "Concat",
+            "Slice",
+            "Gather",
+            "Cast",
+        )
+    }
     if not coverage(DYNAMIC_OPS) and not coverage(STATIC_OPS):
-        warn("nothing-to-quantize", "no MatMul/Gemm/Conv/Gather with constant weights: quantization would change nothing")
+        warn(
+            "nothing-to-quantize",
+            "no MatMul/Gemm/Conv/Gather with constant weights: quantization would change nothing",
+        )
     from slimship.machine import cpu_class, has_int8_dot_product
 
     cls = cpu_class({k for k, v in isa.items() if v})
@@ -109,8 +144,15 @@ def preflight(onnx_path: str | Path, isa: dict[str, bool] | None = None) -> dict
             "static": "activations uint8 asymmetric, weights int8 symmetric per-channel (u8s8)",
         }
         if vnni or amx
-        else {"dynamic": "weights int8 with reduce_range=True (avoids u8s8 saturation without VNNI)", "static": "uint8 activations, int8 weights, reduce_range"},
-        "would_quantize": {"dynamic": coverage(DYNAMIC_OPS), "static": coverage(STATIC_OPS), "int4": coverage(INT4_OPS)},
+        else {
+            "dynamic": "weights int8 with reduce_range=True (avoids u8s8 saturation without VNNI)",
+            "static": "uint8 activations, int8 weights, reduce_range",
+        },
+        "would_quantize": {
+            "dynamic": coverage(DYNAMIC_OPS),
+            "static": coverage(STATIC_OPS),
+            "int4": coverage(INT4_OPS),
+        },
         "stays_float": stays_float,
         "warnings": warnings,
     }
@@ -125,7 +167,9 @@ def format_preflight(report: dict[str, Any], mode: str | None = None) -> str:
         lines.append(f"  {kind}: {text}")
     for m, cov in report["would_quantize"].items():
         if mode in (None, m):
-            lines.append(f"{m:8s} would quantize: {', '.join(f'{k}×{v}' for k, v in cov.items()) or 'nothing'}")
+            lines.append(
+                f"{m:8s} would quantize: {', '.join(f'{k}×{v}' for k, v in cov.items()) or 'nothing'}"
+            )
     lines.append("stays float: " + (", ".join(f"{k}×{v}" for k, v in report["stays_float"].items()) or "—"))
     for w in report["warnings"]:
         if mode is None or mode in w["modes"]:

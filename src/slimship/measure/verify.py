@@ -55,7 +55,16 @@ def compare_outputs(
                 continue
             o = out[name]
             s = stats.setdefault(
-                name, {"max_abs_error": 0.0, "max_abs_ref": 0.0, "cosine_min": 1.0, "cos_sum": 0.0, "n": 0, "agree": 0, "cls": False}
+                name,
+                {
+                    "max_abs_error": 0.0,
+                    "max_abs_ref": 0.0,
+                    "cosine_min": 1.0,
+                    "cos_sum": 0.0,
+                    "n": 0,
+                    "agree": 0,
+                    "cls": False,
+                },
             )
             if o.shape != r.shape:
                 s["shape_mismatch"] = f"{list(o.shape)} vs {list(r.shape)}"
@@ -65,7 +74,9 @@ def compare_outputs(
             if r.ndim >= 1 and r.size:
                 cos = rowwise_cosine(o.reshape(r.shape[0], -1), r.reshape(r.shape[0], -1))
                 # rows that are all zeros in both agree perfectly
-                both_zero = (np.abs(o.reshape(r.shape[0], -1)).sum(1) == 0) & (np.abs(r.reshape(r.shape[0], -1)).sum(1) == 0)
+                both_zero = (np.abs(o.reshape(r.shape[0], -1)).sum(1) == 0) & (
+                    np.abs(r.reshape(r.shape[0], -1)).sum(1) == 0
+                )
                 cos = np.where(both_zero, 1.0, cos)
                 s["cosine_min"] = min(s["cosine_min"], float(cos.min()))
                 s["cos_sum"] += float(cos.sum())
@@ -97,7 +108,9 @@ def compare_outputs(
         if entry["cosine_min"] < thresholds.min_cosine:
             failures.append(f"{name}: min cosine {entry['cosine_min']:.6f} < {thresholds.min_cosine}")
         if s["cls"] and entry["top1_agreement"] < thresholds.min_top1_agreement:
-            failures.append(f"{name}: top-1 agreement {entry['top1_agreement']:.4f} < {thresholds.min_top1_agreement}")
+            failures.append(
+                f"{name}: top-1 agreement {entry['top1_agreement']:.4f} < {thresholds.min_top1_agreement}"
+            )
     report["passed"] = not failures
     report["failures"] = failures
     return report

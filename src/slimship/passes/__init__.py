@@ -106,43 +106,81 @@ def run_pass(
     return PASSES[name]()(candidate, workload, config, out_dir)
 
 
-def export(candidate: Candidate, workload: Workload, config: ExportConfig | None = None, out_dir: str | Path | None = None) -> Candidate:
+def export(
+    candidate: Candidate,
+    workload: Workload,
+    config: ExportConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
     """PyTorch candidate → verified ONNX candidate."""
     return ExportPass()(candidate, workload, config, out_dir)
 
 
 def optimize_graph(
-    candidate: Candidate, workload: Workload, config: GraphOptimizeConfig | None = None, out_dir: str | Path | None = None
+    candidate: Candidate,
+    workload: Workload,
+    config: GraphOptimizeConfig | None = None,
+    out_dir: str | Path | None = None,
 ) -> Candidate:
     """ONNX candidate → ONNX Runtime-optimised (and, for transformers, fused) ONNX candidate."""
     return GraphOptimizePass()(candidate, workload, config, out_dir)
 
 
-def prune(candidate: Candidate, workload: Workload, config: StructuredPruneConfig | None = None, out_dir: str | Path | None = None) -> Candidate:
+def prune(
+    candidate: Candidate,
+    workload: Workload,
+    config: StructuredPruneConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
     """PyTorch candidate → channels / FFN neurons / heads physically removed, recovered by distillation."""
     return StructuredPrunePass()(candidate, workload, config, out_dir)
 
 
-def depth_prune(candidate: Candidate, workload: Workload, config: DepthPruneConfig | None = None, out_dir: str | Path | None = None) -> Candidate:
+def depth_prune(
+    candidate: Candidate,
+    workload: Workload,
+    config: DepthPruneConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
     """PyTorch candidate → k of its n transformer layers kept, recovered by distillation."""
     return DepthPrunePass()(candidate, workload, config, out_dir)
 
 
-def sparsify(candidate: Candidate, workload: Workload, config: UnstructuredPruneConfig | None = None, out_dir: str | Path | None = None) -> Candidate:
+def sparsify(
+    candidate: Candidate,
+    workload: Workload,
+    config: UnstructuredPruneConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
     """PyTorch candidate → smallest-magnitude weights zeroed (a smaller compressed file, not a faster model)."""
     return UnstructuredPrunePass()(candidate, workload, config, out_dir)
 
 
-def lowrank(candidate: Candidate, workload: Workload, config: LowRankConfig | None = None, out_dir: str | Path | None = None) -> Candidate:
+def lowrank(
+    candidate: Candidate,
+    workload: Workload,
+    config: LowRankConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
     """PyTorch candidate → Linear / 1x1 Conv layers split by truncated SVD where measured faster."""
     return LowRankPass()(candidate, workload, config, out_dir)
 
 
-def share(candidate: Candidate, workload: Workload, config: WeightShareConfig | None = None, out_dir: str | Path | None = None) -> Candidate:
+def share(
+    candidate: Candidate,
+    workload: Workload,
+    config: WeightShareConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
     """PyTorch candidate → k-means shared weights; the candidate directory also holds the shipped ``model.slimw``."""
     return WeightSharePass()(candidate, workload, config, out_dir)
 
 
-def distill(candidate: Candidate, workload: Workload, config: DistillConfig | None = None, out_dir: str | Path | None = None) -> Candidate:
+def distill(
+    candidate: Candidate,
+    workload: Workload,
+    config: DistillConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
     """PyTorch candidate (the teacher) → a smaller student distilled from it."""
     return DistillPass()(candidate, workload, config, out_dir)

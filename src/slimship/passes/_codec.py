@@ -44,7 +44,9 @@ def kmeans_1d(
     and labels renumbered. Values are sorted once; each cluster is then an interval between centroid
     midpoints (np.searchsorted), summed from one prefix sum: O(k log n) per iteration, no n*k matrix."""
     if k < 1 or iters < 0:
-        raise ConfigError(f"kmeans_1d needs k >= 1 and iters >= 0, got k={k}, iters={iters}; e.g. k=32, iters=30")
+        raise ConfigError(
+            f"kmeans_1d needs k >= 1 and iters >= 0, got k={k}, iters={iters}; e.g. k=32, iters=30"
+        )
     if init not in ("linear", "density"):
         raise ConfigError(f"kmeans_1d init must be 'linear' or 'density', got {init!r}")
     x = np.asarray(values, dtype=np.float64).ravel()
@@ -154,7 +156,11 @@ def _huffman_encode(idx: np.ndarray, k: int) -> tuple[bytes, bytes, bytes]:
         return lengths.tobytes(), b"", b""
     sym_bits = lens64[idx]
     chunk_bits = np.add.reduceat(sym_bits, np.arange(0, idx.size, _CHUNK))
-    return lengths.tobytes(), chunk_bits.astype("<u4").tobytes(), np.packbits(np.concatenate(stream)).tobytes()
+    return (
+        lengths.tobytes(),
+        chunk_bits.astype("<u4").tobytes(),
+        np.packbits(np.concatenate(stream)).tobytes(),
+    )
 
 
 def _huffman_decode(lengths_b: bytes, chunks_b: bytes, data: bytes, n: int) -> np.ndarray:
@@ -195,7 +201,10 @@ def _unlzma(buf: bytes) -> bytes:
 
 
 def encode(
-    tensors: dict[str, np.ndarray], shared: dict[str, tuple[np.ndarray, np.ndarray]], *, meta: dict | None = None
+    tensors: dict[str, np.ndarray],
+    shared: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    meta: dict | None = None,
 ) -> bytes:
     """Serialise a model's state: ``tensors`` losslessly (dtype kept, lzma if it helps), ``shared`` as
     name -> (codebook float32 (k,), indices with the tensor's shape), indices bit-packed at ceil(log2 k)
@@ -217,18 +226,32 @@ def encode(
     for name, value in tensors.items():
         arr = np.asarray(value)  # not ascontiguousarray: it turns 0-d into 1-d; tobytes() is C-order anyway
         if arr.dtype.hasobject:
-            raise CompressionError(f"tensor {name!r} has dtype object; only numeric/bool arrays can be stored")
+            raise CompressionError(
+                f"tensor {name!r} has dtype object; only numeric/bool arrays can be stored"
+            )
         raw = arr.tobytes()
         packed = _lzma(raw)
         coding, buf = ("lzma", packed) if len(packed) < len(raw) else ("raw", raw)
-        entries.append({"name": name, "kind": "dense", "shape": list(arr.shape), "dtype": arr.dtype.str,
-                        "coding": coding, "segments": {"data": put(buf)}})
+        entries.append(
+            {
+                "name": name,
+                "kind": "dense",
+                "shape": list(arr.shape),
+                "dtype": arr.dtype.str,
+                "coding": coding,
+                "segments": {"data": put(buf)},
+            }
+        )
     for name, (codebook, indices) in shared.items():
         cb, idx = np.asarray(codebook, dtype=np.float32), np.asarray(indices)
         if cb.ndim != 1 or not 1 <= cb.size <= _MAX_K or not np.isfinite(cb).all():
-            raise CompressionError(f"codebook of {name!r} must be 1-D, finite, with 1..{_MAX_K} entries; got shape {cb.shape}")
+            raise CompressionError(
+                f"codebook of {name!r} must be 1-D, finite, with 1..{_MAX_K} entries; got shape {cb.shape}"
+            )
         if idx.dtype.kind not in "iu" or (idx.size and (idx.min() < 0 or idx.max() >= cb.size)):
-            raise CompressionError(f"indices of {name!r} must be integers in [0, {cb.size}) for a {cb.size}-entry codebook")
+            raise CompressionError(
+                f"indices of {name!r} must be integers in [0, {cb.size}) for a {cb.size}-entry codebook"
+            )
         flat, k = idx.ravel().astype(np.int64), cb.size
         bits = max(1, (k - 1).bit_length())
         by_lzma = _lzma(_pack(flat, bits))
@@ -239,21 +262,43 @@ def encode(
             segs.update(code_lengths=put(lengths_b), chunk_bits=put(chunks_b), data=put(stream))
         else:
             coding, segs["data"] = "lzma", put(by_lzma)
-        entries.append({"name": name, "kind": "shared", "shape": list(idx.shape), "dtype": "<f4", "k": k,
-                        "bits": bits, "coding": coding, "chunk": _CHUNK, "segments": segs})
+        entries.append(
+            {
+                "name": name,
+                "kind": "shared",
+                "shape": list(idx.shape),
+                "dtype": "<f4",
+                "k": k,
+                "bits": bits,
+                "coding": coding,
+                "chunk": _CHUNK,
+                "segments": segs,
+            }
+        )
     body = b"".join(payload)
     try:
-        header = json.dumps({"meta": meta or {}, "tensors": entries, "payload_bytes": len(body),
-                             "payload_sha256": hashlib.sha256(body).hexdigest()}, allow_nan=False).encode()
+        header = json.dumps(
+            {
+                "meta": meta or {},
+                "tensors": entries,
+                "payload_bytes": len(body),
+                "payload_sha256": hashlib.sha256(body).hexdigest(),
+            },
+            allow_nan=False,
+        ).encode()
     except (TypeError, ValueError) as err:
-        raise CompressionError(f"meta must be JSON-serialisable (dicts, lists, str, finite numbers): {err}") from err
+        raise CompressionError(
+            f"meta must be JSON-serialisable (dicts, lists, str, finite numbers): {err}"
+        ) from err
     prefix = MAGIC + _PREFIX.pack(VERSION, len(header)) + hashlib.sha256(header).digest()
     return prefix + header + body
 
 
 def _damaged(what: str) -> CandidateError:
-    return CandidateError(f"{what}: this is not a slimship weight-shared model file (magic {MAGIC!r}, "
-                          f"format v{VERSION}) or it is damaged; regenerate it with the weight-sharing pass")
+    return CandidateError(
+        f"{what}: this is not a slimship weight-shared model file (magic {MAGIC!r}, "
+        f"format v{VERSION}) or it is damaged; regenerate it with the weight-sharing pass"
+    )
 
 
 def _read(data: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -319,5 +364,10 @@ def size_report(data: bytes) -> dict:
         if e["kind"] == "shared":
             tensors[e["name"]].update(k=e["k"], bits=e["bits"])
         codings[e["coding"]] = codings.get(e["coding"], 0) + 1
-    return {"total_bytes": len(data), "header_bytes": len(data) - header["payload_bytes"],
-            "payload_bytes": header["payload_bytes"], "tensors": tensors, "codings": codings}
+    return {
+        "total_bytes": len(data),
+        "header_bytes": len(data) - header["payload_bytes"],
+        "payload_bytes": header["payload_bytes"],
+        "tensors": tensors,
+        "codings": codings,
+    }

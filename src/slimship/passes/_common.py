@@ -19,13 +19,21 @@ if TYPE_CHECKING:
 def resolve_layers(model: nn.Module, paths: Iterable[str], what: str) -> list[nn.Module]:
     """Modules named by ``paths``; a name that doesn't exist is a ConfigError listing close names."""
     names = {n for n, _ in model.named_modules() if n}
-    weighted = [n for n, m in model.named_modules() if n and next(m.parameters(recurse=False), None) is not None]
+    weighted = [
+        n for n, m in model.named_modules() if n and next(m.parameters(recurse=False), None) is not None
+    ]
     mods = []
     for p in paths:
         if p not in names:
             close = difflib.get_close_matches(p, weighted, n=4, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; layers with weights: {weighted[:6]}"
-            raise ConfigError(f"{what}: the model has no layer named {p!r}{hint} (list them with `slimship layers -w WORKLOAD`)")
+            hint = (
+                f"; did you mean {', '.join(repr(c) for c in close)}?"
+                if close
+                else f"; layers with weights: {weighted[:6]}"
+            )
+            raise ConfigError(
+                f"{what}: the model has no layer named {p!r}{hint} (list them with `slimship layers -w WORKLOAD`)"
+            )
         mods.append(model.get_submodule(p))
     return mods
 
@@ -44,7 +52,9 @@ def executed_layers(model: nn.Module, workload: Workload) -> list[str]:
     try:
         batch = workload.example_inputs(2, seq_len=16)
         with torch.inference_mode():
-            call_model(model, {k: torch.from_numpy(v) for k, v in batch.items()}, [s.name for s in workload.inputs])
+            call_model(
+                model, {k: torch.from_numpy(v) for k, v in batch.items()}, [s.name for s in workload.inputs]
+            )
     finally:
         for h in handles:
             h.remove()
@@ -96,7 +106,9 @@ def recover(
         return None
     from slimship.train import finetune
 
-    return finetune(student, teacher, workload, cfg, feature_map=feature_map, after_step=after_step, desc=desc)
+    return finetune(
+        student, teacher, workload, cfg, feature_map=feature_map, after_step=after_step, desc=desc
+    )
 
 
 def export_check(candidate: Any, workload: Workload) -> dict[str, Any]:
@@ -114,7 +126,9 @@ def export_check(candidate: Any, workload: Workload) -> dict[str, Any]:
         onnx_c = ExportPass()(candidate, workload, ExportConfig(verify_samples=16), scratch / "onnx")
         onnx_bytes = onnx_c.size_bytes
     except ExportError as err:
-        raise CompressionError(f"the compressed model no longer exports to ONNX or disagrees with PyTorch after export: {err}") from err
+        raise CompressionError(
+            f"the compressed model no longer exports to ONNX or disagrees with PyTorch after export: {err}"
+        ) from err
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     ver = onnx_c.info.get("verification", {})

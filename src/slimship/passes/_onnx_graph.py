@@ -10,12 +10,17 @@ from slimship.workload.base import TensorSpec
 
 
 def op_histogram(model: Any) -> dict[str, int]:
-    counts = Counter(n.op_type if not n.domain or n.domain == "ai.onnx" else f"{n.domain}.{n.op_type}" for n in model.graph.node)
+    counts = Counter(
+        n.op_type if not n.domain or n.domain == "ai.onnx" else f"{n.domain}.{n.op_type}"
+        for n in model.graph.node
+    )
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _all_value_names(graph: Any) -> set[str]:
-    names = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {o.name for o in graph.output}
+    names = (
+        {i.name for i in graph.input} | {i.name for i in graph.initializer} | {o.name for o in graph.output}
+    )
     for node in graph.node:
         names.update(node.output)
     return names
@@ -39,7 +44,9 @@ def rename_value(graph: Any, old: str, new: str) -> None:
             init.name = new
 
 
-def set_io_names_and_dims(model: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> list[str]:
+def set_io_names_and_dims(
+    model: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+) -> list[str]:
     """Give graph outputs the spec's names and dynamic dims their spec names.
 
     A wanted output name that is already used by an internal value (the dynamo exporter names

@@ -21,12 +21,18 @@ def _gelu_fed_matmuls(model: Any) -> list[Any]:
     inits = {t.name for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     return [
-        n for n in model.graph.node
-        if n.op_type == "MatMul" and n.input[0] in producer and producer[n.input[0]].op_type in GELU_OPS and n.input[1] in inits
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and n.input[0] in producer
+        and producer[n.input[0]].op_type in GELU_OPS
+        and n.input[1] in inits
     ]
 
 
-def _activation_absmax(path: Path, names: list[str], batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _activation_absmax(
+    path: Path, names: list[str], batches: list[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| of intermediate values, by running the graph with them as outputs."""
     import onnx
     import onnxruntime as ort
@@ -46,7 +52,9 @@ def _activation_absmax(path: Path, names: list[str], batches: list[dict[str, np.
     return maxima
 
 
-def smooth_matmuls(staged: Path, workload: Workload, alpha: float, samples: int, scope: str = "ffn_out") -> list[dict[str, Any]]:
+def smooth_matmuls(
+    staged: Path, workload: Workload, alpha: float, samples: int, scope: str = "ffn_out"
+) -> list[dict[str, Any]]:
     """Rewrite ``staged`` in place (SmoothQuant): for each group of MatMuls sharing an input X (``scope``
     "ffn_out": those fed by a GELU; "all": every MatMul with constant weights), insert one ``X * (1/s)``
     and scale the rows of every weight in the group by ``s``, with s_j = max|X_j|^α / max_group|W_j|^(1-α).
@@ -59,9 +67,15 @@ def smooth_matmuls(staged: Path, workload: Workload, alpha: float, samples: int,
         targets = _gelu_fed_matmuls(model)
     else:
         init_names = {t.name for t in model.graph.initializer}
-        targets = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in init_names and n.input[0] not in init_names]
+        targets = [
+            n
+            for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in init_names and n.input[0] not in init_names
+        ]
     if not targets:
-        raise ConfigError(f"smooth={scope!r} found no MatMul to smooth in this graph (it targets transformer MatMuls with constant weights)")
+        raise ConfigError(
+            f"smooth={scope!r} found no MatMul to smooth in this graph (it targets transformer MatMuls with constant weights)"
+        )
     batches = list(workload.calibration_batches(samples, 16))
     maxima = _activation_absmax(staged, sorted({n.input[0] for n in targets}), batches)
     inits = {t.name: t for t in model.graph.initializer}
@@ -93,14 +107,18 @@ def smooth_matmuls(staged: Path, workload: Workload, alpha: float, samples: int,
         model.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), inv_name))
         smoothed = f"{x_name}_smoothed{k}"
         first = members[0]
-        inserts[first.name] = onnx.helper.make_node("Mul", [x_name, inv_name], [smoothed], name=f"{first.name}_smooth")
+        inserts[first.name] = onnx.helper.make_node(
+            "Mul", [x_name, inv_name], [smoothed], name=f"{first.name}_smooth"
+        )
         for node in members:
             node.input[0] = smoothed
-        stats.append({
-            "nodes": [n.name for n in members],
-            "activation_absmax_max_over_median": float(x_max.max() / np.median(x_max)),
-            "smoothed_absmax_max_over_median": float((x_max / scale).max() / np.median(x_max / scale)),
-        })
+        stats.append(
+            {
+                "nodes": [n.name for n in members],
+                "activation_absmax_max_over_median": float(x_max.max() / np.median(x_max)),
+                "smoothed_absmax_max_over_median": float((x_max / scale).max() / np.median(x_max / scale)),
+            }
+        )
     # each Mul goes right before its MatMul, so the graph stays topologically sorted
     rebuilt: list[Any] = []
     for n in model.graph.node:

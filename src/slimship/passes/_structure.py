@@ -89,10 +89,14 @@ def apply_edits(model: nn.Module, edits: Iterable[Edit]) -> nn.Module:
         if op == "keep_layers":
             ml = get_module(model, edit["module"])
             if not isinstance(ml, nn.ModuleList):
-                raise CandidateError(f"keep_layers: {edit['module']} is a {type(ml).__name__}, not a ModuleList")
+                raise CandidateError(
+                    f"keep_layers: {edit['module']} is a {type(ml).__name__}, not a ModuleList"
+                )
             keep = [int(i) for i in edit["keep"]]
             if not keep or any(not 0 <= i < len(ml) for i in keep):
-                raise CandidateError(f"keep_layers: indices {keep} don't fit {edit['module']} of {len(ml)} layers")
+                raise CandidateError(
+                    f"keep_layers: indices {keep} don't fit {edit['module']} of {len(ml)} layers"
+                )
             set_module(model, edit["module"], nn.ModuleList([ml[i] for i in keep]))
         elif op == "set_attr":
             mod = get_module(model, edit["module"])
@@ -102,11 +106,17 @@ def apply_edits(model: nn.Module, edits: Iterable[Edit]) -> nn.Module:
             mod = get_module(model, edit["module"])
             rank = int(edit["rank"])
             if isinstance(mod, nn.Linear):
-                set_module(model, edit["module"], low_rank_linear_cls()(mod.in_features, mod.out_features, rank, mod.bias is not None))
+                set_module(
+                    model,
+                    edit["module"],
+                    low_rank_linear_cls()(mod.in_features, mod.out_features, rank, mod.bias is not None),
+                )
             elif isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and mod.groups == 1:
                 set_module(model, edit["module"], low_rank_conv_cls()(mod, rank))
             else:
-                raise CandidateError(f"factorize: {edit['module']} is a {type(mod).__name__}; only Linear and 1x1 Conv2d factorise")
+                raise CandidateError(
+                    f"factorize: {edit['module']} is a {type(mod).__name__}; only Linear and 1x1 Conv2d factorise"
+                )
         else:
             raise CandidateError(f"unknown architecture edit {edit!r}")
     return model

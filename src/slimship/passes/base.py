@@ -44,14 +44,19 @@ class PassConfig(BaseModel):
                 loc = ".".join(str(p) for p in e["loc"]) or "(config)"
                 msg = e["msg"].removeprefix("Value error, ")
                 given = e.get("input")
-                problems.append(f"{loc}: {msg}" + (f" (given: {given!r})" if e["loc"] and not isinstance(given, dict) else ""))
+                problems.append(
+                    f"{loc}: {msg}"
+                    + (f" (given: {given!r})" if e["loc"] and not isinstance(given, dict) else "")
+                )
 
             def default(f: Any) -> str:
                 value = f.get_default(call_default_factory=True)
                 return "{…}" if isinstance(value, BaseModel) else repr(value)
 
             fields = ", ".join(f"{n}={default(f)}" for n, f in cls.model_fields.items() if n != "version")
-            raise ConfigError(f"invalid {cls.__name__}: " + "; ".join(problems) + f". Valid fields and defaults: {fields}") from err
+            raise ConfigError(
+                f"invalid {cls.__name__}: " + "; ".join(problems) + f". Valid fields and defaults: {fields}"
+            ) from err
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

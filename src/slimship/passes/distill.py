@@ -47,16 +47,24 @@ class DistillConfig(PassConfig):
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
-        if (self.teacher == "parent" and self.student.num_layers is None and self.student.width == 1.0
-                and self.student.init == "teacher"):
-            raise ValueError("the student equals the teacher: set student.num_layers or student.width < 1 (e.g. 0.5), "
-                             "or teacher: original to recover the input model from the lineage's first model")
+        if (
+            self.teacher == "parent"
+            and self.student.num_layers is None
+            and self.student.width == 1.0
+            and self.student.init == "teacher"
+        ):
+            raise ValueError(
+                "the student equals the teacher: set student.num_layers or student.width < 1 (e.g. 0.5), "
+                "or teacher: original to recover the input model from the lineage's first model"
+            )
         return self
 
 
 class DistillPass(Pass):
     name: ClassVar[str] = "distill"
-    summary: ClassVar[str] = "build a smaller student (fewer layers / narrower) from the teacher and distil into it"
+    summary: ClassVar[str] = (
+        "build a smaller student (fewer layers / narrower) from the teacher and distil into it"
+    )
     config_cls: ClassVar[type[PassConfig]] = DistillConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
@@ -92,39 +100,68 @@ class DistillPass(Pass):
 
             root = candidate.lineage()[-1]
             if root.id == candidate.id:
-                raise ConfigError("teacher: original, but the input model has no ancestors — it is the original")
+                raise ConfigError(
+                    "teacher: original, but the input model has no ancestors — it is the original"
+                )
             if root.format != "torch":
-                raise ConfigError(f"teacher: original needs a PyTorch original; the lineage starts with a {root.format} model")
+                raise ConfigError(
+                    f"teacher: original needs a PyTorch original; the lineage starts with a {root.format} model"
+                )
             teacher = load_torch_model(root, workload).eval()
         edits = []
         fmap: dict[str, str] = {}
         if spec.num_layers is not None:
             path, layers = _layer_list(student, None)
             if spec.num_layers >= len(layers):
-                raise ConfigError(f"student.num_layers={spec.num_layers} but the teacher has {len(layers)} layers in {path}")
-            keep, _ = choose_layers(student, workload, DepthPruneConfig(keep_layers=spec.num_layers), path, len(layers))
+                raise ConfigError(
+                    f"student.num_layers={spec.num_layers} but the teacher has {len(layers)} layers in {path}"
+                )
+            keep, _ = choose_layers(
+                student, workload, DepthPruneConfig(keep_layers=spec.num_layers), path, len(layers)
+            )
             edit = {"op": "keep_layers", "module": path, "keep": keep}
             apply_edits(student, [edit])
             edits.append(edit)
             fmap = {f"{path}.{i}": f"{path}.{orig}" for i, orig in enumerate(keep)}
         if spec.width < 1.0:
-            more, _ = structured_prune(student, workload, StructuredPruneConfig(channel_ratio=1.0 - spec.width, finetune=None))
+            more, _ = structured_prune(
+                student, workload, StructuredPruneConfig(channel_ratio=1.0 - spec.width, finetune=None)
+            )
             edits += more
         if spec.init == "random":
             torch.manual_seed(config.finetune.seed)
             for m in student.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()  # type: ignore[operator]
-        record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), physical_cores())
+        record = complexity_record(
+            teacher,
+            student,
+            workload,
+            measure_batch_size(workload, config.measure_batch_size),
+            physical_cores(),
+        )
         ft = config.finetune
-        if config.teacher == "original" and any(e.get("op") == "keep_layers" for e in candidate.info.get("structure", [])):
+        if config.teacher == "original" and any(
+            e.get("op") == "keep_layers" for e in candidate.info.get("structure", [])
+        ):
             fmap = {}  # layer i of the input is not layer i of the original: no hidden-state matching
         if config.feature_weight > 0 and fmap:
             ft = ft.model_copy(update={"feature_weight": config.feature_weight})
         training = finetune(student, teacher, workload, ft, feature_map=fmap or None, desc="distil")
         cand = save_torch_candidate(
-            student, out_dir, name="student", workload=workload, parent=candidate, pass_name=self.name,
-            pass_config=config.to_json_dict(), edits=edits,
-            info={"student": spec.model_dump(), "teacher": config.teacher, "complexity": record, "finetune": training},
+            student,
+            out_dir,
+            name="student",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            edits=edits,
+            info={
+                "student": spec.model_dump(),
+                "teacher": config.teacher,
+                "complexity": record,
+                "finetune": training,
+            },
         )
         return with_export_check(cand, workload, config.verify_export)

@@ -58,7 +58,11 @@ def _quiet_exporter(record: list[str]) -> Iterator[None]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     out, err = io.StringIO(), io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         warnings.simplefilter("always")
         try:
             yield
@@ -73,7 +77,12 @@ def _quiet_exporter(record: list[str]) -> Iterator[None]:
 
 
 def _export_once(
-    exporter: str, model: torch.nn.Module, workload: Workload, cfg: ExportConfig, path: Path, record: list[str]
+    exporter: str,
+    model: torch.nn.Module,
+    workload: Workload,
+    cfg: ExportConfig,
+    path: Path,
+    record: list[str],
 ) -> dict[str, Any]:
     import torch
 
@@ -88,7 +97,8 @@ def _export_once(
     with _quiet_exporter(record):
         if exporter == "dynamo":
             dyn = {
-                s.name: {axis: torch.export.Dim.DYNAMIC for axis in s.dynamic_axes} or None for s in workload.inputs
+                s.name: {axis: torch.export.Dim.DYNAMIC for axis in s.dynamic_axes} or None
+                for s in workload.inputs
             }
             torch.onnx.export(
                 model,
@@ -133,7 +143,9 @@ def _finalise(path: Path, workload: Workload) -> dict[str, Any]:
         stale.unlink()
     if model.ByteSize() > 0.9 * _TWO_GB:
         data_name = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+        )
         external_files.append(data_name)
         onnx.checker.check_model(str(path))
     else:
@@ -154,7 +166,9 @@ def _reason(err: BaseException) -> str:
 
 class ExportPass(Pass):
     name: ClassVar[str] = "export"
-    summary: ClassVar[str] = "PyTorch → ONNX (dynamo, TorchScript fallback), checked and verified against PyTorch on real inputs"
+    summary: ClassVar[str] = (
+        "PyTorch → ONNX (dynamo, TorchScript fallback), checked and verified against PyTorch on real inputs"
+    )
     config_cls: ClassVar[type[PassConfig]] = ExportConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "onnx"

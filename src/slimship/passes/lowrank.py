@@ -90,12 +90,20 @@ def candidate_layers(model: nn.Module, workload: Workload, cfg: LowRankConfig) -
         )
         if not ok or name not in order:
             continue
-        only_ranked = not cfg.layers and cfg.ranks and cfg.energy is None and cfg.param_ratio is None and cfg.sensitivity is None
+        only_ranked = (
+            not cfg.layers
+            and cfg.ranks
+            and cfg.energy is None
+            and cfg.param_ratio is None
+            and cfg.sensitivity is None
+        )
         chosen = name in cfg.ranks or (cfg.layers and any(fnmatch.fnmatch(name, p) for p in cfg.layers))
         if chosen or (not cfg.layers and not only_ranked and name != output_layer):
             found[name] = mod
     if cfg.layers and not found:
-        raise ConfigError(f"layers {cfg.layers} match no Linear / 1x1 Conv layer; names look like {order[:4]}")
+        raise ConfigError(
+            f"layers {cfg.layers} match no Linear / 1x1 Conv layer; names look like {order[:4]}"
+        )
     return found
 
 
@@ -103,7 +111,9 @@ def _round_up(r: int, to: int, cap: int) -> int:
     return int(min(cap, max(to, -(-r // to) * to)))
 
 
-def sensitivity_ranks(model: nn.Module, workload: Workload, layers: dict[str, nn.Module], cfg: LowRankConfig) -> dict[str, int]:
+def sensitivity_ranks(
+    model: nn.Module, workload: Workload, layers: dict[str, nn.Module], cfg: LowRankConfig
+) -> dict[str, int]:
     """Per layer, binary-search the smallest rank whose factorisation alone keeps output cosine ≥ cfg.sensitivity."""
     import copy
 
@@ -114,7 +124,10 @@ def sensitivity_ranks(model: nn.Module, workload: Workload, layers: dict[str, nn
     from slimship.workload.base import rowwise_cosine
 
     names = [s.name for s in workload.inputs]
-    batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in workload.calibration_batches(cfg.sensitivity_samples, 16)]
+    batches = [
+        {k: torch.from_numpy(v) for k, v in b.items()}
+        for b in workload.calibration_batches(cfg.sensitivity_samples, 16)
+    ]
 
     def outputs(m: nn.Module) -> np.ndarray:
         with torch.inference_mode():
@@ -139,18 +152,23 @@ def sensitivity_ranks(model: nn.Module, workload: Workload, layers: dict[str, nn
     return ranks
 
 
-def choose_ranks(layers: dict[str, nn.Module], cfg: LowRankConfig, sensitive: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+def choose_ranks(
+    layers: dict[str, nn.Module], cfg: LowRankConfig, sensitive: dict[str, int] | None = None
+) -> dict[str, dict[str, Any]]:
     """Rank per layer with the singular-value evidence behind it."""
     import torch
 
     out: dict[str, dict[str, Any]] = {}
     svals = {n: torch.linalg.svdvals(_matrix(m).double()).numpy() for n, m in layers.items()}
     budget_ranks: dict[str, int] = {}
-    if cfg.param_ratio is not None:  # greedy: take the globally largest normalised singular values until the budget is spent
+    if (
+        cfg.param_ratio is not None
+    ):  # greedy: take the globally largest normalised singular values until the budget is spent
         cost = {n: sum(_matrix(m).shape) for n, m in layers.items()}
         total = sum(_matrix(m).numel() for m in layers.values())
         items = sorted(
-            ((float(s[i] ** 2 / (s**2).sum()) / cost[n], n) for n, s in svals.items() for i in range(len(s))), reverse=True
+            ((float(s[i] ** 2 / (s**2).sum()) / cost[n], n) for n, s in svals.items() for i in range(len(s))),
+            reverse=True,
         )
         spent, budget_ranks = 0, dict.fromkeys(layers, 0)
         for _, n in items:
@@ -180,13 +198,20 @@ def choose_ranks(layers: dict[str, nn.Module], cfg: LowRankConfig, sensitive: di
             r = _round_up(max(r, 1), cfg.round_to, full)
         cum = np.cumsum(s**2) / (s**2).sum()
         out[n] = {
-            "rank": r, "full_rank": full, "in": in_f, "out": out_f, "why": why,
-            "energy_kept": float(cum[r - 1]), "params_ratio": r * (in_f + out_f) / (in_f * out_f),
+            "rank": r,
+            "full_rank": full,
+            "in": in_f,
+            "out": out_f,
+            "why": why,
+            "energy_kept": float(cum[r - 1]),
+            "params_ratio": r * (in_f + out_f) / (in_f * out_f),
         }
     return out
 
 
-def ort_break_even(rows: int, in_f: int, out_f: int, rank: int, threads: int, rounds: int = 40) -> dict[str, float]:
+def ort_break_even(
+    rows: int, in_f: int, out_f: int, rank: int, threads: int, rounds: int = 40
+) -> dict[str, float]:
     """Median ONNX Runtime time of ``x·Wᵀ`` against ``(x·Vᵀ)·Uᵀ`` for these shapes, interleaved."""
     import onnx
     import onnxruntime as ort
@@ -203,11 +228,18 @@ def ort_break_even(rows: int, in_f: int, out_f: int, rank: int, threads: int, ro
             nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"y{i}"]))
             prev = f"y{i}"
         graph = helper.make_graph(
-            nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, in_f])],
-            [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [rows, out_f])], inits,
+            nodes,
+            "mm",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, in_f])],
+            [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [rows, out_f])],
+            inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-        return ort.InferenceSession(model.SerializeToString(), session_options(threads, spin=False), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model.SerializeToString(),
+            session_options(threads, spin=False),
+            providers=["CPUExecutionProvider"],
+        )
 
     dense = session([rng.standard_normal((in_f, out_f))])
     thin = session([rng.standard_normal((in_f, rank)), rng.standard_normal((rank, out_f))])
@@ -250,7 +282,9 @@ def factorize(model: nn.Module, name: str, rank: int) -> None:
 
 class LowRankPass(Pass):
     name: ClassVar[str] = "lowrank"
-    summary: ClassVar[str] = "SVD factorisation of Linear / 1x1 Conv layers where measured faster, then distillation"
+    summary: ClassVar[str] = (
+        "SVD factorisation of Linear / 1x1 Conv layers where measured faster, then distillation"
+    )
     config_cls: ClassVar[type[PassConfig]] = LowRankConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
@@ -270,7 +304,9 @@ class LowRankPass(Pass):
         teacher, student = teacher_and_student(candidate, workload)
         layers = candidate_layers(student, workload, config)
         todo = {n: m for n, m in layers.items() if n not in config.ranks}
-        sensitive = sensitivity_ranks(student, workload, todo, config) if config.sensitivity is not None else None
+        sensitive = (
+            sensitivity_ranks(student, workload, todo, config) if config.sensitivity is not None else None
+        )
         plan = choose_ranks(layers, config, sensitive)
         threads = physical_cores()
         rows = config.timing_rows or (256 if workload.task == "classification" else 8 * 128)
@@ -286,7 +322,9 @@ class LowRankPass(Pass):
                     timings[key] = ort_break_even(rows, p["in"], p["out"], p["rank"], threads)
                 d["ort_timing"] = timings[key]
                 if timings[key]["speedup"] < config.min_speedup:
-                    d["decision"] = f"dense: factorised measured {timings[key]['speedup']:.2f}x (< {config.min_speedup}x)"
+                    d["decision"] = (
+                        f"dense: factorised measured {timings[key]['speedup']:.2f}x (< {config.min_speedup}x)"
+                    )
             d.setdefault("decision", "factorised")
             decisions[name] = d
             if d["decision"] == "factorised":
@@ -297,13 +335,33 @@ class LowRankPass(Pass):
                 "no layer was factorised: at these ranks none is measurably faster or smaller "
                 f"({ {n: d['decision'] for n, d in list(decisions.items())[:4]} }); lower energy / param_ratio or set min_speedup 0"
             )
-        record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), threads)
+        record = complexity_record(
+            teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), threads
+        )
         training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
         cand = save_torch_candidate(
-            student, out_dir, name="lowrank", workload=workload, parent=candidate, pass_name=self.name,
-            pass_config=config.to_json_dict(), edits=edits,
-            info={"layers": decisions, "factorised": len(edits),
-                  "params_kept_in_factorised_layers": sum(d["rank"] * (d["in"] + d["out"]) for d in decisions.values() if d["decision"] == "factorised")
-                  / max(1, sum(d["in"] * d["out"] for d in decisions.values() if d["decision"] == "factorised")), "timing_rows": rows, "complexity": record, "finetune": training},
+            student,
+            out_dir,
+            name="lowrank",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            edits=edits,
+            info={
+                "layers": decisions,
+                "factorised": len(edits),
+                "params_kept_in_factorised_layers": sum(
+                    d["rank"] * (d["in"] + d["out"])
+                    for d in decisions.values()
+                    if d["decision"] == "factorised"
+                )
+                / max(
+                    1, sum(d["in"] * d["out"] for d in decisions.values() if d["decision"] == "factorised")
+                ),
+                "timing_rows": rows,
+                "complexity": record,
+                "finetune": training,
+            },
         )
         return with_export_check(cand, workload, config.verify_export)

@@ -40,7 +40,9 @@ class GraphOptimizeConfig(PassConfig):
 
 class GraphOptimizePass(Pass):
     name: ClassVar[str] = "optimize"
-    summary: ClassVar[str] = "ONNX Runtime graph optimisation (+ transformer fusions), verified against its parent"
+    summary: ClassVar[str] = (
+        "ONNX Runtime graph optimisation (+ transformer fusions), verified against its parent"
+    )
     config_cls: ClassVar[type[PassConfig]] = GraphOptimizeConfig
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
@@ -75,9 +77,17 @@ class GraphOptimizePass(Pass):
             try:
                 from onnxruntime.transformers.optimizer import optimize_model
 
-                fused = optimize_model(str(src), model_type=config.model_type, num_heads=num_heads, hidden_size=hidden, opt_level=0)
+                fused = optimize_model(
+                    str(src),
+                    model_type=config.model_type,
+                    num_heads=num_heads,
+                    hidden_size=hidden,
+                    opt_level=0,
+                )
             except Exception as err:
-                raise CompressionError(f"ONNX Runtime's transformer optimizer failed on {src}: {type(err).__name__}: {err}") from err
+                raise CompressionError(
+                    f"ONNX Runtime's transformer optimizer failed on {src}: {type(err).__name__}: {err}"
+                ) from err
             info["fused_operators"] = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
             if not info["fused_operators"].get("Attention"):
                 info["notes"].append(
@@ -87,11 +97,17 @@ class GraphOptimizePass(Pass):
             stage = out_dir / ".fused.onnx"
             fused.save_model_to_file(str(stage))
         if config.level == "all":
-            info["notes"].append("level 'all' adds layout optimisations specific to this CPU; the artifact is not portable")
+            info["notes"].append(
+                "level 'all' adds layout optimisations specific to this CPU; the artifact is not portable"
+            )
         try:
             import onnxruntime as ort
 
-            ort.InferenceSession(str(stage), session_options(threads, config.level, optimized_path=out), providers=["CPUExecutionProvider"])
+            ort.InferenceSession(
+                str(stage),
+                session_options(threads, config.level, optimized_path=out),
+                providers=["CPUExecutionProvider"],
+            )
         except Exception as err:
             raise CompressionError(f"ONNX Runtime could not optimise {src}: {err}") from err
         finally:
@@ -102,12 +118,15 @@ class GraphOptimizePass(Pass):
         info["ops_after"] = op_histogram(onnx.load(str(out), load_external_data=False))
         parent_rt = OrtRuntime(src, threads, graph_level="disable")
         child_rt = OrtRuntime(out, threads, graph_level="disable")
-        report = compare_outputs(parent_rt, child_rt, verification_batches(workload, config.verify_samples), config.verify)
+        report = compare_outputs(
+            parent_rt, child_rt, verification_batches(workload, config.verify_samples), config.verify
+        )
         info["verification"] = report
         if not report["passed"]:
             out.unlink(missing_ok=True)
             raise VerificationError(
-                "the optimised graph's outputs disagree with its parent's: " + "; ".join(report["failures"]), report=report
+                "the optimised graph's outputs disagree with its parent's: " + "; ".join(report["failures"]),
+                report=report,
             )
         return new_candidate(
             out_dir,

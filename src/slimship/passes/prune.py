@@ -56,10 +56,19 @@ class StructuredPruneConfig(PassConfig):
 
     @model_validator(mode="after")
     def _check(self) -> StructuredPruneConfig:
-        if self.channel_ratio == 0 and self.head_ratio == 0 and self.head_dim_ratio == 0 and not self.layer_ratios:
-            raise ValueError("nothing to prune: set channel_ratio (e.g. 0.5), head_ratio, head_dim_ratio or layer_ratios")
+        if (
+            self.channel_ratio == 0
+            and self.head_ratio == 0
+            and self.head_dim_ratio == 0
+            and not self.layer_ratios
+        ):
+            raise ValueError(
+                "nothing to prune: set channel_ratio (e.g. 0.5), head_ratio, head_dim_ratio or layer_ratios"
+            )
         if self.head_ratio > 0 and self.head_dim_ratio > 0:
-            raise ValueError("prune whole heads (head_ratio) or dimensions inside every head (head_dim_ratio), not both in one pass")
+            raise ValueError(
+                "prune whole heads (head_ratio) or dimensions inside every head (head_dim_ratio), not both in one pass"
+            )
         for k, v in self.layer_ratios.items():
             if not 0 < v < 1:
                 raise ValueError(f"layer_ratios[{k!r}] = {v}: a ratio must be in (0, 1), e.g. 0.5")
@@ -90,7 +99,8 @@ def _bert_attention(model: nn.Module) -> list[tuple[str, Any]]:
     return [
         (n, m)
         for n, m in model.named_modules()
-        if hasattr(m, "num_attention_heads") and all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
+        if hasattr(m, "num_attention_heads")
+        and all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
     ]
 
 
@@ -105,9 +115,18 @@ def _untraceable(model: nn.Module, workload: Workload) -> str | None:
 
     def hook(name: str) -> Any:
         def f(mod: nn.Module, inputs: Any, out: Any) -> None:
-            tensors = [t for t in (out if isinstance(out, tuple | list) else [out]) if isinstance(t, torch.Tensor)]
-            ins = [t for t in (inputs if isinstance(inputs, tuple) else [inputs]) if isinstance(t, torch.Tensor)]
-            if not found and tensors and any(t.requires_grad for t in ins) and not any(t.requires_grad for t in tensors):
+            tensors = [
+                t for t in (out if isinstance(out, tuple | list) else [out]) if isinstance(t, torch.Tensor)
+            ]
+            ins = [
+                t for t in (inputs if isinstance(inputs, tuple) else [inputs]) if isinstance(t, torch.Tensor)
+            ]
+            if (
+                not found
+                and tensors
+                and any(t.requires_grad for t in ins)
+                and not any(t.requires_grad for t in tensors)
+            ):
                 found.append(f"{name or '(model)'} ({type(mod).__name__})")
 
         return f
@@ -138,7 +157,9 @@ def _importance(cfg: StructuredPruneConfig, model: nn.Module, workload: Workload
         return tp.importance.GroupMagnitudeImportance(p=1 if cfg.importance == "l1" else 2)
     if cfg.importance == "bn_scale":
         if not any(isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d) for m in model.modules()):
-            raise ConfigError("importance 'bn_scale' ranks channels by BatchNorm scale, but this model has no BatchNorm; use 'l2'")
+            raise ConfigError(
+                "importance 'bn_scale' ranks channels by BatchNorm scale, but this model has no BatchNorm; use 'l2'"
+            )
         return tp.importance.BNScaleImportance()
     return tp.importance.GroupTaylorImportance()
 
@@ -163,21 +184,27 @@ def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> Non
         torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(y))).backward()
 
 
-def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def structured_prune(
+    model: nn.Module, workload: Workload, cfg: StructuredPruneConfig
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Prune ``model`` in place. Returns the architecture edits to record and a summary of what changed."""
     import torch
 
     try:
         import torch_pruning as tp
     except ImportError as err:  # a core dependency; only a broken install gets here
-        raise CompressionError(f"structured pruning needs the torch-pruning package ({err}); pip install -c constraints.txt torch-pruning") from err
+        raise CompressionError(
+            f"structured pruning needs the torch-pruning package ({err}); pip install -c constraints.txt torch-pruning"
+        ) from err
 
     from slimship.passes._common import executed_layers, resolve_layers
     from slimship.runtime.torch_backend import call_model
 
     names = [s.name for s in workload.inputs]
     ignored = resolve_layers(model, cfg.ignore, "ignore")
-    overrides = dict(zip(resolve_layers(model, cfg.layer_ratios, "layer_ratios"), cfg.layer_ratios.values(), strict=True))
+    overrides = dict(
+        zip(resolve_layers(model, cfg.layer_ratios, "layer_ratios"), cfg.layer_ratios.values(), strict=True)
+    )
     attn = _bert_attention(model)
     ratio_dict: dict[Any, float] = {}
     num_heads: dict[Any, int] = {}
@@ -194,14 +221,20 @@ def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneC
         if cfg.channel_ratio > 0:
             ffn = [m for n, m in model.named_modules() if n.endswith("intermediate.dense")]
             if not ffn:
-                raise CompressionError("found attention layers but no FFN 'intermediate.dense' layers; FFN pruning supports the BERT family")
+                raise CompressionError(
+                    "found attention layers but no FFN 'intermediate.dense' layers; FFN pruning supports the BERT family"
+                )
             ratio_dict.update({m: cfg.channel_ratio for m in ffn})
     elif cfg.head_ratio > 0 or cfg.head_dim_ratio > 0:
-        raise ConfigError("head_ratio / head_dim_ratio apply to BERT-family attention; this model has no attention layers with query/key/value")
+        raise ConfigError(
+            "head_ratio / head_dim_ratio apply to BERT-family attention; this model has no attention layers with query/key/value"
+        )
     else:
         order = executed_layers(model, workload)
         if order:
-            ignored.append(model.get_submodule(order[-1]))  # the classifier / output projection keeps its outputs
+            ignored.append(
+                model.get_submodule(order[-1])
+            )  # the classifier / output projection keeps its outputs
     ratio_dict.update(overrides)
     if cfg.importance == "taylor":
         _taylor_gradients(model, workload, cfg.taylor_batches)
@@ -240,7 +273,9 @@ def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneC
     try:
         pruner.step()
     except Exception as err:
-        raise CompressionError(f"pruning failed while removing channels: {type(err).__name__}: {err}") from err
+        raise CompressionError(
+            f"pruning failed while removing channels: {type(err).__name__}: {err}"
+        ) from err
     model.zero_grad(set_to_none=True)
     edits: list[dict[str, Any]] = []
     heads: dict[str, int] = {}
@@ -249,11 +284,23 @@ def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneC
         q, k, v = mod.query.out_features, mod.key.out_features, mod.value.out_features
         unit = mod.num_attention_heads if cfg.head_dim_ratio > 0 else mod.attention_head_size
         if not q == k == v or q % unit:
-            raise CompressionError(f"{path}: query/key/value widths {q}/{k}/{v} don't split into equal heads ({unit})")
-        if cfg.head_dim_ratio > 0:  # same heads, each narrower; the trained scaling 1/sqrt(original head size) is kept
-            attrs = {"num_attention_heads": mod.num_attention_heads, "all_head_size": q, "attention_head_size": q // mod.num_attention_heads}
+            raise CompressionError(
+                f"{path}: query/key/value widths {q}/{k}/{v} don't split into equal heads ({unit})"
+            )
+        if (
+            cfg.head_dim_ratio > 0
+        ):  # same heads, each narrower; the trained scaling 1/sqrt(original head size) is kept
+            attrs = {
+                "num_attention_heads": mod.num_attention_heads,
+                "all_head_size": q,
+                "attention_head_size": q // mod.num_attention_heads,
+            }
         else:
-            attrs = {"num_attention_heads": q // mod.attention_head_size, "all_head_size": q, "attention_head_size": mod.attention_head_size}
+            attrs = {
+                "num_attention_heads": q // mod.attention_head_size,
+                "all_head_size": q,
+                "attention_head_size": mod.attention_head_size,
+            }
         if hasattr(mod, "scaling"):
             attrs["scaling"] = float(mod.scaling)
         for key, val in attrs.items():
@@ -261,10 +308,20 @@ def structured_prune(model: nn.Module, workload: Workload, cfg: StructuredPruneC
         heads[path] = attrs["num_attention_heads"]
         head_sizes = attrs["attention_head_size"]
         edits.append({"op": "set_attr", "module": path, "attrs": attrs})
-    changed = {n: [list(before[n]), list(p.shape)] for n, p in model.named_parameters() if n in before and tuple(p.shape) != before[n]}
+    changed = {
+        n: [list(before[n]), list(p.shape)]
+        for n, p in model.named_parameters()
+        if n in before and tuple(p.shape) != before[n]
+    }
     if not changed:
-        raise CompressionError("nothing was pruned: every prunable layer is ignored or the ratios round to zero channels")
-    return edits, {"changed_shapes": changed, "heads_per_layer": heads or None, "head_size": head_sizes if attn else None}
+        raise CompressionError(
+            "nothing was pruned: every prunable layer is ignored or the ratios round to zero channels"
+        )
+    return edits, {
+        "changed_shapes": changed,
+        "heads_per_layer": heads or None,
+        "head_size": head_sizes if attn else None,
+    }
 
 
 def _layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
@@ -286,7 +343,9 @@ def _layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]
     return max(lists, key=lambda nm: len(nm[1]))
 
 
-def choose_layers(model: nn.Module, workload: Workload, cfg: DepthPruneConfig, path: str, n: int) -> tuple[list[int], list[dict[str, Any]]]:
+def choose_layers(
+    model: nn.Module, workload: Workload, cfg: DepthPruneConfig, path: str, n: int
+) -> tuple[list[int], list[dict[str, Any]]]:
     """Indices of the layers to keep (ascending) and, for 'fidelity', the greedy trace."""
     import copy
 
@@ -310,9 +369,12 @@ def choose_layers(model: nn.Module, workload: Workload, cfg: DepthPruneConfig, p
 
     def outputs(m: nn.Module) -> np.ndarray:
         with torch.inference_mode():
-            return np.concatenate([
-                np.asarray(call_model(m, {kk: torch.from_numpy(v) for kk, v in b.items()}, names)) for b in batches
-            ])
+            return np.concatenate(
+                [
+                    np.asarray(call_model(m, {kk: torch.from_numpy(v) for kk, v in b.items()}, names))
+                    for b in batches
+                ]
+            )
 
     ref = outputs(model)
     keep = list(range(n))
@@ -331,7 +393,9 @@ def choose_layers(model: nn.Module, workload: Workload, cfg: DepthPruneConfig, p
 
 class StructuredPrunePass(Pass):
     name: ClassVar[str] = "prune"
-    summary: ClassVar[str] = "structured pruning (channels, FFN neurons, heads) with Torch-Pruning, then distillation"
+    summary: ClassVar[str] = (
+        "structured pruning (channels, FFN neurons, heads) with Torch-Pruning, then distillation"
+    )
     config_cls: ClassVar[type[PassConfig]] = StructuredPruneConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
@@ -351,11 +415,23 @@ class StructuredPrunePass(Pass):
 
         teacher, student = teacher_and_student(candidate, workload)
         edits, summary = structured_prune(student, workload, config)
-        record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), physical_cores())
+        record = complexity_record(
+            teacher,
+            student,
+            workload,
+            measure_batch_size(workload, config.measure_batch_size),
+            physical_cores(),
+        )
         training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
         cand = save_torch_candidate(
-            student, out_dir, name="pruned", workload=workload, parent=candidate, pass_name=self.name,
-            pass_config=config.to_json_dict(), edits=edits,
+            student,
+            out_dir,
+            name="pruned",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            edits=edits,
             info={"pruning": summary, "complexity": record, "finetune": training},
         )
         return with_export_check(cand, workload, config.verify_export)
@@ -363,7 +439,9 @@ class StructuredPrunePass(Pass):
 
 class DepthPrunePass(Pass):
     name: ClassVar[str] = "depth-prune"
-    summary: ClassVar[str] = "keep k of n transformer layers (alternate / first / last / least fidelity loss), then distillation"
+    summary: ClassVar[str] = (
+        "keep k of n transformer layers (alternate / first / last / least fidelity loss), then distillation"
+    )
     config_cls: ClassVar[type[PassConfig]] = DepthPruneConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
@@ -385,20 +463,43 @@ class DepthPrunePass(Pass):
         path, layers = _layer_list(student, config.layers_module)
         n = len(layers)
         if config.keep_layers >= n:
-            raise ConfigError(f"keep_layers={config.keep_layers} but {path} has only {n} layers; keep fewer (e.g. {max(1, n // 2)})")
+            raise ConfigError(
+                f"keep_layers={config.keep_layers} but {path} has only {n} layers; keep fewer (e.g. {max(1, n // 2)})"
+            )
         keep, trace = choose_layers(student, workload, config, path, n)
         edit = {"op": "keep_layers", "module": path, "keep": keep}
         apply_edits(student, [edit])
-        record = complexity_record(teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), physical_cores())
-        fmap = {f"{path}.{i}": f"{path}.{orig}" for i, orig in enumerate(keep)} if config.feature_weight > 0 else None
+        record = complexity_record(
+            teacher,
+            student,
+            workload,
+            measure_batch_size(workload, config.measure_batch_size),
+            physical_cores(),
+        )
+        fmap = (
+            {f"{path}.{i}": f"{path}.{orig}" for i, orig in enumerate(keep)}
+            if config.feature_weight > 0
+            else None
+        )
         cfg = config.finetune
         if cfg is not None and fmap:
             cfg = cfg.model_copy(update={"feature_weight": cfg.feature_weight or config.feature_weight})
         training = recover(student, teacher, workload, cfg, feature_map=fmap, desc="recover (distil)")
         cand = save_torch_candidate(
-            student, out_dir, name=f"depth{len(keep)}", workload=workload, parent=candidate, pass_name=self.name,
-            pass_config=config.to_json_dict(), edits=[edit],
-            info={"layers_kept": keep, "layers_before": n, "fidelity_trace": trace, "complexity": record, "finetune": training},
+            student,
+            out_dir,
+            name=f"depth{len(keep)}",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            edits=[edit],
+            info={
+                "layers_kept": keep,
+                "layers_before": n,
+                "fidelity_trace": trace,
+                "complexity": record,
+                "finetune": training,
+            },
         )
         return with_export_check(cand, workload, config.verify_export)
-

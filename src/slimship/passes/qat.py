@@ -40,7 +40,9 @@ class QATConfig(PassConfig):
     distill_weight: float = Field(default=1.0, ge=0.0)
     opset: int = Field(default=17, ge=13, le=21)
     #: the exported QDQ graph must match the fake-quantized PyTorch model this closely
-    verify: VerifyThresholds = VerifyThresholds(min_cosine=0.999, atol=float("inf"), rtol=0.0, min_top1_agreement=0.98)
+    verify: VerifyThresholds = VerifyThresholds(
+        min_cosine=0.999, atol=float("inf"), rtol=0.0, min_top1_agreement=0.98
+    )
     seed: int = 0
 
 
@@ -102,7 +104,9 @@ def _fake_quant_modules() -> tuple[type, type]:
             w: torch.Tensor = self.layer.weight  # type: ignore[assignment]
             scale = self.frozen_scale if self.frozen_scale is not None else self._scale()
             zero = torch.zeros(w.shape[0], dtype=torch.int32)
-            wq = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -128, 127)  # ONNX allows (-128, 127)
+            wq = torch.fake_quantize_per_channel_affine(
+                w, scale, zero, 0, -128, 127
+            )  # ONNX allows (-128, 127)
             xq = self.act(x)
             if isinstance(self.layer, nn.Linear):
                 return nn.functional.linear(xq, wq, self.layer.bias)
@@ -153,7 +157,12 @@ def fold_constant_quantize(model: Any) -> int:
                 if scale.ndim == 1 and scale.size > 1:
                     shape[axis] = scale.size
                 info = np.iinfo(zp.dtype)
-                q = np.clip(np.round(w / scale.reshape(shape)) + zp.astype(np.int64).reshape(shape if zp.size > 1 else ()), info.min, info.max)
+                q = np.clip(
+                    np.round(w / scale.reshape(shape))
+                    + zp.astype(np.int64).reshape(shape if zp.size > 1 else ()),
+                    info.min,
+                    info.max,
+                )
                 model.graph.initializer.append(numpy_helper.from_array(q.astype(zp.dtype), node.output[0]))
                 folded += 1
                 continue
@@ -170,7 +179,9 @@ def fold_constant_quantize(model: Any) -> int:
 
 class QATPass(Pass):
     name: ClassVar[str] = "qat"
-    summary: ClassVar[str] = "quantization-aware fine-tuning (fake quant + STE) exported as an ONNX QDQ int8 graph"
+    summary: ClassVar[str] = (
+        "quantization-aware fine-tuning (fake quant + STE) exported as an ONNX QDQ int8 graph"
+    )
     config_cls: ClassVar[type[PassConfig]] = QATConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "onnx"
@@ -197,7 +208,9 @@ class QATPass(Pass):
         student = load_torch_model(candidate, workload)
         wrappers = prepare_qat(student, config.range_momentum)
         if not wrappers:
-            raise CompressionError(f"nothing to quantize in {candidate.id}: QAT wraps Linear and Conv2d layers, and the model has none")
+            raise CompressionError(
+                f"nothing to quantize in {candidate.id}: QAT wraps Linear and Conv2d layers, and the model has none"
+            )
         names = [s.name for s in workload.inputs]
         out_names = [o.name for o in workload.outputs]
 
@@ -218,8 +231,12 @@ class QATPass(Pass):
         except Exception as err:
             if isinstance(err, CompressionError):
                 raise
-            raise CompressionError(f"QAT could not run {workload.name}'s model on its training data: {type(err).__name__}: {err}") from err
-        opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
+            raise CompressionError(
+                f"QAT could not run {workload.name}'s model on its training data: {type(err).__name__}: {err}"
+            ) from err
+        opt = torch.optim.AdamW(
+            [p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0
+        )
         losses: list[float] = []
         student.train()
         for epoch in range(config.epochs):
@@ -230,7 +247,9 @@ class QATPass(Pass):
                 out = first_output(call_model(student, tensors, names))
                 loss = config.distill_weight * torch.nn.functional.mse_loss(out, teacher_out)
                 if targets is not None and out.ndim == 2:
-                    loss = loss + torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(targets)))
+                    loss = loss + torch.nn.functional.cross_entropy(
+                        out, torch.from_numpy(np.asarray(targets))
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -248,11 +267,21 @@ class QATPass(Pass):
         tmp_out = [f"slimship_output_{i}" for i in range(len(out_names))]
         dyn_axes.update({t: s.dynamic_axes for t, s in zip(tmp_out, workload.outputs, strict=True)})
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    student, tuple(torch.from_numpy(example[n]) for n in order), str(path), input_names=order,
-                    output_names=tmp_out, opset_version=config.opset, dynamo=False, dynamic_axes=dyn_axes,
+                    student,
+                    tuple(torch.from_numpy(example[n]) for n in order),
+                    str(path),
+                    input_names=order,
+                    output_names=tmp_out,
+                    opset_version=config.opset,
+                    dynamo=False,
+                    dynamic_axes=dyn_axes,
                     do_constant_folding=True,
                 )
             model = onnx.load(str(path))
@@ -264,14 +293,29 @@ class QATPass(Pass):
             path.unlink(missing_ok=True)
             from slimship.passes.export import _reason
 
-            raise CompressionError(f"exporting the fake-quantized model to ONNX QDQ failed: {_reason(err)}") from err
+            raise CompressionError(
+                f"exporting the fake-quantized model to ONNX QDQ failed: {_reason(err)}"
+            ) from err
         threads = physical_cores()
         batches_v = verification_batches(workload, 48)
-        report = compare_outputs(TorchRuntime(student, workload.inputs, out_names, threads), OrtRuntime(path, threads), batches_v, config.verify)
+        report = compare_outputs(
+            TorchRuntime(student, workload.inputs, out_names, threads),
+            OrtRuntime(path, threads),
+            batches_v,
+            config.verify,
+        )
         if not report["passed"]:
             path.unlink(missing_ok=True)
-            raise CompressionError("the exported QDQ graph disagrees with the fake-quantized PyTorch model: " + "; ".join(report["failures"]))
-        fidelity = compare_outputs(TorchRuntime(teacher, workload.inputs, out_names, threads), OrtRuntime(path, threads), batches_v, RECORD_ONLY)
+            raise CompressionError(
+                "the exported QDQ graph disagrees with the fake-quantized PyTorch model: "
+                + "; ".join(report["failures"])
+            )
+        fidelity = compare_outputs(
+            TorchRuntime(teacher, workload.inputs, out_names, threads),
+            OrtRuntime(path, threads),
+            batches_v,
+            RECORD_ONLY,
+        )
         ops = op_histogram(onnx.load(str(path)))
         info = {
             "wrapped_layers": len(wrappers),
@@ -286,6 +330,17 @@ class QATPass(Pass):
             "size_ratio_vs_parent": candidate.size_bytes / path.stat().st_size,
         }
         if not ops.get("QuantizeLinear"):
-            raise CompressionError("the exported graph holds no QuantizeLinear nodes; the QAT export did not produce a QDQ model")
-        return new_candidate(out_dir, name="int8-qat", format="onnx", artifact="model.onnx", workload=workload, parent=candidate,
-                             pass_name=self.name, pass_config=config.to_json_dict(), info=info)
+            raise CompressionError(
+                "the exported graph holds no QuantizeLinear nodes; the QAT export did not produce a QDQ model"
+            )
+        return new_candidate(
+            out_dir,
+            name="int8-qat",
+            format="onnx",
+            artifact="model.onnx",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            info=info,
+        )

@@ -116,6 +116,7 @@ class Int4WeightOnlyConfig(_QuantCommon):
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _tool_messages(record: list[str]) -> Iterator[None]:
     """ONNX Runtime's quantization tools log warnings and info on the root logger ("Failed to infer data
@@ -147,18 +148,27 @@ def _excluded_nodes(model: Any, cfg: _QuantCommon) -> list[str]:
     unknown = [n for n in cfg.exclude_nodes if n not in names]
     if unknown:
         sample = sorted(n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv"))[:5]
-        raise ConfigError(f"exclude_nodes names nodes that aren't in the graph: {unknown[:5]}; node names look like {sample}")
+        raise ConfigError(
+            f"exclude_nodes names nodes that aren't in the graph: {unknown[:5]}; node names look like {sample}"
+        )
     excluded = set(cfg.exclude_nodes)
     for pattern in cfg.exclude_patterns:
         try:
             rx = re.compile(pattern)
         except re.error as err:
-            raise ConfigError(f"exclude_patterns: {pattern!r} is not a valid regular expression ({err})") from err
+            raise ConfigError(
+                f"exclude_patterns: {pattern!r} is not a valid regular expression ({err})"
+            ) from err
         excluded.update(n.name for n in model.graph.node if rx.search(n.name))
     if cfg.keep_float == "ffn_out":
         producer = {o: n for n in model.graph.node for o in n.output}
         for n in model.graph.node:
-            if n.op_type in ("MatMul", "Gemm") and n.input and n.input[0] in producer and producer[n.input[0]].op_type in _GELU_OPS:
+            if (
+                n.op_type in ("MatMul", "Gemm")
+                and n.input
+                and n.input[0] in producer
+                and producer[n.input[0]].op_type in _GELU_OPS
+            ):
                 excluded.add(n.name)
     return sorted(excluded)
 
@@ -182,7 +192,11 @@ def _prepare(candidate: Candidate, out_dir: Path) -> tuple[Any, Path, list[str]]
     model = onnx.load(str(candidate.artifact_path))
     warnings: list[str] = []
     inits = {t.name for t in model.graph.initializer}
-    fused = [n for n in model.graph.node if n.op_type in _UNQUANTIZABLE_FUSED and any(i in inits for i in n.input[1:])]
+    fused = [
+        n
+        for n in model.graph.node
+        if n.op_type in _UNQUANTIZABLE_FUSED and any(i in inits for i in n.input[1:])
+    ]
     if fused:
         kinds = sorted({n.op_type for n in fused})
         warnings.append(
@@ -193,10 +207,18 @@ def _prepare(candidate: Candidate, out_dir: Path) -> tuple[Any, Path, list[str]]
     try:
         # skip_optimization: ORT's optimiser would rename nodes (Gemm → MatMul + Add), and exclusions,
         # diagnoses and accuracy-aware reverts all address nodes by the names in the parent graph
-        quant_pre_process(str(candidate.artifact_path), str(staged), skip_optimization=True, skip_onnx_shape=False, skip_symbolic_shape=True)
+        quant_pre_process(
+            str(candidate.artifact_path),
+            str(staged),
+            skip_optimization=True,
+            skip_onnx_shape=False,
+            skip_symbolic_shape=True,
+        )
         model = onnx.load(str(staged))
     except Exception as err:
-        warnings.append(f"ONNX Runtime's quantization pre-processing failed ({type(err).__name__}); quantized the graph as is")
+        warnings.append(
+            f"ONNX Runtime's quantization pre-processing failed ({type(err).__name__}); quantized the graph as is"
+        )
     # stale value_info makes the quantizer's own shape inference fail after it rewrites Gemm/MatMul weights
     del model.graph.value_info[:]
     onnx.save_model(model, str(staged))
@@ -207,8 +229,10 @@ def quantizable_nodes(model: Any, op_types: tuple[str, ...]) -> list[str]:
     """Nodes of the given types that have a constant (initializer) weight input."""
     inits = {i.name for i in model.graph.initializer}
     return [
-        n.name for n in model.graph.node
-        if n.op_type in op_types and any(i in inits for i in (n.input[:1] if n.op_type == 'Gather' else n.input[1:]))
+        n.name
+        for n in model.graph.node
+        if n.op_type in op_types
+        and any(i in inits for i in (n.input[:1] if n.op_type == "Gather" else n.input[1:]))
     ]
 
 
@@ -220,13 +244,22 @@ def _lossy_report(parent: Candidate, out: Path, workload: Workload, cfg: _QuantC
     threads = physical_cores()
     thresholds = RECORD_ONLY.model_copy(update={"min_cosine": cfg.min_cosine})
     report = compare_outputs(
-        OrtRuntime(parent.artifact_path, threads), OrtRuntime(out, threads), verification_batches(workload, cfg.verify_samples), thresholds
+        OrtRuntime(parent.artifact_path, threads),
+        OrtRuntime(out, threads),
+        verification_batches(workload, cfg.verify_samples),
+        thresholds,
     )
     return report
 
 
 def _finish(
-    pass_name: str, name: str, parent: Candidate, workload: Workload, cfg: _QuantCommon, out_dir: Path, info: dict[str, Any]
+    pass_name: str,
+    name: str,
+    parent: Candidate,
+    workload: Workload,
+    cfg: _QuantCommon,
+    out_dir: Path,
+    info: dict[str, Any],
 ) -> Candidate:
     import onnx
 
@@ -236,18 +269,28 @@ def _finish(
     out = out_dir / "model.onnx"
     model = onnx.load(str(out))
     info["ops_after"] = op_histogram(model)
-    info["int8_initializers"] = sum(1 for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+    info["int8_initializers"] = sum(
+        1 for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    )
     info["fidelity_to_parent"] = report = _lossy_report(parent, out, workload, cfg)
     info["size_ratio_vs_parent"] = parent.size_bytes / out.stat().st_size
     if cfg.min_cosine and not report["passed"]:
         out.unlink(missing_ok=True)
         raise CompressionError(
-            f"{pass_name}: fidelity to the parent is below min_cosine={cfg.min_cosine}: " + "; ".join(report["failures"])
+            f"{pass_name}: fidelity to the parent is below min_cosine={cfg.min_cosine}: "
+            + "; ".join(report["failures"])
             + ". Try keep_float='ffn_out', per-channel weights, or exclude the nodes a diagnosis ranks worst."
         )
     return new_candidate(
-        out_dir, name=name, format="onnx", artifact="model.onnx", workload=workload, parent=parent,
-        pass_name=pass_name, pass_config=cfg.to_json_dict(), info=info,
+        out_dir,
+        name=name,
+        format="onnx",
+        artifact="model.onnx",
+        workload=workload,
+        parent=parent,
+        pass_name=pass_name,
+        pass_config=cfg.to_json_dict(),
+        info=info,
     )
 
 
@@ -259,10 +302,13 @@ def _qtype(name: str) -> Any:
 
 # ---- dynamic ----------------------------------------------------------------------------------------
 
+
 def _quiet_run(run: Any) -> Any:
     """Decorate a pass's run(): tool chatter goes to ``info["tool_messages"]`` of the new candidate."""
 
-    def wrapped(self: Pass, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+    def wrapped(
+        self: Pass, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path
+    ) -> Candidate:
         messages: list[str] = []
         with _tool_messages(messages):
             result = run(self, candidate, workload, config, out_dir)
@@ -275,7 +321,9 @@ def _quiet_run(run: Any) -> Any:
 
 class DynamicQuantPass(Pass):
     name: ClassVar[str] = "quantize-dynamic"
-    summary: ClassVar[str] = "INT8 weights, activations quantized at run time (ORT quantize_dynamic), fidelity recorded"
+    summary: ClassVar[str] = (
+        "INT8 weights, activations quantized at run time (ORT quantize_dynamic), fidelity recorded"
+    )
     config_cls: ClassVar[type[PassConfig]] = DynamicQuantConfig
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
@@ -288,7 +336,11 @@ class DynamicQuantPass(Pass):
 
         model, staged, warnings = _prepare(candidate, out_dir)
         try:
-            smoothing = smooth_matmuls(staged, workload, config.smooth_alpha, config.smooth_samples, config.smooth) if config.smooth != "none" else []
+            smoothing = (
+                smooth_matmuls(staged, workload, config.smooth_alpha, config.smooth_samples, config.smooth)
+                if config.smooth != "none"
+                else []
+            )
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
@@ -306,17 +358,26 @@ class DynamicQuantPass(Pass):
         gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
         extra: dict[str, Any] = {"MatMulConstBOnly": True}
         if _is_fused(model):
-            extra["DefaultTensorType"] = onnx.TensorProto.FLOAT  # fused ops lack type info the quantizer needs
+            extra["DefaultTensorType"] = (
+                onnx.TensorProto.FLOAT
+            )  # fused ops lack type info the quantizer needs
         t0 = time.perf_counter()
         try:
             quantize_dynamic(
-                str(staged), str(out_dir / "model.onnx"), op_types_to_quantize=list(op_types),
-                per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type=_qtype(config.weight_type),
+                str(staged),
+                str(out_dir / "model.onnx"),
+                op_types_to_quantize=list(op_types),
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                weight_type=_qtype(config.weight_type),
                 # dynamic mode rewrites Gemm as MatMul named "<gemm>_MatMul" before it applies exclusions
-                nodes_to_exclude=excluded + [f"{n}_MatMul" for n in excluded if n in gemms], extra_options=extra,
+                nodes_to_exclude=excluded + [f"{n}_MatMul" for n in excluded if n in gemms],
+                extra_options=extra,
             )
         except Exception as err:
-            raise CompressionError(f"ONNX Runtime's quantize_dynamic failed on {candidate.id}: {type(err).__name__}: {err}") from err
+            raise CompressionError(
+                f"ONNX Runtime's quantize_dynamic failed on {candidate.id}: {type(err).__name__}: {err}"
+            ) from err
         finally:
             staged.unlink(missing_ok=True)
         conv = [n for n in quantizable_nodes(model, ("Conv",)) if n not in excluded and "Conv" in op_types]
@@ -337,6 +398,7 @@ class DynamicQuantPass(Pass):
 
 # ---- static -----------------------------------------------------------------------------------------
 
+
 class _Reader:
     """ORT CalibrationDataReader over a list of batches, checked against the model's inputs."""
 
@@ -351,7 +413,9 @@ class _Reader:
         self._it = iter(self._batches)
 
 
-def _calibration_batches(candidate: Candidate, workload: Workload, cfg: StaticQuantConfig) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+def _calibration_batches(
+    candidate: Candidate, workload: Workload, cfg: StaticQuantConfig
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     from slimship.errors import InputSpecError
     from slimship.runtime.base import validate_batch
     from slimship.runtime.ort_backend import OrtRuntime
@@ -377,7 +441,9 @@ def _calibration_batches(candidate: Candidate, workload: Workload, cfg: StaticQu
 
 class StaticQuantPass(Pass):
     name: ClassVar[str] = "quantize-static"
-    summary: ClassVar[str] = "INT8 QDQ with calibrated activation ranges (MinMax/Entropy/Percentile/Distribution, or auto)"
+    summary: ClassVar[str] = (
+        "INT8 QDQ with calibrated activation ranges (MinMax/Entropy/Percentile/Distribution, or auto)"
+    )
     config_cls: ClassVar[type[PassConfig]] = StaticQuantConfig
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
@@ -388,7 +454,9 @@ class StaticQuantPass(Pass):
 
         unknown = [m for m in config.auto_methods if m not in CALIBRATION_METHODS]
         if unknown:
-            raise ConfigError(f"unknown calibration method(s) {unknown}; choose from {list(CALIBRATION_METHODS)}")
+            raise ConfigError(
+                f"unknown calibration method(s) {unknown}; choose from {list(CALIBRATION_METHODS)}"
+            )
         model, staged, warnings = _prepare(candidate, out_dir)
         methods: list[str] = []
         try:
@@ -435,8 +503,16 @@ class StaticQuantPass(Pass):
         return _finish(self.name, "int8-static", candidate, workload, config, out_dir, info)
 
     @staticmethod
-    def _quantize(src: Path, dst: Path, calib: list[dict[str, np.ndarray]], method: str, cfg: StaticQuantConfig,
-                  op_types: tuple[str, ...], excluded: list[str], fused: bool) -> None:
+    def _quantize(
+        src: Path,
+        dst: Path,
+        calib: list[dict[str, np.ndarray]],
+        method: str,
+        cfg: StaticQuantConfig,
+        op_types: tuple[str, ...],
+        excluded: list[str],
+        fused: bool,
+    ) -> None:
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
@@ -449,20 +525,34 @@ class StaticQuantPass(Pass):
             extra["CalibPercentile"] = cfg.percentile
         if fused:
             extra["DefaultTensorType"] = onnx.TensorProto.FLOAT
-        cal = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
+        cal = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+            "distribution": CalibrationMethod.Distribution,
+        }[method]
         import contextlib
         import io
 
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(
-                    str(src), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
-                    per_channel=cfg.per_channel, activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
-                    nodes_to_exclude=excluded, calibrate_method=cal, extra_options=extra,
+                    str(src),
+                    str(dst),
+                    _Reader(calib),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(op_types),
+                    per_channel=cfg.per_channel,
+                    activation_type=_qtype(cfg.activation_type),
+                    weight_type=_qtype(cfg.weight_type),
+                    nodes_to_exclude=excluded,
+                    calibrate_method=cal,
+                    extra_options=extra,
                 )
         except Exception as err:
-            raise CompressionError(f"ONNX Runtime's quantize_static ({method}) failed: {type(err).__name__}: {err}") from err
+            raise CompressionError(
+                f"ONNX Runtime's quantize_static ({method}) failed: {type(err).__name__}: {err}"
+            ) from err
 
 
 def _holdout_error(parent: Path, child: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -473,10 +563,15 @@ def _holdout_error(parent: Path, child: Path, batches: list[dict[str, np.ndarray
     threads = physical_cores()
     report = compare_outputs(OrtRuntime(parent, threads), OrtRuntime(child, threads), batches, RECORD_ONLY)
     first = next(iter(report["outputs"].values()))
-    return {k: v for k, v in first.items() if k in ("cosine_min", "cosine_mean", "max_abs_error", "top1_agreement")}
+    return {
+        k: v
+        for k, v in first.items()
+        if k in ("cosine_min", "cosine_mean", "max_abs_error", "top1_agreement")
+    }
 
 
 # ---- int4 weight-only -----------------------------------------------------------------------------
+
 
 class Int4WeightOnlyPass(Pass):
     name: ClassVar[str] = "quantize-int4"
@@ -499,19 +594,41 @@ class Int4WeightOnlyPass(Pass):
         excluded = _excluded_nodes(model, config)
         targets = [n for n in quantizable_nodes(model, ("MatMul",)) if n not in excluded]
         if not targets:
-            raise CompressionError(f"nothing to quantize in {candidate.id}: INT4 weight-only needs MatMul nodes with constant weights")
+            raise CompressionError(
+                f"nothing to quantize in {candidate.id}: INT4 weight-only needs MatMul nodes with constant weights"
+            )
         t0 = time.perf_counter()
         op_types: tuple[str, ...] = ("MatMul", "Gather") if config.quantize_embeddings else ("MatMul",)
         axes = (("MatMul", 0), ("Gather", 1))
         try:
-            algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
-                                                accuracy_level=config.accuracy_level or None, op_types_to_quantize=op_types, quant_axes=axes)
-            q = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
-                                     accuracy_level=config.accuracy_level or None, nodes_to_exclude=excluded, algo_config=algo,
-                                     op_types_to_quantize=op_types, quant_axes=axes)
+            algo = DefaultWeightOnlyQuantConfig(
+                block_size=config.block_size,
+                is_symmetric=config.symmetric,
+                accuracy_level=config.accuracy_level or None,
+                op_types_to_quantize=op_types,
+                quant_axes=axes,
+            )
+            q = MatMulNBitsQuantizer(
+                model,
+                bits=4,
+                block_size=config.block_size,
+                is_symmetric=config.symmetric,
+                accuracy_level=config.accuracy_level or None,
+                nodes_to_exclude=excluded,
+                algo_config=algo,
+                op_types_to_quantize=op_types,
+                quant_axes=axes,
+            )
             q.process()
             onnx.save_model(q.model.model, str(out_dir / "model.onnx"))
         except Exception as err:
-            raise CompressionError(f"ONNX Runtime's MatMulNBits quantizer failed: {type(err).__name__}: {err}") from err
-        info = {"quantized_nodes": len(targets), "excluded_nodes": excluded, "seconds": round(time.perf_counter() - t0, 2), "warnings": []}
+            raise CompressionError(
+                f"ONNX Runtime's MatMulNBits quantizer failed: {type(err).__name__}: {err}"
+            ) from err
+        info = {
+            "quantized_nodes": len(targets),
+            "excluded_nodes": excluded,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "warnings": [],
+        }
         return _finish(self.name, "int4-weight-only", candidate, workload, config, out_dir, info)

@@ -84,20 +84,28 @@ def load_shared(path: str | Path, workload: Workload) -> nn.Module:
 
     state_np, meta = decode(Path(path).read_bytes())
     if meta.get("workload", {}).get("name") not in (None, workload.name):
-        raise CandidateError(f"{path} was made for workload {meta['workload'].get('name')!r}, not {workload.name!r}")
+        raise CandidateError(
+            f"{path} was made for workload {meta['workload'].get('name')!r}, not {workload.name!r}"
+        )
     state = {k: torch.from_numpy(v.copy()) for k, v in state_np.items()}
     for alias, source in meta.get("aliases", {}).items():
         state[alias] = state[source]
-    model = rebuild(workload.build_model(), meta.get("structure", []), {k: tuple(v.shape) for k, v in state.items()})
+    model = rebuild(
+        workload.build_model(), meta.get("structure", []), {k: tuple(v.shape) for k, v in state.items()}
+    )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CandidateError(f"{path} doesn't fit {workload.name}'s model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise CandidateError(
+            f"{path} doesn't fit {workload.name}'s model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     return model.eval()
 
 
 class WeightSharePass(Pass):
     name: ClassVar[str] = "share"
-    summary: ClassVar[str] = "k-means weight sharing with centroid fine-tuning; ships codebook + entropy-coded indices"
+    summary: ClassVar[str] = (
+        "k-means weight sharing with centroid fine-tuning; ships codebook + entropy-coded indices"
+    )
     config_cls: ClassVar[type[PassConfig]] = WeightShareConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
@@ -117,9 +125,13 @@ class WeightSharePass(Pass):
         resolve_layers(student, config.layer_bits, "layer_bits")
         weights = prunable_weights(student, config.ignore)
         skip = {id(m) for m in resolve_layers(student, config.ignore, "ignore")}
-        weights.update({
-            f"{n}.weight": m.weight for n, m in student.named_modules() if isinstance(m, torch.nn.Embedding) and id(m) not in skip
-        })
+        weights.update(
+            {
+                f"{n}.weight": m.weight
+                for n, m in student.named_modules()
+                if isinstance(m, torch.nn.Embedding) and id(m) not in skip
+            }
+        )
         if not weights:
             raise CompressionError("no Linear, Conv or Embedding weights to share after `ignore`")
         # tied weights (e.g. an LM head sharing the embedding matrix) are clustered and stored once
@@ -153,14 +165,18 @@ class WeightSharePass(Pass):
                 book.copy_(new)
                 w.copy_(book[labels])
 
-        training = recover(student, teacher, workload, config.finetune, after_step=project, desc="fine-tune centroids")
+        training = recover(
+            student, teacher, workload, config.finetune, after_step=project, desc="fine-tune centroids"
+        )
         with torch.no_grad():
             project()  # the kept (best) state was projected; make sure codebooks match it exactly
         shared = {k: (clusters[k][0].numpy().astype(np.float32), clusters[k][1].numpy()) for k in weights}
         state = student.state_dict()
         others = {k: v.detach().numpy() for k, v in state.items() if k not in shared and k not in aliases}
         structure = list(candidate.info.get("structure", []))
-        blob = encode(others, shared, meta={"structure": structure, "workload": dict(workload.ref), "aliases": aliases})
+        blob = encode(
+            others, shared, meta={"structure": structure, "workload": dict(workload.ref), "aliases": aliases}
+        )
         tmp = out_dir / (SHIPPED + ".tmp")
         tmp.write_bytes(blob)
         tmp.replace(out_dir / SHIPPED)
@@ -168,7 +184,9 @@ class WeightSharePass(Pass):
         restored = load_shared(out_dir / SHIPPED, workload)
         for k, v in restored.state_dict().items():
             if not torch.equal(v, state[k]):
-                raise CompressionError(f"decoding {SHIPPED} does not reproduce {k}: the weight codec is broken")
+                raise CompressionError(
+                    f"decoding {SHIPPED} does not reproduce {k}: the weight codec is broken"
+                )
         root = candidate.lineage()[-1]
         report = size_report(blob)
         info = {
@@ -183,7 +201,13 @@ class WeightSharePass(Pass):
             "runtime form with weights expanded to float32, which is what PyTorch and an ONNX export run.",
         }
         cand = save_torch_candidate(
-            student, out_dir, name=f"shared{config.bits}b", workload=workload, parent=candidate, pass_name=self.name,
-            pass_config=config.to_json_dict(), info=info,
+            student,
+            out_dir,
+            name=f"shared{config.bits}b",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            info=info,
         )
         return cand.with_info(runtime_bytes=cand.size_bytes).save()

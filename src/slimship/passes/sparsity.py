@@ -82,7 +82,9 @@ def sparse_compressed_bytes(path: Path) -> int:
 
 class UnstructuredPrunePass(Pass):
     name: ClassVar[str] = "sparsify"
-    summary: ClassVar[str] = "unstructured magnitude pruning (global or per layer, gradual) with masked fine-tuning"
+    summary: ClassVar[str] = (
+        "unstructured magnitude pruning (global or per layer, gradual) with masked fine-tuning"
+    )
     config_cls: ClassVar[type[PassConfig]] = UnstructuredPruneConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
@@ -112,19 +114,38 @@ class UnstructuredPrunePass(Pass):
             with torch.no_grad():
                 apply_masks()
             if config.finetune is not None:
-                report = recover(student, teacher, workload, config.finetune, after_step=apply_masks, desc=f"sparse step {i + 1}/{config.steps}")
+                report = recover(
+                    student,
+                    teacher,
+                    workload,
+                    config.finetune,
+                    after_step=apply_masks,
+                    desc=f"sparse step {i + 1}/{config.steps}",
+                )
                 trainings.append({"target_sparsity": target, **(report or {})})
         per_layer = {k: float((w == 0).float().mean()) for k, w in weights.items()}
         total = sum(w.numel() for w in weights.values())
         zeros = sum(int((w == 0).sum()) for w in weights.values())
         cand = save_torch_candidate(
-            student, out_dir, name=f"sparse{round(config.sparsity * 100)}", workload=workload, parent=candidate,
-            pass_name=self.name, pass_config=config.to_json_dict(),
-            info={"sparsity": zeros / total, "sparsity_per_layer": per_layer, "finetune": trainings, "note": DENSE_NOTE},
+            student,
+            out_dir,
+            name=f"sparse{round(config.sparsity * 100)}",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            info={
+                "sparsity": zeros / total,
+                "sparsity_per_layer": per_layer,
+                "finetune": trainings,
+                "note": DENSE_NOTE,
+            },
         )
         info: dict[str, Any] = {
             "file_bytes": cand.size_bytes,
             "compressed_bytes": sparse_compressed_bytes(cand.artifact_path),
-            "parent_compressed_bytes": sparse_compressed_bytes(candidate.artifact_path) if candidate.format == "torch" else None,
+            "parent_compressed_bytes": sparse_compressed_bytes(candidate.artifact_path)
+            if candidate.format == "torch"
+            else None,
         }
         return cand.with_info(**info).save()

@@ -25,7 +25,9 @@ def _fidelity(cand: Candidate, metric: str) -> float:
     outs = cand.info["fidelity_to_parent"]["outputs"]
     first = next(iter(outs.values()))
     if metric not in first:
-        raise ConfigError(f"fidelity metric {metric!r} isn't measured for this model; available: {sorted(first)}")
+        raise ConfigError(
+            f"fidelity metric {metric!r} isn't measured for this model; available: {sorted(first)}"
+        )
     return float(first[metric])
 
 
@@ -54,11 +56,17 @@ def quantize_accuracy_aware(
     from slimship.passes.quantize import DynamicQuantConfig, quantizable_nodes
 
     if min_fidelity is None and max_quality_drop is None:
-        raise ConfigError("accuracy-aware quantization needs a budget: min_fidelity (e.g. 0.99) and/or max_quality_drop (e.g. 1.0 points)")
+        raise ConfigError(
+            "accuracy-aware quantization needs a budget: min_fidelity (e.g. 0.99) and/or max_quality_drop (e.g. 1.0 points)"
+        )
     if max_quality_drop is not None and not workload.primary_metric:
-        raise ConfigError(f"max_quality_drop needs a quality metric, and workload {workload.name} has none; use min_fidelity")
+        raise ConfigError(
+            f"max_quality_drop needs a quality metric, and workload {workload.name} has none; use min_fidelity"
+        )
     if max_steps < 0 or nodes_per_step < 1:
-        raise ConfigError(f"max_steps must be ≥ 0 and nodes_per_step ≥ 1, got {max_steps} and {nodes_per_step}")
+        raise ConfigError(
+            f"max_steps must be ≥ 0 and nodes_per_step ≥ 1, got {max_steps} and {nodes_per_step}"
+        )
     import onnx
 
     base = DynamicQuantConfig.parse(base_config or {})
@@ -67,11 +75,23 @@ def quantize_accuracy_aware(
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
     model = onnx.load(str(candidate.artifact_path))
-    targets = [n for n in quantizable_nodes(model, base.op_types or ("MatMul", "Gemm", "Attention", "Gather")) if n not in base.exclude_nodes]
-    ranking = [n for n, _ in sorted(emulated_sqnr(candidate.artifact_path, workload, targets, base.per_channel).items(), key=lambda kv: kv[1]["sqnr_db"])]
+    targets = [
+        n
+        for n in quantizable_nodes(model, base.op_types or ("MatMul", "Gemm", "Attention", "Gather"))
+        if n not in base.exclude_nodes
+    ]
+    ranking = [
+        n
+        for n, _ in sorted(
+            emulated_sqnr(candidate.artifact_path, workload, targets, base.per_channel).items(),
+            key=lambda kv: kv[1]["sqnr_db"],
+        )
+    ]
     parent_quality = None
     if max_quality_drop is not None:
-        parent_quality = evaluate(candidate, workload, limit=quality_limit, progress=False)["quality"][workload.primary_metric]
+        parent_quality = evaluate(candidate, workload, limit=quality_limit, progress=False)["quality"][
+            workload.primary_metric
+        ]
 
     steps: list[dict[str, Any]] = []
     reverted: list[str] = []
@@ -93,7 +113,9 @@ def quantize_accuracy_aware(
         if fidelity_source == "evaluation":
             assert evaluation is not None
             if fidelity_metric not in evaluation["fidelity"]:
-                raise ConfigError(f"fidelity metric {fidelity_metric!r} isn't measured for {workload.name}; available: {sorted(evaluation['fidelity'])}")
+                raise ConfigError(
+                    f"fidelity metric {fidelity_metric!r} isn't measured for {workload.name}; available: {sorted(evaluation['fidelity'])}"
+                )
             record["fidelity"] = float(evaluation["fidelity"][fidelity_metric])
             record["fidelity_all"] = evaluation["fidelity"]
         ok = True
@@ -103,12 +125,17 @@ def quantize_accuracy_aware(
             assert evaluation is not None
             q = evaluation["quality"][workload.primary_metric]
             record["quality"] = q
-            record["quality_drop"] = (parent_quality or 0.0) - q if workload.higher_is_better else q - (parent_quality or 0.0)
+            record["quality_drop"] = (
+                (parent_quality or 0.0) - q if workload.higher_is_better else q - (parent_quality or 0.0)
+            )
             ok &= record["quality_drop"] <= max_quality_drop
         record["meets_budget"] = ok
         steps.append(record)
-        say(f"step {step}: {len(reverted)} node(s) in float, {fidelity_metric} {record['fidelity']:.5f}"
-            + (f", quality drop {record['quality_drop']:+.2f}" if "quality_drop" in record else "") + (" — meets the budget" if ok else ""))
+        say(
+            f"step {step}: {len(reverted)} node(s) in float, {fidelity_metric} {record['fidelity']:.5f}"
+            + (f", quality drop {record['quality_drop']:+.2f}" if "quality_drop" in record else "")
+            + (" — meets the budget" if ok else "")
+        )
         if ok:
             break
         remaining = [n for n in ranking if n not in reverted]
@@ -118,8 +145,13 @@ def quantize_accuracy_aware(
         reverted.extend(remaining[:nodes_per_step])
     met = [s for s in steps if s["meets_budget"]]
     chosen = met[0] if met else max(steps, key=lambda s: (s["fidelity"], -s.get("quality_drop", 0.0)))
-    budget = {"min_fidelity": min_fidelity, "fidelity_metric": fidelity_metric, "fidelity_source": fidelity_source,
-              "max_quality_drop": max_quality_drop, "quality_limit": quality_limit}
+    budget = {
+        "min_fidelity": min_fidelity,
+        "fidelity_metric": fidelity_metric,
+        "fidelity_source": fidelity_source,
+        "max_quality_drop": max_quality_drop,
+        "quality_limit": quality_limit,
+    }
     message = (
         f"met the budget at step {chosen['step']} with {len(chosen['reverted_nodes'])} node(s) kept in float"
         if met

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 SCHEMA = "slimship.quickstart/1"
 
 
-def _reuse_or_run(name: str, parent: Candidate, workload: Workload, config: PassConfig, out_dir: Path, log: Any) -> Candidate:
+def _reuse_or_run(
+    name: str, parent: Candidate, workload: Workload, config: PassConfig, out_dir: Path, log: Any
+) -> Candidate:
     from slimship.candidate import load_candidate
     from slimship.errors import CandidateError
     from slimship.passes import run_pass
@@ -31,7 +33,11 @@ def _reuse_or_run(name: str, parent: Candidate, workload: Workload, config: Pass
     if (out_dir / "candidate.json").exists():
         try:
             old = load_candidate(out_dir)
-            if old.parent_id == parent.id and old.pass_config == config.to_json_dict() and old.workload == workload.ref:
+            if (
+                old.parent_id == parent.id
+                and old.pass_config == config.to_json_dict()
+                and old.workload == workload.ref
+            ):
                 old.verify_artifact()
                 log(f"reusing {old.name} ({old.id}) from {out_dir}")
                 return old
@@ -67,7 +73,10 @@ def quickstart(
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or physical_cores()
     workload = resolve_workload(workload_ref, data=data)
-    log(f"workload {workload.name}" + (f": {workload.description}" if workload.name not in workload.description else ""))
+    log(
+        f"workload {workload.name}"
+        + (f": {workload.description}" if workload.name not in workload.description else "")
+    )
 
     orig_dir = out / "original"
     original = None

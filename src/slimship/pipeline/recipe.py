@@ -135,7 +135,9 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if self.version > SCHEMA_VERSION:
-            raise ValueError(f"recipe version {self.version} is newer than this slimship reads ({SCHEMA_VERSION})")
+            raise ValueError(
+                f"recipe version {self.version} is newer than this slimship reads ({SCHEMA_VERSION})"
+            )
         names = [s.name for s in self.passes if s.name]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -162,7 +164,14 @@ def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
     line = node.start_mark.line + 1 if node is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            nxt = next((v for k, v in node.value if getattr(k, "value", None) == (part if isinstance(part, str) else str(part))), None)
+            nxt = next(
+                (
+                    v
+                    for k, v in node.value
+                    if getattr(k, "value", None) == (part if isinstance(part, str) else str(part))
+                ),
+                None,
+            )
             if nxt is None and part == "pass_name":
                 nxt = next((v for k, v in node.value if getattr(k, "value", None) == "pass"), None)
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
@@ -198,7 +207,9 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a recipe is a mapping with at least `workload` and `passes`, got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: a recipe is a mapping with at least `workload` and `passes`, got {type(data).__name__}"
+        )
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -210,7 +221,9 @@ def load_recipe(path: str | Path) -> Recipe:
             allowed = ""
             if e["type"] == "extra_forbidden":
                 allowed = _allowed_keys(loc[:-1])
-            problems.append(f"{p}:{_line_of(root, loc)}: {_fmt_loc(loc)}: {e['msg'].removeprefix('Value error, ')}{shown}{allowed}")
+            problems.append(
+                f"{p}:{_line_of(root, loc)}: {_fmt_loc(loc)}: {e['msg'].removeprefix('Value error, ')}{shown}{allowed}"
+            )
         raise ConfigError("invalid recipe:\n  " + "\n  ".join(problems)) from err
     _check_steps(recipe, p, root)
     _check_constraints(recipe, p, root)
@@ -220,8 +233,11 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _allowed_keys(parent: tuple[Any, ...]) -> str:
     models: dict[tuple[str, ...], type[BaseModel]] = {
-        (): Recipe, ("constraints",): Constraints, ("constraints", "max_latency_ms"): LatencyLimit,
-        ("constraints", "min_speedup"): SpeedupLimit, ("search",): Search,
+        (): Recipe,
+        ("constraints",): Constraints,
+        ("constraints", "max_latency_ms"): LatencyLimit,
+        ("constraints", "min_speedup"): SpeedupLimit,
+        ("search",): Search,
     }
     key = tuple(x for x in parent if isinstance(x, str))
     model = Step if parent and parent[0] == "passes" else models.get(key)
@@ -250,8 +266,12 @@ def _check_steps(recipe: Recipe, path: Path, root: Any) -> None:
             line = _line_of(root, ("passes", i, "config"))
             raise ConfigError(f"{path}:{line}: passes[{i}].config ({step.pass_name}): {err}") from err
         prev = recipe.passes[i - 1] if i else None
-        if step.pass_name == "quantize-static" and prev is not None and prev.pass_name == "optimize" \
-                and prev.config.get("level", "extended") in ("extended", "all"):
+        if (
+            step.pass_name == "quantize-static"
+            and prev is not None
+            and prev.pass_name == "optimize"
+            and prev.config.get("level", "extended") in ("extended", "all")
+        ):
             raise ConfigError(
                 f"{where}: quantize-static right after optimize (level {prev.config.get('level', 'extended')!r}) meets ONNX "
                 "Runtime's fused ops (FusedConv, FusedGemm), which its calibrator can't range; quantize the exported graph "
@@ -259,12 +279,20 @@ def _check_steps(recipe: Recipe, path: Path, root: Any) -> None:
             )
         if step.skip:
             if cls.input_format != cls.output_format:
-                raise ConfigError(f"{where}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
-                                  "it can't be skipped")
+                raise ConfigError(
+                    f"{where}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
+                    "it can't be skipped"
+                )
             continue
         if fmt is not None and cls.input_format != fmt:
-            hint = " — add `- pass: export` before it" if cls.input_format == "onnx" else " — PyTorch passes come before `export`"
-            raise ConfigError(f"{where}: {step.pass_name!r} takes a {cls.input_format} model but the step before gives {fmt}{hint}")
+            hint = (
+                " — add `- pass: export` before it"
+                if cls.input_format == "onnx"
+                else " — PyTorch passes come before `export`"
+            )
+            raise ConfigError(
+                f"{where}: {step.pass_name!r} takes a {cls.input_format} model but the step before gives {fmt}{hint}"
+            )
         fmt = cls.output_format
 
 
@@ -308,8 +336,10 @@ def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
     for key in recipe.search.params:
         label, dot, _ = key.partition(".")
         if not dot or label not in labels:
-            raise ConfigError(f"{where(key)}: a searched parameter is '<step>.<config field>' (or '<step>.skip', "
-                              f"'<step>.pass') with a step of this recipe; steps: {labels}")
+            raise ConfigError(
+                f"{where(key)}: a searched parameter is '<step>.<config field>' (or '<step>.skip', "
+                f"'<step>.pass') with a step of this recipe; steps: {labels}"
+            )
     for key, param in recipe.search.params.items():
         label, _, field = key.partition(".")
         i = labels.index(label)
@@ -317,28 +347,45 @@ def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
         cls = PASSES[step.pass_name]
         if field == "skip":
             if cls.input_format != cls.output_format:
-                raise ConfigError(f"{where(key)}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
-                                  "it can't be skipped")
+                raise ConfigError(
+                    f"{where(key)}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
+                    "it can't be skipped"
+                )
             bad = [v for v in param.values_to_check() if not isinstance(v, bool)]
             if bad or param.choices is None:
-                raise ConfigError(f"{where(key)}: skip takes choices of true/false, got {param.choices or [param.low, param.high]}")
+                raise ConfigError(
+                    f"{where(key)}: skip takes choices of true/false, got {param.choices or [param.low, param.high]}"
+                )
         elif field == "pass":
             if param.choices is None:
-                raise ConfigError(f"{where(key)}: pass takes choices of pass names, e.g. [quantize-dynamic, quantize-static]")
+                raise ConfigError(
+                    f"{where(key)}: pass takes choices of pass names, e.g. [quantize-dynamic, quantize-static]"
+                )
             for name in param.choices:
                 alt = PASSES.get(str(name))
                 if alt is None:
                     raise ConfigError(f"{where(key)}: unknown pass {name!r}; passes: {sorted(PASSES)}")
                 if (alt.input_format, alt.output_format) != (cls.input_format, cls.output_format):
-                    raise ConfigError(f"{where(key)}: {name!r} takes {alt.input_format} and gives {alt.output_format}, but step "
-                                      f"{label!r} ({step.pass_name}) takes {cls.input_format} and gives {cls.output_format}")
+                    raise ConfigError(
+                        f"{where(key)}: {name!r} takes {alt.input_format} and gives {alt.output_format}, but step "
+                        f"{label!r} ({step.pass_name}) takes {cls.input_format} and gives {cls.output_format}"
+                    )
                 try:
                     alt.config_cls.parse(step.config)
                 except ConfigError as err:
-                    raise ConfigError(f"{where(key)}: step {label!r}'s config doesn't suit the alternative {name!r} "
-                                      f"(keep only fields every alternative has; search the others): {err}") from err
-                variant = recipe.model_copy(update={"passes": [*recipe.passes[:i], step.model_copy(update={"pass_name": str(name)}),
-                                                               *recipe.passes[i + 1:]]})
+                    raise ConfigError(
+                        f"{where(key)}: step {label!r}'s config doesn't suit the alternative {name!r} "
+                        f"(keep only fields every alternative has; search the others): {err}"
+                    ) from err
+                variant = recipe.model_copy(
+                    update={
+                        "passes": [
+                            *recipe.passes[:i],
+                            step.model_copy(update={"pass_name": str(name)}),
+                            *recipe.passes[i + 1 :],
+                        ]
+                    }
+                )
                 try:
                     _check_steps(variant, path, root)
                 except ConfigError as err:
@@ -353,21 +400,29 @@ def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
         having = [n for n in names if top in PASSES[n].config_cls.model_fields]
         if not having:
             fields = sorted({f for n in names for f in PASSES[n].config_cls.model_fields})
-            raise ConfigError(f"{where(key)}: {' / '.join(names)} has no config field {top!r}; fields: {fields} "
-                              "(or `skip`, `pass`)")
+            raise ConfigError(
+                f"{where(key)}: {' / '.join(names)} has no config field {top!r}; fields: {fields} "
+                "(or `skip`, `pass`)"
+            )
         for name in having:
             for value in param.values_to_check():
                 try:
                     PASSES[name].config_cls.parse(with_value(step.config, field, value))
                 except ConfigError as err:
-                    raise ConfigError(f"{where(key)}: the value {value!r} is not valid for {name}: {err}") from err
+                    raise ConfigError(
+                        f"{where(key)}: the value {value!r} is not valid for {name}: {err}"
+                    ) from err
 
 
 def step_pass_choices(recipe: Recipe, label: str) -> list[str]:
     """The passes a step may run: its own, or the searched ``<step>.pass`` choices."""
     labels = recipe.step_labels()
     p = recipe.search.params.get(f"{label}.pass") if recipe.search else None
-    return [str(c) for c in p.choices] if p is not None and p.choices else [recipe.passes[labels.index(label)].pass_name]
+    return (
+        [str(c) for c in p.choices]
+        if p is not None and p.choices
+        else [recipe.passes[labels.index(label)].pass_name]
+    )
 
 
 def effective_params(recipe: Recipe, params: dict[str, Any]) -> dict[str, Any]:
@@ -398,17 +453,19 @@ def recipe_json_schema() -> dict[str, Any]:
     schema = Recipe.model_json_schema(by_alias=True)
     variants = []
     for name, cls in PASSES.items():
-        variants.append({
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["pass"],
-            "properties": {
-                "pass": {"const": name, "description": cls.summary},
-                "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
-                "skip": {"type": "boolean", "default": False, "description": "leave the step out"},
-                "config": cls.config_cls.model_json_schema(),
-            },
-        })
+        variants.append(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["pass"],
+                "properties": {
+                    "pass": {"const": name, "description": cls.summary},
+                    "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+                    "skip": {"type": "boolean", "default": False, "description": "leave the step out"},
+                    "config": cls.config_cls.model_json_schema(),
+                },
+            }
+        )
     schema["properties"]["passes"] = {"type": "array", "minItems": 1, "items": {"oneOf": variants}}
     schema.setdefault("$defs", {}).pop("Step", None)
     schema["title"] = "slimship recipe"

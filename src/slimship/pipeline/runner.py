@@ -73,8 +73,10 @@ def run_recipe(
     original = _reuse(orig_dir) or original_candidate(workload, orig_dir)
     first = PASSES[recipe.passes[0].pass_name]
     if first.input_format != original.format:
-        raise ConfigError(f"{recipe_path}: the first pass {first.name!r} takes a {first.input_format} model, but {workload.name}'s "
-                          f"model is {original.format}")
+        raise ConfigError(
+            f"{recipe_path}: the first pass {first.name!r} takes a {first.input_format} model, but {workload.name}'s "
+            f"model is {original.format}"
+        )
     steps = execute_steps(list(recipe.passes), recipe.step_labels(), workload, original, out, log)
     evaluations = evaluate_steps(steps, orig_dir, workload, evaluate_limit, log)
     final = next((s for s in reversed(steps) if s["status"] in ("ran", "reused")), None)
@@ -85,9 +87,13 @@ def run_recipe(
 
         log("timing the original and the final candidate (interleaved)")
         final_c = load_candidate(final["candidate"])
-        targets = [BenchTarget("original", original, "torch" if original.format == "torch" else "onnxruntime"),
-                   BenchTarget(final["label"], final_c, "torch" if final_c.format == "torch" else "onnxruntime")]
-        timing = bench(targets, workload, batch_sizes=tuple(sizes), memory=False, progress=False, baseline="original")
+        targets = [
+            BenchTarget("original", original, "torch" if original.format == "torch" else "onnxruntime"),
+            BenchTarget(final["label"], final_c, "torch" if final_c.format == "torch" else "onnxruntime"),
+        ]
+        timing = bench(
+            targets, workload, batch_sizes=tuple(sizes), memory=False, progress=False, baseline="original"
+        )
     result = {
         "schema": SCHEMA,
         "machine": machine,
@@ -111,8 +117,15 @@ def constraint_batch_sizes(recipe: Recipe) -> list[int]:
     return [lim.batch_size for lim in (c.max_latency_ms, c.min_speedup) if lim is not None]
 
 
-def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any], timing: dict[str, Any] | None,
-                      final: dict[str, Any] | None, original: Any, steps: list[dict[str, Any]]) -> dict[str, Any]:
+def check_constraints(
+    recipe: Recipe,
+    workload: Any,
+    evaluations: dict[str, Any],
+    timing: dict[str, Any] | None,
+    final: dict[str, Any] | None,
+    original: Any,
+    steps: list[dict[str, Any]],
+) -> dict[str, Any]:
     """Each constraint with the final candidate's measured value and whether it holds."""
     from slimship.candidate import load_candidate
 
@@ -125,29 +138,65 @@ def check_constraints(recipe: Recipe, workload: Any, evaluations: dict[str, Any]
         m = workload.primary_metric
         base = ref.get("quality", {}).get(m)
         got = ev.get("quality", {}).get(m)
-        drop = None if base is None or got is None else (base - got if workload.higher_is_better else got - base)
-        checks["max_quality_drop"] = {"limit": c.max_quality_drop, "measured": drop, "metric": m,
-                                      "holds": drop is not None and drop <= c.max_quality_drop}
+        drop = (
+            None if base is None or got is None else (base - got if workload.higher_is_better else got - base)
+        )
+        checks["max_quality_drop"] = {
+            "limit": c.max_quality_drop,
+            "measured": drop,
+            "metric": m,
+            "holds": drop is not None and drop <= c.max_quality_drop,
+        }
     if c.min_fidelity is not None:
         name, value = next(iter(ev.get("fidelity", {}).items()), (None, None))
-        checks["min_fidelity"] = {"limit": c.min_fidelity, "measured": value, "metric": name,
-                                  "holds": value is not None and value >= c.min_fidelity}
+        checks["min_fidelity"] = {
+            "limit": c.min_fidelity,
+            "measured": value,
+            "metric": name,
+            "holds": value is not None and value >= c.min_fidelity,
+        }
     if c.max_latency_ms is not None and timing is not None:
         row = next(cd for cd in timing["candidates"] if cd["label"] == final["label"])
-        p50 = next((r["latency_ms"]["p50"] for r in row["results"] if r["batch_size"] == c.max_latency_ms.batch_size), None)
-        checks["max_latency_ms"] = {"limit": c.max_latency_ms.value, "batch_size": c.max_latency_ms.batch_size,
-                                    "measured": p50, "holds": p50 is not None and p50 <= c.max_latency_ms.value}
+        p50 = next(
+            (
+                r["latency_ms"]["p50"]
+                for r in row["results"]
+                if r["batch_size"] == c.max_latency_ms.batch_size
+            ),
+            None,
+        )
+        checks["max_latency_ms"] = {
+            "limit": c.max_latency_ms.value,
+            "batch_size": c.max_latency_ms.batch_size,
+            "measured": p50,
+            "holds": p50 is not None and p50 <= c.max_latency_ms.value,
+        }
     if c.min_speedup is not None and timing is not None:
         row = next(cd for cd in timing["candidates"] if cd["label"] == final["label"])
-        sp = next((r.get("speedup_vs_baseline_p50") for r in row["results"] if r["batch_size"] == c.min_speedup.batch_size), None)
-        checks["min_speedup"] = {"limit": c.min_speedup.value, "batch_size": c.min_speedup.batch_size,
-                                 "measured": sp, "holds": sp is not None and sp >= c.min_speedup.value}
+        sp = next(
+            (
+                r.get("speedup_vs_baseline_p50")
+                for r in row["results"]
+                if r["batch_size"] == c.min_speedup.batch_size
+            ),
+            None,
+        )
+        checks["min_speedup"] = {
+            "limit": c.min_speedup.value,
+            "batch_size": c.min_speedup.batch_size,
+            "measured": sp,
+            "holds": sp is not None and sp >= c.min_speedup.value,
+        }
     if c.max_size_mb is not None:
         size = load_candidate(final["candidate"]).size_bytes / 1e6
         checks["max_size_mb"] = {"limit": c.max_size_mb, "measured": size, "holds": size <= c.max_size_mb}
-    return {"final": final["label"], "holds": all(v["holds"] for v in checks.values()), "checks": checks,
-            "complete": all(s.get("status") in ("ran", "reused", "omitted") for s in steps),
-            "original_bytes": original.size_bytes}
+    return {
+        "final": final["label"],
+        "holds": all(v["holds"] for v in checks.values()),
+        "checks": checks,
+        "complete": all(s.get("status") in ("ran", "reused", "omitted") for s in steps),
+        "original_bytes": original.size_bytes,
+    }
 
 
 @contextlib.contextmanager
@@ -163,8 +212,14 @@ def _step_lock(step_dir: Path) -> Iterator[None]:
         yield
 
 
-def execute_steps(passes: list[Step], labels: list[str], workload: Any, original: Any, out: Path,
-                  log: Callable[[str], None] = _say) -> list[dict[str, Any]]:
+def execute_steps(
+    passes: list[Step],
+    labels: list[str],
+    workload: Any,
+    original: Any,
+    out: Path,
+    log: Callable[[str], None] = _say,
+) -> list[dict[str, Any]]:
     """Run ``passes`` in order from ``original``; each step's candidate is cached under a key of (pass, config, parent)."""
     from tqdm import tqdm
 
@@ -173,26 +228,47 @@ def execute_steps(passes: list[Step], labels: list[str], workload: Any, original
 
     steps: list[dict[str, Any]] = []
     parent: Candidate | None = original
-    overall = tqdm(total=len(passes), desc="recipe", unit="step", disable=None, leave=False)  # off when not a terminal
+    overall = tqdm(
+        total=len(passes), desc="recipe", unit="step", disable=None, leave=False
+    )  # off when not a terminal
     for i, (step, label) in enumerate(zip(passes, labels, strict=True)):
         overall.set_postfix_str(label)
         overall.update(0 if i == 0 else 1)
         cls = PASSES[step.pass_name]
         cfg = cls.config_cls.parse(step.config)
         if step.skip:
-            steps.append({"label": label, "pass": step.pass_name, "status": "omitted", "reason": "skip: true"})
+            steps.append(
+                {"label": label, "pass": step.pass_name, "status": "omitted", "reason": "skip: true"}
+            )
             continue
         if parent is None:
-            steps.append({"label": label, "pass": step.pass_name, "status": "skipped", "reason": "an earlier step failed"})
+            steps.append(
+                {
+                    "label": label,
+                    "pass": step.pass_name,
+                    "status": "skipped",
+                    "reason": "an earlier step failed",
+                }
+            )
             continue
         key = sha256_text(step.pass_name, stable_json(cfg.to_json_dict()), parent.id)[:10]
         step_dir = out / "steps" / f"{i:02d}-{label}-{key}"
-        with _step_lock(step_dir):  # a search's trials side by side: one builds a shared step, the others reuse it
+        with _step_lock(
+            step_dir
+        ):  # a search's trials side by side: one builds a shared step, the others reuse it
             done = _reuse(step_dir)
             t0 = time.perf_counter()
             if done is not None:
                 log(f"{label}: reusing {step_dir.name} (same pass, config and parent)")
-                steps.append({"label": label, "pass": step.pass_name, "status": "reused", "candidate": str(step_dir), "id": done.id})
+                steps.append(
+                    {
+                        "label": label,
+                        "pass": step.pass_name,
+                        "status": "reused",
+                        "candidate": str(step_dir),
+                        "id": done.id,
+                    }
+                )
                 parent = done
                 continue
             if step_dir.exists():
@@ -202,20 +278,40 @@ def execute_steps(passes: list[Step], labels: list[str], workload: Any, original
                 cand = cls()(parent, workload, cfg, step_dir)
             except SlimshipError as err:
                 log(f"{label}: failed — {err}")
-                steps.append({"label": label, "pass": step.pass_name, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
+                steps.append(
+                    {
+                        "label": label,
+                        "pass": step.pass_name,
+                        "status": "failed",
+                        "reason": f"{type(err).__name__}: {err}",
+                    }
+                )
                 shutil.rmtree(step_dir, ignore_errors=True)
                 parent = None
                 continue
-        steps.append({"label": label, "pass": step.pass_name, "status": "ran", "candidate": str(step_dir), "id": cand.id,
-                      "seconds": round(time.perf_counter() - t0, 1)})
+        steps.append(
+            {
+                "label": label,
+                "pass": step.pass_name,
+                "status": "ran",
+                "candidate": str(step_dir),
+                "id": cand.id,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         parent = cand
     overall.update(1)
     overall.close()
     return steps
 
 
-def evaluate_steps(steps: list[dict[str, Any]], orig_dir: Path, workload: Any, evaluate_limit: int | None,
-                   log: Callable[[str], None] = _say) -> dict[str, Any]:
+def evaluate_steps(
+    steps: list[dict[str, Any]],
+    orig_dir: Path,
+    workload: Any,
+    evaluate_limit: int | None,
+    log: Callable[[str], None] = _say,
+) -> dict[str, Any]:
     """Quality and fidelity of the original and of every finished step (cached beside each candidate)."""
     import json
 
@@ -224,7 +320,9 @@ def evaluate_steps(steps: list[dict[str, Any]], orig_dir: Path, workload: Any, e
 
     evaluations: dict[str, Any] = {}
     for s in [{"label": "original", "candidate": str(orig_dir)}] + [s for s in steps if "candidate" in s]:
-        cache = Path(s["candidate"]) / f"evaluation{'' if evaluate_limit is None else f'-{evaluate_limit}'}.json"
+        cache = (
+            Path(s["candidate"]) / f"evaluation{'' if evaluate_limit is None else f'-{evaluate_limit}'}.json"
+        )
         if cache.exists():
             evaluations[s["label"]] = json.loads(cache.read_text())
             continue

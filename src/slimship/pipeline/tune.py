@@ -92,8 +92,17 @@ def apply_params(recipe: Recipe, params: dict[str, Any]) -> list[Any]:
     return steps
 
 
-def _screen(recipe: Recipe, workload: Any, cand_dir: str, orig_dir: Path, final: Any, original: Any,
-            log: Callable[[str], None], row: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any] | None:
+def _screen(
+    recipe: Recipe,
+    workload: Any,
+    cand_dir: str,
+    orig_dir: Path,
+    final: Any,
+    original: Any,
+    log: Callable[[str], None],
+    row: dict[str, Any],
+    hints: dict[str, Any],
+) -> dict[str, Any] | None:
     """Cheap signals: exact size; for a latency search, the speed its MACs predict against the best feasible
     candidate; quality / fidelity on a small slice. A dict saying why when the candidate is hopeless."""
     search, c = recipe.search, recipe.constraints
@@ -104,7 +113,11 @@ def _screen(recipe: Recipe, workload: Any, cand_dir: str, orig_dir: Path, final:
     if search.screen is not None and per_mac is not None:
         predicted = row["macs_ratio"] * per_mac * search.screen.macs_margin
         signal = f"speed-up its MACs predict (x{search.screen.macs_margin:g} margin)"
-        if c.min_speedup is not None and c.min_speedup.batch_size == search.batch_size and predicted < c.min_speedup.value:
+        if (
+            c.min_speedup is not None
+            and c.min_speedup.batch_size == search.batch_size
+            and predicted < c.min_speedup.value
+        ):
             return {"signal": signal + " vs min_speedup", "measured": predicted, "limit": c.min_speedup.value}
         if search.objective == "latency" and best is not None and predicted < best:
             return {"signal": signal + " vs the best feasible", "measured": predicted, "limit": best}
@@ -118,20 +131,31 @@ def _screen(recipe: Recipe, workload: Any, cand_dir: str, orig_dir: Path, final:
         if q0 is not None and q is not None:
             drop = q0 - q if workload.higher_is_better else q - q0
             if drop > c.max_quality_drop + search.screen.quality_margin:
-                return {"signal": f"{metric} on {n} samples", "measured": drop,
-                        "limit": c.max_quality_drop + search.screen.quality_margin}
+                return {
+                    "signal": f"{metric} on {n} samples",
+                    "measured": drop,
+                    "limit": c.max_quality_drop + search.screen.quality_margin,
+                }
     if c.min_fidelity is not None:
         name, value = next(iter(ev["trial"].get("fidelity", {}).items()), (None, None))
         if value is not None and value < c.min_fidelity - search.screen.fidelity_margin:
-            return {"signal": f"{name} on {n} samples", "measured": value,
-                    "limit": c.min_fidelity - search.screen.fidelity_margin}
+            return {
+                "signal": f"{name} on {n} samples",
+                "measured": value,
+                "limit": c.min_fidelity - search.screen.fidelity_margin,
+            }
     return None
 
 
 def _macs(cand: Any) -> tuple[int | None, float]:
     """MACs after the newest structural step in the lineage (the passes record them) and the ratio to the original's."""
-    recs = [c.info["complexity"] for c in cand.lineage() if isinstance(c.info.get("complexity"), dict)
-            and c.info["complexity"].get("macs_after") and c.info["complexity"].get("macs_before")]
+    recs = [
+        c.info["complexity"]
+        for c in cand.lineage()
+        if isinstance(c.info.get("complexity"), dict)
+        and c.info["complexity"].get("macs_after")
+        and c.info["complexity"].get("macs_before")
+    ]
     if not recs:
         return None, 1.0
     return int(recs[0]["macs_after"]), float(recs[-1]["macs_before"]) / max(1, int(recs[0]["macs_after"]))
@@ -142,11 +166,23 @@ def _signature(steps: list[dict[str, Any]]) -> str:
     them convert MACs into time at a similar rate."""
     from slimship.passes import PASSES
 
-    return ">".join(s["pass"] for s in steps if s["status"] in ("ran", "reused") and PASSES[s["pass"]].output_format != "torch") or "torch"
+    return (
+        ">".join(
+            s["pass"]
+            for s in steps
+            if s["status"] in ("ran", "reused") and PASSES[s["pass"]].output_format != "torch"
+        )
+        or "torch"
+    )
 
 
-def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Callable[[str], None] = _say,
-              hints: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_trial(
+    ctx: TrialContext,
+    number: int,
+    params: dict[str, Any],
+    log: Callable[[str], None] = _say,
+    hints: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Build, screen, evaluate and time one candidate; the row every executor records for it. ``hints`` are what
     the search knows so far (:meth:`SearchState.hints`), for the cheap MACs signal."""
     from slimship.candidate import load_candidate
@@ -163,44 +199,79 @@ def run_trial(ctx: TrialContext, number: int, params: dict[str, Any], log: Calla
     failed = [s for s in done if s["status"] == "failed"]
     finished = [s for s in done if s["status"] in ("ran", "reused")]
     if failed or not finished:
-        row.update(status="failed", reason=failed[0].get("reason") if failed else "no step ran",
-                   seconds=round(time.perf_counter() - t0, 1))
+        row.update(
+            status="failed",
+            reason=failed[0].get("reason") if failed else "no step ran",
+            seconds=round(time.perf_counter() - t0, 1),
+        )
         return row
     last = finished[-1]
     final = load_candidate(last["candidate"])
     macs, macs_ratio = _macs(final)
-    row.update(candidate=last["candidate"], size_bytes=final.size_bytes, macs=macs, macs_ratio=macs_ratio, signature=_signature(done))
-    screened = _screen(recipe, workload, last["candidate"], out / "original", final, original, log, row, hints or {})
+    row.update(
+        candidate=last["candidate"],
+        size_bytes=final.size_bytes,
+        macs=macs,
+        macs_ratio=macs_ratio,
+        signature=_signature(done),
+    )
+    screened = _screen(
+        recipe, workload, last["candidate"], out / "original", final, original, log, row, hints or {}
+    )
     if screened is not None:
-        log(f"trial {number}: screened out — {screened['signal']} {screened['measured']:.4g} vs limit {screened['limit']:.4g}")
+        log(
+            f"trial {number}: screened out — {screened['signal']} {screened['measured']:.4g} vs limit {screened['limit']:.4g}"
+        )
         row.update(status="screened", screen=screened, seconds=round(time.perf_counter() - t0, 1))
         return row
     evaluations = evaluate_steps([last], out / "original", workload, ctx.evaluate_limit, log)
     backend = lambda c: "torch" if c.format == "torch" else "onnxruntime"  # noqa: E731
     log(f"trial {number}: timing against the original at batch {recipe.search.batch_size} (interleaved)")
     sizes = tuple(sorted({recipe.search.batch_size, *constraint_batch_sizes(recipe)}))
-    timing = bench([BenchTarget("original", original, backend(original)), BenchTarget(last["label"], final, backend(final))],
-                   workload, batch_sizes=sizes, memory=False, progress=False, baseline="original", threads=ctx.threads)
+    timing = bench(
+        [
+            BenchTarget("original", original, backend(original)),
+            BenchTarget(last["label"], final, backend(final)),
+        ],
+        workload,
+        batch_sizes=sizes,
+        memory=False,
+        progress=False,
+        baseline="original",
+        threads=ctx.threads,
+    )
     verdict = check_constraints(recipe, workload, evaluations, timing, last, original, done)
     bs = recipe.search.batch_size
-    res = next(r for r in next(c for c in timing["candidates"] if c["label"] != "original")["results"] if r["batch_size"] == bs)
-    base = next(r for r in next(c for c in timing["candidates"] if c["label"] == "original")["results"] if r["batch_size"] == bs)
+    res = next(
+        r
+        for r in next(c for c in timing["candidates"] if c["label"] != "original")["results"]
+        if r["batch_size"] == bs
+    )
+    base = next(
+        r
+        for r in next(c for c in timing["candidates"] if c["label"] == "original")["results"]
+        if r["batch_size"] == bs
+    )
     metric = workload.primary_metric
     q = evaluations[last["label"]]["quality"].get(metric) if metric else None
     q0 = evaluations["original"]["quality"].get(metric) if metric else None
-    row.update({
-        "status": "ok",
-        "speedup": res["speedup_vs_baseline_p50"],
-        "latency_ms_p50": res["latency_ms"]["p50"],
-        "original_latency_ms_p50": base["latency_ms"]["p50"],
-        "size_ratio": original.size_bytes / final.size_bytes,
-        "quality": q,
-        "quality_drop": None if q is None or q0 is None else (q0 - q if workload.higher_is_better else q - q0),
-        "fidelity": evaluations[last["label"]]["fidelity"],
-        "feasible": verdict["holds"],
-        "checks": verdict["checks"],
-        "seconds": round(time.perf_counter() - t0, 1),
-    })
+    row.update(
+        {
+            "status": "ok",
+            "speedup": res["speedup_vs_baseline_p50"],
+            "latency_ms_p50": res["latency_ms"]["p50"],
+            "original_latency_ms_p50": base["latency_ms"]["p50"],
+            "size_ratio": original.size_bytes / final.size_bytes,
+            "quality": q,
+            "quality_drop": None
+            if q is None or q0 is None
+            else (q0 - q if workload.higher_is_better else q - q0),
+            "fidelity": evaluations[last["label"]]["fidelity"],
+            "feasible": verdict["holds"],
+            "checks": verdict["checks"],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    )
     return row
 
 
@@ -234,12 +305,19 @@ def objectives(row: dict[str, Any], objective: str) -> tuple[float, float] | Non
 
 def constraint_values(row: dict[str, Any], recipe: Recipe) -> dict[str, float]:
     """One value per constraint, ≤ 0 when it holds (Optuna's convention): how far each is from holding."""
-    names = [n for n in ("max_quality_drop", "min_fidelity", "max_latency_ms", "min_speedup", "max_size_mb")
-             if getattr(recipe.constraints, n) is not None] or ["completes"]
+    names = [
+        n
+        for n in ("max_quality_drop", "min_fidelity", "max_latency_ms", "min_speedup", "max_size_mb")
+        if getattr(recipe.constraints, n) is not None
+    ] or ["completes"]
     if row.get("status") == "ok":
         checks = row["checks"]
-        return {n: 0.0 if checks.get(n, {"holds": True})["holds"]
-                else 1.0 + abs(float(checks[n]["measured"] or 0) - float(checks[n]["limit"])) for n in names}
+        return {
+            n: 0.0
+            if checks.get(n, {"holds": True})["holds"]
+            else 1.0 + abs(float(checks[n]["measured"] or 0) - float(checks[n]["limit"]))
+            for n in names
+        }
     return dict.fromkeys(names, 1e3)  # failed or screened: far outside the feasible region
 
 
@@ -251,7 +329,11 @@ def pool_baseline(rows: list[dict[str, Any]], recipe: Recipe) -> float | None:
     trial's ratio inherits that noise. The pooled median is the steadier yardstick: ``speedup`` becomes
     pooled / candidate p50 (the trial's own ratio stays as ``speedup_same_run``) and a ``min_speedup`` at the
     search's batch size is judged again with it."""
-    fresh = [r for r in rows if r.get("status") == "ok" and r.get("reused_from") is None and r.get("original_latency_ms_p50")]
+    fresh = [
+        r
+        for r in rows
+        if r.get("status") == "ok" and r.get("reused_from") is None and r.get("original_latency_ms_p50")
+    ]
     if not fresh:
         return None
     import statistics
@@ -265,8 +347,16 @@ def pool_baseline(rows: list[dict[str, Any]], recipe: Recipe) -> float | None:
         r.setdefault("speedup_same_run", r["speedup"])
         r["speedup"] = pooled / float(r["latency_ms_p50"])
         chk = r.get("checks", {}).get("min_speedup")
-        if chk is not None and c.min_speedup is not None and c.min_speedup.batch_size == recipe.search.batch_size:
-            chk.update(measured=r["speedup"], holds=r["speedup"] >= c.min_speedup.value, baseline="pooled original p50")
+        if (
+            chk is not None
+            and c.min_speedup is not None
+            and c.min_speedup.batch_size == recipe.search.batch_size
+        ):
+            chk.update(
+                measured=r["speedup"],
+                holds=r["speedup"] >= c.min_speedup.value,
+                baseline="pooled original p50",
+            )
             r["feasible"] = all(v["holds"] for v in r["checks"].values())
     return pooled
 
@@ -298,7 +388,12 @@ def space_size(recipe: Recipe) -> int | None:
     if total > 20000:
         return total
     keys = list(recipe.search.params)
-    return len({_key(effective_params(recipe, dict(zip(keys, combo, strict=True)))) for combo in itertools.product(*values)})
+    return len(
+        {
+            _key(effective_params(recipe, dict(zip(keys, combo, strict=True))))
+            for combo in itertools.product(*values)
+        }
+    )
 
 
 @dataclass
@@ -349,11 +444,16 @@ class SearchState:
         if deadline is not None and time.monotonic() >= deadline:
             return f"time budget reached ({search.timeout_seconds:g} s)"
         size = space_size(self.recipe)
-        if size is not None and len({_key(effective_params(self.recipe, r["params"])) for r in self.rows}) >= size:
+        if (
+            size is not None
+            and len({_key(effective_params(self.recipe, r["params"])) for r in self.rows}) >= size
+        ):
             return f"every one of the {size} combinations in the space was tried"
         if search.patience is not None and self.best_value is not None and self.since_best >= search.patience:
-            return (f"early stop: a feasible candidate exists and {self.since_best} candidates in a row did not beat it "
-                    f"(patience {search.patience})")
+            return (
+                f"early stop: a feasible candidate exists and {self.since_best} candidates in a row did not beat it "
+                f"(patience {search.patience})"
+            )
         return None
 
 
@@ -368,8 +468,15 @@ class Executor(Protocol):
 
     name: str
 
-    def search(self, ctx: TrialContext, state: SearchState, limit: int, deadline: float | None,
-               on_row: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> str: ...
+    def search(
+        self,
+        ctx: TrialContext,
+        state: SearchState,
+        limit: int,
+        deadline: float | None,
+        on_row: Callable[[dict[str, Any]], None],
+        log: Callable[[str], None],
+    ) -> str: ...
 
 
 class LocalExecutor:
@@ -380,8 +487,15 @@ class LocalExecutor:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def search(self, ctx: TrialContext, state: SearchState, limit: int, deadline: float | None,
-               on_row: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> str:
+    def search(
+        self,
+        ctx: TrialContext,
+        state: SearchState,
+        limit: int,
+        deadline: float | None,
+        on_row: Callable[[dict[str, Any]], None],
+        log: Callable[[str], None],
+    ) -> str:
         import warnings
 
         import optuna
@@ -394,7 +508,9 @@ class LocalExecutor:
         seen: dict[str, dict[str, Any]] = {}
         rng = random.Random(self.seed)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraints are "experimental"
+            warnings.simplefilter(
+                "ignore", optuna.exceptions.ExperimentalWarning
+            )  # constraints are "experimental"
             sampler = optuna.samplers.TPESampler(seed=self.seed)
             study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
             for number in itertools.count():
@@ -445,10 +561,15 @@ def _untried(recipe: Recipe, seen: dict[str, Any], rng: Any) -> dict[str, Any] |
     """A random combination of an all-choices space that builds a candidate not tried yet (None if none/too big)."""
     assert recipe.search is not None
     params = recipe.search.params
-    if any(p.choices is None for p in params.values()) or math.prod(len(p.choices or []) for p in params.values()) > 20000:
+    if (
+        any(p.choices is None for p in params.values())
+        or math.prod(len(p.choices or []) for p in params.values()) > 20000
+    ):
         return None
     keys = list(params)
-    combos = [dict(zip(keys, c, strict=True)) for c in itertools.product(*(params[k].choices or [] for k in keys))]
+    combos = [
+        dict(zip(keys, c, strict=True)) for c in itertools.product(*(params[k].choices or [] for k in keys))
+    ]
     fresh = [c for c in combos if _key(effective_params(recipe, c)) not in seen]
     return rng.choice(fresh) if fresh else None
 
@@ -475,7 +596,9 @@ def executor_for(name: str, **options: Any) -> Executor:
     if name == "local":
         unknown = sorted(k for k, v in options.items() if k != "seed" and v is not None)
         if unknown:
-            raise ConfigError(f"{', '.join(unknown)} only apply to --executor ray; drop them or add --executor ray")
+            raise ConfigError(
+                f"{', '.join(unknown)} only apply to --executor ray; drop them or add --executor ray"
+            )
         return LocalExecutor(seed=options.get("seed", 0))
     if name == "ray":
         from slimship.pipeline.tune_ray import RayExecutor
@@ -500,7 +623,9 @@ def tune_recipe(
 
     recipe = load_recipe(recipe_path)
     if recipe.search is None:
-        raise ConfigError(f"{recipe_path} has no `search` section; `slimship tune` needs one (or use `slimship run`)")
+        raise ConfigError(
+            f"{recipe_path} has no `search` section; `slimship tune` needs one (or use `slimship run`)"
+        )
     search = recipe.search
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -525,8 +650,17 @@ def tune_recipe(
         ok = [r for r in rows if r.get("status") == "ok" and r.get("reused_from") is None]
         feasible = [r for r in ok if r["feasible"]]
         best = max(feasible, key=lambda r: objectives(r, search.objective)[0]) if feasible else None  # type: ignore[index]
-        closest = [] if feasible else sorted(ok, key=lambda r: (sum(0 if c["holds"] else 1 for c in r["checks"].values()),
-                                                                 sum(constraint_values(r, recipe).values())))[:3]
+        closest = (
+            []
+            if feasible
+            else sorted(
+                ok,
+                key=lambda r: (
+                    sum(0 if c["holds"] else 1 for c in r["checks"].values()),
+                    sum(constraint_values(r, recipe).values()),
+                ),
+            )[:3]
+        )
         return {
             "schema": SCHEMA,
             "machine": machine,
@@ -536,8 +670,12 @@ def tune_recipe(
             "executor": executor.name,
             "objective": search.objective,
             "batch_size": search.batch_size,
-            "original": {"size_bytes": original.size_bytes, "quality": base_eval["quality"], "format": original.format,
-                         "candidate": str(out / "original")},
+            "original": {
+                "size_bytes": original.size_bytes,
+                "quality": base_eval["quality"],
+                "format": original.format,
+                "candidate": str(out / "original"),
+            },
             "trials": rows,
             "evaluations": state.evaluations,
             "best": best,

@@ -60,8 +60,10 @@ def import_ray(local: bool = False) -> Any:
         import ray.tune
         import ray.tune.search.optuna
     except ImportError as err:
-        raise ExecutorError(f"--executor ray needs Ray Tune, which is not installed here ({err}); "
-                            f"install it with: {INSTALL_HINT}") from err
+        raise ExecutorError(
+            f"--executor ray needs Ray Tune, which is not installed here ({err}); "
+            f"install it with: {INSTALL_HINT}"
+        ) from err
     return ray
 
 
@@ -87,15 +89,24 @@ class RayExecutor:
         if not self.trial_cpus > 0:
             raise ConfigError(f"--trial-cpus must be > 0, got {self.trial_cpus:g} (e.g. --trial-cpus 2)")
         if self.concurrent_trials < 1:
-            raise ConfigError(f"--concurrent-trials must be ≥ 1, got {self.concurrent_trials} (e.g. --concurrent-trials 2)")
+            raise ConfigError(
+                f"--concurrent-trials must be ≥ 1, got {self.concurrent_trials} (e.g. --concurrent-trials 2)"
+            )
         if self.max_failures < 0:
             raise ConfigError(f"--max-failures must be ≥ 0, got {self.max_failures} (e.g. --max-failures 2)")
         if self.address is not None:
             _parse_address(self.address)
         import_ray(local=self.address is None)  # before anything runs: say now that the extra is missing
 
-    def search(self, ctx: TrialContext, state: SearchState, limit: int, deadline: float | None,
-               on_row: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> str:
+    def search(
+        self,
+        ctx: TrialContext,
+        state: SearchState,
+        limit: int,
+        deadline: float | None,
+        on_row: Callable[[dict[str, Any]], None],
+        log: Callable[[str], None],
+    ) -> str:
         ray = import_ray(local=self.address is None)
         ctx = dataclasses.replace(ctx, threads=max(1, math.floor(self.trial_cpus)))
         connected_here = _connect(ray, self.address, log)
@@ -110,22 +121,37 @@ class RayExecutor:
             if connected_here:
                 ray.shutdown()
 
-    def _search_through_client(self, ray: Any, ctx: TrialContext, state: SearchState, limit: int, deadline: float | None,
-                               on_row: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> str:
+    def _search_through_client(
+        self,
+        ray: Any,
+        ctx: TrialContext,
+        state: SearchState,
+        limit: int,
+        deadline: float | None,
+        on_row: Callable[[dict[str, Any]], None],
+        log: Callable[[str], None],
+    ) -> str:
         """Ray Client: Ray Tune would run its loop on the cluster anyway; run the whole search loop there as one
         task (no CPU reserved) and record its rows here."""
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         task = ray.remote(num_cpus=0)(_search_on_cluster)
         log(f"searching on the cluster through Ray Client ({self.address}); rows arrive when the search ends")
-        stopped, rows = ray.get(task.remote(dataclasses.asdict(self), ctx, limit, remaining, [dict(r) for r in state.rows]))
-        for row in rows[len(state.rows):]:
+        stopped, rows = ray.get(
+            task.remote(dataclasses.asdict(self), ctx, limit, remaining, [dict(r) for r in state.rows])
+        )
+        for row in rows[len(state.rows) :]:
             state.record(row)
             on_row(row)
         return str(stopped)
 
 
-def _search_on_cluster(options: dict[str, Any], ctx: TrialContext, limit: int, remaining: float | None,
-                       rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+def _search_on_cluster(
+    options: dict[str, Any],
+    ctx: TrialContext,
+    limit: int,
+    remaining: float | None,
+    rows: list[dict[str, Any]],
+) -> tuple[str, list[dict[str, Any]]]:
     """Runs on the cluster (already connected to it): the search loop of a Ray Client search."""
     from slimship.pipeline.tune import _setup
 
@@ -150,13 +176,17 @@ def _parse_address(address: str) -> tuple[str, int] | None:
     """(host, port) to probe, or None for ``auto``; a ConfigError for anything else."""
     if address == "auto":
         return None
-    rest, default_port = (address[len("ray://"):], 10001) if address.startswith("ray://") else (address, None)
+    rest, default_port = (
+        (address[len("ray://") :], 10001) if address.startswith("ray://") else (address, None)
+    )
     host, sep, port = rest.rpartition(":")
     if not sep:
         host, port = rest, ""
     if not host or ("://" in host) or (port == "" and default_port is None) or (port and not port.isdigit()):
-        raise ConfigError(f"--address {address!r} is not a Ray address; expected host:port of the head node's GCS "
-                          "(e.g. 10.0.0.5:6379), ray://host:10001 (Ray Client) or auto")
+        raise ConfigError(
+            f"--address {address!r} is not a Ray address; expected host:port of the head node's GCS "
+            "(e.g. 10.0.0.5:6379), ray://host:10001 (Ray Client) or auto"
+        )
     return host.strip("[]"), int(port) if port else int(default_port or 0)
 
 
@@ -169,8 +199,10 @@ def _connect(ray: Any, address: str | None, log: Callable[[str], None]) -> bool:
         from ray._private import ray_constants
 
         if ray_constants.ENABLE_RAY_CLUSTER:  # Ray was imported before import_ray(local=True) could say so
-            log("note: Ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset, so some of its ports may listen on "
-                "every interface; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep a local instance on 127.0.0.1")
+            log(
+                "note: Ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset, so some of its ports may listen on "
+                "every interface; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep a local instance on 127.0.0.1"
+            )
         log("starting a local Ray instance (127.0.0.1)")
         # address="local": always a new instance (a bare ray.init() would join any cluster already on this machine)
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
@@ -182,8 +214,10 @@ def _connect(ray: Any, address: str | None, log: Callable[[str], None]) -> bool:
 
             resolved = canonicalize_bootstrap_address_or_die("auto")
         except (ConnectionError, RuntimeError) as err:
-            raise ExecutorError(f"--address auto found no running Ray cluster on this machine ({err}); start one with "
-                                "`ray start --head`, pass the head's host:port, or drop --address to start a local instance") from err
+            raise ExecutorError(
+                f"--address auto found no running Ray cluster on this machine ({err}); start one with "
+                "`ray start --head`, pass the head's host:port, or drop --address to start a local instance"
+            ) from err
         target = _parse_address(resolved)
         assert target is not None
     host, port = target
@@ -203,8 +237,10 @@ def _connect(ray: Any, address: str | None, log: Callable[[str], None]) -> bool:
     try:
         ray.init(address=address, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ExecutorError(f"connecting to the Ray cluster at {address} failed: {err}; is it a Ray {ray.__version__} "
-                            "head (`ray status` on it) and is this the GCS or Ray Client port?") from err
+        raise ExecutorError(
+            f"connecting to the Ray cluster at {address} failed: {err}; is it a Ray {ray.__version__} "
+            "head (`ray status` on it) and is this the GCS or Ray Client port?"
+        ) from err
     return True
 
 
@@ -230,8 +266,12 @@ def _check_shared_dir(ray: Any, out: Path, where: str) -> None:
     try:
         probe = ray.remote(num_cpus=0)(_exists)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        refs = {n["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(token))
-                for n in nodes}
+        refs = {
+            n["NodeManagerAddress"]: probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(token))
+            for n in nodes
+        }
         blind = [addr for addr, ref in refs.items() if not ray.get(ref, timeout=120)]
     finally:
         token.unlink(missing_ok=True)
@@ -263,8 +303,15 @@ def _trainable(config: dict[str, Any]) -> None:
     tune.report({"row": json.dumps(row), "speed": values[0], "quality": values[1]})
 
 
-def _run_tuner(ex: RayExecutor, ctx: TrialContext, state: SearchState, limit: int, deadline: float | None,
-               on_row: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> str:
+def _run_tuner(
+    ex: RayExecutor,
+    ctx: TrialContext,
+    state: SearchState,
+    limit: int,
+    deadline: float | None,
+    on_row: Callable[[dict[str, Any]], None],
+    log: Callable[[str], None],
+) -> str:
     import warnings
 
     import optuna
@@ -279,21 +326,29 @@ def _run_tuner(ex: RayExecutor, ctx: TrialContext, state: SearchState, limit: in
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": ex.trial_cpus}),
         tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=-1, max_concurrent_trials=ex.concurrent_trials,
+            search_alg=searcher,
+            num_samples=-1,
+            max_concurrent_trials=ex.concurrent_trials,
             reuse_actors=True,  # a worker keeps its imports and loaded workload from one trial to the next
             trial_name_creator=lambda t: f"trial-{t.config['trial']}",
             trial_dirname_creator=lambda t: f"trial-{t.config['trial']}",
         ),
         run_config=tune.RunConfig(
-            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage, verbose=0,
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            verbose=0,
             failure_config=tune.FailureConfig(max_failures=ex.max_failures),
             callbacks=[searcher.error_callback()],
         ),
     )
-    log(f"Ray Tune: {ex.trial_cpus:g} CPU per trial, {ex.concurrent_trials} at a time, {ex.max_failures} restarts "
-        f"of a failed worker; experiment state in {storage}")
+    log(
+        f"Ray Tune: {ex.trial_cpus:g} CPU per trial, {ex.concurrent_trials} at a time, {ex.max_failures} restarts "
+        f"of a failed worker; experiment state in {storage}"
+    )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraints are "experimental"
+        warnings.simplefilter(
+            "ignore", optuna.exceptions.ExperimentalWarning
+        )  # constraints are "experimental"
         tuner.fit()
     return state.stop_reason(limit, deadline) or searcher.stopped or "the sampler had nothing more to propose"
 
@@ -311,11 +366,23 @@ def _searcher_class() -> Any:
     from slimship.pipeline.tune import _key, _untried, repeat_row, suggest_params, tell_row
 
     class SlimshipOptunaSearch(OptunaSearch):
-        def __init__(self, ex: RayExecutor, ctx: TrialContext, state: SearchState, limit: int, deadline: float | None,
-                     on_row: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> None:
+        def __init__(
+            self,
+            ex: RayExecutor,
+            ctx: TrialContext,
+            state: SearchState,
+            limit: int,
+            deadline: float | None,
+            on_row: Callable[[dict[str, Any]], None],
+            log: Callable[[str], None],
+        ) -> None:
             recipe = state.recipe
-            super().__init__(space=lambda trial: suggest_params(trial, recipe), metric=["speed", "quality"],
-                             mode=["max", "max"], sampler=optuna.samplers.TPESampler(seed=ex.seed))
+            super().__init__(
+                space=lambda trial: suggest_params(trial, recipe),
+                metric=["speed", "quality"],
+                mode=["max", "max"],
+                sampler=optuna.samplers.TPESampler(seed=ex.seed),
+            )
             self.ex, self.ctx, self.state, self.limit, self.deadline = ex, ctx, state, limit, deadline
             self.on_row, self.log, self.recipe = on_row, log, recipe
             self.rng = random.Random(ex.seed)
@@ -336,8 +403,14 @@ def _searcher_class() -> Any:
 
             class _Errors(Callback):
                 def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-                    err = getattr(trial, "error_message", None) or getattr(trial, "error_msg", None) or "the worker died"
-                    errors[trial.trial_id] = str(err).strip().splitlines()[-1][:300] if str(err).strip() else "the worker died"
+                    err = (
+                        getattr(trial, "error_message", None)
+                        or getattr(trial, "error_msg", None)
+                        or "the worker died"
+                    )
+                    errors[trial.trial_id] = (
+                        str(err).strip().splitlines()[-1][:300] if str(err).strip() else "the worker died"
+                    )
 
             return _Errors()
 
@@ -356,7 +429,9 @@ def _searcher_class() -> Any:
                     self.stopped = reason
                     return Searcher.FINISHED
                 if len(self._study.trials) >= 4 * self.limit:
-                    self.stopped = f"the sampler kept proposing tried combinations ({len(self._study.trials)} proposals)"
+                    self.stopped = (
+                        f"the sampler kept proposing tried combinations ({len(self._study.trials)} proposals)"
+                    )
                     return Searcher.FINISHED
                 if size_reached:
                     return None  # every combination is tried or running: wait for the running ones
@@ -381,9 +456,14 @@ def _searcher_class() -> Any:
                 self.pending[same] = trial_id
                 self.meta[trial_id] = (number, params, same)
                 self._ot_trials[trial_id] = ot_trial
-                payload = {"trial": number, "params": params, "ctx": dataclasses.asdict(self.ctx),
-                           "hints": self.state.hints(), "objective": self.state.objective,
-                           "exit_seam": self.exit_seam}
+                payload = {
+                    "trial": number,
+                    "params": params,
+                    "ctx": dataclasses.asdict(self.ctx),
+                    "hints": self.state.hints(),
+                    "objective": self.state.objective,
+                    "exit_seam": self.exit_seam,
+                }
                 self.log(f"trial {number}: {params} → Ray trial {trial_id}")
                 return {"trial": number, "payload": json.dumps(payload, default=str)}
 
@@ -393,7 +473,9 @@ def _searcher_class() -> Any:
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             return None  # one result per trial, handled when it completes
 
-        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        def on_trial_complete(
+            self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+        ) -> None:
             if trial_id not in self.meta:
                 return
             number, params, same = self.meta.pop(trial_id)
@@ -403,8 +485,14 @@ def _searcher_class() -> Any:
                 row = json.loads(result["row"])
             else:
                 why = self.errors.get(trial_id, "the worker died")
-                row = {"trial": number, "params": params, "steps": [], "status": "failed",
-                       "reason": f"Ray trial failed {self.ex.max_failures + 1} time(s) ({why})", "seconds": None}
+                row = {
+                    "trial": number,
+                    "params": params,
+                    "steps": [],
+                    "status": "failed",
+                    "reason": f"Ray trial failed {self.ex.max_failures + 1} time(s) ({why})",
+                    "seconds": None,
+                }
                 self.log(f"trial {number}: {row['reason']}; the search goes on")
             self.seen[same] = row
             self._record(row, ot_trial)

@@ -28,7 +28,9 @@ ROLLOUT_STATES = (*ROLLOUT_ACTIVE, "promoted", "rolled_back", "aborted")
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("SLIMSHIP_REGISTRY", Path.home() / ".local" / "share" / "slimship" / "registry"))
+    return Path(
+        os.environ.get("SLIMSHIP_REGISTRY", Path.home() / ".local" / "share" / "slimship" / "registry")
+    )
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,10 @@ class Registry:
                     conn.execute(text("SELECT pg_advisory_xact_lock(7265717)"))
                 Base.metadata.create_all(conn)
         except ModuleNotFoundError as err:
-            raise RegistryError(f"the registry URL {self._safe_url()} needs a driver that isn't installed ({err.name}); "
-                                "for PostgreSQL: pip install 'slimship[postgres]'") from err
+            raise RegistryError(
+                f"the registry URL {self._safe_url()} needs a driver that isn't installed ({err.name}); "
+                "for PostgreSQL: pip install 'slimship[postgres]'"
+            ) from err
         except Exception as err:
             if type(err).__module__.startswith("sqlalchemy"):
                 reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
@@ -122,7 +126,9 @@ class Registry:
         from slimship.registry.db import EventRow, ModelRow, VersionRow
 
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}", model):
-            raise RegistryError(f"model name {model!r} must be letters, digits, '_', '.', '-' (e.g. minilm-int8)")
+            raise RegistryError(
+                f"model name {model!r} must be letters, digits, '_', '.', '-' (e.g. minilm-int8)"
+            )
         if stage not in STAGES:
             raise RegistryError(f"stage {stage!r} is not one of {list(STAGES)}")
         src = Path(candidate_dir)
@@ -140,34 +146,63 @@ class Registry:
         for attempt in range(20):
             try:
                 with self._session.begin() as s:
-                    m = s.execute(select(ModelRow).where(ModelRow.name == model).with_for_update()).scalar_one_or_none()
+                    m = s.execute(
+                        select(ModelRow).where(ModelRow.name == model).with_for_update()
+                    ).scalar_one_or_none()
                     if m is None:
                         m = ModelRow(name=model, description=description)
                         s.add(m)
                         s.flush()
-                    number = (s.execute(select(func.max(VersionRow.number)).where(VersionRow.model_id == m.id)).scalar() or 0) + 1
+                    number = (
+                        s.execute(
+                            select(func.max(VersionRow.number)).where(VersionRow.model_id == m.id)
+                        ).scalar()
+                        or 0
+                    ) + 1
                     parent_id = None
                     if parent is not None:
                         pv = self._row(s, m.id, parent)
                         if pv is None:
-                            raise RegistryError(f"parent version {parent} of {model!r} does not exist (latest: {number - 1})")
+                            raise RegistryError(
+                                f"parent version {parent} of {model!r} does not exist (latest: {number - 1})"
+                            )
                         parent_id = pv.id
                     if stage == "production":
                         self._archive_production(s, m.id)
-                    row = VersionRow(model_id=m.id, number=number, digest=digest, manifest=manifest, format=cand.format,
-                                     artifact=cand.artifact, stage=stage, original=original, parent_version_id=parent_id,
-                                     candidate=json.loads((src / "candidate.json").read_text()), recipe=recipe, run=run,
-                                     measurements=measurements or {}, tags=tags or {})
+                    row = VersionRow(
+                        model_id=m.id,
+                        number=number,
+                        digest=digest,
+                        manifest=manifest,
+                        format=cand.format,
+                        artifact=cand.artifact,
+                        stage=stage,
+                        original=original,
+                        parent_version_id=parent_id,
+                        candidate=json.loads((src / "candidate.json").read_text()),
+                        recipe=recipe,
+                        run=run,
+                        measurements=measurements or {},
+                        tags=tags or {},
+                    )
                     s.add(row)
                     s.flush()
-                    s.add(EventRow(model_id=m.id, version_id=row.id, kind="registered",
-                                   detail={"digest": digest, "stage": stage, "source": str(src.resolve())}))
+                    s.add(
+                        EventRow(
+                            model_id=m.id,
+                            version_id=row.id,
+                            kind="registered",
+                            detail={"digest": digest, "stage": stage, "source": str(src.resolve())},
+                        )
+                    )
                     _test_pause("before_commit")
                 return self.get(model, number)
             except IntegrityError:  # two first registrations of a new model raced on its name: go again
                 if attempt == 19:
                     raise
-            except OperationalError as err:  # SQLite busy beyond its timeout, PostgreSQL serialization: go again
+            except (
+                OperationalError
+            ) as err:  # SQLite busy beyond its timeout, PostgreSQL serialization: go again
                 if attempt == 19:
                     raise RegistryError(f"registering {model!r} kept failing on the database: {err}") from err
         raise AssertionError("unreachable")
@@ -178,14 +213,32 @@ class Registry:
 
         from slimship.registry.db import EventRow, VersionRow
 
-        prod = s.execute(select(VersionRow).where(VersionRow.model_id == model_id, VersionRow.stage == "production")).scalars().all()
+        prod = (
+            s.execute(
+                select(VersionRow).where(VersionRow.model_id == model_id, VersionRow.stage == "production")
+            )
+            .scalars()
+            .all()
+        )
         for v in prod:
             v.stage = "archived"
-            s.add(EventRow(model_id=model_id, version_id=v.id, kind="stage", detail={"from": "production", "to": "archived",
-                                                                                     "reason": "another version became production"}))
+            s.add(
+                EventRow(
+                    model_id=model_id,
+                    version_id=v.id,
+                    kind="stage",
+                    detail={
+                        "from": "production",
+                        "to": "archived",
+                        "reason": "another version became production",
+                    },
+                )
+            )
         return [v.number for v in prod]
 
-    def set_stage(self, model: str, number: int, stage: str, *, reason: str = "", evidence: dict[str, Any] | None = None) -> Version:
+    def set_stage(
+        self, model: str, number: int, stage: str, *, reason: str = "", evidence: dict[str, Any] | None = None
+    ) -> Version:
         """Move a version to a stage; making one production archives the current production version."""
         from sqlalchemy import select
 
@@ -194,7 +247,9 @@ class Registry:
         if stage not in STAGES:
             raise RegistryError(f"stage {stage!r} is not one of {list(STAGES)}")
         with self._session.begin() as s:
-            m = s.execute(select(ModelRow).where(ModelRow.name == model).with_for_update()).scalar_one_or_none()
+            m = s.execute(
+                select(ModelRow).where(ModelRow.name == model).with_for_update()
+            ).scalar_one_or_none()
             if m is None:
                 raise RegistryError(self._unknown_model(s, model))
             v = self._existing_row(s, m.id, model, number)
@@ -202,8 +257,19 @@ class Registry:
             if stage == "production" and before != "production":
                 self._archive_production(s, m.id)
             v.stage = stage
-            s.add(EventRow(model_id=m.id, version_id=v.id, kind="stage",
-                           detail={"from": before, "to": stage, "reason": reason, **({"evidence": evidence} if evidence else {})}))
+            s.add(
+                EventRow(
+                    model_id=m.id,
+                    version_id=v.id,
+                    kind="stage",
+                    detail={
+                        "from": before,
+                        "to": stage,
+                        "reason": reason,
+                        **({"evidence": evidence} if evidence else {}),
+                    },
+                )
+            )
         return self.get(model, number)
 
     def archive(self, model: str, number: int, reason: str = "") -> Version:
@@ -225,38 +291,86 @@ class Registry:
             s.add(EventRow(model_id=m.id, version_id=vid, kind=kind, detail=detail))
 
     # ---- rollouts ------------------------------------------------------------------------------
-    def start_rollout(self, model: str, candidate: int, baseline: int, policy: dict[str, Any], *, served_as: str | None = None,
-                      detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    def start_rollout(
+        self,
+        model: str,
+        candidate: int,
+        baseline: int,
+        policy: dict[str, Any],
+        *,
+        served_as: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Record a new rollout of ``candidate`` against ``baseline`` (one active rollout per model)."""
         from sqlalchemy import select
 
         from slimship.registry.db import EventRow, ModelRow, RolloutRow
 
         with self._session.begin() as s:
-            m = s.execute(select(ModelRow).where(ModelRow.name == model).with_for_update()).scalar_one_or_none()
+            m = s.execute(
+                select(ModelRow).where(ModelRow.name == model).with_for_update()
+            ).scalar_one_or_none()
             if m is None:
                 raise RegistryError(self._unknown_model(s, model))
-            active = s.execute(select(RolloutRow).where(RolloutRow.model_id == m.id,
-                                                        RolloutRow.state.in_(ROLLOUT_ACTIVE))).scalars().first()
+            active = (
+                s.execute(
+                    select(RolloutRow).where(
+                        RolloutRow.model_id == m.id, RolloutRow.state.in_(ROLLOUT_ACTIVE)
+                    )
+                )
+                .scalars()
+                .first()
+            )
             if active is not None:
-                raise RegistryError(f"{model!r} already has a {active.state} rollout (#{active.id}); abort it first "
-                                    f"(`slimship rollout abort {active.served_as}`)")
+                raise RegistryError(
+                    f"{model!r} already has a {active.state} rollout (#{active.id}); abort it first "
+                    f"(`slimship rollout abort {active.served_as}`)"
+                )
             cand = self._existing_row(s, m.id, model, candidate)
             base = self._existing_row(s, m.id, model, baseline)
             if cand.id == base.id:
-                raise RegistryError(f"the candidate and the baseline are the same version ({model} v{candidate})")
-            row = RolloutRow(model_id=m.id, served_as=served_as or model, candidate_version_id=cand.id,
-                             baseline_version_id=base.id, policy=policy, state="running", stage=0)
+                raise RegistryError(
+                    f"the candidate and the baseline are the same version ({model} v{candidate})"
+                )
+            row = RolloutRow(
+                model_id=m.id,
+                served_as=served_as or model,
+                candidate_version_id=cand.id,
+                baseline_version_id=base.id,
+                policy=policy,
+                state="running",
+                stage=0,
+            )
             s.add(row)
             s.flush()
-            s.add(EventRow(model_id=m.id, version_id=cand.id, kind="rollout.started",
-                           detail={"rollout": row.id, "candidate": candidate, "baseline": baseline, "policy": policy,
-                                   **(detail or {})}))
+            s.add(
+                EventRow(
+                    model_id=m.id,
+                    version_id=cand.id,
+                    kind="rollout.started",
+                    detail={
+                        "rollout": row.id,
+                        "candidate": candidate,
+                        "baseline": baseline,
+                        "policy": policy,
+                        **(detail or {}),
+                    },
+                )
+            )
             rid = row.id
         return self.rollout(rid)
 
-    def update_rollout(self, rollout_id: int, kind: str, evidence: dict[str, Any], *, state: str | None = None,
-                       stage: int | None = None, reason: str = "", expect_state: tuple[str, ...] = ROLLOUT_ACTIVE) -> dict[str, Any]:
+    def update_rollout(
+        self,
+        rollout_id: int,
+        kind: str,
+        evidence: dict[str, Any],
+        *,
+        state: str | None = None,
+        stage: int | None = None,
+        reason: str = "",
+        expect_state: tuple[str, ...] = ROLLOUT_ACTIVE,
+    ) -> dict[str, Any]:
         """Move a rollout (new stage and/or state) and store the decision with its evidence as one transaction."""
         from sqlalchemy import select
 
@@ -265,11 +379,15 @@ class Registry:
         if state is not None and state not in ROLLOUT_STATES:
             raise RegistryError(f"rollout state {state!r} is not one of {list(ROLLOUT_STATES)}")
         with self._session.begin() as s:
-            row = s.execute(select(RolloutRow).where(RolloutRow.id == rollout_id).with_for_update()).scalar_one_or_none()
+            row = s.execute(
+                select(RolloutRow).where(RolloutRow.id == rollout_id).with_for_update()
+            ).scalar_one_or_none()
             if row is None:
                 raise RegistryError(f"no rollout #{rollout_id}")
             if row.state not in expect_state:
-                raise RegistryError(f"rollout #{rollout_id} is {row.state}; this needs it to be one of {list(expect_state)}")
+                raise RegistryError(
+                    f"rollout #{rollout_id} is {row.state}; this needs it to be one of {list(expect_state)}"
+                )
             if state is not None:
                 row.state = state
             if stage is not None and stage != row.stage:
@@ -278,8 +396,20 @@ class Registry:
             if reason:
                 row.reason = reason
             row.updated = _now()
-            s.add(EventRow(model_id=row.model_id, version_id=row.candidate_version_id, kind=kind,
-                           detail={"rollout": row.id, "stage": row.stage, "state": row.state, "reason": reason, **evidence}))
+            s.add(
+                EventRow(
+                    model_id=row.model_id,
+                    version_id=row.candidate_version_id,
+                    kind=kind,
+                    detail={
+                        "rollout": row.id,
+                        "stage": row.stage,
+                        "state": row.state,
+                        "reason": reason,
+                        **evidence,
+                    },
+                )
+            )
         return self.rollout(rollout_id)
 
     def rollout(self, rollout_id: int) -> dict[str, Any]:
@@ -315,11 +445,20 @@ class Registry:
         from slimship.registry.db import ModelRow, VersionRow
 
         num = lambda vid: s.execute(select(VersionRow.number).where(VersionRow.id == vid)).scalar()  # noqa: E731
-        return {"id": row.id, "model": s.execute(select(ModelRow.name).where(ModelRow.id == row.model_id)).scalar(),
-                "served_as": row.served_as, "candidate": num(row.candidate_version_id), "baseline": num(row.baseline_version_id),
-                "policy": row.policy, "state": row.state, "stage": row.stage,
-                "stage_started": row.stage_started.isoformat(timespec="milliseconds"), "reason": row.reason,
-                "created": row.created.isoformat(timespec="seconds"), "updated": row.updated.isoformat(timespec="seconds")}
+        return {
+            "id": row.id,
+            "model": s.execute(select(ModelRow.name).where(ModelRow.id == row.model_id)).scalar(),
+            "served_as": row.served_as,
+            "candidate": num(row.candidate_version_id),
+            "baseline": num(row.baseline_version_id),
+            "policy": row.policy,
+            "state": row.state,
+            "stage": row.stage,
+            "stage_started": row.stage_started.isoformat(timespec="milliseconds"),
+            "reason": row.reason,
+            "created": row.created.isoformat(timespec="seconds"),
+            "updated": row.updated.isoformat(timespec="seconds"),
+        }
 
     # ---- reading -------------------------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
@@ -328,14 +467,29 @@ class Registry:
         from slimship.registry.db import ModelRow, VersionRow
 
         with self._session() as s:
-            rows = s.execute(select(ModelRow, func.count(VersionRow.id), func.max(VersionRow.number))
-                             .join(VersionRow, VersionRow.model_id == ModelRow.id, isouter=True)
-                             .group_by(ModelRow.id).order_by(ModelRow.name)).all()
+            rows = s.execute(
+                select(ModelRow, func.count(VersionRow.id), func.max(VersionRow.number))
+                .join(VersionRow, VersionRow.model_id == ModelRow.id, isouter=True)
+                .group_by(ModelRow.id)
+                .order_by(ModelRow.name)
+            ).all()
             out = []
             for m, count, latest in rows:
-                prod = s.execute(select(VersionRow.number).where(VersionRow.model_id == m.id, VersionRow.stage == "production")).scalar()
-                out.append({"name": m.name, "versions": count, "latest": latest, "production": prod,
-                            "description": m.description, "created": m.created.isoformat(timespec="seconds")})
+                prod = s.execute(
+                    select(VersionRow.number).where(
+                        VersionRow.model_id == m.id, VersionRow.stage == "production"
+                    )
+                ).scalar()
+                out.append(
+                    {
+                        "name": m.name,
+                        "versions": count,
+                        "latest": latest,
+                        "production": prod,
+                        "description": m.description,
+                        "created": m.created.isoformat(timespec="seconds"),
+                    }
+                )
             return out
 
     def versions(self, model: str) -> list[Version]:
@@ -347,7 +501,11 @@ class Registry:
             m = s.execute(select(ModelRow).where(ModelRow.name == model)).scalar_one_or_none()
             if m is None:
                 raise RegistryError(self._unknown_model(s, model))
-            rows = s.execute(select(VersionRow).where(VersionRow.model_id == m.id).order_by(VersionRow.number)).scalars().all()
+            rows = (
+                s.execute(select(VersionRow).where(VersionRow.model_id == m.id).order_by(VersionRow.number))
+                .scalars()
+                .all()
+            )
             return [self._version(s, model, r) for r in rows]
 
     def get(self, model: str, ref: int | str = "latest") -> Version:
@@ -368,16 +526,23 @@ class Registry:
                 row = s.execute(q.order_by(VersionRow.number.desc()).limit(1)).scalar_one_or_none()
                 missing = f"{model!r} has no versions yet"
             elif ref in ("production", "staging"):
-                row = s.execute(q.where(VersionRow.stage == ref).order_by(VersionRow.number.desc()).limit(1)).scalar_one_or_none()
+                row = s.execute(
+                    q.where(VersionRow.stage == ref).order_by(VersionRow.number.desc()).limit(1)
+                ).scalar_one_or_none()
                 missing = f"{model!r} has no {ref} version; stages: " + ", ".join(
-                    f"v{v.number} {v.stage}" for v in s.execute(q.order_by(VersionRow.number)).scalars())
+                    f"v{v.number} {v.stage}" for v in s.execute(q.order_by(VersionRow.number)).scalars()
+                )
             else:
-                raise RegistryError(f"version reference {ref!r}: give a number, 'latest', 'production' or 'staging'")
+                raise RegistryError(
+                    f"version reference {ref!r}: give a number, 'latest', 'production' or 'staging'"
+                )
             if row is None:
                 raise RegistryError(missing)
             return self._version(s, model, row)
 
-    def events(self, model: str, number: int | None = None, prefix: str | None = None) -> list[dict[str, Any]]:
+    def events(
+        self, model: str, number: int | None = None, prefix: str | None = None
+    ) -> list[dict[str, Any]]:
         """A model's history, oldest first (``prefix``: only kinds starting with it, e.g. ``rollout.``)."""
         from sqlalchemy import select
 
@@ -387,14 +552,20 @@ class Registry:
             m = s.execute(select(ModelRow).where(ModelRow.name == model)).scalar_one_or_none()
             if m is None:
                 raise RegistryError(self._unknown_model(s, model))
-            q = (select(EventRow, VersionRow.number).join(VersionRow, EventRow.version_id == VersionRow.id, isouter=True)
-                 .where(EventRow.model_id == m.id).order_by(EventRow.id))
+            q = (
+                select(EventRow, VersionRow.number)
+                .join(VersionRow, EventRow.version_id == VersionRow.id, isouter=True)
+                .where(EventRow.model_id == m.id)
+                .order_by(EventRow.id)
+            )
             if number is not None:
                 q = q.where(VersionRow.number == number)
             if prefix:
                 q = q.where(EventRow.kind.startswith(prefix))
-            return [{"at": e.at.isoformat(timespec="seconds"), "version": n, "kind": e.kind, "detail": e.detail}
-                    for e, n in s.execute(q).all()]
+            return [
+                {"at": e.at.isoformat(timespec="seconds"), "version": n, "kind": e.kind, "detail": e.detail}
+                for e, n in s.execute(q).all()
+            ]
 
     def fetch(self, model: str, ref: int | str = "production") -> Any:
         """The version's candidate from a verified checkout (every file re-hashed); refuses any mismatch."""
@@ -423,10 +594,27 @@ class Registry:
 
         from slimship.registry.db import VersionRow
 
-        parent = s.execute(select(VersionRow.number).where(VersionRow.id == r.parent_version_id)).scalar() if r.parent_version_id else None
-        return Version(model=model, number=r.number, digest=r.digest, format=r.format, artifact=r.artifact, stage=r.stage,
-                       created=r.created.isoformat(timespec="seconds"), original=r.original, parent=parent, recipe=r.recipe,
-                       run=r.run, measurements=r.measurements, tags=r.tags, files=r.manifest["files"])
+        parent = (
+            s.execute(select(VersionRow.number).where(VersionRow.id == r.parent_version_id)).scalar()
+            if r.parent_version_id
+            else None
+        )
+        return Version(
+            model=model,
+            number=r.number,
+            digest=r.digest,
+            format=r.format,
+            artifact=r.artifact,
+            stage=r.stage,
+            created=r.created.isoformat(timespec="seconds"),
+            original=r.original,
+            parent=parent,
+            recipe=r.recipe,
+            run=r.run,
+            measurements=r.measurements,
+            tags=r.tags,
+            files=r.manifest["files"],
+        )
 
     @staticmethod
     def _row(s: Any, model_id: int, number: int) -> Any:
@@ -434,7 +622,9 @@ class Registry:
 
         from slimship.registry.db import VersionRow
 
-        return s.execute(select(VersionRow).where(VersionRow.model_id == model_id, VersionRow.number == number)).scalar_one_or_none()
+        return s.execute(
+            select(VersionRow).where(VersionRow.model_id == model_id, VersionRow.number == number)
+        ).scalar_one_or_none()
 
     def _existing_row(self, s: Any, model_id: int, model: str, number: int) -> Any:
         row = self._row(s, model_id, number)
@@ -448,7 +638,11 @@ class Registry:
 
         from slimship.registry.db import VersionRow
 
-        return list(s.execute(select(VersionRow.number).where(VersionRow.model_id == model_id).order_by(VersionRow.number)).scalars())
+        return list(
+            s.execute(
+                select(VersionRow.number).where(VersionRow.model_id == model_id).order_by(VersionRow.number)
+            ).scalars()
+        )
 
     @staticmethod
     def _unknown_model(s: Any, model: str) -> str:
@@ -460,4 +654,6 @@ class Registry:
 
         names = list(s.execute(select(ModelRow.name)).scalars())
         close = difflib.get_close_matches(model, names, n=3)
-        return f"no model {model!r} in the registry" + (f"; did you mean {close}?" if close else f"; models: {sorted(names)}")
+        return f"no model {model!r} in the registry" + (
+            f"; did you mean {close}?" if close else f"; models: {sorted(names)}"
+        )

@@ -101,7 +101,9 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock up front: no read-then-upgrade races
+            conn.exec_driver_sql(
+                "BEGIN IMMEDIATE"
+            )  # take the write lock up front: no read-then-upgrade races
 
         return engine
     if url.startswith("postgresql://"):

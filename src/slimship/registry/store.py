@@ -73,7 +73,9 @@ class ArtifactStore:
             dest = self.blob_path(sha)
             if dest.exists():
                 tmp.unlink()
-                os.utime(dest)  # fresh again: a concurrent gc's grace period protects it until our row commits
+                os.utime(
+                    dest
+                )  # fresh again: a concurrent gc's grace period protects it until our row commits
             else:
                 dest.parent.mkdir(exist_ok=True)
                 os.chmod(tmp, 0o444)
@@ -111,8 +113,10 @@ class ArtifactStore:
             for rel, f in manifest["files"].items():
                 blob = self.blob_path(f["sha256"])
                 if not blob.exists():
-                    raise RegistryError(f"{label}: the blob of {rel} ({f['sha256'][:12]}…) is missing from {self.objects}; "
-                                        "the store was pruned or damaged outside slimship — re-register the model")
+                    raise RegistryError(
+                        f"{label}: the blob of {rel} ({f['sha256'][:12]}…) is missing from {self.objects}; "
+                        "the store was pruned or damaged outside slimship — re-register the model"
+                    )
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(blob, target)
@@ -131,7 +135,9 @@ class ArtifactStore:
         for rel, f in manifest["files"].items():
             p = path / rel
             if not p.is_file():
-                raise RegistryError(f"{label}: {rel} is missing from {path}; refusing to serve an incomplete artifact")
+                raise RegistryError(
+                    f"{label}: {rel} is missing from {path}; refusing to serve an incomplete artifact"
+                )
             sha, size = _hash_file(p)
             if sha != f["sha256"] or size != f["size"]:
                 raise RegistryError(

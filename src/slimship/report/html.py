@@ -39,9 +39,11 @@ def _num(v: Any, digits: int = 4) -> str:
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
-            f"<meta name=viewport content='width=device-width,initial-scale=1'>"
-            f"<link rel=icon href='data:,'><style>{_CSS}</style></head><body>{body}</body></html>")
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
+        f"<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<link rel=icon href='data:,'><style>{_CSS}</style></head><body>{body}</body></html>"
+    )
 
 
 def _svg(fig: Any) -> str:
@@ -51,7 +53,7 @@ def _svg(fig: Any) -> str:
     fig.savefig(buf, format="svg")
     plt.close(fig)
     svg = buf.getvalue()
-    return f"<div class=plot>{svg[svg.index('<svg'):]}</div>"
+    return f"<div class=plot>{svg[svg.index('<svg') :]}</div>"
 
 
 def _pyplot() -> Any:
@@ -70,7 +72,9 @@ def _size_plot(points: list[dict[str, Any]], metric: str) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=100)
     for p in points:
         ax.scatter(p["size_mb"], p["quality"], s=40, color="#3b6fd8" if p["label"] != "original" else "#333")
-        ax.annotate(p["label"], (p["size_mb"], p["quality"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(
+            p["label"], (p["size_mb"], p["quality"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -121,38 +125,67 @@ def _changed_config(pass_name: str, cfg: dict[str, Any]) -> str:
     return ", ".join(out) or "defaults"
 
 
-def _pass_deltas(steps: list[dict[str, Any]], original_dir: str, evaluations: dict[str, Any] | None, metric: str) -> str:
+def _pass_deltas(
+    steps: list[dict[str, Any]], original_dir: str, evaluations: dict[str, Any] | None, metric: str
+) -> str:
     """One row per step: what it changed relative to the step before (size, MACs, quality, fidelity)."""
     rows = []
     prev = _cand_info(original_dir)
     prev_q = (evaluations or {}).get("original", {}).get("quality", {}).get(metric)
     for s in steps:
         if s.get("status") not in ("ran", "reused"):
-            rows.append(f"<tr><td>{_e(s['label'])}</td><td>{_e(s['pass'])}</td><td colspan=6 class=muted>{_e(s['status'])}"
-                        f"{': ' + _e(s['reason']) if s.get('reason') else ''}</td></tr>")
+            rows.append(
+                f"<tr><td>{_e(s['label'])}</td><td>{_e(s['pass'])}</td><td colspan=6 class=muted>{_e(s['status'])}"
+                f"{': ' + _e(s['reason']) if s.get('reason') else ''}</td></tr>"
+            )
             continue
         meta = _cand_info(s.get("candidate"))
         info = meta.get("info", {})
         size, psize = meta.get("size_bytes"), prev.get("size_bytes")
-        size_cell = "—" if not size else f"{size / 1e6:.3g} MB" + (f" ({psize / size:.2f}x smaller)" if psize and size != psize else "")
+        size_cell = (
+            "—"
+            if not size
+            else f"{size / 1e6:.3g} MB"
+            + (f" ({psize / size:.2f}x smaller)" if psize and size != psize else "")
+        )
         cx = info.get("complexity") or {}
         macs = f"{cx['macs_ratio']:.2f}x fewer" if cx.get("macs_ratio") else "—"
-        fid = info.get("fidelity_to_parent", {}).get("outputs", {}) if isinstance(info.get("fidelity_to_parent"), dict) else {}
-        fid_cell = ", ".join(f"cos min {v['cosine_min']:.4f}" for v in fid.values() if isinstance(v, dict) and "cosine_min" in v) or "—"
+        fid = (
+            info.get("fidelity_to_parent", {}).get("outputs", {})
+            if isinstance(info.get("fidelity_to_parent"), dict)
+            else {}
+        )
+        fid_cell = (
+            ", ".join(
+                f"cos min {v['cosine_min']:.4f}"
+                for v in fid.values()
+                if isinstance(v, dict) and "cosine_min" in v
+            )
+            or "—"
+        )
         q = (evaluations or {}).get(s["label"], {}).get("quality", {}).get(metric)
         dq = "—" if q is None or prev_q is None else f"{q - prev_q:+.2f}"
         ft = info.get("finetune") or {}
-        train = f"{ft.get('steps')} steps, {ft.get('stopped_by', '')}" if isinstance(ft, dict) and ft.get("steps") else "—"
+        train = (
+            f"{ft.get('steps')} steps, {ft.get('stopped_by', '')}"
+            if isinstance(ft, dict) and ft.get("steps")
+            else "—"
+        )
         cfg_txt = _changed_config(s["pass"], meta.get("pass_config") or {})
-        rows.append(f"<tr><td>{_e(s['label'])}</td><td>{_e(s['pass'])} <span class=muted>{_e(cfg_txt[:240])}</span></td>"
-                    f"<td>{size_cell}</td><td>{macs}</td><td>{_e(fid_cell)}</td><td>{dq}</td><td>{_e(train)}</td>"
-                    f"<td>{_num(s.get('seconds'))}</td></tr>")
+        rows.append(
+            f"<tr><td>{_e(s['label'])}</td><td>{_e(s['pass'])} <span class=muted>{_e(cfg_txt[:240])}</span></td>"
+            f"<td>{size_cell}</td><td>{macs}</td><td>{_e(fid_cell)}</td><td>{dq}</td><td>{_e(train)}</td>"
+            f"<td>{_num(s.get('seconds'))}</td></tr>"
+        )
         prev = meta
         if q is not None:
             prev_q = q
-    return ("<table><tr><th>step</th><th>pass and config</th><th>size (vs step before)</th><th>MACs</th>"
-            f"<th>fidelity to its input</th><th>Δ {_e(metric or 'quality')} vs step before</th><th>training</th><th>seconds</th></tr>"
-            + "".join(rows) + "</table>")
+    return (
+        "<table><tr><th>step</th><th>pass and config</th><th>size (vs step before)</th><th>MACs</th>"
+        f"<th>fidelity to its input</th><th>Δ {_e(metric or 'quality')} vs step before</th><th>training</th><th>seconds</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _quant_tables(steps: list[dict[str, Any]]) -> str:
@@ -162,29 +195,57 @@ def _quant_tables(steps: list[dict[str, Any]]) -> str:
         if not str(s.get("pass", "")).startswith("quantize") or s.get("status") not in ("ran", "reused"):
             continue
         info = _cand_info(s.get("candidate")).get("info", {})
-        facts = [("quantized nodes", info.get("quantized_nodes")), ("kept in float", ", ".join(info.get("excluded_nodes") or []) or "none"),
-                 ("INT8 initializers", info.get("int8_initializers")), ("calibration", info.get("calibration_method")),
-                 ("calibration / held-out samples", f"{info['calibration_samples']} / {info.get('holdout_samples')}" if info.get("calibration_samples") else None),
-                 ("size vs its input", f"{info['size_ratio_vs_parent']:.2f}x smaller" if info.get("size_ratio_vs_parent") else None)]
+        facts = [
+            ("quantized nodes", info.get("quantized_nodes")),
+            ("kept in float", ", ".join(info.get("excluded_nodes") or []) or "none"),
+            ("INT8 initializers", info.get("int8_initializers")),
+            ("calibration", info.get("calibration_method")),
+            (
+                "calibration / held-out samples",
+                f"{info['calibration_samples']} / {info.get('holdout_samples')}"
+                if info.get("calibration_samples")
+                else None,
+            ),
+            (
+                "size vs its input",
+                f"{info['size_ratio_vs_parent']:.2f}x smaller" if info.get("size_ratio_vs_parent") else None,
+            ),
+        ]
         rows = "".join(f"<tr><th>{_e(k)}</th><td>{_num(v)}</td></tr>" for k, v in facts if v is not None)
         part = f"<h3>{_e(s['label'])} ({_e(s['pass'])})</h3><table>{rows}</table>"
         comp = info.get("calibration_comparison")
         if isinstance(comp, dict) and comp:
             keys = sorted({k for v in comp.values() if isinstance(v, dict) for k in v})
-            part += ("<table><tr><th>calibration method</th>" + "".join(f"<th>{_e(k)}</th>" for k in keys) + "</tr>"
-                     + "".join(f"<tr><td>{_e(m)}</td>" + "".join(f"<td>{_num(v.get(k) if isinstance(v, dict) else None)}</td>" for k in keys) + "</tr>"
-                               for m, v in comp.items()) + "</table>")
+            part += (
+                "<table><tr><th>calibration method</th>"
+                + "".join(f"<th>{_e(k)}</th>" for k in keys)
+                + "</tr>"
+                + "".join(
+                    f"<tr><td>{_e(m)}</td>"
+                    + "".join(f"<td>{_num(v.get(k) if isinstance(v, dict) else None)}</td>" for k in keys)
+                    + "</tr>"
+                    for m, v in comp.items()
+                )
+                + "</table>"
+            )
         smooth = info.get("smoothing") or []
         if smooth:
-            part += ("<table><tr><th>smoothed MatMul group</th><th>activation outliers (max/median of channel |x|max)</th>"
-                     "<th>after smoothing</th></tr>"
-                     + "".join(f"<tr><td>{_e(', '.join(g.get('nodes', [])))}</td><td>{_num(g.get('activation_absmax_max_over_median'))}</td>"
-                               f"<td>{_num(g.get('smoothed_absmax_max_over_median'))}</td></tr>" for g in smooth[:24]) + "</table>")
+            part += (
+                "<table><tr><th>smoothed MatMul group</th><th>activation outliers (max/median of channel |x|max)</th>"
+                "<th>after smoothing</th></tr>"
+                + "".join(
+                    f"<tr><td>{_e(', '.join(g.get('nodes', [])))}</td><td>{_num(g.get('activation_absmax_max_over_median'))}</td>"
+                    f"<td>{_num(g.get('smoothed_absmax_max_over_median'))}</td></tr>"
+                    for g in smooth[:24]
+                )
+                + "</table>"
+            )
         out.append(part)
     return "".join(out) or "<p class=muted>no quantization step</p>"
 
 
 # ---- run report ------------------------------------------------------------------------------------
+
 
 def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -> str:
     from slimship.candidate import load_candidate
@@ -196,7 +257,9 @@ def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -
     base_q = evs.get("original", {}).get("quality", {}).get(metric)
     rows, points = [], []
     sizes: dict[str, float] = {}
-    for s in [{"label": "original", "pass": "—", "status": "original", "candidate": str(run_dir / "original")}] + result["steps"]:
+    for s in [
+        {"label": "original", "pass": "—", "status": "original", "candidate": str(run_dir / "original")}
+    ] + result["steps"]:
         size = None
         if s.get("candidate") and Path(s["candidate"]).exists():
             size = load_candidate(s["candidate"]).size_bytes / 1e6
@@ -206,9 +269,11 @@ def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -
         fid_name, fid = next(iter(ev.get("fidelity", {}).items()), (None, None))
         delta = None if q is None or base_q is None else q - base_q
         status = s["status"] + (f": {s['reason']}" if s.get("reason") else "")
-        rows.append(f"<tr><td>{_e(s['label'])}</td><td>{_e(s['pass'])}</td><td>{_e(status)}</td><td>{_num(size, 3)}</td>"
-                    f"<td>{_num(q)}</td><td>{_num(delta, 3)}</td><td>{_num(fid, 5)} <span class=muted>{_e(fid_name or '')}</span></td>"
-                    f"<td>{_num(s.get('seconds'))}</td></tr>")
+        rows.append(
+            f"<tr><td>{_e(s['label'])}</td><td>{_e(s['pass'])}</td><td>{_e(status)}</td><td>{_num(size, 3)}</td>"
+            f"<td>{_num(q)}</td><td>{_num(delta, 3)}</td><td>{_num(fid, 5)} <span class=muted>{_e(fid_name or '')}</span></td>"
+            f"<td>{_num(s.get('seconds'))}</td></tr>"
+        )
         if q is not None and size is not None:
             points.append({"label": s["label"], "size_mb": size, "quality": q})
     timing_rows, speed = [], None
@@ -216,9 +281,11 @@ def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -
         for c in result["bench"]["candidates"]:
             for r in c["results"]:
                 rt = c["runtime"].get("backend", "") if isinstance(c["runtime"], dict) else c["runtime"]
-                timing_rows.append(f"<tr><td>{_e(c['label'])}</td><td>{_e(rt)}</td><td>{r['batch_size']}</td>"
-                                   f"<td>{r['latency_ms']['p50']:.3g}</td><td>{r['latency_ms']['p90']:.3g}</td>"
-                                   f"<td>{r.get('speedup_vs_baseline_p50', 1.0):.2f}x</td></tr>")
+                timing_rows.append(
+                    f"<tr><td>{_e(c['label'])}</td><td>{_e(rt)}</td><td>{r['batch_size']}</td>"
+                    f"<td>{r['latency_ms']['p50']:.3g}</td><td>{r['latency_ms']['p90']:.3g}</td>"
+                    f"<td>{r.get('speedup_vs_baseline_p50', 1.0):.2f}x</td></tr>"
+                )
                 if c["label"] == verdict.get("final"):
                     speed = r.get("speedup_vs_baseline_p50")
     final = verdict.get("final")
@@ -240,20 +307,21 @@ def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -
     )
     cmd = f"slimship run {shlex.quote(recipe_path)} -o {shlex.quote(str(run_dir))}"
     plot = _size_plot(points, metric) if points and metric else "<p class=muted>no quality metric to plot</p>"
-    body = f"""<h1>slimship run — {_e(wl['name'])}</h1><p class=muted>{_e(wl.get('description', ''))}</p>
-<div class="summary{'' if verdict.get('holds') else ' bad'}" id=summary>{' · '.join(parts)}</div>
-<h2>Steps</h2><table><tr><th>step</th><th>pass</th><th>status</th><th>MB</th><th>{_e(metric or 'quality')}</th><th>Δ vs original</th><th>fidelity</th><th>seconds</th></tr>{''.join(rows)}</table>
-<h2>Constraints</h2><table><tr><th>constraint</th><th>limit</th><th>measured</th><th></th></tr>{checks or '<tr><td colspan=4>none</td></tr>'}</table>
+    body = f"""<h1>slimship run — {_e(wl["name"])}</h1><p class=muted>{_e(wl.get("description", ""))}</p>
+<div class="summary{"" if verdict.get("holds") else " bad"}" id=summary>{" · ".join(parts)}</div>
+<h2>Steps</h2><table><tr><th>step</th><th>pass</th><th>status</th><th>MB</th><th>{_e(metric or "quality")}</th><th>Δ vs original</th><th>fidelity</th><th>seconds</th></tr>{"".join(rows)}</table>
+<h2>Constraints</h2><table><tr><th>constraint</th><th>limit</th><th>measured</th><th></th></tr>{checks or "<tr><td colspan=4>none</td></tr>"}</table>
 <h2>Quality against size</h2>{plot}
-<h2>What each pass did</h2>{_pass_deltas(result['steps'], str(run_dir / 'original'), evs, metric)}
-<h2>Quantization</h2>{_quant_tables(result['steps'])}
-<h2>Latency (interleaved)</h2><table><tr><th>candidate</th><th>runtime</th><th>batch</th><th>p50 ms</th><th>p90 ms</th><th>speed-up</th></tr>{''.join(timing_rows)}</table>
-<h2>Machine</h2>{_machine(result.get('machine') or {})}
+<h2>What each pass did</h2>{_pass_deltas(result["steps"], str(run_dir / "original"), evs, metric)}
+<h2>Quantization</h2>{_quant_tables(result["steps"])}
+<h2>Latency (interleaved)</h2><table><tr><th>candidate</th><th>runtime</th><th>batch</th><th>p50 ms</th><th>p90 ms</th><th>speed-up</th></tr>{"".join(timing_rows)}</table>
+<h2>Machine</h2>{_machine(result.get("machine") or {})}
 <h2>Reproduce</h2><pre>{_e(cmd)}</pre>"""
     return _page(f"slimship run: {wl['name']}", body)
 
 
 # ---- search report ---------------------------------------------------------------------------------
+
 
 def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in params.items())
@@ -268,26 +336,55 @@ def _pareto_plot(result: dict[str, Any], metric: str) -> str:
     drop = (result["recipe"].get("constraints") or {}).get("max_quality_drop")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     size_max = max([r["size_bytes"] for r in rows] + [orig["size_bytes"]])
-    for ax, xkey, xlabel in ((ax1, "speedup", f"speed-up vs original (p50, batch {result['batch_size']})"),
-                             (ax2, "size_mb", "file size (MB)")):
+    for ax, xkey, xlabel in (
+        (ax1, "speedup", f"speed-up vs original (p50, batch {result['batch_size']})"),
+        (ax2, "size_mb", "file size (MB)"),
+    ):
         for r in rows:
             x = r["speedup"] if xkey == "speedup" else r["size_bytes"] / 1e6
             area = 30 + 220 * r["size_bytes"] / size_max if xkey == "speedup" else 45
-            ax.scatter(x, r["quality"], s=area, color="#3b6fd8" if r["feasible"] else "white",
-                       edgecolors="#3b6fd8" if r["feasible"] else "#c0392b", linewidths=1.4, zorder=3)
-            ax.annotate(str(r["trial"]), (x, r["quality"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.scatter(
+                x,
+                r["quality"],
+                s=area,
+                color="#3b6fd8" if r["feasible"] else "white",
+                edgecolors="#3b6fd8" if r["feasible"] else "#c0392b",
+                linewidths=1.4,
+                zorder=3,
+            )
+            ax.annotate(
+                str(r["trial"]), (x, r["quality"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
         if q0 is not None:
             x0 = 1.0 if xkey == "speedup" else orig["size_bytes"] / 1e6
             ax.scatter(x0, q0, s=70, marker="D", color="#333", zorder=4, label="original")
             if drop is not None:
-                ax.axhline(q0 - drop, color="#c0392b", linestyle="--", linewidth=1, label=f"quality budget (−{drop:g})")
+                ax.axhline(
+                    q0 - drop,
+                    color="#c0392b",
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"quality budget (−{drop:g})",
+                )
         speed_min = (result["recipe"].get("constraints") or {}).get("min_speedup")
         if xkey == "speedup" and speed_min and speed_min.get("batch_size") == result["batch_size"]:
-            ax.axvline(speed_min["value"], color="#c0392b", linestyle=":", linewidth=1, label=f"min speed-up ({speed_min['value']:g}x)")
+            ax.axvline(
+                speed_min["value"],
+                color="#c0392b",
+                linestyle=":",
+                linewidth=1,
+                label=f"min speed-up ({speed_min['value']:g}x)",
+            )
         front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["speedup"])
         if xkey == "speedup" and len(front) > 1:
-            ax.plot([r["speedup"] for r in front], [r["quality"] for r in front], color="#3b6fd8", alpha=0.5, zorder=2,
-                    label="Pareto front")
+            ax.plot(
+                [r["speedup"] for r in front],
+                [r["quality"] for r in front],
+                color="#3b6fd8",
+                alpha=0.5,
+                zorder=2,
+                label="Pareto front",
+            )
         if xkey == "size_mb":
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -304,11 +401,13 @@ def _pareto_plot(result: dict[str, Any], metric: str) -> str:
 
 def _budget(limits: dict[str, Any]) -> str:
     """Constraints in words: 'quality drop ≤ 1 point, ≥ 3x faster at batch 32'."""
-    words = {"max_quality_drop": lambda v: f"quality drop ≤ {v:g} point{'s' if v != 1 else ''}",
-             "min_fidelity": lambda v: f"fidelity ≥ {v:g}",
-             "max_latency_ms": lambda v: f"p50 ≤ {v['value']:g} ms at batch {v['batch_size']}",
-             "min_speedup": lambda v: f"≥ {v['value']:g}x faster at batch {v['batch_size']}",
-             "max_size_mb": lambda v: f"≤ {v:g} MB"}
+    words = {
+        "max_quality_drop": lambda v: f"quality drop ≤ {v:g} point{'s' if v != 1 else ''}",
+        "min_fidelity": lambda v: f"fidelity ≥ {v:g}",
+        "max_latency_ms": lambda v: f"p50 ≤ {v['value']:g} ms at batch {v['batch_size']}",
+        "min_speedup": lambda v: f"≥ {v['value']:g}x faster at batch {v['batch_size']}",
+        "max_size_mb": lambda v: f"≤ {v:g} MB",
+    }
     out = [words[k](v) if k in words else f"{k} {json.dumps(v)}" for k, v in limits.items() if v is not None]
     return ", ".join(out) or "no constraints"
 
@@ -316,7 +415,11 @@ def _budget(limits: dict[str, Any]) -> str:
 def _space_values(p: dict[str, Any]) -> str:
     if p.get("choices") is not None:
         return json.dumps(p["choices"])
-    return f"{p.get('low')} … {p.get('high')}" + (f" step {p['step']}" if p.get("step") else "") + (" (log)" if p.get("log") else "")
+    return (
+        f"{p.get('low')} … {p.get('high')}"
+        + (f" step {p['step']}" if p.get("step") else "")
+        + (" (log)" if p.get("log") else "")
+    )
 
 
 def render_tune_report(result: dict[str, Any]) -> str:
@@ -334,8 +437,10 @@ def render_tune_report(result: dict[str, Any]) -> str:
     runtime = "PyTorch" if orig.get("format") == "torch" else "ONNX Runtime"
 
     def describe(r: dict[str, Any]) -> str:
-        bits = [f"{r['speedup']:.2f}x faster than the original on {runtime} (p50, batch {result['batch_size']})",
-                f"{r['size_ratio']:.1f}x smaller"]
+        bits = [
+            f"{r['speedup']:.2f}x faster than the original on {runtime} (p50, batch {result['batch_size']})",
+            f"{r['size_ratio']:.1f}x smaller",
+        ]
         if r.get("quality_drop") is not None:
             bits.insert(1, f"{-r['quality_drop']:+.2f} points {metric}")
         return " · ".join(bits)
@@ -345,27 +450,49 @@ def render_tune_report(result: dict[str, Any]) -> str:
         klass = ""
     else:
         closest = result.get("closest_if_none_feasible") or []
-        summary = (f"<b>No candidate met the constraints</b> ({_e(budget)}) in {result['evaluations']} evaluations. "
-                   + (f"Closest: trial {closest[0]['trial']} — {_e(describe(closest[0]))}; fails "
-                      + _e(", ".join(n for n, c in closest[0]["checks"].items() if not c["holds"])) if closest else "No candidate was evaluated."))
+        summary = (
+            f"<b>No candidate met the constraints</b> ({_e(budget)}) in {result['evaluations']} evaluations. "
+            + (
+                f"Closest: trial {closest[0]['trial']} — {_e(describe(closest[0]))}; fails "
+                + _e(", ".join(n for n, c in closest[0]["checks"].items() if not c["holds"]))
+                if closest
+                else "No candidate was evaluated."
+            )
+        )
         klass = " bad"
     fresh = [r for r in trials if r.get("reused_from") is None]
     repeats = [r for r in trials if r.get("reused_from") is not None]
-    head = [f"{result['evaluations']} candidates evaluated", f"{len(ok)} fully", f"{sum(1 for r in fresh if r.get('status') == 'screened')} screened out by cheap signals",
-            f"{sum(1 for r in fresh if r.get('status') == 'failed')} failed", f"{len(repeats)} repeated proposals reused",
-            f"{result['seconds']:.0f} s", f"executor: {result.get('executor', 'local')}"]
+    head = [
+        f"{result['evaluations']} candidates evaluated",
+        f"{len(ok)} fully",
+        f"{sum(1 for r in fresh if r.get('status') == 'screened')} screened out by cheap signals",
+        f"{sum(1 for r in fresh if r.get('status') == 'failed')} failed",
+        f"{len(repeats)} repeated proposals reused",
+        f"{result['seconds']:.0f} s",
+        f"executor: {result.get('executor', 'local')}",
+    ]
     rows = []
     for r in fresh:
         cls = "best" if best and r["trial"] == best["trial"] else ("front" if r.get("pareto") else "")
         if r.get("status") == "ok":
             fid = next(iter((r.get("fidelity") or {}).values()), None)
             failing = [n for n, c in r["checks"].items() if not c["holds"]]
-            verdict = "<span class=ok>yes</span>" if r["feasible"] else f"<span class=fail>no</span> <span class=muted>{_e(', '.join(failing))}</span>"
-            same = f" <span class=muted>({r['speedup_same_run']:.2f}x)</span>" if r.get("speedup_same_run") is not None else ""
-            cells = (f"<td>{r['speedup']:.2f}x{same}</td><td>{r['latency_ms_p50']:.3g} <span class=muted>/ {_num(r.get('original_latency_ms_p50'), 3)}</span></td>"
-                     f"<td>{r['size_bytes'] / 1e6:.3g}</td>"
-                     f"<td>{_num(r['quality'])}</td><td>{_num(-r['quality_drop'] if r['quality_drop'] is not None else None, 3)}</td>"
-                     f"<td>{_num(fid, 4)}</td><td>{verdict}</td><td>{'★' if r.get('pareto') else ''}</td>")
+            verdict = (
+                "<span class=ok>yes</span>"
+                if r["feasible"]
+                else f"<span class=fail>no</span> <span class=muted>{_e(', '.join(failing))}</span>"
+            )
+            same = (
+                f" <span class=muted>({r['speedup_same_run']:.2f}x)</span>"
+                if r.get("speedup_same_run") is not None
+                else ""
+            )
+            cells = (
+                f"<td>{r['speedup']:.2f}x{same}</td><td>{r['latency_ms_p50']:.3g} <span class=muted>/ {_num(r.get('original_latency_ms_p50'), 3)}</span></td>"
+                f"<td>{r['size_bytes'] / 1e6:.3g}</td>"
+                f"<td>{_num(r['quality'])}</td><td>{_num(-r['quality_drop'] if r['quality_drop'] is not None else None, 3)}</td>"
+                f"<td>{_num(fid, 4)}</td><td>{verdict}</td><td>{'★' if r.get('pareto') else ''}</td>"
+            )
         elif r.get("status") == "screened":
             sc = r["screen"]
             cells = f"<td colspan=8 class=muted>screened out: {_e(sc['signal'])} {_num(sc['measured'])} vs limit {_num(sc['limit'])}</td>"
@@ -373,35 +500,52 @@ def render_tune_report(result: dict[str, Any]) -> str:
             cells = f"<td colspan=8 class=fail>failed: {_e(r.get('reason', ''))}</td>"
         if r.get("reused_from") is not None:
             cells = f"<td colspan=8 class=muted>the sampler proposed trial {r['reused_from']}'s values again; reused, not re-evaluated</td>"
-        rows.append(f"<tr class='{cls}'><td>{r['trial']}</td><td>{_e(_params_text(r['params']))}</td>{cells}<td>{_num(r.get('seconds'))}</td></tr>")
+        rows.append(
+            f"<tr class='{cls}'><td>{r['trial']}</td><td>{_e(_params_text(r['params']))}</td>{cells}<td>{_num(r.get('seconds'))}</td></tr>"
+        )
     focus = best or next(iter(result.get("closest_if_none_feasible") or []), None)
     detail = ""
     if focus:
         title = f"trial {focus['trial']} ({'best' if best else 'closest'})"
-        detail = (f"<h2>What each pass did — {_e(title)}</h2>" + _pass_deltas(focus["steps"], orig["candidate"], None, metric)
-                  + f"<h2>Quantization — {_e(title)}</h2>" + _quant_tables(focus["steps"]))
-        checks = "".join(f"<tr><td>{_e(n)}</td><td>{_num(c['limit'])}</td><td>{_num(c['measured'])}</td>"
-                         f"<td class={'ok' if c['holds'] else 'fail'}>{'holds' if c['holds'] else 'fails'}</td></tr>"
-                         for n, c in focus["checks"].items())
-        detail = (f"<h2>Constraints — {_e(title)}</h2><table><tr><th>constraint</th><th>limit</th><th>measured</th><th></th></tr>"
-                  f"{checks or '<tr><td colspan=4>none</td></tr>'}</table>") + detail
-    space = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_space_values(v))}</td></tr>" for k, v in result["recipe"]["search"]["params"].items())
-    plot = _pareto_plot(result, metric) if ok and metric and q0 is not None else "<p class=muted>nothing evaluated to plot</p>"
+        detail = (
+            f"<h2>What each pass did — {_e(title)}</h2>"
+            + _pass_deltas(focus["steps"], orig["candidate"], None, metric)
+            + f"<h2>Quantization — {_e(title)}</h2>"
+            + _quant_tables(focus["steps"])
+        )
+        checks = "".join(
+            f"<tr><td>{_e(n)}</td><td>{_num(c['limit'])}</td><td>{_num(c['measured'])}</td>"
+            f"<td class={'ok' if c['holds'] else 'fail'}>{'holds' if c['holds'] else 'fails'}</td></tr>"
+            for n, c in focus["checks"].items()
+        )
+        detail = (
+            f"<h2>Constraints — {_e(title)}</h2><table><tr><th>constraint</th><th>limit</th><th>measured</th><th></th></tr>"
+            f"{checks or '<tr><td colspan=4>none</td></tr>'}</table>"
+        ) + detail
+    space = "".join(
+        f"<tr><td>{_e(k)}</td><td>{_e(_space_values(v))}</td></tr>"
+        for k, v in result["recipe"]["search"]["params"].items()
+    )
+    plot = (
+        _pareto_plot(result, metric)
+        if ok and metric and q0 is not None
+        else "<p class=muted>nothing evaluated to plot</p>"
+    )
     cmd = f"slimship tune {shlex.quote(result.get('recipe_path', 'recipe.yaml'))} -o {shlex.quote(str(Path(orig['candidate']).parent))}"
-    body = f"""<h1>slimship tune — {_e(wl['name'])}</h1><p class=muted>{_e(wl.get('description', ''))}</p>
+    body = f"""<h1>slimship tune — {_e(wl["name"])}</h1><p class=muted>{_e(wl.get("description", ""))}</p>
 <div class="summary{klass}" id=summary>{summary}</div>
-<p class=muted>{_e(' · '.join(head))}. Stopped: {_e(result.get('stopped') or 'still running')}. Original: {_num(q0)} {_e(metric)},
-{orig['size_bytes'] / 1e6:.3g} MB, on {runtime}. Constraints: {_e(budget)}. Objective: {_e(what)}.</p>
+<p class=muted>{_e(" · ".join(head))}. Stopped: {_e(result.get("stopped") or "still running")}. Original: {_num(q0)} {_e(metric)},
+{orig["size_bytes"] / 1e6:.3g} MB, on {runtime}. Constraints: {_e(budget)}. Objective: {_e(what)}.</p>
 <h2>Pareto front</h2>{plot}
 <h2>Candidates</h2><table><tr><th>trial</th><th>values</th><th>speed-up</th><th>p50 ms <span class=muted>/ original's, same run</span></th><th>MB</th><th>{_e(metric)}</th><th>Δ</th>
-<th>fidelity</th><th>meets constraints</th><th>Pareto</th><th>seconds</th></tr>{''.join(rows)}</table>
+<th>fidelity</th><th>meets constraints</th><th>Pareto</th><th>seconds</th></tr>{"".join(rows)}</table>
 {"<p class=muted>Repeated proposals (reused, not re-evaluated): " + _e(", ".join(f"{r['trial']}→{r['reused_from']}" for r in repeats)) + "</p>" if repeats else ""}
-<p class=muted>★ on the Pareto front of quality against {'speed' if objective == 'latency' else 'size'} (all evaluated candidates); the highlighted row is the answer.
-Speed-up: the median of the original's p50 over all trials{' (' + _num(result.get('original_latency_ms_p50_pooled'), 4) + ' ms)' if result.get('original_latency_ms_p50_pooled') else ''}
+<p class=muted>★ on the Pareto front of quality against {"speed" if objective == "latency" else "size"} (all evaluated candidates); the highlighted row is the answer.
+Speed-up: the median of the original's p50 over all trials{" (" + _num(result.get("original_latency_ms_p50_pooled"), 4) + " ms)" if result.get("original_latency_ms_p50_pooled") else ""}
 over the candidate's p50; in brackets the ratio within the trial's own interleaved run.</p>
 {detail}
 <h2>Search space</h2><table><tr><th>parameter</th><th>values</th></tr>{space}</table>
-<h2>Machine</h2>{_machine(result.get('machine') or {})}
+<h2>Machine</h2>{_machine(result.get("machine") or {})}
 <h2>Reproduce</h2><pre>{_e(cmd)}</pre>"""
     return _page(f"slimship tune: {wl['name']}", body)
 

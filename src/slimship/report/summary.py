@@ -27,8 +27,12 @@ def fmt_bytes(n: int) -> str:
 
 
 def bench_table(bench: dict[str, Any]) -> str:
-    rows = ["| candidate | runtime | batch | runs | p50 ms | p90 ms | p99 ms | mean ms | items/s | speed-up vs " + bench["baseline"] + " (p50) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| candidate | runtime | batch | runs | p50 ms | p90 ms | p99 ms | mean ms | items/s | speed-up vs "
+        + bench["baseline"]
+        + " (p50) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in bench["candidates"]:
         for r in c["results"]:
             lat = r["latency_ms"]
@@ -40,7 +44,10 @@ def bench_table(bench: dict[str, Any]) -> str:
 
 
 def size_memory_table(bench: dict[str, Any]) -> str:
-    rows = ["| candidate | file size | size vs baseline | peak RSS MB | model peak MB (over process baseline) |", "|---|---|---|---|---|"]
+    rows = [
+        "| candidate | file size | size vs baseline | peak RSS MB | model peak MB (over process baseline) |",
+        "|---|---|---|---|---|",
+    ]
     for c in bench["candidates"]:
         mem = c.get("memory") or {}
         rows.append(
@@ -59,7 +66,9 @@ def eval_table(evals: dict[str, dict[str, Any]]) -> str:
     head = "| candidate | runtime | samples | " + " | ".join(q_keys + f_keys) + " |"
     rows = [head, "|" + "---|" * (3 + len(q_keys) + len(f_keys))]
     for label, e in evals.items():
-        vals = [_fmt(e["quality"].get(k), 2) for k in q_keys] + [_fmt(e["fidelity"].get(k), 6) for k in f_keys]
+        vals = [_fmt(e["quality"].get(k), 2) for k in q_keys] + [
+            _fmt(e["fidelity"].get(k), 6) for k in f_keys
+        ]
         rows.append(f"| {label} | {e['runtime']['backend']} | {e['samples']} | " + " | ".join(vals) + " |")
     return "\n".join(rows)
 
@@ -81,8 +90,10 @@ def render_summary(results: dict[str, Any]) -> str:
         parts += [results["headline"], ""]
     parts += ["## Quality and fidelity", "", eval_table(results["evaluations"]), ""]
     parts += [
-        "## Latency and throughput (interleaved; ≥ " + f"{bench['settings']['runs']} timed runs and ≥ {bench['settings'].get('min_seconds', 0)} s per candidate after {bench['settings']['warmup']} warm-up"
-        + (f", seq {bench['settings']['seq_len']}" if bench["settings"]["seq_len"] else "") + ")",
+        "## Latency and throughput (interleaved; ≥ "
+        + f"{bench['settings']['runs']} timed runs and ≥ {bench['settings'].get('min_seconds', 0)} s per candidate after {bench['settings']['warmup']} warm-up"
+        + (f", seq {bench['settings']['seq_len']}" if bench["settings"]["seq_len"] else "")
+        + ")",
         "",
         bench_table(bench),
         "",
@@ -100,5 +111,13 @@ def render_summary(results: dict[str, Any]) -> str:
         for note in c.get("notes", []):
             line += f"; {note}"
         parts.append(line)
-    parts += ["", "## Machine", "", machine_line(bench["machine"]), "", f"Reproduce: `{results['command']}`", ""]
+    parts += [
+        "",
+        "## Machine",
+        "",
+        machine_line(bench["machine"]),
+        "",
+        f"Reproduce: `{results['command']}`",
+        "",
+    ]
     return "\n".join(parts)

@@ -47,7 +47,12 @@ def create_runtime(
         from slimship.candidate import load_torch_model
         from slimship.runtime.torch_backend import TorchRuntime
 
-        return TorchRuntime(load_torch_model(candidate, workload), workload.inputs, [o.name for o in workload.outputs], threads)
+        return TorchRuntime(
+            load_torch_model(candidate, workload),
+            workload.inputs,
+            [o.name for o in workload.outputs],
+            threads,
+        )
     if candidate.format != "onnx":
         raise InferenceError(
             f"candidate {candidate.id} is a PyTorch model; export it first (`slimship export`) to run it on onnxruntime"
@@ -61,7 +66,9 @@ def create_runtime(
     return rt
 
 
-def _merge_specs(model_specs: tuple[TensorSpec, ...], workload: Workload, candidate: Candidate) -> tuple[TensorSpec, ...]:
+def _merge_specs(
+    model_specs: tuple[TensorSpec, ...], workload: Workload, candidate: Candidate
+) -> tuple[TensorSpec, ...]:
     """The model's graph is the truth for which inputs exist, their dtypes and fixed dims; the workload
     names the dynamic dims. A workload whose fixed dims contradict the model is the wrong workload."""
     wl = {s.name: s for s in workload.inputs}

@@ -54,7 +54,9 @@ def validate_batch(batch: Mapping[str, np.ndarray], specs: Sequence[TensorSpec])
                 )
             if isinstance(want, str):
                 if got == 0:
-                    raise InputSpecError(f"input {spec.name!r} has an empty axis {axis} ({want}); shape {list(arr.shape)}")
+                    raise InputSpecError(
+                        f"input {spec.name!r} has an empty axis {axis} ({want}); shape {list(arr.shape)}"
+                    )
                 if want in dims and dims[want][0] != got:
                     raise InputSpecError(
                         f"dimension {want!r} disagrees: {dims[want][1]} has {dims[want][0]}, "

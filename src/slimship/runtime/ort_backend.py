@@ -23,15 +23,24 @@ _ORT_TYPES = {
     "tensor(bool)": "bool",
 }
 
+
 def session_options(
-    threads: int, graph_level: str = "all", optimized_path: Path | None = None, spin: bool = True, model: Any = None
+    threads: int,
+    graph_level: str = "all",
+    optimized_path: Path | None = None,
+    spin: bool = True,
+    model: Any = None,
 ) -> Any:
     """Session options for ``model`` (a path, bytes or ModelProto) on this machine, decided by
     :mod:`slimship.runtime.settings` (the precision entries included); without a model, speed settings only."""
     if model is None:
-        settings = DeploymentSettings(intra_op_threads=threads, spinning=spin, graph_optimization_level=graph_level)
+        settings = DeploymentSettings(
+            intra_op_threads=threads, spinning=spin, graph_optimization_level=graph_level
+        )
     else:
-        settings = decide_settings(model, threads=threads, spinning=spin, graph_optimization_level=graph_level)
+        settings = decide_settings(
+            model, threads=threads, spinning=spin, graph_optimization_level=graph_level
+        )
     return settings.session_options(optimized_path)
 
 
@@ -52,7 +61,9 @@ class OrtRuntime(Runtime):
 
         self.path = Path(path)
         if settings is None:
-            settings = decide_settings(self.path, threads=threads, spinning=spin, graph_optimization_level=graph_level)
+            settings = decide_settings(
+                self.path, threads=threads, spinning=spin, graph_optimization_level=graph_level
+            )
         else:
             settings = settings.with_overrides(threads=threads, spinning=spin)
         self.settings = settings

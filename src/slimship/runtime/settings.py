@@ -93,7 +93,9 @@ class DeploymentSettings:
                 '(e.g. {"session.x64quantprecision": "1"})'
             )
         if self.intra_op_threads is not None and self.intra_op_threads < 1:
-            raise ConfigError(f"intra_op_threads must be ≥ 1 (or null for the machine's cores), got {self.intra_op_threads}")
+            raise ConfigError(
+                f"intra_op_threads must be ≥ 1 (or null for the machine's cores), got {self.intra_op_threads}"
+            )
 
     # ---- JSON ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -221,7 +223,9 @@ def _with_precision(base: DeploymentSettings, cls: str, int8: tuple[str, ...]) -
     if not int8:
         reasons[X64_QUANT_PRECISION] = "not set: the graph has no int8 matmuls or convolutions"
     elif has_int8_dot_product(cls):
-        reasons[X64_QUANT_PRECISION] = f"not set: {cls} has int8 dot-product instructions (no 16-bit intermediate sums)"
+        reasons[X64_QUANT_PRECISION] = (
+            f"not set: {cls} has int8 dot-product instructions (no 16-bit intermediate sums)"
+        )
     else:
         entries[X64_QUANT_PRECISION] = "1"
         reasons[X64_QUANT_PRECISION] = (

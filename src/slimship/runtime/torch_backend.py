@@ -21,7 +21,9 @@ class TorchRuntime(Runtime):
 
     backend = "torch"
 
-    def __init__(self, model: torch.nn.Module, inputs: Sequence[TensorSpec], output_names: Sequence[str], threads: int) -> None:
+    def __init__(
+        self, model: torch.nn.Module, inputs: Sequence[TensorSpec], output_names: Sequence[str], threads: int
+    ) -> None:
         super().__init__(inputs, output_names, threads)
         self.model = model.eval()
 
@@ -32,9 +34,15 @@ class TorchRuntime(Runtime):
             torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
-                out = call_model(self.model, {k: torch.from_numpy(v) for k, v in batch.items()}, [s.name for s in self.inputs])
+                out = call_model(
+                    self.model,
+                    {k: torch.from_numpy(v) for k, v in batch.items()},
+                    [s.name for s in self.inputs],
+                )
         except Exception as err:
-            raise InferenceError(f"the PyTorch model failed on a batch of shapes {_shapes(batch)}: {type(err).__name__}: {err}") from err
+            raise InferenceError(
+                f"the PyTorch model failed on a batch of shapes {_shapes(batch)}: {type(err).__name__}: {err}"
+            ) from err
         if isinstance(out, torch.Tensor):
             tensors = [out]
         elif isinstance(out, Mapping):
@@ -42,7 +50,9 @@ class TorchRuntime(Runtime):
         else:
             tensors = list(out)  # type: ignore[call-overload]
         if len(tensors) != len(self.output_names):
-            raise InferenceError(f"the model returned {len(tensors)} outputs, expected {list(self.output_names)}")
+            raise InferenceError(
+                f"the model returned {len(tensors)} outputs, expected {list(self.output_names)}"
+            )
         return {name: t.detach().numpy() for name, t in zip(self.output_names, tensors, strict=True)}
 
 

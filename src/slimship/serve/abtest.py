@@ -81,7 +81,9 @@ def compare(control: Arm, variant: Arm, binary: bool) -> dict[str, Any]:
     if binary:
         s1, s2 = round(control.total), round(variant.total)
         f1, f2 = control.n - s1, variant.n - s2
-        se = math.sqrt(control.mean * (1 - control.mean) / control.n + variant.mean * (1 - variant.mean) / variant.n)
+        se = math.sqrt(
+            control.mean * (1 - control.mean) / control.n + variant.mean * (1 - variant.mean) / variant.n
+        )
         if min(s1, s2, f1, f2) < 5:
             p = float(stats.fisher_exact([[s2, f2], [s1, f1]]).pvalue)
             test = "fisher_exact"
@@ -95,11 +97,25 @@ def compare(control: Arm, variant: Arm, binary: bool) -> dict[str, Any]:
         if se == 0:
             p, test = (1.0 if diff == 0 else 0.0), "welch_t"
         else:
-            p = float(stats.ttest_ind_from_stats(variant.mean, math.sqrt(variant.var), variant.n, control.mean,
-                                                 math.sqrt(control.var), control.n, equal_var=False).pvalue)
+            p = float(
+                stats.ttest_ind_from_stats(
+                    variant.mean,
+                    math.sqrt(variant.var),
+                    variant.n,
+                    control.mean,
+                    math.sqrt(control.var),
+                    control.n,
+                    equal_var=False,
+                ).pvalue
+            )
             test = "welch_t"
-    return {"test": test, "p_value": p, "difference": diff, "difference_ci95": (diff - 1.96 * se, diff + 1.96 * se),
-            "detectable_difference": (1.96 + 0.8416) * se}
+    return {
+        "test": test,
+        "p_value": p,
+        "difference": diff,
+        "difference_ci95": (diff - 1.96 * se, diff + 1.96 * se),
+        "detectable_difference": (1.96 + 0.8416) * se,
+    }
 
 
 class FeedbackStore:
@@ -128,15 +144,21 @@ class FeedbackStore:
             raise ProtocolError(f"outcome must be true/false or a finite number, got {outcome!r}")
         hit = self._ids.get((model, request_id))
         if hit is None or time.time() - hit[1] > self.ttl_s:
-            raise NotFound(f"no answered request {request_id!r} for {model} (ids are kept {self.ttl_s / 3600:g} h, the last "
-                           f"{self.max_ids}); send the `id` of the inference request or its x-request-id response header")
+            raise NotFound(
+                f"no answered request {request_id!r} for {model} (ids are kept {self.ttl_s / 3600:g} h, the last "
+                f"{self.max_ids}); send the `id` of the inference request or its x-request-id response header"
+            )
         if metric in hit[2]:
-            raise ProtocolError(f"request {request_id!r} already has a {metric!r} outcome; each request counts once", 409)
+            raise ProtocolError(
+                f"request {request_id!r} already has a {metric!r} outcome; each request counts once", 409
+            )
         hit[2].add(metric)
         self.arms.setdefault((model, metric), {}).setdefault(hit[0], Arm()).add(value)
         return hit[0]
 
-    def summary(self, model: str, control: str | None = None, alpha: float = 0.05, min_samples: int = 30) -> dict[str, Any]:
+    def summary(
+        self, model: str, control: str | None = None, alpha: float = 0.05, min_samples: int = 30
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for (m, metric), arms in self.arms.items():
             if m != model:
@@ -153,8 +175,10 @@ class FeedbackStore:
             for v in sorted(others):
                 a, c = arms[v], arms[ctl]
                 if min(a.n, c.n) < max(2, min_samples):
-                    cmp: dict[str, Any] = {"verdict": "not enough data",
-                                           "why": f"{min(a.n, c.n)} outcomes in the smaller arm; {min_samples} needed"}
+                    cmp: dict[str, Any] = {
+                        "verdict": "not enough data",
+                        "why": f"{min(a.n, c.n)} outcomes in the smaller arm; {min_samples} needed",
+                    }
                     if min(a.n, c.n) >= 2:
                         cmp.update(compare(c, a, binary))
                 else:
@@ -162,6 +186,11 @@ class FeedbackStore:
                     cmp["verdict"] = "significant" if cmp["p_value"] < level else "no significant difference"
                 cmp["alpha"] = level
                 comparisons[f"{v} vs {ctl}"] = cmp
-            out[metric] = {"kind": "rate" if binary else "mean", "control": ctl, "variants": variants,
-                           "comparisons": comparisons, "min_samples": min_samples}
+            out[metric] = {
+                "kind": "rate" if binary else "mean",
+                "control": ctl,
+                "variants": variants,
+                "comparisons": comparisons,
+                "min_samples": min_samples,
+            }
         return out

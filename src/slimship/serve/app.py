@@ -48,8 +48,14 @@ log = logging.getLogger("slimship.serve")
 access_log = logging.getLogger("slimship.access")
 
 SERVER_NAME = "slimship"
-EXTENSIONS = ["binary_tensor_data", "classification_free", "slimship_admin", "slimship_traffic", "slimship_rollout",
-              "slimship_feedback"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification_free",
+    "slimship_admin",
+    "slimship_traffic",
+    "slimship_rollout",
+    "slimship_feedback",
+]
 
 
 class Limits(BaseModel):
@@ -93,8 +99,12 @@ class ShadowStats:
         del self.recent[:-1000]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pairs": self.pairs, "errors": self.errors, "fidelity_mean": self.fidelity_sum / self.pairs if self.pairs else None,
-                "fidelity_min": self.fidelity_min if self.pairs else None}
+        return {
+            "pairs": self.pairs,
+            "errors": self.errors,
+            "fidelity_mean": self.fidelity_sum / self.pairs if self.pairs else None,
+            "fidelity_min": self.fidelity_min if self.pairs else None,
+        }
 
 
 @dataclass
@@ -116,7 +126,10 @@ class ModelGroup:
             return self.versions[self.default_version()]
         total = sum(weights.values())
         if sticky_value is not None:
-            u = int.from_bytes(hashlib.sha256(f"{self.name}\0{sticky_value}".encode()).digest()[:8], "big") / 2**64
+            u = (
+                int.from_bytes(hashlib.sha256(f"{self.name}\0{sticky_value}".encode()).digest()[:8], "big")
+                / 2**64
+            )
         else:
             u = random.random()
         acc = 0.0
@@ -140,7 +153,11 @@ def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
         if y is None or y.shape != x.shape or x.dtype.kind != "f":
             continue
         x2, y2 = x.reshape(x.shape[0], -1).astype(np.float64), y.reshape(y.shape[0], -1).astype(np.float64)
-        if x2.shape[1] > 1 and x2.shape[1] <= 1000 and name.lower() in ("logits", "output", "scores", "probabilities"):
+        if (
+            x2.shape[1] > 1
+            and x2.shape[1] <= 1000
+            and name.lower() in ("logits", "output", "scores", "probabilities")
+        ):
             scores.append(float((x2.argmax(1) == y2.argmax(1)).mean()))
             continue
         num = (x2 * y2).sum(1)
@@ -152,8 +169,14 @@ def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 class Server:
     """The state behind the app: model groups, metrics, tokens, limits, an optional registry."""
 
-    def __init__(self, *, limits: Limits | None = None, token: str | None = None, admin_token: str | None = None,
-                 registry: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        limits: Limits | None = None,
+        token: str | None = None,
+        admin_token: str | None = None,
+        registry: Any = None,
+    ) -> None:
         self.models: dict[str, ModelGroup] = {}
         self.metrics = Metrics()
         self.limits = limits or Limits()
@@ -188,7 +211,7 @@ class Server:
         if r is not None:
             return r.baseline
         group = self.models.get(model)
-        for v, ep in (group.versions.items() if group else []):
+        for v, ep in group.versions.items() if group else []:
             if ep.source.get("stage") == "production":
                 return v
         return None
@@ -199,7 +222,9 @@ class Server:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def monitor_output(self, model: str, ep: Endpoint, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None) -> None:
+    def monitor_output(
+        self, model: str, ep: Endpoint, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None
+    ) -> None:
         """Feed an answered request to the version's drift monitor (if it has one)."""
         if ep.drift is not None and outputs is not None:
             try:
@@ -223,18 +248,32 @@ class Server:
                 self.metrics.rollout_stage.labels(name).set(r.stage if r is not None else -1)
 
     # ---- model management ---------------------------------------------------------------------
-    async def load(self, name: str, version: str, path: str, batching: BatchingConfig | None = None,
-                   source: dict[str, Any] | None = None, drift: Any = None, replicas: Any = None) -> Endpoint:
+    async def load(
+        self,
+        name: str,
+        version: str,
+        path: str,
+        batching: BatchingConfig | None = None,
+        source: dict[str, Any] | None = None,
+        drift: Any = None,
+        replicas: Any = None,
+    ) -> Endpoint:
         """Build an endpoint (ONNX Runtime session) off the event loop, warm it, then make it routable."""
         async with self._lock:
             group = self.models.get(name)
             if group is not None and version in group.versions:
-                raise ServingError(f"{name} v{version} is already loaded; unload it first or load under another version")
+                raise ServingError(
+                    f"{name} v{version} is already loaded; unload it first or load under another version"
+                )
             if self.endpoint_factory is not None:  # e.g. a new Ray Serve application
-                ep = await self.endpoint_factory(name, version, path, batching, source or {"path": path}, replicas)
+                ep = await self.endpoint_factory(
+                    name, version, path, batching, source or {"path": path}, replicas
+                )
             else:
                 loop = asyncio.get_running_loop()
-                ep = await loop.run_in_executor(None, lambda: Endpoint(name, version, path, batching, self.metrics, source))
+                ep = await loop.run_in_executor(
+                    None, lambda: Endpoint(name, version, path, batching, self.metrics, source)
+                )
             ep.drift_config = drift
             return await self._add(ep)
 
@@ -246,11 +285,15 @@ class Server:
     async def _add(self, ep: Endpoint) -> Endpoint:
         group = self.models.get(ep.model)
         if group is not None and ep.version in group.versions:
-            raise ServingError(f"{ep.model} v{ep.version} is already loaded; unload it first or load under another version")
+            raise ServingError(
+                f"{ep.model} v{ep.version} is already loaded; unload it first or load under another version"
+            )
         await ep.start()
         self._attach_drift(ep)
         self.models.setdefault(ep.model, ModelGroup(ep.model)).versions[ep.version] = ep
-        log.info(json.dumps({"event": "loaded", "model": ep.model, "version": ep.version, "source": ep.source}))
+        log.info(
+            json.dumps({"event": "loaded", "model": ep.model, "version": ep.version, "source": ep.source})
+        )
         return ep
 
     def _attach_drift(self, ep: Endpoint) -> None:
@@ -263,34 +306,66 @@ class Server:
         ep.drift = DriftMonitor(ep.model, ep.version, cfg, self.metrics)
         ep.drift.build_in_background(ep.sessions[0], ep.path, workload)
 
-    async def load_from_registry(self, name: str, ref: str, version: str | None = None,
-                                 batching: BatchingConfig | None = None, registry_model: str | None = None,
-                                 drift: Any = None, replicas: Any = None) -> Endpoint:
+    async def load_from_registry(
+        self,
+        name: str,
+        ref: str,
+        version: str | None = None,
+        batching: BatchingConfig | None = None,
+        registry_model: str | None = None,
+        drift: Any = None,
+        replicas: Any = None,
+    ) -> Endpoint:
         if self.registry is None:
             raise ServingError("this server has no registry: start it with --registry (or SLIMSHIP_REGISTRY)")
         loop = asyncio.get_running_loop()
         reg_model = registry_model or name
-        v = await loop.run_in_executor(None, self.registry.get, reg_model, int(ref) if str(ref).isdigit() else ref)
+        v = await loop.run_in_executor(
+            None, self.registry.get, reg_model, int(ref) if str(ref).isdigit() else ref
+        )
         cand = await loop.run_in_executor(None, self.registry.fetch, reg_model, v.number)  # verified by hash
         if cand.format != "onnx":
-            raise ServingError(f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)")
-        return await self.load(name, version or str(v.number), str(cand.artifact_path), batching,
-                               {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage,
-                                "workload": dict(cand.workload)}, drift, replicas)
+            raise ServingError(
+                f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)"
+            )
+        return await self.load(
+            name,
+            version or str(v.number),
+            str(cand.artifact_path),
+            batching,
+            {
+                "registry": reg_model,
+                "version": v.number,
+                "digest": v.digest,
+                "stage": v.stage,
+                "workload": dict(cand.workload),
+            },
+            drift,
+            replicas,
+        )
 
     async def unload(self, name: str, version: str, drain_timeout: float = 30.0) -> None:
         async with self._lock:
             group = self._group(name)
             ep = group.versions.get(version)
             if ep is None:
-                raise NotFound(f"{name} has no loaded version {version}; loaded: {sorted(group.versions, key=_version_key)}")
+                raise NotFound(
+                    f"{name} has no loaded version {version}; loaded: {sorted(group.versions, key=_version_key)}"
+                )
             r = self.rollouts.controls(name)
             if r is not None and version in (r.candidate, r.baseline):
-                raise ProtocolError(f"{name} v{version} is in rollout #{r.record['id']} ({r.state}); abort the rollout "
-                                    "before unloading it", 409)
+                raise ProtocolError(
+                    f"{name} v{version} is in rollout #{r.record['id']} ({r.state}); abort the rollout "
+                    "before unloading it",
+                    409,
+                )
             del group.versions[version]  # no new request is routed to it from here on
             weights = {v: w for v, w in group.policy.weights.items() if v != version}
-            shadow = group.policy.shadow if group.policy.shadow is None or group.policy.shadow.version != version else None
+            shadow = (
+                group.policy.shadow
+                if group.policy.shadow is None or group.policy.shadow.version != version
+                else None
+            )
             group.policy = group.policy.model_copy(update={"weights": weights, "shadow": shadow})
             if not group.versions:
                 del self.models[name]
@@ -303,14 +378,19 @@ class Server:
         group = self._group(name)
         r = self.rollouts.controls(name)
         if r is not None:
-            raise ProtocolError(f"rollout #{r.record['id']} ({r.state}) controls {name}'s traffic; pause or abort it first "
-                                f"(`slimship rollout abort {name}`)", 409)
+            raise ProtocolError(
+                f"rollout #{r.record['id']} ({r.state}) controls {name}'s traffic; pause or abort it first "
+                f"(`slimship rollout abort {name}`)",
+                409,
+            )
         unknown = [v for v in policy.weights if v not in group.versions]
         if policy.shadow is not None and policy.shadow.version not in group.versions:
             unknown.append(policy.shadow.version)
         if unknown:
-            raise ProtocolError(f"traffic for {name} names version(s) {unknown} that aren't loaded; loaded: "
-                                f"{sorted(group.versions, key=_version_key)}")
+            raise ProtocolError(
+                f"traffic for {name} names version(s) {unknown} that aren't loaded; loaded: "
+                f"{sorted(group.versions, key=_version_key)}"
+            )
         if policy.weights and sum(policy.weights.values()) <= 0:
             raise ProtocolError("traffic weights must include a positive weight")
         group.policy = policy
@@ -327,7 +407,9 @@ class Server:
             return group.route(sticky)
         ep = group.versions.get(version)
         if ep is None:
-            raise NotFound(f"model {name!r} has no version {version!r}; versions: {sorted(group.versions, key=_version_key)}")
+            raise NotFound(
+                f"model {name!r} has no version {version!r}; versions: {sorted(group.versions, key=_version_key)}"
+            )
         return ep
 
     async def stop(self) -> None:
@@ -339,7 +421,9 @@ class Server:
                 await ep.stop()
 
     # ---- shadow -------------------------------------------------------------------------------
-    def maybe_shadow(self, name: str, primary: Endpoint, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    def maybe_shadow(
+        self, name: str, primary: Endpoint, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
+    ) -> None:
         group = self.models.get(name)
         if group is None or group.policy.shadow is None:
             return
@@ -367,10 +451,13 @@ class Server:
 
 # ---- HTTP --------------------------------------------------------------------------------------
 
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
     from starlette.responses import Response
 
-    return Response(json.dumps(body, separators=(",", ":")), status, headers=headers, media_type="application/json")
+    return Response(
+        json.dumps(body, separators=(",", ":")), status, headers=headers, media_type="application/json"
+    )
 
 
 def _error(err: ProtocolError | str, status: int = 400) -> Any:
@@ -433,13 +520,23 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
                 try:
                     if admin:
                         if server.admin_token is None:
-                            raise ProtocolError("the admin API is disabled: start the server with --admin-token", 403)
+                            raise ProtocolError(
+                                "the admin API is disabled: start the server with --admin-token", 403
+                            )
                         if not _bearer_ok(request.headers.get("authorization"), server.admin_token):
-                            raise Unauthorized("admin API: send `Authorization: Bearer <admin token>`",
-                                               headers={"WWW-Authenticate": "Bearer"})
-                    elif server.token is not None and request.url.path.endswith(("/infer", "/feedback")) \
-                            and not _bearer_ok(request.headers.get("authorization"), server.token):
-                        raise Unauthorized("inference needs `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"})
+                            raise Unauthorized(
+                                "admin API: send `Authorization: Bearer <admin token>`",
+                                headers={"WWW-Authenticate": "Bearer"},
+                            )
+                    elif (
+                        server.token is not None
+                        and request.url.path.endswith(("/infer", "/feedback"))
+                        and not _bearer_ok(request.headers.get("authorization"), server.token)
+                    ):
+                        raise Unauthorized(
+                            "inference needs `Authorization: Bearer <token>`",
+                            headers={"WWW-Authenticate": "Bearer"},
+                        )
                     resp = await fn(request)
                 except ProtocolError as err:
                     resp = _error(err)
@@ -448,17 +545,34 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
                 except SlimshipError as err:
                     resp = _error(str(err), 400)
                 except Exception:  # opaque to the client, whole in the log
-                    log.exception("unexpected error on %s %s (request %s)", request.method, request.url.path, rid)
+                    log.exception(
+                        "unexpected error on %s %s (request %s)", request.method, request.url.path, rid
+                    )
                     resp = _error(f"internal server error (request id {rid})", 500)
                 resp.headers["x-request-id"] = rid
                 ms = (time.perf_counter() - t0) * 1000
                 route = request.scope.get("route")
-                server.metrics.http.labels(getattr(route, "path", request.url.path), str(resp.status_code)).inc()
-                access_log.info(json.dumps({"method": request.method, "path": request.url.path, "status": resp.status_code,
-                                            "ms": round(ms, 3), "model": request.state.model, "version": request.state.version,
-                                            "request_id": rid, "client": request.client.host if request.client else None}))
+                server.metrics.http.labels(
+                    getattr(route, "path", request.url.path), str(resp.status_code)
+                ).inc()
+                access_log.info(
+                    json.dumps(
+                        {
+                            "method": request.method,
+                            "path": request.url.path,
+                            "status": resp.status_code,
+                            "ms": round(ms, 3),
+                            "model": request.state.model,
+                            "version": request.state.version,
+                            "request_id": rid,
+                            "client": request.client.host if request.client else None,
+                        }
+                    )
+                )
                 return resp
+
             return handler
+
         return deco
 
     # ---- health & metadata ----
@@ -520,8 +634,14 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
             server.metrics.latency.labels(name, ep.version).observe(elapsed)
             server.live.add(name, ep.version, elapsed, status)
             if version is None and (status == "200" or int(status) >= 500):
-                server.rollouts.observe(name, ep, req.inputs, outputs if status == "200" else None,
-                                        t_infer if status == "200" else elapsed, status == "200")
+                server.rollouts.observe(
+                    name,
+                    ep,
+                    req.inputs,
+                    outputs if status == "200" else None,
+                    t_infer if status == "200" else elapsed,
+                    status == "200",
+                )
         server.remember(req.id, request.state.rid, name, ep.version)
         server.monitor_output(name, ep, req.inputs, outputs)
         if version is None:
@@ -539,9 +659,16 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         out = {}
         for name, g in server.models.items():
             out[name] = {
-                "versions": {v: {"ready": ep.ready, "source": ep.source, "queue": ep._queue.qsize() if ep._queue else 0,
-                                 "batching": ep.config.model_dump(), "runtime_settings": ep.runtime_settings()}
-                             for v, ep in g.versions.items()},
+                "versions": {
+                    v: {
+                        "ready": ep.ready,
+                        "source": ep.source,
+                        "queue": ep._queue.qsize() if ep._queue else 0,
+                        "batching": ep.config.model_dump(),
+                        "runtime_settings": ep.runtime_settings(),
+                    }
+                    for v, ep in g.versions.items()
+                },
                 "traffic": g.policy.model_dump(),
                 "shadow": {v: s.as_dict() for v, s in g.shadow_stats.items()},
             }
@@ -555,7 +682,9 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         version: str | None = None
         batching: BatchingConfig = BatchingConfig()
         drift: DriftConfig = DriftConfig()
-        replicas: ReplicaConfig | None = None  # on Ray Serve (`serve --ray`); ignored by the single-process server
+        replicas: ReplicaConfig | None = (
+            None  # on Ray Serve (`serve --ray`); ignored by the single-process server
+        )
 
     @guard(admin=True)
     async def admin_load(request: Request) -> Any:
@@ -564,11 +693,26 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         if (body.path is None) == (body.registry is None):
             raise ProtocolError('give either "path" (an ONNX file) or "registry" (a version number or stage)')
         if body.path is not None:
-            version = body.version or str(1 + max((int(v) for v in server.models.get(name, ModelGroup(name)).versions if v.isdigit()), default=0))
-            ep = await server.load(name, version, body.path, body.batching, {"path": body.path}, body.drift, body.replicas)
+            version = body.version or str(
+                1
+                + max(
+                    (int(v) for v in server.models.get(name, ModelGroup(name)).versions if v.isdigit()),
+                    default=0,
+                )
+            )
+            ep = await server.load(
+                name, version, body.path, body.batching, {"path": body.path}, body.drift, body.replicas
+            )
         else:
-            ep = await server.load_from_registry(name, str(body.registry), body.version, body.batching, body.registry_model,
-                                                 body.drift, body.replicas)
+            ep = await server.load_from_registry(
+                name,
+                str(body.registry),
+                body.version,
+                body.batching,
+                body.registry_model,
+                body.drift,
+                body.replicas,
+            )
         await server.rollouts.restore()  # a stored rollout waiting for this version goes on
         return _json({"model": name, "version": ep.version, "ready": ep.ready, "source": ep.source})
 
@@ -599,7 +743,9 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         ep = server.endpoint(name, version)
         reg_model = ep.source.get("registry", name)
         number = int(ep.source.get("version", version))
-        v = await asyncio.get_running_loop().run_in_executor(None, lambda: server.registry.set_stage(reg_model, number, body.stage, reason=body.reason))
+        v = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: server.registry.set_stage(reg_model, number, body.stage, reason=body.reason)
+        )
         return _json({"model": reg_model, "version": v.number, "stage": v.stage})
 
     # ---- A/B feedback ----
@@ -615,7 +761,9 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         server._group(name)
         body = FeedbackBody.model_validate_json(await _read_body(request, 1 << 20) or b"{}")
         version = server.feedback.record(name, body.id, body.outcome, body.metric)
-        return _json({"model": name, "id": body.id, "version": version, "metric": body.metric, "recorded": True})
+        return _json(
+            {"model": name, "id": body.id, "version": version, "metric": body.metric, "recorded": True}
+        )
 
     @guard()
     async def feedback_summary(request: Request) -> Any:
@@ -629,7 +777,12 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
             raise ProtocolError(f"alpha is a number in (0, 1) and min_samples an integer: {err}") from err
         if not 0 < alpha < 1 or min_samples < 2:
             raise ProtocolError("alpha must be in (0, 1) and min_samples ≥ 2")
-        return _json({"model": name, "metrics": server.feedback.summary(name, server.control_version(name), alpha, min_samples)})
+        return _json(
+            {
+                "model": name,
+                "metrics": server.feedback.summary(name, server.control_version(name), alpha, min_samples),
+            }
+        )
 
     # ---- rollouts ----
     class RolloutBody(BaseModel):
@@ -658,7 +811,11 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
     async def rollout_action(request: Request) -> Any:
         name, action = request.path_params["model"], request.path_params["action"]
         body = ReasonBody.model_validate_json(await _read_body(request, 1 << 20) or b"{}")
-        fn = {"pause": server.rollouts.pause, "resume": server.rollouts.resume, "abort": server.rollouts.abort}.get(action)
+        fn = {
+            "pause": server.rollouts.pause,
+            "resume": server.rollouts.resume,
+            "abort": server.rollouts.abort,
+        }.get(action)
         if fn is None:
             raise NotFound(f"no rollout action {action!r}; use pause, resume or abort")
         return _json(await fn(name, body.reason))
@@ -668,9 +825,15 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
     async def dashboard_page(request: Request) -> Any:
         from slimship.serve.dashboard import page
 
-        return Response(page(), 200, media_type="text/html; charset=utf-8",
-                        headers={"content-security-policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                                                            "style-src 'unsafe-inline'; img-src data:"})
+        return Response(
+            page(),
+            200,
+            media_type="text/html; charset=utf-8",
+            headers={
+                "content-security-policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; img-src data:"
+            },
+        )
 
     @guard()
     async def dashboard_state(request: Request) -> Any:
@@ -679,12 +842,18 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         return _json(await state(server))
 
     async def not_found(request: Request, exc: Exception) -> Any:
-        return _error(f"no route {request.method} {request.url.path}; see /v2 for the protocol's endpoints", 404)
+        return _error(
+            f"no route {request.method} {request.url.path}; see /v2 for the protocol's endpoints", 404
+        )
 
     routes = [
-        Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", server_meta),
-        Route("/v2/models/{model}", model_meta), Route("/v2/models/{model}/versions/{version}", model_meta),
-        Route("/v2/models/{model}/ready", model_ready), Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2", server_meta),
+        Route("/v2/models/{model}", model_meta),
+        Route("/v2/models/{model}/versions/{version}", model_meta),
+        Route("/v2/models/{model}/ready", model_ready),
+        Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/metrics", metrics),
@@ -698,7 +867,8 @@ def create_app(server: Server, startup: list[Any] | None = None) -> Any:
         Route("/v2/admin/models/{model}/rollout", rollout_start, methods=["POST"]),
         Route("/v2/admin/models/{model}/rollout", rollout_status, methods=["GET"]),
         Route("/v2/admin/models/{model}/rollout/{action}", rollout_action, methods=["POST"]),
-        Route("/dashboard", dashboard_page), Route("/v2/dashboard/state", dashboard_state),
+        Route("/dashboard", dashboard_page),
+        Route("/v2/dashboard/state", dashboard_state),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.server = server

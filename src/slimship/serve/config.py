@@ -1,20 +1,20 @@
 """What `slimship serve` serves: a YAML file or command-line flags, validated before anything loads.
 
-    host: 127.0.0.1
-    port: 8000
-    registry: ~/.local/share/slimship/registry    # optional (and registry_url for PostgreSQL)
-    limits: {max_body_bytes: 67108864}
-    models:
-      - name: minilm
-        registry: production          # a version number or stage of the registry model `minilm`
-        batching: {max_batch_size: 32, max_queue_delay_ms: 2}
-      - name: minilm
-        registry: 4
-      - name: mnist
-        path: runs/mnist/optimized    # an ONNX file or a candidate directory
-        version: "1"
-    traffic:
-      minilm: {weights: {"3": 95, "4": 5}, sticky_header: x-user-id, shadow: {version: "4", fraction: 1.0}}
+host: 127.0.0.1
+port: 8000
+registry: ~/.local/share/slimship/registry    # optional (and registry_url for PostgreSQL)
+limits: {max_body_bytes: 67108864}
+models:
+  - name: minilm
+    registry: production          # a version number or stage of the registry model `minilm`
+    batching: {max_batch_size: 32, max_queue_delay_ms: 2}
+  - name: minilm
+    registry: 4
+  - name: mnist
+    path: runs/mnist/optimized    # an ONNX file or a candidate directory
+    version: "1"
+traffic:
+  minilm: {weights: {"3": 95, "4": 5}, sticky_header: x-user-id, shadow: {version: "4", fraction: 1.0}}
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.path is None) == (self.registry is None):
-            raise ValueError(f"model {self.name!r}: give either `path` (an ONNX file or candidate directory) or `registry` "
-                             "(a version number or stage)")
+            raise ValueError(
+                f"model {self.name!r}: give either `path` (an ONNX file or candidate directory) or `registry` "
+                "(a version number or stage)"
+            )
         return self
 
     def onnx_path(self) -> str:
@@ -66,8 +68,10 @@ class ModelSpec(BaseModel):
 
             cand = load_candidate(p)
             if cand.format != "onnx":
-                raise ConfigError(f"{p} holds a {cand.format} candidate; the server runs ONNX — export it first "
-                                  f"(`slimship export` or a recipe's export step)")
+                raise ConfigError(
+                    f"{p} holds a {cand.format} candidate; the server runs ONNX — export it first "
+                    f"(`slimship export` or a recipe's export step)"
+                )
             return str(cand.artifact_path), dict(cand.workload)
         if not p.is_file():
             raise ConfigError(f"model {self.name!r}: {p} does not exist")
@@ -126,5 +130,7 @@ def load_serve_config(path: str | Path | None, overrides: dict[str, Any]) -> Ser
         return ServeConfig.model_validate(data)
     except ValidationError as err:
         where = f"{path}: " if path else ""
-        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors())
+        msgs = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors()
+        )
         raise ConfigError(f"{where}invalid serving config: {msgs}") from err

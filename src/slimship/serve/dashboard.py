@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from slimship.serve.app import Server
 
+
 @cache
 def page() -> str:
     return resources.files("slimship.serve").joinpath("static/dashboard.html").read_text(encoding="utf-8")
@@ -32,19 +33,43 @@ async def state(server: Server) -> dict[str, Any]:
             ep = group.versions[v]
             share = (weights.get(v, 0.0) / total * 100) if total else (100.0 if v == default else 0.0)
             drift = getattr(ep, "drift", None)
-            versions.append({"version": v, "ready": ep.ready, "stage": ep.source.get("stage"),
-                             "registry": ep.source.get("registry"), "registry_version": ep.source.get("version"),
-                             "path": ep.source.get("path"), "traffic_percent": round(share, 2),
-                             "queue": ep._queue.qsize() if ep._queue else 0, "live": server.live.snapshot(name, v),
-                             "drift": drift.snapshot() if drift is not None else None})
+            versions.append(
+                {
+                    "version": v,
+                    "ready": ep.ready,
+                    "stage": ep.source.get("stage"),
+                    "registry": ep.source.get("registry"),
+                    "registry_version": ep.source.get("version"),
+                    "path": ep.source.get("path"),
+                    "traffic_percent": round(share, 2),
+                    "queue": ep._queue.qsize() if ep._queue else 0,
+                    "live": server.live.snapshot(name, v),
+                    "drift": drift.snapshot() if drift is not None else None,
+                }
+            )
         try:
             rollout = await server.rollouts.status_with_history(name)
         except Exception as err:  # the registry may be unreachable: show that, keep the page alive
             rollout = {**server.rollouts.status(name), "history_error": str(err)}
-        models.append({"name": name, "versions": versions, "traffic": group.policy.model_dump(),
-                       "shadow": {v: s.as_dict() for v, s in group.shadow_stats.items()}, "rollout": rollout,
-                       "abtest": server.feedback.summary(name, server.control_version(name))})
+        models.append(
+            {
+                "name": name,
+                "versions": versions,
+                "traffic": group.policy.model_dump(),
+                "shadow": {v: s.as_dict() for v, s in group.shadow_stats.items()},
+                "rollout": rollout,
+                "abtest": server.feedback.summary(name, server.control_version(name)),
+            }
+        )
     await asyncio.sleep(0)
-    return {"server": {"name": "slimship", "version": __version__, "time": time.time(), "uptime_s": round(time.time() - server.created, 1),
-                       "admin": server.admin_token is not None, "registry": server.registry is not None},
-            "models": models}
+    return {
+        "server": {
+            "name": "slimship",
+            "version": __version__,
+            "time": time.time(),
+            "uptime_s": round(time.time() - server.created, 1),
+            "admin": server.admin_token is not None,
+            "registry": server.registry is not None,
+        },
+        "models": models,
+    }

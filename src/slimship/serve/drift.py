@@ -67,8 +67,11 @@ def _hist(values: np.ndarray, edges: np.ndarray, categorical: bool, n_bins: int)
     return counts / max(1.0, counts.sum())
 
 
-def _row_features(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], pcs: dict[str, dict[str, np.ndarray]],
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _row_features(
+    inputs: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray],
+    pcs: dict[str, dict[str, np.ndarray]],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-row scalar features, and pooled token ids (features whose samples aren't rows)."""
     rows: dict[str, np.ndarray] = {}
     pooled: dict[str, np.ndarray] = {}
@@ -90,7 +93,11 @@ def _row_features(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
         if y.dtype.kind != "f" or y.ndim < 2:
             continue
         flat = y.reshape(y.shape[0], -1).astype(np.float64)
-        if y.ndim == 2 and 1 < flat.shape[1] <= 1000 and name.lower() in ("logits", "output", "scores", "probabilities"):
+        if (
+            y.ndim == 2
+            and 1 < flat.shape[1] <= 1000
+            and name.lower() in ("logits", "output", "scores", "probabilities")
+        ):
             z = flat - flat.max(1, keepdims=True)
             p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
             rows[f"output.{name}.top1"] = flat.argmax(1).astype(np.float64)
@@ -105,7 +112,9 @@ def _row_features(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
     return rows, pooled
 
 
-def _project(rows: dict[str, np.ndarray], prefix: str, flat: np.ndarray, pcs: dict[str, dict[str, np.ndarray]]) -> None:
+def _project(
+    rows: dict[str, np.ndarray], prefix: str, flat: np.ndarray, pcs: dict[str, dict[str, np.ndarray]]
+) -> None:
     pc = pcs.get(prefix)
     if pc is None or pc["components"].shape[1] != flat.shape[1]:
         return
@@ -117,11 +126,15 @@ def _project(rows: dict[str, np.ndarray], prefix: str, flat: np.ndarray, pcs: di
 class Reference:
     """Per feature: bin edges (deciles) and the reference's share per bin, plus a sample for the KS test."""
 
-    def __init__(self, features: dict[str, dict[str, Any]], pcs: dict[str, dict[str, np.ndarray]], rows: int) -> None:
+    def __init__(
+        self, features: dict[str, dict[str, Any]], pcs: dict[str, dict[str, np.ndarray]], rows: int
+    ) -> None:
         self.features, self.pcs, self.rows = features, pcs, rows
 
     @classmethod
-    def build(cls, batches: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], bins: int) -> Reference:
+    def build(
+        cls, batches: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], bins: int
+    ) -> Reference:
         # principal axes first (of flattened float inputs up to 4096 values and of float outputs)
         pcs: dict[str, dict[str, np.ndarray]] = {}
         stacks: dict[str, list[np.ndarray]] = {}
@@ -129,7 +142,9 @@ class Reference:
             for kind, d in (("input", feeds), ("output", outs)):
                 for name, x in d.items():
                     if x.dtype.kind == "f" and x.ndim >= 2 and x[0].size <= 4096:
-                        stacks.setdefault(f"{kind}.{name}", []).append(x.reshape(x.shape[0], -1).astype(np.float64))
+                        stacks.setdefault(f"{kind}.{name}", []).append(
+                            x.reshape(x.shape[0], -1).astype(np.float64)
+                        )
         for key, parts in stacks.items():
             data = np.concatenate(parts)
             mean = data.mean(0)
@@ -156,23 +171,43 @@ class Reference:
                 n_bins = len(edges) + 1
             rng = np.random.default_rng(0)
             sample = v if v.size <= 2000 else rng.choice(v, 2000, replace=False)
-            feats[k] = {"edges": edges, "probs": _hist(v, edges, categorical, n_bins), "categorical": categorical, "n": int(v.size),
-                        "n_bins": n_bins, "pooled": not k.startswith("input.length") and k.endswith(".tokens"),
-                        "sample": np.sort(sample)}
+            feats[k] = {
+                "edges": edges,
+                "probs": _hist(v, edges, categorical, n_bins),
+                "categorical": categorical,
+                "n": int(v.size),
+                "n_bins": n_bins,
+                "pooled": not k.startswith("input.length") and k.endswith(".tokens"),
+                "sample": np.sort(sample),
+            }
         return cls(feats, pcs, n)
 
     # JSON round trip (the reference is cached per artifact and workload)
     def to_json(self) -> str:
-        f = {k: {**v, "edges": v["edges"].tolist(), "probs": v["probs"].tolist(), "sample": v["sample"].tolist()}
-             for k, v in self.features.items()}
+        f = {
+            k: {
+                **v,
+                "edges": v["edges"].tolist(),
+                "probs": v["probs"].tolist(),
+                "sample": v["sample"].tolist(),
+            }
+            for k, v in self.features.items()
+        }
         p = {k: {kk: vv.tolist() for kk, vv in v.items()} for k, v in self.pcs.items()}
         return json.dumps({"version": 1, "rows": self.rows, "features": f, "pcs": p})
 
     @classmethod
     def from_json(cls, text: str) -> Reference:
         d = json.loads(text)
-        f = {k: {**v, "edges": np.asarray(v["edges"]), "probs": np.asarray(v["probs"]), "sample": np.asarray(v["sample"])}
-             for k, v in d["features"].items()}
+        f = {
+            k: {
+                **v,
+                "edges": np.asarray(v["edges"]),
+                "probs": np.asarray(v["probs"]),
+                "sample": np.asarray(v["sample"]),
+            }
+            for k, v in d["features"].items()
+        }
         p = {k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in d["pcs"].items()}
         return cls(f, p, d["rows"])
 
@@ -234,8 +269,17 @@ class DriftMonitor:
                     os.replace(tmp, path)
                 self.reference = ref
                 self.status = "ready"
-                log.info(json.dumps({"event": "drift.reference", "model": self.model, "version": self.version,
-                                     "rows": ref.rows, "features": sorted(ref.features)}))
+                log.info(
+                    json.dumps(
+                        {
+                            "event": "drift.reference",
+                            "model": self.model,
+                            "version": self.version,
+                            "rows": ref.rows,
+                            "features": sorted(ref.features),
+                        }
+                    )
+                )
             except Exception as err:  # drift is a monitor: serving goes on without it
                 self.status, self.error = "unavailable", f"{type(err).__name__}: {err}"
                 log.warning("no drift reference for %s v%s: %s", self.model, self.version, self.error)
@@ -256,9 +300,17 @@ class DriftMonitor:
         """The latest computed figures (cheap: the dashboard and tests read this)."""
         if self._last is not None:
             return {**self._last, "status": self.status, "alert": self.alert}
-        out: dict[str, Any] = {"status": self.status, "rows": 0, "min_rows": self.cfg.min_rows, "warn_psi": self.cfg.warn_psi,
-                               "alert_psi": self.cfg.alert_psi, "alert": self.alert, "score": None, "worst_feature": None,
-                               "features": {}}
+        out: dict[str, Any] = {
+            "status": self.status,
+            "rows": 0,
+            "min_rows": self.cfg.min_rows,
+            "warn_psi": self.cfg.warn_psi,
+            "alert_psi": self.cfg.alert_psi,
+            "alert": self.alert,
+            "score": None,
+            "worst_feature": None,
+            "features": {},
+        }
         if self.error:
             out["error"] = self.error
         return out
@@ -287,8 +339,11 @@ class DriftMonitor:
         values: dict[str, list[np.ndarray]] = {}
         for members in groups.values():
             ins = {k: np.concatenate([m[0][k] for m in members]) for k in members[0][0]}
-            outs = {k: np.concatenate([m[1][k] for m in members]) for k in members[0][1]
-                    if all(k in m[1] and m[1][k].shape[1:] == members[0][1][k].shape[1:] for m in members)}
+            outs = {
+                k: np.concatenate([m[1][k] for m in members])
+                for k in members[0][1]
+                if all(k in m[1] and m[1][k].shape[1:] == members[0][1][k].shape[1:] for m in members)
+            }
             row_f, pooled_f = _row_features(ins, outs, ref.pcs)
             for k, v in {**row_f, **pooled_f}.items():
                 if k in ref.features:
@@ -301,10 +356,16 @@ class DriftMonitor:
                 continue
             cur = np.concatenate(values[k]).astype(np.float64)
             value = psi(f["probs"], _hist(cur, f["edges"], f["categorical"], f["n_bins"]))
-            ks = ks_2samp(f["sample"], cur if cur.size <= 5000 else cur[-5000:], method="asymp")  # exact p: 10x slower
+            ks = ks_2samp(
+                f["sample"], cur if cur.size <= 5000 else cur[-5000:], method="asymp"
+            )  # exact p: 10x slower
             noise = (f["n_bins"] - 1) * (1 / f.get("n", ref.rows) + 1 / cur.size)
-            feats[k] = {"psi": round(value, 4), "noise_psi": round(noise, 4), "ks": round(float(ks.statistic), 4),
-                        "ks_p": float(ks.pvalue)}
+            feats[k] = {
+                "psi": round(value, 4),
+                "noise_psi": round(noise, 4),
+                "ks": round(float(ks.statistic), 4),
+                "ks_p": float(ks.pvalue),
+            }
         out["features"] = feats
         if feats:
             counted = {k: (v["psi"] if v["psi"] > 3 * v["noise_psi"] else 0.0) for k, v in feats.items()}
@@ -317,9 +378,18 @@ class DriftMonitor:
                 self.alert = False
             out["alert"] = self.alert
             if self.alert != was:
-                (log.warning if self.alert else log.info)(json.dumps({
-                    "event": "drift.alert" if self.alert else "drift.cleared", "model": self.model, "version": self.version,
-                    "score": out["score"], "feature": worst, "threshold": self.cfg.alert_psi if self.alert else self.cfg.warn_psi}))
+                (log.warning if self.alert else log.info)(
+                    json.dumps(
+                        {
+                            "event": "drift.alert" if self.alert else "drift.cleared",
+                            "model": self.model,
+                            "version": self.version,
+                            "score": out["score"],
+                            "feature": worst,
+                            "threshold": self.cfg.alert_psi if self.alert else self.cfg.warn_psi,
+                        }
+                    )
+                )
                 if self.alert and self.metrics is not None:
                     self.metrics.drift_alerts.labels(self.model, self.version).inc()
         if self.metrics is not None:

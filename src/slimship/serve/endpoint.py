@@ -25,10 +25,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slimship.serve.protocol import DATATYPES, Overloaded, ProtocolError, TimedOut
 
-_ORT_TO_DT = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16", "tensor(int64)": "INT64",
-              "tensor(int32)": "INT32", "tensor(int16)": "INT16", "tensor(int8)": "INT8", "tensor(uint8)": "UINT8",
-              "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(bool)": "BOOL",
-              "tensor(string)": "BYTES"}
+_ORT_TO_DT = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int16)": "INT16",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(bool)": "BOOL",
+    "tensor(string)": "BYTES",
+}
 
 
 class BatchingConfig(BaseModel):
@@ -61,7 +72,11 @@ class TensorSpec:
     shape: tuple[int | str | None, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": [d if isinstance(d, int) else -1 for d in self.shape]}
+        return {
+            "name": self.name,
+            "datatype": self.datatype,
+            "shape": [d if isinstance(d, int) else -1 for d in self.shape],
+        }
 
 
 @dataclass
@@ -88,8 +103,15 @@ def _candidate_settings(path: Path) -> tuple[Any, list[str]]:
 
 
 class Endpoint:
-    def __init__(self, model: str, version: str, onnx_path: str | Path, config: BatchingConfig | None = None,
-                 metrics: Any = None, source: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        onnx_path: str | Path,
+        config: BatchingConfig | None = None,
+        metrics: Any = None,
+        source: dict[str, Any] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         from slimship.machine import physical_cores
@@ -109,19 +131,29 @@ class Endpoint:
         except Exception as err:
             from slimship.errors import ServingError
 
-            raise ServingError(f"can't decide runtime settings for {model} v{version} ({self.path}): {err}") from err
+            raise ServingError(
+                f"can't decide runtime settings for {model} v{version} ({self.path}): {err}"
+            ) from err
         self.settings = recorded.with_overrides(threads=per, spinning=False)
         for _ in range(self.config.instances):
             so = self.settings.session_options()
             try:
-                self.sessions.append(ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"]))
+                self.sessions.append(
+                    ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+                )
             except Exception as err:
                 from slimship.errors import ServingError
 
                 raise ServingError(f"can't load {self.path} for {model} v{version}: {err}") from err
         self.session = self.sessions[0]
-        self.inputs = [TensorSpec(i.name, _ORT_TO_DT.get(i.type, i.type), tuple(i.shape)) for i in self.session.get_inputs()]
-        self.outputs = [TensorSpec(o.name, _ORT_TO_DT.get(o.type, o.type), tuple(o.shape)) for o in self.session.get_outputs()]
+        self.inputs = [
+            TensorSpec(i.name, _ORT_TO_DT.get(i.type, i.type), tuple(i.shape))
+            for i in self.session.get_inputs()
+        ]
+        self.outputs = [
+            TensorSpec(o.name, _ORT_TO_DT.get(o.type, o.type), tuple(o.shape))
+            for o in self.session.get_outputs()
+        ]
         self._by_name = {s.name: s for s in self.inputs}
         self.batchable = all(len(s.shape) >= 1 and not isinstance(s.shape[0], int) for s in self.inputs)
         seq_dynamic = all(len(s.shape) >= 2 and not isinstance(s.shape[1], int) for s in self.inputs)
@@ -130,8 +162,13 @@ class Endpoint:
         # outputs that carry the inputs' sequence axis (cut back to each request's length after padding): axis 1 named
         # like an input's sequence axis, or dynamic and unnamed — never a fixed width that happens to equal the length
         seq_dims = {sp.shape[1] for sp in self.inputs if len(sp.shape) >= 2 and isinstance(sp.shape[1], str)}
-        self._seq_outputs = {o.name for o in self.outputs if len(o.shape) >= 2 and not isinstance(o.shape[1], int)
-                             and (o.shape[1] in seq_dims or not isinstance(o.shape[1], str))}
+        self._seq_outputs = {
+            o.name
+            for o in self.outputs
+            if len(o.shape) >= 2
+            and not isinstance(o.shape[1], int)
+            and (o.shape[1] in seq_dims or not isinstance(o.shape[1], str))
+        }
         self._queue: asyncio.Queue[_Item] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"ort-{model}-{version}")
@@ -148,13 +185,20 @@ class Endpoint:
             for i, sess in enumerate(self.sessions):
                 # one warm-up run so the first request doesn't pay for ORT's lazy initialisation
                 await loop.run_in_executor(self._pool, self._warmup, sess)
-                self._tasks.append(asyncio.create_task(self._batcher(sess), name=f"batcher-{self.model}-{self.version}-{i}"))
+                self._tasks.append(
+                    asyncio.create_task(self._batcher(sess), name=f"batcher-{self.model}-{self.version}-{i}")
+                )
             self.ready = True
 
     def _warmup(self, sess: Any) -> None:
         try:
-            feeds = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=DATATYPES[s.datatype])
-                     for s in self.inputs if s.datatype != "BYTES"}
+            feeds = {
+                s.name: np.zeros(
+                    [d if isinstance(d, int) else 1 for d in s.shape], dtype=DATATYPES[s.datatype]
+                )
+                for s in self.inputs
+                if s.datatype != "BYTES"
+            }
             if len(feeds) == len(self.inputs):
                 sess.run(None, feeds)
         except Exception:  # a model that can't run zeros still serves real inputs
@@ -179,9 +223,14 @@ class Endpoint:
         return {**self.settings.to_json(), "notes": list(self.settings_notes)}
 
     def metadata(self) -> dict[str, Any]:
-        return {"name": self.model, "versions": [self.version], "platform": "onnxruntime_onnx",
-                "inputs": [s.as_dict() for s in self.inputs], "outputs": [s.as_dict() for s in self.outputs],
-                "parameters": {"runtime_settings": self.runtime_settings()}}
+        return {
+            "name": self.model,
+            "versions": [self.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [s.as_dict() for s in self.inputs],
+            "outputs": [s.as_dict() for s in self.outputs],
+            "parameters": {"runtime_settings": self.runtime_settings()},
+        }
 
     def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
         """Check names, datatypes and shapes against the model; returns (rows, sequence length if padded)."""
@@ -190,47 +239,69 @@ class Endpoint:
         expected = [s.name for s in self.inputs]
         unknown = [n for n in inputs if n not in self._by_name]
         if unknown:
-            raise ProtocolError(f"unknown input(s) {unknown} for {self.model} v{self.version}; it takes {expected}")
+            raise ProtocolError(
+                f"unknown input(s) {unknown} for {self.model} v{self.version}; it takes {expected}"
+            )
         missing = [n for n in expected if n not in inputs]
         if missing:
-            raise ProtocolError(f"missing input(s) {missing} for {self.model} v{self.version}; it takes {expected}")
+            raise ProtocolError(
+                f"missing input(s) {missing} for {self.model} v{self.version}; it takes {expected}"
+            )
         rows: int | None = None
         seq: int | None = None
         for name, arr in inputs.items():
             spec = self._by_name[name]
             dt = datatype_of(arr)
             if dt != spec.datatype:
-                raise ProtocolError(f"input {name!r} is {dt} but {self.model} v{self.version} takes {spec.datatype}")
+                raise ProtocolError(
+                    f"input {name!r} is {dt} but {self.model} v{self.version} takes {spec.datatype}"
+                )
             if arr.ndim != len(spec.shape):
-                raise ProtocolError(f"input {name!r} has shape {list(arr.shape)} but the model takes rank {len(spec.shape)} "
-                                    f"{[d if isinstance(d, int) else -1 for d in spec.shape]}")
+                raise ProtocolError(
+                    f"input {name!r} has shape {list(arr.shape)} but the model takes rank {len(spec.shape)} "
+                    f"{[d if isinstance(d, int) else -1 for d in spec.shape]}"
+                )
             for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
                 if isinstance(want, int) and want >= 0 and got != want:
-                    raise ProtocolError(f"input {name!r} has shape {list(arr.shape)} but the model takes "
-                                        f"{[d if isinstance(d, int) else -1 for d in spec.shape]} (axis {axis} must be {want})")
+                    raise ProtocolError(
+                        f"input {name!r} has shape {list(arr.shape)} but the model takes "
+                        f"{[d if isinstance(d, int) else -1 for d in spec.shape]} (axis {axis} must be {want})"
+                    )
             if self.batchable:
                 if rows is not None and arr.shape[0] != rows:
-                    raise ProtocolError(f"inputs disagree on the batch size: {name!r} has {arr.shape[0]} rows, others {rows}")
+                    raise ProtocolError(
+                        f"inputs disagree on the batch size: {name!r} has {arr.shape[0]} rows, others {rows}"
+                    )
                 rows = int(arr.shape[0])
             if self.pads:
                 if seq is not None and arr.shape[1] != seq:
-                    raise ProtocolError(f"inputs disagree on the sequence length: {name!r} has {arr.shape[1]}, others {seq}")
+                    raise ProtocolError(
+                        f"inputs disagree on the sequence length: {name!r} has {arr.shape[1]}, others {seq}"
+                    )
                 seq = int(arr.shape[1])
         rows = rows if rows is not None else 1
         if rows == 0:
             raise ProtocolError("a request needs at least one row")
         if self.batchable and rows > self.config.max_batch_size:
-            raise ProtocolError(f"a request of {rows} rows exceeds max_batch_size {self.config.max_batch_size} of "
-                                f"{self.model} v{self.version}; split it")
+            raise ProtocolError(
+                f"a request of {rows} rows exceeds max_batch_size {self.config.max_batch_size} of "
+                f"{self.model} v{self.version}; split it"
+            )
         return rows, seq
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._queue is None or not self.ready:
-            raise Overloaded(f"{self.model} v{self.version} is not ready (loading or shutting down)", headers={"Retry-After": "1"})
+            raise Overloaded(
+                f"{self.model} v{self.version} is not ready (loading or shutting down)",
+                headers={"Retry-After": "1"},
+            )
         rows, seq = self.validate(inputs)
         if self._queue.qsize() >= self.config.max_queue:
-            raise Overloaded(f"{self.model} v{self.version} is overloaded: {self._queue.qsize()} requests queued "
-                             f"(max_queue {self.config.max_queue}); retry shortly", headers={"Retry-After": "1"})
+            raise Overloaded(
+                f"{self.model} v{self.version} is overloaded: {self._queue.qsize()} requests queued "
+                f"(max_queue {self.config.max_queue}); retry shortly",
+                headers={"Retry-After": "1"},
+            )
         fut: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
         item = _Item(inputs, rows, seq, fut)
         self.in_flight += 1
@@ -240,7 +311,9 @@ class Endpoint:
             return await asyncio.wait_for(asyncio.shield(fut), self.config.timeout_s)
         except TimeoutError as err:
             fut.cancel()  # the batcher skips it if it hasn't started
-            raise TimedOut(f"{self.model} v{self.version} did not answer within {self.config.timeout_s:g} s") from err
+            raise TimedOut(
+                f"{self.model} v{self.version} did not answer within {self.config.timeout_s:g} s"
+            ) from err
         finally:
             self.in_flight -= 1
 
@@ -310,10 +383,18 @@ class Endpoint:
             for b in live:
                 result = {}
                 for name, arr in zip(names, outs, strict=True):
-                    part = arr[offset:offset + b.rows] if self.batchable else arr
-                    if (padded is not None and b.seq is not None and b.seq != padded and name in self._seq_outputs
-                            and part.ndim >= 2 and part.shape[1] == padded):
-                        part = part[:, :b.seq]  # an output with the sequence axis: back to this request's length
+                    part = arr[offset : offset + b.rows] if self.batchable else arr
+                    if (
+                        padded is not None
+                        and b.seq is not None
+                        and b.seq != padded
+                        and name in self._seq_outputs
+                        and part.ndim >= 2
+                        and part.shape[1] == padded
+                    ):
+                        part = part[
+                            :, : b.seq
+                        ]  # an output with the sequence axis: back to this request's length
                     result[name] = part
                 offset += b.rows
                 if not b.future.done():

@@ -18,7 +18,9 @@ class LiveStats:
         q = self._events.setdefault((model, version), deque(maxlen=200_000))
         q.append((time.time(), latency_s * 1000, status == "200"))
 
-    def snapshot(self, model: str, version: str, now: float | None = None, points: int = 60) -> dict[str, Any]:
+    def snapshot(
+        self, model: str, version: str, now: float | None = None, points: int = 60
+    ) -> dict[str, Any]:
         now = now or time.time()
         q = self._events.get((model, version))
         while q and q[0][0] < now - _KEEP_S:
@@ -40,6 +42,11 @@ class LiveStats:
                 xs.sort()
                 p99[i] = round(xs[max(0, math.ceil(0.99 * len(xs)) - 1)], 2)
         pct = lambda q_: round(last30[max(0, math.ceil(q_ * len(last30)) - 1)], 2) if last30 else None  # noqa: E731
-        return {"rate_rps": round(len(last10) / 10, 2), "errors_10s": sum(1 for e in last10 if not e[2]),
-                "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99), "total_120s": len(ev),
-                "series": {"rate": rate, "p99_ms": p99}}
+        return {
+            "rate_rps": round(len(last10) / 10, 2),
+            "errors_10s": sum(1 for e in last10 if not e[2]),
+            "latency_p50_ms": pct(0.5),
+            "latency_p99_ms": pct(0.99),
+            "total_120s": len(ev),
+            "series": {"rate": rate, "p99_ms": p99},
+        }

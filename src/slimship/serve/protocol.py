@@ -23,9 +23,19 @@ HEADER_LENGTH = "inference-header-content-length"
 
 #: OIP datatype → numpy dtype (BYTES is an object array of bytes)
 DATATYPES: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
 }
 _NP_TO_DT = {np.dtype(v).str: k for k, v in DATATYPES.items() if k != "BYTES"}
 
@@ -44,7 +54,9 @@ class ProtocolError(ServingError):
 
     status = 400
 
-    def __init__(self, message: str, status: int | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
@@ -90,8 +102,10 @@ def _bytes_elements(buf: bytes, count: int, name: str) -> np.ndarray:
         (n,) = struct.unpack_from("<I", buf, pos)
         pos += 4
         if pos + n > len(buf):
-            raise ProtocolError(f"input {name!r}: BYTES element {i} claims {n} bytes but only {len(buf) - pos} remain")
-        out[i] = buf[pos:pos + n]
+            raise ProtocolError(
+                f"input {name!r}: BYTES element {i} claims {n} bytes but only {len(buf) - pos} remain"
+            )
+        out[i] = buf[pos : pos + n]
         pos += n
     if pos != len(buf):
         raise ProtocolError(f"input {name!r}: {len(buf) - pos} bytes left over after {count} BYTES elements")
@@ -100,7 +114,9 @@ def _bytes_elements(buf: bytes, count: int, name: str) -> np.ndarray:
 
 def _shape(spec: dict[str, Any], name: str) -> tuple[int, ...]:
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise ProtocolError(f"input {name!r}: `shape` must be a list of non-negative integers, got {shape!r}")
     return tuple(shape)
 
@@ -111,9 +127,13 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         try:
             n = int(header_length)
         except ValueError as err:
-            raise ProtocolError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from err
+            raise ProtocolError(
+                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+            ) from err
         if n < 0 or n > len(body):
-            raise ProtocolError(f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+            raise ProtocolError(
+                f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes"
+            )
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
@@ -125,8 +145,10 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         raise ProtocolError(f"an infer request is a JSON object with `inputs`, got {type(req).__name__}")
     raw_inputs = req.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise ProtocolError("an infer request needs a non-empty `inputs` list, e.g. "
-                            '{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}')
+        raise ProtocolError(
+            "an infer request needs a non-empty `inputs` list, e.g. "
+            '{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}'
+        )
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, spec in enumerate(raw_inputs):
@@ -146,16 +168,20 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             if not isinstance(size, int) or size < 0:
                 raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
-                raise ProtocolError(f"input {name!r}: binary_data_size {size} runs past the end of the body "
-                                    f"({len(binary) - offset} bytes left); the payload is truncated")
-            chunk = bytes(binary[offset:offset + size])
+                raise ProtocolError(
+                    f"input {name!r}: binary_data_size {size} runs past the end of the body "
+                    f"({len(binary) - offset} bytes left); the payload is truncated"
+                )
+            chunk = bytes(binary[offset : offset + size])
             offset += size
             if dt == "BYTES":
                 arr = _bytes_elements(chunk, count, name)
             else:
                 item = np.dtype(DATATYPES[dt]).itemsize
                 if size != count * item:
-                    raise ProtocolError(f"input {name!r}: shape {list(shape)} of {dt} needs {count * item} bytes, got {size}")
+                    raise ProtocolError(
+                        f"input {name!r}: shape {list(shape)} of {dt} needs {count * item} bytes, got {size}"
+                    )
                 arr = np.frombuffer(chunk, dtype=np.dtype(DATATYPES[dt]).newbyteorder("<"))
             inputs[name] = arr.reshape(shape)
             continue
@@ -172,25 +198,36 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         except (ValueError, TypeError, OverflowError) as err:
             raise ProtocolError(f"input {name!r}: `data` doesn't hold {dt} values: {err}") from err
         if arr.size != count:
-            raise ProtocolError(f"input {name!r}: shape {list(shape)} needs {count} values, `data` has {arr.size}")
+            raise ProtocolError(
+                f"input {name!r}: shape {list(shape)} needs {count} values, `data` has {arr.size}"
+            )
         inputs[name] = arr.reshape(shape)
     if offset != len(binary):
-        raise ProtocolError(f"{len(binary) - offset} bytes of binary data follow the inputs that no input claims")
+        raise ProtocolError(
+            f"{len(binary) - offset} bytes of binary data follow the inputs that no input claims"
+        )
     params = req.get("parameters") or {}
     binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     outputs = None
     if req.get("outputs") is not None:
         if not isinstance(req["outputs"], list):
-            raise ProtocolError("`outputs` must be a list of {\"name\": ...} objects")
+            raise ProtocolError('`outputs` must be a list of {"name": ...} objects')
         outputs = {}
         for o in req["outputs"]:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise ProtocolError("each of `outputs` must be an object with a string `name`")
             p = o.get("parameters") or {}
-            outputs[o["name"]] = bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default
+            outputs[o["name"]] = (
+                bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default
+            )
     rid = req.get("id")
-    return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, outputs=outputs,
-                        binary_output_default=binary_default, parameters=params if isinstance(params, dict) else {})
+    return InferRequest(
+        id=str(rid) if rid is not None else None,
+        inputs=inputs,
+        outputs=outputs,
+        binary_output_default=binary_default,
+        parameters=params if isinstance(params, dict) else {},
+    )
 
 
 def _json_data(arr: np.ndarray) -> list[Any]:
@@ -212,13 +249,16 @@ def _binary(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 
 
-def encode_infer_response(model: str, version: str, request_id: str | None, outputs: dict[str, np.ndarray],
-                          req: InferRequest) -> tuple[bytes, dict[str, str]]:
+def encode_infer_response(
+    model: str, version: str, request_id: str | None, outputs: dict[str, np.ndarray], req: InferRequest
+) -> tuple[bytes, dict[str, str]]:
     """The response body and headers: JSON, or JSON header + binary tensors when any output asks for binary."""
     wanted = req.outputs if req.outputs is not None else dict.fromkeys(outputs, req.binary_output_default)
     unknown = [n for n in wanted if n not in outputs]
     if unknown:
-        raise ProtocolError(f"unknown output(s) {unknown} requested; {model} v{version} has outputs {sorted(outputs)}")
+        raise ProtocolError(
+            f"unknown output(s) {unknown} requested; {model} v{version} has outputs {sorted(outputs)}"
+        )
     head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": []}
     if request_id is not None:
         head["id"] = request_id

@@ -58,7 +58,9 @@ class Autoscaling(BaseModel):
     @model_validator(mode="after")
     def _order(self) -> Autoscaling:
         if self.max_replicas < self.min_replicas:
-            raise ValueError(f"autoscaling: max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+            raise ValueError(
+                f"autoscaling: max_replicas {self.max_replicas} < min_replicas {self.min_replicas}"
+            )
         return self
 
 
@@ -108,7 +110,9 @@ def import_serve(local: bool) -> Any:
         import ray
         from ray import serve
     except ImportError as err:
-        raise ServingError(f"--ray needs Ray Serve, which is not installed here ({err}); install it with: {INSTALL_HINT}") from err
+        raise ServingError(
+            f"--ray needs Ray Serve, which is not installed here ({err}); install it with: {INSTALL_HINT}"
+        ) from err
     return ray, serve
 
 
@@ -117,6 +121,7 @@ def app_name(model: str, version: str) -> str:
 
 
 # ---- the model replica -------------------------------------------------------------------------------
+
 
 class _Recorder:
     """Stands in for the server's metrics inside a replica: batch sizes, queue times and queue depth are kept and
@@ -148,7 +153,9 @@ class _Recorder:
 class ModelReplica:
     """One replica of one model version: an ONNX Runtime session and a dynamic batcher (the single-process Endpoint)."""
 
-    async def __init__(self, model: str, version: str, path: str, batching: dict[str, Any], source: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
+    async def __init__(
+        self, model: str, version: str, path: str, batching: dict[str, Any], source: dict[str, Any]
+    ) -> None:  # type: ignore[misc]  # Serve awaits it
         cfg = BatchingConfig(**batching)
         self.recorder = _Recorder()
         self.ep = Endpoint(model, version, path, cfg, self.recorder, source)
@@ -160,9 +167,15 @@ class ModelReplica:
 
     def info(self) -> dict[str, Any]:
         ep = self.ep
-        return {"inputs": [(s.name, s.datatype, s.shape) for s in ep.inputs], "outputs": [(s.name, s.datatype, s.shape) for s in ep.outputs],
-                "batchable": ep.batchable, "pads": ep.pads, "path": str(ep.path), "pid": os.getpid(),
-                "runtime_settings": ep.runtime_settings()}
+        return {
+            "inputs": [(s.name, s.datatype, s.shape) for s in ep.inputs],
+            "outputs": [(s.name, s.datatype, s.shape) for s in ep.outputs],
+            "batchable": ep.batchable,
+            "pads": ep.pads,
+            "path": str(ep.path),
+            "pid": os.getpid(),
+            "runtime_settings": ep.runtime_settings(),
+        }
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """A direct session run (the ingress builds the drift reference with it)."""
@@ -193,14 +206,25 @@ class _RemoteSession:
         return self._outputs
 
     def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self._handle.run.remote(names or [o.name for o in self._outputs], feeds).result(timeout_s=120))
+        return list(
+            self._handle.run.remote(names or [o.name for o in self._outputs], feeds).result(timeout_s=120)
+        )
 
 
 class RemoteEndpoint:
     """An endpoint whose batches run on Ray Serve replicas: the ingress routes, validates and measures here."""
 
-    def __init__(self, model: str, version: str, handle: Any, info: dict[str, Any], config: BatchingConfig,
-                 source: dict[str, Any], replicas: ReplicaConfig, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        handle: Any,
+        info: dict[str, Any],
+        config: BatchingConfig,
+        source: dict[str, Any],
+        replicas: ReplicaConfig,
+        metrics: Any = None,
+    ) -> None:
         self.model, self.version = model, str(version)
         self.metrics = metrics
         self.handle, self.config, self.source, self.replicas = handle, config, source, replicas
@@ -247,7 +271,10 @@ class RemoteEndpoint:
         from ray.serve.exceptions import BackPressureError
 
         if not self.ready:
-            raise Overloaded(f"{self.model} v{self.version} is not ready (loading or shutting down)", headers={"Retry-After": "1"})
+            raise Overloaded(
+                f"{self.model} v{self.version} is not ready (loading or shutting down)",
+                headers={"Retry-After": "1"},
+            )
         self.validate(inputs)
         self.in_flight += 1
         try:
@@ -257,16 +284,31 @@ class RemoteEndpoint:
                     self._replay(answer["metrics"])
                     return dict(answer["outputs"])
                 except BackPressureError as err:
-                    raise Overloaded(f"{self.model} v{self.version} is overloaded on Ray Serve ({err}); retry shortly",
-                                     headers={"Retry-After": "1"}) from err
+                    raise Overloaded(
+                        f"{self.model} v{self.version} is overloaded on Ray Serve ({err}); retry shortly",
+                        headers={"Retry-After": "1"},
+                    ) from err
                 except TimeoutError as err:
-                    raise TimedOut(f"{self.model} v{self.version} did not answer within {self.config.timeout_s:g} s") from err
+                    raise TimedOut(
+                        f"{self.model} v{self.version} did not answer within {self.config.timeout_s:g} s"
+                    ) from err
                 except (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError) as err:
-                    log.warning(json.dumps({"event": "replica.lost", "model": self.model, "version": self.version,
-                                            "attempt": attempt, "error": type(err).__name__}))
+                    log.warning(
+                        json.dumps(
+                            {
+                                "event": "replica.lost",
+                                "model": self.model,
+                                "version": self.version,
+                                "attempt": attempt,
+                                "error": type(err).__name__,
+                            }
+                        )
+                    )
                     if attempt == ATTEMPTS:
-                        raise Overloaded(f"the replica of {self.model} v{self.version} running this request died; retry",
-                                         headers={"Retry-After": "1"}) from err
+                        raise Overloaded(
+                            f"the replica of {self.model} v{self.version} running this request died; retry",
+                            headers={"Retry-After": "1"},
+                        ) from err
                 except rex.RayTaskError as err:
                     cause = getattr(err, "cause", None)
                     if isinstance(cause, ProtocolError):
@@ -279,17 +321,25 @@ class RemoteEndpoint:
 
 # ---- deploying ---------------------------------------------------------------------------------------
 
+
 def _deployment_options(replicas: ReplicaConfig) -> dict[str, Any]:
-    opts: dict[str, Any] = {"max_ongoing_requests": replicas.max_ongoing_requests,
-                            "max_queued_requests": replicas.max_queued_requests,
-                            "ray_actor_options": {"num_cpus": replicas.num_cpus},
-                            "health_check_period_s": 2, "graceful_shutdown_timeout_s": 10,
-                            "logging_config": {"enable_access_log": False, "log_level": "WARNING"}}
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": replicas.max_ongoing_requests,
+        "max_queued_requests": replicas.max_queued_requests,
+        "ray_actor_options": {"num_cpus": replicas.num_cpus},
+        "health_check_period_s": 2,
+        "graceful_shutdown_timeout_s": 10,
+        "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
+    }
     if replicas.autoscaling is not None:
         a = replicas.autoscaling
-        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                      "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": 3,
-                                      "downscale_delay_s": 30}
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": 3,
+            "downscale_delay_s": 30,
+        }
     else:
         opts["num_replicas"] = replicas.num_replicas
     return opts
@@ -300,18 +350,31 @@ def check_placement(ray: Any, replicas: ReplicaConfig, where: str, what: str) ->
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes]
     total, largest = sum(cpus), max(cpus, default=0.0)
-    need = replicas.num_cpus * (replicas.autoscaling.min_replicas if replicas.autoscaling else replicas.num_replicas)
+    need = replicas.num_cpus * (
+        replicas.autoscaling.min_replicas if replicas.autoscaling else replicas.num_replicas
+    )
     if replicas.num_cpus > largest:
-        raise ServingError(f"{what}: each replica asks for {replicas.num_cpus:g} CPUs but the largest node of the Ray cluster "
-                           f"at {where} has {largest:g}; lower replicas.num_cpus or add a bigger node")
+        raise ServingError(
+            f"{what}: each replica asks for {replicas.num_cpus:g} CPUs but the largest node of the Ray cluster "
+            f"at {where} has {largest:g}; lower replicas.num_cpus or add a bigger node"
+        )
     if need > total:
-        raise ServingError(f"{what}: {need / replicas.num_cpus:g} replicas × {replicas.num_cpus:g} CPUs = {need:g} CPUs, but the "
-                           f"Ray cluster at {where} has {total:g} ({len(nodes)} node{'s' if len(nodes) != 1 else ''}); lower "
-                           "replicas.num_replicas / num_cpus, or add nodes")
+        raise ServingError(
+            f"{what}: {need / replicas.num_cpus:g} replicas × {replicas.num_cpus:g} CPUs = {need:g} CPUs, but the "
+            f"Ray cluster at {where} has {total:g} ({len(nodes)} node{'s' if len(nodes) != 1 else ''}); lower "
+            "replicas.num_replicas / num_cpus, or add nodes"
+        )
 
 
-def deploy_model(serve: Any, model: str, version: str, path: str, batching: BatchingConfig, source: dict[str, Any],
-                 replicas: ReplicaConfig) -> Any:
+def deploy_model(
+    serve: Any,
+    model: str,
+    version: str,
+    path: str,
+    batching: BatchingConfig,
+    source: dict[str, Any],
+    replicas: ReplicaConfig,
+) -> Any:
     """Deploy (or redeploy) one model version as its own Serve application; returns its handle."""
     threads = max(1, int(replicas.num_cpus))
     cfg = batching.model_copy(update={"threads": batching.threads or threads})
@@ -342,29 +405,51 @@ class Ingress:
             from slimship.registry import Registry
 
             registry = Registry(spec.get("registry"), url=spec.get("registry_url"))
-        server = Server(limits=Limits(**spec["limits"]), token=spec.get("token"), admin_token=spec.get("admin_token"),
-                        registry=registry)
+        server = Server(
+            limits=Limits(**spec["limits"]),
+            token=spec.get("token"),
+            admin_token=spec.get("admin_token"),
+            registry=registry,
+        )
         endpoints: list[Any] = []
         for m in spec["models"]:
             handle = serve.get_app_handle(app_name(m["name"], m["version"]))
             info = await handle.info.remote()
-            ep = RemoteEndpoint(m["name"], m["version"], handle, info, BatchingConfig(**m["batching"]), m["source"],
-                                ReplicaConfig(**m["replicas"]), server.metrics)
+            ep = RemoteEndpoint(
+                m["name"],
+                m["version"],
+                handle,
+                info,
+                BatchingConfig(**m["batching"]),
+                m["source"],
+                ReplicaConfig(**m["replicas"]),
+                server.metrics,
+            )
             ep.drift_config = DriftConfig(**m["drift"])
             endpoints.append(ep)
 
-        async def factory(name: str, version: str, path: str, batching: BatchingConfig | None, source: dict[str, Any],
-                          replicas_cfg: ReplicaConfig | None = None) -> Any:
+        async def factory(
+            name: str,
+            version: str,
+            path: str,
+            batching: BatchingConfig | None,
+            source: dict[str, Any],
+            replicas_cfg: ReplicaConfig | None = None,
+        ) -> Any:
             replicas = replicas_cfg or ReplicaConfig()
             check_placement(ray, replicas, "this cluster", f"{name} v{version}")
             b = batching or BatchingConfig()
             loop = asyncio.get_running_loop()
-            handle = await loop.run_in_executor(None, lambda: deploy_model(serve, name, version, path, b, source, replicas))
+            handle = await loop.run_in_executor(
+                None, lambda: deploy_model(serve, name, version, path, b, source, replicas)
+            )
             info = await handle.info.remote()
             return RemoteEndpoint(name, version, handle, info, b, source, replicas, server.metrics)
 
         async def retire(ep: Any) -> None:
-            await asyncio.get_running_loop().run_in_executor(None, serve.delete, app_name(ep.model, ep.version))
+            await asyncio.get_running_loop().run_in_executor(
+                None, serve.delete, app_name(ep.model, ep.version)
+            )
 
         server.endpoint_factory = factory
         server.endpoint_retire = retire
@@ -378,8 +463,14 @@ class Ingress:
         return create_app(server, startup=[start_all()])
 
 
-def serve_on_ray(config: Any, token: str | None = None, admin_token: str | None = None, log_level: str = "info",
-                 access_log: bool = True, address: str | None = None) -> None:
+def serve_on_ray(
+    config: Any,
+    token: str | None = None,
+    admin_token: str | None = None,
+    log_level: str = "info",
+    access_log: bool = True,
+    address: str | None = None,
+) -> None:
     """Deploy every model version and the ingress, then block until interrupted (the deployments are removed)."""
     import signal
     import time
@@ -389,13 +480,20 @@ def serve_on_ray(config: Any, token: str | None = None, admin_token: str | None 
     from slimship.serve.run import configure_logging, resolve_models
 
     configure_logging(log_level, access_log)
-    resolved = resolve_models(config)  # registry checkouts verified, files found — before anything is deployed
+    resolved = resolve_models(
+        config
+    )  # registry checkouts verified, files found — before anything is deployed
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if address is None:
         # a new instance of our own, every port on 127.0.0.1 (a bare ray.init() would join any cluster already here)
         say("starting a local Ray instance (127.0.0.1)")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=True,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        )
         try:  # replicas' output reaches this process's stderr asynchronously (and not always): say where it lands first
             from ray._private.worker import _global_node
 
@@ -411,22 +509,42 @@ def serve_on_ray(config: Any, token: str | None = None, admin_token: str | None 
     where = address or "127.0.0.1 (local)"
     for m in resolved:
         check_placement(ray, m["replicas_cfg"], where, f"{m['name']} v{m['version']}")
-    serve.start(http_options={"host": config.host, "port": config.port},
-                logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    serve.start(
+        http_options={"host": config.host, "port": config.port},
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    )
     try:
         for m in resolved:
-            say(f"deploying {m['name']} v{m['version']} on Ray Serve ({m['replicas_cfg'].model_dump(exclude_none=True)})")
-            deploy_model(serve, m["name"], m["version"], m["path"], m["batching_cfg"], m["source"], m["replicas_cfg"])
-        spec = {"models": [{k: v for k, v in m.items() if not k.endswith("_cfg")} for m in resolved],
-                "traffic": {k: v.model_dump() for k, v in config.traffic.items()}, "limits": config.limits.model_dump(),
-                "registry": config.registry, "registry_url": config.registry_url, "token": token,
-                "admin_token": admin_token, "log_level": log_level, "access_log": access_log}
-        ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", max_ongoing_requests=1024,
-                                   max_queued_requests=4096, ray_actor_options={"num_cpus": 0},
-                                   logging_config={"enable_access_log": False, "log_level": "WARNING"})
+            say(
+                f"deploying {m['name']} v{m['version']} on Ray Serve ({m['replicas_cfg'].model_dump(exclude_none=True)})"
+            )
+            deploy_model(
+                serve, m["name"], m["version"], m["path"], m["batching_cfg"], m["source"], m["replicas_cfg"]
+            )
+        spec = {
+            "models": [{k: v for k, v in m.items() if not k.endswith("_cfg")} for m in resolved],
+            "traffic": {k: v.model_dump() for k, v in config.traffic.items()},
+            "limits": config.limits.model_dump(),
+            "registry": config.registry,
+            "registry_url": config.registry_url,
+            "token": token,
+            "admin_token": admin_token,
+            "log_level": log_level,
+            "access_log": access_log,
+        }
+        ingress = serve.deployment(
+            serve.ingress()(Ingress),
+            name="ingress",
+            max_ongoing_requests=1024,
+            max_queued_requests=4096,
+            ray_actor_options={"num_cpus": 0},
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
         serve.run(ingress.bind(spec), name=INGRESS_APP, route_prefix="/")
-        say(f"serving {', '.join(sorted({m['name'] for m in resolved}))} on Ray Serve at http://{config.host}:{config.port} "
-            "(Ctrl-C or SIGTERM stops and removes the deployments)")
+        say(
+            f"serving {', '.join(sorted({m['name'] for m in resolved}))} on Ray Serve at http://{config.host}:{config.port} "
+            "(Ctrl-C or SIGTERM stops and removes the deployments)"
+        )
         stop = {"now": False}
 
         def _stop(*_: Any) -> None:

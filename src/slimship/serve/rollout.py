@@ -99,7 +99,9 @@ class Stage(BaseModel):
         return self.compare if self.compare is not None else (100.0 if self.traffic == 0 else 25.0)
 
     def label(self, index: int) -> str:
-        return self.name or ("shadow" if self.traffic == 0 else "full" if self.traffic == 100 else f"canary-{self.traffic:g}")
+        return self.name or (
+            "shadow" if self.traffic == 0 else "full" if self.traffic == 100 else f"canary-{self.traffic:g}"
+        )
 
 
 class RolloutPolicy(BaseModel):
@@ -119,19 +121,27 @@ class RolloutPolicy(BaseModel):
         for i, st in enumerate(self.stages):
             where = f"stage {i + 1} ({st.label(i)})"
             if st.traffic < prev:
-                raise ValueError(f"{where}: traffic {st.traffic:g}% is below the previous stage's {prev:g}%; a rollout only "
-                                 "moves traffic towards the candidate")
+                raise ValueError(
+                    f"{where}: traffic {st.traffic:g}% is below the previous stage's {prev:g}%; a rollout only "
+                    "moves traffic towards the candidate"
+                )
             prev = st.traffic
             g = self.gates.merged(st.gates)
             if st.traffic == 0 and st.compare_percent == 0:
-                raise ValueError(f"{where}: traffic 0 and compare 0 — the candidate would never see a request; "
-                                 "give compare > 0 (e.g. 100 for a shadow stage)")
+                raise ValueError(
+                    f"{where}: traffic 0 and compare 0 — the candidate would never see a request; "
+                    "give compare > 0 (e.g. 100 for a shadow stage)"
+                )
             if g.min_fidelity is not None and st.compare_percent == 0:
-                raise ValueError(f"{where}: a min_fidelity gate with compare 0 can never be judged (fidelity comes from "
-                                 "requests run on both versions); give compare > 0 or drop the gate")
+                raise ValueError(
+                    f"{where}: a min_fidelity gate with compare 0 can never be judged (fidelity comes from "
+                    "requests run on both versions); give compare > 0 or drop the gate"
+                )
         if self.promote and self.stages[-1].traffic != 100:
-            raise ValueError(f"the last stage sends {self.stages[-1].traffic:g}% to the candidate; promotion needs a last "
-                             "stage at traffic 100 (or set promote: false to hold at the last split)")
+            raise ValueError(
+                f"the last stage sends {self.stages[-1].traffic:g}% to the candidate; promotion needs a last "
+                "stage at traffic 100 (or set promote: false to hold at the last split)"
+            )
         return self
 
 
@@ -160,15 +170,20 @@ def parse_policy(data: Any, source: str = "policy") -> RolloutPolicy:
         except yaml.YAMLError as err:
             raise ConfigError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a rollout policy is a mapping with `stages` (and `gates`, `min_pairs`, `promote`)")
+        raise ConfigError(
+            f"{source}: a rollout policy is a mapping with `stages` (and `gates`, `min_pairs`, `promote`)"
+        )
     try:
         return RolloutPolicy.model_validate(data)
     except ValidationError as err:
-        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(policy)'}: {e['msg']}" for e in err.errors())
+        msgs = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(policy)'}: {e['msg']}" for e in err.errors()
+        )
         raise ConfigError(f"{source}: invalid rollout policy: {msgs}") from err
 
 
 # ---- measurement windows --------------------------------------------------------------------------
+
 
 @dataclass
 class Side:
@@ -193,11 +208,18 @@ class Side:
 
     def summary(self) -> dict[str, Any]:
         lat, cmp_ = self.latencies_ms, self.compare_latencies_ms
-        return {"requests": self.requests, "answered": len(lat), "errors": self.errors,
-                "error_rate": round(self.errors / self.requests, 5) if self.requests else None, "shed": self.shed,
-                "latency_p50_ms": _r(_nearest_rank(lat, 0.5)), "latency_p99_ms": _r(self.p99()),
-                "latency_max_ms": _r(max(lat) if lat else None),
-                "compare_latency_p50_ms": _r(_nearest_rank(cmp_, 0.5)), "compare_latency_p99_ms": _r(_nearest_rank(cmp_, 0.99))}
+        return {
+            "requests": self.requests,
+            "answered": len(lat),
+            "errors": self.errors,
+            "error_rate": round(self.errors / self.requests, 5) if self.requests else None,
+            "shed": self.shed,
+            "latency_p50_ms": _r(_nearest_rank(lat, 0.5)),
+            "latency_p99_ms": _r(self.p99()),
+            "latency_max_ms": _r(max(lat) if lat else None),
+            "compare_latency_p50_ms": _r(_nearest_rank(cmp_, 0.5)),
+            "compare_latency_p99_ms": _r(_nearest_rank(cmp_, 0.99)),
+        }
 
 
 def _nearest_rank(xs: list[float], q: float) -> float | None:
@@ -224,8 +246,12 @@ class Window:
 
     def fidelity_summary(self) -> dict[str, Any]:
         f = self.fidelity
-        return {"pairs": len(f), "mean": _r(float(np.mean(f)), 5) if f else None, "min": _r(min(f), 5) if f else None,
-                "p05": _r(float(np.quantile(f, 0.05)), 5) if f else None}
+        return {
+            "pairs": len(f),
+            "mean": _r(float(np.mean(f)), 5) if f else None,
+            "min": _r(min(f), 5) if f else None,
+            "p05": _r(float(np.quantile(f, 0.05)), 5) if f else None,
+        }
 
 
 @dataclass
@@ -246,45 +272,90 @@ def judge(policy: RolloutPolicy, stage_index: int, w: Window, now: float | None 
     if g.max_error_rate is not None:
         allowed = g.max_error_rate * n_final
         breached = c.errors > allowed
-        out["max_error_rate"] = {"limit": g.max_error_rate, "value": _r(c.errors / c.requests, 5) if c.requests else None,
-                                 "errors": c.errors, "requests": c.requests, "judged": breached or c.requests >= st.min_requests,
-                                 "ok": not breached}
+        out["max_error_rate"] = {
+            "limit": g.max_error_rate,
+            "value": _r(c.errors / c.requests, 5) if c.requests else None,
+            "errors": c.errors,
+            "requests": c.requests,
+            "judged": breached or c.requests >= st.min_requests,
+            "ok": not breached,
+        }
         if breached:
-            breaches.append(f"error rate {c.errors}/{c.requests} exceeds {g.max_error_rate:g} (at most "
-                            f"{math.floor(allowed)} errors in {n_final} requests)")
+            breaches.append(
+                f"error rate {c.errors}/{c.requests} exceeds {g.max_error_rate:g} (at most "
+                f"{math.floor(allowed)} errors in {n_final} requests)"
+            )
     n_lat = LATENCY_MIN_SAMPLES
-    if st.traffic == 0:  # nobody is answered by the candidate: latency can't be judged as clients would see it
-        for name, limit in (("max_latency_p99_ms", g.max_latency_p99_ms), ("max_latency_p99_ratio", g.max_latency_p99_ratio)):
+    if (
+        st.traffic == 0
+    ):  # nobody is answered by the candidate: latency can't be judged as clients would see it
+        for name, limit in (
+            ("max_latency_p99_ms", g.max_latency_p99_ms),
+            ("max_latency_p99_ratio", g.max_latency_p99_ratio),
+        ):
             if limit is not None:
-                out[name] = {"limit": limit, "value": None, "applies": False, "judged": True, "ok": True,
-                             "note": "judged on requests the candidate answers; a shadow stage has none"}
+                out[name] = {
+                    "limit": limit,
+                    "value": None,
+                    "applies": False,
+                    "judged": True,
+                    "ok": True,
+                    "note": "judged on requests the candidate answers; a shadow stage has none",
+                }
     elif g.max_latency_p99_ms is not None:
         nl = max(len(c.latencies_ms), n_lat)
         slow = sum(1 for x in c.latencies_ms if x > g.max_latency_p99_ms)
         tolerated = nl - math.ceil(0.99 * nl)
         breached = slow > tolerated
-        out["max_latency_p99_ms"] = {"limit": g.max_latency_p99_ms, "value": _r(c.p99()), "slower": slow,
-                                     "judged": breached or len(c.latencies_ms) >= n_lat, "ok": not breached}
+        out["max_latency_p99_ms"] = {
+            "limit": g.max_latency_p99_ms,
+            "value": _r(c.p99()),
+            "slower": slow,
+            "judged": breached or len(c.latencies_ms) >= n_lat,
+            "ok": not breached,
+        }
         if breached:
-            breaches.append(f"{slow} requests slower than {g.max_latency_p99_ms:g} ms (p99 {_r(c.p99(), 1)} ms)")
+            breaches.append(
+                f"{slow} requests slower than {g.max_latency_p99_ms:g} ms (p99 {_r(c.p99(), 1)} ms)"
+            )
     if g.max_latency_p99_ratio is not None and st.traffic == 100:
-        out["max_latency_p99_ratio"] = {"limit": g.max_latency_p99_ratio, "value": None, "applies": False, "judged": True,
-                                        "ok": True, "note": "the baseline answers nobody at 100%: nothing to compare with"}
+        out["max_latency_p99_ratio"] = {
+            "limit": g.max_latency_p99_ratio,
+            "value": None,
+            "applies": False,
+            "judged": True,
+            "ok": True,
+            "note": "the baseline answers nobody at 100%: nothing to compare with",
+        }
     elif g.max_latency_p99_ratio is not None and st.traffic > 0:
         cp, bp = c.p99(), b.p99()
         judged = len(c.latencies_ms) >= n_lat and len(b.latencies_ms) >= n_lat and bool(bp)
         ratio = cp / bp if cp is not None and bp else None
         breached = judged and ratio is not None and ratio > g.max_latency_p99_ratio
-        out["max_latency_p99_ratio"] = {"limit": g.max_latency_p99_ratio, "value": _r(ratio), "candidate_p99_ms": _r(cp),
-                                        "baseline_p99_ms": _r(bp), "judged": judged, "ok": not breached}
+        out["max_latency_p99_ratio"] = {
+            "limit": g.max_latency_p99_ratio,
+            "value": _r(ratio),
+            "candidate_p99_ms": _r(cp),
+            "baseline_p99_ms": _r(bp),
+            "judged": judged,
+            "ok": not breached,
+        }
         if breached:
-            breaches.append(f"p99 {cp:.1f} ms is {ratio:.2f}x the baseline's {bp:.1f} ms (limit {g.max_latency_p99_ratio:g}x)")
+            breaches.append(
+                f"p99 {cp:.1f} ms is {ratio:.2f}x the baseline's {bp:.1f} ms (limit {g.max_latency_p99_ratio:g}x)"
+            )
     if g.min_fidelity is not None:
         pairs = len(w.fidelity)
         mean = float(np.mean(w.fidelity)) if pairs else None
         judged = pairs >= policy.min_pairs
         breached = judged and mean is not None and mean < g.min_fidelity
-        out["min_fidelity"] = {"limit": g.min_fidelity, "value": _r(mean, 5), "pairs": pairs, "judged": judged, "ok": not breached}
+        out["min_fidelity"] = {
+            "limit": g.min_fidelity,
+            "value": _r(mean, 5),
+            "pairs": pairs,
+            "judged": judged,
+            "ok": not breached,
+        }
         if breached:
             breaches.append(f"fidelity {mean:.4f} < {g.min_fidelity:g} over {pairs} compared requests")
     label = st.label(stage_index)
@@ -302,6 +373,7 @@ def judge(policy: RolloutPolicy, stage_index: int, w: Window, now: float | None 
 
 
 # ---- the controller -------------------------------------------------------------------------------
+
 
 @dataclass
 class ActiveRollout:
@@ -359,8 +431,10 @@ class RolloutController:
     # ---- helpers -----------------------------------------------------------------------------
     def _registry(self) -> Any:
         if self.server.registry is None:
-            raise ServingError("rollouts keep their state and evidence in the registry; start the server with --registry "
-                               "(or SLIMSHIP_REGISTRY) and serve versions from it")
+            raise ServingError(
+                "rollouts keep their state and evidence in the registry; start the server with --registry "
+                "(or SLIMSHIP_REGISTRY) and serve versions from it"
+            )
         return self.server.registry
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -369,13 +443,15 @@ class RolloutController:
     def _registry_version(self, ep: Endpoint) -> tuple[str, int]:
         reg, num = ep.source.get("registry"), ep.source.get("version")
         if reg is None or num is None:
-            raise ServingError(f"{ep.model} v{ep.version} was loaded from a file ({ep.source.get('path')}); a rollout needs "
-                               "registry versions (load it with {\"registry\": N}) so its decisions can be stored with them")
+            raise ServingError(
+                f"{ep.model} v{ep.version} was loaded from a file ({ep.source.get('path')}); a rollout needs "
+                'registry versions (load it with {"registry": N}) so its decisions can be stored with them'
+            )
         return str(reg), int(num)
 
     def _served_label(self, model: str, reg_model: str, number: int) -> str | None:
         group = self.server.models.get(model)
-        for label, ep in (group.versions.items() if group else []):
+        for label, ep in group.versions.items() if group else []:
             if ep.source.get("registry") == reg_model and ep.source.get("version") == number:
                 return label
         return None
@@ -394,39 +470,58 @@ class RolloutController:
         return self.active.get(model)
 
     # ---- operator actions --------------------------------------------------------------------
-    async def start(self, model: str, candidate: str, baseline: str | None, policy_data: Any) -> dict[str, Any]:
+    async def start(
+        self, model: str, candidate: str, baseline: str | None, policy_data: Any
+    ) -> dict[str, Any]:
         registry = self._registry()
         policy = parse_policy(policy_data)
         async with self._lock:
             group = self.server._group(model)
             if model in self.active:
                 r = self.active[model]
-                raise ProtocolError(f"{model} already has a {r.state} rollout (#{r.record['id']}: v{r.candidate} against "
-                                    f"v{r.baseline}); abort it first", 409)
+                raise ProtocolError(
+                    f"{model} already has a {r.state} rollout (#{r.record['id']}: v{r.candidate} against "
+                    f"v{r.baseline}); abort it first",
+                    409,
+                )
             versions = sorted(group.versions)
             if candidate not in group.versions:
-                raise NotFound(f"{model} has no loaded version {candidate!r} (loaded: {versions}); load it first: "
-                               f"POST /v2/admin/models/{model}/load {{\"registry\": N}}")
+                raise NotFound(
+                    f"{model} has no loaded version {candidate!r} (loaded: {versions}); load it first: "
+                    f'POST /v2/admin/models/{model}/load {{"registry": N}}'
+                )
             cand_ep = group.versions[candidate]
             reg_model, cand_num = self._registry_version(cand_ep)
             if baseline is None:
                 prod = await self._call(registry.get, reg_model, "production")
                 baseline = self._served_label(model, reg_model, prod.number)
                 if baseline is None:
-                    raise NotFound(f"{reg_model}'s production version v{prod.number} isn't loaded in this server (loaded: "
-                                   f"{versions}); load it, or name the baseline version explicitly")
+                    raise NotFound(
+                        f"{reg_model}'s production version v{prod.number} isn't loaded in this server (loaded: "
+                        f"{versions}); load it, or name the baseline version explicitly"
+                    )
             if baseline not in group.versions:
-                raise NotFound(f"{model} has no loaded version {baseline!r} to compare against (loaded: {versions})")
+                raise NotFound(
+                    f"{model} has no loaded version {baseline!r} to compare against (loaded: {versions})"
+                )
             if baseline == candidate:
                 raise ProtocolError(f"the candidate and the baseline are the same version ({candidate})")
             base_reg, base_num = self._registry_version(group.versions[baseline])
             if base_reg != reg_model:
-                raise ProtocolError(f"v{candidate} is {reg_model} in the registry but v{baseline} is {base_reg}; a rollout "
-                                    "compares two versions of one registry model")
+                raise ProtocolError(
+                    f"v{candidate} is {reg_model} in the registry but v{baseline} is {base_reg}; a rollout "
+                    "compares two versions of one registry model"
+                )
             try:
-                record = await self._call(registry.start_rollout, reg_model, cand_num, base_num,
-                                          policy.model_dump(mode="json", exclude_unset=False), served_as=model,
-                                          detail={"served_versions": {"candidate": candidate, "baseline": baseline}})
+                record = await self._call(
+                    registry.start_rollout,
+                    reg_model,
+                    cand_num,
+                    base_num,
+                    policy.model_dump(mode="json", exclude_unset=False),
+                    served_as=model,
+                    detail={"served_versions": {"candidate": candidate, "baseline": baseline}},
+                )
             except RegistryError as err:
                 if "already has" in str(err):  # another server started one for this model meanwhile
                     raise ProtocolError(str(err), 409) from err
@@ -436,24 +531,46 @@ class RolloutController:
             self.finished.pop(model, None)
             self.waiting.pop(model, None)
             self._apply_traffic(r, policy.stages[0].traffic)
-            log.info(json.dumps({"event": "rollout.started", "model": model, "rollout": record["id"], "candidate": candidate,
-                                 "baseline": baseline, "stage": policy.stages[0].label(0)}))
+            log.info(
+                json.dumps(
+                    {
+                        "event": "rollout.started",
+                        "model": model,
+                        "rollout": record["id"],
+                        "candidate": candidate,
+                        "baseline": baseline,
+                        "stage": policy.stages[0].label(0),
+                    }
+                )
+            )
             return self.status(model)
 
     async def pause(self, model: str, reason: str = "") -> dict[str, Any]:
         r = self._active_or_404(model)
         if r.state != "running":
             raise ProtocolError(f"{model}'s rollout is {r.state}, not running", 409)
-        r.record = await self._call(self._registry().update_rollout, r.record["id"], "rollout.paused", self._evidence(r),
-                                    state="paused", reason=reason or "paused by an operator")
+        r.record = await self._call(
+            self._registry().update_rollout,
+            r.record["id"],
+            "rollout.paused",
+            self._evidence(r),
+            state="paused",
+            reason=reason or "paused by an operator",
+        )
         return self.status(model)
 
     async def resume(self, model: str, reason: str = "") -> dict[str, Any]:
         r = self._active_or_404(model)
         if r.state != "paused":
             raise ProtocolError(f"{model}'s rollout is {r.state}, not paused", 409)
-        r.record = await self._call(self._registry().update_rollout, r.record["id"], "rollout.resumed", {},
-                                    state="running", reason=reason or "resumed by an operator")
+        r.record = await self._call(
+            self._registry().update_rollout,
+            r.record["id"],
+            "rollout.resumed",
+            {},
+            state="running",
+            reason=reason or "resumed by an operator",
+        )
         r.window = Window()  # the stage is judged afresh from here
         self._apply_traffic(r, r.policy.stages[r.stage].traffic)
         return self.status(model)
@@ -461,8 +578,14 @@ class RolloutController:
     async def abort(self, model: str, reason: str = "") -> dict[str, Any]:
         r = self._active_or_404(model)
         self._apply_traffic(r, 0.0)
-        r.record = await self._call(self._registry().update_rollout, r.record["id"], "rollout.aborted", self._evidence(r),
-                                    state="aborted", reason=reason or "aborted by an operator")
+        r.record = await self._call(
+            self._registry().update_rollout,
+            r.record["id"],
+            "rollout.aborted",
+            self._evidence(r),
+            state="aborted",
+            reason=reason or "aborted by an operator",
+        )
         self._finish(r)
         return self.status(model)
 
@@ -470,7 +593,9 @@ class RolloutController:
         r = self.active.get(model)
         if r is None:
             self.server._group(model)
-            raise NotFound(f"{model} has no active rollout; start one with `slimship rollout start {model} --candidate V`")
+            raise NotFound(
+                f"{model} has no active rollout; start one with `slimship rollout start {model} --candidate V`"
+            )
         return r
 
     def _finish(self, r: ActiveRollout) -> None:
@@ -504,9 +629,15 @@ class RolloutController:
                     cand = self._served_label(model, reg_model, rec["candidate"])
                     base = self._served_label(model, reg_model, rec["baseline"])
                     if cand is None or base is None:
-                        missing = [f"v{n}" for n, lab in ((rec["candidate"], cand), (rec["baseline"], base)) if lab is None]
-                        self.waiting[model] = (f"rollout #{rec['id']} is {rec['state']} in the registry but {', '.join(missing)} "
-                                               f"of {reg_model} isn't loaded here; load it to resume")
+                        missing = [
+                            f"v{n}"
+                            for n, lab in ((rec["candidate"], cand), (rec["baseline"], base))
+                            if lab is None
+                        ]
+                        self.waiting[model] = (
+                            f"rollout #{rec['id']} is {rec['state']} in the registry but {', '.join(missing)} "
+                            f"of {reg_model} isn't loaded here; load it to resume"
+                        )
                         log.warning(self.waiting[model])
                         continue
                     policy = parse_policy(rec["policy"], f"rollout #{rec['id']}")
@@ -514,15 +645,40 @@ class RolloutController:
                     self.active[model] = r
                     self.waiting.pop(model, None)
                     self._apply_traffic(r, policy.stages[r.stage].traffic)
-                    await self._call(self.server.registry.record_event, reg_model, rec["candidate"], "rollout.restored",
-                                     {"rollout": rec["id"], "stage": r.stage, "state": r.state,
-                                      "reason": "picked up by a (re)started server; the stage is judged afresh"})
-                    log.info(json.dumps({"event": "rollout.restored", "model": model, "rollout": rec["id"],
-                                         "stage": policy.stages[r.stage].label(r.stage), "state": r.state}))
+                    await self._call(
+                        self.server.registry.record_event,
+                        reg_model,
+                        rec["candidate"],
+                        "rollout.restored",
+                        {
+                            "rollout": rec["id"],
+                            "stage": r.stage,
+                            "state": r.state,
+                            "reason": "picked up by a (re)started server; the stage is judged afresh",
+                        },
+                    )
+                    log.info(
+                        json.dumps(
+                            {
+                                "event": "rollout.restored",
+                                "model": model,
+                                "rollout": rec["id"],
+                                "stage": policy.stages[r.stage].label(r.stage),
+                                "state": r.state,
+                            }
+                        )
+                    )
 
     # ---- traffic -----------------------------------------------------------------------------
-    def observe(self, model: str, ep: Endpoint, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None,
-                latency_s: float, ok: bool) -> None:
+    def observe(
+        self,
+        model: str,
+        ep: Endpoint,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray] | None,
+        latency_s: float,
+        ok: bool,
+    ) -> None:
         """A versionless request answered by ``ep`` (``ok`` False: it failed server-side)."""
         r = self.active.get(model)
         if r is None or ep.version not in (r.candidate, r.baseline):
@@ -574,11 +730,27 @@ class RolloutController:
     def _evidence(self, r: ActiveRollout, j: Judgement | None = None) -> dict[str, Any]:
         st = r.policy.stages[r.stage]
         now = time.time()
-        out = {"stage_name": st.label(r.stage), "traffic": st.traffic, "compare": st.compare_percent,
-               "window": {"from": _iso(r.window.started), "to": _iso(now), "seconds": round(now - r.window.started, 3)},
-               "candidate": {"version": r.record["candidate"], "served_as": r.candidate, **r.window.candidate.summary()},
-               "baseline": {"version": r.record["baseline"], "served_as": r.baseline, **r.window.baseline.summary()},
-               "fidelity": r.window.fidelity_summary()}
+        out = {
+            "stage_name": st.label(r.stage),
+            "traffic": st.traffic,
+            "compare": st.compare_percent,
+            "window": {
+                "from": _iso(r.window.started),
+                "to": _iso(now),
+                "seconds": round(now - r.window.started, 3),
+            },
+            "candidate": {
+                "version": r.record["candidate"],
+                "served_as": r.candidate,
+                **r.window.candidate.summary(),
+            },
+            "baseline": {
+                "version": r.record["baseline"],
+                "served_as": r.baseline,
+                **r.window.baseline.summary(),
+            },
+            "fidelity": r.window.fidelity_summary(),
+        }
         if j is not None:
             out["gates"] = j.gates
             out["judgement"] = j.reason
@@ -586,7 +758,10 @@ class RolloutController:
 
     async def tick(self) -> None:
         for model, r in list(self.active.items()):
-            if r.state not in ("running", "paused"):  # ended, but a later write of that decision failed: finish it
+            if r.state not in (
+                "running",
+                "paused",
+            ):  # ended, but a later write of that decision failed: finish it
                 self._finish(r)
                 continue
             if r.state != "running":
@@ -600,39 +775,103 @@ class RolloutController:
             self.server.metrics.rollout_decisions.labels(model, j.decision).inc()
             if j.decision == "rollback":
                 self._apply_traffic(r, 0.0)  # at once, before anything is written
-                r.record = await self._call(registry.update_rollout, r.record["id"], "rollout.rolled_back", evidence,
-                                            state="rolled_back", reason=j.reason)
-                await self._call(registry.set_stage, r.reg_model, r.record["candidate"], "archived",
-                                 reason=f"rolled back: {j.reason}", evidence={"rollout": r.record["id"], **evidence})
+                r.record = await self._call(
+                    registry.update_rollout,
+                    r.record["id"],
+                    "rollout.rolled_back",
+                    evidence,
+                    state="rolled_back",
+                    reason=j.reason,
+                )
+                await self._call(
+                    registry.set_stage,
+                    r.reg_model,
+                    r.record["candidate"],
+                    "archived",
+                    reason=f"rolled back: {j.reason}",
+                    evidence={"rollout": r.record["id"], **evidence},
+                )
                 self._finish(r)
-                log.warning(json.dumps({"event": "rollout.rolled_back", "model": model, "rollout": r.record["id"],
-                                        "reason": j.reason}))
+                log.warning(
+                    json.dumps(
+                        {
+                            "event": "rollout.rolled_back",
+                            "model": model,
+                            "rollout": r.record["id"],
+                            "reason": j.reason,
+                        }
+                    )
+                )
                 continue
             last = r.stage + 1 >= len(r.policy.stages)
             if not last:
-                r.record = await self._call(registry.update_rollout, r.record["id"], "rollout.advanced", evidence,
-                                            stage=r.stage + 1, reason=j.reason)
+                r.record = await self._call(
+                    registry.update_rollout,
+                    r.record["id"],
+                    "rollout.advanced",
+                    evidence,
+                    stage=r.stage + 1,
+                    reason=j.reason,
+                )
                 r.window = Window()
                 self._apply_traffic(r, r.policy.stages[r.stage].traffic)
-                log.info(json.dumps({"event": "rollout.advanced", "model": model, "rollout": r.record["id"],
-                                     "stage": r.policy.stages[r.stage].label(r.stage)}))
+                log.info(
+                    json.dumps(
+                        {
+                            "event": "rollout.advanced",
+                            "model": model,
+                            "rollout": r.record["id"],
+                            "stage": r.policy.stages[r.stage].label(r.stage),
+                        }
+                    )
+                )
                 continue
             if not r.policy.promote:
                 if r.record.get("reason") != "held at the last stage":
-                    r.record = await self._call(registry.update_rollout, r.record["id"], "rollout.completed", evidence,
-                                                reason="held at the last stage")
+                    r.record = await self._call(
+                        registry.update_rollout,
+                        r.record["id"],
+                        "rollout.completed",
+                        evidence,
+                        reason="held at the last stage",
+                    )
                 continue
-            r.record = await self._call(registry.update_rollout, r.record["id"], "rollout.promoted", evidence,
-                                        state="promoted", reason=j.reason)
-            await self._call(registry.set_stage, r.reg_model, r.record["candidate"], "production",
-                             reason=f"promoted by rollout #{r.record['id']}", evidence={"rollout": r.record["id"], **evidence})
+            r.record = await self._call(
+                registry.update_rollout,
+                r.record["id"],
+                "rollout.promoted",
+                evidence,
+                state="promoted",
+                reason=j.reason,
+            )
+            await self._call(
+                registry.set_stage,
+                r.reg_model,
+                r.record["candidate"],
+                "production",
+                reason=f"promoted by rollout #{r.record['id']}",
+                evidence={"rollout": r.record["id"], **evidence},
+            )
             for ep in self.server.models[model].versions.values():  # keep what the server reports in step
                 if ep.source.get("registry") == r.reg_model:
-                    ep.source["stage"] = "production" if ep.version == r.candidate else (
-                        "archived" if ep.source.get("stage") == "production" else ep.source.get("stage"))
+                    ep.source["stage"] = (
+                        "production"
+                        if ep.version == r.candidate
+                        else (
+                            "archived" if ep.source.get("stage") == "production" else ep.source.get("stage")
+                        )
+                    )
             self._finish(r)
-            log.info(json.dumps({"event": "rollout.promoted", "model": model, "rollout": r.record["id"],
-                                 "version": r.record["candidate"]}))
+            log.info(
+                json.dumps(
+                    {
+                        "event": "rollout.promoted",
+                        "model": model,
+                        "rollout": r.record["id"],
+                        "version": r.record["candidate"],
+                    }
+                )
+            )
 
     # ---- status ------------------------------------------------------------------------------
     def status(self, model: str, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -644,13 +883,25 @@ class RolloutController:
             return out
         st = r.policy.stages[r.stage]
         j = r.last if r.state in ("running", "paused") else None
-        out = {"model": model, "rollout": r.record["id"], "state": r.state, "registry_model": r.reg_model,
-               "candidate": {"served_as": r.candidate, "version": r.record["candidate"]},
-               "baseline": {"served_as": r.baseline, "version": r.record["baseline"]},
-               "stage": {"index": r.stage, "of": len(r.policy.stages), "name": st.label(r.stage), "traffic": st.traffic,
-                         "compare": st.compare_percent, "min_requests": st.min_requests},
-               "stages": [s.label(i) for i, s in enumerate(r.policy.stages)],
-               "reason": r.record.get("reason", ""), "policy": r.policy.model_dump(mode="json")}
+        out = {
+            "model": model,
+            "rollout": r.record["id"],
+            "state": r.state,
+            "registry_model": r.reg_model,
+            "candidate": {"served_as": r.candidate, "version": r.record["candidate"]},
+            "baseline": {"served_as": r.baseline, "version": r.record["baseline"]},
+            "stage": {
+                "index": r.stage,
+                "of": len(r.policy.stages),
+                "name": st.label(r.stage),
+                "traffic": st.traffic,
+                "compare": st.compare_percent,
+                "min_requests": st.min_requests,
+            },
+            "stages": [s.label(i) for i, s in enumerate(r.policy.stages)],
+            "reason": r.record.get("reason", ""),
+            "policy": r.policy.model_dump(mode="json"),
+        }
         if r.state in ("running", "paused"):
             out["window"] = self._evidence(r, j)
             out["progress"] = min(1.0, r.window.candidate.requests / st.min_requests)

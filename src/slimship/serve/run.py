@@ -48,7 +48,10 @@ def resolve_models(config: ServeConfig) -> list[dict[str, Any]]:
         source: dict[str, Any]
         if m.path is not None:
             onnx, workload = m.resolve()
-            version, source = m.version or "1", {"path": m.path, **({"workload": workload} if workload else {})}
+            version, source = (
+                m.version or "1",
+                {"path": m.path, **({"workload": workload} if workload else {})},
+            )
         else:
             assert registry is not None
             reg_model = m.registry_model or m.name
@@ -58,21 +61,45 @@ def resolve_models(config: ServeConfig) -> list[dict[str, Any]]:
             if cand.format != "onnx":
                 from slimship.errors import ConfigError
 
-                raise ConfigError(f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)")
+                raise ConfigError(
+                    f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)"
+                )
             onnx, version = str(cand.artifact_path), m.version or str(v.number)
-            source = {"registry": reg_model, "version": v.number, "digest": v.digest, "stage": v.stage,
-                      "workload": dict(cand.workload)}
-        out.append({"name": m.name, "version": version, "path": onnx, "source": source,
-                    "batching": m.batching.model_dump(), "drift": m.drift.model_dump(), "replicas": m.replicas.model_dump(),
-                    "batching_cfg": m.batching, "drift_cfg": m.drift, "replicas_cfg": m.replicas})
+            source = {
+                "registry": reg_model,
+                "version": v.number,
+                "digest": v.digest,
+                "stage": v.stage,
+                "workload": dict(cand.workload),
+            }
+        out.append(
+            {
+                "name": m.name,
+                "version": version,
+                "path": onnx,
+                "source": source,
+                "batching": m.batching.model_dump(),
+                "drift": m.drift.model_dump(),
+                "replicas": m.replicas.model_dump(),
+                "batching_cfg": m.batching,
+                "drift_cfg": m.drift,
+                "replicas_cfg": m.replicas,
+            }
+        )
     if registry is not None:
         registry.close()
     return out
 
 
-def build(config: ServeConfig, token: str | None = None, admin_token: str | None = None) -> tuple[Server, Any]:
+def build(
+    config: ServeConfig, token: str | None = None, admin_token: str | None = None
+) -> tuple[Server, Any]:
     registry = None
-    if config.registry is not None or config.registry_url is not None or any(m.registry for m in config.models):
+    if (
+        config.registry is not None
+        or config.registry_url is not None
+        or any(m.registry for m in config.models)
+    ):
         from slimship.registry import Registry
 
         registry = Registry(config.registry, url=config.registry_url)
@@ -94,13 +121,31 @@ def build(config: ServeConfig, token: str | None = None, admin_token: str | None
     return server, create_app(server, startup=[start_all()])
 
 
-def serve(config: ServeConfig, token: str | None = None, admin_token: str | None = None, log_level: str = "info",
-          access_log: bool = True) -> None:
+def serve(
+    config: ServeConfig,
+    token: str | None = None,
+    admin_token: str | None = None,
+    log_level: str = "info",
+    access_log: bool = True,
+) -> None:
     import uvicorn
 
     configure_logging(log_level, access_log)
     _, app = build(config, token, admin_token)
-    print(f"serving {', '.join(sorted({m.name for m in config.models}))} on http://{config.host}:{config.port} "
-          f"(Ctrl-C or SIGTERM stops after answering requests in flight)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, lifespan="on",
-                timeout_graceful_shutdown=int(config.graceful_shutdown_s), http="httptools", loop="uvloop")
+    print(
+        f"serving {', '.join(sorted({m.name for m in config.models}))} on http://{config.host}:{config.port} "
+        f"(Ctrl-C or SIGTERM stops after answering requests in flight)",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(config.graceful_shutdown_s),
+        http="httptools",
+        loop="uvloop",
+    )

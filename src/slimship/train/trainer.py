@@ -95,7 +95,9 @@ def training_data(workload: Workload, batch_size: int, seed: int) -> list[tuple[
             "workload implements train_batches)."
         ) from err
     if len(data) < 2:
-        raise CompressionError(f"workload {workload.name!r} gave {len(data)} training batch(es); fine-tuning needs at least 2")
+        raise CompressionError(
+            f"workload {workload.name!r} gave {len(data)} training batch(es); fine-tuning needs at least 2"
+        )
     return data
 
 
@@ -180,7 +182,9 @@ def finetune(
             projections[k] = torch.nn.Linear(s.shape[-1], t.shape[-1], bias=False)
         return projections[k](s)
 
-    def batch_loss(inputs: Batch, targets: np.ndarray | None, train_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_loss(
+        inputs: Batch, targets: np.ndarray | None, train_mode: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
         t_out = None
         if (teacher is not None and loss_kind != "labels") or t_hooks is not None:
@@ -196,21 +200,41 @@ def finetune(
         elif loss_kind == "kl":
             assert t_out is not None
             temp = cfg.temperature
-            distill = F.kl_div(F.log_softmax(s_out / temp, -1), F.log_softmax(t_out / temp, -1), reduction="batchmean", log_target=True) * temp * temp
-            total = cfg.alpha * distill + (1 - cfg.alpha) * F.cross_entropy(s_out, y) if y is not None else distill
+            distill = (
+                F.kl_div(
+                    F.log_softmax(s_out / temp, -1),
+                    F.log_softmax(t_out / temp, -1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                * temp
+                * temp
+            )
+            total = (
+                cfg.alpha * distill + (1 - cfg.alpha) * F.cross_entropy(s_out, y)
+                if y is not None
+                else distill
+            )
         else:
             assert t_out is not None
             s_p = project("output", s_out, t_out)
-            distill = (1 - F.cosine_similarity(s_p, t_out, dim=-1)).mean() if loss_kind == "cosine" else F.mse_loss(s_p, t_out)
+            distill = (
+                (1 - F.cosine_similarity(s_p, t_out, dim=-1)).mean()
+                if loss_kind == "cosine"
+                else F.mse_loss(s_p, t_out)
+            )
             total = distill
         if s_hooks is not None and t_hooks is not None and train_mode:
             feat = sum(
-                F.mse_loss(project(sp, s_hooks.outputs[sp], t_hooks.outputs[tp]), t_hooks.outputs[tp]) for sp, tp in fmap.items()
+                F.mse_loss(project(sp, s_hooks.outputs[sp], t_hooks.outputs[tp]), t_hooks.outputs[tp])
+                for sp, tp in fmap.items()
             )
             total = total + cfg.feature_weight * feat
         if cfg.l1_weight > 0 and train_mode:
             total = total + cfg.l1_weight * sum(
-                m.weight.abs().sum() for m in student.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+                m.weight.abs().sum()
+                for m in student.modules()
+                if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
             )
         return total, distill
 
@@ -235,7 +259,9 @@ def finetune(
         """Validate, keep the best student; True when patience ran out."""
         nonlocal best, best_state, stale, running, since
         val_loss = evaluate()
-        history.append({"epoch": epoch + 1, "step": steps, "train_loss": running / max(1, since), "val_loss": val_loss})
+        history.append(
+            {"epoch": epoch + 1, "step": steps, "train_loss": running / max(1, since), "val_loss": val_loss}
+        )
         running, since = 0.0, 0
         if val_loss < best - 1e-9 or math.isnan(best):
             best, stale = val_loss, 0
@@ -246,7 +272,9 @@ def finetune(
         return stale >= cfg.patience
 
     try:
-        with tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch", leave=False, disable=None) as bar:
+        with tqdm(
+            total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch", leave=False, disable=None
+        ) as bar:
             for epoch in range(cfg.epochs):
                 student.train()
                 order = rng.permutation(len(train))[:steps_per_epoch]
@@ -254,7 +282,9 @@ def finetune(
                     x, y = train[int(i)]
                     total, _ = batch_loss(x, y, True)
                     if opt is None:  # after the first forward, so lazily created projections are trained too
-                        params = [p for p in student.parameters() if p.requires_grad] + list(projections.parameters())
+                        params = [p for p in student.parameters() if p.requires_grad] + list(
+                            projections.parameters()
+                        )
                         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
                     opt.zero_grad(set_to_none=True)
                     total.backward()

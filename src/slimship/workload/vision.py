@@ -54,7 +54,12 @@ def _build_cnn(image_size: int, widths: tuple[int, ...], hidden: int) -> torch.n
     layers: list[nn.Module] = []
     in_ch, size = 1, image_size
     for w in widths:
-        layers += [nn.Conv2d(in_ch, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [
+            nn.Conv2d(in_ch, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
         in_ch, size = w, size // 2
     return nn.Sequential(
         *layers,
@@ -122,7 +127,9 @@ class DigitsCNNWorkload(Workload):
         n = len(self._split()[2])
         return n if limit is None else min(n, limit)
 
-    def eval_batches(self, limit: int | None = None, batch_size: int = 256) -> Iterator[tuple[np.ndarray, Batch]]:
+    def eval_batches(
+        self, limit: int | None = None, batch_size: int = 256
+    ) -> Iterator[tuple[np.ndarray, Batch]]:
         _, _, x_te, _ = self._split()
         n = self.eval_size(limit)
         for start in range(0, n, batch_size):
@@ -189,7 +196,9 @@ class DigitsCNNWorkload(Workload):
         y_te = self._split()[3][: self.eval_size(limit)]
         return {"accuracy": accuracy(outputs["logits"], y_te)}
 
-    def fidelity(self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def fidelity(
+        self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
         return classification_fidelity(outputs["logits"], reference["logits"])
 
 
