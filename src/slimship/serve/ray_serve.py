@@ -153,9 +153,9 @@ class _Recorder:
 class ModelReplica:
     """One replica of one model version: an ONNX Runtime session and a dynamic batcher (the single-process Endpoint)."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits it
         self, model: str, version: str, path: str, batching: dict[str, Any], source: dict[str, Any]
-    ) -> None:  # type: ignore[misc]  # Serve awaits it
+    ) -> None:
         cfg = BatchingConfig(**batching)
         self.recorder = _Recorder()
         self.ep = Endpoint(model, version, path, cfg, self.recorder, source)
