@@ -476,7 +476,7 @@ def serve_on_ray(
     import time
 
     ray, serve = import_serve(local=address is None)
-    from slimship.pipeline.tune_ray import _connect
+    from slimship.ray_local import connect
     from slimship.serve.run import configure_logging, resolve_models
 
     configure_logging(log_level, access_log)
@@ -503,7 +503,7 @@ def serve_on_ray(
             pass
     else:
         try:
-            _connect(ray, address, say)
+            connect(ray, address, say)
         except Exception as err:
             raise ServingError(str(err)) from err
     where = address or "127.0.0.1 (local)"
