@@ -14,7 +14,7 @@ pays for the original model's run once.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,7 +153,7 @@ def _is_classifier(name: str, arr: np.ndarray) -> bool:
 
 
 def probe_fidelity(
-    outputs: list[Mapping[str, np.ndarray]], reference: list[Mapping[str, np.ndarray]]
+    outputs: Sequence[Mapping[str, np.ndarray]], reference: Sequence[Mapping[str, np.ndarray]]
 ) -> dict[str, OutputFidelity]:
     """Per output: row cosine mean/min over all probe rows (rows zero in both count as equal), top-1 agreement for
     classifier-shaped outputs."""
@@ -189,14 +189,14 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _save_npz(path: Path, batches: list[Batch], reference: list[Mapping[str, np.ndarray]]) -> None:
+def _save_npz(path: Path, batches: Sequence[Batch], reference: Sequence[Mapping[str, np.ndarray]]) -> None:
     arrays: dict[str, np.ndarray] = {}
     for i, (b, r) in enumerate(zip(batches, reference, strict=True)):
         arrays.update({f"in{i}/{k}": v for k, v in b.items()})
         arrays.update({f"ref{i}/{k}": np.asarray(v) for k, v in r.items()})
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as f:
-        np.savez_compressed(f, **arrays)
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     tmp.replace(path)
 
 
