@@ -117,7 +117,7 @@ def main() -> None:
         return {k: np.stack([np.pad(r[k], (0, n - len(r[k]))) for r in rs]).astype(np.int64) for k in rs[0]}
 
     rows = []
-    for label, (path, x64, x64s, scales) in variants.items():
+    for label, (path, _x64, x64s, scales) in variants.items():
         say(f"fidelity and batch invariance: {label}")
         s = sessions[label]
         c = np.concatenate([cos(s.run([name], b)[0], r) for b, r in zip(batches, ref, strict=True)])
