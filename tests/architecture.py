@@ -78,14 +78,22 @@ def imports() -> Iterator[Import]:
                     target = sub if sub in known else _resolve(full, set(known))
                     if target is None:
                         continue
-                    yield Import(mod, target, () if sub in known else (alias.name,), id(node) in funcs,
-                                 id(node) in type_blocks, node.lineno)
+                    yield Import(
+                        mod,
+                        target,
+                        () if sub in known else (alias.name,),
+                        id(node) in funcs,
+                        id(node) in type_blocks,
+                        node.lineno,
+                    )
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name.startswith("slimship"):
                         target = _resolve(alias.name, set(known))
                         if target:
-                            yield Import(mod, target, (), id(node) in funcs, id(node) in type_blocks, node.lineno)
+                            yield Import(
+                                mod, target, (), id(node) in funcs, id(node) in type_blocks, node.lineno
+                            )
 
 
 def graph(include_lazy: bool = True) -> dict[str, set[str]]:
