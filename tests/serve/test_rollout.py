@@ -333,7 +333,8 @@ def test_bad_rollout_requests_get_clear_errors(tmp_path, digits, digits_chain, r
 
 def test_policy_validation_and_gate_judgement_units():
     from slimship.errors import ConfigError
-    from slimship.serve.rollout import DEFAULT_POLICY, Window, judge, parse_policy
+    from slimship.serve.config import DEFAULT_POLICY, parse_policy
+    from slimship.serve.rollout import Window, judge
 
     assert parse_policy(None).stages[0].traffic == 0
     assert parse_policy(DEFAULT_POLICY).stages[-1].traffic == 100
@@ -410,8 +411,7 @@ def test_policy_validation_and_gate_judgement_units():
 def test_the_example_policy_and_serving_config_are_valid():
     from pathlib import Path
 
-    from slimship.serve.config import load_serve_config
-    from slimship.serve.rollout import parse_policy
+    from slimship.serve.config import load_serve_config, parse_policy
 
     root = Path(__file__).resolve().parents[2] / "examples" / "rollout"
     p = parse_policy((root / "policy.yaml").read_text(), "policy.yaml")

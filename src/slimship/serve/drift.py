@@ -31,28 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from slimship.serve.config import DriftConfig
 
 log = logging.getLogger("slimship.serve")
 
 _EPS = 1e-4
 _PCS = 3
-
-
-class DriftConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    enabled: bool = True
-    #: the workload whose evaluation data is the reference (default: the one in the version's lineage)
-    workload: str | None = None
-    #: evaluation samples the reference is built from
-    samples: int = Field(default=512, ge=32)
-    #: most recent rows the live distribution is taken from
-    window: int = Field(default=1000, ge=50)
-    #: rows needed before the score is reported
-    min_rows: int = Field(default=200, ge=20)
-    bins: int = Field(default=10, ge=4, le=50)
-    warn_psi: float = Field(default=0.1, gt=0)
-    alert_psi: float = Field(default=0.25, gt=0)
 
 
 def psi(ref_probs: np.ndarray, cur_probs: np.ndarray) -> float:

@@ -18,11 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from slimship.serve.config import BatchingConfig, DriftConfig
 from slimship.serve.protocol import DATATYPES, Overloaded, ProtocolError, TimedOut
 
 _ORT_TO_DT = {
@@ -42,29 +42,6 @@ _ORT_TO_DT = {
 }
 
 
-class BatchingConfig(BaseModel):
-    """How an endpoint batches and protects itself."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    #: most rows in one executed batch (a request with more rows is refused)
-    max_batch_size: int = Field(default=32, ge=1)
-    #: longest the batcher waits for more requests once it has one, in milliseconds. 0 (default): a batch starts as
-    #: soon as the previous one ends, holding whatever arrived meanwhile — on a CPU that already batches under load
-    #: and adds no latency when idle; raise it only when arrivals are sparse and a run's fixed cost is high
-    max_queue_delay_ms: float = Field(default=0.0, ge=0)
-    #: most requests waiting; beyond it requests get 503 with Retry-After
-    max_queue: int = Field(default=256, ge=1)
-    #: pad variable-length sequences (axis 1) to batch them: auto = when the model has an attention_mask input
-    pad: Literal["auto", "on", "off"] = "auto"
-    #: a request not answered within this many seconds gets 504
-    timeout_s: float = Field(default=30.0, gt=0)
-    #: intra-op threads in all (None: physical cores), split between the instances
-    threads: int | None = Field(default=None, ge=1)
-    #: model instances running batches side by side, each with its own session and threads/instances intra-op
-    #: threads (Triton's instance count): one batch's serial parts overlap another's
-    instances: int = Field(default=1, ge=1, le=16)
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -77,6 +54,40 @@ class TensorSpec:
             "datatype": self.datatype,
             "shape": [d if isinstance(d, int) else -1 for d in self.shape],
         }
+
+
+class ServedEndpoint(Protocol):
+    """What routing, the server, the HTTP handlers, rollouts and the dashboard need from a served version — the
+    local :class:`Endpoint` and Ray's ``RemoteEndpoint`` both provide it."""
+
+    model: str
+    version: str
+    #: where it came from: {"path": …} or {"registry", "version", "digest", "stage", "workload"}
+    source: dict[str, Any]
+    config: BatchingConfig
+    path: Path
+    ready: bool
+    #: requests started and not yet answered
+    in_flight: int
+    #: an ONNX Runtime session (or a stand-in with get_inputs/get_outputs/run) the drift reference is built with
+    session: Any
+    drift_config: DriftConfig | None
+    drift: Any  # its DriftMonitor once attached
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for this version (not yet answered)."""
+        ...
+
+    def runtime_settings(self) -> dict[str, Any]: ...
+
+    def metadata(self) -> dict[str, Any]: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, drain_timeout: float = 30.0) -> None: ...
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -174,8 +185,13 @@ class Endpoint:
         self._pool = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"ort-{model}-{version}")
         self.in_flight = 0
         self.ready = False
-        self.drift_config: Any = None  # a DriftConfig set by whoever builds the endpoint (None: defaults)
+        self.drift_config: DriftConfig | None = None  # set by whoever builds the endpoint (None: defaults)
         self.drift: Any = None  # its DriftMonitor once attached
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests queued for the batcher, not yet in a running batch."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -23,8 +23,9 @@ measured on identical inputs with the production version as the reference. Gates
   requests. Compare runs are never timed for a gate: they queue behind and compete with the answering version, which
   no client would see (measured: a healthy INT8 candidate's shadow p99 was 2.7x fp32's live p99). So latency gates
   don't apply in a shadow stage, nor the ratio at 100% (the baseline answers nobody);
-- ``min_fidelity`` — mean agreement of candidate and baseline outputs on the same inputs (row cosine; top-1 agreement
-  for classifiers), judged from ``min_pairs`` compared requests on.
+- ``min_fidelity`` — mean agreement of candidate and baseline outputs on the same inputs, judged by the workload's
+  fidelity function (its first metric, as offline) where the workload is known, else row cosine (top-1 agreement for
+  classifiers) — see :mod:`slimship.serve.compare`; judged from ``min_pairs`` compared requests on.
 
 A breached gate rolls back at once: traffic returns to the baseline before the decision is written. When a stage has
 its requests and every gate holds, the rollout advances; after the last stage the candidate becomes production in the
@@ -46,14 +47,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slimship.errors import ConfigError, RegistryError, ServingError
-from slimship.serve.protocol import NotFound, Overloaded, ProtocolError
+from slimship.errors import RolloutConflictError, ServingError
+from slimship.serve.compare import Agreement, ask
+from slimship.serve.config import RolloutPolicy, TrafficPolicy, parse_policy
+from slimship.serve.protocol import NotFound, ProtocolError
 
 if TYPE_CHECKING:
-    from slimship.serve.app import Server
-    from slimship.serve.endpoint import Endpoint
+    from slimship.serve.endpoint import ServedEndpoint
+    from slimship.serve.server import Server
 
 log = logging.getLogger("slimship.serve")
 
@@ -61,125 +63,6 @@ log = logging.getLogger("slimship.serve")
 LATENCY_MIN_SAMPLES = 100
 #: shadow runs of one rollout allowed in flight at once; beyond, a comparison is skipped (counted as shed)
 MAX_COMPARES_IN_FLIGHT = 8
-
-
-class Gates(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    #: lowest mean agreement of candidate and baseline outputs on the same inputs, in (0, 1]
-    min_fidelity: float | None = Field(default=None, gt=0, le=1)
-    #: highest candidate p99 latency in milliseconds
-    max_latency_p99_ms: float | None = Field(default=None, gt=0)
-    #: highest candidate p99 / baseline p99 in the same window (1.5 = at most 50% slower)
-    max_latency_p99_ratio: float | None = Field(default=None, gt=0)
-    #: highest share of failed candidate requests, in [0, 1)
-    max_error_rate: float | None = Field(default=None, ge=0, lt=1)
-
-    def merged(self, over: Gates | None) -> Gates:
-        if over is None:
-            return self
-        return Gates(**{**self.model_dump(), **over.model_dump(exclude_unset=True)})
-
-
-class Stage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str | None = None
-    #: percent of versionless requests the candidate answers (0 = shadow only)
-    traffic: float = Field(ge=0, le=100)
-    #: percent of requests also run on the other version to measure fidelity (default: 100 in shadow, 25 otherwise)
-    compare: float | None = Field(default=None, ge=0, le=100)
-    #: candidate requests (answered or shadow) before the stage can pass
-    min_requests: int = Field(ge=1)
-    #: shortest time in the stage, in seconds (a soak time)
-    min_seconds: float = Field(default=0.0, ge=0)
-    #: gates of this stage, overriding the policy's gates key by key
-    gates: Gates | None = None
-
-    @property
-    def compare_percent(self) -> float:
-        return self.compare if self.compare is not None else (100.0 if self.traffic == 0 else 25.0)
-
-    def label(self, index: int) -> str:
-        return self.name or (
-            "shadow" if self.traffic == 0 else "full" if self.traffic == 100 else f"canary-{self.traffic:g}"
-        )
-
-
-class RolloutPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    stages: list[Stage] = Field(min_length=1)
-    gates: Gates = Gates()
-    #: compared requests needed before the fidelity gate is judged
-    min_pairs: int = Field(default=30, ge=1)
-    #: after the last stage, make the candidate production in the registry (false: stay at the last stage's split)
-    promote: bool = True
-    #: seconds between evaluations of the gates
-    tick_s: float = Field(default=0.25, gt=0, le=60)
-
-    @model_validator(mode="after")
-    def _possible(self) -> RolloutPolicy:
-        prev = -1.0
-        for i, st in enumerate(self.stages):
-            where = f"stage {i + 1} ({st.label(i)})"
-            if st.traffic < prev:
-                raise ValueError(
-                    f"{where}: traffic {st.traffic:g}% is below the previous stage's {prev:g}%; a rollout only "
-                    "moves traffic towards the candidate"
-                )
-            prev = st.traffic
-            g = self.gates.merged(st.gates)
-            if st.traffic == 0 and st.compare_percent == 0:
-                raise ValueError(
-                    f"{where}: traffic 0 and compare 0 — the candidate would never see a request; "
-                    "give compare > 0 (e.g. 100 for a shadow stage)"
-                )
-            if g.min_fidelity is not None and st.compare_percent == 0:
-                raise ValueError(
-                    f"{where}: a min_fidelity gate with compare 0 can never be judged (fidelity comes from "
-                    "requests run on both versions); give compare > 0 or drop the gate"
-                )
-        if self.promote and self.stages[-1].traffic != 100:
-            raise ValueError(
-                f"the last stage sends {self.stages[-1].traffic:g}% to the candidate; promotion needs a last "
-                "stage at traffic 100 (or set promote: false to hold at the last split)"
-            )
-        return self
-
-
-DEFAULT_POLICY: dict[str, Any] = {
-    "stages": [
-        {"name": "shadow", "traffic": 0, "compare": 100, "min_requests": 200},
-        {"name": "canary-5", "traffic": 5, "min_requests": 50},
-        {"name": "canary-25", "traffic": 25, "min_requests": 100},
-        {"name": "canary-50", "traffic": 50, "min_requests": 100},
-        {"name": "full", "traffic": 100, "min_requests": 100},
-    ],
-    "gates": {"min_fidelity": 0.98, "max_error_rate": 0.01, "max_latency_p99_ratio": 1.5},
-    "min_pairs": 30,
-}
-
-
-def parse_policy(data: Any, source: str = "policy") -> RolloutPolicy:
-    """A policy from a mapping, YAML/JSON text, or None (the default); errors name the key and the fix."""
-    if data is None:
-        data = DEFAULT_POLICY
-    if isinstance(data, str):
-        import yaml
-
-        try:
-            data = yaml.safe_load(data)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{source}: a rollout policy is a mapping with `stages` (and `gates`, `min_pairs`, `promote`)"
-        )
-    try:
-        return RolloutPolicy.model_validate(data)
-    except ValidationError as err:
-        msgs = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or '(policy)'}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"{source}: invalid rollout policy: {msgs}") from err
 
 
 # ---- measurement windows --------------------------------------------------------------------------
@@ -243,6 +126,12 @@ class Window:
     candidate: Side = field(default_factory=Side)
     baseline: Side = field(default_factory=Side)
     fidelity: list[float] = field(default_factory=list)
+    #: judge → compared requests it judged
+    judged_by: dict[str, int] = field(default_factory=dict)
+
+    def add_agreement(self, a: Agreement) -> None:
+        self.fidelity.append(a.value)
+        self.judged_by[a.judge] = self.judged_by.get(a.judge, 0) + 1
 
     def fidelity_summary(self) -> dict[str, Any]:
         f = self.fidelity
@@ -251,6 +140,7 @@ class Window:
             "mean": _r(float(np.mean(f)), 5) if f else None,
             "min": _r(min(f), 5) if f else None,
             "p05": _r(float(np.quantile(f, 0.05)), 5) if f else None,
+            "judged_by": dict(self.judged_by),
         }
 
 
@@ -440,7 +330,7 @@ class RolloutController:
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
 
-    def _registry_version(self, ep: Endpoint) -> tuple[str, int]:
+    def _registry_version(self, ep: ServedEndpoint) -> tuple[str, int]:
         reg, num = ep.source.get("registry"), ep.source.get("version")
         if reg is None or num is None:
             raise ServingError(
@@ -457,8 +347,6 @@ class RolloutController:
         return None
 
     def _apply_traffic(self, r: ActiveRollout, share: float) -> None:
-        from slimship.serve.app import TrafficPolicy
-
         group = self.server.models.get(r.model)
         if group is None:
             return
@@ -476,7 +364,7 @@ class RolloutController:
         registry = self._registry()
         policy = parse_policy(policy_data)
         async with self._lock:
-            group = self.server._group(model)
+            group = self.server.group(model)
             if model in self.active:
                 r = self.active[model]
                 raise ProtocolError(
@@ -484,7 +372,7 @@ class RolloutController:
                     f"v{r.baseline}); abort it first",
                     409,
                 )
-            versions = sorted(group.versions)
+            versions = group.labels()
             if candidate not in group.versions:
                 raise NotFound(
                     f"{model} has no loaded version {candidate!r} (loaded: {versions}); load it first: "
@@ -522,10 +410,8 @@ class RolloutController:
                     served_as=model,
                     detail={"served_versions": {"candidate": candidate, "baseline": baseline}},
                 )
-            except RegistryError as err:
-                if "already has" in str(err):  # another server started one for this model meanwhile
-                    raise ProtocolError(str(err), 409) from err
-                raise
+            except RolloutConflictError as err:  # another server started one for this model meanwhile
+                raise ProtocolError(str(err), 409) from err
             r = ActiveRollout(record, policy, model, reg_model, candidate, baseline)
             self.active[model] = r
             self.finished.pop(model, None)
@@ -592,7 +478,7 @@ class RolloutController:
     def _active_or_404(self, model: str) -> ActiveRollout:
         r = self.active.get(model)
         if r is None:
-            self.server._group(model)
+            self.server.group(model)
             raise NotFound(
                 f"{model} has no active rollout; start one with `slimship rollout start {model} --candidate V`"
             )
@@ -603,8 +489,6 @@ class RolloutController:
         self.finished[r.model] = r
         group = self.server.models.get(r.model)
         if group is not None:
-            from slimship.serve.app import TrafficPolicy
-
             winner = r.candidate if r.state == "promoted" else r.baseline
             group.policy = TrafficPolicy(weights={winner: 100.0}, sticky_header=group.policy.sticky_header)
 
@@ -673,7 +557,7 @@ class RolloutController:
     def observe(
         self,
         model: str,
-        ep: Endpoint,
+        ep: ServedEndpoint,
         inputs: dict[str, np.ndarray],
         outputs: dict[str, np.ndarray] | None,
         latency_s: float,
@@ -699,32 +583,40 @@ class RolloutController:
             (w.candidate if other_label == r.candidate else w.baseline).shed += 1
             return
         r.compares_in_flight += 1
+        self.server.spawn(self._compare(r, w, ep, other, inputs, outputs))
 
-        async def compare() -> None:
-            side = w.candidate if other_label == r.candidate else w.baseline
-            t0 = time.perf_counter()
-            try:
-                got = await other.infer(inputs)
-            except Overloaded:
-                side.shed += 1  # the shadow side is full: skip, don't blame the candidate for doubled load
-                return
-            except Exception as err:
-                side.add(False, None, live=False)
-                self.server.metrics.shadow_errors.labels(model, other_label).inc()
-                log.debug("compare run on %s v%s failed: %s", model, other_label, err)
-                return
-            finally:
-                r.compares_in_flight -= 1
-            side.add(True, (time.perf_counter() - t0) * 1000, live=False)
-            from slimship.serve.app import agreement
-
-            base_out, cand_out = (outputs, got) if other_label == r.candidate else (got, outputs)
-            value = agreement(base_out, cand_out)
-            w.fidelity.append(value)
-            self.server.metrics.shadow_fidelity.labels(model, r.baseline, r.candidate).observe(value)
-            self.server.monitor_output(model, other, inputs, got)
-
-        self.server.spawn(compare())
+    async def _compare(
+        self,
+        r: ActiveRollout,
+        w: Window,
+        ran: ServedEndpoint,
+        other: ServedEndpoint,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        """Run a request ``ran`` answered on ``other`` too, and judge the candidate against the baseline."""
+        try:
+            asked = await ask(other, inputs)
+        finally:
+            r.compares_in_flight -= 1
+        side = w.candidate if other.version == r.candidate else w.baseline
+        if asked.outcome == "shed":
+            side.shed += 1  # the shadow side is full: skip, don't blame the candidate for doubled load
+            return
+        if asked.outputs is None:
+            side.add(False, None, live=False)
+            self.server.metrics.shadow_errors.labels(r.model, other.version).inc()
+            log.debug("compare run on %s v%s failed: %s", r.model, other.version, asked.error)
+            return
+        side.add(True, asked.latency_ms, live=False)
+        got = asked.outputs
+        if other.version == r.candidate:
+            agreement = await self.server.judges.judge(ran, other, outputs, got)
+        else:
+            agreement = await self.server.judges.judge(other, ran, got, outputs)
+        w.add_agreement(agreement)
+        self.server.metrics.shadow_fidelity.labels(r.model, r.baseline, r.candidate).observe(agreement.value)
+        self.server.monitor_output(r.model, other, inputs, got)
 
     # ---- decisions ---------------------------------------------------------------------------
     def _evidence(self, r: ActiveRollout, j: Judgement | None = None) -> dict[str, Any]:
