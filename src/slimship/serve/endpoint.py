@@ -349,6 +349,51 @@ class Endpoint:
                 return False
         return True
 
+    async def _collect(self, q: asyncio.Queue[_Item], item: _Item) -> tuple[list[_Item], _Item | None]:
+        """A batch starting with ``item``: what else is queued (waiting up to max_queue_delay_ms) while it fits; the
+        first request that doesn't fit is carried to the next batch."""
+        batch, rows = [item], item.rows
+        deadline = time.perf_counter() + self.config.max_queue_delay_ms / 1000.0
+        while rows < self.config.max_batch_size:
+            try:
+                nxt = q.get_nowait()
+            except asyncio.QueueEmpty:
+                wait = deadline - time.perf_counter()
+                if wait <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(q.get(), wait)
+                except TimeoutError:
+                    break
+            if not self._fits(batch, rows, nxt):
+                return batch, nxt
+            batch.append(nxt)
+            rows += nxt.rows
+        return batch, None
+
+    def _split(self, live: list[_Item], feeds: dict[str, np.ndarray], outs: list[np.ndarray]) -> None:
+        """Answer each request of a batch with its rows of the outputs (cut back to its sequence length)."""
+        names = [o.name for o in self.outputs]
+        padded = _seq_len(feeds) if self.pads else None
+        offset = 0
+        for b in live:
+            result = {}
+            for name, arr in zip(names, outs, strict=True):
+                part = arr[offset : offset + b.rows] if self.batchable else arr
+                if (
+                    padded is not None
+                    and b.seq is not None
+                    and b.seq != padded
+                    and name in self._seq_outputs
+                    and part.ndim >= 2
+                    and part.shape[1] == padded
+                ):
+                    part = part[:, : b.seq]  # an output with the sequence axis: back to this request's length
+                result[name] = part
+            offset += b.rows
+            if not b.future.done():
+                b.future.set_result(result)
+
     async def _batcher(self, session: Any) -> None:
         assert self._queue is not None
         q = self._queue
@@ -356,26 +401,7 @@ class Endpoint:
         carry: _Item | None = None
         while True:
             item = carry or await q.get()
-            carry = None
-            batch, rows = [item], item.rows
-            deadline = time.perf_counter() + self.config.max_queue_delay_ms / 1000.0
-            while rows < self.config.max_batch_size:
-                try:
-                    nxt = q.get_nowait()
-                except asyncio.QueueEmpty:
-                    wait = deadline - time.perf_counter()
-                    if wait <= 0:
-                        break
-                    try:
-                        nxt = await asyncio.wait_for(q.get(), wait)
-                    except TimeoutError:
-                        break
-                if self._fits(batch, rows, nxt):
-                    batch.append(nxt)
-                    rows += nxt.rows
-                else:
-                    carry = nxt
-                    break
+            batch, carry = await self._collect(q, item)
             self._gauge()
             live = [b for b in batch if not b.future.done()]  # timed-out requests are dropped here
             if not live:
@@ -393,28 +419,7 @@ class Endpoint:
                 self.metrics.batch_size.labels(self.model, self.version).observe(sum(b.rows for b in live))
                 for b in live:
                     self.metrics.queue_time.labels(self.model, self.version).observe(started - b.enqueued)
-            names = [o.name for o in self.outputs]
-            padded = _seq_len(feeds) if self.pads else None
-            offset = 0
-            for b in live:
-                result = {}
-                for name, arr in zip(names, outs, strict=True):
-                    part = arr[offset : offset + b.rows] if self.batchable else arr
-                    if (
-                        padded is not None
-                        and b.seq is not None
-                        and b.seq != padded
-                        and name in self._seq_outputs
-                        and part.ndim >= 2
-                        and part.shape[1] == padded
-                    ):
-                        part = part[
-                            :, : b.seq
-                        ]  # an output with the sequence axis: back to this request's length
-                    result[name] = part
-                offset += b.rows
-                if not b.future.done():
-                    b.future.set_result(result)
+            self._split(live, feeds, outs)
 
     def _merge(self, batch: list[_Item]) -> dict[str, np.ndarray]:
         if len(batch) == 1:

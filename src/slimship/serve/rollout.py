@@ -50,7 +50,7 @@ import numpy as np
 
 from slimship.errors import RolloutConflictError, ServingError
 from slimship.serve.compare import Agreement, ask
-from slimship.serve.config import RolloutPolicy, TrafficPolicy, parse_policy
+from slimship.serve.config import Gates, RolloutPolicy, Stage, TrafficPolicy, parse_policy
 from slimship.serve.protocol import NotFound, ProtocolError
 
 if TYPE_CHECKING:
@@ -151,31 +151,37 @@ class Judgement:
     reason: str
 
 
-def judge(policy: RolloutPolicy, stage_index: int, w: Window, now: float | None = None) -> Judgement:
-    """The gates of one stage on its window: roll back on a breach, advance when everything is judged and holds."""
-    st = policy.stages[stage_index]
-    g = policy.gates.merged(st.gates)
-    c, b = w.candidate, w.baseline
+Gated = tuple[dict[str, dict[str, Any]], list[str]]  # the gates' figures, and the breaches found
+
+
+def _gate_error_rate(g: Gates, st: Stage, c: Side, gated: Gated) -> None:
+    if g.max_error_rate is None:
+        return
+    out, breaches = gated
     n_final = max(c.requests, st.min_requests)
-    out: dict[str, dict[str, Any]] = {}
-    breaches: list[str] = []
-    if g.max_error_rate is not None:
-        allowed = g.max_error_rate * n_final
-        breached = c.errors > allowed
-        out["max_error_rate"] = {
-            "limit": g.max_error_rate,
-            "value": _r(c.errors / c.requests, 5) if c.requests else None,
-            "errors": c.errors,
-            "requests": c.requests,
-            "judged": breached or c.requests >= st.min_requests,
-            "ok": not breached,
-        }
-        if breached:
-            breaches.append(
-                f"error rate {c.errors}/{c.requests} exceeds {g.max_error_rate:g} (at most "
-                f"{math.floor(allowed)} errors in {n_final} requests)"
-            )
-    n_lat = LATENCY_MIN_SAMPLES
+    allowed = g.max_error_rate * n_final
+    breached = c.errors > allowed
+    out["max_error_rate"] = {
+        "limit": g.max_error_rate,
+        "value": _r(c.errors / c.requests, 5) if c.requests else None,
+        "errors": c.errors,
+        "requests": c.requests,
+        "judged": breached or c.requests >= st.min_requests,
+        "ok": not breached,
+    }
+    if breached:
+        breaches.append(
+            f"error rate {c.errors}/{c.requests} exceeds {g.max_error_rate:g} (at most "
+            f"{math.floor(allowed)} errors in {n_final} requests)"
+        )
+
+
+def _not_applied(limit: float, note: str) -> dict[str, Any]:
+    return {"limit": limit, "value": None, "applies": False, "judged": True, "ok": True, "note": note}
+
+
+def _gate_latency(g: Gates, st: Stage, c: Side, gated: Gated) -> None:
+    out, breaches = gated
     if (
         st.traffic == 0
     ):  # nobody is answered by the candidate: latency can't be judged as clients would see it
@@ -184,70 +190,85 @@ def judge(policy: RolloutPolicy, stage_index: int, w: Window, now: float | None 
             ("max_latency_p99_ratio", g.max_latency_p99_ratio),
         ):
             if limit is not None:
-                out[name] = {
-                    "limit": limit,
-                    "value": None,
-                    "applies": False,
-                    "judged": True,
-                    "ok": True,
-                    "note": "judged on requests the candidate answers; a shadow stage has none",
-                }
-    elif g.max_latency_p99_ms is not None:
-        nl = max(len(c.latencies_ms), n_lat)
-        slow = sum(1 for x in c.latencies_ms if x > g.max_latency_p99_ms)
-        tolerated = nl - math.ceil(0.99 * nl)
-        breached = slow > tolerated
-        out["max_latency_p99_ms"] = {
-            "limit": g.max_latency_p99_ms,
-            "value": _r(c.p99()),
-            "slower": slow,
-            "judged": breached or len(c.latencies_ms) >= n_lat,
-            "ok": not breached,
-        }
-        if breached:
-            breaches.append(
-                f"{slow} requests slower than {g.max_latency_p99_ms:g} ms (p99 {_r(c.p99(), 1)} ms)"
-            )
-    if g.max_latency_p99_ratio is not None and st.traffic == 100:
-        out["max_latency_p99_ratio"] = {
-            "limit": g.max_latency_p99_ratio,
-            "value": None,
-            "applies": False,
-            "judged": True,
-            "ok": True,
-            "note": "the baseline answers nobody at 100%: nothing to compare with",
-        }
-    elif g.max_latency_p99_ratio is not None and st.traffic > 0:
-        cp, bp = c.p99(), b.p99()
-        judged = len(c.latencies_ms) >= n_lat and len(b.latencies_ms) >= n_lat and bool(bp)
-        ratio = cp / bp if cp is not None and bp else None
-        breached = judged and ratio is not None and ratio > g.max_latency_p99_ratio
-        out["max_latency_p99_ratio"] = {
-            "limit": g.max_latency_p99_ratio,
-            "value": _r(ratio),
-            "candidate_p99_ms": _r(cp),
-            "baseline_p99_ms": _r(bp),
-            "judged": judged,
-            "ok": not breached,
-        }
-        if breached:
-            breaches.append(
-                f"p99 {cp:.1f} ms is {ratio:.2f}x the baseline's {bp:.1f} ms (limit {g.max_latency_p99_ratio:g}x)"
-            )
-    if g.min_fidelity is not None:
-        pairs = len(w.fidelity)
-        mean = float(np.mean(w.fidelity)) if pairs else None
-        judged = pairs >= policy.min_pairs
-        breached = judged and mean is not None and mean < g.min_fidelity
-        out["min_fidelity"] = {
-            "limit": g.min_fidelity,
-            "value": _r(mean, 5),
-            "pairs": pairs,
-            "judged": judged,
-            "ok": not breached,
-        }
-        if breached:
-            breaches.append(f"fidelity {mean:.4f} < {g.min_fidelity:g} over {pairs} compared requests")
+                out[name] = _not_applied(
+                    limit, "judged on requests the candidate answers; a shadow stage has none"
+                )
+        return
+    if g.max_latency_p99_ms is None:
+        return
+    nl = max(len(c.latencies_ms), LATENCY_MIN_SAMPLES)
+    slow = sum(1 for x in c.latencies_ms if x > g.max_latency_p99_ms)
+    tolerated = nl - math.ceil(0.99 * nl)
+    breached = slow > tolerated
+    out["max_latency_p99_ms"] = {
+        "limit": g.max_latency_p99_ms,
+        "value": _r(c.p99()),
+        "slower": slow,
+        "judged": breached or len(c.latencies_ms) >= LATENCY_MIN_SAMPLES,
+        "ok": not breached,
+    }
+    if breached:
+        breaches.append(f"{slow} requests slower than {g.max_latency_p99_ms:g} ms (p99 {_r(c.p99(), 1)} ms)")
+
+
+def _gate_latency_ratio(g: Gates, st: Stage, c: Side, b: Side, gated: Gated) -> None:
+    out, breaches = gated
+    if g.max_latency_p99_ratio is None or st.traffic == 0:
+        return
+    if st.traffic == 100:
+        out["max_latency_p99_ratio"] = _not_applied(
+            g.max_latency_p99_ratio, "the baseline answers nobody at 100%: nothing to compare with"
+        )
+        return
+    n_lat = LATENCY_MIN_SAMPLES
+    cp, bp = c.p99(), b.p99()
+    judged = len(c.latencies_ms) >= n_lat and len(b.latencies_ms) >= n_lat and bool(bp)
+    ratio = cp / bp if cp is not None and bp else None
+    breached = judged and ratio is not None and ratio > g.max_latency_p99_ratio
+    out["max_latency_p99_ratio"] = {
+        "limit": g.max_latency_p99_ratio,
+        "value": _r(ratio),
+        "candidate_p99_ms": _r(cp),
+        "baseline_p99_ms": _r(bp),
+        "judged": judged,
+        "ok": not breached,
+    }
+    if breached:
+        breaches.append(
+            f"p99 {cp:.1f} ms is {ratio:.2f}x the baseline's {bp:.1f} ms (limit {g.max_latency_p99_ratio:g}x)"
+        )
+
+
+def _gate_fidelity(g: Gates, policy: RolloutPolicy, w: Window, gated: Gated) -> None:
+    if g.min_fidelity is None:
+        return
+    out, breaches = gated
+    pairs = len(w.fidelity)
+    mean = float(np.mean(w.fidelity)) if pairs else None
+    judged = pairs >= policy.min_pairs
+    breached = judged and mean is not None and mean < g.min_fidelity
+    out["min_fidelity"] = {
+        "limit": g.min_fidelity,
+        "value": _r(mean, 5),
+        "pairs": pairs,
+        "judged": judged,
+        "ok": not breached,
+    }
+    if breached:
+        breaches.append(f"fidelity {mean:.4f} < {g.min_fidelity:g} over {pairs} compared requests")
+
+
+def judge(policy: RolloutPolicy, stage_index: int, w: Window, now: float | None = None) -> Judgement:
+    """The gates of one stage on its window: roll back on a breach, advance when everything is judged and holds."""
+    st = policy.stages[stage_index]
+    g = policy.gates.merged(st.gates)
+    c = w.candidate
+    out: dict[str, dict[str, Any]] = {}
+    breaches: list[str] = []
+    _gate_error_rate(g, st, c, (out, breaches))
+    _gate_latency(g, st, c, (out, breaches))
+    _gate_latency_ratio(g, st, c, w.baseline, (out, breaches))
+    _gate_fidelity(g, policy, w, (out, breaches))
     label = st.label(stage_index)
     if breaches:
         return Judgement("rollback", out, f"{label}: " + "; ".join(breaches))
