@@ -106,6 +106,8 @@ def test_faithful_candidate_goes_shadow_canary_full_and_is_promoted(tmp_path, di
             d = e["detail"]
             assert d["stage_name"] == stage["name"] and d["candidate"]["requests"] >= stage["min_requests"]
             assert d["fidelity"]["pairs"] >= 20 and d["fidelity"]["mean"] >= 0.99
+            # judged by the workload's own fidelity function, as offline
+            assert d["fidelity"]["judged_by"] == {"workload digits: top1_agreement": d["fidelity"]["pairs"]}
             assert all(g["ok"] and g["judged"] for g in d["gates"].values()), d["gates"]
             assert d["window"]["from"] < d["window"]["to"]
         # the registry moved the stages, with the evidence

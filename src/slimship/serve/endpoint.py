@@ -90,6 +90,92 @@ class ServedEndpoint(Protocol):
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+class ModelIO:
+    """A served version's inputs and outputs: its protocol metadata and the checks made on a request before it is
+    queued. Shared by the local :class:`Endpoint` and Ray's ``RemoteEndpoint`` (which validates in the ingress)."""
+
+    model: str
+    version: str
+    config: BatchingConfig
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    #: axis 0 of every input is a batch axis (requests can be stacked)
+    batchable: bool
+    #: variable-length sequences (axis 1) are padded to batch them
+    pads: bool
+
+    def runtime_settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.model,
+            "versions": [self.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [s.as_dict() for s in self.inputs],
+            "outputs": [s.as_dict() for s in self.outputs],
+            "parameters": {"runtime_settings": self.runtime_settings()},
+        }
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
+        """Check names, datatypes and shapes against the model; returns (rows, sequence length if padded)."""
+        from slimship.serve.protocol import datatype_of
+
+        by_name = {s.name: s for s in self.inputs}
+        expected = list(by_name)
+        unknown = [n for n in inputs if n not in by_name]
+        if unknown:
+            raise ProtocolError(
+                f"unknown input(s) {unknown} for {self.model} v{self.version}; it takes {expected}"
+            )
+        missing = [n for n in expected if n not in inputs]
+        if missing:
+            raise ProtocolError(
+                f"missing input(s) {missing} for {self.model} v{self.version}; it takes {expected}"
+            )
+        rows: int | None = None
+        seq: int | None = None
+        for name, arr in inputs.items():
+            spec = by_name[name]
+            dt = datatype_of(arr)
+            if dt != spec.datatype:
+                raise ProtocolError(
+                    f"input {name!r} is {dt} but {self.model} v{self.version} takes {spec.datatype}"
+                )
+            if arr.ndim != len(spec.shape):
+                raise ProtocolError(
+                    f"input {name!r} has shape {list(arr.shape)} but the model takes rank {len(spec.shape)} "
+                    f"{[d if isinstance(d, int) else -1 for d in spec.shape]}"
+                )
+            for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
+                if isinstance(want, int) and want >= 0 and got != want:
+                    raise ProtocolError(
+                        f"input {name!r} has shape {list(arr.shape)} but the model takes "
+                        f"{[d if isinstance(d, int) else -1 for d in spec.shape]} (axis {axis} must be {want})"
+                    )
+            if self.batchable:
+                if rows is not None and arr.shape[0] != rows:
+                    raise ProtocolError(
+                        f"inputs disagree on the batch size: {name!r} has {arr.shape[0]} rows, others {rows}"
+                    )
+                rows = int(arr.shape[0])
+            if self.pads:
+                if seq is not None and arr.shape[1] != seq:
+                    raise ProtocolError(
+                        f"inputs disagree on the sequence length: {name!r} has {arr.shape[1]}, others {seq}"
+                    )
+                seq = int(arr.shape[1])
+        rows = rows if rows is not None else 1
+        if rows == 0:
+            raise ProtocolError("a request needs at least one row")
+        if self.batchable and rows > self.config.max_batch_size:
+            raise ProtocolError(
+                f"a request of {rows} rows exceeds max_batch_size {self.config.max_batch_size} of "
+                f"{self.model} v{self.version}; split it"
+            )
+        return rows, seq
+
+
 @dataclass
 class _Item:
     inputs: dict[str, np.ndarray]
@@ -113,7 +199,7 @@ def _candidate_settings(path: Path) -> tuple[Any, list[str]]:
     return decide_settings(path), []
 
 
-class Endpoint:
+class Endpoint(ModelIO):
     def __init__(
         self,
         model: str,
@@ -165,7 +251,6 @@ class Endpoint:
             TensorSpec(o.name, _ORT_TO_DT.get(o.type, o.type), tuple(o.shape))
             for o in self.session.get_outputs()
         ]
-        self._by_name = {s.name: s for s in self.inputs}
         self.batchable = all(len(s.shape) >= 1 and not isinstance(s.shape[0], int) for s in self.inputs)
         seq_dynamic = all(len(s.shape) >= 2 and not isinstance(s.shape[1], int) for s in self.inputs)
         has_mask = any("mask" in s.name.lower() for s in self.inputs)
@@ -237,73 +322,6 @@ class Endpoint:
     def runtime_settings(self) -> dict[str, Any]:
         """The deployment settings this endpoint's sessions run with (threads are per model instance)."""
         return {**self.settings.to_json(), "notes": list(self.settings_notes)}
-
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "name": self.model,
-            "versions": [self.version],
-            "platform": "onnxruntime_onnx",
-            "inputs": [s.as_dict() for s in self.inputs],
-            "outputs": [s.as_dict() for s in self.outputs],
-            "parameters": {"runtime_settings": self.runtime_settings()},
-        }
-
-    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
-        """Check names, datatypes and shapes against the model; returns (rows, sequence length if padded)."""
-        from slimship.serve.protocol import datatype_of
-
-        expected = [s.name for s in self.inputs]
-        unknown = [n for n in inputs if n not in self._by_name]
-        if unknown:
-            raise ProtocolError(
-                f"unknown input(s) {unknown} for {self.model} v{self.version}; it takes {expected}"
-            )
-        missing = [n for n in expected if n not in inputs]
-        if missing:
-            raise ProtocolError(
-                f"missing input(s) {missing} for {self.model} v{self.version}; it takes {expected}"
-            )
-        rows: int | None = None
-        seq: int | None = None
-        for name, arr in inputs.items():
-            spec = self._by_name[name]
-            dt = datatype_of(arr)
-            if dt != spec.datatype:
-                raise ProtocolError(
-                    f"input {name!r} is {dt} but {self.model} v{self.version} takes {spec.datatype}"
-                )
-            if arr.ndim != len(spec.shape):
-                raise ProtocolError(
-                    f"input {name!r} has shape {list(arr.shape)} but the model takes rank {len(spec.shape)} "
-                    f"{[d if isinstance(d, int) else -1 for d in spec.shape]}"
-                )
-            for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
-                if isinstance(want, int) and want >= 0 and got != want:
-                    raise ProtocolError(
-                        f"input {name!r} has shape {list(arr.shape)} but the model takes "
-                        f"{[d if isinstance(d, int) else -1 for d in spec.shape]} (axis {axis} must be {want})"
-                    )
-            if self.batchable:
-                if rows is not None and arr.shape[0] != rows:
-                    raise ProtocolError(
-                        f"inputs disagree on the batch size: {name!r} has {arr.shape[0]} rows, others {rows}"
-                    )
-                rows = int(arr.shape[0])
-            if self.pads:
-                if seq is not None and arr.shape[1] != seq:
-                    raise ProtocolError(
-                        f"inputs disagree on the sequence length: {name!r} has {arr.shape[1]}, others {seq}"
-                    )
-                seq = int(arr.shape[1])
-        rows = rows if rows is not None else 1
-        if rows == 0:
-            raise ProtocolError("a request needs at least one row")
-        if self.batchable and rows > self.config.max_batch_size:
-            raise ProtocolError(
-                f"a request of {rows} rows exceeds max_batch_size {self.config.max_batch_size} of "
-                f"{self.model} v{self.version}; split it"
-            )
-        return rows, seq
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._queue is None or not self.ready:

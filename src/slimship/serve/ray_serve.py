@@ -35,7 +35,7 @@ import numpy as np
 
 from slimship.errors import ServingError
 from slimship.serve.config import BatchingConfig, DriftConfig, Limits, ReplicaConfig, TrafficPolicy
-from slimship.serve.endpoint import Endpoint, TensorSpec
+from slimship.serve.endpoint import Endpoint, ModelIO, TensorSpec
 from slimship.serve.http import create_app
 from slimship.serve.protocol import Overloaded, ProtocolError, TimedOut
 from slimship.serve.run import configure_logging, resolve_models
@@ -183,7 +183,7 @@ class _RemoteSession:
         )
 
 
-class RemoteEndpoint:
+class RemoteEndpoint(ModelIO):
     """An endpoint whose batches run on Ray Serve replicas: the ingress routes, validates and measures here."""
 
     def __init__(
@@ -202,7 +202,6 @@ class RemoteEndpoint:
         self.handle, self.config, self.source, self.replicas = handle, config, source, replicas
         self.inputs = [TensorSpec(n, d, tuple(s)) for n, d, s in info["inputs"]]
         self.outputs = [TensorSpec(n, d, tuple(s)) for n, d, s in info["outputs"]]
-        self._by_name = {s.name: s for s in self.inputs}
         self.batchable, self.pads = bool(info["batchable"]), bool(info["pads"])
         self.path = Path(info["path"])
         self.session = _RemoteSession(handle, info)
@@ -220,12 +219,6 @@ class RemoteEndpoint:
 
     def runtime_settings(self) -> dict[str, Any]:
         return self._runtime_settings
-
-    def metadata(self) -> dict[str, Any]:
-        return Endpoint.metadata(self)  # type: ignore[arg-type]
-
-    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
-        return Endpoint.validate(self, inputs)  # type: ignore[arg-type]
 
     async def start(self) -> None:
         self.ready = True
