@@ -35,7 +35,7 @@ import numpy as np
 
 from slimship.errors import ServingError
 from slimship.serve.config import BatchingConfig, DriftConfig, Limits, ReplicaConfig, TrafficPolicy
-from slimship.serve.endpoint import Endpoint, ModelIO, TensorSpec
+from slimship.serve.endpoint import Endpoint, ModelIO, ServedEndpoint, TensorSpec
 from slimship.serve.http import create_app
 from slimship.serve.protocol import Overloaded, ProtocolError, TimedOut
 from slimship.serve.run import configure_logging, resolve_models
@@ -376,7 +376,7 @@ class Ingress:
             admin_token=spec.get("admin_token"),
             registry=registry,
         )
-        endpoints: list[Any] = []
+        endpoints: list[ServedEndpoint] = []
         for m in spec["models"]:
             handle = serve.get_app_handle(app_name(m["name"], m["version"]))
             info = await handle.info.remote()
@@ -400,7 +400,7 @@ class Ingress:
             batching: BatchingConfig | None,
             source: dict[str, Any],
             replicas_cfg: ReplicaConfig | None = None,
-        ) -> Any:
+        ) -> ServedEndpoint:
             replicas = replicas_cfg or ReplicaConfig()
             check_placement(ray, replicas, "this cluster", f"{name} v{version}")
             b = batching or BatchingConfig()
@@ -411,7 +411,7 @@ class Ingress:
             info = await handle.info.remote()
             return RemoteEndpoint(name, version, handle, info, b, source, replicas, server.metrics)
 
-        async def retire(ep: Any) -> None:
+        async def retire(ep: ServedEndpoint) -> None:
             await asyncio.get_running_loop().run_in_executor(
                 None, serve.delete, app_name(ep.model, ep.version)
             )
