@@ -1,24 +1,25 @@
-"""What `slimship serve` serves: a YAML file or command-line flags, validated before anything loads.
+"""Every config and wire model of the server, validated before anything loads (no other serve module is imported
+here): the serving config (:class:`ServeConfig`, :class:`ModelSpec`), per-version settings (:class:`BatchingConfig`,
+:class:`DriftConfig`, :class:`ReplicaConfig`), traffic policies, rollout policies (:class:`RolloutPolicy`) and the
+admin API's request bodies.
 
-host: 127.0.0.1
-port: 8000
-registry: ~/.local/share/slimship/registry    # optional (and registry_url for PostgreSQL)
-limits: {max_body_bytes: 67108864}
-models:
-  - name: minilm
-    registry: production          # a version number or stage of the registry model `minilm`
-    batching: {max_batch_size: 32, max_queue_delay_ms: 2}
-  - name: minilm
-    registry: 4
-  - name: mnist
-    path: runs/mnist/optimized    # an ONNX file or a candidate directory
-    version: "1"
-traffic:
-  minilm: {weights: {"3": 95, "4": 5}, sticky_header: x-user-id, shadow: {version: "4", fraction: 1.0}}
+What `slimship serve` serves, as a YAML file (command-line flags add to it)::
 
-Every config and wire model of the server lives here (and nothing else of serve/ is imported): the serving config
-(:class:`ServeConfig`, :class:`ModelSpec`), per-version settings (:class:`BatchingConfig`, :class:`DriftConfig`,
-:class:`ReplicaConfig`), traffic policies, rollout policies (:class:`RolloutPolicy`) and the admin API's bodies.
+    host: 127.0.0.1
+    port: 8000
+    registry: ~/.local/share/slimship/registry    # optional (and registry_url for PostgreSQL)
+    limits: {max_body_bytes: 67108864}
+    models:
+      - name: minilm
+        registry: production          # a version number or stage of the registry model `minilm`
+        batching: {max_batch_size: 32, max_queue_delay_ms: 2}
+      - name: minilm
+        registry: 4
+      - name: mnist
+        path: runs/mnist/optimized    # an ONNX file or a candidate directory
+        version: "1"
+    traffic:
+      minilm: {weights: {"3": 95, "4": 5}, sticky_header: x-user-id, shadow: {version: "4", fraction: 1.0}}
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""An endpoint: one model version with its own ONNX Runtime session and dynamic batcher.
+"""An endpoint: one model version with its own ONNX Runtime session and dynamic batcher; and
+:class:`ServedEndpoint`, what every served version provides to routing, the server, the HTTP handlers, rollouts and
+the dashboard (the local :class:`Endpoint` here, Ray's ``RemoteEndpoint``), with :class:`ModelIO` the request checks
+both share.
 
 Requests are validated against the model's inputs (names, datatypes, ranks, fixed dimensions) *before* they
 are queued. The queue is bounded: when it is full a request is refused at once with 503 and Retry-After, never

@@ -1,4 +1,6 @@
 """Staged rollouts: a candidate version goes live in steps, judged against the production version on the same requests.
+This module owns the measurement windows, the gates' judgement and the controller; the policy's models are in
+:mod:`slimship.serve.config`, compares in :mod:`slimship.serve.compare`.
 
 A policy (YAML or JSON)::
 
