@@ -336,7 +336,7 @@ def test_bad_rollout_requests_get_clear_errors(tmp_path, digits, digits_chain, r
 def test_policy_validation_and_gate_judgement_units():
     from slimship.errors import ConfigError
     from slimship.serve.config import DEFAULT_POLICY, parse_policy
-    from slimship.serve.rollout import Window, judge
+    from slimship.serve.gates import Window, judge
 
     assert parse_policy(None).stages[0].traffic == 0
     assert parse_policy(DEFAULT_POLICY).stages[-1].traffic == 100
