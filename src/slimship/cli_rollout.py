@@ -125,7 +125,7 @@ def start(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a rollout of CANDIDATE on MODEL. The policy is checked here first; the server answers with the first stage."""
-    from slimship.serve.rollout import parse_policy
+    from slimship.serve.config import parse_policy
 
     data = None
     if policy is not None:

@@ -14,6 +14,7 @@ expected and, where it helps, an example of a valid value.
     │   └── InputSpecError             a batch has wrong input names, dtypes or shapes
     ├── CandidateError                 a candidate directory is missing, unreadable or inconsistent
     ├── RegistryError                  the model registry refused an operation
+    │   └── RolloutConflictError       a model already has an active rollout (started here or by another server)
     ├── ExecutorError                  a search executor can't run: its extra isn't installed, its cluster
     │                                  can't be reached, or the cluster can't place one trial's resources
     └── ServingError                   the server refused a request or a configuration
@@ -33,6 +34,7 @@ __all__ = [
     "InferenceError",
     "InputSpecError",
     "RegistryError",
+    "RolloutConflictError",
     "ServingError",
     "SlimshipError",
     "VerificationError",
@@ -93,6 +95,16 @@ class CandidateError(SlimshipError):
 
 class RegistryError(SlimshipError):
     """The model registry refused an operation (unknown model/version, hash mismatch, bad stage)."""
+
+
+class RolloutConflictError(RegistryError):
+    """A rollout can't start: the model already has an active one (``rollout_id``, in ``state``), maybe started by
+    another server on the same registry. Abort it first."""
+
+    def __init__(self, message: str, rollout_id: int, state: str) -> None:
+        super().__init__(message)
+        self.rollout_id = rollout_id
+        self.state = state
 
 
 class ExecutorError(SlimshipError):

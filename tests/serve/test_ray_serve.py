@@ -220,3 +220,51 @@ def test_ray_bad_input_is_a_clear_error(digits_chain):
     # --address without --ray
     out = _serve("--address", "auto", "-m", model, "--port", "0", timeout=60)
     assert out.returncode == 2 and "only apply with --ray" in " ".join(out.stderr.split())
+
+
+def test_queue_depth_under_load_shows_in_admin_state_and_dashboard(tmp_path, models):
+    """Requests waiting for a version on Ray (sent by the ingress, not yet answered by a replica) are its queue:
+    under load the admin state and the dashboard show them, and they go back to 0 once the load stops."""
+    cfg = {
+        "models": [
+            {
+                "name": "slow",
+                "path": models["slow"],
+                "batching": {"max_batch_size": 1},
+                "replicas": {"num_cpus": 1, "max_ongoing_requests": 2},
+            }
+        ]
+    }
+    s = ServerProcess(tmp_path, cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN}, args=("--ray",), ready_timeout=240)
+    base = f"http://{s.url}"
+    body = {"inputs": [{"name": "x", "shape": [1, 2048], "datatype": "FP32", "data": [0.5] * 2048}]}
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            while not stop.is_set():
+                statuses.append(c.post("/v2/models/slow/infer", json=body).status_code)
+
+    def queue() -> tuple[int, int]:
+        admin = httpx.get(f"{base}/v2/admin/models", headers=H).json()["models"]["slow"]["versions"]["1"]
+        dash = httpx.get(f"{base}/v2/dashboard/state").json()["models"][0]["versions"][0]
+        return admin["queue"], dash["queue"]
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(statuses) >= 5, 120, what="the load to start")
+        seen = wait_for(lambda: min(q := queue()) >= 2 and q, 60, every=0.1, what="a queue under load")
+        assert max(seen) <= 8  # never more than the clients sending
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert set(statuses) == {200}
+        wait_for(lambda: queue() == (0, 0), 30, what="the queue to drain")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)  # before the server goes, so no client meets a closed connection
+        s.stop()

@@ -106,6 +106,8 @@ def test_faithful_candidate_goes_shadow_canary_full_and_is_promoted(tmp_path, di
             d = e["detail"]
             assert d["stage_name"] == stage["name"] and d["candidate"]["requests"] >= stage["min_requests"]
             assert d["fidelity"]["pairs"] >= 20 and d["fidelity"]["mean"] >= 0.99
+            # judged by the workload's own fidelity function, as offline
+            assert d["fidelity"]["judged_by"] == {"workload digits: top1_agreement": d["fidelity"]["pairs"]}
             assert all(g["ok"] and g["judged"] for g in d["gates"].values()), d["gates"]
             assert d["window"]["from"] < d["window"]["to"]
         # the registry moved the stages, with the evidence
@@ -333,7 +335,8 @@ def test_bad_rollout_requests_get_clear_errors(tmp_path, digits, digits_chain, r
 
 def test_policy_validation_and_gate_judgement_units():
     from slimship.errors import ConfigError
-    from slimship.serve.rollout import DEFAULT_POLICY, Window, judge, parse_policy
+    from slimship.serve.config import DEFAULT_POLICY, parse_policy
+    from slimship.serve.gates import Window, judge
 
     assert parse_policy(None).stages[0].traffic == 0
     assert parse_policy(DEFAULT_POLICY).stages[-1].traffic == 100
@@ -410,11 +413,65 @@ def test_policy_validation_and_gate_judgement_units():
 def test_the_example_policy_and_serving_config_are_valid():
     from pathlib import Path
 
-    from slimship.serve.config import load_serve_config
-    from slimship.serve.rollout import parse_policy
+    from slimship.serve.config import load_serve_config, parse_policy
 
     root = Path(__file__).resolve().parents[2] / "examples" / "rollout"
     p = parse_policy((root / "policy.yaml").read_text(), "policy.yaml")
     assert [s.traffic for s in p.stages] == [0, 5, 25, 50, 100] and p.gates.min_fidelity == 0.98
     cfg = load_serve_config(root / "serve.yaml", {})
     assert [m.registry for m in cfg.models] == ["production", "latest"]
+
+
+def _two_version_registry(root, digits_chain):
+    from slimship.registry import Registry
+
+    _, exp, opt = digits_chain
+    reg = Registry(root)
+    reg.register(exp.path, "digits", stage="production")  # v1
+    reg.register(opt.path, "digits", parent=1)  # v2
+    reg.close()
+    return root
+
+
+def test_a_rollout_another_server_started_is_a_typed_conflict_and_409(tmp_path, digits_chain):
+    from slimship.errors import RegistryError, RolloutConflictError
+    from slimship.registry import Registry
+
+    root = _two_version_registry(tmp_path / "reg", digits_chain)
+    reg = Registry(root)
+    first = reg.start_rollout("digits", 2, 1, {"stages": []}, served_as="digits")
+    with pytest.raises(RolloutConflictError) as err:
+        reg.start_rollout("digits", 2, 1, {"stages": []}, served_as="digits")
+    assert isinstance(err.value, RegistryError) and "abort it first" in str(err.value)
+    assert err.value.rollout_id == first["id"] and err.value.state == "running"
+    reg.update_rollout(first["id"], "rollout.aborted", {}, state="aborted", reason="test")
+    reg.close()
+    # two servers on one registry: the second learns of the first's rollout from the registry only
+    servers = [_server(tmp_path, root, ("1", "2")) for _ in range(2)]
+    slow = {"stages": [{"traffic": 0, "min_requests": 1_000_000}, {"traffic": 100, "min_requests": 1}]}
+    try:
+        a, b = (f"http://{s.url}/v2/admin/models/digits/rollout" for s in servers)
+        assert httpx.post(a, json={"candidate": "2", "policy": slow}, headers=H).status_code == 200
+        r = httpx.post(b, json={"candidate": "2", "policy": slow}, headers=H)
+        assert r.status_code == 409 and "already has a running rollout" in r.json()["error"], r.text
+        assert httpx.post(f"{a}/abort", headers=H).json()["state"] == "aborted"
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_rollout_errors_list_versions_in_numeric_order(tmp_path, digits_chain):
+    root = _two_version_registry(tmp_path / "reg", digits_chain)
+    cfg = {
+        "registry": str(root),
+        "models": [
+            {"name": "digits", "registry": "1", "version": "2"},
+            {"name": "digits", "registry": "2", "version": "10"},
+        ],
+    }
+    s = ServerProcess(tmp_path, cfg, env={"SLIMSHIP_ADMIN_TOKEN": ADMIN})
+    try:
+        r = httpx.post(f"http://{s.url}/v2/admin/models/digits/rollout", json={"candidate": "7"}, headers=H)
+        assert r.status_code == 404 and "(loaded: ['2', '10'])" in r.json()["error"], r.text
+    finally:
+        s.stop()

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from slimship.serve.compare import HEURISTIC
 from tests.serve.conftest import ServerProcess
 
 ADMIN = "adm1n-t0ken"
@@ -93,6 +94,7 @@ def test_shadow_mirrors_traffic_and_records_fidelity(server):
             break
         time.sleep(0.05)
     assert st["pairs"] >= 60 and st["errors"] == 0
+    assert st["judged_by"] == {HEURISTIC: st["pairs"]}  # bare ONNX files: no workload to judge with
     assert st["fidelity_mean"] == pytest.approx(1.0) and st["fidelity_min"] == pytest.approx(
         1.0
     )  # v2 is the same model

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimship.errors import RegistryError
+from slimship.errors import RegistryError, RolloutConflictError
 from slimship.registry.store import ArtifactStore, _test_pause, manifest_digest
 
 STAGES = ("none", "staging", "production", "archived")
@@ -322,9 +322,11 @@ class Registry:
                 .first()
             )
             if active is not None:
-                raise RegistryError(
+                raise RolloutConflictError(
                     f"{model!r} already has a {active.state} rollout (#{active.id}); abort it first "
-                    f"(`slimship rollout abort {active.served_as}`)"
+                    f"(`slimship rollout abort {active.served_as}`)",
+                    active.id,
+                    active.state,
                 )
             cand = self._existing_row(s, m.id, model, candidate)
             base = self._existing_row(s, m.id, model, baseline)

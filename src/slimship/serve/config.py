@@ -1,34 +1,139 @@
-"""What `slimship serve` serves: a YAML file or command-line flags, validated before anything loads.
+"""Every config and wire model of the server, validated before anything loads (no other serve module is imported
+here): the serving config (:class:`ServeConfig`, :class:`ModelSpec`), per-version settings (:class:`BatchingConfig`,
+:class:`DriftConfig`, :class:`ReplicaConfig`), traffic policies, rollout policies (:class:`RolloutPolicy`) and the
+admin API's request bodies.
 
-host: 127.0.0.1
-port: 8000
-registry: ~/.local/share/slimship/registry    # optional (and registry_url for PostgreSQL)
-limits: {max_body_bytes: 67108864}
-models:
-  - name: minilm
-    registry: production          # a version number or stage of the registry model `minilm`
-    batching: {max_batch_size: 32, max_queue_delay_ms: 2}
-  - name: minilm
-    registry: 4
-  - name: mnist
-    path: runs/mnist/optimized    # an ONNX file or a candidate directory
-    version: "1"
-traffic:
-  minilm: {weights: {"3": 95, "4": 5}, sticky_header: x-user-id, shadow: {version: "4", fraction: 1.0}}
+What `slimship serve` serves, as a YAML file (command-line flags add to it)::
+
+    host: 127.0.0.1
+    port: 8000
+    registry: ~/.local/share/slimship/registry    # optional (and registry_url for PostgreSQL)
+    limits: {max_body_bytes: 67108864}
+    models:
+      - name: minilm
+        registry: production          # a version number or stage of the registry model `minilm`
+        batching: {max_batch_size: 32, max_queue_delay_ms: 2}
+      - name: minilm
+        registry: 4
+      - name: mnist
+        path: runs/mnist/optimized    # an ONNX file or a candidate directory
+        version: "1"
+    traffic:
+      minilm: {weights: {"3": 95, "4": 5}, sticky_header: x-user-id, shadow: {version: "4", fraction: 1.0}}
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from slimship.errors import ConfigError
-from slimship.serve.app import Limits, TrafficPolicy
-from slimship.serve.drift import DriftConfig
-from slimship.serve.endpoint import BatchingConfig
-from slimship.serve.ray_serve import ReplicaConfig
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: largest request body in bytes (413 beyond)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+
+class ShadowPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: str
+    #: share of the model's traffic mirrored to the shadow version, in [0, 1]
+    fraction: float = Field(default=1.0, ge=0, le=1)
+
+
+class TrafficPolicy(BaseModel):
+    """How versionless requests to a model are split between its versions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: version → weight (any non-negative numbers; normalised); empty = the registry's production version takes all
+    #: when it is loaded, else the newest loaded version
+    weights: dict[str, float] = Field(default_factory=dict)
+    #: a request header whose value pins a caller to one variant (e.g. x-user-id); None = random per request
+    sticky_header: str | None = None
+    shadow: ShadowPolicy | None = None
+
+
+class BatchingConfig(BaseModel):
+    """How an endpoint batches and protects itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: most rows in one executed batch (a request with more rows is refused)
+    max_batch_size: int = Field(default=32, ge=1)
+    #: longest the batcher waits for more requests once it has one, in milliseconds. 0 (default): a batch starts as
+    #: soon as the previous one ends, holding whatever arrived meanwhile — on a CPU that already batches under load
+    #: and adds no latency when idle; raise it only when arrivals are sparse and a run's fixed cost is high
+    max_queue_delay_ms: float = Field(default=0.0, ge=0)
+    #: most requests waiting; beyond it requests get 503 with Retry-After
+    max_queue: int = Field(default=256, ge=1)
+    #: pad variable-length sequences (axis 1) to batch them: auto = when the model has an attention_mask input
+    pad: Literal["auto", "on", "off"] = "auto"
+    #: a request not answered within this many seconds gets 504
+    timeout_s: float = Field(default=30.0, gt=0)
+    #: intra-op threads in all (None: physical cores), split between the instances
+    threads: int | None = Field(default=None, ge=1)
+    #: model instances running batches side by side, each with its own session and threads/instances intra-op
+    #: threads (Triton's instance count): one batch's serial parts overlap another's
+    instances: int = Field(default=1, ge=1, le=16)
+
+
+class DriftConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = True
+    #: the workload whose evaluation data is the reference (default: the one in the version's lineage)
+    workload: str | None = None
+    #: evaluation samples the reference is built from
+    samples: int = Field(default=512, ge=32)
+    #: most recent rows the live distribution is taken from
+    window: int = Field(default=1000, ge=50)
+    #: rows needed before the score is reported
+    min_rows: int = Field(default=200, ge=20)
+    bins: int = Field(default=10, ge=4, le=50)
+    warn_psi: float = Field(default=0.1, gt=0)
+    alert_psi: float = Field(default=0.25, gt=0)
+
+
+class Autoscaling(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    #: requests in flight per replica Serve aims for when it scales
+    target_ongoing_requests: float = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"autoscaling: max_replicas {self.max_replicas} < min_replicas {self.min_replicas}"
+            )
+        return self
+
+
+class ReplicaConfig(BaseModel):
+    """How a model version runs on Ray Serve (ignored by the single-process server)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_replicas: int = Field(default=1, ge=1)
+    #: replaces num_replicas when given
+    autoscaling: Autoscaling | None = None
+    #: requests one replica holds at once (its batcher forms batches from them); Serve's default 5 starves it
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    #: requests waiting in Serve for a replica, per handle; beyond, 503 at once
+    max_queued_requests: int = Field(default=256, ge=1)
+    #: CPUs reserved per replica (its ONNX Runtime threads)
+    num_cpus: float = Field(default=1.0, gt=0)
 
 
 class ModelSpec(BaseModel):
@@ -134,3 +239,176 @@ def load_serve_config(path: str | Path | None, overrides: dict[str, Any]) -> Ser
             f"{'.'.join(str(x) for x in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors()
         )
         raise ConfigError(f"{where}invalid serving config: {msgs}") from err
+
+
+# ---- rollout policies ------------------------------------------------------------------------------
+
+
+class Gates(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: lowest mean agreement of candidate and baseline outputs on the same inputs, in (0, 1]
+    min_fidelity: float | None = Field(default=None, gt=0, le=1)
+    #: highest candidate p99 latency in milliseconds
+    max_latency_p99_ms: float | None = Field(default=None, gt=0)
+    #: highest candidate p99 / baseline p99 in the same window (1.5 = at most 50% slower)
+    max_latency_p99_ratio: float | None = Field(default=None, gt=0)
+    #: highest share of failed candidate requests, in [0, 1)
+    max_error_rate: float | None = Field(default=None, ge=0, lt=1)
+
+    def merged(self, over: Gates | None) -> Gates:
+        if over is None:
+            return self
+        return Gates(**{**self.model_dump(), **over.model_dump(exclude_unset=True)})
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str | None = None
+    #: percent of versionless requests the candidate answers (0 = shadow only)
+    traffic: float = Field(ge=0, le=100)
+    #: percent of requests also run on the other version to measure fidelity (default: 100 in shadow, 25 otherwise)
+    compare: float | None = Field(default=None, ge=0, le=100)
+    #: candidate requests (answered or shadow) before the stage can pass
+    min_requests: int = Field(ge=1)
+    #: shortest time in the stage, in seconds (a soak time)
+    min_seconds: float = Field(default=0.0, ge=0)
+    #: gates of this stage, overriding the policy's gates key by key
+    gates: Gates | None = None
+
+    @property
+    def compare_percent(self) -> float:
+        return self.compare if self.compare is not None else (100.0 if self.traffic == 0 else 25.0)
+
+    def label(self, index: int) -> str:
+        return self.name or (
+            "shadow" if self.traffic == 0 else "full" if self.traffic == 100 else f"canary-{self.traffic:g}"
+        )
+
+
+class RolloutPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stages: list[Stage] = Field(min_length=1)
+    gates: Gates = Gates()
+    #: compared requests needed before the fidelity gate is judged
+    min_pairs: int = Field(default=30, ge=1)
+    #: after the last stage, make the candidate production in the registry (false: stay at the last stage's split)
+    promote: bool = True
+    #: seconds between evaluations of the gates
+    tick_s: float = Field(default=0.25, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _possible(self) -> RolloutPolicy:
+        prev = -1.0
+        for i, st in enumerate(self.stages):
+            where = f"stage {i + 1} ({st.label(i)})"
+            if st.traffic < prev:
+                raise ValueError(
+                    f"{where}: traffic {st.traffic:g}% is below the previous stage's {prev:g}%; a rollout only "
+                    "moves traffic towards the candidate"
+                )
+            prev = st.traffic
+            g = self.gates.merged(st.gates)
+            if st.traffic == 0 and st.compare_percent == 0:
+                raise ValueError(
+                    f"{where}: traffic 0 and compare 0 — the candidate would never see a request; "
+                    "give compare > 0 (e.g. 100 for a shadow stage)"
+                )
+            if g.min_fidelity is not None and st.compare_percent == 0:
+                raise ValueError(
+                    f"{where}: a min_fidelity gate with compare 0 can never be judged (fidelity comes from "
+                    "requests run on both versions); give compare > 0 or drop the gate"
+                )
+        if self.promote and self.stages[-1].traffic != 100:
+            raise ValueError(
+                f"the last stage sends {self.stages[-1].traffic:g}% to the candidate; promotion needs a last "
+                "stage at traffic 100 (or set promote: false to hold at the last split)"
+            )
+        return self
+
+
+DEFAULT_POLICY: dict[str, Any] = {
+    "stages": [
+        {"name": "shadow", "traffic": 0, "compare": 100, "min_requests": 200},
+        {"name": "canary-5", "traffic": 5, "min_requests": 50},
+        {"name": "canary-25", "traffic": 25, "min_requests": 100},
+        {"name": "canary-50", "traffic": 50, "min_requests": 100},
+        {"name": "full", "traffic": 100, "min_requests": 100},
+    ],
+    "gates": {"min_fidelity": 0.98, "max_error_rate": 0.01, "max_latency_p99_ratio": 1.5},
+    "min_pairs": 30,
+}
+
+
+def parse_policy(data: Any, source: str = "policy") -> RolloutPolicy:
+    """A policy from a mapping, YAML/JSON text, or None (the default); errors name the key and the fix."""
+    if data is None:
+        data = DEFAULT_POLICY
+    if isinstance(data, str):
+        import yaml
+
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: a rollout policy is a mapping with `stages` (and `gates`, `min_pairs`, `promote`)"
+        )
+    try:
+        return RolloutPolicy.model_validate(data)
+    except ValidationError as err:
+        msgs = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(policy)'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{source}: invalid rollout policy: {msgs}") from err
+
+
+# ---- admin API bodies ------------------------------------------------------------------------------
+
+
+class LoadBody(BaseModel):
+    """``POST /v2/admin/models/{m}/load``: a file or a registry version, and how to serve it."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None
+    registry: str | None = None  # a version number or stage of the registry model with this name
+    registry_model: str | None = None
+    version: str | None = None
+    batching: BatchingConfig = BatchingConfig()
+    drift: DriftConfig = DriftConfig()
+    replicas: ReplicaConfig | None = (
+        None  # on Ray Serve (`serve --ray`); ignored by the single-process server
+    )
+
+
+class StageBody(BaseModel):
+    """``POST /v2/admin/models/{m}/versions/{v}/stage``."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: str
+    reason: str = ""
+
+
+class FeedbackBody(BaseModel):
+    """``POST /v2/models/{m}/feedback``: an outcome for an answered request."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1)
+    outcome: StrictBool | StrictInt | StrictFloat  # true/false, 0/1 or any number; "yes" is refused
+    metric: str = Field(default="outcome", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class RolloutBody(BaseModel):
+    """``POST /v2/admin/models/{m}/rollout``."""
+
+    model_config = ConfigDict(extra="forbid")
+    candidate: str
+    baseline: str | None = None
+    policy: dict[str, Any] | None = None
+
+
+class ReasonBody(BaseModel):
+    """``POST /v2/admin/models/{m}/rollout/{pause|resume|abort}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = ""

@@ -11,7 +11,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from slimship.serve.app import Server
+    from slimship.serve.server import Server
 
 
 @cache
@@ -21,18 +21,13 @@ def page() -> str:
 
 async def state(server: Server) -> dict[str, Any]:
     from slimship import __version__
-    from slimship.serve.app import _version_key
 
     models = []
     for name, group in sorted(server.models.items()):
-        weights = {v: w for v, w in group.policy.weights.items() if v in group.versions and w > 0}
-        total = sum(weights.values())
-        default = group.default_version() if group.versions else None
         versions = []
-        for v in sorted(group.versions, key=_version_key):
+        for v, share in group.shares().items():
             ep = group.versions[v]
-            share = (weights.get(v, 0.0) / total * 100) if total else (100.0 if v == default else 0.0)
-            drift = getattr(ep, "drift", None)
+            drift = ep.drift
             versions.append(
                 {
                     "version": v,
@@ -42,7 +37,7 @@ async def state(server: Server) -> dict[str, Any]:
                     "registry_version": ep.source.get("version"),
                     "path": ep.source.get("path"),
                     "traffic_percent": round(share, 2),
-                    "queue": ep._queue.qsize() if ep._queue else 0,
+                    "queue": ep.queue_depth,
                     "live": server.live.snapshot(name, v),
                     "drift": drift.snapshot() if drift is not None else None,
                 }

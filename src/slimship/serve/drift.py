@@ -31,28 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from slimship.serve.config import DriftConfig
 
 log = logging.getLogger("slimship.serve")
 
 _EPS = 1e-4
 _PCS = 3
-
-
-class DriftConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    enabled: bool = True
-    #: the workload whose evaluation data is the reference (default: the one in the version's lineage)
-    workload: str | None = None
-    #: evaluation samples the reference is built from
-    samples: int = Field(default=512, ge=32)
-    #: most recent rows the live distribution is taken from
-    window: int = Field(default=1000, ge=50)
-    #: rows needed before the score is reported
-    min_rows: int = Field(default=200, ge=20)
-    bins: int = Field(default=10, ge=4, le=50)
-    warn_psi: float = Field(default=0.1, gt=0)
-    alert_psi: float = Field(default=0.25, gt=0)
 
 
 def psi(ref_probs: np.ndarray, cur_probs: np.ndarray) -> float:
@@ -332,66 +317,10 @@ class DriftMonitor:
         if rows < self.cfg.min_rows:
             self._last = out
             return out
-        groups: dict[tuple[Any, ...], list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]] = {}
-        for inputs, outputs in kept:
-            key = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(inputs.items()))
-            groups.setdefault(key, []).append((inputs, outputs))
-        values: dict[str, list[np.ndarray]] = {}
-        for members in groups.values():
-            ins = {k: np.concatenate([m[0][k] for m in members]) for k in members[0][0]}
-            outs = {
-                k: np.concatenate([m[1][k] for m in members])
-                for k in members[0][1]
-                if all(k in m[1] and m[1][k].shape[1:] == members[0][1][k].shape[1:] for m in members)
-            }
-            row_f, pooled_f = _row_features(ins, outs, ref.pcs)
-            for k, v in {**row_f, **pooled_f}.items():
-                if k in ref.features:
-                    values.setdefault(k, []).append(v)
-        from scipy.stats import ks_2samp
-
-        feats = {}
-        for k, f in ref.features.items():
-            if k not in values:
-                continue
-            cur = np.concatenate(values[k]).astype(np.float64)
-            value = psi(f["probs"], _hist(cur, f["edges"], f["categorical"], f["n_bins"]))
-            ks = ks_2samp(
-                f["sample"], cur if cur.size <= 5000 else cur[-5000:], method="asymp"
-            )  # exact p: 10x slower
-            noise = (f["n_bins"] - 1) * (1 / f.get("n", ref.rows) + 1 / cur.size)
-            feats[k] = {
-                "psi": round(value, 4),
-                "noise_psi": round(noise, 4),
-                "ks": round(float(ks.statistic), 4),
-                "ks_p": float(ks.pvalue),
-            }
+        feats = _compare_features(ref, _live_features(ref, kept))
         out["features"] = feats
         if feats:
-            counted = {k: (v["psi"] if v["psi"] > 3 * v["noise_psi"] else 0.0) for k, v in feats.items()}
-            worst = max(counted, key=lambda k: counted[k])
-            out["score"], out["worst_feature"] = counted[worst], worst
-            was = self.alert
-            if out["score"] >= self.cfg.alert_psi:
-                self.alert = True
-            elif out["score"] < self.cfg.warn_psi:
-                self.alert = False
-            out["alert"] = self.alert
-            if self.alert != was:
-                (log.warning if self.alert else log.info)(
-                    json.dumps(
-                        {
-                            "event": "drift.alert" if self.alert else "drift.cleared",
-                            "model": self.model,
-                            "version": self.version,
-                            "score": out["score"],
-                            "feature": worst,
-                            "threshold": self.cfg.alert_psi if self.alert else self.cfg.warn_psi,
-                        }
-                    )
-                )
-                if self.alert and self.metrics is not None:
-                    self.metrics.drift_alerts.labels(self.model, self.version).inc()
+            self._score(out, feats)
         if self.metrics is not None:
             for k, f in feats.items():
                 self.metrics.drift_psi.labels(self.model, self.version, k).set(f["psi"])
@@ -399,3 +328,77 @@ class DriftMonitor:
             self.metrics.drift_alert.labels(self.model, self.version).set(1.0 if self.alert else 0.0)
         self._last = out
         return out
+
+    def _score(self, out: dict[str, Any], feats: dict[str, dict[str, float]]) -> None:
+        """The worst counting feature's PSI is the score; the alert rises at alert_psi and clears under warn_psi."""
+        counted = {k: (v["psi"] if v["psi"] > 3 * v["noise_psi"] else 0.0) for k, v in feats.items()}
+        worst = max(counted, key=lambda k: counted[k])
+        out["score"], out["worst_feature"] = counted[worst], worst
+        was = self.alert
+        if out["score"] >= self.cfg.alert_psi:
+            self.alert = True
+        elif out["score"] < self.cfg.warn_psi:
+            self.alert = False
+        out["alert"] = self.alert
+        if self.alert == was:
+            return
+        (log.warning if self.alert else log.info)(
+            json.dumps(
+                {
+                    "event": "drift.alert" if self.alert else "drift.cleared",
+                    "model": self.model,
+                    "version": self.version,
+                    "score": out["score"],
+                    "feature": worst,
+                    "threshold": self.cfg.alert_psi if self.alert else self.cfg.warn_psi,
+                }
+            )
+        )
+        if self.alert and self.metrics is not None:
+            self.metrics.drift_alerts.labels(self.model, self.version).inc()
+
+
+def _live_features(
+    ref: Reference, kept: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+) -> dict[str, list[np.ndarray]]:
+    """The reference's features computed on the kept requests (stacked by input shapes)."""
+    groups: dict[tuple[Any, ...], list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]] = {}
+    for inputs, outputs in kept:
+        key = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(inputs.items()))
+        groups.setdefault(key, []).append((inputs, outputs))
+    values: dict[str, list[np.ndarray]] = {}
+    for members in groups.values():
+        ins = {k: np.concatenate([m[0][k] for m in members]) for k in members[0][0]}
+        outs = {
+            k: np.concatenate([m[1][k] for m in members])
+            for k in members[0][1]
+            if all(k in m[1] and m[1][k].shape[1:] == members[0][1][k].shape[1:] for m in members)
+        }
+        row_f, pooled_f = _row_features(ins, outs, ref.pcs)
+        for k, v in {**row_f, **pooled_f}.items():
+            if k in ref.features:
+                values.setdefault(k, []).append(v)
+    return values
+
+
+def _compare_features(ref: Reference, values: dict[str, list[np.ndarray]]) -> dict[str, dict[str, float]]:
+    """PSI (with its sampling noise floor) and KS of each live feature against the reference."""
+    from scipy.stats import ks_2samp
+
+    feats = {}
+    for k, f in ref.features.items():
+        if k not in values:
+            continue
+        cur = np.concatenate(values[k]).astype(np.float64)
+        value = psi(f["probs"], _hist(cur, f["edges"], f["categorical"], f["n_bins"]))
+        ks = ks_2samp(
+            f["sample"], cur if cur.size <= 5000 else cur[-5000:], method="asymp"
+        )  # exact p: 10x slower
+        noise = (f["n_bins"] - 1) * (1 / f.get("n", ref.rows) + 1 / cur.size)
+        feats[k] = {
+            "psi": round(value, 4),
+            "noise_psi": round(noise, 4),
+            "ks": round(float(ks.statistic), 4),
+            "ks_p": float(ks.pvalue),
+        }
+    return feats

@@ -1,4 +1,7 @@
-"""An endpoint: one model version with its own ONNX Runtime session and dynamic batcher.
+"""An endpoint: one model version with its own ONNX Runtime session and dynamic batcher; and
+:class:`ServedEndpoint`, what every served version provides to routing, the server, the HTTP handlers, rollouts and
+the dashboard (the local :class:`Endpoint` here, Ray's ``RemoteEndpoint``), with :class:`ModelIO` the request checks
+both share.
 
 Requests are validated against the model's inputs (names, datatypes, ranks, fixed dimensions) *before* they
 are queued. The queue is bounded: when it is full a request is refused at once with 503 and Retry-After, never
@@ -18,11 +21,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from slimship.serve.config import BatchingConfig, DriftConfig
 from slimship.serve.protocol import DATATYPES, Overloaded, ProtocolError, TimedOut
 
 _ORT_TO_DT = {
@@ -42,29 +45,6 @@ _ORT_TO_DT = {
 }
 
 
-class BatchingConfig(BaseModel):
-    """How an endpoint batches and protects itself."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    #: most rows in one executed batch (a request with more rows is refused)
-    max_batch_size: int = Field(default=32, ge=1)
-    #: longest the batcher waits for more requests once it has one, in milliseconds. 0 (default): a batch starts as
-    #: soon as the previous one ends, holding whatever arrived meanwhile — on a CPU that already batches under load
-    #: and adds no latency when idle; raise it only when arrivals are sparse and a run's fixed cost is high
-    max_queue_delay_ms: float = Field(default=0.0, ge=0)
-    #: most requests waiting; beyond it requests get 503 with Retry-After
-    max_queue: int = Field(default=256, ge=1)
-    #: pad variable-length sequences (axis 1) to batch them: auto = when the model has an attention_mask input
-    pad: Literal["auto", "on", "off"] = "auto"
-    #: a request not answered within this many seconds gets 504
-    timeout_s: float = Field(default=30.0, gt=0)
-    #: intra-op threads in all (None: physical cores), split between the instances
-    threads: int | None = Field(default=None, ge=1)
-    #: model instances running batches side by side, each with its own session and threads/instances intra-op
-    #: threads (Triton's instance count): one batch's serial parts overlap another's
-    instances: int = Field(default=1, ge=1, le=16)
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -77,6 +57,126 @@ class TensorSpec:
             "datatype": self.datatype,
             "shape": [d if isinstance(d, int) else -1 for d in self.shape],
         }
+
+
+class ServedEndpoint(Protocol):
+    """What routing, the server, the HTTP handlers, rollouts and the dashboard need from a served version — the
+    local :class:`Endpoint` and Ray's ``RemoteEndpoint`` both provide it."""
+
+    model: str
+    version: str
+    #: where it came from: {"path": …} or {"registry", "version", "digest", "stage", "workload"}
+    source: dict[str, Any]
+    config: BatchingConfig
+    path: Path
+    ready: bool
+    #: requests started and not yet answered
+    in_flight: int
+    #: an ONNX Runtime session (or a stand-in with get_inputs/get_outputs/run) the drift reference is built with
+    session: Any
+    drift_config: DriftConfig | None
+    drift: Any  # its DriftMonitor once attached
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for this version (not yet answered)."""
+        ...
+
+    def runtime_settings(self) -> dict[str, Any]: ...
+
+    def metadata(self) -> dict[str, Any]: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, drain_timeout: float = 30.0) -> None: ...
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class ModelIO:
+    """A served version's inputs and outputs: its protocol metadata and the checks made on a request before it is
+    queued. Shared by the local :class:`Endpoint` and Ray's ``RemoteEndpoint`` (which validates in the ingress)."""
+
+    model: str
+    version: str
+    config: BatchingConfig
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    #: axis 0 of every input is a batch axis (requests can be stacked)
+    batchable: bool
+    #: variable-length sequences (axis 1) are padded to batch them
+    pads: bool
+
+    def runtime_settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.model,
+            "versions": [self.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [s.as_dict() for s in self.inputs],
+            "outputs": [s.as_dict() for s in self.outputs],
+            "parameters": {"runtime_settings": self.runtime_settings()},
+        }
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
+        """Check names, datatypes and shapes against the model; returns (rows, sequence length if padded)."""
+        from slimship.serve.protocol import datatype_of
+
+        by_name = {s.name: s for s in self.inputs}
+        expected = list(by_name)
+        unknown = [n for n in inputs if n not in by_name]
+        if unknown:
+            raise ProtocolError(
+                f"unknown input(s) {unknown} for {self.model} v{self.version}; it takes {expected}"
+            )
+        missing = [n for n in expected if n not in inputs]
+        if missing:
+            raise ProtocolError(
+                f"missing input(s) {missing} for {self.model} v{self.version}; it takes {expected}"
+            )
+        rows: int | None = None
+        seq: int | None = None
+        for name, arr in inputs.items():
+            spec = by_name[name]
+            dt = datatype_of(arr)
+            if dt != spec.datatype:
+                raise ProtocolError(
+                    f"input {name!r} is {dt} but {self.model} v{self.version} takes {spec.datatype}"
+                )
+            if arr.ndim != len(spec.shape):
+                raise ProtocolError(
+                    f"input {name!r} has shape {list(arr.shape)} but the model takes rank {len(spec.shape)} "
+                    f"{[d if isinstance(d, int) else -1 for d in spec.shape]}"
+                )
+            for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
+                if isinstance(want, int) and want >= 0 and got != want:
+                    raise ProtocolError(
+                        f"input {name!r} has shape {list(arr.shape)} but the model takes "
+                        f"{[d if isinstance(d, int) else -1 for d in spec.shape]} (axis {axis} must be {want})"
+                    )
+            if self.batchable:
+                if rows is not None and arr.shape[0] != rows:
+                    raise ProtocolError(
+                        f"inputs disagree on the batch size: {name!r} has {arr.shape[0]} rows, others {rows}"
+                    )
+                rows = int(arr.shape[0])
+            if self.pads:
+                if seq is not None and arr.shape[1] != seq:
+                    raise ProtocolError(
+                        f"inputs disagree on the sequence length: {name!r} has {arr.shape[1]}, others {seq}"
+                    )
+                seq = int(arr.shape[1])
+        rows = rows if rows is not None else 1
+        if rows == 0:
+            raise ProtocolError("a request needs at least one row")
+        if self.batchable and rows > self.config.max_batch_size:
+            raise ProtocolError(
+                f"a request of {rows} rows exceeds max_batch_size {self.config.max_batch_size} of "
+                f"{self.model} v{self.version}; split it"
+            )
+        return rows, seq
 
 
 @dataclass
@@ -102,7 +202,7 @@ def _candidate_settings(path: Path) -> tuple[Any, list[str]]:
     return decide_settings(path), []
 
 
-class Endpoint:
+class Endpoint(ModelIO):
     def __init__(
         self,
         model: str,
@@ -154,7 +254,6 @@ class Endpoint:
             TensorSpec(o.name, _ORT_TO_DT.get(o.type, o.type), tuple(o.shape))
             for o in self.session.get_outputs()
         ]
-        self._by_name = {s.name: s for s in self.inputs}
         self.batchable = all(len(s.shape) >= 1 and not isinstance(s.shape[0], int) for s in self.inputs)
         seq_dynamic = all(len(s.shape) >= 2 and not isinstance(s.shape[1], int) for s in self.inputs)
         has_mask = any("mask" in s.name.lower() for s in self.inputs)
@@ -174,8 +273,13 @@ class Endpoint:
         self._pool = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"ort-{model}-{version}")
         self.in_flight = 0
         self.ready = False
-        self.drift_config: Any = None  # a DriftConfig set by whoever builds the endpoint (None: defaults)
+        self.drift_config: DriftConfig | None = None  # set by whoever builds the endpoint (None: defaults)
         self.drift: Any = None  # its DriftMonitor once attached
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests queued for the batcher, not yet in a running batch."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -222,73 +326,6 @@ class Endpoint:
         """The deployment settings this endpoint's sessions run with (threads are per model instance)."""
         return {**self.settings.to_json(), "notes": list(self.settings_notes)}
 
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "name": self.model,
-            "versions": [self.version],
-            "platform": "onnxruntime_onnx",
-            "inputs": [s.as_dict() for s in self.inputs],
-            "outputs": [s.as_dict() for s in self.outputs],
-            "parameters": {"runtime_settings": self.runtime_settings()},
-        }
-
-    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
-        """Check names, datatypes and shapes against the model; returns (rows, sequence length if padded)."""
-        from slimship.serve.protocol import datatype_of
-
-        expected = [s.name for s in self.inputs]
-        unknown = [n for n in inputs if n not in self._by_name]
-        if unknown:
-            raise ProtocolError(
-                f"unknown input(s) {unknown} for {self.model} v{self.version}; it takes {expected}"
-            )
-        missing = [n for n in expected if n not in inputs]
-        if missing:
-            raise ProtocolError(
-                f"missing input(s) {missing} for {self.model} v{self.version}; it takes {expected}"
-            )
-        rows: int | None = None
-        seq: int | None = None
-        for name, arr in inputs.items():
-            spec = self._by_name[name]
-            dt = datatype_of(arr)
-            if dt != spec.datatype:
-                raise ProtocolError(
-                    f"input {name!r} is {dt} but {self.model} v{self.version} takes {spec.datatype}"
-                )
-            if arr.ndim != len(spec.shape):
-                raise ProtocolError(
-                    f"input {name!r} has shape {list(arr.shape)} but the model takes rank {len(spec.shape)} "
-                    f"{[d if isinstance(d, int) else -1 for d in spec.shape]}"
-                )
-            for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
-                if isinstance(want, int) and want >= 0 and got != want:
-                    raise ProtocolError(
-                        f"input {name!r} has shape {list(arr.shape)} but the model takes "
-                        f"{[d if isinstance(d, int) else -1 for d in spec.shape]} (axis {axis} must be {want})"
-                    )
-            if self.batchable:
-                if rows is not None and arr.shape[0] != rows:
-                    raise ProtocolError(
-                        f"inputs disagree on the batch size: {name!r} has {arr.shape[0]} rows, others {rows}"
-                    )
-                rows = int(arr.shape[0])
-            if self.pads:
-                if seq is not None and arr.shape[1] != seq:
-                    raise ProtocolError(
-                        f"inputs disagree on the sequence length: {name!r} has {arr.shape[1]}, others {seq}"
-                    )
-                seq = int(arr.shape[1])
-        rows = rows if rows is not None else 1
-        if rows == 0:
-            raise ProtocolError("a request needs at least one row")
-        if self.batchable and rows > self.config.max_batch_size:
-            raise ProtocolError(
-                f"a request of {rows} rows exceeds max_batch_size {self.config.max_batch_size} of "
-                f"{self.model} v{self.version}; split it"
-            )
-        return rows, seq
-
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._queue is None or not self.ready:
             raise Overloaded(
@@ -333,6 +370,51 @@ class Endpoint:
                 return False
         return True
 
+    async def _collect(self, q: asyncio.Queue[_Item], item: _Item) -> tuple[list[_Item], _Item | None]:
+        """A batch starting with ``item``: what else is queued (waiting up to max_queue_delay_ms) while it fits; the
+        first request that doesn't fit is carried to the next batch."""
+        batch, rows = [item], item.rows
+        deadline = time.perf_counter() + self.config.max_queue_delay_ms / 1000.0
+        while rows < self.config.max_batch_size:
+            try:
+                nxt = q.get_nowait()
+            except asyncio.QueueEmpty:
+                wait = deadline - time.perf_counter()
+                if wait <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(q.get(), wait)
+                except TimeoutError:
+                    break
+            if not self._fits(batch, rows, nxt):
+                return batch, nxt
+            batch.append(nxt)
+            rows += nxt.rows
+        return batch, None
+
+    def _split(self, live: list[_Item], feeds: dict[str, np.ndarray], outs: list[np.ndarray]) -> None:
+        """Answer each request of a batch with its rows of the outputs (cut back to its sequence length)."""
+        names = [o.name for o in self.outputs]
+        padded = _seq_len(feeds) if self.pads else None
+        offset = 0
+        for b in live:
+            result = {}
+            for name, arr in zip(names, outs, strict=True):
+                part = arr[offset : offset + b.rows] if self.batchable else arr
+                if (
+                    padded is not None
+                    and b.seq is not None
+                    and b.seq != padded
+                    and name in self._seq_outputs
+                    and part.ndim >= 2
+                    and part.shape[1] == padded
+                ):
+                    part = part[:, : b.seq]  # an output with the sequence axis: back to this request's length
+                result[name] = part
+            offset += b.rows
+            if not b.future.done():
+                b.future.set_result(result)
+
     async def _batcher(self, session: Any) -> None:
         assert self._queue is not None
         q = self._queue
@@ -340,26 +422,7 @@ class Endpoint:
         carry: _Item | None = None
         while True:
             item = carry or await q.get()
-            carry = None
-            batch, rows = [item], item.rows
-            deadline = time.perf_counter() + self.config.max_queue_delay_ms / 1000.0
-            while rows < self.config.max_batch_size:
-                try:
-                    nxt = q.get_nowait()
-                except asyncio.QueueEmpty:
-                    wait = deadline - time.perf_counter()
-                    if wait <= 0:
-                        break
-                    try:
-                        nxt = await asyncio.wait_for(q.get(), wait)
-                    except TimeoutError:
-                        break
-                if self._fits(batch, rows, nxt):
-                    batch.append(nxt)
-                    rows += nxt.rows
-                else:
-                    carry = nxt
-                    break
+            batch, carry = await self._collect(q, item)
             self._gauge()
             live = [b for b in batch if not b.future.done()]  # timed-out requests are dropped here
             if not live:
@@ -377,28 +440,7 @@ class Endpoint:
                 self.metrics.batch_size.labels(self.model, self.version).observe(sum(b.rows for b in live))
                 for b in live:
                     self.metrics.queue_time.labels(self.model, self.version).observe(started - b.enqueued)
-            names = [o.name for o in self.outputs]
-            padded = _seq_len(feeds) if self.pads else None
-            offset = 0
-            for b in live:
-                result = {}
-                for name, arr in zip(names, outs, strict=True):
-                    part = arr[offset : offset + b.rows] if self.batchable else arr
-                    if (
-                        padded is not None
-                        and b.seq is not None
-                        and b.seq != padded
-                        and name in self._seq_outputs
-                        and part.ndim >= 2
-                        and part.shape[1] == padded
-                    ):
-                        part = part[
-                            :, : b.seq
-                        ]  # an output with the sequence axis: back to this request's length
-                    result[name] = part
-                offset += b.rows
-                if not b.future.done():
-                    b.future.set_result(result)
+            self._split(live, feeds, outs)
 
     def _merge(self, batch: list[_Item]) -> dict[str, np.ndarray]:
         if len(batch) == 1:

@@ -121,34 +121,66 @@ def _shape(spec: dict[str, Any], name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Decode an infer request body (JSON, or JSON header + binary tensors)."""
-    if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError as err:
-            raise ProtocolError(
-                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
-            ) from err
-        if n < 0 or n > len(body):
-            raise ProtocolError(
-                f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes"
-            )
-        head, binary = body[:n], memoryview(body)[n:]
-    else:
-        head, binary = body, memoryview(b"")
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary tensor data that follows it."""
+    if header_length is None:
+        return body, memoryview(b"")
     try:
-        req = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ProtocolError(f"the request body is not valid JSON: {err}") from err
-    if not isinstance(req, dict):
-        raise ProtocolError(f"an infer request is a JSON object with `inputs`, got {type(req).__name__}")
-    raw_inputs = req.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
+        n = int(header_length)
+    except ValueError as err:
         raise ProtocolError(
-            "an infer request needs a non-empty `inputs` list, e.g. "
-            '{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}'
+            f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+        ) from err
+    if n < 0 or n > len(body):
+        raise ProtocolError(f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+    return body[:n], memoryview(body)[n:]
+
+
+def _binary_input(
+    name: str, dt: str, shape: tuple[int, ...], size: Any, binary: memoryview, offset: int
+) -> np.ndarray:
+    """An input whose values are ``size`` bytes of the binary data at ``offset``."""
+    count = int(np.prod(shape)) if shape else 1
+    if not isinstance(size, int) or size < 0:
+        raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer")
+    if offset + size > len(binary):
+        raise ProtocolError(
+            f"input {name!r}: binary_data_size {size} runs past the end of the body "
+            f"({len(binary) - offset} bytes left); the payload is truncated"
         )
+    chunk = bytes(binary[offset : offset + size])
+    if dt == "BYTES":
+        return _bytes_elements(chunk, count, name).reshape(shape)
+    item = np.dtype(DATATYPES[dt]).itemsize
+    if size != count * item:
+        raise ProtocolError(
+            f"input {name!r}: shape {list(shape)} of {dt} needs {count * item} bytes, got {size}"
+        )
+    return np.frombuffer(chunk, dtype=np.dtype(DATATYPES[dt]).newbyteorder("<")).reshape(shape)
+
+
+def _json_input(name: str, dt: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    """An input whose values are the JSON ``data`` list."""
+    count = int(np.prod(shape)) if shape else 1
+    if data is None:
+        raise ProtocolError(f"input {name!r} has neither `data` nor parameters.binary_data_size")
+    try:
+        if dt == "BYTES":
+            flat = list(np.asarray(data, dtype=np.object_).reshape(-1))
+            arr = np.empty(len(flat), dtype=np.object_)
+            arr[:] = [x.encode() if isinstance(x, str) else bytes(x) for x in flat]
+        else:
+            arr = np.asarray(data, dtype=DATATYPES[dt]).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise ProtocolError(f"input {name!r}: `data` doesn't hold {dt} values: {err}") from err
+    if arr.size != count:
+        raise ProtocolError(
+            f"input {name!r}: shape {list(shape)} needs {count} values, `data` has {arr.size}"
+        )
+    return arr.reshape(shape)
+
+
+def _inputs(raw_inputs: list[Any], binary: memoryview) -> dict[str, np.ndarray]:
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, spec in enumerate(raw_inputs):
@@ -161,70 +193,60 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         if dt not in DATATYPES:
             raise ProtocolError(f"input {name!r}: unknown datatype {dt!r}; datatypes: {sorted(DATATYPES)}")
         shape = _shape(spec, name)
-        count = int(np.prod(shape)) if shape else 1
         params = spec.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
-            if not isinstance(size, int) or size < 0:
-                raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer")
-            if offset + size > len(binary):
-                raise ProtocolError(
-                    f"input {name!r}: binary_data_size {size} runs past the end of the body "
-                    f"({len(binary) - offset} bytes left); the payload is truncated"
-                )
-            chunk = bytes(binary[offset : offset + size])
+            inputs[name] = _binary_input(name, dt, shape, size, binary, offset)
             offset += size
-            if dt == "BYTES":
-                arr = _bytes_elements(chunk, count, name)
-            else:
-                item = np.dtype(DATATYPES[dt]).itemsize
-                if size != count * item:
-                    raise ProtocolError(
-                        f"input {name!r}: shape {list(shape)} of {dt} needs {count * item} bytes, got {size}"
-                    )
-                arr = np.frombuffer(chunk, dtype=np.dtype(DATATYPES[dt]).newbyteorder("<"))
-            inputs[name] = arr.reshape(shape)
-            continue
-        data = spec.get("data")
-        if data is None:
-            raise ProtocolError(f"input {name!r} has neither `data` nor parameters.binary_data_size")
-        try:
-            if dt == "BYTES":
-                flat = list(np.asarray(data, dtype=np.object_).reshape(-1))
-                arr = np.empty(len(flat), dtype=np.object_)
-                arr[:] = [x.encode() if isinstance(x, str) else bytes(x) for x in flat]
-            else:
-                arr = np.asarray(data, dtype=DATATYPES[dt]).reshape(-1)
-        except (ValueError, TypeError, OverflowError) as err:
-            raise ProtocolError(f"input {name!r}: `data` doesn't hold {dt} values: {err}") from err
-        if arr.size != count:
-            raise ProtocolError(
-                f"input {name!r}: shape {list(shape)} needs {count} values, `data` has {arr.size}"
-            )
-        inputs[name] = arr.reshape(shape)
+        else:
+            inputs[name] = _json_input(name, dt, shape, spec.get("data"))
     if offset != len(binary):
         raise ProtocolError(
             f"{len(binary) - offset} bytes of binary data follow the inputs that no input claims"
         )
+    return inputs
+
+
+def _requested_outputs(raw: Any, binary_default: bool) -> dict[str, bool] | None:
+    """Output name → binary? for the outputs a request asks for (None: all, as JSON unless binary by default)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise ProtocolError('`outputs` must be a list of {"name": ...} objects')
+    outputs = {}
+    for o in raw:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise ProtocolError("each of `outputs` must be an object with a string `name`")
+        p = o.get("parameters") or {}
+        outputs[o["name"]] = (
+            bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default
+        )
+    return outputs
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Decode an infer request body (JSON, or JSON header + binary tensors)."""
+    head, binary = _split_body(body, header_length)
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"the request body is not valid JSON: {err}") from err
+    if not isinstance(req, dict):
+        raise ProtocolError(f"an infer request is a JSON object with `inputs`, got {type(req).__name__}")
+    raw_inputs = req.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError(
+            "an infer request needs a non-empty `inputs` list, e.g. "
+            '{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}'
+        )
+    inputs = _inputs(raw_inputs, binary)
     params = req.get("parameters") or {}
     binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
-    outputs = None
-    if req.get("outputs") is not None:
-        if not isinstance(req["outputs"], list):
-            raise ProtocolError('`outputs` must be a list of {"name": ...} objects')
-        outputs = {}
-        for o in req["outputs"]:
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise ProtocolError("each of `outputs` must be an object with a string `name`")
-            p = o.get("parameters") or {}
-            outputs[o["name"]] = (
-                bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default
-            )
     rid = req.get("id")
     return InferRequest(
         id=str(rid) if rid is not None else None,
         inputs=inputs,
-        outputs=outputs,
+        outputs=_requested_outputs(req.get("outputs"), binary_default),
         binary_output_default=binary_default,
         parameters=params if isinstance(params, dict) else {},
     )

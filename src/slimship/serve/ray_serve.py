@@ -32,11 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slimship.errors import ServingError
-from slimship.serve.endpoint import BatchingConfig, Endpoint, TensorSpec
+from slimship.serve.config import BatchingConfig, DriftConfig, Limits, ReplicaConfig, TrafficPolicy
+from slimship.serve.endpoint import Endpoint, ModelIO, ServedEndpoint, TensorSpec
+from slimship.serve.http import create_app
 from slimship.serve.protocol import Overloaded, ProtocolError, TimedOut
+from slimship.serve.run import configure_logging, resolve_models
+from slimship.serve.server import Server
 
 log = logging.getLogger("slimship.serve")
 
@@ -46,37 +49,6 @@ INGRESS_APP = "slimship"
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 #: attempts per request when its replica dies under it (the first try plus one retry on another replica)
 ATTEMPTS = 2
-
-
-class Autoscaling(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=2, ge=1)
-    #: requests in flight per replica Serve aims for when it scales
-    target_ongoing_requests: float = Field(default=16, gt=0)
-
-    @model_validator(mode="after")
-    def _order(self) -> Autoscaling:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError(
-                f"autoscaling: max_replicas {self.max_replicas} < min_replicas {self.min_replicas}"
-            )
-        return self
-
-
-class ReplicaConfig(BaseModel):
-    """How a model version runs on Ray Serve (ignored by the single-process server)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    num_replicas: int = Field(default=1, ge=1)
-    #: replaces num_replicas when given
-    autoscaling: Autoscaling | None = None
-    #: requests one replica holds at once (its batcher forms batches from them); Serve's default 5 starves it
-    max_ongoing_requests: int = Field(default=64, ge=1)
-    #: requests waiting in Serve for a replica, per handle; beyond, 503 at once
-    max_queued_requests: int = Field(default=256, ge=1)
-    #: CPUs reserved per replica (its ONNX Runtime threads)
-    num_cpus: float = Field(default=1.0, gt=0)
 
 
 def _loopback_replica_grpc() -> None:
@@ -211,7 +183,7 @@ class _RemoteSession:
         )
 
 
-class RemoteEndpoint:
+class RemoteEndpoint(ModelIO):
     """An endpoint whose batches run on Ray Serve replicas: the ingress routes, validates and measures here."""
 
     def __init__(
@@ -230,25 +202,23 @@ class RemoteEndpoint:
         self.handle, self.config, self.source, self.replicas = handle, config, source, replicas
         self.inputs = [TensorSpec(n, d, tuple(s)) for n, d, s in info["inputs"]]
         self.outputs = [TensorSpec(n, d, tuple(s)) for n, d, s in info["outputs"]]
-        self._by_name = {s.name: s for s in self.inputs}
         self.batchable, self.pads = bool(info["batchable"]), bool(info["pads"])
         self.path = Path(info["path"])
-        self.sessions = [_RemoteSession(handle, info)]
+        self.session = _RemoteSession(handle, info)
         self._runtime_settings: dict[str, Any] = dict(info["runtime_settings"])  # as the replica applies them
-        self._queue: asyncio.Queue[Any] | None = None
         self.ready = False
         self.in_flight = 0
-        self.drift_config: Any = None
+        self.drift_config: DriftConfig | None = None
         self.drift: Any = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests this ingress sent to the version and has no answer for yet: waiting in Serve's queue or a
+        replica's batcher, or running (the ingress can't tell those apart; replicas' own queues reach /metrics)."""
+        return self.in_flight
 
     def runtime_settings(self) -> dict[str, Any]:
         return self._runtime_settings
-
-    def metadata(self) -> dict[str, Any]:
-        return Endpoint.metadata(self)  # type: ignore[arg-type]
-
-    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
-        return Endpoint.validate(self, inputs)  # type: ignore[arg-type]
 
     async def start(self) -> None:
         self.ready = True
@@ -393,12 +363,7 @@ class Ingress:
         import ray
         from ray import serve
 
-        from slimship.serve.app import Limits, Server, TrafficPolicy, create_app
-        from slimship.serve.drift import DriftConfig
-
         spec = self.spec
-        from slimship.serve.run import configure_logging
-
         configure_logging(spec.get("log_level", "info"), spec.get("access_log", True))
         registry = None
         if spec.get("registry") is not None or spec.get("registry_url") is not None:
@@ -411,7 +376,7 @@ class Ingress:
             admin_token=spec.get("admin_token"),
             registry=registry,
         )
-        endpoints: list[Any] = []
+        endpoints: list[ServedEndpoint] = []
         for m in spec["models"]:
             handle = serve.get_app_handle(app_name(m["name"], m["version"]))
             info = await handle.info.remote()
@@ -435,7 +400,7 @@ class Ingress:
             batching: BatchingConfig | None,
             source: dict[str, Any],
             replicas_cfg: ReplicaConfig | None = None,
-        ) -> Any:
+        ) -> ServedEndpoint:
             replicas = replicas_cfg or ReplicaConfig()
             check_placement(ray, replicas, "this cluster", f"{name} v{version}")
             b = batching or BatchingConfig()
@@ -446,7 +411,7 @@ class Ingress:
             info = await handle.info.remote()
             return RemoteEndpoint(name, version, handle, info, b, source, replicas, server.metrics)
 
-        async def retire(ep: Any) -> None:
+        async def retire(ep: ServedEndpoint) -> None:
             await asyncio.get_running_loop().run_in_executor(
                 None, serve.delete, app_name(ep.model, ep.version)
             )
@@ -477,7 +442,6 @@ def serve_on_ray(
 
     ray, serve = import_serve(local=address is None)
     from slimship.ray_local import connect
-    from slimship.serve.run import configure_logging, resolve_models
 
     configure_logging(log_level, access_log)
     resolved = resolve_models(

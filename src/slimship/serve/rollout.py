@@ -1,4 +1,7 @@
 """Staged rollouts: a candidate version goes live in steps, judged against the production version on the same requests.
+This module owns the controller (traffic, compares, decisions, their record in the registry); the gates are judged
+in :mod:`slimship.serve.gates`, the policy's models are in :mod:`slimship.serve.config`, compares in
+:mod:`slimship.serve.compare`.
 
 A policy (YAML or JSON)::
 
@@ -23,8 +26,9 @@ measured on identical inputs with the production version as the reference. Gates
   requests. Compare runs are never timed for a gate: they queue behind and compete with the answering version, which
   no client would see (measured: a healthy INT8 candidate's shadow p99 was 2.7x fp32's live p99). So latency gates
   don't apply in a shadow stage, nor the ratio at 100% (the baseline answers nobody);
-- ``min_fidelity`` — mean agreement of candidate and baseline outputs on the same inputs (row cosine; top-1 agreement
-  for classifiers), judged from ``min_pairs`` compared requests on.
+- ``min_fidelity`` — mean agreement of candidate and baseline outputs on the same inputs, judged by the workload's
+  fidelity function (its first metric, as offline) where the workload is known, else row cosine (top-1 agreement for
+  classifiers) — see :mod:`slimship.serve.compare`; judged from ``min_pairs`` compared requests on.
 
 A breached gate rolls back at once: traffic returns to the baseline before the decision is written. When a stage has
 its requests and every gate holds, the rollout advances; after the last stage the candidate becomes production in the
@@ -38,7 +42,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -46,330 +49,25 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slimship.errors import ConfigError, RegistryError, ServingError
-from slimship.serve.protocol import NotFound, Overloaded, ProtocolError
+from slimship.errors import RolloutConflictError, ServingError
+from slimship.serve.compare import ask
+from slimship.serve.config import RolloutPolicy, TrafficPolicy, parse_policy
+from slimship.serve.gates import Judgement, Window, judge
+from slimship.serve.protocol import NotFound, ProtocolError
 
 if TYPE_CHECKING:
-    from slimship.serve.app import Server
-    from slimship.serve.endpoint import Endpoint
+    from slimship.serve.endpoint import ServedEndpoint
+    from slimship.serve.server import Server
 
 log = logging.getLogger("slimship.serve")
 
-#: a p99 from fewer samples is the maximum: latency gates wait for this many
-LATENCY_MIN_SAMPLES = 100
 #: shadow runs of one rollout allowed in flight at once; beyond, a comparison is skipped (counted as shed)
 MAX_COMPARES_IN_FLIGHT = 8
 
 
-class Gates(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    #: lowest mean agreement of candidate and baseline outputs on the same inputs, in (0, 1]
-    min_fidelity: float | None = Field(default=None, gt=0, le=1)
-    #: highest candidate p99 latency in milliseconds
-    max_latency_p99_ms: float | None = Field(default=None, gt=0)
-    #: highest candidate p99 / baseline p99 in the same window (1.5 = at most 50% slower)
-    max_latency_p99_ratio: float | None = Field(default=None, gt=0)
-    #: highest share of failed candidate requests, in [0, 1)
-    max_error_rate: float | None = Field(default=None, ge=0, lt=1)
-
-    def merged(self, over: Gates | None) -> Gates:
-        if over is None:
-            return self
-        return Gates(**{**self.model_dump(), **over.model_dump(exclude_unset=True)})
-
-
-class Stage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str | None = None
-    #: percent of versionless requests the candidate answers (0 = shadow only)
-    traffic: float = Field(ge=0, le=100)
-    #: percent of requests also run on the other version to measure fidelity (default: 100 in shadow, 25 otherwise)
-    compare: float | None = Field(default=None, ge=0, le=100)
-    #: candidate requests (answered or shadow) before the stage can pass
-    min_requests: int = Field(ge=1)
-    #: shortest time in the stage, in seconds (a soak time)
-    min_seconds: float = Field(default=0.0, ge=0)
-    #: gates of this stage, overriding the policy's gates key by key
-    gates: Gates | None = None
-
-    @property
-    def compare_percent(self) -> float:
-        return self.compare if self.compare is not None else (100.0 if self.traffic == 0 else 25.0)
-
-    def label(self, index: int) -> str:
-        return self.name or (
-            "shadow" if self.traffic == 0 else "full" if self.traffic == 100 else f"canary-{self.traffic:g}"
-        )
-
-
-class RolloutPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    stages: list[Stage] = Field(min_length=1)
-    gates: Gates = Gates()
-    #: compared requests needed before the fidelity gate is judged
-    min_pairs: int = Field(default=30, ge=1)
-    #: after the last stage, make the candidate production in the registry (false: stay at the last stage's split)
-    promote: bool = True
-    #: seconds between evaluations of the gates
-    tick_s: float = Field(default=0.25, gt=0, le=60)
-
-    @model_validator(mode="after")
-    def _possible(self) -> RolloutPolicy:
-        prev = -1.0
-        for i, st in enumerate(self.stages):
-            where = f"stage {i + 1} ({st.label(i)})"
-            if st.traffic < prev:
-                raise ValueError(
-                    f"{where}: traffic {st.traffic:g}% is below the previous stage's {prev:g}%; a rollout only "
-                    "moves traffic towards the candidate"
-                )
-            prev = st.traffic
-            g = self.gates.merged(st.gates)
-            if st.traffic == 0 and st.compare_percent == 0:
-                raise ValueError(
-                    f"{where}: traffic 0 and compare 0 — the candidate would never see a request; "
-                    "give compare > 0 (e.g. 100 for a shadow stage)"
-                )
-            if g.min_fidelity is not None and st.compare_percent == 0:
-                raise ValueError(
-                    f"{where}: a min_fidelity gate with compare 0 can never be judged (fidelity comes from "
-                    "requests run on both versions); give compare > 0 or drop the gate"
-                )
-        if self.promote and self.stages[-1].traffic != 100:
-            raise ValueError(
-                f"the last stage sends {self.stages[-1].traffic:g}% to the candidate; promotion needs a last "
-                "stage at traffic 100 (or set promote: false to hold at the last split)"
-            )
-        return self
-
-
-DEFAULT_POLICY: dict[str, Any] = {
-    "stages": [
-        {"name": "shadow", "traffic": 0, "compare": 100, "min_requests": 200},
-        {"name": "canary-5", "traffic": 5, "min_requests": 50},
-        {"name": "canary-25", "traffic": 25, "min_requests": 100},
-        {"name": "canary-50", "traffic": 50, "min_requests": 100},
-        {"name": "full", "traffic": 100, "min_requests": 100},
-    ],
-    "gates": {"min_fidelity": 0.98, "max_error_rate": 0.01, "max_latency_p99_ratio": 1.5},
-    "min_pairs": 30,
-}
-
-
-def parse_policy(data: Any, source: str = "policy") -> RolloutPolicy:
-    """A policy from a mapping, YAML/JSON text, or None (the default); errors name the key and the fix."""
-    if data is None:
-        data = DEFAULT_POLICY
-    if isinstance(data, str):
-        import yaml
-
-        try:
-            data = yaml.safe_load(data)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{source}: a rollout policy is a mapping with `stages` (and `gates`, `min_pairs`, `promote`)"
-        )
-    try:
-        return RolloutPolicy.model_validate(data)
-    except ValidationError as err:
-        msgs = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or '(policy)'}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"{source}: invalid rollout policy: {msgs}") from err
-
-
-# ---- measurement windows --------------------------------------------------------------------------
-
-
-@dataclass
-class Side:
-    requests: int = 0
-    errors: int = 0
-    shed: int = 0
-    #: requests this version answered (what clients experienced)
-    latencies_ms: list[float] = field(default_factory=list)
-    #: compare runs in the background: they queue behind and compete with the answering version, so they are kept
-    #: apart and never judged
-    compare_latencies_ms: list[float] = field(default_factory=list)
-
-    def add(self, ok: bool, ms: float | None, live: bool = True) -> None:
-        self.requests += 1
-        if not ok:
-            self.errors += 1
-        elif ms is not None:
-            (self.latencies_ms if live else self.compare_latencies_ms).append(ms)
-
-    def p99(self) -> float | None:
-        return _nearest_rank(self.latencies_ms, 0.99)
-
-    def summary(self) -> dict[str, Any]:
-        lat, cmp_ = self.latencies_ms, self.compare_latencies_ms
-        return {
-            "requests": self.requests,
-            "answered": len(lat),
-            "errors": self.errors,
-            "error_rate": round(self.errors / self.requests, 5) if self.requests else None,
-            "shed": self.shed,
-            "latency_p50_ms": _r(_nearest_rank(lat, 0.5)),
-            "latency_p99_ms": _r(self.p99()),
-            "latency_max_ms": _r(max(lat) if lat else None),
-            "compare_latency_p50_ms": _r(_nearest_rank(cmp_, 0.5)),
-            "compare_latency_p99_ms": _r(_nearest_rank(cmp_, 0.99)),
-        }
-
-
-def _nearest_rank(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[max(0, math.ceil(q * len(s)) - 1)]
-
-
-def _r(x: float | None, nd: int = 3) -> float | None:
-    return None if x is None else round(float(x), nd)
-
-
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
-
-
-@dataclass
-class Window:
-    started: float = field(default_factory=time.time)
-    candidate: Side = field(default_factory=Side)
-    baseline: Side = field(default_factory=Side)
-    fidelity: list[float] = field(default_factory=list)
-
-    def fidelity_summary(self) -> dict[str, Any]:
-        f = self.fidelity
-        return {
-            "pairs": len(f),
-            "mean": _r(float(np.mean(f)), 5) if f else None,
-            "min": _r(min(f), 5) if f else None,
-            "p05": _r(float(np.quantile(f, 0.05)), 5) if f else None,
-        }
-
-
-@dataclass
-class Judgement:
-    decision: str  # wait, advance, rollback
-    gates: dict[str, dict[str, Any]]
-    reason: str
-
-
-def judge(policy: RolloutPolicy, stage_index: int, w: Window, now: float | None = None) -> Judgement:
-    """The gates of one stage on its window: roll back on a breach, advance when everything is judged and holds."""
-    st = policy.stages[stage_index]
-    g = policy.gates.merged(st.gates)
-    c, b = w.candidate, w.baseline
-    n_final = max(c.requests, st.min_requests)
-    out: dict[str, dict[str, Any]] = {}
-    breaches: list[str] = []
-    if g.max_error_rate is not None:
-        allowed = g.max_error_rate * n_final
-        breached = c.errors > allowed
-        out["max_error_rate"] = {
-            "limit": g.max_error_rate,
-            "value": _r(c.errors / c.requests, 5) if c.requests else None,
-            "errors": c.errors,
-            "requests": c.requests,
-            "judged": breached or c.requests >= st.min_requests,
-            "ok": not breached,
-        }
-        if breached:
-            breaches.append(
-                f"error rate {c.errors}/{c.requests} exceeds {g.max_error_rate:g} (at most "
-                f"{math.floor(allowed)} errors in {n_final} requests)"
-            )
-    n_lat = LATENCY_MIN_SAMPLES
-    if (
-        st.traffic == 0
-    ):  # nobody is answered by the candidate: latency can't be judged as clients would see it
-        for name, limit in (
-            ("max_latency_p99_ms", g.max_latency_p99_ms),
-            ("max_latency_p99_ratio", g.max_latency_p99_ratio),
-        ):
-            if limit is not None:
-                out[name] = {
-                    "limit": limit,
-                    "value": None,
-                    "applies": False,
-                    "judged": True,
-                    "ok": True,
-                    "note": "judged on requests the candidate answers; a shadow stage has none",
-                }
-    elif g.max_latency_p99_ms is not None:
-        nl = max(len(c.latencies_ms), n_lat)
-        slow = sum(1 for x in c.latencies_ms if x > g.max_latency_p99_ms)
-        tolerated = nl - math.ceil(0.99 * nl)
-        breached = slow > tolerated
-        out["max_latency_p99_ms"] = {
-            "limit": g.max_latency_p99_ms,
-            "value": _r(c.p99()),
-            "slower": slow,
-            "judged": breached or len(c.latencies_ms) >= n_lat,
-            "ok": not breached,
-        }
-        if breached:
-            breaches.append(
-                f"{slow} requests slower than {g.max_latency_p99_ms:g} ms (p99 {_r(c.p99(), 1)} ms)"
-            )
-    if g.max_latency_p99_ratio is not None and st.traffic == 100:
-        out["max_latency_p99_ratio"] = {
-            "limit": g.max_latency_p99_ratio,
-            "value": None,
-            "applies": False,
-            "judged": True,
-            "ok": True,
-            "note": "the baseline answers nobody at 100%: nothing to compare with",
-        }
-    elif g.max_latency_p99_ratio is not None and st.traffic > 0:
-        cp, bp = c.p99(), b.p99()
-        judged = len(c.latencies_ms) >= n_lat and len(b.latencies_ms) >= n_lat and bool(bp)
-        ratio = cp / bp if cp is not None and bp else None
-        breached = judged and ratio is not None and ratio > g.max_latency_p99_ratio
-        out["max_latency_p99_ratio"] = {
-            "limit": g.max_latency_p99_ratio,
-            "value": _r(ratio),
-            "candidate_p99_ms": _r(cp),
-            "baseline_p99_ms": _r(bp),
-            "judged": judged,
-            "ok": not breached,
-        }
-        if breached:
-            breaches.append(
-                f"p99 {cp:.1f} ms is {ratio:.2f}x the baseline's {bp:.1f} ms (limit {g.max_latency_p99_ratio:g}x)"
-            )
-    if g.min_fidelity is not None:
-        pairs = len(w.fidelity)
-        mean = float(np.mean(w.fidelity)) if pairs else None
-        judged = pairs >= policy.min_pairs
-        breached = judged and mean is not None and mean < g.min_fidelity
-        out["min_fidelity"] = {
-            "limit": g.min_fidelity,
-            "value": _r(mean, 5),
-            "pairs": pairs,
-            "judged": judged,
-            "ok": not breached,
-        }
-        if breached:
-            breaches.append(f"fidelity {mean:.4f} < {g.min_fidelity:g} over {pairs} compared requests")
-    label = st.label(stage_index)
-    if breaches:
-        return Judgement("rollback", out, f"{label}: " + "; ".join(breaches))
-    elapsed = (now or time.time()) - w.started
-    if c.requests < st.min_requests:
-        return Judgement("wait", out, f"{label}: {c.requests}/{st.min_requests} candidate requests")
-    if elapsed < st.min_seconds:
-        return Judgement("wait", out, f"{label}: {elapsed:.0f}/{st.min_seconds:g} s")
-    pending = [k for k, v in out.items() if not v["judged"]]
-    if pending:
-        return Judgement("wait", out, f"{label}: waiting for data to judge {', '.join(pending)}")
-    return Judgement("advance", out, f"{label}: every gate holds over {c.requests} candidate requests")
 
 
 # ---- the controller -------------------------------------------------------------------------------
@@ -440,7 +138,7 @@ class RolloutController:
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
 
-    def _registry_version(self, ep: Endpoint) -> tuple[str, int]:
+    def _registry_version(self, ep: ServedEndpoint) -> tuple[str, int]:
         reg, num = ep.source.get("registry"), ep.source.get("version")
         if reg is None or num is None:
             raise ServingError(
@@ -457,8 +155,6 @@ class RolloutController:
         return None
 
     def _apply_traffic(self, r: ActiveRollout, share: float) -> None:
-        from slimship.serve.app import TrafficPolicy
-
         group = self.server.models.get(r.model)
         if group is None:
             return
@@ -476,7 +172,7 @@ class RolloutController:
         registry = self._registry()
         policy = parse_policy(policy_data)
         async with self._lock:
-            group = self.server._group(model)
+            group = self.server.group(model)
             if model in self.active:
                 r = self.active[model]
                 raise ProtocolError(
@@ -484,7 +180,7 @@ class RolloutController:
                     f"v{r.baseline}); abort it first",
                     409,
                 )
-            versions = sorted(group.versions)
+            versions = group.labels()
             if candidate not in group.versions:
                 raise NotFound(
                     f"{model} has no loaded version {candidate!r} (loaded: {versions}); load it first: "
@@ -522,10 +218,8 @@ class RolloutController:
                     served_as=model,
                     detail={"served_versions": {"candidate": candidate, "baseline": baseline}},
                 )
-            except RegistryError as err:
-                if "already has" in str(err):  # another server started one for this model meanwhile
-                    raise ProtocolError(str(err), 409) from err
-                raise
+            except RolloutConflictError as err:  # another server started one for this model meanwhile
+                raise ProtocolError(str(err), 409) from err
             r = ActiveRollout(record, policy, model, reg_model, candidate, baseline)
             self.active[model] = r
             self.finished.pop(model, None)
@@ -592,7 +286,7 @@ class RolloutController:
     def _active_or_404(self, model: str) -> ActiveRollout:
         r = self.active.get(model)
         if r is None:
-            self.server._group(model)
+            self.server.group(model)
             raise NotFound(
                 f"{model} has no active rollout; start one with `slimship rollout start {model} --candidate V`"
             )
@@ -603,8 +297,6 @@ class RolloutController:
         self.finished[r.model] = r
         group = self.server.models.get(r.model)
         if group is not None:
-            from slimship.serve.app import TrafficPolicy
-
             winner = r.candidate if r.state == "promoted" else r.baseline
             group.policy = TrafficPolicy(weights={winner: 100.0}, sticky_header=group.policy.sticky_header)
 
@@ -673,7 +365,7 @@ class RolloutController:
     def observe(
         self,
         model: str,
-        ep: Endpoint,
+        ep: ServedEndpoint,
         inputs: dict[str, np.ndarray],
         outputs: dict[str, np.ndarray] | None,
         latency_s: float,
@@ -699,32 +391,40 @@ class RolloutController:
             (w.candidate if other_label == r.candidate else w.baseline).shed += 1
             return
         r.compares_in_flight += 1
+        self.server.spawn(self._compare(r, w, ep, other, inputs, outputs))
 
-        async def compare() -> None:
-            side = w.candidate if other_label == r.candidate else w.baseline
-            t0 = time.perf_counter()
-            try:
-                got = await other.infer(inputs)
-            except Overloaded:
-                side.shed += 1  # the shadow side is full: skip, don't blame the candidate for doubled load
-                return
-            except Exception as err:
-                side.add(False, None, live=False)
-                self.server.metrics.shadow_errors.labels(model, other_label).inc()
-                log.debug("compare run on %s v%s failed: %s", model, other_label, err)
-                return
-            finally:
-                r.compares_in_flight -= 1
-            side.add(True, (time.perf_counter() - t0) * 1000, live=False)
-            from slimship.serve.app import agreement
-
-            base_out, cand_out = (outputs, got) if other_label == r.candidate else (got, outputs)
-            value = agreement(base_out, cand_out)
-            w.fidelity.append(value)
-            self.server.metrics.shadow_fidelity.labels(model, r.baseline, r.candidate).observe(value)
-            self.server.monitor_output(model, other, inputs, got)
-
-        self.server.spawn(compare())
+    async def _compare(
+        self,
+        r: ActiveRollout,
+        w: Window,
+        ran: ServedEndpoint,
+        other: ServedEndpoint,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        """Run a request ``ran`` answered on ``other`` too, and judge the candidate against the baseline."""
+        try:
+            asked = await ask(other, inputs)
+        finally:
+            r.compares_in_flight -= 1
+        side = w.candidate if other.version == r.candidate else w.baseline
+        if asked.outcome == "shed":
+            side.shed += 1  # the shadow side is full: skip, don't blame the candidate for doubled load
+            return
+        if asked.outputs is None:
+            side.add(False, None, live=False)
+            self.server.metrics.shadow_errors.labels(r.model, other.version).inc()
+            log.debug("compare run on %s v%s failed: %s", r.model, other.version, asked.error)
+            return
+        side.add(True, asked.latency_ms, live=False)
+        got = asked.outputs
+        if other.version == r.candidate:
+            agreement = await self.server.judges.judge(ran, other, outputs, got)
+        else:
+            agreement = await self.server.judges.judge(other, ran, got, outputs)
+        w.add_agreement(agreement)
+        self.server.metrics.shadow_fidelity.labels(r.model, r.baseline, r.candidate).observe(agreement.value)
+        self.server.monitor_output(r.model, other, inputs, got)
 
     # ---- decisions ---------------------------------------------------------------------------
     def _evidence(self, r: ActiveRollout, j: Judgement | None = None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Run the server: build the app from a :class:`~slimship.serve.config.ServeConfig` and hand it to uvicorn.
+"""Build and run the single-process server: the models of a :class:`~slimship.serve.config.ServeConfig` resolved
+(registry checkouts verified), the app built over a :class:`~slimship.serve.server.Server` and handed to uvicorn.
 SIGTERM / Ctrl-C stop taking connections, answer in-flight requests (up to ``graceful_shutdown_s``), then drain
 every endpoint's queue before the process exits."""
 
@@ -9,8 +10,10 @@ import logging
 import sys
 from typing import Any
 
-from slimship.serve.app import Server, create_app
 from slimship.serve.config import ServeConfig
+from slimship.serve.endpoint import Endpoint
+from slimship.serve.http import create_app
+from slimship.serve.server import Server
 
 
 class _JsonLines(logging.Formatter):
@@ -104,8 +107,6 @@ def build(
 
         registry = Registry(config.registry, url=config.registry_url)
     server = Server(limits=config.limits, token=token, admin_token=admin_token, registry=registry)
-    from slimship.serve.endpoint import Endpoint
-
     endpoints = []
     for m in resolve_models(config):
         ep = Endpoint(m["name"], m["version"], m["path"], m["batching_cfg"], server.metrics, m["source"])

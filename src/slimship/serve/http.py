@@ -1,0 +1,493 @@
+"""The HTTP app: an ASGI app (Starlette, run by uvicorn) speaking the Open Inference Protocol over a
+:class:`~slimship.serve.server.Server`.
+
+    GET  /v2/health/live | /v2/health/ready | /v2                      server health and metadata
+    GET  /v2/models/{m}[/versions/{v}]  and  …/ready                  model metadata and readiness
+    POST /v2/models/{m}[/versions/{v}]/infer                           inference (JSON or binary tensors)
+    POST|GET /v2/models/{m}/feedback                                   A/B outcomes and their summary
+    GET  /metrics                                                      Prometheus
+    GET|POST|PUT /v2/admin/…                                           load / unload / traffic / stage / rollout
+    GET  /dashboard, /v2/dashboard/state                               the dashboard
+
+Each handler is a module-level ``async (server, request) -> Response``; :func:`create_app` wraps every one in the
+same guard (auth, request id, error mapping, metrics, access log). Known errors map to their status with an
+``{"error": ...}`` body; anything unexpected is logged with its traceback and answered with an opaque 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from slimship.errors import ServingError, SlimshipError
+from slimship.serve.config import (
+    FeedbackBody,
+    LoadBody,
+    ReasonBody,
+    RolloutBody,
+    StageBody,
+    TrafficPolicy,
+)
+from slimship.serve.dashboard import page, state
+from slimship.serve.protocol import (
+    HEADER_LENGTH,
+    NotFound,
+    PayloadTooLarge,
+    ProtocolError,
+    Unauthorized,
+    encode_infer_response,
+    parse_infer_request,
+)
+from slimship.serve.routing import next_version
+from slimship.serve.server import Server
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from slimship.serve.endpoint import ServedEndpoint
+
+log = logging.getLogger("slimship.serve")
+access_log = logging.getLogger("slimship.access")
+
+SERVER_NAME = "slimship"
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification_free",
+    "slimship_admin",
+    "slimship_traffic",
+    "slimship_rollout",
+    "slimship_feedback",
+]
+#: largest admin / feedback body
+SMALL_BODY = 1 << 20
+
+Handler = Callable[[Server, "Request"], Awaitable["Response"]]
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    from starlette.responses import Response
+
+    return Response(
+        json.dumps(body, separators=(",", ":")), status, headers=headers, media_type="application/json"
+    )
+
+
+def _error(err: ProtocolError | str, status: int = 400) -> Response:
+    if isinstance(err, ProtocolError):
+        return _json({"error": str(err)}, err.status, err.headers)
+    return _json({"error": err}, status)
+
+
+def _bearer_ok(header: str | None, token: str) -> bool:
+    if not header or not header.lower().startswith("bearer "):
+        return False
+    return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; this server takes at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _authorize(server: Server, request: Request, admin: bool) -> None:
+    """Raise unless the request may go on: admin routes need the admin token, inference and feedback the token."""
+    header = request.headers.get("authorization")
+    if admin:
+        if server.admin_token is None:
+            raise ProtocolError("the admin API is disabled: start the server with --admin-token", 403)
+        if not _bearer_ok(header, server.admin_token):
+            raise Unauthorized(
+                "admin API: send `Authorization: Bearer <admin token>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    elif (
+        server.token is not None
+        and request.url.path.endswith(("/infer", "/feedback"))
+        and not _bearer_ok(header, server.token)
+    ):
+        raise Unauthorized(
+            "inference needs `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+async def _answer(server: Server, fn: Handler, request: Request, admin: bool) -> Response:
+    """The handler's response, or the error it raised mapped to its status."""
+    try:
+        _authorize(server, request, admin)
+        return await fn(server, request)
+    except ProtocolError as err:
+        return _error(err)
+    except ValidationError as err:
+        return _error(f"invalid body: {err.errors(include_url=False)}", 400)
+    except SlimshipError as err:
+        return _error(str(err), 400)
+    except Exception:  # opaque to the client, whole in the log
+        rid = request.state.rid
+        log.exception("unexpected error on %s %s (request %s)", request.method, request.url.path, rid)
+        return _error(f"internal server error (request id {rid})", 500)
+
+
+def _log_access(request: Request, status: int, ms: float) -> None:
+    access_log.info(
+        json.dumps(
+            {
+                "method": request.method,
+                "path": request.url.path,
+                "status": status,
+                "ms": round(ms, 3),
+                "model": request.state.model,
+                "version": request.state.version,
+                "request_id": request.state.rid,
+                "client": request.client.host if request.client else None,
+            }
+        )
+    )
+
+
+def guard(server: Server, fn: Handler, admin: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """``fn`` as a Starlette endpoint: auth, a request id, error mapping, the HTTP metric and the access log."""
+
+    async def endpoint(request: Request) -> Response:
+        t0 = time.perf_counter()
+        request.state.model = request.state.version = None
+        request.state.rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        resp = await _answer(server, fn, request, admin)
+        resp.headers["x-request-id"] = request.state.rid
+        route = request.scope.get("route")
+        server.metrics.http.labels(getattr(route, "path", request.url.path), str(resp.status_code)).inc()
+        _log_access(request, resp.status_code, (time.perf_counter() - t0) * 1000)
+        return resp
+
+    return endpoint
+
+
+def _target(server: Server, request: Request) -> tuple[str, str | None, ServedEndpoint]:
+    """The model, the version asked for (None: routed) and the endpoint of a metadata or readiness request."""
+    name, version = request.path_params["model"], request.path_params.get("version")
+    group = server.group(name)
+    return name, version, server.endpoint(name, version or group.default_version())
+
+
+# ---- health & metadata -------------------------------------------------------------------------
+
+
+async def live(server: Server, request: Request) -> Response:
+    return _json({"live": True})
+
+
+async def ready(server: Server, request: Request) -> Response:
+    ok = server.started and all(ep.ready for g in server.models.values() for ep in g.versions.values())
+    return _json({"ready": ok}, 200 if ok else 503)
+
+
+async def server_meta(server: Server, request: Request) -> Response:
+    from slimship import __version__
+
+    return _json({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+
+
+async def model_meta(server: Server, request: Request) -> Response:
+    name, version, ep = _target(server, request)
+    meta = ep.metadata()
+    meta["versions"] = server.group(name).labels() if version is None else [ep.version]
+    return _json(meta)
+
+
+async def model_ready(server: Server, request: Request) -> Response:
+    name, _, ep = _target(server, request)
+    return _json({"name": name, "version": ep.version, "ready": ep.ready}, 200 if ep.ready else 503)
+
+
+# ---- inference ---------------------------------------------------------------------------------
+
+
+def _record(
+    server: Server,
+    name: str,
+    ep: ServedEndpoint,
+    routed: bool,
+    inputs: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray] | None,
+    status: str,
+    elapsed: float,
+    t_infer: float,
+) -> None:
+    """Metrics, live figures and the rollout's window of one inference request, answered or not."""
+    server.metrics.requests.labels(name, ep.version, status).inc()
+    server.metrics.latency.labels(name, ep.version).observe(elapsed)
+    server.live.add(name, ep.version, elapsed, status)
+    ok = status == "200"
+    if routed and (ok or int(status) >= 500):
+        server.rollouts.observe(name, ep, inputs, outputs if ok else None, t_infer if ok else elapsed, ok)
+
+
+async def infer(server: Server, request: Request) -> Response:
+    from starlette.responses import Response
+
+    name, version = request.path_params["model"], request.path_params.get("version")
+    t0 = time.perf_counter()
+    body = await _read_body(request, server.limits.max_body_bytes)
+    req = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+    sticky_header = server.group(name).policy.sticky_header
+    ep = server.endpoint(name, version, request.headers.get(sticky_header) if sticky_header else None)
+    request.state.model, request.state.version = name, ep.version
+    status, outputs = "200", None
+    t_infer = time.perf_counter()
+    try:
+        outputs = await ep.infer(req.inputs)
+        t_infer = time.perf_counter() - t_infer  # queue + run: what the rollout compares between versions
+        data, headers = encode_infer_response(name, ep.version, req.id, outputs, req)
+    except ProtocolError as err:
+        status = str(err.status)
+        raise
+    except Exception:
+        status = "500"
+        raise
+    finally:
+        _record(
+            server, name, ep, version is None, req.inputs, outputs, status, time.perf_counter() - t0, t_infer
+        )
+    server.remember(req.id, request.state.rid, name, ep.version)
+    server.monitor_output(name, ep, req.inputs, outputs)
+    if version is None:
+        server.maybe_shadow(name, ep, req.inputs, outputs)
+    headers["x-model-version"] = ep.version
+    return Response(data, 200, headers=headers)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text: open, outside the guard (scrapes are not counted as HTTP requests)."""
+    from starlette.responses import Response
+
+    server: Server = request.app.state.server
+    data, ctype = server.metrics.render()
+    return Response(data, 200, media_type=ctype.split(";")[0], headers={"content-type": ctype})
+
+
+# ---- admin -------------------------------------------------------------------------------------
+
+
+async def admin_state(server: Server, request: Request) -> Response:
+    out = {}
+    for name, g in server.models.items():
+        out[name] = {
+            "versions": {
+                v: {
+                    "ready": ep.ready,
+                    "source": ep.source,
+                    "queue": ep.queue_depth,
+                    "batching": ep.config.model_dump(),
+                    "runtime_settings": ep.runtime_settings(),
+                }
+                for v, ep in g.versions.items()
+            },
+            "traffic": g.policy.model_dump(),
+            "shadow": {v: s.as_dict() for v, s in g.shadow_stats.items()},
+        }
+    return _json({"models": out})
+
+
+async def admin_load(server: Server, request: Request) -> Response:
+    name = request.path_params["model"]
+    body = LoadBody.model_validate_json(await _read_body(request, SMALL_BODY) or b"{}")
+    if (body.path is None) == (body.registry is None):
+        raise ProtocolError('give either "path" (an ONNX file) or "registry" (a version number or stage)')
+    if body.path is not None:
+        group = server.models.get(name)
+        version = body.version or next_version(group.versions if group else ())
+        ep = await server.load(
+            name, version, body.path, body.batching, {"path": body.path}, body.drift, body.replicas
+        )
+    else:
+        ep = await server.load_from_registry(
+            name,
+            str(body.registry),
+            body.version,
+            body.batching,
+            body.registry_model,
+            body.drift,
+            body.replicas,
+        )
+    await server.rollouts.restore()  # a stored rollout waiting for this version goes on
+    return _json({"model": name, "version": ep.version, "ready": ep.ready, "source": ep.source})
+
+
+async def admin_unload(server: Server, request: Request) -> Response:
+    name, version = request.path_params["model"], request.path_params["version"]
+    await server.unload(name, version)
+    return _json({"model": name, "version": version, "unloaded": True})
+
+
+async def admin_traffic(server: Server, request: Request) -> Response:
+    name = request.path_params["model"]
+    policy = TrafficPolicy.model_validate_json(await _read_body(request, SMALL_BODY))
+    server.set_traffic(name, policy)
+    return _json({"model": name, "traffic": server.models[name].policy.model_dump()})
+
+
+async def admin_stage(server: Server, request: Request) -> Response:
+    name, version = request.path_params["model"], request.path_params["version"]
+    body = StageBody.model_validate_json(await _read_body(request, SMALL_BODY))
+    registry = server.registry
+    if registry is None:
+        raise ServingError("this server has no registry: start it with --registry")
+    ep = server.endpoint(name, version)
+    reg_model = ep.source.get("registry", name)
+    number = int(ep.source.get("version", version))
+    v = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: registry.set_stage(reg_model, number, body.stage, reason=body.reason)
+    )
+    return _json({"model": reg_model, "version": v.number, "stage": v.stage})
+
+
+# ---- A/B feedback ------------------------------------------------------------------------------
+
+
+async def feedback(server: Server, request: Request) -> Response:
+    name = request.path_params["model"]
+    server.group(name)
+    body = FeedbackBody.model_validate_json(await _read_body(request, SMALL_BODY) or b"{}")
+    version = server.feedback.record(name, body.id, body.outcome, body.metric)
+    return _json({"model": name, "id": body.id, "version": version, "metric": body.metric, "recorded": True})
+
+
+async def feedback_summary(server: Server, request: Request) -> Response:
+    name = request.path_params["model"]
+    server.group(name)
+    q = request.query_params
+    try:
+        alpha = float(q.get("alpha", 0.05))
+        min_samples = int(q.get("min_samples", 30))
+    except ValueError as err:
+        raise ProtocolError(f"alpha is a number in (0, 1) and min_samples an integer: {err}") from err
+    if not 0 < alpha < 1 or min_samples < 2:
+        raise ProtocolError("alpha must be in (0, 1) and min_samples ≥ 2")
+    summary = server.feedback.summary(name, server.control_version(name), alpha, min_samples)
+    return _json({"model": name, "metrics": summary})
+
+
+# ---- rollouts ----------------------------------------------------------------------------------
+
+
+async def rollout_start(server: Server, request: Request) -> Response:
+    name = request.path_params["model"]
+    body = RolloutBody.model_validate_json(await _read_body(request, SMALL_BODY) or b"{}")
+    return _json(await server.rollouts.start(name, body.candidate, body.baseline, body.policy))
+
+
+async def rollout_status(server: Server, request: Request) -> Response:
+    name = request.path_params["model"]
+    server.group(name)
+    return _json(await server.rollouts.status_with_history(name))
+
+
+async def rollout_action(server: Server, request: Request) -> Response:
+    name, action = request.path_params["model"], request.path_params["action"]
+    body = ReasonBody.model_validate_json(await _read_body(request, SMALL_BODY) or b"{}")
+    fn = {
+        "pause": server.rollouts.pause,
+        "resume": server.rollouts.resume,
+        "abort": server.rollouts.abort,
+    }.get(action)
+    if fn is None:
+        raise NotFound(f"no rollout action {action!r}; use pause, resume or abort")
+    return _json(await fn(name, body.reason))
+
+
+# ---- dashboard ---------------------------------------------------------------------------------
+
+
+async def dashboard_page(server: Server, request: Request) -> Response:
+    from starlette.responses import Response
+
+    return Response(
+        page(),
+        200,
+        media_type="text/html; charset=utf-8",
+        headers={
+            "content-security-policy": "default-src 'self'; script-src 'unsafe-inline'; "
+            "style-src 'unsafe-inline'; img-src data:"
+        },
+    )
+
+
+async def dashboard_state(server: Server, request: Request) -> Response:
+    return _json(await state(server))
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return _error(f"no route {request.method} {request.url.path}; see /v2 for the protocol's endpoints", 404)
+
+
+#: (path, handler, methods, admin)
+ROUTES: list[tuple[str, Handler, list[str], bool]] = [
+    ("/v2/health/live", live, ["GET"], False),
+    ("/v2/health/ready", ready, ["GET"], False),
+    ("/v2", server_meta, ["GET"], False),
+    ("/v2/models/{model}", model_meta, ["GET"], False),
+    ("/v2/models/{model}/versions/{version}", model_meta, ["GET"], False),
+    ("/v2/models/{model}/ready", model_ready, ["GET"], False),
+    ("/v2/models/{model}/versions/{version}/ready", model_ready, ["GET"], False),
+    ("/v2/models/{model}/infer", infer, ["POST"], False),
+    ("/v2/models/{model}/versions/{version}/infer", infer, ["POST"], False),
+    ("/v2/admin/models", admin_state, ["GET"], True),
+    ("/v2/admin/models/{model}/load", admin_load, ["POST"], True),
+    ("/v2/admin/models/{model}/versions/{version}/unload", admin_unload, ["POST"], True),
+    ("/v2/admin/models/{model}/traffic", admin_traffic, ["PUT"], True),
+    ("/v2/admin/models/{model}/versions/{version}/stage", admin_stage, ["POST"], True),
+    ("/v2/models/{model}/feedback", feedback, ["POST"], False),
+    ("/v2/models/{model}/feedback", feedback_summary, ["GET"], False),
+    ("/v2/admin/models/{model}/rollout", rollout_start, ["POST"], True),
+    ("/v2/admin/models/{model}/rollout", rollout_status, ["GET"], True),
+    ("/v2/admin/models/{model}/rollout/{action}", rollout_action, ["POST"], True),
+    ("/dashboard", dashboard_page, ["GET"], False),
+    ("/v2/dashboard/state", dashboard_state, ["GET"], False),
+]
+
+
+def create_app(server: Server, startup: list[Coroutine[Any, Any, Any]] | None = None) -> Any:
+    """The ASGI app. ``startup``: coroutines (e.g. model loads) awaited when the app starts."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        for coro in startup or []:
+            await coro
+        await server.rollouts.restore()  # rollouts stored in the registry go on where they were
+        server.rollouts.start_loop()
+        server.spawn(server.watch())
+        server.started = True
+        try:
+            yield
+        finally:
+            server.started = False
+            await server.stop()
+
+    routes = [Route(path, guard(server, fn, admin), methods=methods) for path, fn, methods, admin in ROUTES]
+    routes.append(Route("/metrics", metrics))
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.server = server
+    return app

@@ -1,0 +1,322 @@
+"""The server's state behind the HTTP app: model groups, load / unload, traffic policies, shadow traffic, drift
+monitors, feedback ids, rollouts, metrics. Nothing here speaks HTTP (that is :mod:`slimship.serve.http`).
+
+A model is a group of served versions (:mod:`slimship.serve.routing`). A shadow version receives a share of a
+model's versionless traffic in the background: the client is answered by the primary, the two answers are compared
+(:mod:`slimship.serve.compare`) and the agreement recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import numpy as np
+
+from slimship.errors import ServingError
+from slimship.serve.abtest import FeedbackStore
+from slimship.serve.compare import Judges, ShadowStats, ask
+from slimship.serve.config import BatchingConfig, DriftConfig, Limits, ReplicaConfig, TrafficPolicy
+from slimship.serve.drift import DriftMonitor
+from slimship.serve.endpoint import Endpoint, ServedEndpoint
+from slimship.serve.live import LiveStats
+from slimship.serve.metrics import Metrics
+from slimship.serve.protocol import NotFound, ProtocolError
+from slimship.serve.rollout import RolloutController
+from slimship.serve.routing import ModelGroup, sorted_versions
+
+log = logging.getLogger("slimship.serve")
+
+#: builds an endpoint elsewhere (Ray Serve): (name, version, path, batching, source, replicas) → endpoint
+EndpointFactory = Callable[
+    [str, str, str, BatchingConfig | None, dict[str, Any], ReplicaConfig | None], Awaitable[ServedEndpoint]
+]
+#: removes what an EndpointFactory built, after an unload
+EndpointRetire = Callable[[ServedEndpoint], Awaitable[None]]
+
+
+class Server:
+    """The state behind the app: model groups, metrics, tokens, limits, an optional registry."""
+
+    def __init__(
+        self,
+        *,
+        limits: Limits | None = None,
+        token: str | None = None,
+        admin_token: str | None = None,
+        registry: Any = None,
+    ) -> None:
+        self.models: dict[str, ModelGroup] = {}
+        self.metrics = Metrics()
+        self.limits = limits or Limits()
+        self.token = token
+        self.admin_token = admin_token
+        self.registry = registry
+        self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.started = False
+        self.created = time.time()
+        #: builds endpoints elsewhere (Ray Serve) instead of in this process
+        self.endpoint_factory: EndpointFactory | None = None
+        #: removes what endpoint_factory built, after an unload
+        self.endpoint_retire: EndpointRetire | None = None
+        self.judges = Judges()
+        self.rollouts = RolloutController(self)
+        self.feedback = FeedbackStore()
+        self.live = LiveStats()
+
+    def remember(self, body_id: str | None, request_id: str, model: str, version: str) -> None:
+        """Which version answered a request, for feedback sent later (by the protocol id and by x-request-id)."""
+        self.feedback.remember(model, request_id, version)
+        if body_id and body_id != request_id:
+            self.feedback.remember(model, body_id, version)
+
+    def control_version(self, model: str) -> str | None:
+        """The version A/B comparisons are made against: the production version if one is loaded."""
+        r = self.rollouts.controls(model)
+        if r is not None:
+            return r.baseline
+        group = self.models.get(model)
+        return group.production_version() if group else None
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a coroutine in the background (shadow and compare runs), kept referenced until it ends."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def monitor_output(
+        self,
+        model: str,
+        ep: ServedEndpoint,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray] | None,
+    ) -> None:
+        """Feed an answered request to the version's drift monitor (if it has one)."""
+        if ep.drift is not None and outputs is not None:
+            try:
+                ep.drift.observe(inputs, outputs)
+            except Exception:  # a monitor never fails a request
+                log.exception("drift monitor of %s v%s failed on a request", model, ep.version)
+
+    async def watch(self, every_s: float = 2.0) -> None:
+        """Background: recompute drift (metrics, alerts) in a worker thread and refresh the rollout gauge."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every_s)
+            for name, group in list(self.models.items()):
+                for ep in list(group.versions.values()):
+                    if ep.drift is not None and ep.drift.reference is not None:
+                        try:
+                            await loop.run_in_executor(None, ep.drift.compute, ep.drift.take())
+                        except Exception:
+                            log.exception("drift computation of %s v%s failed", name, ep.version)
+                r = self.rollouts.controls(name)
+                self.metrics.rollout_stage.labels(name).set(r.stage if r is not None else -1)
+
+    # ---- model management ---------------------------------------------------------------------
+    async def load(
+        self,
+        name: str,
+        version: str,
+        path: str,
+        batching: BatchingConfig | None = None,
+        source: dict[str, Any] | None = None,
+        drift: DriftConfig | None = None,
+        replicas: ReplicaConfig | None = None,
+    ) -> ServedEndpoint:
+        """Build an endpoint (ONNX Runtime session) off the event loop, warm it, then make it routable."""
+        async with self._lock:
+            self._refuse_loaded(name, version)
+            ep: ServedEndpoint
+            if self.endpoint_factory is not None:  # e.g. a new Ray Serve application
+                ep = await self.endpoint_factory(
+                    name, version, path, batching, source or {"path": path}, replicas
+                )
+            else:
+                loop = asyncio.get_running_loop()
+                ep = await loop.run_in_executor(
+                    None, lambda: Endpoint(name, version, path, batching, self.metrics, source)
+                )
+            ep.drift_config = drift
+            return await self._add(ep)
+
+    async def add(self, ep: ServedEndpoint) -> ServedEndpoint:
+        """Start a built endpoint and make it routable (once warm)."""
+        async with self._lock:
+            return await self._add(ep)
+
+    def _refuse_loaded(self, name: str, version: str) -> None:
+        group = self.models.get(name)
+        if group is not None and version in group.versions:
+            raise ServingError(
+                f"{name} v{version} is already loaded; unload it first or load under another version"
+            )
+
+    async def _add(self, ep: ServedEndpoint) -> ServedEndpoint:
+        self._refuse_loaded(ep.model, ep.version)
+        await ep.start()
+        self._attach_drift(ep)
+        self.judges.prepare(ep)
+        self.models.setdefault(ep.model, ModelGroup(ep.model)).versions[ep.version] = ep
+        log.info(
+            json.dumps({"event": "loaded", "model": ep.model, "version": ep.version, "source": ep.source})
+        )
+        return ep
+
+    def _attach_drift(self, ep: ServedEndpoint) -> None:
+        cfg = ep.drift_config or DriftConfig()
+        workload = cfg.workload or ep.source.get("workload")
+        if not cfg.enabled or not workload:
+            return
+        ep.drift = DriftMonitor(ep.model, ep.version, cfg, self.metrics)
+        ep.drift.build_in_background(ep.session, ep.path, workload)
+
+    async def load_from_registry(
+        self,
+        name: str,
+        ref: str,
+        version: str | None = None,
+        batching: BatchingConfig | None = None,
+        registry_model: str | None = None,
+        drift: DriftConfig | None = None,
+        replicas: ReplicaConfig | None = None,
+    ) -> ServedEndpoint:
+        if self.registry is None:
+            raise ServingError("this server has no registry: start it with --registry (or SLIMSHIP_REGISTRY)")
+        loop = asyncio.get_running_loop()
+        reg_model = registry_model or name
+        v = await loop.run_in_executor(
+            None, self.registry.get, reg_model, int(ref) if str(ref).isdigit() else ref
+        )
+        cand = await loop.run_in_executor(None, self.registry.fetch, reg_model, v.number)  # verified by hash
+        if cand.format != "onnx":
+            raise ServingError(
+                f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX (export it first)"
+            )
+        return await self.load(
+            name,
+            version or str(v.number),
+            str(cand.artifact_path),
+            batching,
+            {
+                "registry": reg_model,
+                "version": v.number,
+                "digest": v.digest,
+                "stage": v.stage,
+                "workload": dict(cand.workload),
+            },
+            drift,
+            replicas,
+        )
+
+    async def unload(self, name: str, version: str, drain_timeout: float = 30.0) -> None:
+        async with self._lock:
+            group = self.group(name)
+            ep = group.versions.get(version)
+            if ep is None:
+                raise NotFound(f"{name} has no loaded version {version}; loaded: {group.labels()}")
+            r = self.rollouts.controls(name)
+            if r is not None and version in (r.candidate, r.baseline):
+                raise ProtocolError(
+                    f"{name} v{version} is in rollout #{r.record['id']} ({r.state}); abort the rollout "
+                    "before unloading it",
+                    409,
+                )
+            del group.versions[version]  # no new request is routed to it from here on
+            group.policy = group.without(version)
+            if not group.versions:
+                del self.models[name]
+        await ep.stop(drain_timeout)  # requests already routed to it are answered first
+        if self.endpoint_retire is not None:
+            await self.endpoint_retire(ep)
+        log.info(json.dumps({"event": "unloaded", "model": name, "version": version}))
+
+    def set_traffic(self, name: str, policy: TrafficPolicy) -> None:
+        group = self.group(name)
+        r = self.rollouts.controls(name)
+        if r is not None:
+            raise ProtocolError(
+                f"rollout #{r.record['id']} ({r.state}) controls {name}'s traffic; pause or abort it first "
+                f"(`slimship rollout abort {name}`)",
+                409,
+            )
+        unknown = [v for v in policy.weights if v not in group.versions]
+        if policy.shadow is not None and policy.shadow.version not in group.versions:
+            unknown.append(policy.shadow.version)
+        if unknown:
+            raise ProtocolError(
+                f"traffic for {name} names version(s) {unknown} that aren't loaded; loaded: {group.labels()}"
+            )
+        if policy.weights and sum(policy.weights.values()) <= 0:
+            raise ProtocolError("traffic weights must include a positive weight")
+        group.policy = policy
+
+    def group(self, name: str) -> ModelGroup:
+        """The model's group of versions; 404 if it isn't served."""
+        group = self.models.get(name)
+        if group is None:
+            raise NotFound(f"unknown model {name!r}; models: {sorted(self.models)}")
+        return group
+
+    def endpoint(self, name: str, version: str | None, sticky: str | None = None) -> ServedEndpoint:
+        group = self.group(name)
+        if version is None:
+            return group.route(sticky)
+        ep = group.versions.get(version)
+        if ep is None:
+            raise NotFound(
+                f"model {name!r} has no version {version!r}; versions: {sorted_versions(group.versions)}"
+            )
+        return ep
+
+    async def stop(self) -> None:
+        await self.rollouts.stop_loop()
+        for t in list(self._background):
+            t.cancel()
+        for group in list(self.models.values()):
+            for ep in list(group.versions.values()):
+                await ep.stop()
+
+    # ---- shadow -------------------------------------------------------------------------------
+    def maybe_shadow(
+        self,
+        name: str,
+        primary: ServedEndpoint,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        group = self.models.get(name)
+        if group is None or group.policy.shadow is None:
+            return
+        sh = group.policy.shadow
+        target = group.versions.get(sh.version)
+        if target is None or target is primary or random.random() >= sh.fraction:
+            return
+        stats = group.shadow_stats.setdefault(sh.version, ShadowStats())
+        self.spawn(self._shadow(name, primary, target, stats, inputs, outputs))
+
+    async def _shadow(
+        self,
+        name: str,
+        primary: ServedEndpoint,
+        target: ServedEndpoint,
+        stats: ShadowStats,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        asked = await ask(target, inputs)
+        if asked.outputs is None:  # shed or failed: never reaches the client
+            stats.errors += 1
+            self.metrics.shadow_errors.labels(name, target.version).inc()
+            log.debug("shadow request to %s v%s failed: %s", name, target.version, asked.error)
+            return
+        agreement = await self.judges.judge(primary, target, outputs, asked.outputs)
+        stats.add(agreement)
+        self.monitor_output(name, target, inputs, asked.outputs)
+        self.metrics.shadow_fidelity.labels(name, primary.version, target.version).observe(agreement.value)
