@@ -91,7 +91,7 @@ def _essence(result):
 
 
 def test_ray_search_gives_the_local_search_with_the_same_seed(ray_address, recipe, tmp_path):
-    from slimship.pipeline.tune import executor_for, tune_recipe
+    from slimship.pipeline.search import executor_for, tune_recipe
 
     # two CPUs per trial: the trial's training and timing use as many threads as the local executor does
     on_ray = tune_recipe(
@@ -111,7 +111,7 @@ def test_ray_search_gives_the_local_search_with_the_same_seed(ray_address, recip
 def test_a_trial_whose_worker_dies_is_retried_or_recorded_failed_and_the_search_goes_on(
     ray_address, recipe, tmp_path, monkeypatch
 ):
-    from slimship.pipeline.tune import executor_for, tune_recipe
+    from slimship.pipeline.search import executor_for, tune_recipe
 
     out = tmp_path / "t"
     marker = tmp_path / "exited"
@@ -145,7 +145,7 @@ def test_ray_binds_to_loopback_only(ray_address):
 
 
 def test_trial_resources_no_node_can_hold_are_refused_up_front(ray_address, recipe, tmp_path):
-    from slimship.pipeline.tune import executor_for, tune_recipe
+    from slimship.pipeline.search import executor_for, tune_recipe
 
     t0 = time.monotonic()
     with pytest.raises(
@@ -201,7 +201,7 @@ def test_an_unreachable_address_fails_fast_naming_it(recipe, tmp_path):
 
 def test_a_malformed_address_is_a_config_error():
     from slimship.errors import ConfigError
-    from slimship.pipeline.tune import executor_for
+    from slimship.pipeline.search import executor_for
 
     with pytest.raises(
         ConfigError, match=r"--address 'http://head' is not a Ray address; expected host:port"

@@ -29,11 +29,13 @@ from slimship.pipeline.recipe import Recipe, Step, load_recipe
 SCHEMA = "slimship.run/1"
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
+    """The default progress log of runs and searches: one ``· msg`` line on stderr."""
     print(f"· {msg}", file=sys.stderr)
 
 
-def _reuse(step_dir: Path) -> Any:
+def reuse_candidate(step_dir: Path) -> Any:
+    """The verified candidate in ``step_dir``, or None when there is none (or it doesn't verify)."""
     from slimship.candidate import load_candidate
 
     if not (step_dir / "candidate.json").exists():
@@ -52,7 +54,7 @@ def run_recipe(
     *,
     evaluate_limit: int | None = None,
     bench_batch_sizes: tuple[int, ...] | None = None,
-    log: Callable[[str], None] = _say,
+    log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Run (or resume) a recipe into ``out_dir``; returns what results.json holds."""
     from slimship.candidate import load_candidate, original_candidate
@@ -70,7 +72,7 @@ def run_recipe(
     write_json_atomic(out / "machine.json", machine)
     workload = resolve_workload(recipe.workload, data=recipe.data)
     orig_dir = out / "original"
-    original = _reuse(orig_dir) or original_candidate(workload, orig_dir)
+    original = reuse_candidate(orig_dir) or original_candidate(workload, orig_dir)
     first = PASSES[recipe.passes[0].pass_name]
     if first.input_format != original.format:
         raise ConfigError(
@@ -218,7 +220,7 @@ def execute_steps(
     workload: Any,
     original: Any,
     out: Path,
-    log: Callable[[str], None] = _say,
+    log: Callable[[str], None] = say,
 ) -> list[dict[str, Any]]:
     """Run ``passes`` in order from ``original``; each step's candidate is cached under a key of (pass, config, parent)."""
     from tqdm import tqdm
@@ -256,7 +258,7 @@ def execute_steps(
         with _step_lock(
             step_dir
         ):  # a search's trials side by side: one builds a shared step, the others reuse it
-            done = _reuse(step_dir)
+            done = reuse_candidate(step_dir)
             t0 = time.perf_counter()
             if done is not None:
                 log(f"{label}: reusing {step_dir.name} (same pass, config and parent)")
@@ -310,7 +312,7 @@ def evaluate_steps(
     orig_dir: Path,
     workload: Any,
     evaluate_limit: int | None,
-    log: Callable[[str], None] = _say,
+    log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Quality and fidelity of the original and of every finished step (cached beside each candidate)."""
     import json
