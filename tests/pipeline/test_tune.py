@@ -209,7 +209,9 @@ def test_builtin_default_recipe_is_packaged_and_valid(tmp_path):
         "quantize-dynamic",
     ]
     assert r.constraints.max_quality_drop == 1.0
-    with pytest.raises(ConfigError, match=r"no recipe file nope.yaml; built-in recipes: \['minilm-fast'\]"):
+    with pytest.raises(
+        ConfigError, match=r"no recipe file nope.yaml; built-in recipes: \['minilm-fast', 'quickstart'\]"
+    ):
         _recipe_path(pathlib.Path("nope.yaml"))
 
 
