@@ -1,14 +1,15 @@
-"""The search (`slimship tune recipe.yaml`): search a recipe's ``search`` space for the fastest (or smallest) candidate
-within its constraints, timing every candidate on its real runtime interleaved with the original.
+"""The search (`slimship tune recipe.yaml`): search a recipe's ``search`` space for the fastest (or smallest)
+candidate within its constraints, timing every candidate on its real runtime interleaved with the original.
 
 How a search runs:
 
-* An **executor** proposes parameter sets and runs trials. :class:`~slimship.pipeline.search.local.LocalExecutor` drives Optuna's
-  multi-objective TPE sampler (seeded, so a search is reproducible) in this process;
-  :class:`~slimship.pipeline.search.ray.RayExecutor` runs the same sampler inside Ray Tune (``OptunaSearch``)
-  with every trial on a Ray worker. A trial is :func:`~slimship.pipeline.search.trial.run_trial` — a plain function of a
-  :class:`~slimship.pipeline.search.trial.TrialContext` and the chosen values — so any executor can ship it to a worker, and every executor
-  produces the same :class:`~slimship.pipeline.search.state.TrialRow`.
+* An **executor** proposes parameter sets and runs trials. The local executor
+  (:class:`~slimship.pipeline.search.local.LocalExecutor`) drives Optuna's multi-objective TPE sampler (seeded,
+  so a search is reproducible) in this process; :class:`~slimship.pipeline.search.ray.RayExecutor` runs the same
+  sampler inside Ray Tune (``OptunaSearch``) with every trial on a Ray worker. A trial is
+  :func:`~slimship.pipeline.search.trial.run_trial` — a plain function of a
+  :class:`~slimship.pipeline.search.trial.TrialContext` and the chosen values — so any executor can ship it to a
+  worker, and every executor produces the same :class:`~slimship.pipeline.search.state.TrialRow`.
 * A trial builds the recipe's steps with the chosen values through the cached step machinery of
   `slimship run` (trials that share a prefix of steps share its candidates), then **screens** the result
   with cheap signals before the expensive part: file size against ``max_size_mb`` (exact), and quality and
@@ -25,7 +26,7 @@ How a search runs:
 
 Modules:
 
-* :mod:`~slimship.pipeline.search.trial` — one trial: build, screen, evaluate, time (``TrialContext``, ``run_trial``)
+* :mod:`~slimship.pipeline.search.trial` — one trial: build, screen, evaluate, time (``run_trial``)
 * :mod:`~slimship.pipeline.search.sampler` — Optuna TPE setup, proposals from the search space, row feedback
 * :mod:`~slimship.pipeline.search.state` — the typed trial row, objectives, pooled baseline, Pareto front,
   ``SearchState`` (stop rules)
