@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     args = ap.parse_args()
     from slimship.machine import machine_info, physical_cores
-    from slimship.pipeline.tune import executor_for, tune_recipe
+    from slimship.pipeline.search import executor_for, tune_recipe
     from slimship.workload import resolve_workload
 
     resolve_workload("mnist")  # trains (or loads) the cached original once, outside the timed runs

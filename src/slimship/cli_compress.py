@@ -726,7 +726,7 @@ def tune(
     Example: `slimship tune examples/recipes/mnist-tune.yaml --trials 10`;
     on Ray: `slimship tune examples/recipes/mnist-tune.yaml --executor ray --address auto --trial-cpus 2 --concurrent-trials 4`
     """
-    from slimship.pipeline.tune import executor_for, tune_recipe
+    from slimship.pipeline.search import executor_for, tune_recipe
 
     dest = out or Path("runs") / f"{recipe.stem}-tune"
     ex = executor_for(

@@ -223,7 +223,8 @@ def test_searched_pass_alternatives_are_validated(tmp_path, params, needles):
 
 def test_a_field_of_one_alternative_applies_only_to_it(tmp_path):
     from slimship.pipeline.recipe import effective_params
-    from slimship.pipeline.tune import apply_params, space_size
+    from slimship.pipeline.search.state import space_size
+    from slimship.pipeline.search.trial import apply_params
 
     r = load_recipe(
         _write(

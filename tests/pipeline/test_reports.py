@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from slimship.pipeline.runner import run_recipe
-from slimship.pipeline.tune import tune_recipe
+from slimship.pipeline.search import tune_recipe
 from tests.browser import not_blank, render
 
 TUNE = """

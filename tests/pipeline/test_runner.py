@@ -85,11 +85,11 @@ def test_a_failing_step_is_recorded_and_the_rest_skipped(tmp_path):
 def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(tmp_path):
     """The example recipe's chain (prune → distil from the original → export → INT8), SIGKILLed while the
     distillation runs, then restarted: the finished prune step is reused (same files, untouched), the run ends."""
-    import os
     import signal
     import subprocess
     import sys
-    import time
+
+    from tests.pipeline.bounded import ChildOutput, kill_child, wait_until
 
     recipe = (ROOT / "examples" / "recipes" / "mnist.yaml").read_text().replace("epochs: 4", "epochs: 3")
     p = tmp_path / "mnist.yaml"
@@ -100,18 +100,12 @@ def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(t
         cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True
     )
     assert proc.stderr is not None
-    killed_during = None
-    deadline = time.monotonic() + 300
-    for line in proc.stderr:
-        if "distill: running distill" in line:
-            time.sleep(1.0)  # well inside the distillation
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed_during = "distill"
-            break
-        assert time.monotonic() < deadline
-    proc.wait(timeout=60)
-    proc.stderr.close()
-    assert killed_during == "distill" and proc.returncode == -signal.SIGKILL
+    # kill it once the distillation has observably begun: the runner announced the step and the pass created
+    # its step directory (candidate.json comes only after training); a child that hangs fails the wait
+    ChildOutput(proc, proc.stderr).wait_for("distill: running distill", 300, "the distill step to start")
+    wait_until(lambda: any((out / "steps").glob("01-distill-*")), 60, "the distill step directory", proc=proc)
+    kill_child(proc)
+    assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists()
     done = {
         d.name: (d / "candidate.json").stat().st_mtime_ns

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from slimship.errors import ConfigError
-from slimship.pipeline.tune import tune_recipe
+from slimship.pipeline.search import tune_recipe
 
 RECIPE = """
 version: 1
@@ -137,7 +137,7 @@ def test_skipping_a_format_changing_step_is_refused(tmp_path):
 
 def test_search_state_stops_on_patience_budget_and_exhaustion():
     from slimship.pipeline.recipe import Recipe
-    from slimship.pipeline.tune import SearchState, pareto_front
+    from slimship.pipeline.search.state import SearchState, TrialRow, pareto_front
 
     def recipe(patience, choices):
         return Recipe.model_validate(
@@ -149,14 +149,9 @@ def test_search_state_stops_on_patience_budget_and_exhaustion():
         )
 
     def ok(n, speed, q, feasible=True, opset=17):
-        return {
-            "trial": n,
-            "params": {"export.opset": opset},
-            "status": "ok",
-            "speedup": speed,
-            "quality": q,
-            "feasible": feasible,
-        }
+        return TrialRow(
+            trial=n, params={"export.opset": opset}, status="ok", speedup=speed, quality=q, feasible=feasible
+        )
 
     state = SearchState(recipe(2, [16, 17, 18, 19, 20]))
     state.record(ok(0, 1.5, 90, feasible=False, opset=16))
@@ -164,7 +159,9 @@ def test_search_state_stops_on_patience_budget_and_exhaustion():
     state.record(ok(1, 1.2, 95, opset=17))
     state.record(ok(2, 1.1, 96, opset=18))
     assert state.stop_reason(25, None) is None and state.since_best == 1
-    state.record({**ok(3, 1.1, 96, opset=18), "reused_from": 2})  # a repeat: no evaluation, no patience spent
+    state.record(
+        ok(2, 1.1, 96, opset=18).repeat(3, {"export.opset": 18})
+    )  # a repeat: no evaluation, no patience spent
     assert state.evaluations == 3 and state.since_best == 1
     assert state.stop_reason(3, None).startswith("trial budget")
     state.record(ok(4, 1.0, 97, opset=19))
@@ -174,12 +171,12 @@ def test_search_state_stops_on_patience_budget_and_exhaustion():
     assert state.best_value == 1.3 and state.since_best == 0
     assert "every one of the 5 combinations" in state.stop_reason(25, None)
     # Pareto: 0 (fastest), 5, 1, 2, 4 (each more accurate at lower speed) are all non-dominated; 3 is a repeat
-    assert pareto_front([r for r in state.rows if r.get("reused_from") is None], "latency") == {0, 1, 2, 4, 5}
+    assert pareto_front([r for r in state.rows if r.reused_from is None], "latency") == {0, 1, 2, 4, 5}
     assert pareto_front([ok(0, 1.0, 90), ok(1, 2.0, 95)], "latency") == {1}
 
 
 def test_unknown_executor_is_a_clear_error():
-    from slimship.pipeline.tune import executor_for
+    from slimship.pipeline.search import executor_for
 
     with pytest.raises(ConfigError, match="unknown executor 'dask'.*executors: \\['local', 'ray'\\]"):
         executor_for("dask")
@@ -212,7 +209,9 @@ def test_builtin_default_recipe_is_packaged_and_valid(tmp_path):
         "quantize-dynamic",
     ]
     assert r.constraints.max_quality_drop == 1.0
-    with pytest.raises(ConfigError, match=r"no recipe file nope.yaml; built-in recipes: \['minilm-fast'\]"):
+    with pytest.raises(
+        ConfigError, match=r"no recipe file nope.yaml; built-in recipes: \['minilm-fast', 'quickstart'\]"
+    ):
         _recipe_path(pathlib.Path("nope.yaml"))
 
 
@@ -246,10 +245,12 @@ def test_quantization_mode_is_searched_as_alternative_passes(tmp_path):
 def test_macs_signal_screens_a_candidate_that_cannot_beat_the_best(tmp_path):
     """The MACs prediction: a candidate whose MAC reduction, at the best speed-per-MAC seen for its runtime steps
     (with the margin), stays below the best feasible speed-up is not evaluated."""
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from slimship.pipeline.recipe import Recipe
-    from slimship.pipeline.tune import _screen
+    from slimship.pipeline.search.state import SearchHints, TrialRow
+    from slimship.pipeline.search.trial import screen
 
     recipe = Recipe.model_validate(
         {
@@ -259,30 +260,27 @@ def test_macs_signal_screens_a_candidate_that_cannot_beat_the_best(tmp_path):
         }
     )
     final = SimpleNamespace(size_bytes=1000)
-    row = {"signature": "export>quantize-dynamic", "macs_ratio": 1.5}
-    hints = {"best_feasible": 3.0, "speed_per_mac": {"export>quantize-dynamic": 1.4}}
-    out = _screen(recipe, None, "", tmp_path, final, None, print, row, hints)
+    row = TrialRow(trial=0, params={}, signature="export>quantize-dynamic", macs_ratio=1.5)
+    hints = SearchHints(best_feasible=3.0, speed_per_mac={"export>quantize-dynamic": 1.4})
+    out = screen(recipe, None, "", tmp_path, final, print, row, hints)
     assert (
         out is not None
-        and out["signal"].startswith("speed-up its MACs predict")
-        and out["measured"] == pytest.approx(1.5 * 1.4 * 1.25)
+        and out.signal.startswith("speed-up its MACs predict")
+        and out.measured == pytest.approx(1.5 * 1.4 * 1.25)
     )
     # a bigger MAC cut could win: not screened by MACs (the slice check then needs a workload; none configured here)
     recipe_nc = recipe.model_copy(update={"constraints": recipe.constraints})
-    assert (
-        _screen(recipe_nc, None, "", tmp_path, final, None, print, {**row, "macs_ratio": 2.0}, hints) is None
-    )
+    assert screen(recipe_nc, None, "", tmp_path, final, print, replace(row, macs_ratio=2.0), hints) is None
     # a different runtime signature has no evidence yet: not screened
-    assert (
-        _screen(recipe, None, "", tmp_path, final, None, print, {**row, "signature": "export"}, hints) is None
-    )
+    assert screen(recipe, None, "", tmp_path, final, print, replace(row, signature="export"), hints) is None
 
 
 def test_macs_signal_screens_what_cannot_reach_min_speedup(tmp_path):
     from types import SimpleNamespace
 
     from slimship.pipeline.recipe import Recipe
-    from slimship.pipeline.tune import _screen
+    from slimship.pipeline.search.state import SearchHints, TrialRow
+    from slimship.pipeline.search.trial import screen
 
     recipe = Recipe.model_validate(
         {
@@ -292,28 +290,28 @@ def test_macs_signal_screens_what_cannot_reach_min_speedup(tmp_path):
             "search": {"batch_size": 32, "params": {"export.opset": {"choices": [17, 18]}}},
         }
     )
-    row = {"signature": "export", "macs_ratio": 1.2}
-    out = _screen(
+    row = TrialRow(trial=0, params={}, signature="export", macs_ratio=1.2)
+    out = screen(
         recipe,
         None,
         "",
         tmp_path,
         SimpleNamespace(size_bytes=1),
-        None,
         print,
         row,
-        {"best_feasible": None, "speed_per_mac": {"export": 1.8}},
+        SearchHints(best_feasible=None, speed_per_mac={"export": 1.8}),
     )
     assert (
-        out["signal"].endswith("vs min_speedup")
-        and out["measured"] == pytest.approx(1.2 * 1.8 * 1.25)
-        and out["limit"] == 3.0
+        out is not None
+        and out.signal.endswith("vs min_speedup")
+        and out.measured == pytest.approx(1.2 * 1.8 * 1.25)
+        and out.limit == 3.0
     )
 
 
 def test_speed_is_judged_against_the_pooled_original():
     from slimship.pipeline.recipe import Recipe
-    from slimship.pipeline.tune import pool_baseline
+    from slimship.pipeline.search.state import TrialRow, pool_baseline
 
     recipe = Recipe.model_validate(
         {
@@ -325,15 +323,16 @@ def test_speed_is_judged_against_the_pooled_original():
     )
 
     def row(n, cand, orig):
-        return {
-            "trial": n,
-            "status": "ok",
-            "latency_ms_p50": cand,
-            "original_latency_ms_p50": orig,
-            "speedup": orig / cand,
-            "feasible": orig / cand >= 3,
-            "checks": {"min_speedup": {"limit": 3.0, "measured": orig / cand, "holds": orig / cand >= 3}},
-        }
+        return TrialRow(
+            trial=n,
+            params={},
+            status="ok",
+            latency_ms_p50=cand,
+            original_latency_ms_p50=orig,
+            speedup=orig / cand,
+            feasible=orig / cand >= 3,
+            checks={"min_speedup": {"limit": 3.0, "measured": orig / cand, "holds": orig / cand >= 3}},
+        )
 
     rows = [
         row(0, 150, 528),
@@ -341,10 +340,62 @@ def test_speed_is_judged_against_the_pooled_original():
         row(2, 200, 430),
     ]  # the same candidate twice: 3.52x and 2.93x in-run
     assert pool_baseline(rows, recipe) == 440
-    assert [round(r["speedup"], 2) for r in rows] == [2.93, 2.93, 2.2]
-    assert [r["speedup_same_run"] for r in rows] == [528 / 150, 440 / 150, 430 / 200]
+    assert [round(r.speedup, 2) for r in rows] == [2.93, 2.93, 2.2]
+    assert [r.speedup_same_run for r in rows] == [528 / 150, 440 / 150, 430 / 200]
     assert (
-        not any(r["feasible"] for r in rows)
-        and rows[0]["checks"]["min_speedup"]["baseline"] == "pooled original p50"
+        not any(r.feasible for r in rows)
+        and rows[0].checks["min_speedup"]["baseline"] == "pooled original p50"
     )
-    assert pool_baseline(rows, recipe) == 440 and rows[0]["speedup_same_run"] == 528 / 150  # idempotent
+    assert pool_baseline(rows, recipe) == 440 and rows[0].speedup_same_run == 528 / 150  # idempotent
+
+
+def test_trial_rows_are_typed_records_stored_as_the_same_json():
+    """A row as tune.json stored it before rows were typed reads back as a TrialRow and writes the same keys."""
+    from slimship.pipeline.search.state import Screened, TrialRow
+
+    ok = {
+        "trial": 2,
+        "params": {"prune.channel_ratio": 0.25},
+        "steps": [{"label": "prune", "pass": "prune", "status": "ran", "candidate": "/c", "id": "x"}],
+        "candidate": "/c",
+        "size_bytes": 1000,
+        "macs": None,
+        "macs_ratio": 1.0,
+        "signature": "export",
+        "status": "ok",
+        "speedup": 2.5,
+        "latency_ms_p50": 1.0,
+        "original_latency_ms_p50": 2.5,
+        "size_ratio": 4.0,
+        "quality": 95.0,
+        "quality_drop": 0.5,
+        "fidelity": {"top1_agreement": 0.99},
+        "feasible": True,
+        "checks": {"max_quality_drop": {"limit": 1.0, "measured": 0.5, "holds": True}},
+        "seconds": 3.2,
+        "speedup_same_run": 2.4,
+        "pareto": True,
+    }
+    row = TrialRow.from_json(ok)
+    assert row.speedup == 2.5 and row.feasible and row.checks["max_quality_drop"]["holds"]
+    assert row.to_json() == ok and list(row.to_json()) == list(ok)
+    screened = {
+        "trial": 3,
+        "params": {},
+        "steps": [],
+        "candidate": "/d",
+        "size_bytes": 10,
+        "macs": 5,
+        "macs_ratio": 2.0,
+        "signature": "torch",
+        "status": "screened",
+        "screen": {"signal": "size", "measured": 3.0, "limit": 1.0},
+        "seconds": 0.5,
+    }
+    row = TrialRow.from_json(screened)
+    assert row.screen == Screened("size", 3.0, 1.0) and row.to_json() == screened
+    failed = {"trial": 4, "params": {}, "steps": [], "status": "failed", "reason": "boom", "seconds": None}
+    assert TrialRow.from_json(failed).to_json() == failed
+    repeat = TrialRow.from_json(ok).repeat(7, {"prune.channel_ratio": 0.25})
+    assert repeat.to_json() == {**ok, "trial": 7, "reused_from": 2}
+    assert TrialRow.from_json({**failed, "some_future_key": 1}).reason == "boom"  # unknown keys are ignored

@@ -198,13 +198,11 @@ def _serve(
 def test_ray_bad_input_is_a_clear_error(digits_chain):
     _, exp, _ = digits_chain
     model = f"digits={exp.artifact_path}"
-    t0 = time.monotonic()
-    out = _serve("--ray", "--address", "127.0.0.1:9", "-m", model, "--port", "0")
+    out = _serve("--ray", "--address", "127.0.0.1:9", "-m", model, "--port", "0", timeout=60)
     err = " ".join(out.stderr.split())
     assert (
         out.returncode == 2 and "can't reach the Ray cluster at 127.0.0.1:9" in err and "Traceback" not in err
     ), err
-    assert time.monotonic() - t0 < 60
     # Ray not installed: the message names the extra
     code = (
         "import sys; sys.modules['ray'] = None; sys.argv = ['slimship', 'serve', '--ray', '-m', %r, '--port', '0']; "

@@ -1,1 +1,1 @@
-"""Multi-step jobs built from passes and measurements (the quickstart today; recipes and search later)."""
+"""Multi-step jobs built from passes and measurements: recipes (schema, runner), the search (search/), quickstart."""

@@ -1,8 +1,9 @@
-"""The main job, first version: export → optimise → evaluate → benchmark, on one workload.
+"""`slimship quickstart`: the built-in ``quickstart`` recipe (export → optimise) run through the runner's steps
+on any workload, then every candidate evaluated and PyTorch timed against ONNX Runtime side by side.
 
-Writes into ``out_dir``: one directory per candidate (original, exported, optimized),
+Writes into ``out_dir``: one directory per candidate (``original``, ``exported``, ``optimized`` — the recipe's
+step names; a directory whose candidate has the same pass, config and parent is reused, as in `slimship run`),
 ``results.json`` (machine-readable; schema ``slimship.quickstart/1``) and ``summary.md``.
-A candidate whose directory already holds the same pass, config and parent is reused.
 """
 
 from __future__ import annotations
@@ -14,36 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimship._util import write_json_atomic
+from slimship.pipeline.recipe import load_recipe
+from slimship.pipeline.runner import execute_steps, reuse_candidate
 
 if TYPE_CHECKING:
     from slimship.candidate import Candidate
-    from slimship.passes import PassConfig
-    from slimship.workload import Workload
 
 SCHEMA = "slimship.quickstart/1"
-
-
-def _reuse_or_run(
-    name: str, parent: Candidate, workload: Workload, config: PassConfig, out_dir: Path, log: Any
-) -> Candidate:
-    from slimship.candidate import load_candidate
-    from slimship.errors import CandidateError
-    from slimship.passes import run_pass
-
-    if (out_dir / "candidate.json").exists():
-        try:
-            old = load_candidate(out_dir)
-            if (
-                old.parent_id == parent.id
-                and old.pass_config == config.to_json_dict()
-                and old.workload == workload.ref
-            ):
-                old.verify_artifact()
-                log(f"reusing {old.name} ({old.id}) from {out_dir}")
-                return old
-        except CandidateError as err:
-            log(f"not reusing {out_dir}: {err}")
-    return run_pass(name, parent, workload, config, out_dir)
+RECIPE = "quickstart"
 
 
 def quickstart(
@@ -64,7 +43,8 @@ def quickstart(
     from slimship.machine import physical_cores
     from slimship.measure.bench import BenchTarget, bench
     from slimship.measure.evaluate import evaluate
-    from slimship.passes import ExportConfig, GraphOptimizeConfig
+    from slimship.passes import PASSES
+    from slimship.recipes import builtin_recipes
     from slimship.report.summary import render_summary
     from slimship.workload import resolve_workload
 
@@ -72,6 +52,7 @@ def quickstart(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or physical_cores()
+    recipe = load_recipe(builtin_recipes()[RECIPE])
     workload = resolve_workload(workload_ref, data=data)
     log(
         f"workload {workload.name}"
@@ -79,22 +60,21 @@ def quickstart(
     )
 
     orig_dir = out / "original"
-    original = None
-    if (orig_dir / "candidate.json").exists():
-        original = load_candidate(orig_dir)
-        if original.workload != workload.ref:
-            original = None
+    original = reuse_candidate(orig_dir, workload=workload.ref)
     if original is None:
         log("saving the original model")
         original = original_candidate(workload, orig_dir)
-    chain = [original]
-    if original.format == "torch":
-        log("exporting to ONNX and verifying against PyTorch")
-        exported = _reuse_or_run("export", original, workload, ExportConfig(), out / "exported", log)
-        chain.append(exported)
-    log("optimising the ONNX graph and verifying against its parent")
-    optimized = _reuse_or_run("optimize", chain[-1], workload, GraphOptimizeConfig(), out / "optimized", log)
-    chain.append(optimized)
+    # a step whose pass takes another format than the model has by then is omitted (export, for an ONNX model)
+    passes, fmt = [], original.format
+    for step in recipe.passes:
+        cls = PASSES[step.pass_name]
+        passes.append(step.model_copy(update={"skip": cls.input_format != fmt}))
+        fmt = fmt if cls.input_format != fmt else cls.output_format
+    steps = execute_steps(
+        passes, recipe.step_labels(), workload, original, out, log, layout="flat", raise_errors=True
+    )
+    chain = [original] + [load_candidate(s["candidate"]) for s in steps if s["status"] in ("ran", "reused")]
+    optimized = chain[-1]
 
     targets: list[tuple[str, Candidate, str]] = []
     if original.format == "torch":

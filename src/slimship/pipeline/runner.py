@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from slimship._util import sha256_text, stable_json, write_json_atomic
 from slimship.errors import ConfigError, SlimshipError
@@ -29,17 +29,23 @@ from slimship.pipeline.recipe import Recipe, Step, load_recipe
 SCHEMA = "slimship.run/1"
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
+    """The default progress log of runs and searches: one ``· msg`` line on stderr."""
     print(f"· {msg}", file=sys.stderr)
 
 
-def _reuse(step_dir: Path) -> Any:
+def reuse_candidate(step_dir: Path, **expected: Any) -> Any:
+    """The verified candidate in ``step_dir``, or None when there is none, it doesn't verify, or one of the
+    ``expected`` attributes differs (e.g. ``parent_id=…, pass_name=…, pass_config=…`` or ``workload=…``, for a
+    directory whose name doesn't already say what it holds)."""
     from slimship.candidate import load_candidate
 
     if not (step_dir / "candidate.json").exists():
         return None
     try:
         cand = load_candidate(step_dir)
+        if any(getattr(cand, k) != v for k, v in expected.items()):
+            return None
         cand.verify_artifact()
     except SlimshipError:
         return None
@@ -52,7 +58,7 @@ def run_recipe(
     *,
     evaluate_limit: int | None = None,
     bench_batch_sizes: tuple[int, ...] | None = None,
-    log: Callable[[str], None] = _say,
+    log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Run (or resume) a recipe into ``out_dir``; returns what results.json holds."""
     from slimship.candidate import load_candidate, original_candidate
@@ -70,7 +76,7 @@ def run_recipe(
     write_json_atomic(out / "machine.json", machine)
     workload = resolve_workload(recipe.workload, data=recipe.data)
     orig_dir = out / "original"
-    original = _reuse(orig_dir) or original_candidate(workload, orig_dir)
+    original = reuse_candidate(orig_dir) or original_candidate(workload, orig_dir)
     first = PASSES[recipe.passes[0].pass_name]
     if first.input_format != original.format:
         raise ConfigError(
@@ -218,9 +224,15 @@ def execute_steps(
     workload: Any,
     original: Any,
     out: Path,
-    log: Callable[[str], None] = _say,
+    log: Callable[[str], None] = say,
+    *,
+    layout: Literal["keyed", "flat"] = "keyed",
+    raise_errors: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run ``passes`` in order from ``original``; each step's candidate is cached under a key of (pass, config, parent)."""
+    """Run ``passes`` in order from ``original``; each step's candidate is cached under a key of (pass, config,
+    parent). ``layout``: ``keyed`` puts each step in ``out/steps/NN-<label>-<key>``; ``flat`` in ``out/<label>``
+    (reused only when the candidate there has the same pass, config and parent). ``raise_errors``: a failing
+    pass raises instead of being recorded."""
     from tqdm import tqdm
 
     from slimship.candidate import Candidate
@@ -252,11 +264,19 @@ def execute_steps(
             )
             continue
         key = sha256_text(step.pass_name, stable_json(cfg.to_json_dict()), parent.id)[:10]
-        step_dir = out / "steps" / f"{i:02d}-{label}-{key}"
+        if layout == "flat":
+            step_dir = out / label
+            same: dict[str, Any] = {
+                "pass_name": step.pass_name,
+                "pass_config": cfg.to_json_dict(),
+                "parent_id": parent.id,
+            }
+        else:
+            step_dir, same = out / "steps" / f"{i:02d}-{label}-{key}", {}
         with _step_lock(
             step_dir
         ):  # a search's trials side by side: one builds a shared step, the others reuse it
-            done = _reuse(step_dir)
+            done = reuse_candidate(step_dir, **same)
             t0 = time.perf_counter()
             if done is not None:
                 log(f"{label}: reusing {step_dir.name} (same pass, config and parent)")
@@ -277,6 +297,8 @@ def execute_steps(
             try:
                 cand = cls()(parent, workload, cfg, step_dir)
             except SlimshipError as err:
+                if raise_errors:
+                    raise
                 log(f"{label}: failed — {err}")
                 steps.append(
                     {
@@ -310,7 +332,7 @@ def evaluate_steps(
     orig_dir: Path,
     workload: Any,
     evaluate_limit: int | None,
-    log: Callable[[str], None] = _say,
+    log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Quality and fidelity of the original and of every finished step (cached beside each candidate)."""
     import json

@@ -1,18 +1,19 @@
-"""`slimship tune --executor ray`: the same search as the local executor, every trial a Ray Tune trial.
+"""The Ray executor (`slimship tune --executor ray`): the same search as the local executor, every trial a Ray
+Tune trial.
 
 How it maps onto Ray Tune:
 
 * **Proposals** come from Optuna's seeded multi-objective TPE inside Ray Tune's ``OptunaSearch`` (subclassed
   by :func:`_searcher_class`): the same define-by-run ``suggest_*`` calls, directions and constraint feedback
-  as :class:`~slimship.pipeline.tune.LocalExecutor`. A proposal that builds a candidate already tried is
+  as :class:`~slimship.pipeline.search.local.LocalExecutor`. A proposal that builds a candidate already tried is
   answered in the searcher from the earlier row (``reused_from``; no Ray trial starts) and the next proposal is
   steered to an untried combination, as locally. With one trial at a time (``concurrent_trials=1``, the
   default) the sampler sees exactly what the local one sees, so the same seed proposes the same candidates;
   with more, each proposal is made before the running trials have reported, so the sequence differs (the
   sampler knows less when it proposes) — the rows keep their structure.
-* **A trial** is :func:`_trainable` → :func:`~slimship.pipeline.tune.run_trial` on a worker; its row comes
-  back as the trial's result, and the driver records it, rewrites tune.json and checks
-  :meth:`~slimship.pipeline.tune.SearchState.stop_reason` before every proposal.
+* **A trial** is :func:`_trainable` → :func:`~slimship.pipeline.search.trial.run_trial` on a worker; its row
+  comes back as the trial's result, and the driver records it, rewrites tune.json and checks
+  :meth:`~slimship.pipeline.search.state.SearchState.stop_reason` before every proposal.
 * **Storage**: workers write candidates into the search directory, so on a multi-node cluster it must be
   shared storage mounted at the same path everywhere (checked up front on every node). Ray's experiment state
   goes to ``storage`` (a path or a URI such as ``s3://bucket/prefix``; default ``<search dir>/ray``).
@@ -39,13 +40,14 @@ from pathlib import Path
 from typing import Any
 
 from slimship.errors import ConfigError, ExecutorError
-from slimship.pipeline.tune import SearchState, TrialContext
+from slimship.pipeline.recipe import effective_params
+from slimship.pipeline.runner import say
+from slimship.pipeline.search.sampler import suggest_params, tell_row, tpe_sampler, untried
+from slimship.pipeline.search.state import SearchHints, SearchState, TrialRow, candidate_key, objectives
+from slimship.pipeline.search.trial import EXIT_SEAM, TrialContext, run_trial, setup
 from slimship.ray_local import connect, parse_address
 
 INSTALL_HINT = "pip install 'slimship[ray]'"
-#: test seam: ``<trial number>:<marker file>`` makes that trial's worker exit once (as if killed) after its
-#: steps are built; ``<trial number>:always`` every time (see :func:`slimship.pipeline.tune._test_exit`)
-EXIT_SEAM = "SLIMSHIP_TUNE_EXIT_ONCE"
 
 
 def import_ray(local: bool = False) -> Any:
@@ -103,7 +105,7 @@ class RayExecutor:
         state: SearchState,
         limit: int,
         deadline: float | None,
-        on_row: Callable[[dict[str, Any]], None],
+        on_row: Callable[[TrialRow], None],
         log: Callable[[str], None],
     ) -> str:
         ray = import_ray(local=self.address is None)
@@ -127,7 +129,7 @@ class RayExecutor:
         state: SearchState,
         limit: int,
         deadline: float | None,
-        on_row: Callable[[dict[str, Any]], None],
+        on_row: Callable[[TrialRow], None],
         log: Callable[[str], None],
     ) -> str:
         """Ray Client: Ray Tune would run its loop on the cluster anyway; run the whole search loop there as one
@@ -136,9 +138,10 @@ class RayExecutor:
         task = ray.remote(num_cpus=0)(_search_on_cluster)
         log(f"searching on the cluster through Ray Client ({self.address}); rows arrive when the search ends")
         stopped, rows = ray.get(
-            task.remote(dataclasses.asdict(self), ctx, limit, remaining, [dict(r) for r in state.rows])
+            task.remote(dataclasses.asdict(self), ctx, limit, remaining, [r.to_json() for r in state.rows])
         )
-        for row in rows[len(state.rows) :]:
+        for data in rows[len(state.rows) :]:
+            row = TrialRow.from_json(data)
             state.record(row)
             on_row(row)
         return str(stopped)
@@ -151,24 +154,17 @@ def _search_on_cluster(
     remaining: float | None,
     rows: list[dict[str, Any]],
 ) -> tuple[str, list[dict[str, Any]]]:
-    """Runs on the cluster (already connected to it): the search loop of a Ray Client search."""
-    from slimship.pipeline.tune import _setup
-
+    """Runs on the cluster (already connected to it): the search loop of a Ray Client search; rows travel as
+    their tune.json form."""
     options = {k: v for k, v in options.items() if k != "name"}
     ex = RayExecutor(**{**options, "address": None})
-    recipe = _setup(ctx.recipe_path, ctx.out_dir)[0]
+    recipe = setup(ctx.recipe_path, ctx.out_dir)[0]
     state = SearchState(recipe)
     for r in rows:
-        state.record(r)
+        state.record(TrialRow.from_json(r))
     deadline = None if remaining is None else time.monotonic() + remaining
-    stopped = _run_tuner(ex, ctx, state, limit, deadline, lambda row: None, _say_remote)
-    return stopped, state.rows
-
-
-def _say_remote(msg: str) -> None:
-    from slimship.pipeline.runner import _say
-
-    _say(msg)
+    stopped = _run_tuner(ex, ctx, state, limit, deadline, lambda row: None, say)
+    return stopped, [r.to_json() for r in state.rows]
 
 
 def _check_resources(ray: Any, trial_cpus: float, where: str) -> None:
@@ -218,16 +214,13 @@ def _trainable(config: dict[str, Any]) -> None:
     """One Ray Tune trial: :func:`run_trial` on a worker; the row goes back as the trial's result."""
     from ray import tune
 
-    from slimship.pipeline.runner import _say
-    from slimship.pipeline.tune import objectives, run_trial
-
     p = json.loads(config["payload"])
     if p.get("exit_seam"):
         os.environ[EXIT_SEAM] = p["exit_seam"]  # this worker process only
     ctx = TrialContext(**p["ctx"])
-    row = run_trial(ctx, p["trial"], p["params"], _say, hints=p["hints"])
+    row = run_trial(ctx, p["trial"], p["params"], say, hints=SearchHints(**p["hints"]))
     values = objectives(row, p["objective"]) or (0.0, 0.0)
-    tune.report({"row": json.dumps(row), "speed": values[0], "quality": values[1]})
+    tune.report({"row": json.dumps(row.to_json()), "speed": values[0], "quality": values[1]})
 
 
 def _run_tuner(
@@ -236,7 +229,7 @@ def _run_tuner(
     state: SearchState,
     limit: int,
     deadline: float | None,
-    on_row: Callable[[dict[str, Any]], None],
+    on_row: Callable[[TrialRow], None],
     log: Callable[[str], None],
 ) -> str:
     import warnings
@@ -284,13 +277,9 @@ def _searcher_class() -> Any:
     """``OptunaSearch`` taught slimship's rules (built here so Ray is imported only when used)."""
     import random
 
-    import optuna
     from ray.tune import Callback
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
-
-    from slimship.pipeline.recipe import effective_params
-    from slimship.pipeline.tune import _key, _untried, repeat_row, suggest_params, tell_row
 
     class SlimshipOptunaSearch(OptunaSearch):
         def __init__(
@@ -300,7 +289,7 @@ def _searcher_class() -> Any:
             state: SearchState,
             limit: int,
             deadline: float | None,
-            on_row: Callable[[dict[str, Any]], None],
+            on_row: Callable[[TrialRow], None],
             log: Callable[[str], None],
         ) -> None:
             recipe = state.recipe
@@ -308,12 +297,12 @@ def _searcher_class() -> Any:
                 space=lambda trial: suggest_params(trial, recipe),
                 metric=["speed", "quality"],
                 mode=["max", "max"],
-                sampler=optuna.samplers.TPESampler(seed=ex.seed),
+                sampler=tpe_sampler(ex.seed),
             )
             self.ex, self.ctx, self.state, self.limit, self.deadline = ex, ctx, state, limit, deadline
             self.on_row, self.log, self.recipe = on_row, log, recipe
             self.rng = random.Random(ex.seed)
-            self.seen: dict[str, dict[str, Any]] = {}
+            self.seen: dict[str, TrialRow] = {}
             self.pending: dict[str, str] = {}  # candidate key → Ray trial id building it
             self.meta: dict[str, tuple[int, dict[str, Any], str]] = {}  # Ray trial id → (number, params, key)
             self.deferred: dict[str, list[tuple[Any, int, dict[str, Any]]]] = {}  # repeats of a running trial
@@ -341,7 +330,7 @@ def _searcher_class() -> Any:
 
             return _Errors()
 
-        def _record(self, row: dict[str, Any], ot_trial: Any) -> None:
+        def _record(self, row: TrialRow, ot_trial: Any) -> None:
             tell_row(self._study, ot_trial, row, self.recipe)
             self.state.record(row)
             self.on_row(row)
@@ -366,17 +355,17 @@ def _searcher_class() -> Any:
                 params: dict[str, Any] = dict(super().suggest(ask_id) or {})
                 ot_trial = self._ot_trials.pop(ask_id)
                 number = ot_trial.number
-                same = _key(effective_params(self.recipe, params))
+                same = candidate_key(effective_params(self.recipe, params))
                 earlier = self.seen.get(same)
                 if earlier is not None or same in self.pending:
                     # the sampler is circling: steer the next proposal to a combination not tried (nor running)
-                    untried = _untried(self.recipe, {**self.seen, **self.pending}, self.rng)
-                    if untried is not None:
-                        self._study.enqueue_trial(untried)
+                    fresh = untried(self.recipe, {**self.seen, **self.pending}, self.rng)
+                    if fresh is not None:
+                        self._study.enqueue_trial(fresh)
                     elif same in self.pending:
                         size_reached = True
                     if earlier is not None:
-                        self._record(repeat_row(earlier, number, params), ot_trial)
+                        self._record(earlier.repeat(number, params), ot_trial)
                     else:
                         self.deferred.setdefault(same, []).append((ot_trial, number, params))
                     continue
@@ -387,7 +376,7 @@ def _searcher_class() -> Any:
                     "trial": number,
                     "params": params,
                     "ctx": dataclasses.asdict(self.ctx),
-                    "hints": self.state.hints(),
+                    "hints": dataclasses.asdict(self.state.hints()),
                     "objective": self.state.objective,
                     "exit_seam": self.exit_seam,
                 }
@@ -409,21 +398,19 @@ def _searcher_class() -> Any:
             ot_trial = self._ot_trials.pop(trial_id)
             self.pending.pop(same, None)
             if result and "row" in result and not error:
-                row = json.loads(result["row"])
+                row = TrialRow.from_json(json.loads(result["row"]))
             else:
                 why = self.errors.get(trial_id, "the worker died")
-                row = {
-                    "trial": number,
-                    "params": params,
-                    "steps": [],
-                    "status": "failed",
-                    "reason": f"Ray trial failed {self.ex.max_failures + 1} time(s) ({why})",
-                    "seconds": None,
-                }
-                self.log(f"trial {number}: {row['reason']}; the search goes on")
+                row = TrialRow(
+                    trial=number,
+                    params=params,
+                    status="failed",
+                    reason=f"Ray trial failed {self.ex.max_failures + 1} time(s) ({why})",
+                )
+                self.log(f"trial {number}: {row.reason}; the search goes on")
             self.seen[same] = row
             self._record(row, ot_trial)
             for ot, n, p in self.deferred.pop(same, []):
-                self._record(repeat_row(row, n, p), ot)
+                self._record(row.repeat(n, p), ot)
 
     return SlimshipOptunaSearch
