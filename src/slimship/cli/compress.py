@@ -1,24 +1,32 @@
-"""`slimship prune | lowrank | share | distill`: the structural-compression verbs (registered on the main app)."""
+"""`slimship export | passes | prune | lowrank | share | distill`: make a new candidate from a model — export
+to ONNX (verified, optionally graph-optimised), list the passes, and the PyTorch compression verbs (structured,
+depth and unstructured pruning, low-rank factorisation, weight sharing, distillation), each recovering quality by
+distillation and then exporting and evaluating the result. Options that set one pass-config field take their
+help from that field's description (`config_option`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from slimship.cli import DataOpt, ThreadsOpt, WorkloadOpt, _resolve_target, app
+from slimship.cli._app import (
+    DataOpt,
+    LimitOpt,
+    ThreadsOpt,
+    TorchTargetArg,
+    WorkloadOpt,
+    app,
+    load_torch_target,
+)
 
-TargetArg = Annotated[
-    str,
-    typer.Argument(
-        help="The PyTorch model to compress: `original` (the workload's own model) or a PyTorch candidate directory."
-    ),
-]
 OutOpt = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Directory for the new candidate (default: runs/VERB-WORKLOAD)."),
 ]
+
 EpochsOpt = Annotated[
     int,
     typer.Option(
@@ -26,15 +34,18 @@ EpochsOpt = Annotated[
         help="Recovery: training epochs over the workload's training data (early stopping may end sooner).",
     ),
 ]
+
 MaxSecondsOpt = Annotated[
     float, typer.Option(min=1, help="Recovery: wall-clock budget in seconds; the best model so far is kept.")
 ]
+
 LrOpt = Annotated[
     float | None,
     typer.Option(
         help="Recovery: learning rate (default 1e-3 for classification, 5e-5 for embedding models)."
     ),
 ]
+
 FinetuneOpt = Annotated[
     bool,
     typer.Option(
@@ -42,21 +53,91 @@ FinetuneOpt = Annotated[
         help="Recover quality by distillation from the input model after compressing.",
     ),
 ]
+
 ExportOpt = Annotated[
     bool,
     typer.Option(
         "--export/--no-export", help="Also export the result to ONNX and verify it against PyTorch."
     ),
 ]
+
 EvalOpt = Annotated[
     bool,
     typer.Option(
         "--eval/--no-eval", help="Evaluate quality and fidelity of the result against the original."
     ),
 ]
-LimitOpt = Annotated[
-    int | None, typer.Option(min=1, help="--eval on the first N samples only (minilm: N articles).")
-]
+
+
+@app.command()
+def passes() -> None:
+    """List the passes, what each takes and makes, and its config with defaults.
+
+    Example: `slimship passes`
+    """
+    from slimship.passes import list_passes
+
+    for p in list_passes():
+        typer.echo(f"{p['name']:10s} {p['input']} → {p['output']}  {p['summary']}")
+        typer.echo(f"{'':10s} config: {json.dumps(p['config'], default=str)}")
+
+
+@app.command()
+def export(
+    workload: WorkloadOpt = "minilm",
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Directory for the candidates (original/, exported/, optimized/)."),
+    ] = Path("runs/export"),
+    opset: Annotated[int, typer.Option(help="ONNX opset (14–21).")] = 18,
+    exporter: Annotated[
+        str, typer.Option(help="auto (dynamo, then TorchScript), dynamo or torchscript.")
+    ] = "auto",
+    optimize: Annotated[
+        bool,
+        typer.Option(
+            "--optimize/--no-optimize",
+            help="Also run the graph-optimisation pass (transformer fusions for BERT-family models).",
+        ),
+    ] = True,
+    level: Annotated[
+        str,
+        typer.Option(
+            help="Graph optimisation level saved into the artifact: basic, extended, all (this CPU only)."
+        ),
+    ] = "extended",
+    data: DataOpt = None,
+) -> None:
+    """Export a workload's model to ONNX, verify it against PyTorch on real inputs, optionally optimise.
+
+    Example: `slimship export -w mnist -o runs/mnist`
+    """
+    from slimship.candidate import original_candidate
+    from slimship.passes import ExportConfig, GraphOptimizeConfig, optimize_graph
+    from slimship.passes import export as export_pass
+    from slimship.workload import resolve_workload
+
+    w = resolve_workload(workload, data=data)
+    orig = original_candidate(w, out / "original")
+    cfg = ExportConfig.parse({"opset": opset, "exporter": exporter})
+    cand = export_pass(orig, w, cfg, out / "exported")  # type: ignore[arg-type]
+    _print_candidate(cand)
+    if optimize:
+        opt = optimize_graph(cand, w, GraphOptimizeConfig.parse({"level": level}), out / "optimized")  # type: ignore[arg-type]
+        _print_candidate(opt)
+
+
+def _print_candidate(c: Any) -> None:
+    ver = c.info.get("verification", {})
+    figures = "; ".join(
+        f"{name}: max|Δ| {o['max_abs_error']:.2e}, cosine min {o['cosine_min']:.7f}"
+        for name, o in ver.get("outputs", {}).items()
+    )
+    extra = f" exporter={c.info['exporter']}" if c.info.get("exporter") else ""
+    if c.info.get("fused_operators"):
+        extra += f" fused={c.info['fused_operators']}"
+    typer.echo(f"{c.name}: {c.path / c.artifact} ({c.size_bytes / 1e6:.1f} MB){extra}")
+    typer.echo(f"  verified on {ver.get('samples')} real samples: {figures}")
 
 
 def _finetune(enabled: bool, epochs: int, max_seconds: float, lr: float | None) -> dict[str, Any] | None:
@@ -130,22 +211,9 @@ def _finish(
         typer.echo("  fidelity " + "  ".join(f"{k}={v:.4g}" for k, v in res["fidelity"].items()))
 
 
-def _load(target: str, workload: str, data: str | None) -> tuple[Any, Any]:
-    from slimship.errors import ConfigError
-    from slimship.workload import resolve_workload
-
-    w = resolve_workload(workload, data=data)
-    _, cand, _ = _resolve_target(target, w, "")
-    if cand.format != "torch":
-        raise ConfigError(
-            f"{target} is an ONNX candidate; compression passes work on PyTorch models (`original` or a pass's output)"
-        )
-    return w, cand
-
-
 @app.command()
 def prune(
-    target: TargetArg = "original",
+    target: TorchTargetArg = "original",
     workload: WorkloadOpt = "mnist",
     method: Annotated[
         str,
@@ -242,7 +310,7 @@ def prune(
     from slimship.errors import ConfigError
     from slimship.passes import run_pass
 
-    w, cand = _load(target, workload, data)
+    w, cand = load_torch_target(target, workload, data)
     ft = _finetune(finetune, epochs, max_seconds, lr)
     if ft is not None and l1_weight:
         ft["l1_weight"] = l1_weight
@@ -283,7 +351,7 @@ def prune(
 
 @app.command()
 def lowrank(
-    target: TargetArg = "original",
+    target: TorchTargetArg = "original",
     workload: WorkloadOpt = "mnist",
     energy: Annotated[
         float | None,
@@ -343,7 +411,7 @@ def lowrank(
     """
     from slimship.passes import run_pass
 
-    w, cand = _load(target, workload, data)
+    w, cand = load_torch_target(target, workload, data)
     cfg = {
         "energy": energy,
         "param_ratio": param_ratio,
@@ -370,7 +438,7 @@ def lowrank(
 
 @app.command()
 def share(
-    target: TargetArg = "original",
+    target: TorchTargetArg = "original",
     workload: WorkloadOpt = "mnist",
     bits: Annotated[
         int, typer.Option(min=2, max=8, help="Index bits per weight: 2**bits shared values per layer.")
@@ -401,7 +469,7 @@ def share(
     """
     from slimship.passes import run_pass
 
-    w, cand = _load(target, workload, data)
+    w, cand = load_torch_target(target, workload, data)
     cfg = {
         "bits": bits,
         "layer_bits": _kv(layer_bits, "--layer-bits", int),
@@ -416,7 +484,7 @@ def share(
 
 @app.command()
 def distill(
-    target: TargetArg = "original",
+    target: TorchTargetArg = "original",
     workload: WorkloadOpt = "mnist",
     num_layers: Annotated[
         int | None,
@@ -461,7 +529,7 @@ def distill(
     """
     from slimship.passes import run_pass
 
-    w, cand = _load(target, workload, data)
+    w, cand = load_torch_target(target, workload, data)
     cfg = {
         "student": {"num_layers": num_layers, "width": width, "init": init},
         "finetune": {
@@ -478,307 +546,3 @@ def distill(
     dest = out or Path("runs") / f"distill-{w.name}"
     result = run_pass("distill", cand, w, cfg, dest / "distill")
     _finish(result, w, dest / "distill", export, evaluate, limit, threads)
-
-
-@app.command()
-def layers(
-    target: TargetArg = "original",
-    workload: WorkloadOpt = "mnist",
-    data: DataOpt = None,
-) -> None:
-    """List a PyTorch model's Linear / Conv / attention layers: the names that --ignore, --layer-ratio, --rank,
-    --layers and --layer-bits take, with shapes and parameter counts.
-
-    Example: `slimship layers -w minilm`
-    """
-    import torch
-
-    from slimship.candidate import load_torch_model
-
-    w, cand = _load(target, workload, data)
-    model = load_torch_model(cand, w)
-    typer.echo(f"{'layer':58s} {'type':18s} {'shape':>18s} {'params':>10s}")
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d):
-            shape = "x".join(str(d) for d in mod.weight.shape)
-            n = sum(p.numel() for p in mod.parameters(recurse=False))
-            typer.echo(f"{name:58s} {type(mod).__name__:18s} {shape:>18s} {n:>10,}")
-        elif hasattr(mod, "num_attention_heads"):
-            typer.echo(f"{name:58s} {'attention':18s} {str(mod.num_attention_heads) + ' heads':>18s}")
-
-
-@app.command()
-def _recipe_path(recipe: Path | None) -> Path:
-    """A recipe file, or a built-in recipe by name (`minilm-fast`, the default)."""
-    from importlib import resources
-
-    from slimship.errors import ConfigError
-
-    builtin = {
-        p.name.removesuffix(".yaml"): Path(str(p))
-        for p in resources.files("slimship.recipes").iterdir()
-        if p.name.endswith(".yaml")
-    }
-    if recipe is None:
-        return builtin["minilm-fast"]
-    if recipe.exists():
-        return recipe
-    if str(recipe) in builtin:
-        return builtin[str(recipe)]
-    raise ConfigError(
-        f"no recipe file {recipe}; built-in recipes: {sorted(builtin)} (or see examples/recipes/)"
-    )
-
-
-@app.command()
-def run(
-    recipe: Annotated[
-        Path | None,
-        typer.Argument(
-            help="The recipe YAML (see examples/recipes/ and docs/recipe.schema.json), "
-            "or a built-in recipe's name. Default: minilm-fast (MiniLM to INT8, a few minutes)."
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", "-o", help="Run directory (default: runs/RECIPE-NAME). Re-running into it resumes."
-        ),
-    ] = None,
-    limit: LimitOpt = None,
-    batch_sizes: Annotated[
-        str,
-        typer.Option(
-            "--batch-sizes",
-            "-b",
-            help="Batch sizes timed for the original and the final candidate (plus the latency constraint's).",
-        ),
-    ] = "1,32",
-    register: Annotated[
-        str | None,
-        typer.Option(
-            help="Register the final candidate in the model registry under this name, with "
-            "the recipe, the run and its measurements as lineage."
-        ),
-    ] = None,
-    registry_root: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="SLIMSHIP_REGISTRY",
-            help="Registry directory for --register (default: $SLIMSHIP_REGISTRY or ~/.local/share/slimship/registry).",
-        ),
-    ] = None,
-    registry_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="SLIMSHIP_REGISTRY_URL",
-            help="Registry database URL for --register (default: SQLite in the registry directory).",
-        ),
-    ] = None,
-) -> None:
-    """Run a recipe's passes in order, evaluate every step, time the result against the original and check the constraints.
-
-    An interrupted run resumes: steps whose pass, config and parent are unchanged are reused. A failing step is
-    recorded with its reason and the steps after it are skipped.
-
-    Examples: `slimship run` (the built-in default on minilm) ·
-    `slimship run examples/recipes/mnist.yaml -o runs/mnist` (prune → distil → quantize; re-run to resume)
-    """
-    from slimship.cli import _parse_ints
-    from slimship.pipeline.runner import run_recipe
-
-    recipe = _recipe_path(recipe)
-    dest = out or Path("runs") / recipe.stem
-    result = run_recipe(
-        recipe, dest, evaluate_limit=limit, bench_batch_sizes=_parse_ints(batch_sizes, "--batch-sizes")
-    )
-    for s in result["steps"]:
-        extra = s.get("reason") or s.get("candidate", "")
-        typer.echo(f"{s['label']:20s} {s['status']:8s} {extra}")
-    verdict = result["constraints"]
-    for name, c in verdict["checks"].items():
-        measured = "—" if c["measured"] is None else f"{c['measured']:.4g}"
-        typer.echo(
-            f"constraint {name}: limit {c['limit']}, measured {measured} → {'holds' if c['holds'] else 'FAILS'}"
-        )
-    if not verdict.get("complete", True):
-        typer.echo(
-            f"recipe incomplete: a step failed, so the final candidate is the last one that finished ({verdict['final']})"
-        )
-    bench = result.get("bench") or {}
-    for c in bench.get("candidates", []):
-        if c["label"] == verdict["final"]:
-            for r in c["results"]:
-                typer.echo(
-                    f"batch {r['batch_size']}: p50 {r['latency_ms']['p50']:.3g} ms, "
-                    f"{r.get('speedup_vs_baseline_p50', 1.0):.2f}x the original"
-                )
-    typer.echo(f"final: {verdict['final']}; constraints {'hold' if verdict['holds'] else 'do not hold'}")
-    typer.echo(f"results: {dest / 'results.json'}")
-    typer.echo(f"report:  {dest / 'report.html'}")
-    if register:
-        _register_run(result, dest, register, registry_root, registry_url)
-
-
-def _register_run(result: dict[str, Any], dest: Path, name: str, root: Path | None, url: str | None) -> None:
-    from slimship.errors import ConfigError
-    from slimship.registry import Registry
-
-    verdict = result["constraints"]
-    final = next((s for s in result["steps"] if s["label"] == verdict["final"]), None)
-    if final is None:
-        raise ConfigError("--register: no step finished, nothing to register")
-    bench = next(
-        (c for c in (result.get("bench") or {}).get("candidates", []) if c["label"] == final["label"]), None
-    )
-    measurements = {
-        "evaluation": result["evaluations"].get(final["label"], {}),
-        "original_evaluation": result["evaluations"].get("original", {}),
-        "latency": bench["results"] if bench else [],
-        "constraints": verdict,
-    }
-    v = Registry(root, url=url).register(
-        final["candidate"],
-        name,
-        recipe=result["recipe"],
-        measurements=measurements,
-        run={
-            "dir": str(dest.resolve()),
-            "results": str((dest / "results.json").resolve()),
-            "step": final["label"],
-        },
-        tags={"constraints": "hold" if verdict["holds"] else "fail"},
-    )
-    typer.echo(
-        f"registered {v.label} ({v.digest[:12]}){'' if verdict['holds'] else ' — note: the constraints did NOT hold'}"
-    )
-
-
-@app.command()
-def tune(
-    recipe: Annotated[
-        Path,
-        typer.Argument(
-            help="A recipe with a `search` section (see examples/recipes/minilm-tune.yaml, docs/recipe.schema.json)."
-        ),
-    ],
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Directory for the search (default: runs/RECIPE-tune). Steps and evaluations already there are reused.",
-        ),
-    ] = None,
-    trials: Annotated[
-        int | None,
-        typer.Option(min=1, help="Most candidates to evaluate (overrides the recipe's search.trials)."),
-    ] = None,
-    limit: LimitOpt = None,
-    executor: Annotated[
-        str,
-        typer.Option(
-            help="Where trials run: local (this process, one after another) or ray (each a Ray Tune trial on a Ray worker; pip install 'slimship[ray]')."
-        ),
-    ] = "local",
-    seed: Annotated[
-        int, typer.Option(help="Seed of the sampler: the same seed and recipe propose the same candidates.")
-    ] = 0,
-    address: Annotated[
-        str | None,
-        typer.Option(
-            help="ray: the cluster — host:port of the head's GCS (e.g. 10.0.0.5:6379), ray://host:10001 (Ray Client) or auto; default: start a Ray instance on this machine (127.0.0.1)."
-        ),
-    ] = None,
-    trial_cpus: Annotated[
-        float | None,
-        typer.Option(
-            help="ray: CPUs reserved per trial (timing inside a trial uses that many threads), e.g. 2. Default 1."
-        ),
-    ] = None,
-    concurrent_trials: Annotated[
-        int | None,
-        typer.Option(
-            help="ray: trials running at once. Default 1: the same proposals as --executor local with the same seed; more trade that for throughput."
-        ),
-    ] = None,
-    max_failures: Annotated[
-        int | None,
-        typer.Option(
-            help="ray: restarts of a trial whose worker died before it is recorded as failed (the search goes on). Default 2."
-        ),
-    ] = None,
-    storage: Annotated[
-        str | None,
-        typer.Option(
-            help="ray: where Ray Tune keeps its experiment state, a path or a URI (s3://bucket/prefix). Default OUT/ray. Candidates go to OUT, which every node must see at the same path."
-        ),
-    ] = None,
-) -> None:
-    """Search the recipe's `search` space for the fastest (or smallest) candidate within its constraints.
-
-    Every candidate is built through the recipe's passes (shared steps are reused), screened with cheap signals
-    (exact size; quality and fidelity on a small slice), then evaluated in full and timed against the original on
-    its real runtime, interleaved. Optuna's seeded multi-objective TPE sampler learns from speed, quality and the
-    constraint violations; the search stops at the trial or time budget, when every combination was tried, or when
-    a feasible candidate has not been beaten for `patience` trials. Writes tune.json and report.html.
-
-    Example: `slimship tune examples/recipes/mnist-tune.yaml --trials 10`;
-    on Ray: `slimship tune examples/recipes/mnist-tune.yaml --executor ray --address auto --trial-cpus 2 --concurrent-trials 4`
-    """
-    from slimship.pipeline.tune import executor_for, tune_recipe
-
-    dest = out or Path("runs") / f"{recipe.stem}-tune"
-    ex = executor_for(
-        executor,
-        seed=seed,
-        address=address,
-        trial_cpus=trial_cpus,
-        concurrent_trials=concurrent_trials,
-        max_failures=max_failures,
-        storage=storage,
-    )
-    result = tune_recipe(recipe, dest, trials=trials, evaluate_limit=limit, executor=ex)
-    for t in result["trials"]:
-        head = f"trial {t['trial']:3d}{'*' if t.get('pareto') else ' '} {t['params']}"
-        if t.get("reused_from") is not None:
-            typer.echo(f"{head} repeat of trial {t['reused_from']}")
-        elif t["status"] == "screened":
-            sc = t["screen"]
-            typer.echo(f"{head} screened out: {sc['signal']} {sc['measured']:.4g} vs limit {sc['limit']:.4g}")
-        elif t["status"] != "ok":
-            typer.echo(f"{head} failed: {t.get('reason')}")
-        else:
-            typer.echo(
-                f"{head} speed-up {t['speedup']:.2f}x, quality {t['quality']:.4g}, "
-                f"{'feasible' if t['feasible'] else 'violates constraints'}"
-            )
-    best = result["best"]
-    if best:
-        typer.echo(
-            f"best within constraints: trial {best['trial']} ({best['candidate']}): {best['speedup']:.2f}x faster than the "
-            f"original at batch {result['batch_size']}, quality drop {best['quality_drop']:.3g}"
-        )
-    else:
-        typer.echo(
-            "no trial met the constraints; closest: "
-            + (", ".join(str(t["trial"]) for t in result["closest_if_none_feasible"]) or "none evaluated")
-        )
-    typer.echo(f"{result['evaluations']} candidates evaluated; stopped: {result['stopped']}")
-    typer.echo(f"results: {dest / 'tune.json'} (* = on the Pareto front of speed and quality)")
-    typer.echo(f"report:  {dest / 'report.html'}")
-
-
-@app.command()
-def report(
-    directory: Annotated[
-        Path, typer.Argument(help="A run directory (results.json) or a search directory (tune.json).")
-    ],
-) -> None:
-    """Rebuild report.html of a finished run or search from its JSON results (e.g. after upgrading slimship).
-
-    Example: `slimship report runs/minilm-fast`
-    """
-    from slimship.report.html import rebuild_report
-
-    typer.echo(f"report: {rebuild_report(directory)}")

@@ -1,0 +1,5 @@
+"""`python -m slimship.cli …`: the same as the `slimship` console script."""
+
+from slimship.cli import main
+
+main()
