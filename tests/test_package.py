@@ -197,3 +197,48 @@ def test_cli_help_renders_for_every_command():
         result = runner.invoke(app, [*path.split()[1:], "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
         assert result.exit_code == 0, (path, result.output)
         assert "Usage" in result.output and (path == "slimship" or "Example" in result.output), path
+
+
+def test_config_option_help_is_the_config_fields_description():
+    from pydantic import BaseModel, Field
+
+    from slimship.cli._app import config_option
+
+    class Config(BaseModel):
+        described: int = Field(default=1, description="how many")
+        bare: int = 1
+
+    opt = config_option(Config, "described", "--many", min=1, prefix="mode: ", suffix=" (repeatable)")
+    assert opt.help == "mode: how many (repeatable)" and opt.min == 1
+    assert (
+        config_option(Config, "bare", prefix="mode: ").help == ""
+    )  # no description: no help, and the help test says so
+
+
+@pytest.mark.parametrize(
+    ("verb", "option", "config", "field", "prefix"),
+    [
+        ("export", "--opset", "ExportConfig", "opset", ""),
+        ("export", "--level", "GraphOptimizeConfig", "level", ""),
+        ("prune", "--channel-ratio", "StructuredPruneConfig", "channel_ratio", "structured: "),
+        ("prune", "--keep-layers", "DepthPruneConfig", "keep_layers", "depth: "),
+        ("prune", "--sparsity-scope", "UnstructuredPruneConfig", "scope", "unstructured: "),
+        ("prune", "--max-seconds", "FinetuneConfig", "max_seconds", "Recovery: "),
+        ("lowrank", "--min-speedup", "LowRankConfig", "min_speedup", ""),
+        ("share", "--bits", "WeightShareConfig", "bits", ""),
+        ("distill", "--width", "StudentSpec", "width", ""),
+        ("distill", "--feature-weight", "DistillConfig", "feature_weight", ""),
+        ("quantize", "--smooth-alpha", "DynamicQuantConfig", "smooth_alpha", "dynamic: "),
+        ("quantize", "--calibration", "StaticQuantConfig", "calibration", "static: "),
+        ("quantize", "--block-size", "Int4WeightOnlyConfig", "block_size", "int4: "),
+    ],
+)
+def test_pass_options_take_their_help_from_the_pass_config(verb, option, config, field, prefix):
+    import slimship.passes
+    from slimship.train.trainer import FinetuneConfig
+
+    cls = FinetuneConfig if config == "FinetuneConfig" else getattr(slimship.passes, config)
+    description = cls.model_fields[field].description
+    cmd = dict(_commands())[f"slimship {verb}"]
+    (opt,) = [p for p in cmd.params if option in p.opts]
+    assert opt.help == (f"{prefix}{description}" if description else "")

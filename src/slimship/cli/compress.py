@@ -19,32 +19,30 @@ from slimship.cli._app import (
     TorchTargetArg,
     WorkloadOpt,
     app,
+    config_option,
     load_torch_target,
 )
+from slimship.passes import (
+    DepthPruneConfig,
+    DistillConfig,
+    ExportConfig,
+    GraphOptimizeConfig,
+    LowRankConfig,
+    StructuredPruneConfig,
+    StudentSpec,
+    UnstructuredPruneConfig,
+    WeightShareConfig,
+)
+from slimship.train.trainer import FinetuneConfig
 
 OutOpt = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Directory for the new candidate (default: runs/VERB-WORKLOAD)."),
 ]
 
-EpochsOpt = Annotated[
-    int,
-    typer.Option(
-        min=1,
-        help="Recovery: training epochs over the workload's training data (early stopping may end sooner).",
-    ),
-]
-
-MaxSecondsOpt = Annotated[
-    float, typer.Option(min=1, help="Recovery: wall-clock budget in seconds; the best model so far is kept.")
-]
-
-LrOpt = Annotated[
-    float | None,
-    typer.Option(
-        help="Recovery: learning rate (default 1e-3 for classification, 5e-5 for embedding models)."
-    ),
-]
+EpochsOpt = Annotated[int, config_option(FinetuneConfig, "epochs", min=1, prefix="Recovery: ")]
+MaxSecondsOpt = Annotated[float, config_option(FinetuneConfig, "max_seconds", min=1, prefix="Recovery: ")]
+LrOpt = Annotated[float | None, config_option(FinetuneConfig, "lr", prefix="Recovery: ")]
 
 FinetuneOpt = Annotated[
     bool,
@@ -89,10 +87,8 @@ def export(
         Path,
         typer.Option("--out", "-o", help="Directory for the candidates (original/, exported/, optimized/)."),
     ] = Path("runs/export"),
-    opset: Annotated[int, typer.Option(help="ONNX opset (14–21).")] = 18,
-    exporter: Annotated[
-        str, typer.Option(help="auto (dynamo, then TorchScript), dynamo or torchscript.")
-    ] = "auto",
+    opset: Annotated[int, config_option(ExportConfig, "opset")] = 18,
+    exporter: Annotated[str, config_option(ExportConfig, "exporter")] = "auto",
     optimize: Annotated[
         bool,
         typer.Option(
@@ -102,9 +98,7 @@ def export(
     ] = True,
     level: Annotated[
         str,
-        typer.Option(
-            help="Graph optimisation level saved into the artifact: basic, extended, all (this CPU only)."
-        ),
+        config_option(GraphOptimizeConfig, "level"),
     ] = "extended",
     data: DataOpt = None,
 ) -> None:
@@ -113,8 +107,8 @@ def export(
     Example: `slimship export -w mnist -o runs/mnist`
     """
     from slimship.candidate import original_candidate
-    from slimship.passes import ExportConfig, GraphOptimizeConfig, optimize_graph
     from slimship.passes import export as export_pass
+    from slimship.passes import optimize_graph
     from slimship.workload import resolve_workload
 
     w = resolve_workload(workload, data=data)
@@ -222,69 +216,63 @@ def prune(
         ),
     ] = "structured",
     channel_ratio: Annotated[
-        float, typer.Option(help="structured: fraction of channels / FFN neurons removed, in [0, 1).")
+        float, config_option(StructuredPruneConfig, "channel_ratio", prefix="structured: ")
     ] = 0.5,
     head_ratio: Annotated[
         float,
-        typer.Option(
-            help="structured: fraction of attention heads removed per layer (BERT family), in [0, 1)."
-        ),
+        config_option(StructuredPruneConfig, "head_ratio", prefix="structured: "),
     ] = 0.0,
     head_dim_ratio: Annotated[
         float,
-        typer.Option(
-            help="structured: fraction of dimensions removed inside every attention head (BERT family), in [0, 1); not with --head-ratio."
-        ),
+        config_option(StructuredPruneConfig, "head_dim_ratio", prefix="structured: "),
     ] = 0.0,
     importance: Annotated[
         str,
-        typer.Option(
-            help="structured: l1, l2 (weight magnitude), taylor (|gradient × weight|, needs labels) or bn_scale."
-        ),
+        config_option(StructuredPruneConfig, "importance", prefix="structured: "),
     ] = "l2",
-    scope: Annotated[
-        str, typer.Option(help="structured: uniform (same ratio per layer) or global (ranked across layers).")
-    ] = "uniform",
+    scope: Annotated[str, config_option(StructuredPruneConfig, "scope", prefix="structured: ")] = "uniform",
     layer_ratio: Annotated[
         list[str] | None,
-        typer.Option(
+        config_option(
+            StructuredPruneConfig,
+            "layer_ratios",
             "--layer-ratio",
-            help="structured: LAYER=RATIO overriding --channel-ratio for one layer (repeatable), e.g. 0=0.25.",
+            prefix="structured: ",
+            suffix=" (on the command line LAYER=RATIO, repeatable, e.g. 0=0.25)",
         ),
     ] = None,
     round_to: Annotated[
         int | None,
-        typer.Option(
-            min=1, help="structured: keep channel counts multiples of this (8 or 16 suit SIMD kernels)."
-        ),
+        config_option(StructuredPruneConfig, "round_to", min=1, prefix="structured: "),
     ] = None,
     ignore: Annotated[
         list[str] | None,
-        typer.Option("--ignore", help="Layer to leave whole (repeatable). The output layer is always kept."),
+        config_option(
+            StructuredPruneConfig,
+            "ignore",
+            "--ignore",
+            prefix="structured, unstructured: ",
+            suffix=" (repeatable)",
+        ),
     ] = None,
-    keep_layers: Annotated[int, typer.Option(min=1, help="depth: transformer layers to keep.")] = 3,
+    keep_layers: Annotated[int, config_option(DepthPruneConfig, "keep_layers", min=1, prefix="depth: ")] = 3,
     criterion: Annotated[
         str,
-        typer.Option(
-            help="depth: alternate (evenly spaced), first, last, or fidelity (greedily drop the layer that hurts the output least)."
-        ),
+        config_option(DepthPruneConfig, "criterion", prefix="depth: "),
     ] = "alternate",
     sparsity: Annotated[
-        float, typer.Option(help="unstructured: fraction of weights zeroed, in (0, 1).")
+        float, config_option(UnstructuredPruneConfig, "sparsity", prefix="unstructured: ")
     ] = 0.8,
     sparsity_scope: Annotated[
-        str, typer.Option(help="unstructured: global (one threshold) or layer (same sparsity per layer).")
+        str, config_option(UnstructuredPruneConfig, "scope", prefix="unstructured: ")
     ] = "global",
     l1_weight: Annotated[
         float,
-        typer.Option(
-            min=0,
-            help="Recovery: L1 penalty on Linear/Conv weights (sparse training; pairs with --method unstructured).",
-        ),
+        config_option(FinetuneConfig, "l1_weight", min=0, prefix="Recovery: "),
     ] = 0.0,
     steps: Annotated[
         int,
-        typer.Option(min=1, help="unstructured: pruning steps on a cubic schedule, fine-tuning after each."),
+        config_option(UnstructuredPruneConfig, "steps", min=1, prefix="unstructured: "),
     ] = 1,
     finetune: FinetuneOpt = True,
     epochs: EpochsOpt = 3,
@@ -355,43 +343,35 @@ def lowrank(
     workload: WorkloadOpt = "mnist",
     energy: Annotated[
         float | None,
-        typer.Option(
-            help="Rank per layer: keep this fraction of squared singular values, e.g. 0.9 (the default rule)."
-        ),
+        config_option(LowRankConfig, "energy"),
     ] = None,
     param_ratio: Annotated[
         float | None,
-        typer.Option(
-            help="Rank per layer from a global budget: factorised layers keep this fraction of their parameters, e.g. 0.5."
-        ),
+        config_option(LowRankConfig, "param_ratio"),
     ] = None,
     sensitivity: Annotated[
         float | None,
-        typer.Option(
-            help="Rank per layer by measurement: the smallest rank that, factorised alone, keeps the output cosine ≥ this, e.g. 0.99."
-        ),
+        config_option(LowRankConfig, "sensitivity"),
     ] = None,
     rank: Annotated[
         list[str] | None,
-        typer.Option(
+        config_option(
+            LowRankConfig,
+            "ranks",
             "--rank",
-            help="LAYER=RANK for one layer (repeatable), e.g. backbone.encoder.layer.0.intermediate.dense=96.",
+            suffix=" (on the command line LAYER=RANK, repeatable, e.g. backbone.encoder.layer.0.intermediate.dense=96)",
         ),
     ] = None,
     layers: Annotated[
         list[str] | None,
-        typer.Option(
-            "--layers",
-            help="Glob over layer names to factorise (repeatable), e.g. '*.intermediate.dense'. Default: every Linear/1x1 Conv but the output layer.",
+        config_option(
+            LowRankConfig, "layers", "--layers", suffix=" (repeatable, e.g. '*.intermediate.dense')"
         ),
     ] = None,
-    round_to: Annotated[int, typer.Option(min=1, help="Round ranks up to a multiple of this.")] = 8,
+    round_to: Annotated[int, config_option(LowRankConfig, "round_to", min=1)] = 8,
     min_speedup: Annotated[
         float,
-        typer.Option(
-            min=0,
-            help="Keep a layer dense unless its factorised shape times this much faster on ONNX Runtime (0: factorise regardless).",
-        ),
+        config_option(LowRankConfig, "min_speedup", min=0),
     ] = 1.05,
     finetune: FinetuneOpt = True,
     epochs: EpochsOpt = 3,
@@ -440,16 +420,19 @@ def lowrank(
 def share(
     target: TorchTargetArg = "original",
     workload: WorkloadOpt = "mnist",
-    bits: Annotated[
-        int, typer.Option(min=2, max=8, help="Index bits per weight: 2**bits shared values per layer.")
-    ] = 5,
+    bits: Annotated[int, config_option(WeightShareConfig, "bits", min=2, max=8)] = 5,
     layer_bits: Annotated[
         list[str] | None,
-        typer.Option("--layer-bits", help="LAYER=BITS for one layer (repeatable), e.g. 0=8."),
+        config_option(
+            WeightShareConfig,
+            "layer_bits",
+            "--layer-bits",
+            suffix=" (on the command line LAYER=BITS, repeatable, e.g. 0=8)",
+        ),
     ] = None,
-    init: Annotated[str, typer.Option(help="k-means initialisation: linear or density.")] = "linear",
+    init: Annotated[str, config_option(WeightShareConfig, "init")] = "linear",
     ignore: Annotated[
-        list[str] | None, typer.Option("--ignore", help="Layer stored losslessly instead (repeatable).")
+        list[str] | None, config_option(WeightShareConfig, "ignore", "--ignore", suffix=" (repeatable)")
     ] = None,
     finetune: FinetuneOpt = True,
     epochs: EpochsOpt = 2,
@@ -488,29 +471,19 @@ def distill(
     workload: WorkloadOpt = "mnist",
     num_layers: Annotated[
         int | None,
-        typer.Option(
-            min=1, help="Student transformer layers (evenly spaced teacher layers initialise them)."
-        ),
+        config_option(StudentSpec, "num_layers", min=1),
     ] = None,
-    width: Annotated[
-        float, typer.Option(help="Fraction of FFN neurons / channels the student keeps, in (0, 1].")
-    ] = 0.5,
-    init: Annotated[
-        str, typer.Option(help="teacher (start from the teacher's weights) or random (from scratch).")
-    ] = "teacher",
+    width: Annotated[float, config_option(StudentSpec, "width")] = 0.5,
+    init: Annotated[str, config_option(StudentSpec, "init")] = "teacher",
     loss: Annotated[
         str,
-        typer.Option(
-            help="auto, kl (+ labels, weight --alpha), labels (no teacher: the baseline), cosine or mse (embeddings)."
-        ),
+        config_option(FinetuneConfig, "loss"),
     ] = "auto",
-    temperature: Annotated[float, typer.Option(help="kl: softmax temperature.")] = 4.0,
-    alpha: Annotated[
-        float, typer.Option(help="kl: weight of the teacher term against the labels' cross-entropy.")
-    ] = 0.7,
+    temperature: Annotated[float, config_option(FinetuneConfig, "temperature", prefix="kl: ")] = 4.0,
+    alpha: Annotated[float, config_option(FinetuneConfig, "alpha", prefix="kl: ")] = 0.7,
     feature_weight: Annotated[
         float,
-        typer.Option(help="Weight of hidden-state matching between kept layers and their teacher layers."),
+        config_option(DistillConfig, "feature_weight"),
     ] = 0.0,
     epochs: EpochsOpt = 10,
     max_seconds: MaxSecondsOpt = 600.0,

@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from slimship.cli._app import DataOpt, ThreadsOpt, WorkloadOpt, app, console
+from slimship.cli._app import DataOpt, ThreadsOpt, WorkloadOpt, app, config_option, console
+from slimship.passes.quantize import DynamicQuantConfig, Int4WeightOnlyConfig, StaticQuantConfig
 
 
 @app.command()
@@ -38,30 +39,22 @@ def quantize(
     ] = None,
     per_channel: Annotated[
         bool,
-        typer.Option(
-            "--per-channel/--per-tensor",
-            help="INT8 weight scales per output channel (fidelity) or per tensor.",
-        ),
+        config_option(DynamicQuantConfig, "per_channel", "--per-channel/--per-tensor"),
     ] = True,
-    weight_type: Annotated[
-        str, typer.Option(help="int8 (signed, the fast u8s8 path on VNNI/AMX) or uint8.")
-    ] = "int8",
+    weight_type: Annotated[str, config_option(DynamicQuantConfig, "weight_type")] = "int8",
     calibration: Annotated[
         str,
-        typer.Option(
-            help="static: auto (pick by held-out output error), minmax, entropy, percentile, distribution."
-        ),
+        config_option(StaticQuantConfig, "calibration", prefix="static: "),
     ] = "auto",
     keep_float: Annotated[
         str,
-        typer.Option(
-            help="none, or ffn_out: keep MatMuls fed by a GELU (transformer FFN output projections) in float."
-        ),
+        config_option(DynamicQuantConfig, "keep_float"),
     ] = "none",
     exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Node name to keep in float (repeatable).")
+        list[str] | None,
+        config_option(DynamicQuantConfig, "exclude_nodes", "--exclude", suffix=" (repeatable)"),
     ] = None,
-    block_size: Annotated[int, typer.Option(help="int4: weights per quantization block (16–256).")] = 32,
+    block_size: Annotated[int, config_option(Int4WeightOnlyConfig, "block_size", prefix="int4: ")] = 32,
     preflight_only: Annotated[
         bool,
         typer.Option(
@@ -100,15 +93,11 @@ def quantize(
     ] = None,
     smooth: Annotated[
         str,
-        typer.Option(
-            help="dynamic: none, ffn_out (SmoothQuant-style migration of post-GELU outliers into the FFN output weights) or all (every MatMul group: best measured on minilm)."
-        ),
+        config_option(DynamicQuantConfig, "smooth", prefix="dynamic: "),
     ] = "none",
     smooth_alpha: Annotated[
         float,
-        typer.Option(
-            help="dynamic: smoothing strength 0–1 (how much activation range moves into the weights)."
-        ),
+        config_option(DynamicQuantConfig, "smooth_alpha", prefix="dynamic: "),
     ] = 0.7,
     compare: Annotated[
         bool,
