@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 
+import typer
+
 from slimship.cli import compress, measure, quantize, recipes, registry, rollout, serve  # noqa: F401 - register
 from slimship.cli._app import app, console
 from slimship.errors import SlimshipError
@@ -41,7 +43,14 @@ _ORDER = (
     "report",
     "serve",
 )
-app.registered_commands.sort(key=lambda c: _ORDER.index(c.name or getattr(c.callback, "__name__", "")))
+
+
+def _position(command: typer.models.CommandInfo) -> int:
+    name = command.name or getattr(command.callback, "__name__", "")
+    return _ORDER.index(name) if name in _ORDER else len(_ORDER)
+
+
+app.registered_commands.sort(key=_position)
 
 
 def main() -> None:

@@ -238,7 +238,7 @@ def prune(
             "layer_ratios",
             "--layer-ratio",
             prefix="structured: ",
-            suffix=" (on the command line LAYER=RATIO, repeatable, e.g. 0=0.25)",
+            suffix=" — on the command line LAYER=RATIO, repeatable, e.g. 0=0.25",
         ),
     ] = None,
     round_to: Annotated[
@@ -359,7 +359,7 @@ def lowrank(
             LowRankConfig,
             "ranks",
             "--rank",
-            suffix=" (on the command line LAYER=RANK, repeatable, e.g. backbone.encoder.layer.0.intermediate.dense=96)",
+            suffix=" — on the command line LAYER=RANK, repeatable, e.g. backbone.encoder.layer.0.intermediate.dense=96",
         ),
     ] = None,
     layers: Annotated[
@@ -427,7 +427,7 @@ def share(
             WeightShareConfig,
             "layer_bits",
             "--layer-bits",
-            suffix=" (on the command line LAYER=BITS, repeatable, e.g. 0=8)",
+            suffix=" — on the command line LAYER=BITS, repeatable, e.g. 0=8",
         ),
     ] = None,
     init: Annotated[str, config_option(WeightShareConfig, "init")] = "linear",
