@@ -169,6 +169,10 @@ def test_cli_lists_exactly_the_documented_verbs():
     names = set(root.commands)
     assert not [n for n in names if n.startswith(("-", "_"))], f"private helpers registered as verbs: {names}"
     assert names == VERBS
+    import slimship.cli
+
+    undocumented = [v for v in VERBS if f" {v}" not in (slimship.cli.__doc__ or "").replace(",", " ")]
+    assert not undocumented, f"verbs missing from slimship/cli/__init__.py's module map: {undocumented}"
     listed = {
         line.strip("│ ").split()[0] for line in out.splitlines() if line.startswith("│ ") and line[2:3] != "-"
     }
