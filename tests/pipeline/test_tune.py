@@ -198,7 +198,7 @@ def test_report_command_rebuilds_and_refuses_a_directory_without_results(tmp_pat
 
 
 def test_builtin_default_recipe_is_packaged_and_valid(tmp_path):
-    from slimship.cli_compress import _recipe_path
+    from slimship.cli.recipes import _recipe_path
     from slimship.pipeline.recipe import load_recipe
 
     default = _recipe_path(None)

@@ -8,11 +8,12 @@ from typing import Annotated, Any
 
 import typer
 
-from slimship.cli import app
+from slimship.cli._app import app
 
 registry_app = typer.Typer(
     name="registry",
-    help="Versions of models with lineage and stages; artifacts stored by sha256, metadata in SQLite or PostgreSQL.",
+    help="Versions of models with lineage and stages; artifacts stored by sha256, metadata in SQLite or PostgreSQL."
+    "\n\nExample: `slimship registry list --root ~/reg`",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )

@@ -10,12 +10,13 @@ from typing import Annotated, Any
 
 import typer
 
-from slimship.cli import app
+from slimship.cli._app import app
 
 rollout_app = typer.Typer(
     name="rollout",
     help="Staged rollouts on a running `slimship serve`: shadow → canary → 100% with fidelity, latency and error gates; "
-    "automatic promotion or rollback, every decision stored in the registry with its evidence.",
+    "automatic promotion or rollback, every decision stored in the registry with its evidence."
+    "\n\nExample: `slimship rollout status minilm --watch 5`",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
@@ -124,7 +125,10 @@ def start(
     admin_token_env: TokenOpt = "SLIMSHIP_ADMIN_TOKEN",
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a rollout of CANDIDATE on MODEL. The policy is checked here first; the server answers with the first stage."""
+    """Start a rollout of CANDIDATE on MODEL. The policy is checked here first; the server answers with the first stage.
+
+    Example: `SLIMSHIP_ADMIN_TOKEN=s3cret slimship rollout start minilm -c 3 -p examples/rollout/policy.yaml`
+    """
     from slimship.serve.config import parse_policy
 
     data = None
@@ -151,7 +155,10 @@ def status(
     ] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """The rollout's stage, window figures, gates and decision history."""
+    """The rollout's stage, window figures, gates and decision history.
+
+    Example: `slimship rollout status minilm --watch 5`
+    """
     while True:
         st = _call("GET", url, f"/v2/admin/models/{model}/rollout", admin_token_env)
         _show(st, as_json)
@@ -159,6 +166,9 @@ def status(
             return
         time.sleep(watch)
         typer.echo("")
+
+
+_REASONS = {"pause": "investigating p99", "resume": "p99 explained", "abort": "wrong input scaling"}
 
 
 def _action(name: str) -> Any:
@@ -180,7 +190,7 @@ def _action(name: str) -> Any:
         "pause": "Hold the rollout at its stage and split (no decisions until resumed).",
         "resume": "Go on from the paused stage; its gates are judged afresh.",
         "abort": "Send all traffic back to the baseline and end the rollout (recorded as aborted).",
-    }[name]
+    }[name] + f'\n\nExample: `slimship rollout {name} minilm --reason "{_REASONS[name]}"`'
     return command
 
 

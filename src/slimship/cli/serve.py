@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from slimship.cli import app
+from slimship.cli._app import app
 
 
 def _model_spec(text: str) -> dict[str, Any]:
