@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from slimship.runtime.base import Runtime
 from slimship.workload.base import Batch, Workload, rowwise_cosine
@@ -16,13 +16,18 @@ class VerifyThresholds(BaseModel):
     """When is a new artifact "the same model"? All must hold on every verification batch."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    #: per-sample cosine between parent and child outputs, minimum over samples
-    min_cosine: float = 0.9999
-    #: |child - parent| ≤ atol + rtol · max|parent|, per output
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    #: share of samples whose arg-max agrees, for 2-D outputs with several columns (classifiers)
-    min_top1_agreement: float = 1.0
+    min_cosine: float = Field(
+        default=0.9999, description="per-sample cosine between parent and child outputs, minimum over samples"
+    )
+    atol: float = Field(default=1e-4, description="|child - parent| ≤ atol + rtol · max|parent|, per output")
+    rtol: float = Field(
+        default=1e-3,
+        description="relative tolerance, as a fraction of max|parent| per output (see atol), e.g. 1e-3",
+    )
+    min_top1_agreement: float = Field(
+        default=1.0,
+        description="share of samples whose arg-max agrees, for 2-D outputs with several columns (classifiers)",
+    )
 
 
 #: thresholds that never fail: for lossy passes that record fidelity instead of enforcing it

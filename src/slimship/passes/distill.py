@@ -24,26 +24,50 @@ class StudentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: transformer layers to keep (evenly spaced teacher layers initialise them); None keeps all
-    num_layers: int | None = Field(default=None, ge=1)
-    #: fraction of FFN neurons (transformers) or channels (CNNs) the student keeps, in (0, 1]
-    width: float = Field(default=1.0, gt=0.0, le=1.0)
-    #: teacher: start from the teacher's weights (kept layers, largest-magnitude channels); random: from scratch
-    init: Literal["teacher", "random"] = "teacher"
+    num_layers: int | None = Field(
+        default=None,
+        ge=1,
+        description="transformer layers to keep (evenly spaced teacher layers initialise them); None keeps all",
+    )
+    width: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="fraction of FFN neurons (transformers) or channels (CNNs) the student keeps, in (0, 1]",
+    )
+    init: Literal["teacher", "random"] = Field(
+        default="teacher",
+        description="teacher: start from the teacher's weights (kept layers, largest-magnitude channels); random: from scratch",
+    )
 
 
 class DistillConfig(PassConfig):
-    version: int = 1
-    student: StudentSpec = StudentSpec(width=0.5)
-    finetune: FinetuneConfig = FinetuneConfig(epochs=10, patience=3)
-    #: parent: distil from the input model; original: from the first model of the lineage (e.g. recover a
-    #: pruned model from the unpruned one — the student may then keep the input's shape unchanged)
-    teacher: Literal["parent", "original"] = "parent"
-    #: weight of hidden-state matching between kept layers and their teacher layers (transformers)
-    feature_weight: float = Field(default=0.0, ge=0)
-    measure_batch_size: int | None = Field(default=None, ge=1)
-    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
-    verify_export: bool = True
+    student: StudentSpec = Field(
+        default=StudentSpec(width=0.5),
+        description="shape of the student relative to the teacher: num_layers, width (0, 1], init (teacher | random), e.g. {width: 0.5}",
+    )
+    finetune: FinetuneConfig = Field(
+        default=FinetuneConfig(epochs=10, patience=3),
+        description="how the student is trained from the teacher's outputs (see FinetuneConfig), e.g. {epochs: 10, patience: 3}",
+    )
+    teacher: Literal["parent", "original"] = Field(
+        default="parent",
+        description="parent: distil from the input model; original: from the first model of the lineage (e.g. recover a pruned model from the unpruned one — the student may then keep the input's shape unchanged)",
+    )
+    feature_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of hidden-state matching between kept layers and their teacher layers (transformers)",
+    )
+    measure_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="batch size of the recorded MACs / PyTorch latency comparison before vs after; null: 256 for classification, 8 for text",
+    )
+    verify_export: bool = Field(
+        default=True,
+        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
@@ -60,18 +84,18 @@ class DistillConfig(PassConfig):
         return self
 
 
-class DistillPass(Pass):
+class DistillPass(Pass[DistillConfig]):
     name: ClassVar[str] = "distill"
     summary: ClassVar[str] = (
         "build a smaller student (fewer layers / narrower) from the teacher and distil into it"
     )
-    config_cls: ClassVar[type[PassConfig]] = DistillConfig
+    config_cls = DistillConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
-    requires: ClassVar[tuple[str, ...]] = ("torch-pruning",)
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, DistillConfig)  # guaranteed by Pass.__call__
+    def run(
+        self, candidate: Candidate, workload: Workload, config: DistillConfig, out_dir: Path
+    ) -> Candidate:
         import torch
 
         from slimship.candidate import save_torch_candidate

@@ -40,15 +40,24 @@ _TWO_GB = 2 * 1024**3
 class ExportConfig(PassConfig):
     """How to export a PyTorch candidate to ONNX."""
 
-    version: int = 1
-    #: ONNX opset of the exported graph (ONNX Runtime 1.20+ runs 14–21 on CPU)
-    opset: int = Field(default=18, ge=14, le=21)
-    #: "auto" tries dynamo then torchscript; or force one
-    exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
-    #: real-input comparison with PyTorch; the export fails when it doesn't hold
-    verify: VerifyThresholds = VerifyThresholds()
-    #: evaluation samples used for verification (on top of a few fixed-shape batches)
-    verify_samples: int = Field(default=48, ge=1)
+    opset: int = Field(
+        default=18,
+        ge=14,
+        le=21,
+        description="ONNX opset of the exported graph (ONNX Runtime 1.20+ runs 14–21 on CPU)",
+    )
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        default="auto", description='"auto" tries dynamo then torchscript; or force one'
+    )
+    verify: VerifyThresholds = Field(
+        default=VerifyThresholds(),
+        description="real-input comparison with PyTorch; the export fails when it doesn't hold",
+    )
+    verify_samples: int = Field(
+        default=48,
+        ge=1,
+        description="evaluation samples used for verification (on top of a few fixed-shape batches)",
+    )
 
 
 @contextlib.contextmanager
@@ -164,17 +173,16 @@ def _reason(err: BaseException) -> str:
     return f"{type(root).__name__}: {text[:400]}"
 
 
-class ExportPass(Pass):
+class ExportPass(Pass[ExportConfig]):
     name: ClassVar[str] = "export"
     summary: ClassVar[str] = (
         "PyTorch → ONNX (dynamo, TorchScript fallback), checked and verified against PyTorch on real inputs"
     )
-    config_cls: ClassVar[type[PassConfig]] = ExportConfig
+    config_cls = ExportConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "onnx"
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, ExportConfig)  # guaranteed by Pass.__call__ (internal invariant)
+    def run(self, candidate: Candidate, workload: Workload, config: ExportConfig, out_dir: Path) -> Candidate:
         from slimship.candidate import load_torch_model, new_candidate
         from slimship.measure.verify import compare_outputs, verification_batches
         from slimship.runtime.ort_backend import OrtRuntime

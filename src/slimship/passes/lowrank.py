@@ -34,31 +34,63 @@ if TYPE_CHECKING:
 
 
 class LowRankConfig(PassConfig):
-    version: int = 1
-    #: fraction of squared singular values each factorised layer keeps, in (0, 1]; the default rule (0.9) when
-    #: neither energy nor param_ratio is set
-    energy: float | None = Field(default=None, gt=0.0, le=1.0)
-    #: global budget: factorised layers together keep at most this fraction of their parameters, in (0, 1)
-    param_ratio: float | None = Field(default=None, gt=0.0, lt=1.0)
-    #: per-layer sensitivity: the smallest rank (multiple of round_to) that, factorised alone, keeps the model's
-    #: output cosine to the unfactorised model (mean over calibration samples) at least this, e.g. 0.99
-    sensitivity: float | None = Field(default=None, gt=0.0, lt=1.0)
-    #: calibration samples for the sensitivity search
-    sensitivity_samples: int = Field(default=32, ge=4)
-    #: explicit ranks per layer name (override energy / param_ratio / sensitivity for those layers)
-    ranks: dict[str, int] = Field(default_factory=dict)
-    #: which layers to consider, as glob patterns over layer names; empty = every Linear and 1x1 Conv except the output
-    #: layer, or only the layers in ``ranks`` when ranks are given and no rule (energy / param_ratio / sensitivity) is
-    layers: list[str] = Field(default_factory=list)
-    round_to: int = Field(default=8, ge=1)
-    #: keep a layer dense unless the factorised shape measures at least this much faster on ONNX Runtime; 0 disables the check
-    min_speedup: float = Field(default=1.05, ge=0.0)
-    #: rows (batch × tokens) of the timed matmuls; None: 256 for classification, 8×128 for text
-    timing_rows: int | None = Field(default=None, ge=1)
-    finetune: FinetuneConfig | None = FinetuneConfig()
-    measure_batch_size: int | None = Field(default=None, ge=1)
-    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
-    verify_export: bool = True
+    energy: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="fraction of squared singular values each factorised layer keeps, in (0, 1]; the default rule (0.9) when neither energy nor param_ratio is set",
+    )
+    param_ratio: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="global budget: factorised layers together keep at most this fraction of their parameters, in (0, 1)",
+    )
+    sensitivity: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="per-layer sensitivity: the smallest rank (multiple of round_to) that, factorised alone, keeps the model's output cosine to the unfactorised model (mean over calibration samples) at least this, e.g. 0.99",
+    )
+    sensitivity_samples: int = Field(
+        default=32, ge=4, description="calibration samples for the sensitivity search"
+    )
+    ranks: dict[str, int] = Field(
+        default_factory=dict,
+        description="explicit ranks per layer name (override energy / param_ratio / sensitivity for those layers)",
+    )
+    layers: list[str] = Field(
+        default_factory=list,
+        description="which layers to consider, as glob patterns over layer names; empty = every Linear and 1x1 Conv except the output layer, or only the layers in ``ranks`` when ranks are given and no rule (energy / param_ratio / sensitivity) is",
+    )
+    round_to: int = Field(
+        default=8,
+        ge=1,
+        description="ranks are rounded to a multiple of this (SIMD-friendly widths, e.g. 8 or 16); rounded up for energy / sensitivity, down for param_ratio",
+    )
+    min_speedup: float = Field(
+        default=1.05,
+        ge=0.0,
+        description="keep a layer dense unless the factorised shape measures at least this much faster on ONNX Runtime; 0 disables the check",
+    )
+    timing_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="rows (batch × tokens) of the timed matmuls; None: 256 for classification, 8×128 for text",
+    )
+    finetune: FinetuneConfig | None = Field(
+        default=FinetuneConfig(),
+        description="recovery fine-tuning by distillation from the input model after the change (see FinetuneConfig); null to skip, e.g. {epochs: 3}",
+    )
+    measure_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="batch size of the recorded MACs / PyTorch latency comparison before vs after; null: 256 for classification, 8 for text",
+    )
+    verify_export: bool = Field(
+        default=True,
+        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LowRankConfig:
@@ -280,17 +312,18 @@ def factorize(model: nn.Module, name: str, rank: int) -> None:
             new.up.bias.copy_(bias)
 
 
-class LowRankPass(Pass):
+class LowRankPass(Pass[LowRankConfig]):
     name: ClassVar[str] = "lowrank"
     summary: ClassVar[str] = (
         "SVD factorisation of Linear / 1x1 Conv layers where measured faster, then distillation"
     )
-    config_cls: ClassVar[type[PassConfig]] = LowRankConfig
+    config_cls = LowRankConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, LowRankConfig)  # guaranteed by Pass.__call__
+    def run(
+        self, candidate: Candidate, workload: Workload, config: LowRankConfig, out_dir: Path
+    ) -> Candidate:
         from slimship.candidate import save_torch_candidate
         from slimship.machine import physical_cores
         from slimship.passes._common import (

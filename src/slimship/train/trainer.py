@@ -42,29 +42,69 @@ class FinetuneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(default=3, ge=1)
-    #: wall-clock budget for training; the best student so far is kept when it runs out
-    max_seconds: float = Field(default=600.0, gt=0)
-    #: learning rate; None picks 1e-3 for classification (CNNs) and 5e-5 for embedding models (transformers)
-    lr: float | None = Field(default=None, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(
+        default=3,
+        ge=1,
+        description="passes over the training split at most (early stopping may end sooner), ≥ 1",
+    )
+    max_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="wall-clock budget for training; the best student so far is kept when it runs out",
+    )
+    lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="learning rate; None picks 1e-3 for classification (CNNs) and 5e-5 for embedding models (transformers)",
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay, ≥ 0")
     batch_size: int | None = Field(default=None, ge=1, description="None: 64 for classification, 32 for text")
-    loss: Literal["auto", "kl", "labels", "cosine", "mse"] = "auto"
-    temperature: float = Field(default=4.0, gt=0)
-    #: weight of the distillation term against the labels' cross-entropy (classification with labels)
-    alpha: float = Field(default=0.7, ge=0, le=1)
-    feature_weight: float = Field(default=0.0, ge=0)
-    #: L1 penalty on the weights of Linear/Conv layers (sparse training for unstructured pruning)
-    l1_weight: float = Field(default=0.0, ge=0)
-    val_fraction: float = Field(default=0.1, gt=0, lt=0.5)
-    #: at most this many held-out batches (validation cost stays bounded on big datasets)
-    max_val_batches: int = Field(default=20, ge=1)
-    #: validate every N steps as well as at the end of each epoch (None: per epoch only)
-    eval_every: int | None = Field(default=None, ge=1)
-    patience: int = Field(default=2, ge=1)
-    #: cap on training batches per epoch (None: the whole training split)
-    max_batches_per_epoch: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    loss: Literal["auto", "kl", "labels", "cosine", "mse"] = Field(
+        default="auto",
+        description="training loss: kl (distil the teacher's softened logits, plus labels when present), labels (labels only), cosine or mse (to the teacher's output); auto: kl for classification, cosine otherwise",
+    )
+    temperature: float = Field(
+        default=4.0, gt=0, description="softmax temperature of the kl distillation loss, > 0, e.g. 4.0"
+    )
+    alpha: float = Field(
+        default=0.7,
+        ge=0,
+        le=1,
+        description="weight of the distillation term against the labels' cross-entropy (classification with labels)",
+    )
+    feature_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of hidden-state matching (MSE between mapped student and teacher modules) when the pass supplies a feature map; 0 disables it",
+    )
+    l1_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="L1 penalty on the weights of Linear/Conv layers (sparse training for unstructured pruning)",
+    )
+    val_fraction: float = Field(
+        default=0.1,
+        gt=0,
+        lt=0.5,
+        description="fraction of the training data held out for validation and early stopping, in (0, 0.5)",
+    )
+    max_val_batches: int = Field(
+        default=20,
+        ge=1,
+        description="at most this many held-out batches (validation cost stays bounded on big datasets)",
+    )
+    eval_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="validate every N steps as well as at the end of each epoch (None: per epoch only)",
+    )
+    patience: int = Field(
+        default=2, ge=1, description="stop after this many validations without improvement, ≥ 1"
+    )
+    max_batches_per_epoch: int | None = Field(
+        default=None, ge=1, description="cap on training batches per epoch (None: the whole training split)"
+    )
+    seed: int = Field(default=0, description="random seed for data order, held-out split and initialisation")
 
 
 def _first_output(out: Any) -> torch.Tensor:
