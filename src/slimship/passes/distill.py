@@ -107,14 +107,14 @@ class DistillPass(Pass[DistillConfig]):
             teacher_and_student,
             with_export_check,
         )
-        from slimship.passes._structure import apply_edits
         from slimship.passes.prune import (
             DepthPruneConfig,
             StructuredPruneConfig,
-            _layer_list,
             choose_layers,
+            layer_list,
             structured_prune,
         )
+        from slimship.structure import apply_edits
         from slimship.train import finetune
 
         spec = config.student
@@ -135,7 +135,7 @@ class DistillPass(Pass[DistillConfig]):
         edits = []
         fmap: dict[str, str] = {}
         if spec.num_layers is not None:
-            path, layers = _layer_list(student, None)
+            path, layers = layer_list(student, None)
             if spec.num_layers >= len(layers):
                 raise ConfigError(
                     f"student.num_layers={spec.num_layers} but the teacher has {len(layers)} layers in {path}"

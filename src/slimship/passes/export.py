@@ -163,7 +163,7 @@ def _finalise(path: Path, workload: Workload) -> dict[str, Any]:
     return {"graph_edits": edits, "external_data_files": external_files, "ops": op_histogram(model)}
 
 
-def _reason(err: BaseException) -> str:
+def exporter_failure_reason(err: BaseException) -> str:
     """The root cause of an exporter failure in one line (exporters wrap it in several layers)."""
     root = err
     while root.__cause__ is not None:
@@ -205,7 +205,7 @@ class ExportPass(Pass[ExportConfig]):
                 meta = _export_once(exporter, model, workload, config, path, record)
                 meta.update(_finalise(path, workload))
             except Exception as err:  # any exporter failure is recorded; the next exporter is tried
-                attempts[exporter] = f"export failed: {_reason(err)}"
+                attempts[exporter] = f"export failed: {exporter_failure_reason(err)}"
                 continue
             seconds = time.perf_counter() - t0
             try:

@@ -152,7 +152,7 @@ def sensitivity_ranks(
     import torch
 
     from slimship.runtime.torch_backend import call_model
-    from slimship.train.trainer import _to_tensor_out
+    from slimship.train import to_tensor_out
     from slimship.workload.base import rowwise_cosine
 
     names = [s.name for s in workload.inputs]
@@ -163,7 +163,7 @@ def sensitivity_ranks(
 
     def outputs(m: nn.Module) -> np.ndarray:
         with torch.inference_mode():
-            return np.concatenate([_to_tensor_out(call_model(m, b, names)).numpy() for b in batches])
+            return np.concatenate([to_tensor_out(call_model(m, b, names)).numpy() for b in batches])
 
     ref = outputs(model)
     ranks = {}
@@ -294,7 +294,7 @@ def factorize(model: nn.Module, name: str, rank: int) -> None:
     """Replace layer ``name`` (in place) by its rank-``rank`` SVD factorisation."""
     import torch
 
-    from slimship.passes._structure import apply_edits, get_module
+    from slimship.structure import apply_edits, get_module
 
     mod: Any = get_module(model, name)
     w = _matrix(mod).double()

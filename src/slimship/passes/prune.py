@@ -210,8 +210,7 @@ def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> Non
     import torch
 
     from slimship.runtime.torch_backend import call_model
-    from slimship.train import training_data
-    from slimship.train.trainer import _to_tensor_out
+    from slimship.train import to_tensor_out, training_data
 
     data = training_data(workload, 32, 0)[:batches]
     if any(y is None for _, y in data):
@@ -221,7 +220,7 @@ def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> Non
     model.zero_grad()
     names = [s.name for s in workload.inputs]
     for x, y in data:
-        out = _to_tensor_out(call_model(model, {k: torch.from_numpy(v) for k, v in x.items()}, names))
+        out = to_tensor_out(call_model(model, {k: torch.from_numpy(v) for k, v in x.items()}, names))
         torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(y))).backward()
 
 
@@ -365,7 +364,8 @@ def structured_prune(
     }
 
 
-def _layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+def layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer layers at ``path`` (None: the longest ModuleList) and its path."""
     from torch import nn
 
     from slimship.passes._common import resolve_layers
@@ -401,8 +401,8 @@ def choose_layers(
         return sorted({round(float(x)) for x in np.linspace(0, n - 1, k)}), []
     import torch
 
-    from slimship.passes._structure import apply_edits
     from slimship.runtime.torch_backend import call_model
+    from slimship.structure import apply_edits
     from slimship.workload.base import rowwise_cosine
 
     names = [s.name for s in workload.inputs]
@@ -499,10 +499,10 @@ class DepthPrunePass(Pass[DepthPruneConfig]):
             teacher_and_student,
             with_export_check,
         )
-        from slimship.passes._structure import apply_edits
+        from slimship.structure import apply_edits
 
         teacher, student = teacher_and_student(candidate, workload)
-        path, layers = _layer_list(student, config.layers_module)
+        path, layers = layer_list(student, config.layers_module)
         n = len(layers)
         if config.keep_layers >= n:
             raise ConfigError(

@@ -301,10 +301,10 @@ class QATPass(Pass[QATConfig]):
             onnx.checker.check_model(model)
         except Exception as err:
             path.unlink(missing_ok=True)
-            from slimship.passes.export import _reason
+            from slimship.passes.export import exporter_failure_reason
 
             raise CompressionError(
-                f"exporting the fake-quantized model to ONNX QDQ failed: {_reason(err)}"
+                f"exporting the fake-quantized model to ONNX QDQ failed: {exporter_failure_reason(err)}"
             ) from err
         threads = physical_cores()
         batches_v = verification_batches(workload, 48)

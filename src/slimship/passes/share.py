@@ -87,7 +87,7 @@ def load_shared(path: str | Path, workload: Workload) -> nn.Module:
     import torch
 
     from slimship.passes._codec import decode
-    from slimship.passes._structure import rebuild
+    from slimship.structure import rebuild
 
     state_np, meta = decode(Path(path).read_bytes())
     if meta.get("workload", {}).get("name") not in (None, workload.name):

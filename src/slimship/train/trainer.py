@@ -119,7 +119,8 @@ def _first_output(out: Any) -> torch.Tensor:
     return out[0]
 
 
-def _to_tensor_out(out: Any) -> torch.Tensor:
+def to_tensor_out(out: Any) -> torch.Tensor:
+    """The tensor a model call returns, whatever it is wrapped in (HF ModelOutput, tuple, dict): its first output."""
     t = _first_output(out)
     return t[0] if isinstance(t, tuple) else t
 
@@ -156,7 +157,7 @@ class _Collector:
 
     def _hook(self, path: str) -> Callable[..., None]:
         def hook(_m: Any, _i: Any, out: Any) -> None:
-            self.outputs[path] = _to_tensor_out(out)
+            self.outputs[path] = to_tensor_out(out)
 
         return hook
 
@@ -230,8 +231,8 @@ def finetune(
         if (teacher is not None and loss_kind != "labels") or t_hooks is not None:
             assert teacher is not None
             with torch.no_grad():
-                t_out = _to_tensor_out(call_model(teacher, tensors, names))
-        s_out = _to_tensor_out(call_model(student, tensors, names))
+                t_out = to_tensor_out(call_model(teacher, tensors, names))
+        s_out = to_tensor_out(call_model(student, tensors, names))
         y = torch.from_numpy(np.asarray(targets)) if targets is not None else None
         if loss_kind == "labels":
             assert y is not None
