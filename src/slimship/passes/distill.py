@@ -98,15 +98,8 @@ class DistillPass(Pass[DistillConfig]):
     ) -> Candidate:
         import torch
 
-        from slimship.candidate import save_torch_candidate
         from slimship.errors import ConfigError
-        from slimship.machine import physical_cores
-        from slimship.passes._common import (
-            complexity_record,
-            measure_batch_size,
-            teacher_and_student,
-            with_export_check,
-        )
+        from slimship.passes._common import structural_result, teacher_and_student
         from slimship.passes.prune import (
             DepthPruneConfig,
             StructuredPruneConfig,
@@ -115,7 +108,6 @@ class DistillPass(Pass[DistillConfig]):
             structured_prune,
         )
         from slimship.structure import apply_edits
-        from slimship.train import finetune
 
         spec = config.student
         teacher, student = teacher_and_student(candidate, workload)
@@ -157,13 +149,6 @@ class DistillPass(Pass[DistillConfig]):
             for m in student.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()  # type: ignore[operator]
-        record = complexity_record(
-            teacher,
-            student,
-            workload,
-            measure_batch_size(workload, config.measure_batch_size),
-            physical_cores(),
-        )
         ft = config.finetune
         if config.teacher == "original" and any(
             e.get("op") == "keep_layers" for e in candidate.info.get("structure", [])
@@ -171,21 +156,18 @@ class DistillPass(Pass[DistillConfig]):
             fmap = {}  # layer i of the input is not layer i of the original: no hidden-state matching
         if config.feature_weight > 0 and fmap:
             ft = ft.model_copy(update={"feature_weight": config.feature_weight})
-        training = finetune(student, teacher, workload, ft, feature_map=fmap or None, desc="distil")
-        cand = save_torch_candidate(
-            student,
+        return structural_result(
+            candidate,
+            workload,
+            config,
             out_dir,
-            name="student",
-            workload=workload,
-            parent=candidate,
             pass_name=self.name,
-            pass_config=config.to_json_dict(),
+            teacher=teacher,
+            student=student,
+            name="student",
             edits=edits,
-            info={
-                "student": spec.model_dump(),
-                "teacher": config.teacher,
-                "complexity": record,
-                "finetune": training,
-            },
+            info={"student": spec.model_dump(), "teacher": config.teacher},
+            finetune=ft,
+            feature_map=fmap or None,
+            desc="distil",
         )
-        return with_export_check(cand, workload, config.verify_export)

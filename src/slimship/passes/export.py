@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from slimship.candidate import Candidate
+    from slimship.measure.verify import VerificationReport
     from slimship.workload import Workload
 
 _TWO_GB = 2 * 1024**3
@@ -191,7 +192,7 @@ class ExportPass(Pass[ExportConfig]):
         model = load_torch_model(candidate, workload)
         order = ["dynamo", "torchscript"] if config.exporter == "auto" else [config.exporter]
         attempts: dict[str, str] = {}
-        last_report: dict[str, Any] | None = None
+        last_report: VerificationReport | None = None
         batches = verification_batches(workload, config.verify_samples)
         from slimship.machine import physical_cores
 
@@ -214,8 +215,8 @@ class ExportPass(Pass[ExportConfig]):
             except SlimshipError as err:
                 attempts[exporter] = f"exported but could not run on ONNX Runtime: {err}"
                 continue
-            if not report["passed"]:
-                attempts[exporter] = "outputs disagree with PyTorch: " + "; ".join(report["failures"])
+            if not report.passed:
+                attempts[exporter] = "outputs disagree with PyTorch: " + "; ".join(report.failures)
                 last_report = report
                 continue
             attempts[exporter] = "ok"
@@ -224,7 +225,7 @@ class ExportPass(Pass[ExportConfig]):
                 "exporter_attempts": attempts,
                 "opset": config.opset,
                 "export_seconds": round(seconds, 2),
-                "verification": report,
+                "verification": report.to_json(),
                 "exporter_warnings": record,
                 **meta,
             }
@@ -246,7 +247,7 @@ class ExportPass(Pass[ExportConfig]):
                 f"exported ONNX outputs disagree with PyTorch on real inputs ({summary}). "
                 "Common causes: randomness or Python-side control flow in forward(), in-place ops on inputs, "
                 "or ops the exporter approximates. Thresholds are in ExportConfig.verify.",
-                report=last_report,
+                report=last_report.to_json(),
                 attempts=attempts,
             )
         raise ExportError(

@@ -324,15 +324,8 @@ class LowRankPass(Pass[LowRankConfig]):
     def run(
         self, candidate: Candidate, workload: Workload, config: LowRankConfig, out_dir: Path
     ) -> Candidate:
-        from slimship.candidate import save_torch_candidate
         from slimship.machine import physical_cores
-        from slimship.passes._common import (
-            complexity_record,
-            measure_batch_size,
-            recover,
-            teacher_and_student,
-            with_export_check,
-        )
+        from slimship.passes._common import structural_result, teacher_and_student
 
         teacher, student = teacher_and_student(candidate, workload)
         layers = candidate_layers(student, workload, config)
@@ -368,33 +361,24 @@ class LowRankPass(Pass[LowRankConfig]):
                 "no layer was factorised: at these ranks none is measurably faster or smaller "
                 f"({ {n: d['decision'] for n, d in list(decisions.items())[:4]} }); lower energy / param_ratio or set min_speedup 0"
             )
-        record = complexity_record(
-            teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), threads
-        )
-        training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
-        cand = save_torch_candidate(
-            student,
+        factorised = [d for d in decisions.values() if d["decision"] == "factorised"]
+        return structural_result(
+            candidate,
+            workload,
+            config,
             out_dir,
-            name="lowrank",
-            workload=workload,
-            parent=candidate,
             pass_name=self.name,
-            pass_config=config.to_json_dict(),
+            teacher=teacher,
+            student=student,
+            name="lowrank",
             edits=edits,
             info={
                 "layers": decisions,
                 "factorised": len(edits),
-                "params_kept_in_factorised_layers": sum(
-                    d["rank"] * (d["in"] + d["out"])
-                    for d in decisions.values()
-                    if d["decision"] == "factorised"
-                )
-                / max(
-                    1, sum(d["in"] * d["out"] for d in decisions.values() if d["decision"] == "factorised")
-                ),
+                "params_kept_in_factorised_layers": sum(d["rank"] * (d["in"] + d["out"]) for d in factorised)
+                / max(1, sum(d["in"] * d["out"] for d in factorised)),
                 "timing_rows": rows,
-                "complexity": record,
-                "finetune": training,
             },
+            finetune=config.finetune,
+            threads=threads,
         )
-        return with_export_check(cand, workload, config.verify_export)

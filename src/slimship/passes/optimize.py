@@ -137,12 +137,12 @@ class GraphOptimizePass(Pass[GraphOptimizeConfig]):
         report = compare_outputs(
             parent_rt, child_rt, verification_batches(workload, config.verify_samples), config.verify
         )
-        info["verification"] = report
-        if not report["passed"]:
+        info["verification"] = report.to_json()
+        if not report.passed:
             out.unlink(missing_ok=True)
             raise VerificationError(
-                "the optimised graph's outputs disagree with its parent's: " + "; ".join(report["failures"]),
-                report=report,
+                "the optimised graph's outputs disagree with its parent's: " + "; ".join(report.failures),
+                report=report.to_json(),
             )
         return new_candidate(
             out_dir,

@@ -444,38 +444,23 @@ class StructuredPrunePass(Pass[StructuredPruneConfig]):
     def run(
         self, candidate: Candidate, workload: Workload, config: StructuredPruneConfig, out_dir: Path
     ) -> Candidate:
-        from slimship.candidate import save_torch_candidate
-        from slimship.machine import physical_cores
-        from slimship.passes._common import (
-            complexity_record,
-            measure_batch_size,
-            recover,
-            teacher_and_student,
-            with_export_check,
-        )
+        from slimship.passes._common import structural_result, teacher_and_student
 
         teacher, student = teacher_and_student(candidate, workload)
         edits, summary = structured_prune(student, workload, config)
-        record = complexity_record(
-            teacher,
-            student,
+        return structural_result(
+            candidate,
             workload,
-            measure_batch_size(workload, config.measure_batch_size),
-            physical_cores(),
-        )
-        training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
-        cand = save_torch_candidate(
-            student,
+            config,
             out_dir,
-            name="pruned",
-            workload=workload,
-            parent=candidate,
             pass_name=self.name,
-            pass_config=config.to_json_dict(),
+            teacher=teacher,
+            student=student,
+            name="pruned",
             edits=edits,
-            info={"pruning": summary, "complexity": record, "finetune": training},
+            info={"pruning": summary},
+            finetune=config.finetune,
         )
-        return with_export_check(cand, workload, config.verify_export)
 
 
 class DepthPrunePass(Pass[DepthPruneConfig]):
@@ -490,15 +475,7 @@ class DepthPrunePass(Pass[DepthPruneConfig]):
     def run(
         self, candidate: Candidate, workload: Workload, config: DepthPruneConfig, out_dir: Path
     ) -> Candidate:
-        from slimship.candidate import save_torch_candidate
-        from slimship.machine import physical_cores
-        from slimship.passes._common import (
-            complexity_record,
-            measure_batch_size,
-            recover,
-            teacher_and_student,
-            with_export_check,
-        )
+        from slimship.passes._common import structural_result, teacher_and_student
         from slimship.structure import apply_edits
 
         teacher, student = teacher_and_student(candidate, workload)
@@ -511,13 +488,6 @@ class DepthPrunePass(Pass[DepthPruneConfig]):
         keep, trace = choose_layers(student, workload, config, path, n)
         edit = {"op": "keep_layers", "module": path, "keep": keep}
         apply_edits(student, [edit])
-        record = complexity_record(
-            teacher,
-            student,
-            workload,
-            measure_batch_size(workload, config.measure_batch_size),
-            physical_cores(),
-        )
         fmap = (
             {f"{path}.{i}": f"{path}.{orig}" for i, orig in enumerate(keep)}
             if config.feature_weight > 0
@@ -526,22 +496,17 @@ class DepthPrunePass(Pass[DepthPruneConfig]):
         cfg = config.finetune
         if cfg is not None and fmap:
             cfg = cfg.model_copy(update={"feature_weight": cfg.feature_weight or config.feature_weight})
-        training = recover(student, teacher, workload, cfg, feature_map=fmap, desc="recover (distil)")
-        cand = save_torch_candidate(
-            student,
+        return structural_result(
+            candidate,
+            workload,
+            config,
             out_dir,
-            name=f"depth{len(keep)}",
-            workload=workload,
-            parent=candidate,
             pass_name=self.name,
-            pass_config=config.to_json_dict(),
+            teacher=teacher,
+            student=student,
+            name=f"depth{len(keep)}",
             edits=[edit],
-            info={
-                "layers_kept": keep,
-                "layers_before": n,
-                "fidelity_trace": trace,
-                "complexity": record,
-                "finetune": training,
-            },
+            info={"layers_kept": keep, "layers_before": n, "fidelity_trace": trace},
+            finetune=cfg,
+            feature_map=fmap,
         )
-        return with_export_check(cand, workload, config.verify_export)

@@ -314,11 +314,11 @@ class QATPass(Pass[QATConfig]):
             batches_v,
             config.verify,
         )
-        if not report["passed"]:
+        if not report.passed:
             path.unlink(missing_ok=True)
             raise CompressionError(
                 "the exported QDQ graph disagrees with the fake-quantized PyTorch model: "
-                + "; ".join(report["failures"])
+                + "; ".join(report.failures)
             )
         fidelity = compare_outputs(
             TorchRuntime(teacher, workload.inputs, out_names, threads),
@@ -334,8 +334,8 @@ class QATPass(Pass[QATConfig]):
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "steps": len(losses),
-            "export_verification": report,
-            "fidelity_to_parent": fidelity,
+            "export_verification": report.to_json(),
+            "fidelity_to_parent": fidelity.to_json(),
             "ops_after": ops,
             "size_ratio_vs_parent": candidate.size_bytes / path.stat().st_size,
         }

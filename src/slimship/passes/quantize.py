@@ -21,7 +21,8 @@ import io
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, cast
 
@@ -29,7 +30,7 @@ import numpy as np
 from pydantic import Field
 
 from slimship.errors import CompressionError, ConfigError
-from slimship.measure.verify import RECORD_ONLY
+from slimship.measure.verify import RECORD_ONLY, VerificationReport
 from slimship.passes._smoothing import GELU_OPS as _GELU_OPS
 from slimship.passes._smoothing import smooth_matmuls
 from slimship.passes.base import Pass, PassConfig
@@ -287,7 +288,55 @@ def quantizable_nodes(model: Any, op_types: tuple[str, ...]) -> list[str]:
     ]
 
 
-def _lossy_report(parent: Candidate, out: Path, workload: Workload, cfg: _QuantCommon) -> dict[str, Any]:
+@dataclass(frozen=True)
+class QuantizationReport:
+    """What every ONNX quantization pass records, as flat keys of candidate.json's ``info`` beside the pass's
+    own (``calibration_method``, ``smoothing``, ...). :meth:`from_info` reads a stored candidate's info."""
+
+    excluded_nodes: list[str]
+    warnings: list[str]
+    seconds: float
+    #: op type → count in the quantized graph
+    ops_after: dict[str, int]
+    int8_initializers: int
+    fidelity_to_parent: VerificationReport
+    size_ratio_vs_parent: float
+    #: nodes the quantizer was asked to quantize (dynamic and int4; the static pass doesn't count them)
+    quantized_nodes: int | None = None
+
+    def to_info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.quantized_nodes is not None:
+            out["quantized_nodes"] = self.quantized_nodes
+        out.update(
+            {
+                "excluded_nodes": list(self.excluded_nodes),
+                "seconds": self.seconds,
+                "warnings": list(self.warnings),
+                "ops_after": dict(self.ops_after),
+                "int8_initializers": self.int8_initializers,
+                "fidelity_to_parent": self.fidelity_to_parent.to_json(),
+                "size_ratio_vs_parent": self.size_ratio_vs_parent,
+            }
+        )
+        return out
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> QuantizationReport:
+        q = info.get("quantized_nodes")
+        return cls(
+            excluded_nodes=list(info.get("excluded_nodes") or []),
+            warnings=list(info.get("warnings") or []),
+            seconds=float(info.get("seconds", 0.0)),
+            ops_after=dict(info.get("ops_after") or {}),
+            int8_initializers=int(info.get("int8_initializers", 0)),
+            fidelity_to_parent=VerificationReport.from_json(info.get("fidelity_to_parent")),
+            size_ratio_vs_parent=float(info.get("size_ratio_vs_parent", 0.0)),
+            quantized_nodes=None if q is None else int(q),
+        )
+
+
+def _lossy_report(parent: Candidate, out: Path, workload: Workload, cfg: _QuantCommon) -> VerificationReport:
     from slimship.machine import physical_cores
     from slimship.measure.verify import compare_outputs, verification_batches
     from slimship.runtime.ort_backend import OrtRuntime
@@ -319,17 +368,27 @@ def _finish(
 
     out = out_dir / "model.onnx"
     model = onnx.load(str(out))
-    info["ops_after"] = op_histogram(model)
-    info["int8_initializers"] = sum(
-        1 for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    report = _lossy_report(parent, out, workload, cfg)
+    record = QuantizationReport(
+        excluded_nodes=list(info.get("excluded_nodes") or []),
+        warnings=list(info.get("warnings") or []),
+        seconds=float(info.get("seconds", 0.0)),
+        ops_after=op_histogram(model),
+        int8_initializers=sum(
+            1
+            for t in model.graph.initializer
+            if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        ),
+        fidelity_to_parent=report,
+        size_ratio_vs_parent=parent.size_bytes / out.stat().st_size,
+        quantized_nodes=info.get("quantized_nodes"),
     )
-    info["fidelity_to_parent"] = report = _lossy_report(parent, out, workload, cfg)
-    info["size_ratio_vs_parent"] = parent.size_bytes / out.stat().st_size
-    if cfg.min_cosine and not report["passed"]:
+    info = {**info, **record.to_info()}
+    if cfg.min_cosine and not report.passed:
         out.unlink(missing_ok=True)
         raise CompressionError(
             f"{pass_name}: fidelity to the parent is below min_cosine={cfg.min_cosine}: "
-            + "; ".join(report["failures"])
+            + "; ".join(report.failures)
             + ". Try keep_float='ffn_out', per-channel weights, or exclude the nodes a diagnosis ranks worst."
         )
     return new_candidate(
@@ -619,7 +678,7 @@ def _holdout_error(parent: Path, child: Path, batches: list[dict[str, np.ndarray
 
     threads = physical_cores()
     report = compare_outputs(OrtRuntime(parent, threads), OrtRuntime(child, threads), batches, RECORD_ONLY)
-    first = next(iter(report["outputs"].values()))
+    first = next(iter(report.outputs.values())).to_json()
     return {
         k: v
         for k, v in first.items()

@@ -204,7 +204,7 @@ class WeightSharePass(Pass[WeightShareConfig]):
             "original_bytes": root.size_bytes,
             "shipped_ratio_vs_original": root.size_bytes / len(blob),
             "codec": report,
-            "finetune": training,
+            "finetune": training.to_json() if training is not None else None,
             "note": "model.slimw is the file to ship (codebooks + entropy-coded indices); model.safetensors is the "
             "runtime form with weights expanded to float32, which is what PyTorch and an ONNX export run.",
         }

@@ -136,7 +136,7 @@ class UnstructuredPrunePass(Pass[UnstructuredPruneConfig]):
                     after_step=apply_masks,
                     desc=f"sparse step {i + 1}/{config.steps}",
                 )
-                trainings.append({"target_sparsity": target, **(report or {})})
+                trainings.append({"target_sparsity": target, **(report.to_json() if report else {})})
         per_layer = {k: float((w == 0).float().mean()) for k, w in weights.items()}
         total = sum(w.numel() for w in weights.values())
         zeros = sum(int((w == 0).sum()) for w in weights.values())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -119,6 +120,71 @@ def _first_output(out: Any) -> torch.Tensor:
     return out[0]
 
 
+@dataclass(frozen=True)
+class FinetuneReport:
+    """What a fine-tuning run did, stored in candidate.json as ``finetune``."""
+
+    loss: str
+    lr: float
+    batch_size: int
+    steps: int
+    epochs_run: int
+    validations: int
+    #: "epochs", "time budget" or "early stopping"
+    stopped_by: str
+    seconds: float
+    val_loss_before: float
+    val_loss_best: float
+    #: "trained", or "initial (...)" when training never improved the held-out loss
+    kept: str
+    #: one entry per validation: epoch, step, train_loss, val_loss
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_batches: int = 0
+    val_batches: int = 0
+
+    @property
+    def improved(self) -> bool:
+        return self.kept == "trained"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "epochs_run": self.epochs_run,
+            "validations": self.validations,
+            "stopped_by": self.stopped_by,
+            "seconds": self.seconds,
+            "val_loss_before": self.val_loss_before,
+            "val_loss_best": self.val_loss_best,
+            "kept": self.kept,
+            "history": [dict(h) for h in self.history],
+            "train_batches": self.train_batches,
+            "val_batches": self.val_batches,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FinetuneReport:
+        """Read the stored dict shape."""
+        return cls(
+            loss=str(data.get("loss", "")),
+            lr=float(data.get("lr", 0.0)),
+            batch_size=int(data.get("batch_size", 0)),
+            steps=int(data.get("steps", 0)),
+            epochs_run=int(data.get("epochs_run", 0)),
+            validations=int(data.get("validations", 0)),
+            stopped_by=str(data.get("stopped_by", "")),
+            seconds=float(data.get("seconds", 0.0)),
+            val_loss_before=float(data.get("val_loss_before", float("nan"))),
+            val_loss_best=float(data.get("val_loss_best", float("nan"))),
+            kept=str(data.get("kept", "")),
+            history=[dict(h) for h in data.get("history") or []],
+            train_batches=int(data.get("train_batches", 0)),
+            val_batches=int(data.get("val_batches", 0)),
+        )
+
+
 def to_tensor_out(out: Any) -> torch.Tensor:
     """The tensor a model call returns, whatever it is wrapped in (HF ModelOutput, tuple, dict): its first output."""
     t = _first_output(out)
@@ -175,7 +241,7 @@ def finetune(
     feature_map: Mapping[str, str] | None = None,
     after_step: Callable[[], None] | None = None,
     desc: str = "fine-tune",
-) -> dict[str, Any]:
+) -> FinetuneReport:
     """Train ``student`` in place against ``teacher`` on ``workload``'s training data; return a report.
     ``after_step`` runs after every optimiser step (e.g. to re-apply a pruning mask or shared weights)."""
     import torch
@@ -357,22 +423,22 @@ def finetune(
                 hooks.close()
     student.load_state_dict(best_state)
     student.eval()
-    return {
-        "loss": loss_kind,
-        "lr": lr,
-        "batch_size": bs,
-        "steps": steps,
-        "epochs_run": history[-1]["epoch"] if history else 0,
-        "validations": len(history),
-        "stopped_by": stopped,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "val_loss_before": start_loss,
-        "val_loss_best": best,
-        "kept": "trained" if best < start_loss else "initial (training never improved the held-out loss)",
-        "history": history,
-        "train_batches": len(train),
-        "val_batches": len(val),
-    }
+    return FinetuneReport(
+        loss=loss_kind,
+        lr=lr,
+        batch_size=bs,
+        steps=steps,
+        epochs_run=int(history[-1]["epoch"]) if history else 0,
+        validations=len(history),
+        stopped_by=stopped,
+        seconds=round(time.perf_counter() - t0, 1),
+        val_loss_before=start_loss,
+        val_loss_best=best,
+        kept="trained" if best < start_loss else "initial (training never improved the held-out loss)",
+        history=history,
+        train_batches=len(train),
+        val_batches=len(val),
+    )
 
 
 def batches_of(data: list[tuple[Batch, np.ndarray | None]]) -> Iterator[Batch]:
