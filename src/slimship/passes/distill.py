@@ -27,7 +27,7 @@ class StudentSpec(BaseModel):
     num_layers: int | None = Field(
         default=None,
         ge=1,
-        description="transformer layers to keep (evenly spaced teacher layers initialise them); None keeps all",
+        description="transformer layers to keep (evenly spaced teacher layers initialise them); null keeps all",
     )
     width: float = Field(
         default=1.0,

@@ -61,7 +61,7 @@ class LowRankConfig(PassConfig):
     )
     layers: list[str] = Field(
         default_factory=list,
-        description="which layers to consider, as glob patterns over layer names; empty = every Linear and 1x1 Conv except the output layer, or only the layers in ``ranks`` when ranks are given and no rule (energy / param_ratio / sensitivity) is",
+        description='which layers to consider, as glob patterns over layer names; empty = every Linear and 1x1 Conv except the output layer, or only the layers in ranks when ranks are given and no rule (energy / param_ratio / sensitivity) is set; e.g. ["*.intermediate.dense"]',
     )
     round_to: int = Field(
         default=8,
@@ -76,7 +76,7 @@ class LowRankConfig(PassConfig):
     timing_rows: int | None = Field(
         default=None,
         ge=1,
-        description="rows (batch × tokens) of the timed matmuls; None: 256 for classification, 8×128 for text",
+        description="rows (batch × tokens) of the timed matmuls; null: 256 for classification, 8×128 for text",
     )
     finetune: FinetuneConfig | None = Field(
         default=FinetuneConfig(),

@@ -60,7 +60,7 @@ class StructuredPruneConfig(PassConfig):
     round_to: int | None = Field(
         default=None,
         ge=1,
-        description="keep channel counts multiples of this (SIMD-friendly: 8 or 16); None keeps exact counts",
+        description="keep channel counts multiples of this (SIMD-friendly: 8 or 16); null keeps exact counts",
     )
     ignore: list[str] = Field(
         default_factory=list,
@@ -73,7 +73,7 @@ class StructuredPruneConfig(PassConfig):
     measure_batch_size: int | None = Field(
         default=None,
         ge=1,
-        description="batch size of the recorded MACs/latency comparison (None: 256 for classification, 8 for text)",
+        description="batch size of the recorded MACs/latency comparison (null: 256 for classification, 8 for text)",
     )
     verify_export: bool = Field(
         default=True,
@@ -109,7 +109,7 @@ class DepthPruneConfig(PassConfig):
     )
     layers_module: str | None = Field(
         default=None,
-        description="the ModuleList holding the layers; None finds the longest ModuleList (e.g. backbone.encoder.layer)",
+        description="the ModuleList holding the layers; null finds the longest ModuleList (e.g. backbone.encoder.layer)",
     )
     fidelity_samples: int = Field(
         default=64, ge=4, description="calibration samples used by the fidelity criterion"

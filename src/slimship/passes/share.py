@@ -37,7 +37,7 @@ class WeightShareConfig(PassConfig):
     )
     layer_bits: dict[str, int] = Field(
         default_factory=dict,
-        description='per-layer bits overriding ``bits``, e.g. {"0": 8} (Deep Compression used 8 for convs, 5 for FC layers)',
+        description='per-layer bits overriding bits, e.g. {"0": 8} (Deep Compression used 8 for convs, 5 for FC layers)',
     )
     init: Literal["linear", "density"] = Field(
         default="linear",

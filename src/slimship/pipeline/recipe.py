@@ -175,7 +175,7 @@ class Step(BaseModel):
     )
     skip: bool = Field(
         default=False,
-        description="leave the step out (its input goes on unchanged); searchable as ``<step>.skip``",
+        description="leave the step out (its input goes on unchanged); searchable as <step>.skip",
     )
 
 

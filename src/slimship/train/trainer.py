@@ -56,10 +56,12 @@ class FinetuneConfig(BaseModel):
     lr: float | None = Field(
         default=None,
         gt=0,
-        description="learning rate; None picks 1e-3 for classification (CNNs) and 5e-5 for embedding models (transformers)",
+        description="learning rate; null picks 1e-3 for classification (CNNs) and 5e-5 for embedding models (transformers)",
     )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay, ≥ 0")
-    batch_size: int | None = Field(default=None, ge=1, description="None: 64 for classification, 32 for text")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="training batch size; null: 64 for classification, 32 for text"
+    )
     loss: Literal["auto", "kl", "labels", "cosine", "mse"] = Field(
         default="auto",
         description="training loss: kl (distil the teacher's softened logits, plus labels when present), labels (labels only), cosine or mse (to the teacher's output); auto: kl for classification, cosine otherwise",
@@ -97,13 +99,13 @@ class FinetuneConfig(BaseModel):
     eval_every: int | None = Field(
         default=None,
         ge=1,
-        description="validate every N steps as well as at the end of each epoch (None: per epoch only)",
+        description="validate every N steps as well as at the end of each epoch (null: per epoch only)",
     )
     patience: int = Field(
         default=2, ge=1, description="stop after this many validations without improvement, ≥ 1"
     )
     max_batches_per_epoch: int | None = Field(
-        default=None, ge=1, description="cap on training batches per epoch (None: the whole training split)"
+        default=None, ge=1, description="cap on training batches per epoch (null: the whole training split)"
     )
     seed: int = Field(default=0, description="random seed for data order, held-out split and initialisation")
 
