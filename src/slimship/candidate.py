@@ -189,7 +189,7 @@ def load_torch_model(candidate: Candidate, workload: Workload) -> torch.nn.Modul
     from safetensors import safe_open
     from safetensors.torch import load_model
 
-    from slimship.passes._structure import rebuild
+    from slimship.structure import rebuild
 
     path = str(candidate.artifact_path)
     try:

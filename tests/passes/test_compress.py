@@ -221,8 +221,8 @@ def test_trainer_time_budget_and_unknown_feature_module(digits, digits_original)
     teacher = load_torch_model(digits_original, digits)
     student = load_torch_model(digits_original, digits)
     rep = finetune(student, teacher, digits, FinetuneConfig(epochs=50, max_seconds=1.0, patience=100))
-    assert rep["stopped_by"] == "time budget" and rep["epochs_run"] < 50
-    assert rep["kept"].startswith("initial")  # a copy of the teacher can't improve: the report says so
+    assert rep.stopped_by == "time budget" and rep.epochs_run < 50
+    assert rep.kept.startswith("initial")  # a copy of the teacher can't improve: the report says so
     with pytest.raises(CompressionError, match="doesn't exist"):
         finetune(
             student, teacher, digits, FinetuneConfig(epochs=1, feature_weight=1.0), feature_map={"nope": "0"}
@@ -238,7 +238,7 @@ def test_trainer_feature_matching_with_projection(digits, digits_original):
     rep = finetune(
         student, teacher, digits, FinetuneConfig(epochs=2, feature_weight=1.0), feature_map={"2": "2"}
     )
-    assert rep["steps"] > 0 and rep["val_loss_best"] <= rep["val_loss_before"]
+    assert rep.steps > 0 and rep.val_loss_best <= rep.val_loss_before
 
 
 def test_labels_loss_needs_labels(minilm, tmp_path):
@@ -271,10 +271,10 @@ def test_trainer_validates_every_n_steps_on_a_bounded_held_out_set(digits, digit
     rep = finetune(
         student, teacher, digits, FinetuneConfig(epochs=1, eval_every=5, max_val_batches=1, patience=100)
     )
-    assert rep["val_batches"] == 1
-    steps = [h["step"] for h in rep["history"]]
-    assert steps[:-1] == list(range(5, 5 * len(steps), 5)) and steps[-1] == rep["steps"]
-    assert rep["val_loss_best"] == min(h["val_loss"] for h in rep["history"])
+    assert rep.val_batches == 1
+    steps = [h["step"] for h in rep.history]
+    assert steps[:-1] == list(range(5, 5 * len(steps), 5)) and steps[-1] == rep.steps
+    assert rep.val_loss_best == min(h["val_loss"] for h in rep.history)
 
 
 def test_weight_sharing_stores_tied_weights_once_and_keeps_them_tied(tmp_path):

@@ -241,3 +241,23 @@ def test_a_field_of_one_alternative_applies_only_to_it(tmp_path):
     step = apply_params(r, {**params, "int8.pass": "quantize-dynamic"})[1]
     assert step.pass_name == "quantize-dynamic" and step.config == {"smooth": "all"}
     assert space_size(r) == 4  # static × 2 calibrations + dynamic × 2 smoothings, not 8
+
+
+def _properties(node, path=""):
+    """(path, property schema) of every property in a JSON Schema, $defs and nested schemas included."""
+    if isinstance(node, dict):
+        for key, prop in (node.get("properties") or {}).items():
+            yield f"{path}.{key}", prop
+        for key, value in node.items():
+            yield from _properties(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _properties(value, f"{path}[{i}]")
+
+
+def test_recipe_schema_properties_are_documented():
+    props = list(_properties(recipe_json_schema()))
+    undocumented = [p for p, s in props if not (isinstance(s, dict) and s.get("description"))]
+    assert len(props) > 250
+    share = 1 - len(undocumented) / len(props)
+    assert share >= 0.95, f"{share:.1%} of {len(props)} properties documented; missing: {undocumented}"

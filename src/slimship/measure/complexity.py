@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +21,68 @@ if TYPE_CHECKING:
 
     from slimship.workload import Workload
     from slimship.workload.base import Batch
+
+
+COMPLEXITY_NOTE = (
+    "MACs count Linear/Conv work; the speed-up is measured (PyTorch eager, interleaved, median). "
+    "Benchmark the exported ONNX candidates with `slimship bench` for the deployment runtime."
+)
+
+
+@dataclass(frozen=True)
+class ComplexityRecord:
+    """MACs, parameters and measured PyTorch latency of a model before and after a structural pass, stored in
+    candidate.json as ``complexity``."""
+
+    batch_size: int
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    torch_latency_ms_before: float
+    torch_latency_ms_after: float
+    note: str = COMPLEXITY_NOTE
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_before / max(1, self.macs_after)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_before / max(1, self.params_after)
+
+    @property
+    def torch_speedup(self) -> float:
+        return self.torch_latency_ms_before / self.torch_latency_ms_after
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "macs_ratio": self.macs_ratio,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_ratio": self.params_ratio,
+            "torch_latency_ms_before": self.torch_latency_ms_before,
+            "torch_latency_ms_after": self.torch_latency_ms_after,
+            "torch_speedup": self.torch_speedup,
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ComplexityRecord:
+        """Read the stored dict shape (the ratios are recomputed from the counts)."""
+        return cls(
+            batch_size=int(data["batch_size"]),
+            macs_before=int(data["macs_before"]),
+            macs_after=int(data["macs_after"]),
+            params_before=int(data["params_before"]),
+            params_after=int(data["params_after"]),
+            torch_latency_ms_before=float(data["torch_latency_ms_before"]),
+            torch_latency_ms_after=float(data["torch_latency_ms_after"]),
+            note=str(data.get("note", COMPLEXITY_NOTE)),
+        )
 
 
 def count_macs(model: nn.Module, workload: Workload, batch: Batch) -> int:

@@ -207,7 +207,10 @@ def diagnose(
 
     def fidelity(cand: Candidate) -> float:
         """Min per-sample cosine of the first output (finer-grained than top-1 agreement on a few dozen samples)."""
-        return float(next(iter(cand.info["fidelity_to_parent"]["outputs"].values()))["cosine_min"])
+        from slimship.measure.verify import VerificationReport
+
+        report = VerificationReport.from_json(cand.info["fidelity_to_parent"])
+        return float(next(iter(report.outputs.values())).cosine_min)
 
     with tempfile.TemporaryDirectory(prefix="slimship-diagnose-") as tmp:
         full = run_pass("quantize-dynamic", candidate, workload, base.to_json_dict(), Path(tmp) / "full")

@@ -61,7 +61,7 @@ __all__ = [
     "sparsify",
 ]
 
-PASSES: dict[str, type[Pass]] = {
+PASSES: dict[str, type[Pass[Any]]] = {
     p.name: p
     for p in (
         ExportPass,
@@ -80,7 +80,19 @@ PASSES: dict[str, type[Pass]] = {
 }
 
 
+def config_fields(config_cls: type[PassConfig]) -> dict[str, dict[str, Any]]:
+    """Each config field's default (JSON form) and description, from the pydantic field itself (the same
+    source as the recipe JSON Schema and the CLI help)."""
+    defaults = config_cls().to_json_dict()
+    return {
+        name: {"default": defaults.get(name), "description": field.description or ""}
+        for name, field in config_cls.model_fields.items()
+    }
+
+
 def list_passes() -> list[dict[str, Any]]:
+    """Every registered pass: name, summary, formats, extra requirements, its config's defaults
+    (``config``) and each field's default and description (``fields``)."""
     return [
         {
             "name": p.name,
@@ -89,6 +101,7 @@ def list_passes() -> list[dict[str, Any]]:
             "output": p.output_format,
             "requires": list(p.requires),
             "config": p.config_cls().to_json_dict(),
+            "fields": config_fields(p.config_cls),
         }
         for p in PASSES.values()
     ]

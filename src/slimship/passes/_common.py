@@ -1,19 +1,36 @@
 """Shared pieces of the PyTorch passes that change a model: layer lookup with helpful errors, the
-complexity/latency record every structural pass writes, and optional recovery training."""
+complexity/latency record every structural pass writes, optional recovery training, and
+:func:`structural_result`, the one skeleton every structural pass ends with (complexity → recover →
+save → export check)."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from slimship.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from slimship.train import FinetuneConfig
+    from slimship.candidate import Candidate
+    from slimship.measure.complexity import ComplexityRecord
+    from slimship.train import FinetuneConfig, FinetuneReport
     from slimship.workload import Workload
+
+
+class StructuralConfig(Protocol):
+    """What :func:`structural_result` reads from a structural pass's config."""
+
+    @property
+    def measure_batch_size(self) -> int | None: ...
+
+    @property
+    def verify_export(self) -> bool: ...
+
+    def to_json_dict(self) -> dict[str, Any]: ...
 
 
 def resolve_layers(model: nn.Module, paths: Iterable[str], what: str) -> list[nn.Module]:
@@ -67,28 +84,22 @@ def measure_batch_size(workload: Workload, requested: int | None) -> int:
 
 def complexity_record(
     before: nn.Module, after: nn.Module, workload: Workload, batch_size: int, threads: int, rounds: int = 15
-) -> dict[str, Any]:
+) -> ComplexityRecord:
     """MACs, parameters and measured PyTorch latency of ``before`` and ``after``, side by side."""
-    from slimship.measure.complexity import count_macs, count_params, time_interleaved
+    from slimship.measure.complexity import ComplexityRecord, count_macs, count_params, time_interleaved
 
     batch = workload.example_inputs(batch_size)
     macs_b, macs_a = count_macs(before, workload, batch), count_macs(after, workload, batch)
     ms = time_interleaved({"before": before, "after": after}, workload, batch, threads, rounds)
-    p_b, p_a = count_params(before), count_params(after)
-    return {
-        "batch_size": batch_size,
-        "macs_before": macs_b,
-        "macs_after": macs_a,
-        "macs_ratio": macs_b / max(1, macs_a),
-        "params_before": p_b,
-        "params_after": p_a,
-        "params_ratio": p_b / max(1, p_a),
-        "torch_latency_ms_before": ms["before"],
-        "torch_latency_ms_after": ms["after"],
-        "torch_speedup": ms["before"] / ms["after"],
-        "note": "MACs count Linear/Conv work; the speed-up is measured (PyTorch eager, interleaved, median). "
-        "Benchmark the exported ONNX candidates with `slimship bench` for the deployment runtime.",
-    }
+    return ComplexityRecord(
+        batch_size=batch_size,
+        macs_before=macs_b,
+        macs_after=macs_a,
+        params_before=count_params(before),
+        params_after=count_params(after),
+        torch_latency_ms_before=ms["before"],
+        torch_latency_ms_after=ms["after"],
+    )
 
 
 def recover(
@@ -100,7 +111,7 @@ def recover(
     feature_map: dict[str, str] | None = None,
     after_step: Any = None,
     desc: str,
-) -> dict[str, Any] | None:
+) -> FinetuneReport | None:
     """Fine-tune ``student`` against ``teacher`` when ``cfg`` is set; the trainer's report, or None."""
     if cfg is None:
         return None
@@ -119,6 +130,7 @@ def export_check(candidate: Any, workload: Workload) -> dict[str, Any]:
     from pathlib import Path
 
     from slimship.errors import CompressionError, ExportError
+    from slimship.measure.verify import VerificationReport
     from slimship.passes.export import ExportConfig, ExportPass
 
     scratch = Path(tempfile.mkdtemp(prefix="slimship-export-check-"))
@@ -131,14 +143,13 @@ def export_check(candidate: Any, workload: Workload) -> dict[str, Any]:
         ) from err
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    ver = onnx_c.info.get("verification", {})
-    outs = ver.get("outputs", {})
+    ver = VerificationReport.from_json(onnx_c.info.get("verification"))
     return {
-        "passed": bool(ver.get("passed")),
+        "passed": ver.passed,
         "exporter": onnx_c.info.get("exporter"),
         "onnx_bytes": onnx_bytes,
-        "cosine_min": min((o.get("cosine_min", 1.0) for o in outs.values()), default=None),
-        "max_abs_error": max((o.get("max_abs_error", 0.0) for o in outs.values()), default=None),
+        "cosine_min": ver.cosine_min,
+        "max_abs_error": ver.max_abs_error,
     }
 
 
@@ -157,3 +168,53 @@ def teacher_and_student(candidate: Any, workload: Workload) -> tuple[nn.Module, 
 
     teacher = load_torch_model(candidate, workload)
     return teacher, copy.deepcopy(teacher)
+
+
+def structural_result(
+    candidate: Candidate,
+    workload: Workload,
+    config: StructuralConfig,
+    out_dir: Path,
+    *,
+    pass_name: str,
+    teacher: nn.Module,
+    student: nn.Module,
+    name: str,
+    edits: list[dict[str, Any]],
+    info: dict[str, Any],
+    finetune: FinetuneConfig | None,
+    feature_map: dict[str, str] | None = None,
+    desc: str = "recover (distil)",
+    threads: int | None = None,
+) -> Candidate:
+    """The end every structural pass shares, once ``student`` has been restructured: record its complexity
+    against ``teacher`` (``info["complexity"]``), recover it by distillation from ``teacher`` when
+    ``finetune`` is set (``info["finetune"]``), save it as a PyTorch candidate with ``edits`` appended to
+    its parent's architecture edits, then export-check it when ``config.verify_export``."""
+    from slimship.candidate import save_torch_candidate
+    from slimship.machine import physical_cores
+
+    record = complexity_record(
+        teacher,
+        student,
+        workload,
+        measure_batch_size(workload, config.measure_batch_size),
+        threads if threads is not None else physical_cores(),
+    )
+    training = recover(student, teacher, workload, finetune, feature_map=feature_map, desc=desc)
+    cand = save_torch_candidate(
+        student,
+        out_dir,
+        name=name,
+        workload=workload,
+        parent=candidate,
+        pass_name=pass_name,
+        pass_config=config.to_json_dict(),
+        edits=edits,
+        info={
+            **info,
+            "complexity": record.to_json(),
+            "finetune": training.to_json() if training is not None else None,
+        },
+    )
+    return with_export_check(cand, workload, config.verify_export)

@@ -1,18 +1,23 @@
 """The Pass protocol: one technique, one typed, versioned, JSON-serialisable config.
 
-``run(candidate, workload, config, out_dir) -> Candidate`` never mutates its input candidate; it
-writes a new artifact into ``out_dir`` and returns the new candidate, whose metadata records the
-pass name, its config and whatever the pass measured (verification, graph statistics, ...).
-Pass modules import only light dependencies at module level, so listing passes stays cheap.
+``Pass[C]`` is generic over its config type ``C``: ``run(candidate, workload, config: C, out_dir) -> Candidate``
+receives the parsed config, never mutates its input candidate, writes a new artifact into ``out_dir`` and
+returns the new candidate, whose metadata records the pass name, its config and whatever the pass measured
+(verification, graph statistics, ...). Pass modules import only light dependencies at module level, so
+listing passes stays cheap.
+
+Config versions: each config class carries ``current_version``. :meth:`PassConfig.parse` refuses a
+``version`` newer than that (a recipe written for a newer slimship) and passes an older one through
+:meth:`PassConfig.upgrade`, which rewrites the old field layout into the current one.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slimship.errors import ConfigError
 
@@ -25,17 +30,47 @@ class PassConfig(BaseModel):
     """Base of every pass config: frozen, unknown keys are errors, carries a ``version``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    #: bumped when a field's meaning changes; old versions keep loading through ``upgrade``
-    version: int = 1
+    #: the config format version this slimship writes; bump it (and extend ``upgrade``) when a field's
+    #: meaning or name changes
+    current_version: ClassVar[int] = 1
+    version: int = Field(
+        default=1,
+        description="config format version, 1 today; a newer version than this slimship knows is refused, "
+        "older ones are upgraded on load",
+    )
 
     @classmethod
-    def parse(cls, data: dict[str, Any] | PassConfig | None) -> PassConfig:
+    def upgrade(cls, data: dict[str, Any], from_version: int) -> dict[str, Any]:
+        """Rewrite a config written at ``from_version`` (< ``current_version``) into the current layout.
+        Every version so far has the same layout, so this is the identity; a subclass that renames or
+        reinterprets a field overrides it."""
+        return data
+
+    @classmethod
+    def _checked_version(cls, data: dict[str, Any]) -> dict[str, Any]:
+        given = data.get("version", cls.current_version)
+        if not isinstance(given, int) or isinstance(given, bool):
+            return data  # the field's own validation reports a non-integer version
+        if given > cls.current_version:
+            raise ConfigError(
+                f"{cls.__name__} version {given} is newer than this slimship supports "
+                f"(version {cls.current_version}); upgrade slimship to load it, or write version: "
+                f"{cls.current_version} with this version's fields"
+            )
+        if given < cls.current_version:
+            data = {**cls.upgrade(dict(data), given), "version": cls.current_version}
+        return data
+
+    @classmethod
+    def parse(cls, data: dict[str, Any] | PassConfig | None) -> Self:
         if isinstance(data, cls):
             return data
         if data is None:
             data = {}
         if isinstance(data, PassConfig):
             raise ConfigError(f"expected a {cls.__name__}, got a {type(data).__name__}")
+        if isinstance(data, dict):
+            data = cls._checked_version(data)
         try:
             return cls.model_validate(data)
         except ValidationError as err:
@@ -62,26 +97,31 @@ class PassConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
-class Pass(ABC):
-    """One technique. Subclasses set the class attributes and implement ``run``."""
+C = TypeVar("C", bound=PassConfig)
+
+
+class Pass(ABC, Generic[C]):
+    """One technique, generic over its config ``C``. Subclasses set the class attributes and implement
+    ``run``, which receives the config already parsed into ``config_cls``."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    config_cls: ClassVar[type[PassConfig]]
+    config_cls: type[C]
     input_format: ClassVar[str]  # "torch" | "onnx"
     output_format: ClassVar[str]
-    #: pip extras or packages the pass needs beyond the core install
+    #: pip extras or packages the pass needs beyond the core install (pyproject's dependencies); () when the core
+    #: install is enough
     requires: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
+    def run(self, candidate: Candidate, workload: Workload, config: C, out_dir: Path) -> Candidate:
         """Write a new candidate into ``out_dir`` from ``candidate``."""
 
     def __call__(
         self,
         candidate: Candidate,
         workload: Workload,
-        config: PassConfig | dict[str, Any] | None = None,
+        config: C | dict[str, Any] | None = None,
         out_dir: str | Path | None = None,
     ) -> Candidate:
         cfg = self.config_cls.parse(config)

@@ -24,26 +24,50 @@ class StudentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: transformer layers to keep (evenly spaced teacher layers initialise them); None keeps all
-    num_layers: int | None = Field(default=None, ge=1)
-    #: fraction of FFN neurons (transformers) or channels (CNNs) the student keeps, in (0, 1]
-    width: float = Field(default=1.0, gt=0.0, le=1.0)
-    #: teacher: start from the teacher's weights (kept layers, largest-magnitude channels); random: from scratch
-    init: Literal["teacher", "random"] = "teacher"
+    num_layers: int | None = Field(
+        default=None,
+        ge=1,
+        description="transformer layers to keep (evenly spaced teacher layers initialise them); null keeps all",
+    )
+    width: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="fraction of FFN neurons (transformers) or channels (CNNs) the student keeps, in (0, 1]",
+    )
+    init: Literal["teacher", "random"] = Field(
+        default="teacher",
+        description="teacher: start from the teacher's weights (kept layers, largest-magnitude channels); random: from scratch",
+    )
 
 
 class DistillConfig(PassConfig):
-    version: int = 1
-    student: StudentSpec = StudentSpec(width=0.5)
-    finetune: FinetuneConfig = FinetuneConfig(epochs=10, patience=3)
-    #: parent: distil from the input model; original: from the first model of the lineage (e.g. recover a
-    #: pruned model from the unpruned one — the student may then keep the input's shape unchanged)
-    teacher: Literal["parent", "original"] = "parent"
-    #: weight of hidden-state matching between kept layers and their teacher layers (transformers)
-    feature_weight: float = Field(default=0.0, ge=0)
-    measure_batch_size: int | None = Field(default=None, ge=1)
-    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
-    verify_export: bool = True
+    student: StudentSpec = Field(
+        default=StudentSpec(width=0.5),
+        description="shape of the student relative to the teacher: num_layers, width (0, 1], init (teacher | random), e.g. {width: 0.5}",
+    )
+    finetune: FinetuneConfig = Field(
+        default=FinetuneConfig(epochs=10, patience=3),
+        description="how the student is trained from the teacher's outputs (see FinetuneConfig), e.g. {epochs: 10, patience: 3}",
+    )
+    teacher: Literal["parent", "original"] = Field(
+        default="parent",
+        description="parent: distil from the input model; original: from the first model of the lineage (e.g. recover a pruned model from the unpruned one — the student may then keep the input's shape unchanged)",
+    )
+    feature_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of hidden-state matching between kept layers and their teacher layers (transformers)",
+    )
+    measure_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="batch size of the recorded MACs / PyTorch latency comparison before vs after; null: 256 for classification, 8 for text",
+    )
+    verify_export: bool = Field(
+        default=True,
+        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
@@ -60,38 +84,30 @@ class DistillConfig(PassConfig):
         return self
 
 
-class DistillPass(Pass):
+class DistillPass(Pass[DistillConfig]):
     name: ClassVar[str] = "distill"
     summary: ClassVar[str] = (
         "build a smaller student (fewer layers / narrower) from the teacher and distil into it"
     )
-    config_cls: ClassVar[type[PassConfig]] = DistillConfig
+    config_cls = DistillConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
-    requires: ClassVar[tuple[str, ...]] = ("torch-pruning",)
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, DistillConfig)  # guaranteed by Pass.__call__
+    def run(
+        self, candidate: Candidate, workload: Workload, config: DistillConfig, out_dir: Path
+    ) -> Candidate:
         import torch
 
-        from slimship.candidate import save_torch_candidate
         from slimship.errors import ConfigError
-        from slimship.machine import physical_cores
-        from slimship.passes._common import (
-            complexity_record,
-            measure_batch_size,
-            teacher_and_student,
-            with_export_check,
-        )
-        from slimship.passes._structure import apply_edits
+        from slimship.passes._common import structural_result, teacher_and_student
         from slimship.passes.prune import (
             DepthPruneConfig,
             StructuredPruneConfig,
-            _layer_list,
             choose_layers,
+            layer_list,
             structured_prune,
         )
-        from slimship.train import finetune
+        from slimship.structure import apply_edits
 
         spec = config.student
         teacher, student = teacher_and_student(candidate, workload)
@@ -111,7 +127,7 @@ class DistillPass(Pass):
         edits = []
         fmap: dict[str, str] = {}
         if spec.num_layers is not None:
-            path, layers = _layer_list(student, None)
+            path, layers = layer_list(student, None)
             if spec.num_layers >= len(layers):
                 raise ConfigError(
                     f"student.num_layers={spec.num_layers} but the teacher has {len(layers)} layers in {path}"
@@ -133,13 +149,6 @@ class DistillPass(Pass):
             for m in student.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()  # type: ignore[operator]
-        record = complexity_record(
-            teacher,
-            student,
-            workload,
-            measure_batch_size(workload, config.measure_batch_size),
-            physical_cores(),
-        )
         ft = config.finetune
         if config.teacher == "original" and any(
             e.get("op") == "keep_layers" for e in candidate.info.get("structure", [])
@@ -147,21 +156,18 @@ class DistillPass(Pass):
             fmap = {}  # layer i of the input is not layer i of the original: no hidden-state matching
         if config.feature_weight > 0 and fmap:
             ft = ft.model_copy(update={"feature_weight": config.feature_weight})
-        training = finetune(student, teacher, workload, ft, feature_map=fmap or None, desc="distil")
-        cand = save_torch_candidate(
-            student,
+        return structural_result(
+            candidate,
+            workload,
+            config,
             out_dir,
-            name="student",
-            workload=workload,
-            parent=candidate,
             pass_name=self.name,
-            pass_config=config.to_json_dict(),
+            teacher=teacher,
+            student=student,
+            name="student",
             edits=edits,
-            info={
-                "student": spec.model_dump(),
-                "teacher": config.teacher,
-                "complexity": record,
-                "finetune": training,
-            },
+            info={"student": spec.model_dump(), "teacher": config.teacher},
+            finetune=ft,
+            feature_map=fmap or None,
+            desc="distil",
         )
-        return with_export_check(cand, workload, config.verify_export)

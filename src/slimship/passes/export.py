@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from slimship.candidate import Candidate
+    from slimship.measure.verify import VerificationReport
     from slimship.workload import Workload
 
 _TWO_GB = 2 * 1024**3
@@ -40,15 +41,24 @@ _TWO_GB = 2 * 1024**3
 class ExportConfig(PassConfig):
     """How to export a PyTorch candidate to ONNX."""
 
-    version: int = 1
-    #: ONNX opset of the exported graph (ONNX Runtime 1.20+ runs 14–21 on CPU)
-    opset: int = Field(default=18, ge=14, le=21)
-    #: "auto" tries dynamo then torchscript; or force one
-    exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
-    #: real-input comparison with PyTorch; the export fails when it doesn't hold
-    verify: VerifyThresholds = VerifyThresholds()
-    #: evaluation samples used for verification (on top of a few fixed-shape batches)
-    verify_samples: int = Field(default=48, ge=1)
+    opset: int = Field(
+        default=18,
+        ge=14,
+        le=21,
+        description="ONNX opset of the exported graph (ONNX Runtime 1.20+ runs 14–21 on CPU)",
+    )
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        default="auto", description='"auto" tries dynamo then torchscript; or force one'
+    )
+    verify: VerifyThresholds = Field(
+        default=VerifyThresholds(),
+        description="real-input comparison with PyTorch; the export fails when it doesn't hold",
+    )
+    verify_samples: int = Field(
+        default=48,
+        ge=1,
+        description="evaluation samples used for verification (on top of a few fixed-shape batches)",
+    )
 
 
 @contextlib.contextmanager
@@ -154,7 +164,7 @@ def _finalise(path: Path, workload: Workload) -> dict[str, Any]:
     return {"graph_edits": edits, "external_data_files": external_files, "ops": op_histogram(model)}
 
 
-def _reason(err: BaseException) -> str:
+def exporter_failure_reason(err: BaseException) -> str:
     """The root cause of an exporter failure in one line (exporters wrap it in several layers)."""
     root = err
     while root.__cause__ is not None:
@@ -164,17 +174,16 @@ def _reason(err: BaseException) -> str:
     return f"{type(root).__name__}: {text[:400]}"
 
 
-class ExportPass(Pass):
+class ExportPass(Pass[ExportConfig]):
     name: ClassVar[str] = "export"
     summary: ClassVar[str] = (
         "PyTorch → ONNX (dynamo, TorchScript fallback), checked and verified against PyTorch on real inputs"
     )
-    config_cls: ClassVar[type[PassConfig]] = ExportConfig
+    config_cls = ExportConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "onnx"
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, ExportConfig)  # guaranteed by Pass.__call__ (internal invariant)
+    def run(self, candidate: Candidate, workload: Workload, config: ExportConfig, out_dir: Path) -> Candidate:
         from slimship.candidate import load_torch_model, new_candidate
         from slimship.measure.verify import compare_outputs, verification_batches
         from slimship.runtime.ort_backend import OrtRuntime
@@ -183,7 +192,7 @@ class ExportPass(Pass):
         model = load_torch_model(candidate, workload)
         order = ["dynamo", "torchscript"] if config.exporter == "auto" else [config.exporter]
         attempts: dict[str, str] = {}
-        last_report: dict[str, Any] | None = None
+        last_report: VerificationReport | None = None
         batches = verification_batches(workload, config.verify_samples)
         from slimship.machine import physical_cores
 
@@ -197,7 +206,7 @@ class ExportPass(Pass):
                 meta = _export_once(exporter, model, workload, config, path, record)
                 meta.update(_finalise(path, workload))
             except Exception as err:  # any exporter failure is recorded; the next exporter is tried
-                attempts[exporter] = f"export failed: {_reason(err)}"
+                attempts[exporter] = f"export failed: {exporter_failure_reason(err)}"
                 continue
             seconds = time.perf_counter() - t0
             try:
@@ -206,8 +215,8 @@ class ExportPass(Pass):
             except SlimshipError as err:
                 attempts[exporter] = f"exported but could not run on ONNX Runtime: {err}"
                 continue
-            if not report["passed"]:
-                attempts[exporter] = "outputs disagree with PyTorch: " + "; ".join(report["failures"])
+            if not report.passed:
+                attempts[exporter] = "outputs disagree with PyTorch: " + "; ".join(report.failures)
                 last_report = report
                 continue
             attempts[exporter] = "ok"
@@ -216,7 +225,7 @@ class ExportPass(Pass):
                 "exporter_attempts": attempts,
                 "opset": config.opset,
                 "export_seconds": round(seconds, 2),
-                "verification": report,
+                "verification": report.to_json(),
                 "exporter_warnings": record,
                 **meta,
             }
@@ -238,7 +247,7 @@ class ExportPass(Pass):
                 f"exported ONNX outputs disagree with PyTorch on real inputs ({summary}). "
                 "Common causes: randomness or Python-side control flow in forward(), in-place ops on inputs, "
                 "or ops the exporter approximates. Thresholds are in ExportConfig.verify.",
-                report=last_report,
+                report=last_report.to_json(),
                 attempts=attempts,
             )
         raise ExportError(

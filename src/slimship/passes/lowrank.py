@@ -34,31 +34,63 @@ if TYPE_CHECKING:
 
 
 class LowRankConfig(PassConfig):
-    version: int = 1
-    #: fraction of squared singular values each factorised layer keeps, in (0, 1]; the default rule (0.9) when
-    #: neither energy nor param_ratio is set
-    energy: float | None = Field(default=None, gt=0.0, le=1.0)
-    #: global budget: factorised layers together keep at most this fraction of their parameters, in (0, 1)
-    param_ratio: float | None = Field(default=None, gt=0.0, lt=1.0)
-    #: per-layer sensitivity: the smallest rank (multiple of round_to) that, factorised alone, keeps the model's
-    #: output cosine to the unfactorised model (mean over calibration samples) at least this, e.g. 0.99
-    sensitivity: float | None = Field(default=None, gt=0.0, lt=1.0)
-    #: calibration samples for the sensitivity search
-    sensitivity_samples: int = Field(default=32, ge=4)
-    #: explicit ranks per layer name (override energy / param_ratio / sensitivity for those layers)
-    ranks: dict[str, int] = Field(default_factory=dict)
-    #: which layers to consider, as glob patterns over layer names; empty = every Linear and 1x1 Conv except the output
-    #: layer, or only the layers in ``ranks`` when ranks are given and no rule (energy / param_ratio / sensitivity) is
-    layers: list[str] = Field(default_factory=list)
-    round_to: int = Field(default=8, ge=1)
-    #: keep a layer dense unless the factorised shape measures at least this much faster on ONNX Runtime; 0 disables the check
-    min_speedup: float = Field(default=1.05, ge=0.0)
-    #: rows (batch × tokens) of the timed matmuls; None: 256 for classification, 8×128 for text
-    timing_rows: int | None = Field(default=None, ge=1)
-    finetune: FinetuneConfig | None = FinetuneConfig()
-    measure_batch_size: int | None = Field(default=None, ge=1)
-    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
-    verify_export: bool = True
+    energy: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="fraction of squared singular values each factorised layer keeps, in (0, 1]; the default rule (0.9) when neither energy nor param_ratio is set",
+    )
+    param_ratio: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="global budget: factorised layers together keep at most this fraction of their parameters, in (0, 1)",
+    )
+    sensitivity: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="per-layer sensitivity: the smallest rank (multiple of round_to) that, factorised alone, keeps the model's output cosine to the unfactorised model (mean over calibration samples) at least this, e.g. 0.99",
+    )
+    sensitivity_samples: int = Field(
+        default=32, ge=4, description="calibration samples for the sensitivity search"
+    )
+    ranks: dict[str, int] = Field(
+        default_factory=dict,
+        description="explicit ranks per layer name (override energy / param_ratio / sensitivity for those layers)",
+    )
+    layers: list[str] = Field(
+        default_factory=list,
+        description='which layers to consider, as glob patterns over layer names; empty = every Linear and 1x1 Conv except the output layer, or only the layers in ranks when ranks are given and no rule (energy / param_ratio / sensitivity) is set; e.g. ["*.intermediate.dense"]',
+    )
+    round_to: int = Field(
+        default=8,
+        ge=1,
+        description="ranks are rounded to a multiple of this (SIMD-friendly widths, e.g. 8 or 16); rounded up for energy / sensitivity, down for param_ratio",
+    )
+    min_speedup: float = Field(
+        default=1.05,
+        ge=0.0,
+        description="keep a layer dense unless the factorised shape measures at least this much faster on ONNX Runtime; 0 disables the check",
+    )
+    timing_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="rows (batch × tokens) of the timed matmuls; null: 256 for classification, 8×128 for text",
+    )
+    finetune: FinetuneConfig | None = Field(
+        default=FinetuneConfig(),
+        description="recovery fine-tuning by distillation from the input model after the change (see FinetuneConfig); null to skip, e.g. {epochs: 3}",
+    )
+    measure_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="batch size of the recorded MACs / PyTorch latency comparison before vs after; null: 256 for classification, 8 for text",
+    )
+    verify_export: bool = Field(
+        default=True,
+        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LowRankConfig:
@@ -120,7 +152,7 @@ def sensitivity_ranks(
     import torch
 
     from slimship.runtime.torch_backend import call_model
-    from slimship.train.trainer import _to_tensor_out
+    from slimship.train import to_tensor_out
     from slimship.workload.base import rowwise_cosine
 
     names = [s.name for s in workload.inputs]
@@ -131,7 +163,7 @@ def sensitivity_ranks(
 
     def outputs(m: nn.Module) -> np.ndarray:
         with torch.inference_mode():
-            return np.concatenate([_to_tensor_out(call_model(m, b, names)).numpy() for b in batches])
+            return np.concatenate([to_tensor_out(call_model(m, b, names)).numpy() for b in batches])
 
     ref = outputs(model)
     ranks = {}
@@ -262,7 +294,7 @@ def factorize(model: nn.Module, name: str, rank: int) -> None:
     """Replace layer ``name`` (in place) by its rank-``rank`` SVD factorisation."""
     import torch
 
-    from slimship.passes._structure import apply_edits, get_module
+    from slimship.structure import apply_edits, get_module
 
     mod: Any = get_module(model, name)
     w = _matrix(mod).double()
@@ -280,26 +312,20 @@ def factorize(model: nn.Module, name: str, rank: int) -> None:
             new.up.bias.copy_(bias)
 
 
-class LowRankPass(Pass):
+class LowRankPass(Pass[LowRankConfig]):
     name: ClassVar[str] = "lowrank"
     summary: ClassVar[str] = (
         "SVD factorisation of Linear / 1x1 Conv layers where measured faster, then distillation"
     )
-    config_cls: ClassVar[type[PassConfig]] = LowRankConfig
+    config_cls = LowRankConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, LowRankConfig)  # guaranteed by Pass.__call__
-        from slimship.candidate import save_torch_candidate
+    def run(
+        self, candidate: Candidate, workload: Workload, config: LowRankConfig, out_dir: Path
+    ) -> Candidate:
         from slimship.machine import physical_cores
-        from slimship.passes._common import (
-            complexity_record,
-            measure_batch_size,
-            recover,
-            teacher_and_student,
-            with_export_check,
-        )
+        from slimship.passes._common import structural_result, teacher_and_student
 
         teacher, student = teacher_and_student(candidate, workload)
         layers = candidate_layers(student, workload, config)
@@ -335,33 +361,24 @@ class LowRankPass(Pass):
                 "no layer was factorised: at these ranks none is measurably faster or smaller "
                 f"({ {n: d['decision'] for n, d in list(decisions.items())[:4]} }); lower energy / param_ratio or set min_speedup 0"
             )
-        record = complexity_record(
-            teacher, student, workload, measure_batch_size(workload, config.measure_batch_size), threads
-        )
-        training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
-        cand = save_torch_candidate(
-            student,
+        factorised = [d for d in decisions.values() if d["decision"] == "factorised"]
+        return structural_result(
+            candidate,
+            workload,
+            config,
             out_dir,
-            name="lowrank",
-            workload=workload,
-            parent=candidate,
             pass_name=self.name,
-            pass_config=config.to_json_dict(),
+            teacher=teacher,
+            student=student,
+            name="lowrank",
             edits=edits,
             info={
                 "layers": decisions,
                 "factorised": len(edits),
-                "params_kept_in_factorised_layers": sum(
-                    d["rank"] * (d["in"] + d["out"])
-                    for d in decisions.values()
-                    if d["decision"] == "factorised"
-                )
-                / max(
-                    1, sum(d["in"] * d["out"] for d in decisions.values() if d["decision"] == "factorised")
-                ),
+                "params_kept_in_factorised_layers": sum(d["rank"] * (d["in"] + d["out"]) for d in factorised)
+                / max(1, sum(d["in"] * d["out"] for d in factorised)),
                 "timing_rows": rows,
-                "complexity": record,
-                "finetune": training,
             },
+            finetune=config.finetune,
+            threads=threads,
         )
-        return with_export_check(cand, workload, config.verify_export)

@@ -24,31 +24,47 @@ if TYPE_CHECKING:
 
 
 class GraphOptimizeConfig(PassConfig):
-    version: int = 1
-    #: ONNX Runtime graph optimisation level saved into the artifact: basic, extended (portable), all (this CPU only)
-    level: Literal["basic", "extended", "all"] = "extended"
-    #: transformer fusions: auto = on for BERT-family workloads
-    transformer_fusion: Literal["auto", "on", "off"] = "auto"
-    #: model type for ORT's transformer optimizer (bert, roberta, ...)
-    model_type: str = "bert"
-    #: attention heads / hidden size for fusion; 0 = take them from the workload
-    num_heads: int = Field(default=0, ge=0)
-    hidden_size: int = Field(default=0, ge=0)
-    verify: VerifyThresholds = VerifyThresholds()
-    verify_samples: int = Field(default=48, ge=1)
+    level: Literal["basic", "extended", "all"] = Field(
+        default="extended",
+        description="ONNX Runtime graph optimisation level saved into the artifact: basic, extended (portable), all (this CPU only)",
+    )
+    transformer_fusion: Literal["auto", "on", "off"] = Field(
+        default="auto", description="transformer fusions: auto = on for BERT-family workloads"
+    )
+    model_type: str = Field(
+        default="bert", description="model type for ORT's transformer optimizer (bert, roberta, ...)"
+    )
+    num_heads: int = Field(
+        default=0,
+        ge=0,
+        description="attention heads / hidden size for fusion; 0 = take them from the workload",
+    )
+    hidden_size: int = Field(
+        default=0, ge=0, description="hidden size for the transformer fusions; 0 = take it from the workload"
+    )
+    verify: VerifyThresholds = Field(
+        default=VerifyThresholds(),
+        description="thresholds the optimised graph must meet against its parent on real inputs; the pass fails when they don't hold",
+    )
+    verify_samples: int = Field(
+        default=48,
+        ge=1,
+        description="number of evaluation samples the output is verified on against the parent (on top of a few fixed-shape batches), e.g. 48",
+    )
 
 
-class GraphOptimizePass(Pass):
+class GraphOptimizePass(Pass[GraphOptimizeConfig]):
     name: ClassVar[str] = "optimize"
     summary: ClassVar[str] = (
         "ONNX Runtime graph optimisation (+ transformer fusions), verified against its parent"
     )
-    config_cls: ClassVar[type[PassConfig]] = GraphOptimizeConfig
+    config_cls = GraphOptimizeConfig
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, GraphOptimizeConfig)  # guaranteed by Pass.__call__ (internal invariant)
+    def run(
+        self, candidate: Candidate, workload: Workload, config: GraphOptimizeConfig, out_dir: Path
+    ) -> Candidate:
         import onnx
 
         from slimship.candidate import new_candidate
@@ -121,12 +137,12 @@ class GraphOptimizePass(Pass):
         report = compare_outputs(
             parent_rt, child_rt, verification_batches(workload, config.verify_samples), config.verify
         )
-        info["verification"] = report
-        if not report["passed"]:
+        info["verification"] = report.to_json()
+        if not report.passed:
             out.unlink(missing_ok=True)
             raise VerificationError(
-                "the optimised graph's outputs disagree with its parent's: " + "; ".join(report["failures"]),
-                report=report,
+                "the optimised graph's outputs disagree with its parent's: " + "; ".join(report.failures),
+                report=report.to_json(),
             )
         return new_candidate(
             out_dir,

@@ -28,31 +28,57 @@ if TYPE_CHECKING:
 
 
 class StructuredPruneConfig(PassConfig):
-    version: int = 1
-    #: fraction of prunable channels removed: conv filters and hidden Linear neurons of CNNs/MLPs, FFN neurons of transformers
-    channel_ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
-    #: fraction of attention heads removed in each transformer layer (BERT family)
-    head_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    #: fraction of each head's dimensions removed, the same in every head (BERT family; not with head_ratio)
-    head_dim_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    #: how channels are ranked: weight magnitude (l1, l2), Taylor (|gradient × weight|, needs labels), BatchNorm scale
-    importance: Literal["l1", "l2", "taylor", "bn_scale"] = "l2"
-    #: uniform: every layer loses channel_ratio; global: channels ranked across layers (layers end up uneven)
-    scope: Literal["uniform", "global"] = "uniform"
-    #: per-layer ratios that override channel_ratio, e.g. {"0": 0.25}
-    layer_ratios: dict[str, float] = Field(default_factory=dict)
-    #: keep channel counts multiples of this (SIMD-friendly: 8 or 16); None keeps exact counts
-    round_to: int | None = Field(default=None, ge=1)
-    #: layers left whole (the classifier producing the output is always left alone)
-    ignore: list[str] = Field(default_factory=list)
-    #: batches used to estimate Taylor importance
-    taylor_batches: int = Field(default=8, ge=1)
-    #: recovery by distillation from the unpruned model; null to skip
-    finetune: FinetuneConfig | None = FinetuneConfig()
-    #: batch size of the recorded MACs/latency comparison (None: 256 for classification, 8 for text)
-    measure_batch_size: int | None = Field(default=None, ge=1)
-    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
-    verify_export: bool = True
+    channel_ratio: float = Field(
+        default=0.5,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of prunable channels removed: conv filters and hidden Linear neurons of CNNs/MLPs, FFN neurons of transformers",
+    )
+    head_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of attention heads removed in each transformer layer (BERT family)",
+    )
+    head_dim_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of each head's dimensions removed, the same in every head (BERT family; not with head_ratio)",
+    )
+    importance: Literal["l1", "l2", "taylor", "bn_scale"] = Field(
+        default="l2",
+        description="how channels are ranked: weight magnitude (l1, l2), Taylor (|gradient × weight|, needs labels), BatchNorm scale",
+    )
+    scope: Literal["uniform", "global"] = Field(
+        default="uniform",
+        description="uniform: every layer loses channel_ratio; global: channels ranked across layers (layers end up uneven)",
+    )
+    layer_ratios: dict[str, float] = Field(
+        default_factory=dict, description='per-layer ratios that override channel_ratio, e.g. {"0": 0.25}'
+    )
+    round_to: int | None = Field(
+        default=None,
+        ge=1,
+        description="keep channel counts multiples of this (SIMD-friendly: 8 or 16); null keeps exact counts",
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="layers left whole (the classifier producing the output is always left alone)",
+    )
+    taylor_batches: int = Field(default=8, ge=1, description="batches used to estimate Taylor importance")
+    finetune: FinetuneConfig | None = Field(
+        default=FinetuneConfig(), description="recovery by distillation from the unpruned model; null to skip"
+    )
+    measure_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="batch size of the recorded MACs/latency comparison (null: 256 for classification, 8 for text)",
+    )
+    verify_export: bool = Field(
+        default=True,
+        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StructuredPruneConfig:
@@ -76,21 +102,36 @@ class StructuredPruneConfig(PassConfig):
 
 
 class DepthPruneConfig(PassConfig):
-    version: int = 1
-    #: how many transformer layers to keep
-    keep_layers: int = Field(default=3, ge=1)
-    #: which to keep: evenly spaced, the first k, the last k, or greedily the ones whose removal hurts fidelity least
-    criterion: Literal["alternate", "first", "last", "fidelity"] = "alternate"
-    #: the ModuleList holding the layers; None finds the longest ModuleList (e.g. backbone.encoder.layer)
-    layers_module: str | None = None
-    #: calibration samples used by the fidelity criterion
-    fidelity_samples: int = Field(default=64, ge=4)
-    #: weight of hidden-state matching (kept layer i ↔ its original layer) during recovery
-    feature_weight: float = Field(default=1.0, ge=0)
-    finetune: FinetuneConfig | None = FinetuneConfig()
-    measure_batch_size: int | None = Field(default=None, ge=1)
-    #: export the result to ONNX (scratch directory) and verify it against PyTorch before returning
-    verify_export: bool = True
+    keep_layers: int = Field(default=3, ge=1, description="how many transformer layers to keep")
+    criterion: Literal["alternate", "first", "last", "fidelity"] = Field(
+        default="alternate",
+        description="which to keep: evenly spaced, the first k, the last k, or greedily the ones whose removal hurts fidelity least",
+    )
+    layers_module: str | None = Field(
+        default=None,
+        description="the ModuleList holding the layers; null finds the longest ModuleList (e.g. backbone.encoder.layer)",
+    )
+    fidelity_samples: int = Field(
+        default=64, ge=4, description="calibration samples used by the fidelity criterion"
+    )
+    feature_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="weight of hidden-state matching (kept layer i ↔ its original layer) during recovery",
+    )
+    finetune: FinetuneConfig | None = Field(
+        default=FinetuneConfig(),
+        description="recovery fine-tuning by distillation from the input model after the change (see FinetuneConfig); null to skip, e.g. {epochs: 3}",
+    )
+    measure_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="batch size of the recorded MACs / PyTorch latency comparison before vs after; null: 256 for classification, 8 for text",
+    )
+    verify_export: bool = Field(
+        default=True,
+        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
+    )
 
 
 def _bert_attention(model: nn.Module) -> list[tuple[str, Any]]:
@@ -169,8 +210,7 @@ def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> Non
     import torch
 
     from slimship.runtime.torch_backend import call_model
-    from slimship.train import training_data
-    from slimship.train.trainer import _to_tensor_out
+    from slimship.train import to_tensor_out, training_data
 
     data = training_data(workload, 32, 0)[:batches]
     if any(y is None for _, y in data):
@@ -180,7 +220,7 @@ def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> Non
     model.zero_grad()
     names = [s.name for s in workload.inputs]
     for x, y in data:
-        out = _to_tensor_out(call_model(model, {k: torch.from_numpy(v) for k, v in x.items()}, names))
+        out = to_tensor_out(call_model(model, {k: torch.from_numpy(v) for k, v in x.items()}, names))
         torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(y))).backward()
 
 
@@ -324,7 +364,8 @@ def structured_prune(
     }
 
 
-def _layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+def layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer layers at ``path`` (None: the longest ModuleList) and its path."""
     from torch import nn
 
     from slimship.passes._common import resolve_layers
@@ -360,8 +401,8 @@ def choose_layers(
         return sorted({round(float(x)) for x in np.linspace(0, n - 1, k)}), []
     import torch
 
-    from slimship.passes._structure import apply_edits
     from slimship.runtime.torch_backend import call_model
+    from slimship.structure import apply_edits
     from slimship.workload.base import rowwise_cosine
 
     names = [s.name for s in workload.inputs]
@@ -391,76 +432,54 @@ def choose_layers(
     return keep, trace
 
 
-class StructuredPrunePass(Pass):
+class StructuredPrunePass(Pass[StructuredPruneConfig]):
     name: ClassVar[str] = "prune"
     summary: ClassVar[str] = (
         "structured pruning (channels, FFN neurons, heads) with Torch-Pruning, then distillation"
     )
-    config_cls: ClassVar[type[PassConfig]] = StructuredPruneConfig
+    config_cls = StructuredPruneConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
-    requires: ClassVar[tuple[str, ...]] = ("torch-pruning",)
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, StructuredPruneConfig)  # guaranteed by Pass.__call__
-        from slimship.candidate import save_torch_candidate
-        from slimship.machine import physical_cores
-        from slimship.passes._common import (
-            complexity_record,
-            measure_batch_size,
-            recover,
-            teacher_and_student,
-            with_export_check,
-        )
+    def run(
+        self, candidate: Candidate, workload: Workload, config: StructuredPruneConfig, out_dir: Path
+    ) -> Candidate:
+        from slimship.passes._common import structural_result, teacher_and_student
 
         teacher, student = teacher_and_student(candidate, workload)
         edits, summary = structured_prune(student, workload, config)
-        record = complexity_record(
-            teacher,
-            student,
+        return structural_result(
+            candidate,
             workload,
-            measure_batch_size(workload, config.measure_batch_size),
-            physical_cores(),
-        )
-        training = recover(student, teacher, workload, config.finetune, desc="recover (distil)")
-        cand = save_torch_candidate(
-            student,
+            config,
             out_dir,
-            name="pruned",
-            workload=workload,
-            parent=candidate,
             pass_name=self.name,
-            pass_config=config.to_json_dict(),
+            teacher=teacher,
+            student=student,
+            name="pruned",
             edits=edits,
-            info={"pruning": summary, "complexity": record, "finetune": training},
+            info={"pruning": summary},
+            finetune=config.finetune,
         )
-        return with_export_check(cand, workload, config.verify_export)
 
 
-class DepthPrunePass(Pass):
+class DepthPrunePass(Pass[DepthPruneConfig]):
     name: ClassVar[str] = "depth-prune"
     summary: ClassVar[str] = (
         "keep k of n transformer layers (alternate / first / last / least fidelity loss), then distillation"
     )
-    config_cls: ClassVar[type[PassConfig]] = DepthPruneConfig
+    config_cls = DepthPruneConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, DepthPruneConfig)  # guaranteed by Pass.__call__
-        from slimship.candidate import save_torch_candidate
-        from slimship.machine import physical_cores
-        from slimship.passes._common import (
-            complexity_record,
-            measure_batch_size,
-            recover,
-            teacher_and_student,
-            with_export_check,
-        )
-        from slimship.passes._structure import apply_edits
+    def run(
+        self, candidate: Candidate, workload: Workload, config: DepthPruneConfig, out_dir: Path
+    ) -> Candidate:
+        from slimship.passes._common import structural_result, teacher_and_student
+        from slimship.structure import apply_edits
 
         teacher, student = teacher_and_student(candidate, workload)
-        path, layers = _layer_list(student, config.layers_module)
+        path, layers = layer_list(student, config.layers_module)
         n = len(layers)
         if config.keep_layers >= n:
             raise ConfigError(
@@ -469,13 +488,6 @@ class DepthPrunePass(Pass):
         keep, trace = choose_layers(student, workload, config, path, n)
         edit = {"op": "keep_layers", "module": path, "keep": keep}
         apply_edits(student, [edit])
-        record = complexity_record(
-            teacher,
-            student,
-            workload,
-            measure_batch_size(workload, config.measure_batch_size),
-            physical_cores(),
-        )
         fmap = (
             {f"{path}.{i}": f"{path}.{orig}" for i, orig in enumerate(keep)}
             if config.feature_weight > 0
@@ -484,22 +496,17 @@ class DepthPrunePass(Pass):
         cfg = config.finetune
         if cfg is not None and fmap:
             cfg = cfg.model_copy(update={"feature_weight": cfg.feature_weight or config.feature_weight})
-        training = recover(student, teacher, workload, cfg, feature_map=fmap, desc="recover (distil)")
-        cand = save_torch_candidate(
-            student,
+        return structural_result(
+            candidate,
+            workload,
+            config,
             out_dir,
-            name=f"depth{len(keep)}",
-            workload=workload,
-            parent=candidate,
             pass_name=self.name,
-            pass_config=config.to_json_dict(),
+            teacher=teacher,
+            student=student,
+            name=f"depth{len(keep)}",
             edits=[edit],
-            info={
-                "layers_kept": keep,
-                "layers_before": n,
-                "fidelity_trace": trace,
-                "complexity": record,
-                "finetune": training,
-            },
+            info={"layers_kept": keep, "layers_before": n, "fidelity_trace": trace},
+            finetune=cfg,
+            feature_map=fmap,
         )
-        return with_export_check(cand, workload, config.verify_export)

@@ -28,22 +28,33 @@ if TYPE_CHECKING:
 
 
 class QATConfig(PassConfig):
-    version: int = 1
-    epochs: int = Field(default=1, ge=1)
-    lr: float = Field(default=1e-4, gt=0)
-    batch_size: int = Field(default=64, ge=1)
-    #: batches used to initialise activation ranges before training
-    calibration_batches: int = Field(default=8, ge=1)
-    #: momentum of the running activation min/max during training
-    range_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    #: weight of distillation from the original model's outputs (classification also uses its labels)
-    distill_weight: float = Field(default=1.0, ge=0.0)
-    opset: int = Field(default=17, ge=13, le=21)
-    #: the exported QDQ graph must match the fake-quantized PyTorch model this closely
-    verify: VerifyThresholds = VerifyThresholds(
-        min_cosine=0.999, atol=float("inf"), rtol=0.0, min_top1_agreement=0.98
+    epochs: int = Field(
+        default=1, ge=1, description="passes over the workload's training data with fake quantization, ≥ 1"
     )
-    seed: int = 0
+    lr: float = Field(
+        default=1e-4, gt=0, description="learning rate of the AdamW optimiser during QAT, > 0, e.g. 1e-4"
+    )
+    batch_size: int = Field(default=64, ge=1, description="training batch size, ≥ 1")
+    calibration_batches: int = Field(
+        default=8, ge=1, description="batches used to initialise activation ranges before training"
+    )
+    range_momentum: float = Field(
+        default=0.9, ge=0.0, lt=1.0, description="momentum of the running activation min/max during training"
+    )
+    distill_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="weight of distillation from the original model's outputs (classification also uses its labels)",
+    )
+    opset: int = Field(default=17, ge=13, le=21, description="ONNX opset of the exported QDQ graph, 13–21")
+    verify: VerifyThresholds = Field(
+        default=VerifyThresholds(min_cosine=0.999, atol=float("inf"), rtol=0.0, min_top1_agreement=0.98),
+        description="the exported QDQ graph must match the fake-quantized PyTorch model this closely",
+    )
+    seed: int = Field(
+        default=0,
+        description="random seed for the training data order and initialisation (same seed, same result)",
+    )
 
 
 def _fake_quant_modules() -> tuple[type, type]:
@@ -177,17 +188,16 @@ def fold_constant_quantize(model: Any) -> int:
     return folded
 
 
-class QATPass(Pass):
+class QATPass(Pass[QATConfig]):
     name: ClassVar[str] = "qat"
     summary: ClassVar[str] = (
         "quantization-aware fine-tuning (fake quant + STE) exported as an ONNX QDQ int8 graph"
     )
-    config_cls: ClassVar[type[PassConfig]] = QATConfig
+    config_cls = QATConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "onnx"
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, QATConfig)  # guaranteed by Pass.__call__
+    def run(self, candidate: Candidate, workload: Workload, config: QATConfig, out_dir: Path) -> Candidate:
         import contextlib
         import io
         import warnings
@@ -291,10 +301,10 @@ class QATPass(Pass):
             onnx.checker.check_model(model)
         except Exception as err:
             path.unlink(missing_ok=True)
-            from slimship.passes.export import _reason
+            from slimship.passes.export import exporter_failure_reason
 
             raise CompressionError(
-                f"exporting the fake-quantized model to ONNX QDQ failed: {_reason(err)}"
+                f"exporting the fake-quantized model to ONNX QDQ failed: {exporter_failure_reason(err)}"
             ) from err
         threads = physical_cores()
         batches_v = verification_batches(workload, 48)
@@ -304,11 +314,11 @@ class QATPass(Pass):
             batches_v,
             config.verify,
         )
-        if not report["passed"]:
+        if not report.passed:
             path.unlink(missing_ok=True)
             raise CompressionError(
                 "the exported QDQ graph disagrees with the fake-quantized PyTorch model: "
-                + "; ".join(report["failures"])
+                + "; ".join(report.failures)
             )
         fidelity = compare_outputs(
             TorchRuntime(teacher, workload.inputs, out_names, threads),
@@ -324,8 +334,8 @@ class QATPass(Pass):
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "steps": len(losses),
-            "export_verification": report,
-            "fidelity_to_parent": fidelity,
+            "export_verification": report.to_json(),
+            "fidelity_to_parent": fidelity.to_json(),
             "ops_after": ops,
             "size_ratio_vs_parent": candidate.size_bytes / path.stat().st_size,
         }

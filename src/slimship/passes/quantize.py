@@ -16,19 +16,21 @@ unless ``min_cosine`` is set.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, cast
 
 import numpy as np
 from pydantic import Field
 
 from slimship.errors import CompressionError, ConfigError
-from slimship.measure.verify import RECORD_ONLY
+from slimship.measure.verify import RECORD_ONLY, VerificationReport
 from slimship.passes._smoothing import GELU_OPS as _GELU_OPS
 from slimship.passes._smoothing import smooth_matmuls
 from slimship.passes.base import Pass, PassConfig
@@ -52,66 +54,117 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 
 
 class _QuantCommon(PassConfig):
-    #: op types to quantize (empty = the tool's defaults for the pass)
-    op_types: tuple[str, ...] = ()
-    #: node names kept in float (paste the list a diagnosis prints)
-    exclude_nodes: tuple[str, ...] = ()
-    #: regular expressions on node names kept in float
-    exclude_patterns: tuple[str, ...] = ()
-    #: structural mixed precision: "ffn_out" keeps MatMuls fed by a GELU in float (post-GELU outliers)
-    keep_float: Literal["none", "ffn_out"] = "none"
-    #: fail the pass if the per-sample cosine to the parent falls below this (0 = record only)
-    min_cosine: float = Field(default=0.0, ge=0.0, le=1.0)
-    verify_samples: int = Field(default=48, ge=1)
+    op_types: tuple[str, ...] = Field(
+        default=(), description="op types to quantize (empty = the tool's defaults for the pass)"
+    )
+    exclude_nodes: tuple[str, ...] = Field(
+        default=(), description="node names kept in float (paste the list a diagnosis prints)"
+    )
+    exclude_patterns: tuple[str, ...] = Field(
+        default=(), description="regular expressions on node names kept in float"
+    )
+    keep_float: Literal["none", "ffn_out"] = Field(
+        default="none",
+        description='structural mixed precision: "ffn_out" keeps MatMuls fed by a GELU in float (post-GELU outliers)',
+    )
+    min_cosine: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="fail the pass if the per-sample cosine to the parent falls below this (0 = record only)",
+    )
+    verify_samples: int = Field(
+        default=48,
+        ge=1,
+        description="evaluation samples on which the quantized graph's fidelity to its parent is measured (and checked against min_cosine)",
+    )
 
 
 class DynamicQuantConfig(_QuantCommon):
-    version: int = 1
-    #: SmoothQuant-style outlier handling: "ffn_out" migrates per-channel activation scale of the GELU
-    #: outputs into the FFN output weights (X·W = (X/s)·(s·W)), so per-tensor activation scales fit
-    #: "all" smooths every group of MatMuls that share an input (QKV, FFN in, FFN out, attention out)
-    smooth: Literal["none", "ffn_out", "all"] = "none"
-    #: migration strength: 0 = all difficulty stays in activations, 1 = all moves to the weights
-    #: (0.7 measured best for minilm with smooth="all": cosine mean/min 0.9972/0.9921 vs 0.9866/0.9765 at 0.5)
-    smooth_alpha: float = Field(default=0.7, ge=0.0, le=1.0)
-    #: calibration samples used to measure activation ranges for smoothing
-    smooth_samples: int = Field(default=64, ge=1)
-    #: "int8" (signed; the fast u8s8 path on VNNI/AMX CPUs) or "uint8"
-    weight_type: Literal["int8", "uint8"] = "int8"
-    #: one scale per output channel (keeps fidelity) or one per tensor
-    per_channel: bool = True
-    #: 7-bit weights for CPUs without VNNI (avoids u8s8 saturation); off on VNNI machines
-    reduce_range: bool = False
+    smooth: Literal["none", "ffn_out", "all"] = Field(
+        default="none",
+        description='SmoothQuant-style outlier handling: "ffn_out" migrates per-channel activation scale of the GELU outputs into the FFN output weights (X·W = (X/s)·(s·W)), so per-tensor activation scales fit; "all" smooths every group of MatMuls that share an input (QKV, FFN in, FFN out, attention out)',
+    )
+    # 0.7 measured best for minilm with smooth="all": cosine mean/min 0.9972/0.9921 vs 0.9866/0.9765 at 0.5
+    smooth_alpha: float = Field(
+        default=0.7,
+        ge=0.0,
+        le=1.0,
+        description="migration strength: 0 = all difficulty stays in activations, 1 = all moves to the weights (0.7 measured best for minilm with smooth: all)",
+    )
+    smooth_samples: int = Field(
+        default=64, ge=1, description="calibration samples used to measure activation ranges for smoothing"
+    )
+    weight_type: Literal["int8", "uint8"] = Field(
+        default="int8", description='"int8" (signed; the fast u8s8 path on VNNI/AMX CPUs) or "uint8"'
+    )
+    per_channel: bool = Field(
+        default=True, description="one scale per output channel (keeps fidelity) or one per tensor"
+    )
+    reduce_range: bool = Field(
+        default=False,
+        description="7-bit weights for CPUs without VNNI (avoids u8s8 saturation); off on VNNI machines",
+    )
 
 
 class StaticQuantConfig(_QuantCommon):
-    version: int = 1
-    #: activation-range calibration; "auto" picks by output error on a held-out calibration slice
-    calibration: Literal["auto", "minmax", "entropy", "percentile", "distribution"] = "auto"
-    #: methods "auto" compares
-    auto_methods: tuple[str, ...] = ("minmax", "entropy", "percentile")
-    #: percentile for the percentile method
-    percentile: float = Field(default=99.999, gt=90.0, le=100.0)
-    calibration_samples: int = Field(default=128, ge=1)
-    calibration_batch_size: int = Field(default=16, ge=1)
-    #: samples held out (after the calibration samples) to choose the method
-    holdout_samples: int = Field(default=64, ge=1)
-    activation_type: Literal["int8", "uint8"] = "uint8"
-    activation_symmetric: bool = False
-    weight_type: Literal["int8", "uint8"] = "int8"
-    weight_symmetric: bool = True
-    per_channel: bool = True
+    calibration: Literal["auto", "minmax", "entropy", "percentile", "distribution"] = Field(
+        default="auto",
+        description='activation-range calibration; "auto" picks by output error on a held-out calibration slice',
+    )
+    auto_methods: tuple[str, ...] = Field(
+        default=("minmax", "entropy", "percentile"), description='methods "auto" compares'
+    )
+    percentile: float = Field(
+        default=99.999, gt=90.0, le=100.0, description="percentile for the percentile method"
+    )
+    calibration_samples: int = Field(
+        default=128,
+        ge=1,
+        description="calibration samples whose activations set the quantization ranges, e.g. 128",
+    )
+    calibration_batch_size: int = Field(
+        default=16, ge=1, description="batch size used when running the calibration samples"
+    )
+    holdout_samples: int = Field(
+        default=64, ge=1, description="samples held out (after the calibration samples) to choose the method"
+    )
+    activation_type: Literal["int8", "uint8"] = Field(
+        default="uint8", description='activation integer type: "uint8" (the fast u8s8 path on CPUs) or "int8"'
+    )
+    activation_symmetric: bool = Field(
+        default=False,
+        description="symmetric activation ranges (zero point 0) instead of asymmetric min/max ranges",
+    )
+    weight_type: Literal["int8", "uint8"] = Field(
+        default="int8",
+        description='weight integer type: "int8" (signed; the fast u8s8 path on VNNI/AMX CPUs) or "uint8"',
+    )
+    weight_symmetric: bool = Field(
+        default=True, description="symmetric weight ranges (zero point 0), as the int8 kernels expect"
+    )
+    per_channel: bool = Field(
+        default=True, description="one weight scale per output channel (keeps fidelity) or one per tensor"
+    )
 
 
 class Int4WeightOnlyConfig(_QuantCommon):
-    version: int = 1
-    #: weights per quantization block along the input dimension (16, 32, 64, 128, 256)
-    block_size: Literal[16, 32, 64, 128, 256] = 32
-    symmetric: bool = True
-    #: compute precision of MatMulNBits on CPU: 0 = default, 1 = fp32, 2 = fp16, 3 = bf16, 4 = int8
-    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
-    #: also store embedding tables (Gather) in 4 bits (GatherBlockQuantized); they are often most of the bytes
-    quantize_embeddings: bool = True
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        default=32,
+        description="weights per quantization block along the input dimension (16, 32, 64, 128, 256)",
+    )
+    symmetric: bool = Field(
+        default=True,
+        description="symmetric 4-bit blocks (no zero point) instead of asymmetric ones with a zero point per block",
+    )
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        default=4,
+        description="compute precision of MatMulNBits on CPU: 0 = default, 1 = fp32, 2 = fp16, 3 = bf16, 4 = int8",
+    )
+    quantize_embeddings: bool = Field(
+        default=True,
+        description="also store embedding tables (Gather) in 4 bits (GatherBlockQuantized); they are often most of the bytes",
+    )
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -236,7 +289,55 @@ def quantizable_nodes(model: Any, op_types: tuple[str, ...]) -> list[str]:
     ]
 
 
-def _lossy_report(parent: Candidate, out: Path, workload: Workload, cfg: _QuantCommon) -> dict[str, Any]:
+@dataclass(frozen=True)
+class QuantizationReport:
+    """What every ONNX quantization pass records, as flat keys of candidate.json's ``info`` beside the pass's
+    own (``calibration_method``, ``smoothing``, ...). :meth:`from_info` reads a stored candidate's info."""
+
+    excluded_nodes: list[str]
+    warnings: list[str]
+    seconds: float
+    #: op type → count in the quantized graph
+    ops_after: dict[str, int]
+    int8_initializers: int
+    fidelity_to_parent: VerificationReport
+    size_ratio_vs_parent: float
+    #: nodes the quantizer was asked to quantize (dynamic and int4; the static pass doesn't count them)
+    quantized_nodes: int | None = None
+
+    def to_info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.quantized_nodes is not None:
+            out["quantized_nodes"] = self.quantized_nodes
+        out.update(
+            {
+                "excluded_nodes": list(self.excluded_nodes),
+                "seconds": self.seconds,
+                "warnings": list(self.warnings),
+                "ops_after": dict(self.ops_after),
+                "int8_initializers": self.int8_initializers,
+                "fidelity_to_parent": self.fidelity_to_parent.to_json(),
+                "size_ratio_vs_parent": self.size_ratio_vs_parent,
+            }
+        )
+        return out
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> QuantizationReport:
+        q = info.get("quantized_nodes")
+        return cls(
+            excluded_nodes=list(info.get("excluded_nodes") or []),
+            warnings=list(info.get("warnings") or []),
+            seconds=float(info.get("seconds", 0.0)),
+            ops_after=dict(info.get("ops_after") or {}),
+            int8_initializers=int(info.get("int8_initializers", 0)),
+            fidelity_to_parent=VerificationReport.from_json(info.get("fidelity_to_parent")),
+            size_ratio_vs_parent=float(info.get("size_ratio_vs_parent", 0.0)),
+            quantized_nodes=None if q is None else int(q),
+        )
+
+
+def _lossy_report(parent: Candidate, out: Path, workload: Workload, cfg: _QuantCommon) -> VerificationReport:
     from slimship.machine import physical_cores
     from slimship.measure.verify import compare_outputs, verification_batches
     from slimship.runtime.ort_backend import OrtRuntime
@@ -268,17 +369,27 @@ def _finish(
 
     out = out_dir / "model.onnx"
     model = onnx.load(str(out))
-    info["ops_after"] = op_histogram(model)
-    info["int8_initializers"] = sum(
-        1 for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    report = _lossy_report(parent, out, workload, cfg)
+    record = QuantizationReport(
+        excluded_nodes=list(info.get("excluded_nodes") or []),
+        warnings=list(info.get("warnings") or []),
+        seconds=float(info.get("seconds", 0.0)),
+        ops_after=op_histogram(model),
+        int8_initializers=sum(
+            1
+            for t in model.graph.initializer
+            if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        ),
+        fidelity_to_parent=report,
+        size_ratio_vs_parent=parent.size_bytes / out.stat().st_size,
+        quantized_nodes=info.get("quantized_nodes"),
     )
-    info["fidelity_to_parent"] = report = _lossy_report(parent, out, workload, cfg)
-    info["size_ratio_vs_parent"] = parent.size_bytes / out.stat().st_size
-    if cfg.min_cosine and not report["passed"]:
+    info = {**info, **record.to_info()}
+    if cfg.min_cosine and not report.passed:
         out.unlink(missing_ok=True)
         raise CompressionError(
             f"{pass_name}: fidelity to the parent is below min_cosine={cfg.min_cosine}: "
-            + "; ".join(report["failures"])
+            + "; ".join(report.failures)
             + ". Try keep_float='ffn_out', per-channel weights, or exclude the nodes a diagnosis ranks worst."
         )
     return new_candidate(
@@ -303,11 +414,15 @@ def _qtype(name: str) -> Any:
 # ---- dynamic ----------------------------------------------------------------------------------------
 
 
-def _quiet_run(run: Any) -> Any:
+_Run = TypeVar("_Run", bound=Callable[..., "Candidate"])
+
+
+def _quiet_run(run: _Run) -> _Run:
     """Decorate a pass's run(): tool chatter goes to ``info["tool_messages"]`` of the new candidate."""
 
+    @functools.wraps(run)
     def wrapped(
-        self: Pass, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path
+        self: Pass[Any], candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path
     ) -> Candidate:
         messages: list[str] = []
         with _tool_messages(messages):
@@ -316,21 +431,22 @@ def _quiet_run(run: Any) -> Any:
             result = result.with_info(tool_messages=messages).save()
         return result
 
-    return wrapped
+    return cast(_Run, wrapped)
 
 
-class DynamicQuantPass(Pass):
+class DynamicQuantPass(Pass[DynamicQuantConfig]):
     name: ClassVar[str] = "quantize-dynamic"
     summary: ClassVar[str] = (
         "INT8 weights, activations quantized at run time (ORT quantize_dynamic), fidelity recorded"
     )
-    config_cls: ClassVar[type[PassConfig]] = DynamicQuantConfig
+    config_cls = DynamicQuantConfig
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
 
     @_quiet_run
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, DynamicQuantConfig)  # guaranteed by Pass.__call__
+    def run(
+        self, candidate: Candidate, workload: Workload, config: DynamicQuantConfig, out_dir: Path
+    ) -> Candidate:
         import onnx
         from onnxruntime.quantization import quantize_dynamic
 
@@ -439,18 +555,19 @@ def _calibration_batches(
     return calib, held
 
 
-class StaticQuantPass(Pass):
+class StaticQuantPass(Pass[StaticQuantConfig]):
     name: ClassVar[str] = "quantize-static"
     summary: ClassVar[str] = (
         "INT8 QDQ with calibrated activation ranges (MinMax/Entropy/Percentile/Distribution, or auto)"
     )
-    config_cls: ClassVar[type[PassConfig]] = StaticQuantConfig
+    config_cls = StaticQuantConfig
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
 
     @_quiet_run
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, StaticQuantConfig)  # guaranteed by Pass.__call__
+    def run(
+        self, candidate: Candidate, workload: Workload, config: StaticQuantConfig, out_dir: Path
+    ) -> Candidate:
 
         unknown = [m for m in config.auto_methods if m not in CALIBRATION_METHODS]
         if unknown:
@@ -562,7 +679,7 @@ def _holdout_error(parent: Path, child: Path, batches: list[dict[str, np.ndarray
 
     threads = physical_cores()
     report = compare_outputs(OrtRuntime(parent, threads), OrtRuntime(child, threads), batches, RECORD_ONLY)
-    first = next(iter(report["outputs"].values()))
+    first = next(iter(report.outputs.values())).to_json()
     return {
         k: v
         for k, v in first.items()
@@ -573,16 +690,17 @@ def _holdout_error(parent: Path, child: Path, batches: list[dict[str, np.ndarray
 # ---- int4 weight-only -----------------------------------------------------------------------------
 
 
-class Int4WeightOnlyPass(Pass):
+class Int4WeightOnlyPass(Pass[Int4WeightOnlyConfig]):
     name: ClassVar[str] = "quantize-int4"
     summary: ClassVar[str] = "block-wise INT4 weight-only MatMuls (MatMulNBits); activations stay float"
-    config_cls: ClassVar[type[PassConfig]] = Int4WeightOnlyConfig
+    config_cls = Int4WeightOnlyConfig
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
 
     @_quiet_run
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, Int4WeightOnlyConfig)  # guaranteed by Pass.__call__
+    def run(
+        self, candidate: Candidate, workload: Workload, config: Int4WeightOnlyConfig, out_dir: Path
+    ) -> Candidate:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,

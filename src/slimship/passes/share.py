@@ -32,17 +32,24 @@ SHIPPED = "model.slimw"
 
 
 class WeightShareConfig(PassConfig):
-    version: int = 1
-    #: index bits per weight: k = 2**bits shared values per layer (2–8)
-    bits: int = Field(default=5, ge=2, le=8)
-    #: per-layer bits overriding ``bits``, e.g. {"0": 8} (Deep Compression used 8 for convs, 5 for FC layers)
-    layer_bits: dict[str, int] = Field(default_factory=dict)
-    #: k-means initialisation: linear (evenly spaced, keeps the rare large weights) or density (quantiles)
-    init: Literal["linear", "density"] = "linear"
-    #: layers whose weights are stored losslessly instead
-    ignore: list[str] = Field(default_factory=list)
-    #: centroid fine-tuning by distillation (weights of a cluster move together); null to skip
-    finetune: FinetuneConfig | None = FinetuneConfig(epochs=2)
+    bits: int = Field(
+        default=5, ge=2, le=8, description="index bits per weight: k = 2**bits shared values per layer (2–8)"
+    )
+    layer_bits: dict[str, int] = Field(
+        default_factory=dict,
+        description='per-layer bits overriding bits, e.g. {"0": 8} (Deep Compression used 8 for convs, 5 for FC layers)',
+    )
+    init: Literal["linear", "density"] = Field(
+        default="linear",
+        description="k-means initialisation: linear (evenly spaced, keeps the rare large weights) or density (quantiles)",
+    )
+    ignore: list[str] = Field(
+        default_factory=list, description="layers whose weights are stored losslessly instead"
+    )
+    finetune: FinetuneConfig | None = Field(
+        default=FinetuneConfig(epochs=2),
+        description="centroid fine-tuning by distillation (weights of a cluster move together); null to skip",
+    )
 
     @field_validator("layer_bits")
     @classmethod
@@ -80,7 +87,7 @@ def load_shared(path: str | Path, workload: Workload) -> nn.Module:
     import torch
 
     from slimship.passes._codec import decode
-    from slimship.passes._structure import rebuild
+    from slimship.structure import rebuild
 
     state_np, meta = decode(Path(path).read_bytes())
     if meta.get("workload", {}).get("name") not in (None, workload.name):
@@ -101,17 +108,18 @@ def load_shared(path: str | Path, workload: Workload) -> nn.Module:
     return model.eval()
 
 
-class WeightSharePass(Pass):
+class WeightSharePass(Pass[WeightShareConfig]):
     name: ClassVar[str] = "share"
     summary: ClassVar[str] = (
         "k-means weight sharing with centroid fine-tuning; ships codebook + entropy-coded indices"
     )
-    config_cls: ClassVar[type[PassConfig]] = WeightShareConfig
+    config_cls = WeightShareConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, WeightShareConfig)  # guaranteed by Pass.__call__
+    def run(
+        self, candidate: Candidate, workload: Workload, config: WeightShareConfig, out_dir: Path
+    ) -> Candidate:
         import numpy as np
         import torch
 
@@ -196,7 +204,7 @@ class WeightSharePass(Pass):
             "original_bytes": root.size_bytes,
             "shipped_ratio_vs_original": root.size_bytes / len(blob),
             "codec": report,
-            "finetune": training,
+            "finetune": training.to_json() if training is not None else None,
             "note": "model.slimw is the file to ship (codebooks + entropy-coded indices); model.safetensors is the "
             "runtime form with weights expanded to float32, which is what PyTorch and an ONNX export run.",
         }

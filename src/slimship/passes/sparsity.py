@@ -32,17 +32,30 @@ DENSE_NOTE = (
 
 
 class UnstructuredPruneConfig(PassConfig):
-    version: int = 1
-    #: fraction of the pruned layers' weights set to zero, in (0, 1)
-    sparsity: float = Field(default=0.8, gt=0.0, lt=1.0)
-    #: global: one magnitude threshold across layers; layer: every layer reaches the same sparsity
-    scope: Literal["global", "layer"] = "global"
-    #: pruning steps; >1 ramps sparsity along a cubic schedule with fine-tuning after each step
-    steps: int = Field(default=1, ge=1, le=20)
-    #: layers left dense (the first conv and the output layer are often sensitive)
-    ignore: list[str] = Field(default_factory=list)
-    #: fine-tuning with the mask held fixed (after each step); null to skip
-    finetune: FinetuneConfig | None = FinetuneConfig()
+    sparsity: float = Field(
+        default=0.8,
+        gt=0.0,
+        lt=1.0,
+        description="fraction of the pruned layers' weights set to zero, in (0, 1)",
+    )
+    scope: Literal["global", "layer"] = Field(
+        default="global",
+        description="global: one magnitude threshold across layers; layer: every layer reaches the same sparsity",
+    )
+    steps: int = Field(
+        default=1,
+        ge=1,
+        le=20,
+        description="pruning steps; >1 ramps sparsity along a cubic schedule with fine-tuning after each step",
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="layers left dense (the first conv and the output layer are often sensitive)",
+    )
+    finetune: FinetuneConfig | None = Field(
+        default=FinetuneConfig(),
+        description="fine-tuning with the mask held fixed (after each step); null to skip",
+    )
 
 
 def prunable_weights(model: nn.Module, ignore: list[str]) -> dict[str, torch.Tensor]:
@@ -80,17 +93,18 @@ def sparse_compressed_bytes(path: Path) -> int:
     return len(lzma.compress(path.read_bytes(), preset=6))
 
 
-class UnstructuredPrunePass(Pass):
+class UnstructuredPrunePass(Pass[UnstructuredPruneConfig]):
     name: ClassVar[str] = "sparsify"
     summary: ClassVar[str] = (
         "unstructured magnitude pruning (global or per layer, gradual) with masked fine-tuning"
     )
-    config_cls: ClassVar[type[PassConfig]] = UnstructuredPruneConfig
+    config_cls = UnstructuredPruneConfig
     input_format: ClassVar[str] = "torch"
     output_format: ClassVar[str] = "torch"
 
-    def run(self, candidate: Candidate, workload: Workload, config: PassConfig, out_dir: Path) -> Candidate:
-        assert isinstance(config, UnstructuredPruneConfig)  # guaranteed by Pass.__call__
+    def run(
+        self, candidate: Candidate, workload: Workload, config: UnstructuredPruneConfig, out_dir: Path
+    ) -> Candidate:
         import torch
 
         from slimship.candidate import save_torch_candidate
@@ -122,7 +136,7 @@ class UnstructuredPrunePass(Pass):
                     after_step=apply_masks,
                     desc=f"sparse step {i + 1}/{config.steps}",
                 )
-                trainings.append({"target_sparsity": target, **(report or {})})
+                trainings.append({"target_sparsity": target, **(report.to_json() if report else {})})
         per_layer = {k: float((w == 0).float().mean()) for k, w in weights.items()}
         total = sum(w.numel() for w in weights.values())
         zeros = sum(int((w == 0).sum()) for w in weights.values())

@@ -34,39 +34,67 @@ SCHEMA_VERSION = 1
 
 class LatencyLimit(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    batch_size: int = Field(ge=1)
-    #: p50 latency in milliseconds at that batch size
-    value: float = Field(gt=0)
+    batch_size: int = Field(ge=1, description="batch size the latency is measured at, ≥ 1, e.g. 32")
+    value: float = Field(gt=0, description="p50 latency in milliseconds at that batch size")
 
 
 class SpeedupLimit(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    batch_size: int = Field(ge=1)
-    #: at least this many times faster than the original (p50, timed interleaved on the same machine), e.g. 3.0
-    value: float = Field(gt=0)
+    batch_size: int = Field(ge=1, description="batch size the speed-up is measured at, ≥ 1, e.g. 32")
+    value: float = Field(
+        gt=0,
+        description="at least this many times faster than the original (p50, timed interleaved on the same machine), e.g. 3.0",
+    )
 
 
 class Constraints(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    #: largest allowed drop of the workload's primary metric, in points (e.g. 1.0)
-    max_quality_drop: float | None = Field(default=None, ge=0)
-    #: smallest allowed value of the workload's fidelity metric against the original, in (0, 1]
-    min_fidelity: float | None = Field(default=None, gt=0, le=1)
-    max_latency_ms: LatencyLimit | None = None
-    #: at least this speed-up over the original at a batch size (relative, so it holds on any machine)
-    min_speedup: SpeedupLimit | None = None
-    max_size_mb: float | None = Field(default=None, gt=0)
+    max_quality_drop: float | None = Field(
+        default=None,
+        ge=0,
+        description="largest allowed drop of the workload's primary metric, in points (e.g. 1.0)",
+    )
+    min_fidelity: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="smallest allowed value of the workload's fidelity metric against the original, in (0, 1]",
+    )
+    max_latency_ms: LatencyLimit | None = Field(
+        default=None,
+        description="largest allowed p50 latency at a batch size, in milliseconds, e.g. {batch_size: 32, value: 150}",
+    )
+    min_speedup: SpeedupLimit | None = Field(
+        default=None,
+        description="at least this speed-up over the original at a batch size (relative, so it holds on any machine)",
+    )
+    max_size_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="largest allowed artifact file size in megabytes (10^6 bytes), e.g. 25",
+    )
 
 
 class SearchParam(BaseModel):
     """One searched config field: a list of ``choices``, or a numeric range ``low``..``high`` (``step``, ``log``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    choices: list[Any] | None = Field(default=None, min_length=1)
-    low: float | None = None
-    high: float | None = None
-    step: float | None = Field(default=None, gt=0)
-    log: bool = False
+    choices: list[Any] | None = Field(
+        default=None,
+        min_length=1,
+        description='the values to try, e.g. [0.3, 0.5, 0.7] or ["l1", "l2"]; instead of low/high',
+    )
+    low: float | None = Field(default=None, description="lower end of a numeric range (inclusive); with high")
+    high: float | None = Field(default=None, description="upper end of a numeric range (inclusive); with low")
+    step: float | None = Field(
+        default=None,
+        gt=0,
+        description="grid step within low..high, > 0, e.g. 0.1; an integer step with integer bounds searches integers",
+    )
+    log: bool = Field(
+        default=False,
+        description="sample the range on a log scale (for learning rates and similar), e.g. true",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SearchParam:
@@ -84,53 +112,94 @@ class Screen(BaseModel):
     """Cheap signals checked before a candidate's full evaluation: quality and fidelity on a small slice."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    #: evaluation samples in the slice
-    samples: int = Field(default=256, ge=16)
-    #: screened out when the slice's quality drop exceeds max_quality_drop by more than this many points
-    quality_margin: float = Field(default=2.0, ge=0)
-    #: screened out when the slice's fidelity is below min_fidelity by more than this
-    fidelity_margin: float = Field(default=0.02, ge=0)
-    #: latency objective: screened out when even this multiple of the speed its MACs predict (from evaluated
-    #: candidates with the same runtime steps) can't beat the best feasible candidate
-    macs_margin: float = Field(default=1.25, ge=1.0)
+    samples: int = Field(default=256, ge=16, description="evaluation samples in the slice")
+    quality_margin: float = Field(
+        default=2.0,
+        ge=0,
+        description="screened out when the slice's quality drop exceeds max_quality_drop by more than this many points",
+    )
+    fidelity_margin: float = Field(
+        default=0.02,
+        ge=0,
+        description="screened out when the slice's fidelity is below min_fidelity by more than this",
+    )
+    macs_margin: float = Field(
+        default=1.25,
+        ge=1.0,
+        description="latency objective: screened out when even this multiple of the speed its MACs predict (from evaluated candidates with the same runtime steps) can't beat the best feasible candidate",
+    )
 
 
 class Search(BaseModel):
     """What `slimship tune` varies: ``"<step>.<config field>"`` → its choices or range."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    #: candidate evaluations at most
-    trials: int = Field(default=25, ge=1, le=1000)
-    timeout_seconds: float | None = Field(default=None, gt=0)
-    #: what to minimise within the constraints
-    objective: Literal["latency", "size"] = "latency"
-    #: batch size the latency objective is timed at
-    batch_size: int = Field(default=32, ge=1)
-    params: dict[str, SearchParam] = Field(min_length=1)
-    #: stop once a feasible candidate exists and this many candidates in a row haven't beaten it (null: never)
-    patience: int | None = Field(default=8, ge=1)
-    #: cheap signals before the full evaluation (null: evaluate everything)
-    screen: Screen | None = Screen()
+    trials: int = Field(default=25, ge=1, le=1000, description="candidate evaluations at most")
+    timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="wall-clock budget of the whole search in seconds; null: no limit (trials still bound it)",
+    )
+    objective: Literal["latency", "size"] = Field(
+        default="latency", description="what to minimise within the constraints"
+    )
+    batch_size: int = Field(default=32, ge=1, description="batch size the latency objective is timed at")
+    params: dict[str, SearchParam] = Field(
+        min_length=1,
+        description='searched config fields, "<step>.<config field>" → choices or range, e.g. {"prune.channel_ratio": {choices: [0.3, 0.5]}}',
+    )
+    patience: int | None = Field(
+        default=8,
+        ge=1,
+        description="stop once a feasible candidate exists and this many candidates in a row haven't beaten it (null: never)",
+    )
+    screen: Screen | None = Field(
+        default=Screen(), description="cheap signals before the full evaluation (null: evaluate everything)"
+    )
 
 
 class Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    pass_name: str = Field(alias="pass")
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
-    config: dict[str, Any] = Field(default_factory=dict)
-    #: leave the step out (its input goes on unchanged); searchable as ``<step>.skip``
-    skip: bool = False
+    pass_name: str = Field(
+        alias="pass",
+        description="registered pass to run (see `slimship passes`), e.g. prune, export, quantize-static",
+    )
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="optional label of the step and its output directory (letters, digits, _ . -); default: the pass name, numbered when repeated",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the pass's config; its keys are the pass's config fields, e.g. {channel_ratio: 0.5}",
+    )
+    skip: bool = Field(
+        default=False,
+        description="leave the step out (its input goes on unchanged); searchable as <step>.skip",
+    )
 
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    version: int = SCHEMA_VERSION
-    workload: str
-    #: for an ONNX workload: the .npz of inputs
-    data: str | None = None
-    passes: list[Step] = Field(min_length=1)
-    constraints: Constraints = Constraints()
-    search: Search | None = None
+    version: int = Field(
+        default=SCHEMA_VERSION,
+        description="recipe format version; a version newer than this slimship reads is an error",
+    )
+    workload: str = Field(
+        description="what to optimise: a built-in workload name, path/to/factory.py:build, hf:DIR, or model.onnx (with data)"
+    )
+    data: str | None = Field(default=None, description="for an ONNX workload: the .npz of inputs")
+    passes: list[Step] = Field(
+        min_length=1, description="ordered pass steps; each step's output is the next step's input"
+    )
+    constraints: Constraints = Field(
+        default=Constraints(),
+        description="limits a candidate must meet: quality drop, fidelity, latency, speed-up, size",
+    )
+    search: Search | None = Field(
+        default=None,
+        description="what `slimship tune` varies and how long it searches; null: run the passes once as written",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -460,13 +529,29 @@ def recipe_json_schema() -> dict[str, Any]:
                 "required": ["pass"],
                 "properties": {
                     "pass": {"const": name, "description": cls.summary},
-                    "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
-                    "skip": {"type": "boolean", "default": False, "description": "leave the step out"},
-                    "config": cls.config_cls.model_json_schema(),
+                    "name": {
+                        "type": "string",
+                        "pattern": r"^[A-Za-z0-9_.-]+$",
+                        "description": Step.model_fields["name"].description,
+                    },
+                    "skip": {
+                        "type": "boolean",
+                        "default": False,
+                        "description": Step.model_fields["skip"].description,
+                    },
+                    "config": {
+                        **cls.config_cls.model_json_schema(),
+                        "description": f"config of the {name} pass ({cls.config_cls.__name__})",
+                    },
                 },
             }
         )
-    schema["properties"]["passes"] = {"type": "array", "minItems": 1, "items": {"oneOf": variants}}
+    schema["properties"]["passes"] = {
+        "type": "array",
+        "minItems": 1,
+        "items": {"oneOf": variants},
+        "description": Recipe.model_fields["passes"].description,
+    }
     schema.setdefault("$defs", {}).pop("Step", None)
     schema["title"] = "slimship recipe"
     return schema

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from slimship.errors import RegistryError, RolloutConflictError
-from slimship.registry.store import ArtifactStore, _test_pause, manifest_digest
+from slimship.registry.store import ArtifactStore, crash_test_pause, manifest_digest
 
 STAGES = ("none", "staging", "production", "archived")
 ROLLOUT_ACTIVE = ("running", "paused")
@@ -139,7 +139,7 @@ class Registry:
             raise RegistryError(f"can't register {src}: {err}") from err
         manifest = self.store.put_dir(src)
         digest = manifest_digest(manifest)
-        _test_pause("after_blobs")
+        crash_test_pause("after_blobs")
         original = dict(cand.workload)
         root = cand.lineage()[-1]
         original.update({"original_candidate_id": root.id, "candidate_id": cand.id, "pass": cand.pass_name})
@@ -195,7 +195,7 @@ class Registry:
                             detail={"digest": digest, "stage": stage, "source": str(src.resolve())},
                         )
                     )
-                    _test_pause("before_commit")
+                    crash_test_pause("before_commit")
                 return self.get(model, number)
             except IntegrityError:  # two first registrations of a new model raced on its name: go again
                 if attempt == 19:
@@ -376,7 +376,7 @@ class Registry:
         """Move a rollout (new stage and/or state) and store the decision with its evidence as one transaction."""
         from sqlalchemy import select
 
-        from slimship.registry.db import EventRow, RolloutRow, _now
+        from slimship.registry.db import EventRow, RolloutRow, utc_now
 
         if state is not None and state not in ROLLOUT_STATES:
             raise RegistryError(f"rollout state {state!r} is not one of {list(ROLLOUT_STATES)}")
@@ -394,10 +394,10 @@ class Registry:
                 row.state = state
             if stage is not None and stage != row.stage:
                 row.stage = stage
-                row.stage_started = _now()
+                row.stage_started = utc_now()
             if reason:
                 row.reason = reason
-            row.updated = _now()
+            row.updated = utc_now()
             s.add(
                 EventRow(
                     model_id=row.model_id,

@@ -23,7 +23,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
+    """Now in UTC as a naive datetime (how the registry stores timestamps in every SQL backend)."""
     return datetime.now(UTC).replace(tzinfo=None)
 
 
@@ -36,7 +37,7 @@ class ModelRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True, index=True)
     description: Mapped[str] = mapped_column(Text, default="")
-    created: Mapped[datetime] = mapped_column(default=_now)
+    created: Mapped[datetime] = mapped_column(default=utc_now)
 
 
 class VersionRow(Base):
@@ -57,7 +58,7 @@ class VersionRow(Base):
     run: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     measurements: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created: Mapped[datetime] = mapped_column(default=_now)
+    created: Mapped[datetime] = mapped_column(default=utc_now)
 
 
 class EventRow(Base):
@@ -67,7 +68,7 @@ class EventRow(Base):
     version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"), nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    at: Mapped[datetime] = mapped_column(default=_now)
+    at: Mapped[datetime] = mapped_column(default=utc_now)
 
 
 class RolloutRow(Base):
@@ -81,10 +82,10 @@ class RolloutRow(Base):
     #: running, paused, promoted, rolled_back, aborted
     state: Mapped[str] = mapped_column(String(16), index=True)
     stage: Mapped[int] = mapped_column(Integer, default=0)
-    stage_started: Mapped[datetime] = mapped_column(default=_now)
+    stage_started: Mapped[datetime] = mapped_column(default=utc_now)
     reason: Mapped[str] = mapped_column(Text, default="")
-    created: Mapped[datetime] = mapped_column(default=_now)
-    updated: Mapped[datetime] = mapped_column(default=_now)
+    created: Mapped[datetime] = mapped_column(default=utc_now)
+    updated: Mapped[datetime] = mapped_column(default=utc_now)
 
 
 def make_engine(url: str) -> Engine:

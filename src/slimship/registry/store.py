@@ -66,7 +66,7 @@ class ArtifactStore:
                     h.update(chunk)
                     size += len(chunk)
                     out.write(chunk)
-                    _test_pause("mid_blob")
+                    crash_test_pause("mid_blob")
                 out.flush()
                 os.fsync(out.fileno())
             sha = h.hexdigest()
@@ -177,7 +177,7 @@ class ArtifactStore:
         return n
 
 
-def _test_pause(point: str) -> None:
+def crash_test_pause(point: str) -> None:
     """A seam for the crash tests: with SLIMSHIP_REGISTRY_PAUSE=<point>, say so on stderr and wait to be killed."""
     if os.environ.get("SLIMSHIP_REGISTRY_PAUSE") == point:
         import sys

@@ -11,6 +11,10 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from slimship.measure.complexity import ComplexityRecord
+from slimship.measure.verify import VerificationReport
+from slimship.train import FinetuneReport
+
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:2rem auto;max-width:1150px;color:#1d2330;padding:0 1rem}
 h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #dde;padding-bottom:.2rem}
@@ -92,6 +96,16 @@ def _machine(m: dict[str, Any]) -> str:
     return f"<p>{_e(machine_line(m))}</p>" + (f"<p class=muted>{_e(extra)}</p>" if extra else "")
 
 
+def _complexity(data: Any) -> ComplexityRecord | None:
+    """A step's complexity record, or None when it has none (or an incomplete one)."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        return ComplexityRecord.from_json(data)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _cand_info(path: str | None) -> dict[str, Any]:
     """candidate.json of a candidate directory, with its artifact's size; {} when it is gone."""
     from slimship.candidate import load_candidate
@@ -148,29 +162,18 @@ def _pass_deltas(
             else f"{size / 1e6:.3g} MB"
             + (f" ({psize / size:.2f}x smaller)" if psize and size != psize else "")
         )
-        cx = info.get("complexity") or {}
-        macs = f"{cx['macs_ratio']:.2f}x fewer" if cx.get("macs_ratio") else "—"
+        cx = _complexity(info.get("complexity"))
+        macs = f"{cx.macs_ratio:.2f}x fewer" if cx is not None and cx.macs_ratio else "—"
         fid = (
-            info.get("fidelity_to_parent", {}).get("outputs", {})
+            VerificationReport.from_json(info["fidelity_to_parent"]).outputs
             if isinstance(info.get("fidelity_to_parent"), dict)
             else {}
         )
-        fid_cell = (
-            ", ".join(
-                f"cos min {v['cosine_min']:.4f}"
-                for v in fid.values()
-                if isinstance(v, dict) and "cosine_min" in v
-            )
-            or "—"
-        )
+        fid_cell = ", ".join(f"cos min {v.cosine_min:.4f}" for v in fid.values()) or "—"
         q = (evaluations or {}).get(s["label"], {}).get("quality", {}).get(metric)
         dq = "—" if q is None or prev_q is None else f"{q - prev_q:+.2f}"
-        ft = info.get("finetune") or {}
-        train = (
-            f"{ft.get('steps')} steps, {ft.get('stopped_by', '')}"
-            if isinstance(ft, dict) and ft.get("steps")
-            else "—"
-        )
+        ft = FinetuneReport.from_json(info["finetune"]) if isinstance(info.get("finetune"), dict) else None
+        train = f"{ft.steps} steps, {ft.stopped_by}" if ft is not None and ft.steps else "—"
         cfg_txt = _changed_config(s["pass"], meta.get("pass_config") or {})
         rows.append(
             f"<tr><td>{_e(s['label'])}</td><td>{_e(s['pass'])} <span class=muted>{_e(cfg_txt[:240])}</span></td>"

@@ -10,18 +10,8 @@ import numpy as np
 from slimship.errors import InferenceError
 from slimship.runtime.base import Runtime
 from slimship.runtime.settings import DeploymentSettings, decide_settings
+from slimship.runtime.types import numpy_dtype_of
 from slimship.workload.base import Batch, TensorSpec
-
-_ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(bool)": "bool",
-}
 
 
 def session_options(
@@ -76,7 +66,7 @@ class OrtRuntime(Runtime):
         inputs = tuple(
             TensorSpec(
                 i.name,
-                _ORT_TYPES.get(i.type, "float32"),
+                numpy_dtype_of(i.type),
                 tuple(d if isinstance(d, int) else (d or f"{i.name}_dim{j}") for j, d in enumerate(i.shape)),
             )
             for i in self.session.get_inputs()

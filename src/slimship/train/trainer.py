@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -42,29 +43,71 @@ class FinetuneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(default=3, ge=1)
-    #: wall-clock budget for training; the best student so far is kept when it runs out
-    max_seconds: float = Field(default=600.0, gt=0)
-    #: learning rate; None picks 1e-3 for classification (CNNs) and 5e-5 for embedding models (transformers)
-    lr: float | None = Field(default=None, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int | None = Field(default=None, ge=1, description="None: 64 for classification, 32 for text")
-    loss: Literal["auto", "kl", "labels", "cosine", "mse"] = "auto"
-    temperature: float = Field(default=4.0, gt=0)
-    #: weight of the distillation term against the labels' cross-entropy (classification with labels)
-    alpha: float = Field(default=0.7, ge=0, le=1)
-    feature_weight: float = Field(default=0.0, ge=0)
-    #: L1 penalty on the weights of Linear/Conv layers (sparse training for unstructured pruning)
-    l1_weight: float = Field(default=0.0, ge=0)
-    val_fraction: float = Field(default=0.1, gt=0, lt=0.5)
-    #: at most this many held-out batches (validation cost stays bounded on big datasets)
-    max_val_batches: int = Field(default=20, ge=1)
-    #: validate every N steps as well as at the end of each epoch (None: per epoch only)
-    eval_every: int | None = Field(default=None, ge=1)
-    patience: int = Field(default=2, ge=1)
-    #: cap on training batches per epoch (None: the whole training split)
-    max_batches_per_epoch: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    epochs: int = Field(
+        default=3,
+        ge=1,
+        description="passes over the training split at most (early stopping may end sooner), ≥ 1",
+    )
+    max_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="wall-clock budget for training; the best student so far is kept when it runs out",
+    )
+    lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="learning rate; null picks 1e-3 for classification (CNNs) and 5e-5 for embedding models (transformers)",
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay, ≥ 0")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="training batch size; null: 64 for classification, 32 for text"
+    )
+    loss: Literal["auto", "kl", "labels", "cosine", "mse"] = Field(
+        default="auto",
+        description="training loss: kl (distil the teacher's softened logits, plus labels when present), labels (labels only), cosine or mse (to the teacher's output); auto: kl for classification, cosine otherwise",
+    )
+    temperature: float = Field(
+        default=4.0, gt=0, description="softmax temperature of the kl distillation loss, > 0, e.g. 4.0"
+    )
+    alpha: float = Field(
+        default=0.7,
+        ge=0,
+        le=1,
+        description="weight of the distillation term against the labels' cross-entropy (classification with labels)",
+    )
+    feature_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of hidden-state matching (MSE between mapped student and teacher modules) when the pass supplies a feature map; 0 disables it",
+    )
+    l1_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="L1 penalty on the weights of Linear/Conv layers (sparse training for unstructured pruning)",
+    )
+    val_fraction: float = Field(
+        default=0.1,
+        gt=0,
+        lt=0.5,
+        description="fraction of the training data held out for validation and early stopping, in (0, 0.5)",
+    )
+    max_val_batches: int = Field(
+        default=20,
+        ge=1,
+        description="at most this many held-out batches (validation cost stays bounded on big datasets)",
+    )
+    eval_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="validate every N steps as well as at the end of each epoch (null: per epoch only)",
+    )
+    patience: int = Field(
+        default=2, ge=1, description="stop after this many validations without improvement, ≥ 1"
+    )
+    max_batches_per_epoch: int | None = Field(
+        default=None, ge=1, description="cap on training batches per epoch (null: the whole training split)"
+    )
+    seed: int = Field(default=0, description="random seed for data order, held-out split and initialisation")
 
 
 def _first_output(out: Any) -> torch.Tensor:
@@ -79,7 +122,73 @@ def _first_output(out: Any) -> torch.Tensor:
     return out[0]
 
 
-def _to_tensor_out(out: Any) -> torch.Tensor:
+@dataclass(frozen=True)
+class FinetuneReport:
+    """What a fine-tuning run did, stored in candidate.json as ``finetune``."""
+
+    loss: str
+    lr: float
+    batch_size: int
+    steps: int
+    epochs_run: int
+    validations: int
+    #: "epochs", "time budget" or "early stopping"
+    stopped_by: str
+    seconds: float
+    val_loss_before: float
+    val_loss_best: float
+    #: "trained", or "initial (...)" when training never improved the held-out loss
+    kept: str
+    #: one entry per validation: epoch, step, train_loss, val_loss
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_batches: int = 0
+    val_batches: int = 0
+
+    @property
+    def improved(self) -> bool:
+        return self.kept == "trained"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "epochs_run": self.epochs_run,
+            "validations": self.validations,
+            "stopped_by": self.stopped_by,
+            "seconds": self.seconds,
+            "val_loss_before": self.val_loss_before,
+            "val_loss_best": self.val_loss_best,
+            "kept": self.kept,
+            "history": [dict(h) for h in self.history],
+            "train_batches": self.train_batches,
+            "val_batches": self.val_batches,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FinetuneReport:
+        """Read the stored dict shape."""
+        return cls(
+            loss=str(data.get("loss", "")),
+            lr=float(data.get("lr", 0.0)),
+            batch_size=int(data.get("batch_size", 0)),
+            steps=int(data.get("steps", 0)),
+            epochs_run=int(data.get("epochs_run", 0)),
+            validations=int(data.get("validations", 0)),
+            stopped_by=str(data.get("stopped_by", "")),
+            seconds=float(data.get("seconds", 0.0)),
+            val_loss_before=float(data.get("val_loss_before", float("nan"))),
+            val_loss_best=float(data.get("val_loss_best", float("nan"))),
+            kept=str(data.get("kept", "")),
+            history=[dict(h) for h in data.get("history") or []],
+            train_batches=int(data.get("train_batches", 0)),
+            val_batches=int(data.get("val_batches", 0)),
+        )
+
+
+def to_tensor_out(out: Any) -> torch.Tensor:
+    """The tensor a model call returns, whatever it is wrapped in (HF ModelOutput, tuple, dict): its first output."""
     t = _first_output(out)
     return t[0] if isinstance(t, tuple) else t
 
@@ -116,7 +225,7 @@ class _Collector:
 
     def _hook(self, path: str) -> Callable[..., None]:
         def hook(_m: Any, _i: Any, out: Any) -> None:
-            self.outputs[path] = _to_tensor_out(out)
+            self.outputs[path] = to_tensor_out(out)
 
         return hook
 
@@ -134,7 +243,7 @@ def finetune(
     feature_map: Mapping[str, str] | None = None,
     after_step: Callable[[], None] | None = None,
     desc: str = "fine-tune",
-) -> dict[str, Any]:
+) -> FinetuneReport:
     """Train ``student`` in place against ``teacher`` on ``workload``'s training data; return a report.
     ``after_step`` runs after every optimiser step (e.g. to re-apply a pruning mask or shared weights)."""
     import torch
@@ -190,8 +299,8 @@ def finetune(
         if (teacher is not None and loss_kind != "labels") or t_hooks is not None:
             assert teacher is not None
             with torch.no_grad():
-                t_out = _to_tensor_out(call_model(teacher, tensors, names))
-        s_out = _to_tensor_out(call_model(student, tensors, names))
+                t_out = to_tensor_out(call_model(teacher, tensors, names))
+        s_out = to_tensor_out(call_model(student, tensors, names))
         y = torch.from_numpy(np.asarray(targets)) if targets is not None else None
         if loss_kind == "labels":
             assert y is not None
@@ -316,22 +425,22 @@ def finetune(
                 hooks.close()
     student.load_state_dict(best_state)
     student.eval()
-    return {
-        "loss": loss_kind,
-        "lr": lr,
-        "batch_size": bs,
-        "steps": steps,
-        "epochs_run": history[-1]["epoch"] if history else 0,
-        "validations": len(history),
-        "stopped_by": stopped,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "val_loss_before": start_loss,
-        "val_loss_best": best,
-        "kept": "trained" if best < start_loss else "initial (training never improved the held-out loss)",
-        "history": history,
-        "train_batches": len(train),
-        "val_batches": len(val),
-    }
+    return FinetuneReport(
+        loss=loss_kind,
+        lr=lr,
+        batch_size=bs,
+        steps=steps,
+        epochs_run=int(history[-1]["epoch"]) if history else 0,
+        validations=len(history),
+        stopped_by=stopped,
+        seconds=round(time.perf_counter() - t0, 1),
+        val_loss_before=start_loss,
+        val_loss_best=best,
+        kept="trained" if best < start_loss else "initial (training never improved the held-out loss)",
+        history=history,
+        train_batches=len(train),
+        val_batches=len(val),
+    )
 
 
 def batches_of(data: list[tuple[Batch, np.ndarray | None]]) -> Iterator[Batch]:

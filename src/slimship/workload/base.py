@@ -26,7 +26,10 @@ Batch = dict[str, np.ndarray]
 @dataclass(frozen=True)
 class TensorSpec:
     """One model input or output. ``shape`` holds ints for fixed dims and names for dynamic ones
-    (``("batch", "sequence")``); dims with the same name must agree within a batch."""
+    (``("batch", "sequence")``); dims with the same name must agree within a batch.
+
+    The one description of a model's tensors: workloads, runtimes, passes and the server all use it
+    (ONNX Runtime types convert with :data:`slimship.runtime.types.ORT_TO_NUMPY`)."""
 
     name: str
     dtype: str  # numpy dtype name: "float32", "int64", ...
