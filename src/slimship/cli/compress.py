@@ -114,10 +114,10 @@ def export(
     w = resolve_workload(workload, data=data)
     orig = original_candidate(w, out / "original")
     cfg = ExportConfig.parse({"opset": opset, "exporter": exporter})
-    cand = export_pass(orig, w, cfg, out / "exported")  # type: ignore[arg-type]
+    cand = export_pass(orig, w, cfg, out / "exported")
     _print_candidate(cand)
     if optimize:
-        opt = optimize_graph(cand, w, GraphOptimizeConfig.parse({"level": level}), out / "optimized")  # type: ignore[arg-type]
+        opt = optimize_graph(cand, w, GraphOptimizeConfig.parse({"level": level}), out / "optimized")
         _print_candidate(opt)
 
 
