@@ -105,6 +105,12 @@ class DynamicQuantConfig(_QuantCommon):
         default=False,
         description="7-bit weights for CPUs without VNNI (avoids u8s8 saturation); off on VNNI machines",
     )
+    activation_scales: Literal["per-row", "per-tensor"] = Field(
+        default="per-row",
+        description='"per-row": one activation scale per row (token) of each quantized MatMul input, so a '
+        "request's answer doesn't depend on the requests it is batched with (and fidelity is higher); "
+        '"per-tensor": ONNX Runtime\'s DynamicQuantizeLinear, one scale over the whole batch, padding included',
+    )
 
 
 class StaticQuantConfig(_QuantCommon):
@@ -434,6 +440,22 @@ def _quiet_run(run: _Run) -> _Run:
     return cast(_Run, wrapped)
 
 
+def _per_row(path: Path) -> int:
+    """Rewrite the quantized file at ``path`` to per-row activation scales (see passes/rowquant.py)."""
+    import onnx
+
+    from slimship.passes.rowquant import per_row_activation_scales
+
+    try:
+        model, n = per_row_activation_scales(onnx.load(str(path)))
+    except CompressionError:  # no MatMul activation is quantized at run time (e.g. only Gather/Conv): nothing to do
+        return 0
+    tmp = path.with_name(f".{path.name}.rowq")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+    return n
+
+
 class DynamicQuantPass(Pass[DynamicQuantConfig]):
     name: ClassVar[str] = "quantize-dynamic"
     summary: ClassVar[str] = (
@@ -496,8 +518,11 @@ class DynamicQuantPass(Pass[DynamicQuantConfig]):
             ) from err
         finally:
             staged.unlink(missing_ok=True)
+        per_row = _per_row(out_dir / "model.onnx") if config.activation_scales == "per-row" else None
         conv = [n for n in quantizable_nodes(model, ("Conv",)) if n not in excluded and "Conv" in op_types]
         info: dict[str, Any] = {
+            "activation_scales": config.activation_scales,
+            **({"per_row_rewritten": per_row} if per_row is not None else {}),
             "quantized_nodes": len([n for n in targets if n not in excluded]),
             "excluded_nodes": excluded,
             "smoothing": smoothing,

@@ -38,30 +38,33 @@ def per_row_activation_scales(model: Any) -> tuple[Any, int]:
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    dqls = [n for n in g.node if n.op_type == "DynamicQuantizeLinear"]
-    if not dqls:
+    all_dqls = [n for n in g.node if n.op_type == "DynamicQuantizeLinear"]
+    if not all_dqls:
         raise CompressionError(
             "per-row activation scales need a dynamic INT8 graph (DynamicQuantizeLinear nodes); found none"
         )
     index: dict[int, int] = {}
     rename: dict[str, str] = {}
     post: dict[str, str] = {}  # output of a matmul's scale Mul → the row scale to multiply it by
-    for k, n in enumerate(dqls):
+    for n in all_dqls:
+        plan = _plan(n, consumers)
+        if plan is None:  # e.g. feeding a ConvInteger: stays per tensor
+            continue
+        k = len(index)
         index[id(n)] = k
-        q, s, zp = n.output
+        _q, s, zp = n.output
+        # the activation scale becomes 1.0 in the graph's scale products; the row scale is applied after
         rename[s], rename[zp] = f"{_P}_one", f"{_P}_zp"
-        for mmi in consumers.get(q, []):
-            chain = _scale_chain(mmi, consumers)
-            if chain is None:
-                raise CompressionError(
-                    f"can't use per-row activation scales: {n.name or q!r} feeds {mmi.op_type} {mmi.name!r}, not the "
-                    "MatMulInteger → Cast → Mul pattern ONNX Runtime's quantize_dynamic writes"
-                )
-            post[chain] = f"{_P}{k}_s"
-            # the same DQL scale may also feed other consumers (e.g. the scale product): all get 1.0
+        for out in plan:
+            post[out] = f"{_P}{k}_s"
+    if not index:
+        raise CompressionError(
+            "per-row activation scales: no DynamicQuantizeLinear feeds only MatMulInteger → Cast → Mul chains "
+            "(the pattern ONNX Runtime's quantize_dynamic writes for MatMul); nothing to rewrite"
+        )
     new_nodes: list[Any] = []
     for n in g.node:
-        if n.op_type == "DynamicQuantizeLinear":
+        if n.op_type == "DynamicQuantizeLinear" and id(n) in index:
             x, q, p = n.input[0], n.output[0], f"{_P}{index[id(n)]}_"
             new_nodes += [
                 helper.make_node("Abs", [x], [p + "abs"], name=p + "abs"),
@@ -112,7 +115,21 @@ def per_row_activation_scales(model: Any) -> tuple[Any, int]:
                 del n.input[1:]
                 n.attribute.append(helper.make_attribute("axes", [-1]))
     onnx.checker.check_model(model)
-    return model, len(dqls)
+    return model, len(index)
+
+
+def _plan(dql: Any, consumers: dict[str, list[Any]]) -> list[str] | None:
+    """The scale-Mul outputs to rescale per row for one DynamicQuantizeLinear, or None when its outputs feed
+    anything but MatMulInteger → Cast → Mul chains and their scale products."""
+    q, s, zp = dql.output
+    chains = [_scale_chain(m, consumers) for m in consumers.get(q, [])]
+    if not chains or any(c is None for c in chains):
+        return None
+    if any(m.op_type != "MatMulInteger" or list(m.input).index(zp) != 2 for m in consumers.get(zp, [])):
+        return None
+    if any(m.op_type != "Mul" for m in consumers.get(s, [])):
+        return None
+    return [c for c in chains if c is not None]
 
 
 def _scale_chain(mmi: Any, consumers: dict[str, list[Any]]) -> str | None:
