@@ -136,6 +136,7 @@ VERBS = {
     "serve",
     "share",
     "tune",
+    "verify",
     "workloads",
 }
 

@@ -2,7 +2,7 @@
 
 One module per group of verbs, all registered on the app of `_app.py` (which imports none of them):
 
-- `measure.py`: workloads, info, eval, bench, layers
+- `measure.py`: workloads, info, eval, bench, verify, layers
 - `compress.py`: export, passes, prune, lowrank, share, distill
 - `quantize.py`: quantize
 - `recipes.py`: run, tune, report, quickstart
@@ -31,6 +31,7 @@ _ORDER = (
     "export",
     "eval",
     "bench",
+    "verify",
     "quantize",
     "quickstart",
     "prune",

@@ -1,4 +1,4 @@
-"""`slimship workloads | info | eval | bench | layers`: what there is to work with and how well a candidate does —
+"""`slimship workloads | info | eval | bench | verify | layers`: what there is to work with and how well a candidate does —
 the built-in workloads, this machine, a candidate's quality and fidelity, interleaved timing, a model's layers."""
 
 from __future__ import annotations
@@ -260,3 +260,70 @@ def layers(
             typer.echo(f"{name:58s} {type(mod).__name__:18s} {shape:>18s} {n:>10,}")
         elif hasattr(mod, "num_attention_heads"):
             typer.echo(f"{name:58s} {'attention':18s} {str(mod.num_attention_heads) + ' heads':>18s}")
+
+
+@app.command()
+def verify(
+    target: Annotated[
+        str, typer.Argument(help="An ONNX candidate directory (what a pass or `slimship run` wrote).")
+    ],
+    add_probe: Annotated[
+        bool,
+        typer.Option(
+            "--add-probe",
+            help="(Re)make the candidate's probe on this machine first — real inputs from the workload, the original "
+            "model's outputs, the fidelity the candidate has on them here — e.g. for a candidate made before probes existed.",
+        ),
+    ] = False,
+    workload: Annotated[
+        str | None,
+        typer.Option(
+            "--workload",
+            "-w",
+            help="The candidate's workload, needed only with --add-probe (default: the one it records).",
+        ),
+    ] = None,
+    data: DataOpt = None,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the check as JSON.")] = False,
+) -> None:
+    """Re-verify a candidate on THIS host: its artifact's sha256, then its probe run with the deployment settings it
+    records (precision entries re-decided for this CPU), against the fidelity recorded where it was made. Exit code 0
+    when it holds, 1 when it falls short (the message names both CPU classes), 2 for a bad candidate.
+
+    Example: `slimship verify runs/minilm-fast/steps/02-quantize-dynamic-… ` or `slimship verify DIR --add-probe -w minilm`
+    """
+    from slimship.candidate import load_candidate
+    from slimship.measure.probe import add_probe as make_probe
+    from slimship.measure.probe import check_probe
+    from slimship.runtime.ort_backend import OrtRuntime
+    from slimship.runtime.settings import settings_for_candidate
+
+    cand = load_candidate(target)
+    if cand.format != "onnx":
+        raise typer.BadParameter(
+            f"{target} is a {cand.format} candidate; verify checks ONNX candidates (export it first)"
+        )
+    if add_probe:
+        from slimship.workload import resolve_workload
+
+        w = resolve_workload(workload, data=data) if workload else resolve_workload(cand.workload)
+        cand = make_probe(cand, w)
+        typer.echo(
+            f"probe written: {cand.path / cand.info['probe']['file']} ({cand.info['probe']['samples']} samples)"
+        )
+    settings, notes = settings_for_candidate(cand.info, cand.artifact_path)
+    rt = OrtRuntime(cand.artifact_path, threads or settings.intra_op_threads or _cores(), settings=settings)
+    check = check_probe(cand, rt.predict, settings.session_config)
+    if as_json:
+        typer.echo(json.dumps({**check.to_json(), "settings_notes": notes}, indent=2))
+    else:
+        typer.echo(f"settings  {settings.describe()}" + (f" ({'; '.join(notes)})" if notes else ""))
+        typer.echo(check.summary())
+    raise typer.Exit(0 if check.passed else 1)
+
+
+def _cores() -> int:
+    from slimship.machine import physical_cores
+
+    return physical_cores()

@@ -133,7 +133,7 @@ class Pass(ABC, Generic[C]):
         if out.resolve() == candidate.path.resolve():
             raise ConfigError(f"pass {self.name!r} must write a new directory, not its input's ({out})")
         out.mkdir(parents=True, exist_ok=True)
-        return record_deployment(self.run(candidate, workload, cfg, out))
+        return record_probe(record_deployment(self.run(candidate, workload, cfg, out)), workload)
 
 
 def record_deployment(candidate: Candidate) -> Candidate:
@@ -145,3 +145,18 @@ def record_deployment(candidate: Candidate) -> Candidate:
 
     settings = decide_settings(candidate.artifact_path)
     return candidate.with_info(deployment=settings.to_json()).save()
+
+
+def record_probe(candidate: Candidate, workload: Workload) -> Candidate:
+    """Give an ONNX candidate its probe (real inputs + the original's outputs + the fidelity it has on them here,
+    :mod:`slimship.measure.probe`), so any host can re-verify it before serving. A probe that can't be made is
+    recorded with the reason (``info["probe_error"]``) rather than failing the pass."""
+    if candidate.format != "onnx":
+        return candidate
+    from slimship.errors import SlimshipError
+    from slimship.measure.probe import add_probe
+
+    try:
+        return add_probe(candidate, workload)
+    except SlimshipError as err:
+        return candidate.with_info(probe_error=str(err)).save()

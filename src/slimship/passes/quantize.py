@@ -448,7 +448,9 @@ def _per_row(path: Path) -> int:
 
     try:
         model, n = per_row_activation_scales(onnx.load(str(path)))
-    except CompressionError:  # no MatMul activation is quantized at run time (e.g. only Gather/Conv): nothing to do
+    except (
+        CompressionError
+    ):  # no MatMul activation is quantized at run time (e.g. only Gather/Conv): nothing to do
         return 0
     tmp = path.with_name(f".{path.name}.rowq")
     onnx.save(model, str(tmp))

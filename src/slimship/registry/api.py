@@ -195,6 +195,21 @@ class Registry:
                             detail={"digest": digest, "stage": stage, "source": str(src.resolve())},
                         )
                     )
+                    probe = cand.info.get("probe")
+                    if isinstance(probe, dict) and probe.get(
+                        "cpu_class"
+                    ):  # the host its probe figures come from
+                        s.add(
+                            EventRow(
+                                model_id=m.id,
+                                version_id=row.id,
+                                kind="verified",
+                                detail={
+                                    "cpu_class": probe["cpu_class"],
+                                    "where": "recorded when the candidate was made",
+                                },
+                            )
+                        )
                     crash_test_pause("before_commit")
                 return self.get(model, number)
             except IntegrityError:  # two first registrations of a new model raced on its name: go again
@@ -568,6 +583,16 @@ class Registry:
                 {"at": e.at.isoformat(timespec="seconds"), "version": n, "kind": e.kind, "detail": e.detail}
                 for e, n in s.execute(q).all()
             ]
+
+    def verified_on(self, model: str, number: int) -> list[str]:
+        """The CPU classes a version's probe has held on: where it was made, and every serving host that verified it."""
+        return sorted(
+            {
+                str(e["detail"].get("cpu_class"))
+                for e in self.events(model, number)
+                if e["kind"] == "verified" and e["detail"].get("cpu_class")
+            }
+        )
 
     def fetch(self, model: str, ref: int | str = "production") -> Any:
         """The version's candidate from a verified checkout (every file re-hashed); refuses any mismatch."""

@@ -87,6 +87,12 @@ class BatchingConfig(BaseModel):
     #: model instances running batches side by side, each with its own session and threads/instances intra-op
     #: threads (Triton's instance count): one batch's serial parts overlap another's
     instances: int = Field(default=1, ge=1, le=16)
+    verify: Literal["refuse", "warn", "off"] = Field(
+        default="refuse",
+        description="at load, run the candidate's probe on this host with the settings the endpoint applies: "
+        '"refuse" a changed artifact or a shortfall from the fidelity recorded offline (default), "warn" '
+        'and serve on a shortfall, or "off"',
+    )
 
 
 class DriftConfig(BaseModel):

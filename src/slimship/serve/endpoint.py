@@ -82,6 +82,9 @@ class ServedEndpoint(Protocol):
         """Requests waiting for this version (not yet answered)."""
         ...
 
+    #: the probe's outcome at load on this host (serve/verify.py)
+    verification: dict[str, Any]
+
     def runtime_settings(self) -> dict[str, Any]: ...
 
     def metadata(self) -> dict[str, Any]: ...
@@ -106,6 +109,7 @@ class ModelIO:
     batchable: bool
     #: variable-length sequences (axis 1) are padded to batch them
     pads: bool
+    verification: dict[str, Any]
 
     def runtime_settings(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -117,7 +121,7 @@ class ModelIO:
             "platform": "onnxruntime_onnx",
             "inputs": [s.as_dict() for s in self.inputs],
             "outputs": [s.as_dict() for s in self.outputs],
-            "parameters": {"runtime_settings": self.runtime_settings()},
+            "parameters": {"runtime_settings": self.runtime_settings(), "verification": self.verification},
         }
 
     def validate(self, inputs: dict[str, np.ndarray]) -> tuple[int, int | None]:
@@ -223,6 +227,9 @@ class Endpoint(ModelIO):
         self.source = source or {"path": str(self.path)}
         total = self.config.threads or physical_cores()
         per = max(1, total // self.config.instances)
+        from slimship.serve.verify import check_integrity, verify_on_load
+
+        check_integrity(model, self.version, self.path, self.config.verify)
         self.sessions = []
         # the candidate's deployment settings (precision entries re-decided for this host); the serving config owns
         # threads, and idle endpoints must not burn cores, so spinning is off
@@ -246,6 +253,10 @@ class Endpoint(ModelIO):
 
                 raise ServingError(f"can't load {self.path} for {model} v{version}: {err}") from err
         self.session = self.sessions[0]
+        #: the probe's outcome on this host (admin state, /v2/models/{m} parameters, metrics, registry events)
+        self.verification = verify_on_load(
+            model, self.version, self.path, self.session, self.settings, self.config.verify
+        )
         self.inputs = [
             TensorSpec(i.name, _ORT_TO_DT.get(i.type, i.type), tuple(i.shape))
             for i in self.session.get_inputs()

@@ -33,6 +33,7 @@ from slimship.errors import ServingError, SlimshipError
 from slimship.serve.config import (
     FeedbackBody,
     LoadBody,
+    ModelSpec,
     ReasonBody,
     RolloutBody,
     StageBody,
@@ -300,6 +301,7 @@ async def admin_state(server: Server, request: Request) -> Response:
                     "queue": ep.queue_depth,
                     "batching": ep.config.model_dump(),
                     "runtime_settings": ep.runtime_settings(),
+                    "verification": ep.verification,
                 }
                 for v, ep in g.versions.items()
             },
@@ -313,13 +315,17 @@ async def admin_load(server: Server, request: Request) -> Response:
     name = request.path_params["model"]
     body = LoadBody.model_validate_json(await _read_body(request, SMALL_BODY) or b"{}")
     if (body.path is None) == (body.registry is None):
-        raise ProtocolError('give either "path" (an ONNX file) or "registry" (a version number or stage)')
+        raise ProtocolError(
+            'give either "path" (an ONNX file or a candidate directory) or "registry" (a version number or stage)'
+        )
     if body.path is not None:
         group = server.models.get(name)
         version = body.version or next_version(group.versions if group else ())
-        ep = await server.load(
-            name, version, body.path, body.batching, {"path": body.path}, body.drift, body.replicas
-        )
+        onnx_path, workload = ModelSpec(
+            name=name, path=body.path
+        ).resolve()  # a candidate directory → its ONNX file
+        source = {"path": body.path, **({"workload": workload} if workload else {})}
+        ep = await server.load(name, version, onnx_path, body.batching, source, body.drift, body.replicas)
     else:
         ep = await server.load_from_registry(
             name,

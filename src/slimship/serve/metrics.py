@@ -58,6 +58,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.verified = Gauge(
+            "slimship_probe_verified",
+            "The version's probe at load on this host: 1 held, 0 fell short (served by policy warn), -1 not verified",
+            ["model", "version"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "slimship_queue_depth",
             "Requests waiting in an endpoint's queue",

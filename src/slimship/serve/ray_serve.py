@@ -147,6 +147,7 @@ class ModelReplica:
             "path": str(ep.path),
             "pid": os.getpid(),
             "runtime_settings": ep.runtime_settings(),
+            "verification": ep.verification,
         }
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -206,6 +207,7 @@ class RemoteEndpoint(ModelIO):
         self.path = Path(info["path"])
         self.session = _RemoteSession(handle, info)
         self._runtime_settings: dict[str, Any] = dict(info["runtime_settings"])  # as the replica applies them
+        self.verification: dict[str, Any] = dict(info["verification"])  # the replica's probe at its start
         self.ready = False
         self.in_flight = 0
         self.drift_config: DriftConfig | None = None

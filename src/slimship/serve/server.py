@@ -160,6 +160,7 @@ class Server:
 
     async def _add(self, ep: ServedEndpoint) -> ServedEndpoint:
         self._refuse_loaded(ep.model, ep.version)
+        await self._record_verification(ep)
         await ep.start()
         self._attach_drift(ep)
         self.judges.prepare(ep)
@@ -168,6 +169,30 @@ class Server:
             json.dumps({"event": "loaded", "model": ep.model, "version": ep.version, "source": ep.source})
         )
         return ep
+
+    async def _record_verification(self, ep: ServedEndpoint) -> None:
+        """The probe's outcome (run when the endpoint was built) as a metric and, for registry versions, an event."""
+        v = ep.verification
+        status = v.get("status")
+        self.metrics.verified.labels(ep.model, ep.version).set(
+            1 if status == "passed" else 0 if status == "failed" else -1
+        )
+        reg_model, number = ep.source.get("registry"), ep.source.get("version")
+        if self.registry is None or reg_model is None or number is None or status not in ("passed", "failed"):
+            return
+        kind = "verified" if status == "passed" else "verification_failed"
+        detail = {
+            "cpu_class": v.get("host_cpu_class"),
+            "served_as": f"{ep.model} v{ep.version}",
+            "failures": v.get("failures", []),
+        }
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                None, self.registry.record_event, str(reg_model), int(number), kind, detail
+            )
+        except Exception:  # the version serves either way; a registry hiccup must not stop the load
+            log.exception("could not record the probe's outcome in the registry")
 
     def _attach_drift(self, ep: ServedEndpoint) -> None:
         cfg = ep.drift_config or DriftConfig()
