@@ -72,3 +72,17 @@ def test_complexity_ratchet():
     assert not fixed and not better, (
         f"simpler than the baseline — ratchet it down in {COMPLEXITY_BASELINE.name}: remove {fixed}, lower {better}"
     )
+
+
+def test_mypy_is_stricter_than_before_and_the_package_is_typed():
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    for flag in (
+        "check_untyped_defs",
+        "disallow_untyped_defs",
+        "disallow_incomplete_defs",
+        "strict_equality",
+    ):
+        assert cfg.get(flag) is True, flag
+    assert (ROOT / "src" / "slimship" / "py.typed").exists()
