@@ -31,7 +31,7 @@ def per_row_activation_scales(model: Any) -> tuple[Any, int]:
     """Rewrite a dynamic-INT8 ONNX model (a ModelProto, changed in place and returned) to per-row activation
     scales; returns (model, number of DynamicQuantizeLinear nodes rewritten)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     g = model.graph
     consumers: dict[str, list[Any]] = {}
@@ -62,38 +62,7 @@ def per_row_activation_scales(model: Any) -> tuple[Any, int]:
             "per-row activation scales: no DynamicQuantizeLinear feeds only MatMulInteger → Cast → Mul chains "
             "(the pattern ONNX Runtime's quantize_dynamic writes for MatMul); nothing to rewrite"
         )
-    new_nodes: list[Any] = []
-    for n in g.node:
-        if n.op_type == "DynamicQuantizeLinear" and id(n) in index:
-            x, q, p = n.input[0], n.output[0], f"{_P}{index[id(n)]}_"
-            new_nodes += [
-                helper.make_node("Abs", [x], [p + "abs"], name=p + "abs"),
-                helper.make_node(
-                    "ReduceMax", [p + "abs", f"{_P}_axes"], [p + "amax"], keepdims=1, name=p + "amax"
-                ),
-                helper.make_node("Max", [p + "amax", f"{_P}_eps"], [p + "amax_nz"], name=p + "amax_nz"),
-                helper.make_node("Div", [p + "amax_nz", f"{_P}_127"], [p + "s"], name=p + "scale"),
-                helper.make_node("Div", [x, p + "s"], [p + "xs"], name=p + "div"),
-                helper.make_node("Round", [p + "xs"], [p + "r"], name=p + "round"),
-                helper.make_node("Add", [p + "r", f"{_P}_128f"], [p + "shift"], name=p + "shift"),
-                helper.make_node(
-                    "Clip", [p + "shift", f"{_P}_1f", f"{_P}_255f"], [p + "clip"], name=p + "clip"
-                ),
-                helper.make_node("Cast", [p + "clip"], [q], to=TensorProto.UINT8, name=p + "cast"),
-            ]
-            continue
-        for i, name in enumerate(n.input):
-            if name in rename:
-                n.input[i] = rename[name]
-        if n.op_type == "Mul" and n.output[0] in post:
-            y = n.output[0]
-            n.output[0] = y + "_unscaled"
-            new_nodes += [
-                n,
-                helper.make_node("Mul", [y + "_unscaled", post[y]], [y], name=f"{_P}_rescale_{y}"),
-            ]
-            continue
-        new_nodes.append(n)
+    new_nodes = _rewritten_nodes(g.node, index, rename, post)
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(
@@ -143,3 +112,42 @@ def _scale_chain(mmi: Any, consumers: dict[str, list[Any]]) -> str | None:
     if len(mul) != 1 or mul[0].op_type != "Mul":
         return None
     return str(mul[0].output[0])
+
+
+def _quantize_row_nodes(x: str, q: str, p: str) -> list[Any]:
+    """Nodes computing ``q = clip(round(x / s_row) + 128, 1, 255)`` as uint8, with ``s_row = max|x_row| / 127``."""
+    from onnx import TensorProto, helper
+
+    return [
+        helper.make_node("Abs", [x], [p + "abs"], name=p + "abs"),
+        helper.make_node("ReduceMax", [p + "abs", f"{_P}_axes"], [p + "amax"], keepdims=1, name=p + "amax"),
+        helper.make_node("Max", [p + "amax", f"{_P}_eps"], [p + "amax_nz"], name=p + "amax_nz"),
+        helper.make_node("Div", [p + "amax_nz", f"{_P}_127"], [p + "s"], name=p + "scale"),
+        helper.make_node("Div", [x, p + "s"], [p + "xs"], name=p + "div"),
+        helper.make_node("Round", [p + "xs"], [p + "r"], name=p + "round"),
+        helper.make_node("Add", [p + "r", f"{_P}_128f"], [p + "shift"], name=p + "shift"),
+        helper.make_node("Clip", [p + "shift", f"{_P}_1f", f"{_P}_255f"], [p + "clip"], name=p + "clip"),
+        helper.make_node("Cast", [p + "clip"], [q], to=TensorProto.UINT8, name=p + "cast"),
+    ]
+
+
+def _rewritten_nodes(
+    nodes: Any, index: dict[int, int], rename: dict[str, str], post: dict[str, str]
+) -> list[Any]:
+    from onnx import helper
+
+    out: list[Any] = []
+    for n in nodes:
+        if n.op_type == "DynamicQuantizeLinear" and id(n) in index:
+            out += _quantize_row_nodes(n.input[0], n.output[0], f"{_P}{index[id(n)]}_")
+            continue
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+        if n.op_type == "Mul" and n.output[0] in post:
+            y = n.output[0]
+            n.output[0] = y + "_unscaled"
+            out += [n, helper.make_node("Mul", [y + "_unscaled", post[y]], [y], name=f"{_P}_rescale_{y}")]
+            continue
+        out.append(n)
+    return out
