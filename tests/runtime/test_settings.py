@@ -108,6 +108,14 @@ def test_every_consumer_runs_with_the_candidates_recorded_settings(int8_digits, 
     )
     entry = res["candidates"][0]
     assert entry["runtime"]["deployment"]["session_config"] == recorded["session_config"]
+    from slimship.measure.energy import rapl_zones
+
+    energy = entry["energy"]  # no RAPL here → said plainly, never a figure from a TDP
+    assert (
+        ("not requested" in energy["reason"])
+        if rapl_zones()
+        else ("not measurable on this host" in energy["reason"])
+    )
     row = entry["results"][0]
     assert row["cpu_ms_per_inference"] > 0 and row["cpu_ms_per_call_p50"] >= 0
 

@@ -167,6 +167,14 @@ def bench(
         Path | None,
         typer.Option("--json-out", help="Write the full result (with machine info) as JSON here."),
     ] = None,
+    energy_seconds: Annotated[
+        float | None,
+        typer.Option(
+            min=60,
+            help="Also measure joules per inference from the CPU's RAPL counters over a window of this many seconds "
+            "(≥ 60) per candidate at the largest batch; hosts without /sys/class/powercap (most VMs) say so instead.",
+        ),
+    ] = None,
     data: DataOpt = None,
 ) -> None:
     """Time candidates interleaved (A B A B …): latency percentiles, throughput, size, peak memory, ratios.
@@ -193,6 +201,7 @@ def bench(
         threads=threads,
         baseline=baseline,
         memory=memory,
+        energy_seconds=energy_seconds,
     )
     from slimship.report.summary import fmt_bytes, fmt_ms
 

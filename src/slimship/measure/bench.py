@@ -9,6 +9,7 @@ paused. Peak memory is measured per candidate in a fresh process (see :mod:`slim
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,40 @@ def latency_stats(seconds: list[float], batch_size: int) -> dict[str, Any]:
     }
 
 
+def _energy(
+    runtimes: dict[str, Any],
+    workload: Workload,
+    batch: int,
+    seq: int | None,
+    seconds: float | None,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Joules per inference from RAPL over ≥ 60 s per candidate at the largest batch, where the host exposes it."""
+    from slimship.measure.energy import POWERCAP, measure_energy, rapl_zones
+
+    if not rapl_zones():
+        reading = measure_energy(lambda: 0, root=POWERCAP).to_json()  # says why it can't be measured here
+        return {k: reading for k in runtimes}
+    if seconds is None:
+        note = {
+            "available": True,
+            "reason": "not requested (bench --energy-seconds 60 measures it on this host)",
+        }
+        return {k: note for k in runtimes}
+    feed = workload.example_inputs(batch, seq_len=seq)
+    out = {}
+    for label, rt in runtimes.items():
+        if progress:
+            print(f"energy: {label} for {seconds:g} s", file=sys.stderr)
+
+        def work(rt: Any = rt) -> int:
+            rt.predict(feed)
+            return batch
+
+        out[label] = measure_energy(work, seconds).to_json()
+    return out
+
+
 def bench(
     targets: list[BenchTarget],
     workload: Workload,
@@ -64,6 +99,7 @@ def bench(
     memory: bool = True,
     progress: bool = True,
     min_seconds: float = 1.0,
+    energy_seconds: float | None = None,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -129,6 +165,7 @@ def bench(
                         bar.update()
             finally:
                 gc.enable()
+    energy = _energy(runtimes, workload, max(batch_sizes), seq, energy_seconds, progress)
     for rt in runtimes.values():
         rt.close()
 
@@ -154,6 +191,7 @@ def bench(
             "file_size_bytes": t.candidate.size_bytes,
             "file_size_mb": round(t.candidate.size_bytes / 1e6, 2),
             "results": rows,
+            "energy": energy[t.label],
         }
         results.append(entry)
     if memory:
