@@ -58,3 +58,21 @@ def minilm():
 @pytest.fixture(scope="session")
 def minilm_chain(minilm, tmp_path_factory):
     return _chain(minilm, tmp_path_factory.mktemp("minilm-chain"))
+
+
+#: a test that takes longer than this without the `slow` marker is listed at the end of the run, so the marker stays
+#: honest (`-m "not slow"` is the quick local loop)
+SLOW_S = 30.0
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    unmarked = []
+    for rep in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        if rep.when == "call" and rep.duration > SLOW_S and "slow" not in rep.keywords:
+            unmarked.append(f"{rep.duration:.0f}s {rep.nodeid}")
+    if unmarked:
+        terminalreporter.write_line(
+            f"tests over {SLOW_S:g} s without @pytest.mark.slow (mark them or speed them up):"
+        )
+        for line in sorted(unmarked, reverse=True):
+            terminalreporter.write_line(f"  {line}")

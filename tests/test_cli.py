@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import FIXTURES
 
 
@@ -40,6 +42,7 @@ def test_quickstart_on_digits_writes_results_and_summary(tmp_path):
     assert "reusing exported" in again.stderr and "reusing optimized" in again.stderr
 
 
+@pytest.mark.slow
 def test_export_eval_and_bench_commands(tmp_path):
     slimship("export", "-w", "digits", "-o", str(tmp_path / "run"))
     assert (tmp_path / "run" / "optimized" / "model.onnx").exists()
@@ -90,6 +93,7 @@ def test_bad_option_values(tmp_path):
     assert proc.returncode == 2 and "30" in proc.stderr
 
 
+@pytest.mark.slow
 def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
     slimship("export", "-w", "digits", "-o", str(tmp_path / "run"), "--no-optimize")
     exported = str(tmp_path / "run" / "exported")
@@ -160,6 +164,7 @@ def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
     assert magic.returncode == 2 and magic.stdout == "" and "unknown --mode 'magic'" in magic.stderr
 
 
+@pytest.mark.slow
 def test_compression_commands_chain_prune_sparsify_share(tmp_path):
     out = tmp_path / "p"
     proc = slimship(
@@ -229,6 +234,7 @@ def test_compression_commands_chain_prune_sparsify_share(tmp_path):
     assert "recovery:" in st.stdout
 
 
+@pytest.mark.slow
 def test_compression_commands_reject_bad_input(tmp_path):
     bad = slimship("prune", "-w", "digits", "--channel-ratio", "1.5", "-o", str(tmp_path), check=False)
     assert bad.returncode == 2 and "channel_ratio" in bad.stderr and "Traceback" not in bad.stderr
@@ -247,6 +253,7 @@ def test_compression_commands_reject_bad_input(tmp_path):
     assert "Conv2d" in listing and "16x1x3x3" in listing
 
 
+@pytest.mark.slow
 def test_run_command_on_the_digits_example_recipe(tmp_path):
     from tests.conftest import ROOT
 

@@ -244,6 +244,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(rowwise_cosine(a, b).mean())
 
 
+@pytest.mark.slow
 def test_minilm_ffn_and_head_pruning_fix_attention_and_export(minilm, minilm_original, tmp_path):
     c = run_pass(
         "prune",
@@ -280,6 +281,7 @@ def test_minilm_ffn_and_head_pruning_fix_attention_and_export(minilm, minilm_ori
     assert q.size_bytes < onnx_c.size_bytes / 2
 
 
+@pytest.mark.slow
 def test_minilm_head_dimension_pruning(minilm, minilm_original, tmp_path):
     c = run_pass(
         "prune",

@@ -39,6 +39,7 @@ def tuned(tmp_path_factory):
     return tune_recipe(p, root / "out"), root / "out"
 
 
+@pytest.mark.slow
 def test_tune_report_renders_in_chromium(tuned, tmp_path):
     result, out = tuned
     page = render(

@@ -6,6 +6,8 @@ import json
 import shutil
 import textwrap
 
+import pytest
+
 from slimship.pipeline.runner import run_recipe
 from tests.conftest import ROOT
 
@@ -82,6 +84,7 @@ def test_a_failing_step_is_recorded_and_the_rest_skipped(tmp_path):
     assert result["constraints"]["final"] == "export" and result["constraints"]["complete"] is False
 
 
+@pytest.mark.slow
 def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(tmp_path):
     """The example recipe's chain (prune → distil from the original → export → INT8), SIGKILLed while the
     distillation runs, then restarted: the finished prune step is reused (same files, untouched), the run ends."""

@@ -90,6 +90,7 @@ def _essence(result):
     ]
 
 
+@pytest.mark.slow
 def test_ray_search_gives_the_local_search_with_the_same_seed(ray_address, recipe, tmp_path):
     from slimship.pipeline.search import executor_for, tune_recipe
 
@@ -108,6 +109,7 @@ def test_ray_search_gives_the_local_search_with_the_same_seed(ray_address, recip
     assert any((tmp_path / "ray" / "ray").iterdir())  # Ray Tune's experiment state went to the storage path
 
 
+@pytest.mark.slow
 def test_a_trial_whose_worker_dies_is_retried_or_recorded_failed_and_the_search_goes_on(
     ray_address, recipe, tmp_path, monkeypatch
 ):

@@ -30,6 +30,7 @@ def _replica_pids(app: str) -> set[int]:
     return {int(line.split()[0]) for line in out.splitlines() if f"ServeReplica:{app}:" in line}
 
 
+@pytest.mark.slow
 def test_killing_a_replica_under_load_loses_at_most_its_requests_and_recovers(tmp_path, digits, digits_chain):
     _, exp, _ = digits_chain
     cfg = {
@@ -105,6 +106,7 @@ def test_killing_a_replica_under_load_loses_at_most_its_requests_and_recovers(tm
         s.stop()
 
 
+@pytest.mark.slow
 def test_rollout_and_admin_load_on_ray(tmp_path, digits, digits_chain):
     from slimship.registry import Registry
 
