@@ -266,3 +266,20 @@ def test_run_command_on_the_digits_example_recipe(tmp_path):
     bad.write_text("workload: digits\npasses:\n  - pass: nope\n")
     err = slimship("run", str(bad), "-o", str(tmp_path / "bad"), check=False)
     assert err.returncode == 2 and "bad.yaml:3:" in err.stderr and "Traceback" not in err.stderr
+
+
+def test_passes_explains_every_field_from_the_config_descriptions():
+    """`slimship passes NAME` prints each field's pydantic description — the text the schema and --help carry."""
+    from typer.testing import CliRunner
+
+    from slimship.cli import app
+    from slimship.passes.quantize import DynamicQuantConfig
+
+    out = CliRunner().invoke(app, ["passes", "quantize-dynamic"], terminal_width=400)
+    assert out.exit_code == 0, out.output
+    for field, info in DynamicQuantConfig.model_fields.items():
+        assert f"  {field} = " in out.output and " ".join(str(info.description).split()) in " ".join(
+            out.output.split()
+        )
+    bad = CliRunner().invoke(app, ["passes", "no-such-pass"])
+    assert bad.exit_code != 0

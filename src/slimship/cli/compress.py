@@ -68,16 +68,36 @@ EvalOpt = Annotated[
 
 
 @app.command()
-def passes() -> None:
-    """List the passes, what each takes and makes, and its config with defaults.
+def passes(
+    name: Annotated[
+        str | None, typer.Argument(help="Only this pass (e.g. quantize-dynamic), with every field explained.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (name, formats, requirements, fields).")
+    ] = False,
+) -> None:
+    """List the passes, what each takes and makes, and its config fields with defaults and what each means (the
+    same descriptions as the recipe schema and the options' help).
 
-    Example: `slimship passes`
+    Example: `slimship passes` or `slimship passes quantize-dynamic`
     """
+    from slimship.errors import ConfigError
     from slimship.passes import list_passes
 
-    for p in list_passes():
+    found = [p for p in list_passes() if name is None or p["name"] == name]
+    if not found:
+        raise ConfigError(f"no pass named {name!r}; passes: {[p['name'] for p in list_passes()]}")
+    if as_json:
+        typer.echo(json.dumps(found, indent=2, default=str))
+        return
+    for p in found:
         typer.echo(f"{p['name']:10s} {p['input']} → {p['output']}  {p['summary']}")
-        typer.echo(f"{'':10s} config: {json.dumps(p['config'], default=str)}")
+        if name is None:
+            typer.echo(f"{'':10s} config: {json.dumps(p['config'], default=str)}")
+            continue
+        for field, f in p["fields"].items():
+            typer.echo(f"  {field} = {json.dumps(f['default'], default=str)}")
+            typer.echo(f"      {f['description']}")
 
 
 @app.command()

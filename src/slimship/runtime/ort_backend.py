@@ -10,7 +10,7 @@ import numpy as np
 from slimship.errors import InferenceError
 from slimship.runtime.base import Runtime
 from slimship.runtime.settings import DeploymentSettings, decide_settings
-from slimship.runtime.types import numpy_dtype_of
+from slimship.tensor_types import numpy_dtype_of
 from slimship.workload.base import Batch, TensorSpec
 
 

@@ -29,7 +29,7 @@ class TensorSpec:
     (``("batch", "sequence")``); dims with the same name must agree within a batch.
 
     The one description of a model's tensors: workloads, runtimes, passes and the server all use it
-    (ONNX Runtime types convert with :data:`slimship.runtime.types.ORT_TO_NUMPY`)."""
+    (ONNX Runtime types convert with :data:`slimship.tensor_types.ORT_TO_NUMPY`)."""
 
     name: str
     dtype: str  # numpy dtype name: "float32", "int64", ...

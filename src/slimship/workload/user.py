@@ -33,6 +33,7 @@ import numpy as np
 
 from slimship._util import sha256_file, sha256_text
 from slimship.errors import WorkloadError
+from slimship.tensor_types import numpy_dtype_of
 from slimship.workload.base import (
     Batch,
     TensorSpec,
@@ -326,18 +327,6 @@ class FactoryWorkload(Workload):
         return _default_fidelity(outputs, reference)
 
 
-_ONNX_TO_NUMPY = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(bool)": "bool",
-}
-
-
 class OnnxWorkload(Workload):
     """An ONNX model with its inputs in an .npz (keys = input names; optional ``labels``)."""
 
@@ -362,7 +351,7 @@ class OnnxWorkload(Workload):
         self.inputs = tuple(
             TensorSpec(
                 i.name,
-                _ONNX_TO_NUMPY.get(i.type, "float32"),
+                numpy_dtype_of(i.type),
                 tuple(d if d is not None else f"dim{j}" for j, d in enumerate(i.shape)),
             )
             for i in sess.get_inputs()
@@ -370,7 +359,7 @@ class OnnxWorkload(Workload):
         self.outputs = tuple(
             TensorSpec(
                 o.name,
-                _ONNX_TO_NUMPY.get(o.type, "float32"),
+                numpy_dtype_of(o.type),
                 tuple(d if d is not None else f"dim{j}" for j, d in enumerate(o.shape)),
             )
             for o in sess.get_outputs()
