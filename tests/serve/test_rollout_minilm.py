@@ -60,7 +60,13 @@ def test_minilm_int8_promoted_broken_candidate_rolled_back_and_drift(tmp_path, m
     _, _, fp32 = minilm_chain
     good = run_pass("quantize-dynamic", fp32, minilm, {"per_channel": True}, tmp_path / "int8")
     # badly quantized: one scale per weight tensor, and the FFN-output activations' outliers are left as they are
-    bad = run_pass("quantize-dynamic", fp32, minilm, {"per_channel": False}, tmp_path / "int8-per-tensor")
+    bad = run_pass(  # ORT quantize_dynamic defaults: per-tensor weights and activation scales
+        "quantize-dynamic",
+        fp32,
+        minilm,
+        {"per_channel": False, "activation_scales": "per-tensor"},
+        tmp_path / "int8-per-tensor",
+    )
     reg = Registry(tmp_path / "reg")
     reg.register(fp32.path, "minilm", stage="production")  # v1
     reg.register(good.path, "minilm", parent=1)  # v2
