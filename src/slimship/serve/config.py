@@ -259,6 +259,8 @@ def load_serve_config(path: str | Path | None, overrides: dict[str, Any]) -> Ser
             continue
         if k == "models":
             data["models"] = list(data.get("models", [])) + v
+        elif k == "limits" and isinstance(data.get("limits"), dict):
+            data["limits"] = {**data["limits"], **v}  # a flag overrides one limit, not the block
         else:
             data[k] = v
     try:
