@@ -280,3 +280,21 @@ def test_binary_bytes_elements_round_trip_under_the_bound(server):
     )
     req = parse_infer_request(head + tail, str(len(head)))
     assert list(req.inputs["s"]) == [b"", b"a", b"bc"]
+
+
+def test_the_parser_raises_only_protocol_errors_on_mutated_bodies():
+    """In-process, many more bodies: parsing either succeeds or raises a ProtocolError (a 4xx), nothing else."""
+    from slimship.serve.protocol import ProtocolError, parse_infer_request
+
+    rng = random.Random(SEED + 2)
+    refused = 0
+    for i in range(20_000):
+        _, body, headers = _bad(rng)
+        try:
+            parse_infer_request(body, headers.get("Inference-Header-Content-Length"))
+        except ProtocolError as err:
+            assert 400 <= err.status < 500
+            refused += 1
+        except Exception as err:  # the point of the test
+            pytest.fail(f"body {i} raised {type(err).__name__}: {err}\n{body[:300]!r} {headers}")
+    assert refused > 10_000

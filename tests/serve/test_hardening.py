@@ -310,6 +310,10 @@ DEEP = "[" * 5000 + "]" * 5000
             {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT64", "data": [2**70, 1, 2, 3]}]},
             "doesn't hold INT64",
         ),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1e308, 1, 2, 3]}]},
+            "doesn't hold FP32",
+        ),
     ],
     ids=[
         "nested-5000-deep",
@@ -325,6 +329,7 @@ DEEP = "[" * 5000 + "]" * 5000
         "binary-flag-string",
         "output-flag-int",
         "int-overflow",
+        "fp32-overflow",
     ],
 )
 def test_malformed_input_is_a_400_never_a_500(server, body, needle):

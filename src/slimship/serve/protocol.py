@@ -205,8 +205,9 @@ def _json_values(name: str, dt: str, data: Any) -> np.ndarray:
             arr = np.empty(len(flat), dtype=np.object_)
             arr[:] = [x.encode() for x in flat]
             return arr
-        arr = np.asarray(data, dtype=DATATYPES[dt]).reshape(-1)
-    except (ValueError, TypeError, OverflowError, RecursionError) as err:
+        with np.errstate(over="raise", invalid="raise"):  # 1e308 as FP32 is an error, not inf
+            arr = np.asarray(data, dtype=DATATYPES[dt]).reshape(-1)
+    except (ValueError, TypeError, OverflowError, RecursionError, FloatingPointError) as err:
         raise ProtocolError(
             f"input {name!r}: `data` doesn't hold {dt} values: {_brief(str(err), 200)}"
         ) from err
