@@ -3,8 +3,10 @@
 the dashboard (the local :class:`Endpoint` here, Ray's ``RemoteEndpoint``), with :class:`ModelIO` the request checks
 both share.
 
-Requests are validated against the model's inputs (names, datatypes, ranks, fixed dimensions) *before* they
-are queued. The queue is bounded: when it is full a request is refused at once with 503 and Retry-After, never
+Requests are validated against the model's inputs (names, datatypes, ranks, fixed dimensions, and the token ids and
+sequence lengths its graph can take — :mod:`slimship.serve.input_limits`) *before* they are queued. A batch that
+fails anyway is re-run request by request, so only the request the model fails on gets an error (400 when ONNX
+Runtime calls its input invalid, else a 500) and its batch-mates are answered. The queue is bounded: when it is full a request is refused at once with 503 and Retry-After, never
 left to hang. One batch runs at a time (ONNX Runtime already uses every core inside a batch); while it runs,
 arriving requests queue up and form the next batch — up to ``max_batch_size`` rows, waiting at most
 ``max_queue_delay_ms`` after the first. Requests whose sequences differ in length are padded to the longest
