@@ -484,3 +484,27 @@ def test_a_non_loopback_bind_without_a_token_is_warned_about():
     assert bind_warning("0.0.0.0", "s3cret") is None
     for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
         assert bind_warning(host, None) is None
+
+
+def test_the_parser_process_returns_requests_and_refusals():
+    """What the worker process sends back: the parsed request, or the ProtocolError with its status and message."""
+    from slimship.serve.http import ParserPool
+    from slimship.serve.protocol import ProtocolError
+
+    pool = ParserPool()
+    ok = json.dumps(
+        {"id": "a", "inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["p", "q"]}]}
+    )
+
+    async def go():
+        req = await pool.parse(ok.encode(), None, 256)
+        with pytest.raises(ProtocolError, match="at most 8") as err:
+            await pool.parse(ok.replace('"a"', '"123456789"').encode(), None, 8)
+        return req, err.value
+
+    try:
+        req, err = asyncio.run(go())
+    finally:
+        pool.close()
+    assert req.id == "a" and list(req.inputs["x"]) == [b"p", b"q"]
+    assert err.status == 400

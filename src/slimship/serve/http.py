@@ -148,9 +148,12 @@ class ParserPool:
                 pool, parse_infer_request, body, header_length, max_id_chars
             )
         except concurrent.futures.process.BrokenProcessPool:
-            self._pool = None  # a new worker next time; this request is a server fault (500)
+            # the worker died (or could not start here): a new one next time; this body is parsed in-process, as
+            # it would be without the pool (its size is bounded by max_body_bytes)
+            log.warning("the parser process died; parsing a %d-byte body in the server process", len(body))
+            self._pool = None
             pool.shutdown(wait=False)
-            raise
+            return parse_infer_request(body, header_length, max_id_chars)
 
     def close(self) -> None:
         if self._pool is not None:
