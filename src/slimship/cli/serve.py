@@ -9,6 +9,13 @@ from typing import Annotated, Any
 import typer
 
 from slimship.cli._app import app
+from slimship.serve.config import Limits
+
+
+def _limit_help(field: str) -> str:
+    """A --help line from the Limits field's description (one source for the docs), with its default."""
+    info = Limits.model_fields[field]
+    return f"{info.description} (default {info.default:g})."
 
 
 def _model_spec(text: str) -> dict[str, Any]:
@@ -94,6 +101,11 @@ def serve(
     max_body_mb: Annotated[
         float | None, typer.Option(min=0.001, help="Largest request body in MB; beyond, 413 (default 64).")
     ] = None,
+    max_id_chars: Annotated[int | None, typer.Option(min=16, help=_limit_help("max_id_chars"))] = None,
+    header_timeout: Annotated[
+        float | None, typer.Option(min=0.001, help=_limit_help("header_timeout_s"))
+    ] = None,
+    body_timeout: Annotated[float | None, typer.Option(min=0.001, help=_limit_help("body_timeout_s"))] = None,
     registry: Annotated[
         Path | None,
         typer.Option(
@@ -177,8 +189,18 @@ def serve(
         "registry": str(registry) if registry else None,
         "registry_url": registry_url,
     }
-    if max_body_mb is not None:
-        overrides["limits"] = {"max_body_bytes": int(max_body_mb * 1e6)}
+    limits = {
+        k: v
+        for k, v in {
+            "max_body_bytes": int(max_body_mb * 1e6) if max_body_mb is not None else None,
+            "max_id_chars": max_id_chars,
+            "header_timeout_s": header_timeout,
+            "body_timeout_s": body_timeout,
+        }.items()
+        if v is not None
+    }
+    if limits:
+        overrides["limits"] = limits
     cfg = load_serve_config(config, overrides)
     if not cfg.models:
         from slimship.errors import ConfigError
@@ -194,6 +216,11 @@ def serve(
         "token": os.environ.get(token_env) or None,
         "admin_token": os.environ.get(admin_token_env) or None,
     }
+    from slimship.serve.run import bind_warning
+
+    warning = bind_warning(cfg.host, tokens["token"])
+    if warning is not None:
+        typer.secho(f"\n{'!' * 80}\n{warning}\n{'!' * 80}\n", fg="red", bold=True, err=True)
     if ray:
         from slimship.serve.ray_serve import serve_on_ray
 

@@ -42,9 +42,40 @@ from slimship.errors import ConfigError
 
 
 class Limits(BaseModel):
+    """What one request may cost the server: bytes, time, and what it leaves behind."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     #: largest request body in bytes (413 beyond)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_id_chars: int = Field(
+        default=256,
+        ge=16,
+        le=4096,
+        description="Longest request id (the body's `id` and the x-request-id header); longer is refused with 400.",
+    )
+    max_remembered_ids: int = Field(
+        default=200_000,
+        ge=100,
+        description="Request ids kept for A/B feedback (oldest dropped first); with max_id_chars this bounds the "
+        "map's memory: about max_id_chars + 500 bytes per id (200,000 ids of 256 characters: about 150 MB, of 32: "
+        "about 100 MB).",
+    )
+    parse_in_process_bytes: int = Field(
+        default=1 << 20,
+        ge=0,
+        description="Infer bodies of at least this many bytes are parsed in a worker process, off the event loop.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a connection may take to send a request's headers before it is closed.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, description="Seconds a request's body may take to arrive; beyond, 408."
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0, description="Seconds an idle keep-alive connection is held open."
+    )
 
 
 class ShadowPolicy(BaseModel):
@@ -235,6 +266,8 @@ def load_serve_config(path: str | Path | None, overrides: dict[str, Any]) -> Ser
             continue
         if k == "models":
             data["models"] = list(data.get("models", [])) + v
+        elif k == "limits" and isinstance(data.get("limits"), dict):
+            data["limits"] = {**data["limits"], **v}  # a flag overrides one limit, not the block
         else:
             data[k] = v
     try:
@@ -399,7 +432,7 @@ class FeedbackBody(BaseModel):
     """``POST /v2/models/{m}/feedback``: an outcome for an answered request."""
 
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=4096)
     outcome: StrictBool | StrictInt | StrictFloat  # true/false, 0/1 or any number; "yes" is refused
     metric: str = Field(default="outcome", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 

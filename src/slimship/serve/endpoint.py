@@ -3,8 +3,10 @@
 the dashboard (the local :class:`Endpoint` here, Ray's ``RemoteEndpoint``), with :class:`ModelIO` the request checks
 both share.
 
-Requests are validated against the model's inputs (names, datatypes, ranks, fixed dimensions) *before* they
-are queued. The queue is bounded: when it is full a request is refused at once with 503 and Retry-After, never
+Requests are validated against the model's inputs (names, datatypes, ranks, fixed dimensions, and the token ids and
+sequence lengths its graph can take — :mod:`slimship.serve.input_limits`) *before* they are queued. A batch that
+fails anyway is re-run request by request, so only the request the model fails on gets an error (400 when ONNX
+Runtime calls its input invalid, else a 500) and its batch-mates are answered. The queue is bounded: when it is full a request is refused at once with 503 and Retry-After, never
 left to hang. One batch runs at a time (ONNX Runtime already uses every core inside a batch); while it runs,
 arriving requests queue up and form the next batch — up to ``max_batch_size`` rows, waiting at most
 ``max_queue_delay_ms`` after the first. Requests whose sequences differ in length are padded to the longest
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from slimship.serve.config import BatchingConfig, DriftConfig
+from slimship.serve.input_limits import InputLimits, read_input_limits
 from slimship.serve.protocol import DATATYPES, Overloaded, ProtocolError, TimedOut
 
 _ORT_TO_DT = {
@@ -110,6 +113,8 @@ class ModelIO:
     #: variable-length sequences (axis 1) are padded to batch them
     pads: bool
     verification: dict[str, Any]
+    #: token ids and sequence lengths the model can take, read from its graph (none known: no check)
+    limits: InputLimits = InputLimits()
 
     def runtime_settings(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -172,6 +177,7 @@ class ModelIO:
                         f"inputs disagree on the sequence length: {name!r} has {arr.shape[1]}, others {seq}"
                     )
                 seq = int(arr.shape[1])
+        self.limits.check(inputs)
         rows = rows if rows is not None else 1
         if rows == 0:
             raise ProtocolError("a request needs at least one row")
@@ -257,6 +263,7 @@ class Endpoint(ModelIO):
         self.verification = verify_on_load(
             model, self.version, self.path, self.session, self.settings, self.config.verify
         )
+        self.limits = read_input_limits(self.path)
         self.inputs = [
             TensorSpec(i.name, _ORT_TO_DT.get(i.type, i.type), tuple(i.shape))
             for i in self.session.get_inputs()
@@ -442,16 +449,43 @@ class Endpoint(ModelIO):
             feeds = self._merge(live)
             try:
                 outs = await loop.run_in_executor(self._pool, session.run, None, feeds)
-            except Exception as err:  # a model failing on valid inputs: every request of the batch learns why
-                for b in live:
-                    if not b.future.done():
-                        b.future.set_exception(err)
+            except Exception as err:  # one request can fail a batch: find it, answer the others
+                await self._isolate(session, live, err)
                 continue
             if self.metrics is not None:
                 self.metrics.batch_size.labels(self.model, self.version).observe(sum(b.rows for b in live))
                 for b in live:
                     self.metrics.queue_time.labels(self.model, self.version).observe(started - b.enqueued)
             self._split(live, feeds, outs)
+
+    async def _isolate(self, session: Any, live: list[_Item], err: Exception) -> None:
+        """A batch failed: run its requests one by one, so only the one(s) the model fails on learn why (400 when
+        ONNX Runtime calls the input invalid, else the error itself: a 500) and the others are answered."""
+        if len(live) == 1:
+            self._fail(live[0], err)
+            return
+        loop = asyncio.get_running_loop()
+        for b in live:
+            if b.future.done():  # timed out meanwhile
+                continue
+            try:
+                outs = await loop.run_in_executor(self._pool, session.run, None, b.inputs)
+            except Exception as one:
+                self._fail(b, one)
+                continue
+            self._split([b], b.inputs, outs)
+
+    def _fail(self, item: _Item, err: Exception) -> None:
+        """Answer ``item`` with the error its own run raised."""
+        if item.future.done():
+            return
+        if _invalid_argument(err):
+            detail = str(err).split("Status Message: ", 1)[-1].strip()
+            item.future.set_exception(
+                ProtocolError(f"{self.model} v{self.version} can't run this input: {detail}")
+            )
+        else:
+            item.future.set_exception(err)
 
     def _merge(self, batch: list[_Item]) -> dict[str, np.ndarray]:
         if len(batch) == 1:
@@ -469,6 +503,13 @@ class Endpoint(ModelIO):
                 parts.append(arr)
             feeds[spec.name] = np.concatenate(parts, axis=0)
         return feeds
+
+
+def _invalid_argument(err: Exception) -> bool:
+    """ONNX Runtime refused the values it was given (INVALID_ARGUMENT): the input's fault, not the server's."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    return isinstance(err, InvalidArgument)
 
 
 def _seq_len(feeds: dict[str, np.ndarray]) -> int | None:

@@ -12,11 +12,19 @@
 Each handler is a module-level ``async (server, request) -> Response``; :func:`create_app` wraps every one in the
 same guard (auth, request id, error mapping, metrics, access log). Known errors map to their status with an
 ``{"error": ...}`` body; anything unexpected is logged with its traceback and answered with an opaque 500.
+
+Under hostile input: an ``x-request-id`` longer than ``limits.max_id_chars`` is refused (400, not truncated: a
+truncated id would silently break feedback sent with the full one); a body must arrive within
+``limits.body_timeout_s`` (408); bodies from ``limits.parse_in_process_bytes`` up are parsed in a worker process
+(JSON parsing holds the GIL, so a thread would still stall the event loop — health checks and small requests go
+on meanwhile); a client that disconnects mid-upload is not an error (logged at debug, counted under status 499); a
+wrong method on a known route is 405 with ``Allow``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import json
@@ -72,6 +80,8 @@ EXTENSIONS = [
 ]
 #: largest admin / feedback body
 SMALL_BODY = 1 << 20
+#: the status counted (and logged) for a client that went away before its request was read (nginx's convention)
+CLIENT_GONE = 499
 
 Handler = Callable[[Server, "Request"], Awaitable["Response"]]
 
@@ -99,17 +109,65 @@ def _bearer_ok(header: str | None, token: str) -> bool:
     return hmac.compare_digest(header[7:].strip().encode(), token.encode())
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {int(declared)} bytes; this server takes at most {limit}")
+    if timeout_s is None:
+        timeout_s = request.app.state.server.limits.body_timeout_s
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as err:
+        raise ProtocolError(
+            f"the request body did not arrive within {timeout_s:g} s ({size} bytes read)", 408
+        ) from err
     return b"".join(chunks)
+
+
+class ParserPool:
+    """A worker process for parsing large infer bodies off the event loop, started on first use."""
+
+    def __init__(self) -> None:
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    async def parse(self, body: bytes, header_length: str | None, max_id_chars: int) -> Any:
+        import multiprocessing
+
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")
+            )
+        pool = self._pool
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, parse_infer_request, body, header_length, max_id_chars
+            )
+        except concurrent.futures.process.BrokenProcessPool:
+            # the worker died (or could not start here): a new one next time; this body is parsed in-process, as
+            # it would be without the pool (its size is bounded by max_body_bytes)
+            log.warning("the parser process died; parsing a %d-byte body in the server process", len(body))
+            self._pool = None
+            pool.shutdown(wait=False)
+            return parse_infer_request(body, header_length, max_id_chars)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+async def _parse(server: Server, request: Request, body: bytes) -> Any:
+    """The infer request in ``body``: parsed here when small, in the parser process when large."""
+    header, max_id = request.headers.get(HEADER_LENGTH), server.limits.max_id_chars
+    if len(body) < server.limits.parse_in_process_bytes:
+        return parse_infer_request(body, header, max_id)
+    return await request.app.state.parser.parse(body, header, max_id)
 
 
 def _authorize(server: Server, request: Request, admin: bool) -> None:
@@ -135,9 +193,14 @@ def _authorize(server: Server, request: Request, admin: bool) -> None:
 
 async def _answer(server: Server, fn: Handler, request: Request, admin: bool) -> Response:
     """The handler's response, or the error it raised mapped to its status."""
+    from starlette.requests import ClientDisconnect
+
     try:
         _authorize(server, request, admin)
         return await fn(server, request)
+    except ClientDisconnect:  # nobody to answer: not an error of the server nor of a request
+        log.debug("client disconnected before %s %s was read", request.method, request.url.path)
+        return _error("the client disconnected", CLIENT_GONE)
     except ProtocolError as err:
         return _error(err)
     except ValidationError as err:
@@ -173,8 +236,13 @@ def guard(server: Server, fn: Handler, admin: bool = False) -> Callable[[Request
     async def endpoint(request: Request) -> Response:
         t0 = time.perf_counter()
         request.state.model = request.state.version = None
-        request.state.rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        resp = await _answer(server, fn, request, admin)
+        rid = request.headers.get("x-request-id")
+        limit = server.limits.max_id_chars
+        request.state.rid = rid if rid and len(rid) <= limit else uuid.uuid4().hex
+        if rid is not None and len(rid) > limit:
+            resp = _error(f"x-request-id is {len(rid)} characters; at most {limit}")
+        else:
+            resp = await _answer(server, fn, request, admin)
         resp.headers["x-request-id"] = request.state.rid
         route = request.scope.get("route")
         server.metrics.http.labels(getattr(route, "path", request.url.path), str(resp.status_code)).inc()
@@ -250,7 +318,7 @@ async def infer(server: Server, request: Request) -> Response:
     name, version = request.path_params["model"], request.path_params.get("version")
     t0 = time.perf_counter()
     body = await _read_body(request, server.limits.max_body_bytes)
-    req = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+    req = await _parse(server, request, body)
     sticky_header = server.group(name).policy.sticky_header
     ep = server.endpoint(name, version, request.headers.get(sticky_header) if sticky_header else None)
     request.state.model, request.state.version = name, ep.version
@@ -447,6 +515,15 @@ async def not_found(request: Request, exc: Exception) -> Response:
     return _error(f"no route {request.method} {request.url.path}; see /v2 for the protocol's endpoints", 404)
 
 
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    allow = dict(getattr(exc, "headers", None) or {}).get("Allow", "")
+    return _json(
+        {"error": f"{request.method} is not allowed on {request.url.path}; use {allow or 'another method'}"},
+        405,
+        {"Allow": allow} if allow else None,
+    )
+
+
 #: (path, handler, methods, admin)
 ROUTES: list[tuple[str, Handler, list[str], bool]] = [
     ("/v2/health/live", live, ["GET"], False),
@@ -490,10 +567,14 @@ def create_app(server: Server, startup: list[Coroutine[Any, Any, Any]] | None = 
             yield
         finally:
             server.started = False
+            app.state.parser.close()
             await server.stop()
 
     routes = [Route(path, guard(server, fn, admin), methods=methods) for path, fn, methods, admin in ROUTES]
     routes.append(Route("/metrics", metrics))
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: method_not_allowed}
+    )
     app.state.server = server
+    app.state.parser = ParserPool()
     return app

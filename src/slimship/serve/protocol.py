@@ -6,11 +6,17 @@ A binary request is ``<JSON header><raw tensor bytes…>`` with the header's len
 BYTES tensors are, element after element, a 4-byte little-endian length and the bytes. JSON bodies may arrive
 without a Content-Type (tritonclient sends none). Errors are :class:`ProtocolError` with the HTTP status the
 protocol prescribes; the app answers them as ``{"error": "..."}``.
+
+Hostile input is refused before anything is allocated for it: a shape's element count is bounded by what the body
+could hold (a binary BYTES element needs at least 4 bytes, a JSON value at least 1) before an array is made; ranks,
+dimensions, nesting depth and ids are capped; the flags the protocol types as booleans must be booleans; ``null``
+is not a number. JSON has no NaN or infinity: an output holding them is refused as JSON (ask for it as binary).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +26,12 @@ import numpy as np
 from slimship.errors import ServingError
 
 HEADER_LENGTH = "inference-header-content-length"
+#: most dimensions of a tensor (numpy's own limit is 64)
+MAX_RANK = 32
+#: largest single dimension
+MAX_DIM = 2**31 - 1
+#: longest request id (the body's ``id``) by default
+MAX_ID_CHARS = 256
 
 #: OIP datatype → numpy dtype (BYTES is an object array of bytes)
 DATATYPES: dict[str, Any] = {
@@ -94,6 +106,11 @@ class InferRequest:
 
 
 def _bytes_elements(buf: bytes, count: int, name: str) -> np.ndarray:
+    if count * 4 > len(buf):
+        raise ProtocolError(
+            f"input {name!r}: {count} BYTES elements need at least {count * 4} bytes (a 4-byte length each), "
+            f"binary_data_size is {len(buf)}"
+        )
     out = np.empty(count, dtype=np.object_)
     pos = 0
     for i in range(count):
@@ -117,8 +134,25 @@ def _shape(spec: dict[str, Any], name: str) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise ProtocolError(f"input {name!r}: `shape` must be a list of non-negative integers, got {shape!r}")
+        raise ProtocolError(
+            f"input {name!r}: `shape` must be a list of non-negative integers, got {_brief(shape)}"
+        )
+    if len(shape) > MAX_RANK:
+        raise ProtocolError(f"input {name!r}: `shape` has rank {len(shape)}; at most {MAX_RANK} dimensions")
+    if any(d > MAX_DIM for d in shape):
+        raise ProtocolError(f"input {name!r}: shape {shape} has a dimension above {MAX_DIM}")
     return tuple(shape)
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (error messages never echo a whole hostile body)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    """Elements of a tensor of ``shape`` (exact: Python integers never overflow)."""
+    return math.prod(shape)
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -140,39 +174,64 @@ def _binary_input(
     name: str, dt: str, shape: tuple[int, ...], size: Any, binary: memoryview, offset: int
 ) -> np.ndarray:
     """An input whose values are ``size`` bytes of the binary data at ``offset``."""
-    count = int(np.prod(shape)) if shape else 1
-    if not isinstance(size, int) or size < 0:
-        raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer")
+    count = _count(shape)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ProtocolError(
+            f"input {name!r}: binary_data_size must be a non-negative integer, got {_brief(size)}"
+        )
     if offset + size > len(binary):
         raise ProtocolError(
             f"input {name!r}: binary_data_size {size} runs past the end of the body "
             f"({len(binary) - offset} bytes left); the payload is truncated"
         )
-    chunk = bytes(binary[offset : offset + size])
     if dt == "BYTES":
-        return _bytes_elements(chunk, count, name).reshape(shape)
+        return _bytes_elements(bytes(binary[offset : offset + size]), count, name).reshape(shape)
     item = np.dtype(DATATYPES[dt]).itemsize
     if size != count * item:
         raise ProtocolError(
             f"input {name!r}: shape {list(shape)} of {dt} needs {count * item} bytes, got {size}"
         )
+    chunk = bytes(binary[offset : offset + size])
     return np.frombuffer(chunk, dtype=np.dtype(DATATYPES[dt]).newbyteorder("<")).reshape(shape)
 
 
-def _json_input(name: str, dt: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
-    """An input whose values are the JSON ``data`` list."""
-    count = int(np.prod(shape)) if shape else 1
-    if data is None:
-        raise ProtocolError(f"input {name!r} has neither `data` nor parameters.binary_data_size")
+def _json_values(name: str, dt: str, data: Any) -> np.ndarray:
+    """The flat array of a JSON ``data`` list; strings for BYTES, numbers (true/false for BOOL) otherwise."""
     try:
         if dt == "BYTES":
-            flat = list(np.asarray(data, dtype=np.object_).reshape(-1))
+            flat = np.asarray(data, dtype=np.object_).reshape(-1)
+            if not all(isinstance(x, str) for x in flat):
+                raise ProtocolError(f"input {name!r}: BYTES `data` in JSON must be strings")
             arr = np.empty(len(flat), dtype=np.object_)
-            arr[:] = [x.encode() if isinstance(x, str) else bytes(x) for x in flat]
-        else:
+            arr[:] = [x.encode() for x in flat]
+            return arr
+        with np.errstate(over="raise", invalid="raise"):  # 1e308 as FP32 is an error, not inf
             arr = np.asarray(data, dtype=DATATYPES[dt]).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as err:
-        raise ProtocolError(f"input {name!r}: `data` doesn't hold {dt} values: {err}") from err
+    except (ValueError, TypeError, OverflowError, RecursionError, FloatingPointError) as err:
+        raise ProtocolError(
+            f"input {name!r}: `data` doesn't hold {dt} values: {_brief(str(err), 200)}"
+        ) from err
+    if arr.dtype.kind in "fb" and (arr.dtype.kind == "b" or np.isnan(arr).any()):
+        flat = np.asarray(data, dtype=np.object_).reshape(
+            -1
+        )  # numpy reads null as NaN (float) or False (bool)
+        nulls = [i for i, x in enumerate(flat) if x is None]
+        if nulls:
+            raise ProtocolError(f"input {name!r}: `data` has null at position {nulls[0]}; {dt} needs numbers")
+    return arr
+
+
+def _json_input(name: str, dt: str, shape: tuple[int, ...], data: Any, room: int) -> np.ndarray:
+    """An input whose values are the JSON ``data`` list (``room``: bytes of JSON it came in)."""
+    count = _count(shape)
+    if data is None:
+        raise ProtocolError(f"input {name!r} has neither `data` nor parameters.binary_data_size")
+    per = 2 if dt == "BYTES" else 1  # "" or a digit
+    if count * per > room:
+        raise ProtocolError(
+            f"input {name!r}: shape {list(shape)} needs {count} values, more than a {room}-byte body can hold"
+        )
+    arr = _json_values(name, dt, data)
     if arr.size != count:
         raise ProtocolError(
             f"input {name!r}: shape {list(shape)} needs {count} values, `data` has {arr.size}"
@@ -180,7 +239,7 @@ def _json_input(name: str, dt: str, shape: tuple[int, ...], data: Any) -> np.nda
     return arr.reshape(shape)
 
 
-def _inputs(raw_inputs: list[Any], binary: memoryview) -> dict[str, np.ndarray]:
+def _inputs(raw_inputs: list[Any], binary: memoryview, room: int) -> dict[str, np.ndarray]:
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, spec in enumerate(raw_inputs):
@@ -190,8 +249,10 @@ def _inputs(raw_inputs: list[Any], binary: memoryview) -> dict[str, np.ndarray]:
         if name in inputs:
             raise ProtocolError(f"input {name!r} is given twice")
         dt = spec.get("datatype")
-        if dt not in DATATYPES:
-            raise ProtocolError(f"input {name!r}: unknown datatype {dt!r}; datatypes: {sorted(DATATYPES)}")
+        if not isinstance(dt, str) or dt not in DATATYPES:
+            raise ProtocolError(
+                f"input {name!r}: unknown datatype {_brief(dt)}; datatypes: {sorted(DATATYPES)}"
+            )
         shape = _shape(spec, name)
         params = spec.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
@@ -199,12 +260,33 @@ def _inputs(raw_inputs: list[Any], binary: memoryview) -> dict[str, np.ndarray]:
             inputs[name] = _binary_input(name, dt, shape, size, binary, offset)
             offset += size
         else:
-            inputs[name] = _json_input(name, dt, shape, spec.get("data"))
+            inputs[name] = _json_input(name, dt, shape, spec.get("data"), room)
     if offset != len(binary):
         raise ProtocolError(
             f"{len(binary) - offset} bytes of binary data follow the inputs that no input claims"
         )
     return inputs
+
+
+def _flag(params: Any, key: str, default: bool, where: str) -> bool:
+    """A boolean parameter: true or false, nothing else ("false" as a string would read as true)."""
+    if not isinstance(params, dict) or key not in params:
+        return default
+    value = params[key]
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where}parameters.{key} must be true or false, got {_brief(value)}")
+    return value
+
+
+def _request_id(rid: Any, max_chars: int) -> str | None:
+    if rid is None:
+        return None
+    if isinstance(rid, bool) or not isinstance(rid, str | int):
+        raise ProtocolError(f"`id` must be a string, got {_brief(rid)}")
+    text = str(rid)
+    if len(text) > max_chars:
+        raise ProtocolError(f"`id` is {len(text)} characters; at most {max_chars}")
+    return text
 
 
 def _requested_outputs(raw: Any, binary_default: bool) -> dict[str, bool] | None:
@@ -217,20 +299,30 @@ def _requested_outputs(raw: Any, binary_default: bool) -> dict[str, bool] | None
     for o in raw:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise ProtocolError("each of `outputs` must be an object with a string `name`")
-        p = o.get("parameters") or {}
-        outputs[o["name"]] = (
-            bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default
+        outputs[o["name"]] = _flag(
+            o.get("parameters"), "binary_data", binary_default, f"output {o['name']!r}: "
         )
     return outputs
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+def parse_infer_request(
+    body: bytes, header_length: str | None, max_id_chars: int = MAX_ID_CHARS
+) -> InferRequest:
     """Decode an infer request body (JSON, or JSON header + binary tensors)."""
+    try:
+        return _parse(body, header_length, max_id_chars)
+    except RecursionError as err:
+        raise ProtocolError("the request body is nested too deeply") from err
+    except OverflowError as err:
+        raise ProtocolError(f"a number in the request is out of range: {err}") from err
+
+
+def _parse(body: bytes, header_length: str | None, max_id_chars: int) -> InferRequest:
     head, binary = _split_body(body, header_length)
     try:
         req = json.loads(head)
     except (ValueError, UnicodeDecodeError) as err:
-        raise ProtocolError(f"the request body is not valid JSON: {err}") from err
+        raise ProtocolError(f"the request body is not valid JSON: {_brief(str(err), 200)}") from err
     if not isinstance(req, dict):
         raise ProtocolError(f"an infer request is a JSON object with `inputs`, got {type(req).__name__}")
     raw_inputs = req.get("inputs")
@@ -239,12 +331,12 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             "an infer request needs a non-empty `inputs` list, e.g. "
             '{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}'
         )
-    inputs = _inputs(raw_inputs, binary)
+    rid = _request_id(req.get("id"), max_id_chars)
+    inputs = _inputs(raw_inputs, binary, len(head))
     params = req.get("parameters") or {}
-    binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
-    rid = req.get("id")
+    binary_default = _flag(params, "binary_data_output", False, "")
     return InferRequest(
-        id=str(rid) if rid is not None else None,
+        id=rid,
         inputs=inputs,
         outputs=_requested_outputs(req.get("outputs"), binary_default),
         binary_output_default=binary_default,
@@ -255,10 +347,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
 def _json_data(arr: np.ndarray) -> list[Any]:
     if arr.dtype == np.object_:
         return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
-    flat = arr.reshape(-1)
-    if arr.dtype.kind == "f":
-        return [float(x) for x in flat]  # NaN/inf become JSON NaN/Infinity, as Triton does
-    return list(flat.tolist())
+    return list(arr.reshape(-1).tolist())
 
 
 def _binary(arr: np.ndarray) -> bytes:
@@ -293,6 +382,11 @@ def encode_infer_response(
             out["parameters"] = {"binary_data_size": len(b)}
             blobs.append(b)
         else:
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise ProtocolError(
+                    f"output {name!r} holds NaN or infinity, which JSON can't carry; ask for it as binary "
+                    f'(parameters.binary_data_output: true, or "binary_data": true in the output\'s parameters)'
+                )
             out["data"] = _json_data(arr)
         head["outputs"].append(out)
     text = json.dumps(head, separators=(",", ":")).encode()

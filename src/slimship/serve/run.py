@@ -1,10 +1,18 @@
 """Build and run the single-process server: the models of a :class:`~slimship.serve.config.ServeConfig` resolved
 (registry checkouts verified), the app built over a :class:`~slimship.serve.server.Server` and handed to uvicorn.
 SIGTERM / Ctrl-C stop taking connections, answer in-flight requests (up to ``graceful_shutdown_s``), then drain
-every endpoint's queue before the process exits."""
+every endpoint's queue before the process exits.
+
+Connections are timed: a request's headers must arrive within ``limits.header_timeout_s`` of the connection opening
+(or of the previous response), else the connection is closed (uvicorn itself never times out incomplete headers, so
+held-open connections would pile up: slowloris); the body has ``limits.body_timeout_s`` (408, in the app); an idle
+keep-alive connection is closed after ``limits.keep_alive_s``. Binding a non-loopback interface without an inference
+token is warned about loudly: anyone who can reach the port can use the models."""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import logging
 import sys
@@ -122,6 +130,70 @@ def build(
     return server, create_app(server, startup=[start_all()])
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def bind_warning(host: str, token: str | None) -> str | None:
+    """The warning to print when the server binds beyond loopback with no inference token, else None."""
+    if token is not None or is_loopback(host):
+        return None
+    return (
+        f"WARNING: serving on {host} with no inference token: anyone who can reach this port can run the models. "
+        "Set SLIMSHIP_TOKEN (clients then send `Authorization: Bearer <token>`), or bind 127.0.0.1."
+    )
+
+
+def timed_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with a deadline for a request's headers."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class TimedHttpToolsProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._disarm()  # idle now: the keep-alive timeout takes over
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return TimedHttpToolsProtocol
+
+
 def serve(
     config: ServeConfig,
     token: str | None = None,
@@ -147,6 +219,7 @@ def serve(
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=int(config.graceful_shutdown_s),
-        http="httptools",
+        timeout_keep_alive=max(1, round(config.limits.keep_alive_s)),
+        http=timed_protocol(config.limits.header_timeout_s),
         loop="uvloop",
     )

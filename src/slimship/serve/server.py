@@ -67,7 +67,7 @@ class Server:
         self.endpoint_retire: EndpointRetire | None = None
         self.judges = Judges()
         self.rollouts = RolloutController(self)
-        self.feedback = FeedbackStore()
+        self.feedback = FeedbackStore(max_ids=self.limits.max_remembered_ids)  # ids are capped in length
         self.live = LiveStats()
 
     def remember(self, body_id: str | None, request_id: str, model: str, version: str) -> None:
