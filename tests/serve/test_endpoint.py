@@ -39,3 +39,12 @@ def test_a_fixed_width_output_equal_to_the_padded_length_is_not_cut(models):
         4,
         4,
     )  # the sequence output is cut back
+
+
+def test_wire_datatypes_come_from_the_one_ort_to_numpy_map():
+    from slimship.serve.endpoint import wire_datatype
+    from slimship.tensor_types import ORT_TO_NUMPY
+
+    assert wire_datatype("tensor(float)") == "FP32" and wire_datatype("tensor(int64)") == "INT64"
+    assert wire_datatype("tensor(string)") == "BYTES" and wire_datatype("tensor(bool)") == "BOOL"
+    assert all(wire_datatype(t) != t for t in ORT_TO_NUMPY)  # every known type has a protocol name

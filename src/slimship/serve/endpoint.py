@@ -31,25 +31,28 @@ from slimship.serve.config import BatchingConfig, DriftConfig
 from slimship.serve.input_limits import InputLimits, read_input_limits
 from slimship.serve.protocol import DATATYPES, Overloaded, ProtocolError, TimedOut
 
-_ORT_TO_DT = {
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(float16)": "FP16",
-    "tensor(int64)": "INT64",
-    "tensor(int32)": "INT32",
-    "tensor(int16)": "INT16",
-    "tensor(int8)": "INT8",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(bool)": "BOOL",
-    "tensor(string)": "BYTES",
-}
+
+def wire_datatype(ort_type: str) -> str:
+    """The Open Inference Protocol datatype of an ONNX Runtime tensor type (``tensor(float)`` → ``FP32``), from the
+    one ORT → numpy map (:mod:`slimship.tensor_types`); strings are ``BYTES``."""
+    import numpy as np
+
+    from slimship.serve.protocol import DATATYPES
+    from slimship.tensor_types import ORT_TO_NUMPY
+
+    if ort_type == "tensor(string)":
+        return "BYTES"
+    name = ORT_TO_NUMPY.get(ort_type)
+    if name is None:
+        return ort_type
+    return next(k for k, v in DATATYPES.items() if k != "BYTES" and np.dtype(v) == np.dtype(name))
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class WireTensorSpec:
+    """A served input or output as the protocol describes it (datatype ``FP32``, …; the model-side spec with numpy
+    dtypes is :class:`slimship.workload.TensorSpec`)."""
+
     name: str
     datatype: str
     shape: tuple[int | str | None, ...]
@@ -106,8 +109,8 @@ class ModelIO:
     model: str
     version: str
     config: BatchingConfig
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
+    inputs: list[WireTensorSpec]
+    outputs: list[WireTensorSpec]
     #: axis 0 of every input is a batch axis (requests can be stacked)
     batchable: bool
     #: variable-length sequences (axis 1) are padded to batch them
@@ -265,12 +268,10 @@ class Endpoint(ModelIO):
         )
         self.limits = read_input_limits(self.path)
         self.inputs = [
-            TensorSpec(i.name, _ORT_TO_DT.get(i.type, i.type), tuple(i.shape))
-            for i in self.session.get_inputs()
+            WireTensorSpec(i.name, wire_datatype(i.type), tuple(i.shape)) for i in self.session.get_inputs()
         ]
         self.outputs = [
-            TensorSpec(o.name, _ORT_TO_DT.get(o.type, o.type), tuple(o.shape))
-            for o in self.session.get_outputs()
+            WireTensorSpec(o.name, wire_datatype(o.type), tuple(o.shape)) for o in self.session.get_outputs()
         ]
         self.batchable = all(len(s.shape) >= 1 and not isinstance(s.shape[0], int) for s in self.inputs)
         seq_dynamic = all(len(s.shape) >= 2 and not isinstance(s.shape[1], int) for s in self.inputs)

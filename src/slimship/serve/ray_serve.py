@@ -35,7 +35,7 @@ import numpy as np
 
 from slimship.errors import ServingError
 from slimship.serve.config import BatchingConfig, DriftConfig, Limits, ReplicaConfig, TrafficPolicy
-from slimship.serve.endpoint import Endpoint, ModelIO, ServedEndpoint, TensorSpec
+from slimship.serve.endpoint import Endpoint, ModelIO, ServedEndpoint, WireTensorSpec
 from slimship.serve.http import create_app
 from slimship.serve.protocol import Overloaded, ProtocolError, TimedOut
 from slimship.serve.run import configure_logging, resolve_models
@@ -201,8 +201,8 @@ class RemoteEndpoint(ModelIO):
         self.model, self.version = model, str(version)
         self.metrics = metrics
         self.handle, self.config, self.source, self.replicas = handle, config, source, replicas
-        self.inputs = [TensorSpec(n, d, tuple(s)) for n, d, s in info["inputs"]]
-        self.outputs = [TensorSpec(n, d, tuple(s)) for n, d, s in info["outputs"]]
+        self.inputs = [WireTensorSpec(n, d, tuple(s)) for n, d, s in info["inputs"]]
+        self.outputs = [WireTensorSpec(n, d, tuple(s)) for n, d, s in info["outputs"]]
         self.batchable, self.pads = bool(info["batchable"]), bool(info["pads"])
         self.path = Path(info["path"])
         self.session = _RemoteSession(handle, info)
