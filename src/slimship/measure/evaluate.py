@@ -108,7 +108,11 @@ def original_evaluation_key(candidate: Candidate, workload: Workload, backend: s
     )[:20]
 
 
-def _evaluation_cache_path(key: str, workload: Workload) -> Path:
+def original_evaluation_path(
+    candidate: Candidate, workload: Workload, backend: str, limit: int | None
+) -> Path:
+    """Where the original's evaluation is cached (see :func:`original_evaluation_key`)."""
+    key = original_evaluation_key(candidate, workload, backend, limit)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", workload.name)[:60]
     return cache_dir() / "evaluations" / f"{safe}-{key}.json"
 
@@ -133,9 +137,7 @@ def evaluate(
     cache_path = None
     if candidate.pass_name is None:
         chosen = backend or ("torch" if candidate.format == "torch" else "onnxruntime")
-        cache_path = _evaluation_cache_path(
-            original_evaluation_key(candidate, workload, chosen, limit), workload
-        )
+        cache_path = original_evaluation_path(candidate, workload, chosen, limit)
         if cache_path.exists():
             cached = json.loads(cache_path.read_text())
             return {**cached, "candidate": candidate.id, "cached_from": str(cache_path)}

@@ -74,7 +74,8 @@ def run_recipe(
     recipe: Recipe = load_recipe(recipe_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(recipe_path, out / "recipe.yaml")
+    if Path(recipe_path).resolve() != (out / "recipe.yaml").resolve():  # re-running a run's own copy
+        shutil.copyfile(recipe_path, out / "recipe.yaml")
     machine = machine_info(physical_cores())
     write_json_atomic(out / "machine.json", machine)
     workload = resolve_workload(recipe.workload, data=recipe.data)
@@ -193,7 +194,8 @@ def _run_attempt(ctx: _RunContext, attempt: Any) -> dict[str, Any]:
         "final_step": final,
         "candidate": final["candidate"] if final else None,
         "constraints": verdict,
-        "holds": bool(verdict["holds"]),
+        # an attempt whose step failed doesn't hold, even if the last finished step meets the limits
+        "holds": bool(verdict["holds"]) and bool(verdict.get("complete", True)),
         "own_bench": timing,
         "seconds": round(time.perf_counter() - t0, 1),
     }

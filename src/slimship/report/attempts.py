@@ -33,7 +33,8 @@ def _row(a: dict[str, Any], batch_sizes: list[str]) -> str:
         f"<span class={'ok' if c['holds'] else 'fail'}>{_e(n)} {'✓' if c['holds'] else '✗'}</span>"
         for n, c in checks.items()
     )
-    fid = ", ".join(f"{_e(k)} {_f(v, 5)}" for k, v in (a.get("fidelity") or {}).items()) or "—"
+    # the constraint's metric (the workload's first) and the next one
+    fid = ", ".join(f"{_e(k)} {_f(v, 5)}" for k, v in list((a.get("fidelity") or {}).items())[:2]) or "—"
     what = (
         "the recipe as written"
         if a.get("replaced_step") is None
