@@ -578,6 +578,8 @@ def evaluate_steps(
             if ev is None:
                 log(f"evaluating {s['label']}")
                 ev = evaluate(cand, workload, limit=evaluate_limit, progress=False)
+                if ev.get("cached_from"):
+                    log(f"{s['label']}: evaluation cached from an earlier run ({ev['cached_from']})")
             else:
                 log(f"{s['label']}: {ev['quality_from']} — no evaluation of its own")
             write_json_atomic(cache, ev)
