@@ -191,6 +191,15 @@ def test_bad_fallback_entries_are_errors_naming_file_and_line(tmp_path, fallback
         load_recipe(p)
 
 
+def test_a_fallback_that_breaks_the_chain_names_its_own_line(tmp_path):
+    p = _recipe(tmp_path, RECIPE.replace("config: {level: basic}", "config: {level: extended}"))
+    with pytest.raises(
+        ConfigError,
+        match=r"r\.yaml:12: passes\[2\]\.fallbacks\[1\] \(static\).*quantize-static right after optimize",
+    ):
+        load_recipe(p)
+
+
 def test_the_originals_evaluation_is_cached_by_what_it_depends_on(monkeypatch):
     from slimship.candidate import original_candidate
     from slimship.workload import resolve_workload

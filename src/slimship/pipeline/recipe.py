@@ -483,8 +483,12 @@ def _check_fallbacks(recipe: Recipe, path: Path, root: Any) -> None:
         try:
             _check_steps(recipe.model_copy(update={"passes": attempt.passes}), path, root)
         except ConfigError as err:
+            i = recipe.step_labels().index(attempt.replaced_step or "")
+            j = next(k for k, a in enumerate(recipe.passes[i].fallbacks) if a is attempt.alternative)
+            line = _line_of(root, ("passes", i, "fallbacks", j, "pass_name"))
             raise ConfigError(
-                f"with fallback {attempt.label!r} for step {attempt.replaced_step!r}: {err}"
+                f"{path}:{line}: passes[{i}].fallbacks[{j}] ({attempt.label}): with this fallback for step "
+                f"{attempt.replaced_step!r}: {err}"
             ) from err
 
 
