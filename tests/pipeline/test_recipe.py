@@ -64,7 +64,11 @@ passes:
         ),
         (
             GOOD_HEAD + "  - pass: export\n    confg: {}\n",
-            ["recipe.yaml:5:", "passes[0].confg", "allowed keys: ['pass', 'name', 'config', 'skip']"],
+            [
+                "recipe.yaml:5:",
+                "passes[0].confg",
+                "allowed keys: ['pass', 'name', 'config', 'skip', 'fallbacks']",
+            ],
         ),
         (
             GOOD_HEAD + "  - pass: quantize-dynamic\n  - pass: prune\n",

@@ -82,7 +82,13 @@ def run(
     """Run a recipe's passes in order, evaluate every step, time the result against the original and check the constraints.
 
     An interrupted run resumes: steps whose pass, config and parent are unchanged are reused. A failing step is
-    recorded with its reason and the steps after it are skipped.
+    recorded with its reason and the steps after it are skipped. A step verified equal to its parent (export,
+    optimize) reuses its parent's quality instead of a full evaluation. When the constraints fail and a step
+    declares `fallbacks`, each is tried in turn (`fallback_policy: first` stops at the first that holds;
+    `fastest` tries all and keeps the fastest that holds); report.html lists every attempt.
+
+    Exit codes: 0 the constraints hold · 3 they do not hold (no attempt held; results and report are written) ·
+    2 a bad recipe or another error.
 
     Examples: `slimship run` (the built-in default on minilm) ·
     `slimship run examples/recipes/mnist.yaml -o runs/mnist` (prune → distil → quantize; re-run to resume)
@@ -98,6 +104,7 @@ def run(
         extra = s.get("reason") or s.get("candidate", "")
         typer.echo(f"{s['label']:20s} {s['status']:8s} {extra}")
     verdict = result["constraints"]
+    _echo_attempts(result)
     for name, c in verdict["checks"].items():
         measured = "—" if c["measured"] is None else f"{c['measured']:.4g}"
         typer.echo(
@@ -120,6 +127,28 @@ def run(
     typer.echo(f"report:  {dest / 'report.html'}")
     if register:
         _register_run(result, dest, register, registry_root, registry_url)
+    if not verdict["holds"]:
+        console().print(
+            f"[bold red]the constraints do not hold[/bold red] (exit code {EXIT_CONSTRAINTS_FAIL}); see {dest / 'report.html'}"
+        )
+        raise typer.Exit(EXIT_CONSTRAINTS_FAIL)
+
+
+#: `slimship run`'s exit code when the final constraints do not hold (no attempt held)
+EXIT_CONSTRAINTS_FAIL = 3
+
+
+def _echo_attempts(result: dict[str, Any]) -> None:
+    """One line per attempt when the recipe has fallbacks."""
+    attempts = result.get("attempts") or []
+    fb = result.get("fallback") or {}
+    if fb.get("attempts_declared", 1) <= 1:
+        return
+    for a in attempts:
+        drop = "—" if a.get("quality_drop") is None else f"{a['quality_drop']:+.3g}"
+        mark = "kept" if a.get("kept") else ("holds" if a["holds"] else "fails")
+        typer.echo(f"attempt {a['attempt']} {a['label']:28s} quality drop {drop:>8s}  {mark}")
+    typer.echo(f"kept attempt {fb['kept']} ({fb['kept_label']}): {fb['reason']}")
 
 
 def _register_run(result: dict[str, Any], dest: Path, name: str, root: Path | None, url: str | None) -> None:

@@ -1,4 +1,10 @@
-"""Task quality and fidelity to the original model, for any candidate on any runtime."""
+"""Task quality and fidelity to the original model, for any candidate on any runtime.
+
+The original model's evaluation is cached across runs (``$SLIMSHIP_CACHE_DIR/evaluations/``), keyed by what its
+figures depend on: the workload's fingerprint (model and data), the evaluation limit, the artifact's sha256, the
+runtime backend, and the versions of slimship and of the packages that compute the numbers. Change any of them
+and it is measured again.
+"""
 
 from __future__ import annotations
 
@@ -84,6 +90,33 @@ def _save_reference(workload: Workload, limit: int | None, outputs: dict[str, np
     tmp.replace(path)
 
 
+def original_evaluation_key(candidate: Candidate, workload: Workload, backend: str, limit: int | None) -> str:
+    """The cache key of an original model's evaluation: everything its figures depend on."""
+    from slimship import __version__
+    from slimship._util import sha256_text, stable_json
+    from slimship.machine import package_versions
+
+    return sha256_text(
+        "evaluation/1",
+        workload.name,
+        workload.fingerprint(),
+        str(limit),
+        candidate.artifact_sha256,
+        backend,
+        __version__,
+        stable_json(package_versions()),
+    )[:20]
+
+
+def original_evaluation_path(
+    candidate: Candidate, workload: Workload, backend: str, limit: int | None
+) -> Path:
+    """Where the original's evaluation is cached (see :func:`original_evaluation_key`)."""
+    key = original_evaluation_key(candidate, workload, backend, limit)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", workload.name)[:60]
+    return cache_dir() / "evaluations" / f"{safe}-{key}.json"
+
+
 def evaluate(
     candidate: Candidate,
     workload: Workload,
@@ -92,9 +125,22 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Quality (the workload's task metrics) and fidelity (agreement with the original's outputs)."""
+    """Quality (the workload's task metrics) and fidelity (agreement with the original's outputs).
+
+    The original (a candidate made by no pass) is measured once per cache key (see
+    :func:`original_evaluation_key`); a cached evaluation says so in ``cached_from``."""
+    import json
+
+    from slimship._util import write_json_atomic
     from slimship.runtime import create_runtime
 
+    cache_path = None
+    if candidate.pass_name is None:
+        chosen = backend or ("torch" if candidate.format == "torch" else "onnxruntime")
+        cache_path = original_evaluation_path(candidate, workload, chosen, limit)
+        if cache_path.exists():
+            cached = json.loads(cache_path.read_text())
+            return {**cached, "candidate": candidate.id, "cached_from": str(cache_path)}
     rt = create_runtime(candidate, workload, backend, threads)
     # the original model on its own runtime *is* the reference: run it once, not twice
     is_reference = candidate.pass_name is None and rt.backend == (
@@ -116,7 +162,7 @@ def evaluate(
         )
         seconds = time.perf_counter() - t0
     rt.close()
-    return {
+    result = {
         "candidate": candidate.id,
         "candidate_name": candidate.name,
         "runtime": rt.describe(),
@@ -127,3 +173,6 @@ def evaluate(
         "primary_metric": workload.primary_metric,
         "seconds": round(seconds, 2),
     }
+    if cache_path is not None:
+        write_json_atomic(cache_path, {**result, "cache_key": cache_path.stem})
+    return result

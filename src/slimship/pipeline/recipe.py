@@ -13,6 +13,20 @@
       min_fidelity: 0.99            # the workload's first fidelity metric (cosine_min, top1_agreement, ...)
       max_latency_ms: {batch_size: 32, value: 150}
       max_size_mb: 25
+    fallback_policy: first          # or fastest (see below)
+
+A step may declare ``fallbacks``: alternatives, each a full replacement of that step's pass and config, tried in
+order when the constraints fail on the final candidate::
+
+      - pass: quantize-dynamic
+        config: {smooth: all}
+        fallbacks:
+          - {label: ffn-out-float, pass: quantize-dynamic, config: {smooth: all, keep_float: ffn_out}}
+
+Attempt 1 is the recipe as written; each fallback is one more attempt that replaces only its own step (the steps
+before it are reused from the step cache, the steps after it run again). ``fallback_policy: first`` (the default)
+stops at the first attempt whose constraints hold; ``fastest`` runs every attempt and keeps the fastest that holds
+(timed against each other in one interleaved benchmark).
 
 Everything is validated before anything runs: unknown keys, wrong types, unknown passes, pass configs
 (each against its pass's own schema), a pass chain whose formats don't connect (an ONNX pass before the
@@ -22,6 +36,7 @@ given and what is allowed. :func:`recipe_json_schema` publishes the schema for e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,6 +173,25 @@ class Search(BaseModel):
     )
 
 
+class StepAlternative(BaseModel):
+    """A fallback of a step: another pass and config for it, tried when the constraints fail."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    pass_name: str = Field(
+        alias="pass",
+        description="registered pass that replaces the step's (same input and output format), e.g. quantize-dynamic",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the replacement pass's full config (nothing is inherited from the step), e.g. {keep_float: ffn_out}",
+    )
+    label: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="name of the attempt in results and report (letters, digits, _ . -); default: <step>-fallback-N",
+    )
+
+
 class Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     pass_name: str = Field(
@@ -177,6 +211,22 @@ class Step(BaseModel):
         default=False,
         description="leave the step out (its input goes on unchanged); searchable as <step>.skip",
     )
+    fallbacks: list[StepAlternative] = Field(
+        default_factory=list,
+        description="alternatives tried in order when the constraints fail: each replaces this step's pass and config (slimship run only; tune ignores them)",
+    )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One way to run the recipe: its passes with at most one step replaced by a fallback."""
+
+    number: int
+    label: str
+    #: the step a fallback replaced (None: the recipe as written)
+    replaced_step: str | None
+    alternative: StepAlternative | None
+    passes: list[Step]
 
 
 class Recipe(BaseModel):
@@ -200,6 +250,10 @@ class Recipe(BaseModel):
         default=None,
         description="what `slimship tune` varies and how long it searches; null: run the passes once as written",
     )
+    fallback_policy: Literal["first", "fastest"] = Field(
+        default="first",
+        description='with step fallbacks: "first" stops at the first attempt whose constraints hold (bounded run time); "fastest" runs every attempt and keeps the fastest that holds',
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -211,7 +265,31 @@ class Recipe(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"step names must be unique; repeated: {dup}")
+        labels = self.step_labels()
+        alt = [a.label for s in self.passes for a in s.fallbacks if a.label]
+        dup = sorted({n for n in alt if alt.count(n) > 1 or n in labels})
+        if dup:
+            raise ValueError(f"fallback labels must be unique and differ from step names; repeated: {dup}")
         return self
+
+    def attempts(self) -> list[Attempt]:
+        """Attempt 1 (the recipe as written), then one attempt per fallback, in step order then listed order."""
+        out = [Attempt(1, "as-written", None, None, list(self.passes))]
+        for i, (step, label) in enumerate(zip(self.passes, self.step_labels(), strict=True)):
+            for j, alt in enumerate(step.fallbacks, 1):
+                replaced = step.model_copy(
+                    update={"pass_name": alt.pass_name, "config": dict(alt.config), "skip": False}
+                )
+                out.append(
+                    Attempt(
+                        len(out) + 1,
+                        alt.label or f"{label}-fallback-{j}",
+                        label,
+                        alt,
+                        [*self.passes[:i], replaced, *self.passes[i + 1 :]],
+                    )
+                )
+        return out
 
     def step_labels(self) -> list[str]:
         """The directory name of each step: its ``name``, else the pass name (numbered when repeated)."""
@@ -295,6 +373,7 @@ def load_recipe(path: str | Path) -> Recipe:
             )
         raise ConfigError("invalid recipe:\n  " + "\n  ".join(problems)) from err
     _check_steps(recipe, p, root)
+    _check_fallbacks(recipe, p, root)
     _check_constraints(recipe, p, root)
     _check_search(recipe, p, root)
     return recipe
@@ -309,7 +388,11 @@ def _allowed_keys(parent: tuple[Any, ...]) -> str:
         ("search",): Search,
     }
     key = tuple(x for x in parent if isinstance(x, str))
-    model = Step if parent and parent[0] == "passes" else models.get(key)
+    model = (
+        (StepAlternative if "fallbacks" in key else Step)
+        if parent and parent[0] == "passes"
+        else models.get(key)
+    )
     if model is None:
         return ""
     names = [f.alias or n for n, f in model.model_fields.items()]
@@ -363,6 +446,50 @@ def _check_steps(recipe: Recipe, path: Path, root: Any) -> None:
                 f"{where}: {step.pass_name!r} takes a {cls.input_format} model but the step before gives {fmt}{hint}"
             )
         fmt = cls.output_format
+
+
+def _check_fallbacks(recipe: Recipe, path: Path, root: Any) -> None:
+    """Each fallback names a registered pass with the same input and output format as its step, a config valid
+    for that pass, and makes a chain that passes the same checks as the recipe's own steps."""
+    from slimship.passes import PASSES
+
+    for i, step in enumerate(recipe.passes):
+        cls = PASSES[step.pass_name]
+        for j, alt in enumerate(step.fallbacks):
+            loc = ("passes", i, "fallbacks", j)
+            where = f"{path}:{_line_of(root, (*loc, 'pass_name'))}: passes[{i}].fallbacks[{j}]"
+            other = PASSES.get(alt.pass_name)
+            if other is None:
+                import difflib
+
+                close = difflib.get_close_matches(alt.pass_name, list(PASSES), n=3)
+                hint = f"; did you mean {close}?" if close else ""
+                raise ConfigError(
+                    f"{where}.pass: unknown pass {alt.pass_name!r}{hint}; passes: {sorted(PASSES)}"
+                )
+            if (other.input_format, other.output_format) != (cls.input_format, cls.output_format):
+                raise ConfigError(
+                    f"{where}.pass: {alt.pass_name!r} takes {other.input_format} and gives {other.output_format}, "
+                    f"but the step it replaces ({step.pass_name}) takes {cls.input_format} and gives {cls.output_format}"
+                )
+            try:
+                other.config_cls.parse(alt.config)
+            except ConfigError as err:
+                line = _line_of(root, (*loc, "config"))
+                raise ConfigError(
+                    f"{path}:{line}: passes[{i}].fallbacks[{j}].config ({alt.pass_name}): {err}"
+                ) from err
+    for attempt in recipe.attempts()[1:]:
+        try:
+            _check_steps(recipe.model_copy(update={"passes": attempt.passes}), path, root)
+        except ConfigError as err:
+            i = recipe.step_labels().index(attempt.replaced_step or "")
+            j = next(k for k, a in enumerate(recipe.passes[i].fallbacks) if a is attempt.alternative)
+            line = _line_of(root, ("passes", i, "fallbacks", j, "pass_name"))
+            raise ConfigError(
+                f"{path}:{line}: passes[{i}].fallbacks[{j}] ({attempt.label}): with this fallback for step "
+                f"{attempt.replaced_step!r}: {err}"
+            ) from err
 
 
 def _check_constraints(recipe: Recipe, path: Path, root: Any) -> None:
@@ -515,6 +642,34 @@ def effective_params(recipe: Recipe, params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _alternative_variants(passes: dict[str, Any], step_cls: Any) -> list[dict[str, Any]]:
+    """Schemas of the fallbacks a step of ``step_cls`` may have: passes with the same input and output."""
+    out = []
+    for name, cls in passes.items():
+        if (cls.input_format, cls.output_format) != (step_cls.input_format, step_cls.output_format):
+            continue
+        out.append(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["pass"],
+                "properties": {
+                    "pass": {"const": name, "description": cls.summary},
+                    "label": {
+                        "type": "string",
+                        "pattern": r"^[A-Za-z0-9_.-]+$",
+                        "description": StepAlternative.model_fields["label"].description,
+                    },
+                    "config": {
+                        "$ref": f"#/$defs/config-{name}",
+                        "description": f"config of the {name} pass ({cls.config_cls.__name__})",
+                    },
+                },
+            }
+        )
+    return out
+
+
 def recipe_json_schema() -> dict[str, Any]:
     """JSON Schema of recipes with each pass's config schema, for editors (yaml-language-server)."""
     from slimship.passes import PASSES
@@ -543,6 +698,11 @@ def recipe_json_schema() -> dict[str, Any]:
                         **cls.config_cls.model_json_schema(),
                         "description": f"config of the {name} pass ({cls.config_cls.__name__})",
                     },
+                    "fallbacks": {
+                        "type": "array",
+                        "items": {"oneOf": _alternative_variants(PASSES, cls)},
+                        "description": Step.model_fields["fallbacks"].description,
+                    },
                 },
             }
         )
@@ -552,6 +712,10 @@ def recipe_json_schema() -> dict[str, Any]:
         "items": {"oneOf": variants},
         "description": Recipe.model_fields["passes"].description,
     }
-    schema.setdefault("$defs", {}).pop("Step", None)
+    defs = schema.setdefault("$defs", {})
+    defs.pop("Step", None)
+    defs.pop("StepAlternative", None)
+    for name, cls in PASSES.items():
+        defs[f"config-{name}"] = cls.config_cls.model_json_schema()
     schema["title"] = "slimship recipe"
     return schema

@@ -60,18 +60,22 @@ def run_recipe(
     bench_batch_sizes: tuple[int, ...] | None = None,
     log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
-    """Run (or resume) a recipe into ``out_dir``; returns what results.json holds."""
-    from slimship.candidate import load_candidate, original_candidate
-    from slimship.machine import machine_info
+    """Run (or resume) a recipe into ``out_dir``; returns what results.json holds.
+
+    With step fallbacks, attempt 1 is the recipe as written and each fallback one more attempt (see
+    :meth:`Recipe.attempts`); attempts run until one holds (``fallback_policy: first``) or all of them
+    (``fastest``). ``steps``, ``evaluations``, ``bench`` and ``constraints`` describe the kept attempt; ``attempts``
+    lists every attempt tried with its figures and ``fallback`` says which was kept and why."""
+    from slimship.candidate import original_candidate
+    from slimship.machine import machine_info, physical_cores
     from slimship.passes import PASSES
     from slimship.workload import resolve_workload
 
     recipe: Recipe = load_recipe(recipe_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(recipe_path, out / "recipe.yaml")
-    from slimship.machine import physical_cores
-
+    if Path(recipe_path).resolve() != (out / "recipe.yaml").resolve():  # re-running a run's own copy
+        shutil.copyfile(recipe_path, out / "recipe.yaml")
     machine = machine_info(physical_cores())
     write_json_atomic(out / "machine.json", machine)
     workload = resolve_workload(recipe.workload, data=recipe.data)
@@ -83,38 +87,234 @@ def run_recipe(
             f"{recipe_path}: the first pass {first.name!r} takes a {first.input_format} model, but {workload.name}'s "
             f"model is {original.format}"
         )
-    steps = execute_steps(list(recipe.passes), recipe.step_labels(), workload, original, out, log)
-    evaluations = evaluate_steps(steps, orig_dir, workload, evaluate_limit, log)
-    final = next((s for s in reversed(steps) if s["status"] in ("ran", "reused")), None)
-    timing = None
-    sizes = sorted({*(bench_batch_sizes or (1,)), *constraint_batch_sizes(recipe)})
-    if final is not None:
-        from slimship.measure.bench import BenchTarget, bench
-
-        log("timing the original and the final candidate (interleaved)")
-        final_c = load_candidate(final["candidate"])
-        targets = [
-            BenchTarget("original", original, "torch" if original.format == "torch" else "onnxruntime"),
-            BenchTarget(final["label"], final_c, "torch" if final_c.format == "torch" else "onnxruntime"),
-        ]
-        timing = bench(
-            targets, workload, batch_sizes=tuple(sizes), memory=False, progress=False, baseline="original"
-        )
+    sizes = tuple(sorted({*(bench_batch_sizes or (1,)), *constraint_batch_sizes(recipe)}))
+    ctx = _RunContext(recipe, workload, original, out, evaluate_limit, sizes, log)
+    plan = recipe.attempts()
+    records: list[dict[str, Any]] = []
+    for attempt in plan:
+        if records and recipe.fallback_policy == "first" and records[-1]["holds"]:
+            break
+        if records:
+            log(
+                f"attempt {attempt.number}/{len(plan)} ({attempt.label}): "
+                f"{'constraints do not hold so far' if not any(r['holds'] for r in records) else 'fallback_policy: fastest'}"
+                f" — replacing step {attempt.replaced_step} with {attempt.alternative.pass_name if attempt.alternative else '?'}"
+            )
+        records.append(_run_attempt(ctx, attempt))
+    timing = _time_attempts(ctx, records)
+    kept, reason = _choose_attempt(recipe, records, timing)
+    for r in records:
+        _attempt_figures(r, workload, timing, len(records))
+        r["kept"] = r is kept
+    bench_result = _kept_bench(timing, kept, records)
     result = {
         "schema": SCHEMA,
         "machine": machine,
         "recipe": recipe.model_dump(mode="json", by_alias=True),
         "workload": workload.describe(),
-        "steps": steps,
-        "evaluations": evaluations,
-        "bench": timing,
-        "constraints": check_constraints(recipe, workload, evaluations, timing, final, original, steps),
+        "steps": kept["steps"],
+        "evaluations": kept["evaluations"],
+        "bench": bench_result,
+        "constraints": {**kept["constraints"], "attempt": kept["attempt"]},
+        "attempts": [{k: v for k, v in r.items() if k not in ("evaluations", "final_step")} for r in records],
+        "fallback": {
+            "policy": recipe.fallback_policy,
+            "attempts_declared": len(plan),
+            "attempts_run": len(records),
+            "kept": kept["attempt"],
+            "kept_label": kept["label"],
+            "reason": reason,
+            "any_holds": any(r["holds"] for r in records),
+        },
     }
     write_json_atomic(out / "results.json", result)
     from slimship.report.html import write_report
 
     write_report(out, result, str(recipe_path))
     return result
+
+
+class _RunContext:
+    """What every attempt of one run shares."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        workload: Any,
+        original: Any,
+        out: Path,
+        evaluate_limit: int | None,
+        sizes: tuple[int, ...],
+        log: Callable[[str], None],
+    ) -> None:
+        self.recipe, self.workload, self.original, self.out = recipe, workload, original, out
+        self.evaluate_limit, self.sizes, self.log = evaluate_limit, sizes, log
+
+
+def _bench_pair(ctx: _RunContext, targets: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The original and ``targets`` (label, candidate) timed interleaved at the run's batch sizes."""
+    from slimship.measure.bench import BenchTarget, bench
+
+    def backend(c: Any) -> str:
+        return "torch" if c.format == "torch" else "onnxruntime"
+
+    items = [BenchTarget("original", ctx.original, backend(ctx.original))]
+    items += [BenchTarget(label, c, backend(c)) for label, c in targets]
+    return bench(
+        items, ctx.workload, batch_sizes=ctx.sizes, memory=False, progress=False, baseline="original"
+    )
+
+
+def _run_attempt(ctx: _RunContext, attempt: Any) -> dict[str, Any]:
+    """Steps, evaluations and constraints of one attempt (timed alone with the original only when a latency
+    or speed-up constraint needs it)."""
+    from slimship.candidate import load_candidate
+
+    t0 = time.perf_counter()
+    steps = execute_steps(
+        list(attempt.passes), ctx.recipe.step_labels(), ctx.workload, ctx.original, ctx.out, ctx.log
+    )
+    evaluations = evaluate_steps(steps, ctx.out / "original", ctx.workload, ctx.evaluate_limit, ctx.log)
+    final = next((s for s in reversed(steps) if s["status"] in ("ran", "reused")), None)
+    timing = None
+    if final is not None and constraint_batch_sizes(ctx.recipe):
+        ctx.log(f"timing the original and {final['label']} (interleaved)")
+        timing = _bench_pair(ctx, [(final["label"], load_candidate(final["candidate"]))])
+    verdict = check_constraints(ctx.recipe, ctx.workload, evaluations, timing, final, ctx.original, steps)
+    alt = attempt.alternative
+    record = {
+        "attempt": attempt.number,
+        "label": attempt.label,
+        "replaced_step": attempt.replaced_step,
+        "pass": alt.pass_name if alt else None,
+        "config": dict(alt.config) if alt else None,
+        "steps": steps,
+        "evaluations": evaluations,
+        "final": final["label"] if final else None,
+        "final_step": final,
+        "candidate": final["candidate"] if final else None,
+        "constraints": verdict,
+        # an attempt whose step failed doesn't hold, even if the last finished step meets the limits
+        "holds": bool(verdict["holds"]) and bool(verdict.get("complete", True)),
+        "own_bench": timing,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    failing = [n for n, c in verdict.get("checks", {}).items() if not c["holds"]]
+    ctx.log(
+        f"attempt {attempt.number} ({attempt.label}): constraints "
+        + ("hold" if record["holds"] else f"do not hold ({', '.join(failing) or verdict.get('note', '')})")
+    )
+    return record
+
+
+def _bench_label(r: dict[str, Any]) -> str:
+    return f"attempt {r['attempt']}: {r['label']}"
+
+
+def _time_attempts(ctx: _RunContext, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One interleaved benchmark of the original and every attempt's final candidate (one attempt: the same
+    timing as a run without fallbacks, labelled by its final step)."""
+    from slimship.candidate import load_candidate
+
+    done = [r for r in records if r["final_step"] is not None]
+    if not done:
+        return None
+    if len(records) == 1:
+        r = done[0]
+        if r["own_bench"] is not None:
+            return dict(r["own_bench"])
+        ctx.log("timing the original and the final candidate (interleaved)")
+        return _bench_pair(ctx, [(r["final"], load_candidate(r["candidate"]))])
+    ctx.log(f"timing the original and {len(done)} attempts' final candidates (interleaved)")
+    return _bench_pair(ctx, [(_bench_label(r), load_candidate(r["candidate"])) for r in done])
+
+
+def _timing_row(timing: dict[str, Any] | None, r: dict[str, Any], n_records: int) -> dict[str, Any] | None:
+    if timing is None or r["final"] is None:
+        return None
+    label = r["final"] if n_records == 1 else _bench_label(r)
+    return next((c for c in timing["candidates"] if c["label"] == label), None)
+
+
+def _decision_batch(recipe: Recipe, sizes: tuple[int, ...]) -> int:
+    """The batch size "fastest" is judged at: the latency or speed-up constraint's, else the largest timed."""
+    own = constraint_batch_sizes(recipe)
+    return own[0] if own else max(sizes)
+
+
+def _choose_attempt(
+    recipe: Recipe, records: list[dict[str, Any]], timing: dict[str, Any] | None
+) -> tuple[dict[str, Any], str]:
+    """The attempt to keep and why: the fastest that holds (only one holds under ``first``); when none holds, the
+    one with the fewest failing constraints (the earliest on a tie)."""
+    holding = [r for r in records if r["holds"]]
+    n = len(records)
+    if not holding:
+
+        def failing(r: dict[str, Any]) -> int:
+            checks = r["constraints"].get("checks", {})
+            return sum(1 for c in checks.values() if not c["holds"]) if checks else 10**6
+
+        kept = min(records, key=lambda r: (failing(r), r["attempt"]))
+        return kept, (
+            f"no attempt of {n} holds its constraints; kept attempt {kept['attempt']} ({kept['label']}), "
+            "the one with the fewest failing constraints"
+        )
+    if len(holding) == 1:
+        kept = holding[0]
+        if n == 1:
+            return kept, "the recipe as written holds its constraints; no fallback needed"
+        return kept, f"the only attempt of {n} that holds its constraints"
+    timed = {x["batch_size"] for c in (timing or {}).get("candidates", []) for x in c["results"]}
+    bs = _decision_batch(recipe, tuple(sorted(timed)) or (1,))
+
+    def p50(r: dict[str, Any]) -> float:
+        row = _timing_row(timing, r, n)
+        res = next((x for x in (row or {}).get("results", []) if x["batch_size"] == bs), None)
+        return res["latency_ms"]["p50"] if res else float("inf")
+
+    kept = min(holding, key=lambda r: (p50(r), r["attempt"]))
+    return kept, (
+        f"the fastest of the {len(holding)} attempts that hold (p50 at batch {bs}, timed interleaved): "
+        f"{p50(kept):.3g} ms"
+    )
+
+
+def _attempt_figures(r: dict[str, Any], workload: Any, timing: dict[str, Any] | None, n: int) -> None:
+    """Flat figures of one attempt for results.json and the report: quality, drop, fidelity, size, latency."""
+    from slimship.candidate import load_candidate
+
+    metric = workload.primary_metric
+    ev = r["evaluations"].get(r["final"] or "", {})
+    ref = r["evaluations"].get("original", {})
+    q, base = ev.get("quality", {}).get(metric), ref.get("quality", {}).get(metric)
+    r["metric"] = metric
+    r["quality"] = q
+    r["quality_drop"] = (
+        None if q is None or base is None else (base - q if workload.higher_is_better else q - base)
+    )
+    r["fidelity"] = dict(ev.get("fidelity", {}))
+    r["quality_from"] = ev.get("quality_from", "evaluated")
+    r["size_bytes"] = load_candidate(r["candidate"]).size_bytes if r["candidate"] else None
+    row = _timing_row(timing, r, n) or {}
+    results = row.get("results", [])
+    r["latency_ms_p50"] = {str(x["batch_size"]): x["latency_ms"]["p50"] for x in results}
+    r["speedup"] = {str(x["batch_size"]): x.get("speedup_vs_baseline_p50") for x in results}
+    r.pop("own_bench", None)
+
+
+def _kept_bench(
+    timing: dict[str, Any] | None, kept: dict[str, Any], records: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The run's ``bench``: the joint timing, with the kept attempt's row under its final step's label."""
+    if timing is None or len(records) == 1:
+        return timing
+    rows = []
+    for c in timing["candidates"]:
+        if c["label"] == _bench_label(kept):
+            c = {**c, "label": kept["final"]}
+        rows.append(c)
+    return {**timing, "candidates": rows}
 
 
 def constraint_batch_sizes(recipe: Recipe) -> list[int]:
@@ -327,6 +527,28 @@ def execute_steps(
     return steps
 
 
+def verified_equal_to_parent(info: dict[str, Any]) -> float | None:
+    """The max |Δ| of a candidate whose recorded verification against its parent (``info["verification"]``: export,
+    optimize) passed *and* holds at the default float tolerances (cosine ≥ 0.9999, |Δ| ≤ 1e-4 + 1e-3·max|parent|,
+    arg-max agreement 1) — a step that equal needs no evaluation of its own; None otherwise (lossy steps, looser
+    thresholds, no record)."""
+    from slimship.measure.verify import VerificationReport, VerifyThresholds
+
+    data = info.get("verification")
+    if not isinstance(data, dict):
+        return None
+    report = VerificationReport.from_json(data)
+    tol = VerifyThresholds()
+    if not report.passed or not report.outputs:
+        return None
+    for out in report.outputs.values():
+        if out.cosine_min < tol.min_cosine or out.max_abs_error > tol.atol + tol.rtol * out.max_abs_reference:
+            return None
+        if out.top1_agreement is not None and out.top1_agreement < tol.min_top1_agreement:
+            return None
+    return report.max_abs_error
+
+
 def evaluate_steps(
     steps: list[dict[str, Any]],
     orig_dir: Path,
@@ -334,22 +556,51 @@ def evaluate_steps(
     evaluate_limit: int | None,
     log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
-    """Quality and fidelity of the original and of every finished step (cached beside each candidate)."""
+    """Quality and fidelity of the original and of every finished step (cached beside each candidate). A step
+    verified equal to its parent within float tolerance (see :func:`verified_equal_to_parent`) reuses its parent's
+    figures instead of a full evaluation, and says so in ``quality_from``."""
     import json
 
     from slimship.candidate import load_candidate
     from slimship.measure.evaluate import evaluate
 
     evaluations: dict[str, Any] = {}
+    by_id: dict[str, dict[str, Any]] = {}
     for s in [{"label": "original", "candidate": str(orig_dir)}] + [s for s in steps if "candidate" in s]:
         cache = (
             Path(s["candidate"]) / f"evaluation{'' if evaluate_limit is None else f'-{evaluate_limit}'}.json"
         )
+        cand = load_candidate(s["candidate"])
         if cache.exists():
-            evaluations[s["label"]] = json.loads(cache.read_text())
-            continue
-        log(f"evaluating {s['label']}")
-        ev = evaluate(load_candidate(s["candidate"]), workload, limit=evaluate_limit, progress=False)
-        write_json_atomic(cache, ev)
+            ev = json.loads(cache.read_text())
+        else:
+            ev = _reused_evaluation(cand, by_id)
+            if ev is None:
+                log(f"evaluating {s['label']}")
+                ev = evaluate(cand, workload, limit=evaluate_limit, progress=False)
+                if ev.get("cached_from"):
+                    log(f"{s['label']}: evaluation cached from an earlier run ({ev['cached_from']})")
+            else:
+                log(f"{s['label']}: {ev['quality_from']} — no evaluation of its own")
+            write_json_atomic(cache, ev)
         evaluations[s["label"]] = ev
+        by_id[cand.id] = ev
     return evaluations
+
+
+def _reused_evaluation(cand: Any, by_id: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The parent's evaluation, carried over to a candidate verified equal to it; None when it must be measured."""
+    parent = by_id.get(cand.parent_id or "")
+    if parent is None:
+        return None
+    delta = verified_equal_to_parent(cand.info)
+    if delta is None:
+        return None
+    return {
+        **{k: v for k, v in parent.items() if k not in ("cached_from", "cache_key")},
+        "candidate": cand.id,
+        "candidate_name": cand.name,
+        "seconds": 0.0,
+        "quality_from": f"parent (verified equal: max |Δ| {delta:.1g})",
+        "quality_from_candidate": cand.parent_id,
+    }

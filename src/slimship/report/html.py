@@ -13,6 +13,7 @@ from typing import Any
 
 from slimship.measure.complexity import ComplexityRecord
 from slimship.measure.verify import VerificationReport
+from slimship.report.attempts import attempts_section, quality_source
 from slimship.train import FinetuneReport
 
 _CSS = """
@@ -275,7 +276,7 @@ def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -
         rows.append(
             f"<tr><td>{_e(s['label'])}</td><td>{_e(s['pass'])}</td><td>{_e(status)}</td><td>{_num(size, 3)}</td>"
             f"<td>{_num(q)}</td><td>{_num(delta, 3)}</td><td>{_num(fid, 5)} <span class=muted>{_e(fid_name or '')}</span></td>"
-            f"<td>{_num(s.get('seconds'))}</td></tr>"
+            f"<td class=muted>{_e(quality_source(ev))}</td><td>{_num(s.get('seconds'))}</td></tr>"
         )
         if q is not None and size is not None:
             points.append({"label": s["label"], "size_mb": size, "quality": q})
@@ -300,7 +301,15 @@ def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -
         parts.append(f"{fq - base_q:+.2f} points {_e(metric)}")
     if final in sizes and "original" in sizes:
         parts.append(f"{sizes['original'] / sizes[final]:.1f}x smaller")
-    parts.append("constraints hold" if verdict.get("holds") else "constraints do NOT hold")
+    fb = result.get("fallback") or {}
+    tried = fb.get("attempts_run", 1)
+    if verdict.get("holds"):
+        parts.append(
+            "constraints hold"
+            + (f" (attempt {fb['kept']} of {tried}: {fb['kept_label']})" if tried > 1 else "")
+        )
+    else:
+        parts.append("constraints do not hold" + (f" in any of the {tried} attempts" if tried > 1 else ""))
     if not verdict.get("complete", True):
         parts.append("recipe incomplete: a step failed (see Steps)")
     checks = "".join(
@@ -312,7 +321,8 @@ def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -
     plot = _size_plot(points, metric) if points and metric else "<p class=muted>no quality metric to plot</p>"
     body = f"""<h1>slimship run — {_e(wl["name"])}</h1><p class=muted>{_e(wl.get("description", ""))}</p>
 <div class="summary{"" if verdict.get("holds") else " bad"}" id=summary>{" · ".join(parts)}</div>
-<h2>Steps</h2><table><tr><th>step</th><th>pass</th><th>status</th><th>MB</th><th>{_e(metric or "quality")}</th><th>Δ vs original</th><th>fidelity</th><th>seconds</th></tr>{"".join(rows)}</table>
+{attempts_section(result)}
+<h2>Steps{" of the kept attempt" if tried > 1 else ""}</h2><table><tr><th>step</th><th>pass</th><th>status</th><th>MB</th><th>{_e(metric or "quality")}</th><th>Δ vs original</th><th>fidelity</th><th>quality from</th><th>seconds</th></tr>{"".join(rows)}</table>
 <h2>Constraints</h2><table><tr><th>constraint</th><th>limit</th><th>measured</th><th></th></tr>{checks or "<tr><td colspan=4>none</td></tr>"}</table>
 <h2>Quality against size</h2>{plot}
 <h2>What each pass did</h2>{_pass_deltas(result["steps"], str(run_dir / "original"), evs, metric)}
