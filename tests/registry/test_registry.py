@@ -38,11 +38,16 @@ def test_register_fetch_stage_and_lineage(registry, digits_chain):
     kinds = [(e["version"], e["kind"], e["detail"].get("to")) for e in registry.events("digits")]
     assert kinds == [
         (1, "registered", None),
+        (1, "verified", None),  # its probe's figures: the CPU class it was made on
         (2, "registered", None),
+        (2, "verified", None),
         (1, "stage", "production"),
         (1, "stage", "archived"),
         (2, "stage", "production"),
     ]
+    from slimship.machine import cpu_class
+
+    assert registry.verified_on("digits", 1) == [cpu_class()]
     assert registry.models()[0] | {"created": None} == {
         "name": "digits",
         "versions": 2,
