@@ -61,12 +61,10 @@ def main() -> None:
     if "--render-only" in sys.argv:
         stem.with_suffix(".md").write_text(render(json.loads(stem.with_suffix(".json").read_text())))
         return
-    import onnx
     import onnxruntime as ort
 
     from slimship.candidate import original_candidate
     from slimship.passes import export, optimize_graph, run_pass
-    from slimship.passes.rowquant import per_row_activation_scales
     from slimship.runtime.settings import DeploymentSettings
     from slimship.workload import resolve_workload
 
@@ -77,9 +75,17 @@ def main() -> None:
     say("export / optimise / quantize (smooth all)")
     orig = original_candidate(w, run / "original")
     opt = optimize_graph(export(orig, w, out_dir=run / "exported"), w, out_dir=run / "optimized")
-    q = run_pass("quantize-dynamic", opt, w, {"smooth": "all", "smooth_alpha": 0.7}, run / "int8-smooth-all")
-    row_path = run / "int8-per-row.onnx"
-    onnx.save(per_row_activation_scales(onnx.load(str(q.artifact_path)))[0], str(row_path))
+    q = run_pass(
+        "quantize-dynamic",
+        opt,
+        w,
+        {"smooth": "all", "smooth_alpha": 0.7, "activation_scales": "per-tensor"},
+        run / "int8-smooth-all-per-tensor",
+    )
+    row = run_pass(
+        "quantize-dynamic", opt, w, {"smooth": "all", "smooth_alpha": 0.7}, run / "int8-smooth-all"
+    )
+    row_path = row.artifact_path
 
     def session(path: Path, x64: bool) -> ort.InferenceSession:
         s = DeploymentSettings(

@@ -100,9 +100,9 @@ def test_a_graph_without_dynamic_quantization_is_refused(graphs):
         per_row_activation_scales(onnx.load(str(fp32)))
 
 
-def test_minilm_dynamic_int8_is_batch_invariant_by_default(minilm, minilm_chain, tmp_path):
-    """A short text alone vs batched with the longest texts: per-row scales (the default) agree to float precision;
-    ORT's per-tensor scales don't (the effect users saw through the server)."""
+def test_minilm_batch_effect_per_row_none_per_tensor_inside_the_fidelity_floor(minilm, minilm_chain, tmp_path):
+    """A short text alone vs batched with the longest texts: per-row scales agree to float precision; ORT's
+    per-tensor scales (the default: faster) move it, but by less than the model's own fidelity floor to fp32."""
     from slimship.passes import run_pass
     from slimship.runtime import create_runtime
 
@@ -135,4 +135,5 @@ def test_minilm_dynamic_int8_is_batch_invariant_by_default(minilm, minilm_chain,
         return min(cos)
 
     assert worst(row) >= 0.99999
-    assert worst(tensor) < 0.999
+    floor = tensor.info["fidelity_to_parent"]["outputs"]["sentence_embedding"]["cosine_min"]
+    assert floor <= worst(tensor) < 0.99999

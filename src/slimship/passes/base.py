@@ -100,6 +100,20 @@ class PassConfig(BaseModel):
 C = TypeVar("C", bound=PassConfig)
 
 
+class StructuralPassConfig(PassConfig):
+    """Fields every pass that changes a PyTorch model's architecture shares (prune, depth-prune, lowrank, distill)."""
+
+    measure_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="batch size of the recorded MACs / PyTorch latency comparison before vs after; null: 256 for classification, 8 for text",
+    )
+    verify_export: bool = Field(
+        default=True,
+        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
+    )
+
+
 class Pass(ABC, Generic[C]):
     """One technique, generic over its config ``C``. Subclasses set the class attributes and implement
     ``run``, which receives the config already parsed into ``config_cls``."""

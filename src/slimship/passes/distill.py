@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slimship.passes.base import Pass, PassConfig
+from slimship.passes.base import Pass, StructuralPassConfig
 from slimship.train import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class StudentSpec(BaseModel):
     )
 
 
-class DistillConfig(PassConfig):
+class DistillConfig(StructuralPassConfig):
     student: StudentSpec = Field(
         default=StudentSpec(width=0.5),
         description="shape of the student relative to the teacher: num_layers, width (0, 1], init (teacher | random), e.g. {width: 0.5}",
@@ -58,15 +58,6 @@ class DistillConfig(PassConfig):
         default=0.0,
         ge=0,
         description="weight of hidden-state matching between kept layers and their teacher layers (transformers)",
-    )
-    measure_batch_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="batch size of the recorded MACs / PyTorch latency comparison before vs after; null: 256 for classification, 8 for text",
-    )
-    verify_export: bool = Field(
-        default=True,
-        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
     )
 
     @model_validator(mode="after")

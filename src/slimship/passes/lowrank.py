@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from slimship.errors import CompressionError, ConfigError
-from slimship.passes.base import Pass, PassConfig
+from slimship.passes.base import Pass, StructuralPassConfig
 from slimship.train import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
 
 
-class LowRankConfig(PassConfig):
+class LowRankConfig(StructuralPassConfig):
     energy: float | None = Field(
         default=None,
         gt=0.0,
@@ -81,15 +81,6 @@ class LowRankConfig(PassConfig):
     finetune: FinetuneConfig | None = Field(
         default=FinetuneConfig(),
         description="recovery fine-tuning by distillation from the input model after the change (see FinetuneConfig); null to skip, e.g. {epochs: 3}",
-    )
-    measure_batch_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="batch size of the recorded MACs / PyTorch latency comparison before vs after; null: 256 for classification, 8 for text",
-    )
-    verify_export: bool = Field(
-        default=True,
-        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
     )
 
     @model_validator(mode="after")

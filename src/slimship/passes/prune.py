@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from slimship.errors import CompressionError, ConfigError
-from slimship.passes.base import Pass, PassConfig
+from slimship.passes.base import Pass, StructuralPassConfig
 from slimship.train import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
 
 
-class StructuredPruneConfig(PassConfig):
+class StructuredPruneConfig(StructuralPassConfig):
     channel_ratio: float = Field(
         default=0.5,
         ge=0.0,
@@ -70,15 +70,6 @@ class StructuredPruneConfig(PassConfig):
     finetune: FinetuneConfig | None = Field(
         default=FinetuneConfig(), description="recovery by distillation from the unpruned model; null to skip"
     )
-    measure_batch_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="batch size of the recorded MACs/latency comparison (null: 256 for classification, 8 for text)",
-    )
-    verify_export: bool = Field(
-        default=True,
-        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
-    )
 
     @model_validator(mode="after")
     def _check(self) -> StructuredPruneConfig:
@@ -101,7 +92,7 @@ class StructuredPruneConfig(PassConfig):
         return self
 
 
-class DepthPruneConfig(PassConfig):
+class DepthPruneConfig(StructuralPassConfig):
     keep_layers: int = Field(default=3, ge=1, description="how many transformer layers to keep")
     criterion: Literal["alternate", "first", "last", "fidelity"] = Field(
         default="alternate",
@@ -122,15 +113,6 @@ class DepthPruneConfig(PassConfig):
     finetune: FinetuneConfig | None = Field(
         default=FinetuneConfig(),
         description="recovery fine-tuning by distillation from the input model after the change (see FinetuneConfig); null to skip, e.g. {epochs: 3}",
-    )
-    measure_batch_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="batch size of the recorded MACs / PyTorch latency comparison before vs after; null: 256 for classification, 8 for text",
-    )
-    verify_export: bool = Field(
-        default=True,
-        description="export the result to ONNX (scratch directory) and verify it against PyTorch before returning",
     )
 
 
