@@ -83,7 +83,11 @@ def main() -> None:
         run / "int8-smooth-all-per-tensor",
     )
     row = run_pass(
-        "quantize-dynamic", opt, w, {"smooth": "all", "smooth_alpha": 0.7}, run / "int8-smooth-all"
+        "quantize-dynamic",
+        opt,
+        w,
+        {"smooth": "all", "smooth_alpha": 0.7, "activation_scales": "per-row"},
+        run / "int8-smooth-all-per-row",
     )
     row_path = row.artifact_path
 
