@@ -100,7 +100,9 @@ def test_a_graph_without_dynamic_quantization_is_refused(graphs):
         per_row_activation_scales(onnx.load(str(fp32)))
 
 
-def test_minilm_batch_effect_per_row_none_per_tensor_inside_the_fidelity_floor(minilm, minilm_chain, tmp_path):
+def test_minilm_batch_effect_per_row_none_per_tensor_inside_the_fidelity_floor(
+    minilm, minilm_chain, tmp_path
+):
     """A short text alone vs batched with the longest texts: per-row scales agree to float precision; ORT's
     per-tensor scales (the default: faster) move it, but by less than the model's own fidelity floor to fp32."""
     from slimship.passes import run_pass

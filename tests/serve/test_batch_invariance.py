@@ -35,7 +35,9 @@ def _emb(r):
 def test_a_short_text_alone_and_batched_with_long_ones_agree(tmp_path, minilm, minilm_chain):
     from slimship.passes import run_pass
 
-    q = run_pass("quantize-dynamic", minilm_chain[2], minilm, {"activation_scales": "per-row"}, tmp_path / "int8")
+    q = run_pass(
+        "quantize-dynamic", minilm_chain[2], minilm, {"activation_scales": "per-row"}, tmp_path / "int8"
+    )
     texts = sorted(minilm.eval_texts(limit=200), key=len)
     short, longs = texts[:4], texts[-12:]
     # a queue delay makes concurrent requests share a batch
