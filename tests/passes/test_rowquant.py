@@ -100,6 +100,7 @@ def test_a_graph_without_dynamic_quantization_is_refused(graphs):
         per_row_activation_scales(onnx.load(str(fp32)))
 
 
+@pytest.mark.slow
 def test_minilm_batch_effect_per_row_none_per_tensor_inside_the_fidelity_floor(
     minilm, minilm_chain, tmp_path
 ):
@@ -108,10 +109,11 @@ def test_minilm_batch_effect_per_row_none_per_tensor_inside_the_fidelity_floor(
     from slimship.passes import run_pass
     from slimship.runtime import create_runtime
 
-    row = run_pass("quantize-dynamic", minilm_chain[2], minilm, {}, tmp_path / "row")
-    tensor = run_pass(
-        "quantize-dynamic", minilm_chain[2], minilm, {"activation_scales": "per-tensor"}, tmp_path / "t"
+    row = run_pass(
+        "quantize-dynamic", minilm_chain[2], minilm, {"activation_scales": "per-row"}, tmp_path / "row"
     )
+    tensor = run_pass("quantize-dynamic", minilm_chain[2], minilm, {}, tmp_path / "t")
+    assert tensor.info["activation_scales"] == "per-tensor"
     assert row.info["activation_scales"] == "per-row" and row.info["per_row_rewritten"] > 0
     rows = []
     for _, b in minilm.eval_batches(limit=96, batch_size=16):
