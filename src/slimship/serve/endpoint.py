@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ class ServedEndpoint(Protocol):
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-class ModelIO:
+class ModelIO(ABC):
     """A served version's inputs and outputs: its protocol metadata and the checks made on a request before it is
     queued. Shared by the local :class:`Endpoint` and Ray's ``RemoteEndpoint`` (which validates in the ingress)."""
 
@@ -119,8 +120,9 @@ class ModelIO:
     #: token ids and sequence lengths the model can take, read from its graph (none known: no check)
     limits: InputLimits = InputLimits()
 
+    @abstractmethod
     def runtime_settings(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The deployment settings the version's sessions run with (Endpoint: its own; RemoteEndpoint: its replica's)."""
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -68,8 +68,7 @@ def verify_on_load(
                 "cpu_class": here,
                 "reason": f"candidate.json describes {cand.artifact}, not {path.name}",
             }
-        if "probe" not in cand.info:
-            cand.verify_artifact()  # no probe, but the bytes are still checked
+        if "probe" not in cand.info:  # its bytes were checked before the session was built (check_integrity)
             return {
                 "status": "unverified",
                 "cpu_class": here,
