@@ -467,6 +467,7 @@ def test_incomplete_headers_and_bodies_time_out(server):
         s.sendall(b"POST /v2/models/log/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         answer = _recv_all(s, 5)
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1.5 s" in answer
+    assert b"connection: close" in answer.lower()  # closed at once, not after keep_alive_s (5 s)
     assert (
         _post(
             server, "log", {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}

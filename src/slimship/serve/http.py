@@ -110,9 +110,14 @@ def _bearer_ok(header: str | None, token: str) -> bool:
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    # A refusal before the whole body is read closes the connection (RFC 9112 9.6): what is left of the body would
+    # otherwise be read as the next request, and a stalled client would hold the connection for keep_alive_s more.
+    close = {"Connection": "close"}
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; this server takes at most {limit}")
+        raise PayloadTooLarge(
+            f"the request body is {int(declared)} bytes; this server takes at most {limit}", headers=close
+        )
     if timeout_s is None:
         timeout_s = request.app.state.server.limits.body_timeout_s
     chunks, size = [], 0
@@ -121,11 +126,11 @@ async def _read_body(request: Request, limit: int, timeout_s: float | None = Non
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes", headers=close)
                 chunks.append(chunk)
     except TimeoutError as err:
         raise ProtocolError(
-            f"the request body did not arrive within {timeout_s:g} s ({size} bytes read)", 408
+            f"the request body did not arrive within {timeout_s:g} s ({size} bytes read)", 408, close
         ) from err
     return b"".join(chunks)
 
