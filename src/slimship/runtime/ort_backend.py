@@ -11,7 +11,7 @@ from slimship.errors import InferenceError
 from slimship.runtime.base import Runtime
 from slimship.runtime.settings import DeploymentSettings, decide_settings
 from slimship.tensor_types import numpy_dtype_of
-from slimship.workload.base import Batch, TensorSpec
+from slimship.workload.base import Batch, TensorSpec, dim_of
 
 
 def session_options(
@@ -67,7 +67,7 @@ class OrtRuntime(Runtime):
             TensorSpec(
                 i.name,
                 numpy_dtype_of(i.type),
-                tuple(d if isinstance(d, int) else (d or f"{i.name}_dim{j}") for j, d in enumerate(i.shape)),
+                tuple(dim_of(d, i.name, j) for j, d in enumerate(i.shape)),
             )
             for i in self.session.get_inputs()
         )

@@ -40,6 +40,7 @@ from slimship.workload.base import (
     Workload,
     accuracy,
     classification_fidelity,
+    dim_of,
     embedding_fidelity,
 )
 
@@ -348,19 +349,16 @@ class OnnxWorkload(Workload):
             sess = ort.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
         except Exception as err:
             raise WorkloadError(f"{self.model_path} is not a model ONNX Runtime can load: {err}") from err
+        # placeholder dims ("?", "-1", "unk__0", none) are independent dims, not one shared name
         self.inputs = tuple(
             TensorSpec(
-                i.name,
-                numpy_dtype_of(i.type),
-                tuple(d if d is not None else f"dim{j}" for j, d in enumerate(i.shape)),
+                i.name, numpy_dtype_of(i.type), tuple(dim_of(d, i.name, j) for j, d in enumerate(i.shape))
             )
             for i in sess.get_inputs()
         )
         self.outputs = tuple(
             TensorSpec(
-                o.name,
-                numpy_dtype_of(o.type),
-                tuple(d if d is not None else f"dim{j}" for j, d in enumerate(o.shape)),
+                o.name, numpy_dtype_of(o.type), tuple(dim_of(d, o.name, j) for j, d in enumerate(o.shape))
             )
             for o in sess.get_outputs()
         )
