@@ -33,6 +33,7 @@ from slimship.passes import (
     UnstructuredPruneConfig,
     WeightShareConfig,
 )
+from slimship.report.summary import size_ratio_words
 from slimship.train.trainer import FinetuneConfig
 
 OutOpt = Annotated[
@@ -205,7 +206,7 @@ def _finish(
     if "shipped_bytes" in cand.info:
         typer.echo(
             f"  shipped file {cand.path / cand.info['shipped_file']}: {cand.info['shipped_bytes'] / 1e3:.1f} kB, "
-            f"{cand.info['shipped_ratio_vs_original']:.1f}x smaller than the original's {cand.info['original_bytes'] / 1e3:.1f} kB; "
+            f"{size_ratio_words(cand.info['shipped_ratio_vs_original'], 1, than='the original')} ({cand.info['original_bytes'] / 1e3:.1f} kB); "
             f"runtime form {cand.info['runtime_bytes'] / 1e3:.1f} kB"
         )
     if export:
