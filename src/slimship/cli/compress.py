@@ -19,6 +19,7 @@ from slimship.cli._app import (
     TorchTargetArg,
     WorkloadOpt,
     app,
+    cli_workload,
     config_option,
     load_torch_target,
 )
@@ -130,9 +131,8 @@ def export(
     from slimship.candidate import original_candidate
     from slimship.passes import export as export_pass
     from slimship.passes import optimize_graph
-    from slimship.workload import resolve_workload
 
-    w = resolve_workload(workload, data=data)
+    w = cli_workload(workload, data)
     orig = original_candidate(w, out / "original")
     cfg = ExportConfig.parse({"opset": opset, "exporter": exporter})
     cand = export_pass(orig, w, cfg, out / "exported")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from slimship.cli._app import DataOpt, ThreadsOpt, WorkloadOpt, app, config_option, console
+from slimship.cli._app import DataOpt, ThreadsOpt, WorkloadOpt, app, cli_workload, config_option, console
 from slimship.passes.quantize import DynamicQuantConfig, Int4WeightOnlyConfig, StaticQuantConfig
 from slimship.report.summary import size_ratio_words
 
@@ -118,7 +118,6 @@ def quantize(
     from slimship.errors import ConfigError
     from slimship.measure.preflight import format_preflight, preflight
     from slimship.passes import run_pass
-    from slimship.workload import resolve_workload
 
     passes_by_mode = {
         "dynamic": "quantize-dynamic",
@@ -134,7 +133,7 @@ def quantize(
             raise ConfigError(
                 f"--mode qat fine-tunes a PyTorch candidate (e.g. runs/mnist/original); {target} is {cand.format}"
             )
-        w = resolve_workload(workload, data=data)
+        w = cli_workload(workload, data)
         q = run_pass("qat", cand, w, {}, out or cand.path.parent / f"{cand.name}-qat")
         f = next(iter(q.info["fidelity_to_parent"]["outputs"].values()))
         typer.echo(
@@ -169,7 +168,7 @@ def quantize(
         },
         "int4": {**common, "block_size": block_size},
     }[mode]
-    w = resolve_workload(workload, data=data)
+    w = cli_workload(workload, data)
     out = out or cand.path.parent / f"{cand.name}-{mode}"
     if diagnose_only or accuracy_aware:
         if mode not in ("dynamic", "static"):

@@ -82,7 +82,7 @@ class GraphOptimizePass(Pass[GraphOptimizeConfig]):
         import onnxruntime as ort
 
         from slimship.measure.verify import compare_outputs, verification_batches
-        from slimship.runtime.ort_backend import OrtRuntime, session_options
+        from slimship.runtime.ort_backend import OrtRuntime, describe_ort_error, session_options
 
         batches = verification_batches(workload, config.verify_samples)
         parent_rt = OrtRuntime(src, threads, graph_level="disable")
@@ -95,7 +95,9 @@ class GraphOptimizePass(Pass[GraphOptimizeConfig]):
                     providers=["CPUExecutionProvider"],
                 )
             except Exception as err:
-                raise CompressionError(f"ONNX Runtime could not optimise {src}: {err}") from err
+                raise CompressionError(
+                    f"ONNX Runtime could not optimise {src} at level {level!r}: {describe_ort_error(err, stage)}"
+                ) from err
             report = compare_outputs(
                 parent_rt, OrtRuntime(out, threads, graph_level="disable"), batches, config.verify
             )

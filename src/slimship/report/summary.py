@@ -95,6 +95,20 @@ def machine_line(machine: dict[str, Any]) -> str:
     )
 
 
+def load_lines(bench: dict[str, Any]) -> list[str]:
+    """What else the machine ran while each batch size was timed, and the warnings that follow (bench records it)."""
+    load = bench.get("load") or {}
+    if not load:
+        return []
+    per = "; ".join(
+        f"batch {bs}: other processes {rec['other_processes_cores']:.2f} cores, load average {rec['loadavg_1m_after']:.2f}"
+        for bs, rec in load.items()
+    )
+    lines = [f"Machine load while timing: {per}.", ""]
+    lines += [f"**Warning:** {w}" for w in bench.get("warnings", [])]
+    return lines + ([""] if bench.get("warnings") else [])
+
+
 def render_summary(results: dict[str, Any]) -> str:
     bench = results["bench"]
     parts = [f"# slimship quickstart — {results['workload']['name']}", ""]
@@ -129,6 +143,7 @@ def render_summary(results: dict[str, Any]) -> str:
         "",
         machine_line(bench["machine"]),
         "",
+        *load_lines(bench),
         f"Reproduce: `{results['command']}`",
         "",
     ]
