@@ -32,10 +32,12 @@ def test_foreign_cnn_goes_through_quickstart_static_int8_and_diagnose(tmp_path):
         q["info"]["int8_initializers"] > 0
         and q["info"]["fidelity_to_parent"]["outputs"]["logits"]["top1_agreement"] >= 0.9
     )
+    # no --mode: a diagnosis of a CNN measures static INT8 (dynamic leaves convolutions in float) and says so
     diag = slimship(
-        "quantize", str(run / "original"), *w, "--mode", "static", "--per-tensor", "--diagnose",
-        "--diagnose-top", "2", "-o", str(tmp_path / "diag"),
+        "quantize", str(run / "original"), *w, "--per-tensor", "--diagnose", "--diagnose-top", "2",
+        "-o", str(tmp_path / "diag"),
     )  # fmt: skip
+    assert "a CNN: measuring static INT8" in diag.stderr
     assert "Traceback" not in diag.stdout + diag.stderr and "exclude_nodes" in diag.stdout
     report = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
     assert {g["group"] for g in report["groups"]} == {"stem", "block0", "block1", "mask", "head"}

@@ -28,6 +28,7 @@ __all__ = [
     "config_option",
     "console",
     "load_torch_target",
+    "option_given",
     "parse_ints",
     "resolve_target",
 ]
@@ -153,11 +154,19 @@ def resolve_target(spec: str, workload: Any, default_label: str) -> tuple[str, A
 
 def _current_context() -> Any:
     """The running command's click context (typer ≥ 0.29 runs on its own copy of click; older ones on click)."""
+    import importlib
+
     try:
-        from typer._click.globals import get_current_context
+        module = importlib.import_module("typer._click.globals")
     except ImportError:  # pragma: no cover - typer before 0.29
-        from click import get_current_context
-    return get_current_context(silent=True)
+        module = importlib.import_module("click.globals")
+    return module.get_current_context(silent=True)
+
+
+def option_given(param: str) -> bool:
+    """Whether the user gave option ``param`` of the running command (False when its default is in use)."""
+    ctx = _current_context()
+    return ctx is None or getattr(ctx.get_parameter_source(param), "name", "") != "DEFAULT"
 
 
 def cli_workload(workload: str, data: str | None, param: str = "workload") -> Any:
@@ -167,7 +176,7 @@ def cli_workload(workload: str, data: str | None, param: str = "workload") -> An
 
     w = resolve_workload(workload, data=data)
     ctx = _current_context()
-    if ctx is not None and getattr(ctx.get_parameter_source(param), "name", "") == "DEFAULT":
+    if not option_given(param):
         typer.echo(
             f"workload: {workload} (the default of `slimship {ctx.info_name}`; give -w for another)", err=True
         )

@@ -6,13 +6,44 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from slimship.cli._app import DataOpt, ThreadsOpt, WorkloadOpt, app, cli_workload, config_option, console
+from slimship.cli._app import (
+    DataOpt,
+    ThreadsOpt,
+    WorkloadOpt,
+    app,
+    cli_workload,
+    config_option,
+    console,
+    option_given,
+)
 from slimship.passes.quantize import DynamicQuantConfig, Int4WeightOnlyConfig, StaticQuantConfig
 from slimship.report.summary import size_ratio_words
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+
+
+def _measured_mode(cand: Candidate, mode: str, measuring: bool) -> str:
+    """--diagnose / accuracy-aware on a CNN without --mode: static INT8 (dynamic mode leaves convolutions in
+    float, so a diagnosis of it would not see them), said on stderr."""
+    if not measuring or mode != "dynamic" or option_given("mode"):
+        return mode
+    import onnx
+
+    from slimship.passes.quantize import quantizable_nodes
+
+    model = onnx.load(str(cand.artifact_path), load_external_data=False)
+    if not quantizable_nodes(model, ("Conv",)):
+        return mode
+    typer.echo(
+        "a CNN: measuring static INT8 (QDQ, the mode that quantizes convolutions); give --mode dynamic for dynamic",
+        err=True,
+    )
+    return "static"
 
 
 @app.command()
@@ -147,6 +178,7 @@ def quantize(
             f"{target} is a PyTorch candidate; quantization works on ONNX graphs: `slimship export` first"
         )
     accuracy_aware = min_fidelity is not None or max_quality_drop is not None
+    mode = _measured_mode(cand, mode, diagnose_only or accuracy_aware)
     if preflight_only or not (diagnose_only or accuracy_aware):
         typer.echo(format_preflight(preflight(cand.artifact_path), None if preflight_only else mode))
     if preflight_only:
