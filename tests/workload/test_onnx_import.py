@@ -145,4 +145,33 @@ def test_optimize_steps_down_a_level_when_verification_fails(tmp_path):
     assert opt.info["verification"]["passed"]
     with pytest.raises(VerificationError, match="at every level tried: level 'extended'.*level 'basic'"):
         run_pass("optimize", orig, w, {"verify": {"min_cosine": 1.5}}, tmp_path / "never")
-    assert not (tmp_path / "never" / "model.onnx").exists()
+    assert not (tmp_path / "never").exists()  # a failed pass leaves no empty directory behind
+
+
+def test_onnx_runtime_messages_are_translated(tmp_path):
+    """A per-channel DequantizeLinear in an opset-11 graph, staged under a hidden name as a pass would write it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimship.errors import InferenceError
+    from slimship.runtime.ort_backend import OrtRuntime
+
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0)],
+        "dq",
+        [helper.make_tensor_value_info("q", TensorProto.INT8, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [
+            numpy_helper.from_array(np.ones(2, np.float32), "s"),
+            numpy_helper.from_array(np.zeros(2, np.int8), "z"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    staged = tmp_path / "int8-static" / ".minmax.onnx"
+    staged.parent.mkdir()
+    onnx.save(model, str(staged))
+    with pytest.raises(InferenceError) as err:
+        OrtRuntime(staged, 1)
+    text = str(err.value)
+    assert ".minmax" not in text and "[ONNXRuntimeError]" not in text and "Load model from" not in text
+    assert "the graph being written in" in text and "opset 13 or later" in text and "--per-tensor" in text
