@@ -146,7 +146,9 @@ def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
     assert "exclude_nodes" in diag.stdout
     report = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
     assert all("gain_from_reverting" in r for r in report["nodes"])  # 0 = every node measured
-    assert "Paste into a quantize-dynamic config" in (tmp_path / "diag" / "diagnosis.md").read_text()
+    # a CNN without --mode: diagnosed as static INT8, the mode that quantizes its convolutions
+    assert "Paste into a quantize-static config" in (tmp_path / "diag" / "diagnosis.md").read_text()
+    assert "a CNN: measuring static INT8" in diag.stderr and report["grouped_by"] == "block"
     qat = slimship(
         "quantize",
         str(tmp_path / "run" / "original"),

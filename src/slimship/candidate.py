@@ -177,8 +177,18 @@ def original_candidate(workload: Workload, out_dir: str | Path) -> Candidate:
     src = workload.original_onnx()
     if src is None:  # pragma: no cover - a workload has one or the other
         raise CandidateError(f"workload {workload.name} has neither a PyTorch model nor an ONNX file")
+    from slimship.workload.onnx_import import import_onnx_file
+
     shutil.copyfile(src, out / "model.onnx")
-    return new_candidate(out, name="original", format="onnx", artifact="model.onnx", workload=workload)
+    imported = import_onnx_file(out / "model.onnx")
+    return new_candidate(
+        out,
+        name="original",
+        format="onnx",
+        artifact="model.onnx",
+        workload=workload,
+        info={"import": imported} if imported else None,
+    )
 
 
 def load_torch_model(candidate: Candidate, workload: Workload) -> torch.nn.Module:

@@ -24,9 +24,11 @@ __all__ = [
     "TorchTargetArg",
     "WorkloadOpt",
     "app",
+    "cli_workload",
     "config_option",
     "console",
     "load_torch_target",
+    "option_given",
     "parse_ints",
     "resolve_target",
 ]
@@ -150,12 +152,42 @@ def resolve_target(spec: str, workload: Any, default_label: str) -> tuple[str, A
     return label or default_label or f"{cand.name}@{backend}", cand, backend
 
 
-def load_torch_target(target: str, workload: str, data: str | None) -> tuple[Any, Any]:
-    """(workload, candidate) for a verb that works on a PyTorch model; an ONNX target is a ConfigError."""
-    from slimship.errors import ConfigError
+def _current_context() -> Any:
+    """The running command's click context (typer ≥ 0.29 runs on its own copy of click; older ones on click)."""
+    import importlib
+
+    try:
+        module = importlib.import_module("typer._click.globals")
+    except ImportError:  # pragma: no cover - typer before 0.29
+        module = importlib.import_module("click.globals")
+    return module.get_current_context(silent=True)
+
+
+def option_given(param: str) -> bool:
+    """Whether the user gave option ``param`` of the running command (False when its default is in use)."""
+    ctx = _current_context()
+    return ctx is None or getattr(ctx.get_parameter_source(param), "name", "") != "DEFAULT"
+
+
+def cli_workload(workload: str, data: str | None, param: str = "workload") -> Any:
+    """Resolve a verb's ``--workload``; when the user gave none and the verb's built-in default is used, say
+    which on stderr (``prune`` defaults to ``mnist``: a user who meant their own model should know at once)."""
     from slimship.workload import resolve_workload
 
     w = resolve_workload(workload, data=data)
+    ctx = _current_context()
+    if not option_given(param):
+        typer.echo(
+            f"workload: {workload} (the default of `slimship {ctx.info_name}`; give -w for another)", err=True
+        )
+    return w
+
+
+def load_torch_target(target: str, workload: str, data: str | None) -> tuple[Any, Any]:
+    """(workload, candidate) for a verb that works on a PyTorch model; an ONNX target is a ConfigError."""
+    from slimship.errors import ConfigError
+
+    w = cli_workload(workload, data)
     _, cand, _ = resolve_target(target, w, "")
     if cand.format != "torch":
         raise ConfigError(

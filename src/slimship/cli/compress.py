@@ -19,6 +19,7 @@ from slimship.cli._app import (
     TorchTargetArg,
     WorkloadOpt,
     app,
+    cli_workload,
     config_option,
     load_torch_target,
 )
@@ -33,6 +34,7 @@ from slimship.passes import (
     UnstructuredPruneConfig,
     WeightShareConfig,
 )
+from slimship.report.summary import size_ratio_words
 from slimship.train.trainer import FinetuneConfig
 
 OutOpt = Annotated[
@@ -129,9 +131,8 @@ def export(
     from slimship.candidate import original_candidate
     from slimship.passes import export as export_pass
     from slimship.passes import optimize_graph
-    from slimship.workload import resolve_workload
 
-    w = resolve_workload(workload, data=data)
+    w = cli_workload(workload, data)
     orig = original_candidate(w, out / "original")
     cfg = ExportConfig.parse({"opset": opset, "exporter": exporter})
     cand = export_pass(orig, w, cfg, out / "exported")
@@ -205,7 +206,7 @@ def _finish(
     if "shipped_bytes" in cand.info:
         typer.echo(
             f"  shipped file {cand.path / cand.info['shipped_file']}: {cand.info['shipped_bytes'] / 1e3:.1f} kB, "
-            f"{cand.info['shipped_ratio_vs_original']:.1f}x smaller than the original's {cand.info['original_bytes'] / 1e3:.1f} kB; "
+            f"{size_ratio_words(cand.info['shipped_ratio_vs_original'], 1, than='the original')} ({cand.info['original_bytes'] / 1e3:.1f} kB); "
             f"runtime form {cand.info['runtime_bytes'] / 1e3:.1f} kB"
         )
     if export:

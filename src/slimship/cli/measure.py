@@ -15,6 +15,8 @@ from slimship.cli._app import (
     TorchTargetArg,
     WorkloadOpt,
     app,
+    cli_workload,
+    console,
     load_torch_target,
     parse_ints,
     resolve_target,
@@ -121,9 +123,8 @@ def eval_cmd(
     """
     from slimship._util import write_json_atomic
     from slimship.measure.evaluate import evaluate
-    from slimship.workload import resolve_workload
 
-    w = resolve_workload(workload, data=data)
+    w = cli_workload(workload, data)
     _label, cand, backend = resolve_target(target, w, "")
     result = evaluate(cand, w, backend, threads, limit)
     for section in ("quality", "fidelity"):
@@ -187,9 +188,8 @@ def bench(
     from slimship._util import write_json_atomic
     from slimship.measure.bench import BenchTarget
     from slimship.measure.bench import bench as run_bench
-    from slimship.workload import resolve_workload
 
-    w = resolve_workload(workload, data=data)
+    w = cli_workload(workload, data)
     resolved = [resolve_target(t, w, "") for t in targets]
     result = run_bench(
         [BenchTarget(label, cand, backend) for label, cand, backend in resolved],
@@ -236,9 +236,11 @@ def bench(
                 f"{r['cpu_ms_per_inference']:.2f}",
                 f"{r['speedup_vs_baseline_p50']:.2f}",
                 fmt_bytes(c["file_size_bytes"]),
-                f"{c['memory']['peak_rss_mb']:.0f}" if c.get("memory") else "—",
+                f"{c['memory']['peak_rss_mb']:.0f}" if c.get("memory", {}).get("peak_rss_mb") else "—",
             )
     Console(width=max(120, Console().width)).print(table)
+    for warning in result.get("warnings", []):
+        console().print(f"[bold yellow]WARNING:[/bold yellow] {warning}", highlight=False)
     if json_out:
         write_json_atomic(json_out, result)
         typer.echo(f"wrote {json_out}")

@@ -6,12 +6,44 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from slimship.cli._app import DataOpt, ThreadsOpt, WorkloadOpt, app, config_option, console
+from slimship.cli._app import (
+    DataOpt,
+    ThreadsOpt,
+    WorkloadOpt,
+    app,
+    cli_workload,
+    config_option,
+    console,
+    option_given,
+)
 from slimship.passes.quantize import DynamicQuantConfig, Int4WeightOnlyConfig, StaticQuantConfig
+from slimship.report.summary import size_ratio_words
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+
+
+def _measured_mode(cand: Candidate, mode: str, measuring: bool) -> str:
+    """--diagnose / accuracy-aware on a CNN without --mode: static INT8 (dynamic mode leaves convolutions in
+    float, so a diagnosis of it would not see them), said on stderr."""
+    if not measuring or mode != "dynamic" or option_given("mode"):
+        return mode
+    import onnx
+
+    from slimship.passes.quantize import quantizable_nodes
+
+    model = onnx.load(str(cand.artifact_path), load_external_data=False)
+    if not quantizable_nodes(model, ("Conv",)):
+        return mode
+    typer.echo(
+        "a CNN: measuring static INT8 (QDQ, the mode that quantizes convolutions); give --mode dynamic for dynamic",
+        err=True,
+    )
+    return "static"
 
 
 @app.command()
@@ -66,7 +98,7 @@ def quantize(
         bool,
         typer.Option(
             "--diagnose",
-            help="Rank nodes by the harm dynamic INT8 does to each (emulated SQNR + measured impact) and print an exclusion list; writes diagnosis.json into --out.",
+            help="Rank nodes (and, with --mode static, CNN blocks) by the harm INT8 of --mode does to each (emulated SQNR + measured only-this / revert-this fidelity) and print an exclusion list; writes diagnosis.json into --out.",
         ),
     ] = False,
     diagnose_top: Annotated[
@@ -79,7 +111,7 @@ def quantize(
     min_fidelity: Annotated[
         float | None,
         typer.Option(
-            help="Accuracy-aware (dynamic): revert the most harmful nodes to float until fidelity ≥ this, e.g. 0.99."
+            help="Accuracy-aware (dynamic or static): revert the most harmful nodes to float until fidelity ≥ this, e.g. 0.99."
         ),
     ] = None,
     fidelity_metric: Annotated[
@@ -88,7 +120,7 @@ def quantize(
     max_quality_drop: Annotated[
         float | None,
         typer.Option(
-            help="Accuracy-aware (dynamic): largest allowed drop of the workload's quality metric, in points, e.g. 1.0."
+            help="Accuracy-aware (dynamic or static): largest allowed drop of the workload's quality metric, in points, e.g. 1.0."
         ),
     ] = None,
     smooth: Annotated[
@@ -117,7 +149,6 @@ def quantize(
     from slimship.errors import ConfigError
     from slimship.measure.preflight import format_preflight, preflight
     from slimship.passes import run_pass
-    from slimship.workload import resolve_workload
 
     passes_by_mode = {
         "dynamic": "quantize-dynamic",
@@ -133,11 +164,11 @@ def quantize(
             raise ConfigError(
                 f"--mode qat fine-tunes a PyTorch candidate (e.g. runs/mnist/original); {target} is {cand.format}"
             )
-        w = resolve_workload(workload, data=data)
+        w = cli_workload(workload, data)
         q = run_pass("qat", cand, w, {}, out or cand.path.parent / f"{cand.name}-qat")
         f = next(iter(q.info["fidelity_to_parent"]["outputs"].values()))
         typer.echo(
-            f"{q.name}: {q.artifact_path} ({q.size_bytes / 1e6:.2f} MB, {q.info['size_ratio_vs_parent']:.2f}x smaller); "
+            f"{q.name}: {q.artifact_path} ({q.size_bytes / 1e6:.2f} MB, {size_ratio_words(q.info['size_ratio_vs_parent'])}); "
             f"{q.info['steps']} fine-tuning steps in {q.info['train_seconds']} s; cosine to the original mean "
             f"{f['cosine_mean']:.5f}, min {f['cosine_min']:.5f}; QDQ export verified against the fake-quantized model"
         )
@@ -147,6 +178,7 @@ def quantize(
             f"{target} is a PyTorch candidate; quantization works on ONNX graphs: `slimship export` first"
         )
     accuracy_aware = min_fidelity is not None or max_quality_drop is not None
+    mode = _measured_mode(cand, mode, diagnose_only or accuracy_aware)
     if preflight_only or not (diagnose_only or accuracy_aware):
         typer.echo(format_preflight(preflight(cand.artifact_path), None if preflight_only else mode))
     if preflight_only:
@@ -168,22 +200,24 @@ def quantize(
         },
         "int4": {**common, "block_size": block_size},
     }[mode]
-    w = resolve_workload(workload, data=data)
+    w = cli_workload(workload, data)
     out = out or cand.path.parent / f"{cand.name}-{mode}"
     if diagnose_only or accuracy_aware:
-        if mode != "dynamic":
-            raise ConfigError("--diagnose, --min-fidelity and --max-quality-drop work with --mode dynamic")
+        if mode not in ("dynamic", "static"):
+            raise ConfigError(
+                "--diagnose, --min-fidelity and --max-quality-drop work with --mode dynamic or --mode static"
+            )
         from slimship._util import write_json_atomic
 
         if diagnose_only:
             from slimship.measure.diagnose import diagnose, format_diagnosis
 
-            report = diagnose(cand, w, config, measure_top=diagnose_top or 10**9)
+            report = diagnose(cand, w, config, measure_top=diagnose_top or 10**9, mode=mode)
             text = format_diagnosis(report, limit=10**9)
             typer.echo(format_diagnosis(report))
             write_json_atomic(out / "diagnosis.json", report)
             (out / "diagnosis.md").write_text(
-                f"# Quantization diagnosis of {cand.id}\n\n```\n{text}\n```\n\nPaste into a quantize-dynamic config:\n\n"
+                f"# Quantization diagnosis of {cand.id}\n\n```\n{text}\n```\n\nPaste into a {passes_by_mode[mode]} config:\n\n"
                 f"```json\n{json.dumps(report['paste_into_config'], indent=2)}\n```\n"
             )
             typer.echo(f"wrote {out / 'diagnosis.json'} and {out / 'diagnosis.md'}")
@@ -199,6 +233,7 @@ def quantize(
             fidelity_metric=fidelity_metric,  # type: ignore[arg-type]
             max_quality_drop=max_quality_drop,
             log=typer.echo,
+            mode=mode,  # type: ignore[arg-type]
         )
         typer.echo(result["message"])
         typer.echo(f"reverted to float: {result['reverted_nodes']}")
@@ -211,7 +246,7 @@ def quantize(
     q = run_pass(passes_by_mode[mode], cand, w, config, out)
     fid = q.info["fidelity_to_parent"]["outputs"]
     typer.echo(
-        f"{q.name}: {q.artifact_path} ({q.size_bytes / 1e6:.1f} MB, {q.info['size_ratio_vs_parent']:.2f}x smaller than its parent)"
+        f"{q.name}: {q.artifact_path} ({q.size_bytes / 1e6:.1f} MB, {size_ratio_words(q.info['size_ratio_vs_parent'], than='its parent')})"
     )
     for name, f in fid.items():
         typer.echo(

@@ -53,6 +53,110 @@ def latency_stats(seconds: list[float], batch_size: int) -> dict[str, Any]:
     }
 
 
+def load_snapshot() -> dict[str, Any]:
+    """CPU seconds used so far by every other process (this one and its children left out), with a clock."""
+    import os
+
+    import psutil
+
+    mine = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+    used: dict[int, tuple[str, float]] = {}
+    for proc in psutil.process_iter(["pid", "name", "cpu_times"]):
+        times = proc.info.get("cpu_times")
+        if proc.info["pid"] in mine or times is None:
+            continue
+        used[proc.info["pid"]] = (proc.info.get("name") or "?", float(times.user + times.system))
+    return {"time": time.perf_counter(), "loadavg": os.getloadavg(), "used": used}
+
+
+def load_during(before: dict[str, Any]) -> dict[str, Any]:
+    """What else ran while a timing was taken: the load average before / after and the cores other processes
+    used (from their CPU-time deltas), with the busiest of them."""
+    after = load_snapshot()
+    wall = max(after["time"] - before["time"], 1e-6)
+    busy = []
+    for pid, (name, cpu_s) in after["used"].items():
+        prev = before["used"].get(pid)
+        delta = (
+            cpu_s - (prev[1] if prev else 0.0) if prev else 0.0
+        )  # new processes: unknown start, not counted
+        if delta > 0:
+            busy.append((delta / wall, name, pid))
+    busy.sort(reverse=True)
+    return {
+        "loadavg_1m_before": round(before["loadavg"][0], 2),
+        "loadavg_1m_after": round(after["loadavg"][0], 2),
+        "other_processes_cores": round(sum(b[0] for b in busy), 2),
+        "busiest_others": [{"name": n, "pid": p, "cores": round(c, 2)} for c, n, p in busy[:3]],
+        "seconds": round(wall, 2),
+    }
+
+
+#: other processes using more than this share of the benchmark's cores make its timings unreliable
+COMPETING_SHARE = 0.25
+
+
+def load_warnings(load: dict[int, dict[str, Any]], threads: int) -> list[str]:
+    """A warning per batch size whose timing other processes competed with."""
+    out = []
+    for bs, rec in load.items():
+        if rec["other_processes_cores"] > COMPETING_SHARE * threads:
+            names = ", ".join(f"{b['name']} ({b['cores']:.2f})" for b in rec["busiest_others"])
+            out.append(
+                f"batch {bs}: other processes used {rec['other_processes_cores']:.2f} cores while it was timed on "
+                f"{threads} thread(s) (load average {rec['loadavg_1m_after']:.2f}; busiest: {names}): "
+                "these timings are not from a quiet machine; compare ratios from one interleaved run, or re-run when idle"
+            )
+    return out
+
+
+def _memory(
+    targets: list[BenchTarget],
+    results: list[dict[str, Any]],
+    threads: int,
+    feed: dict[str, np.ndarray],
+    seq: int | None,
+    progress: bool,
+) -> list[str]:
+    """Peak memory of each target in a fresh process, into its result entry; ONNX Runtime probes get the batch in
+    an .npz, so they don't rebuild the workload (a factory's build()). A probe that fails is recorded with its
+    reason (the timings stay); returns a warning per failure."""
+    import tempfile
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from slimship.errors import InferenceError
+    from slimship.measure.memory import measure_in_child
+
+    warnings = []
+    batch = next(iter(feed.values())).shape[0]
+    with tempfile.TemporaryDirectory(prefix="slimship-memory-") as tmp:
+        inputs = Path(tmp) / "batch.npz"
+        np.savez(inputs, **feed)  # type: ignore[arg-type]
+        for t, entry in zip(
+            tqdm(targets, desc="memory", disable=None if progress else True, leave=False),
+            results,
+            strict=True,
+        ):
+            plain = not (t.candidate.path / "candidate.json").exists()
+            try:
+                entry["memory"] = measure_in_child(
+                    str(t.candidate.path),
+                    t.backend,
+                    threads,
+                    batch,
+                    seq,
+                    artifact=str(t.candidate.artifact_path) if plain else None,
+                    workload_ref=dict(t.candidate.workload) if plain else None,
+                    inputs_npz=str(inputs),
+                )
+            except InferenceError as err:
+                entry["memory"] = {"error": str(err)}
+                warnings.append(f"{t.label}: {err}; its timings are kept")
+    return warnings
+
+
 def _energy(
     runtimes: dict[str, Any],
     workload: Workload,
@@ -132,6 +236,7 @@ def bench(
     timings: dict[str, dict[int, list[float]]] = {t.label: {} for t in targets}
     # process CPU time per call (all threads): survives noisy neighbours better than wall time and prices a deployment
     cpu: dict[str, dict[int, list[float]]] = {t.label: {} for t in targets}
+    load: dict[int, dict[str, Any]] = {}
     total = len(batch_sizes) * len(targets) * (runs + warmup)
     with tqdm(total=total, desc="bench", unit="call", disable=None if progress else True, leave=False) as bar:
         for bs in batch_sizes:
@@ -152,6 +257,7 @@ def bench(
             bar.total += (n_runs - runs) * len(targets)
             bar.refresh()
             gc.collect()
+            before = load_snapshot()
             gc.disable()
             try:
                 for r in range(n_runs):
@@ -165,6 +271,7 @@ def bench(
                         bar.update()
             finally:
                 gc.enable()
+                load[bs] = load_during(before)
     energy = _energy(runtimes, workload, max(batch_sizes), seq, energy_seconds, progress)
     for rt in runtimes.values():
         rt.close()
@@ -173,7 +280,12 @@ def bench(
     for t in targets:
         rows = []
         for bs in batch_sizes:
-            row = {"batch_size": bs, "seq_len": seq, **latency_stats(timings[t.label][bs], bs)}
+            row = {
+                "batch_size": bs,
+                "seq_len": seq,
+                **latency_stats(timings[t.label][bs], bs),
+                "machine_load": load[bs],
+            }
             calls = cpu[t.label][bs]
             row["cpu_ms_per_inference"] = round(1e3 * float(np.sum(calls)) / (len(calls) * bs), 4)
             row["cpu_ms_per_call_p50"] = round(1e3 * float(np.median(calls)), 4)
@@ -194,17 +306,10 @@ def bench(
             "energy": energy[t.label],
         }
         results.append(entry)
+    warnings = load_warnings(load, threads)
     if memory:
-        from slimship.measure.memory import measure_in_child
-
-        for t, entry in zip(
-            tqdm(targets, desc="memory", disable=None if progress else True, leave=False),
-            results,
-            strict=True,
-        ):
-            entry["memory"] = measure_in_child(
-                str(t.candidate.path), t.backend, threads, max(batch_sizes), seq
-            )
+        feed = workload.example_inputs(max(batch_sizes), seq_len=seq)
+        warnings += _memory(targets, results, threads, feed, seq, progress)
     base_size = next(e for e in results if e["label"] == baseline)["file_size_bytes"]
     for entry in results:
         entry["size_ratio_vs_baseline"] = entry["file_size_bytes"] / base_size
@@ -228,5 +333,7 @@ def bench(
             "cpu_time": "cpu_ms_per_inference = process CPU time (all threads, user+system) over the timed calls / rows",
         },
         "machine": machine_info(threads),
+        "load": load,
+        "warnings": warnings,
         "candidates": results,
     }

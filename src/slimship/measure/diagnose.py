@@ -64,11 +64,12 @@ def emulated_sqnr(
     for name in wanted:
         if name not in existing:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     captured: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
-    for batch in workload.calibration_batches(samples, 8):
-        for name, value in zip(wanted, sess.run(wanted, batch), strict=True):
-            captured[name].append(value.reshape(-1, value.shape[-1]))
+    if wanted:  # sess.run([]) would return every output: nothing to capture for weight-only (Gather) nodes
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        for batch in workload.calibration_batches(samples, 8):
+            for name, value in zip(wanted, sess.run(wanted, batch), strict=True):
+                captured[name].append(value.reshape(-1, value.shape[-1]))
     acts = {k: np.concatenate(v) for k, v in captured.items()}
     out: dict[str, dict[str, Any]] = {}
     for name, node in nodes.items():
@@ -93,6 +94,163 @@ def emulated_sqnr(
             "emulated": "uint8 per-tensor activations × int8 weights",
         }
     return out
+
+
+def _fake_quant_per_channel_s8(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """Symmetric int8 weights with one scale per slice along ``axis`` (None: one scale for the tensor)."""
+    if axis is None:
+        amax = np.abs(w).max(keepdims=True)
+    else:
+        amax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis), keepdims=True)
+    scale = np.where(amax == 0, 1.0, amax / 127.0)
+    return np.clip(np.round(w / scale), -127, 127) * scale
+
+
+def _weight_axis(node: Any) -> int:
+    """The output-channel axis of a Conv / Gemm / MatMul weight (what per-channel static quantization scales)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+        return 0
+    return 1
+
+
+def _single_node_session(
+    model: Any, node: Any, x: np.ndarray, replace: dict[str, np.ndarray] | None = None
+) -> Any:
+    """An ONNX Runtime session running just ``node`` on an input like ``x``, its other inputs as initializers
+    (those named in ``replace`` with the given values)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    inits.update({k: numpy_helper.from_array(v, k) for k, v in (replace or {}).items()})
+    graph = helper.make_graph(
+        [node],
+        "one-node",
+        [helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, [None] * x.ndim)],
+        [onnx.ValueInfoProto(name=node.output[0])],
+        [inits[i] for i in node.input[1:] if i in inits],
+    )
+    one = helper.make_model(graph, opset_imports=list(model.opset_import))
+    one.ir_version = model.ir_version
+    return ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _capture(model: Any, workload: Workload, names: list[str], samples: int) -> dict[str, np.ndarray]:
+    """The values ``names`` take over ``samples`` calibration inputs (one graph run per batch)."""
+    import onnx
+    import onnxruntime as ort
+
+    if not names:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    captured: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in workload.calibration_batches(samples, 8):
+        for name, value in zip(names, sess.run(names, batch), strict=True):
+            captured[name].append(value)
+    return {k: np.concatenate(v) for k, v in captured.items()}
+
+
+def emulated_sqnr_static(
+    onnx_path: str | Path,
+    workload: Workload,
+    node_names: list[str],
+    per_channel: bool = True,
+    samples: int = 32,
+) -> dict[str, dict[str, Any]]:
+    """Output SQNR (dB) of each Conv / Gemm / MatMul node when only it is quantized the static way: its input
+    activation uint8 over its calibrated (min/max) range, its weight int8 symmetric, per output channel or per
+    tensor. Each node is run alone on ONNX Runtime on the inputs it saw in the float graph, with float and with
+    fake-quantized input and weight, so any Conv (groups, strides, dilations) is emulated exactly."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.name in set(node_names) and n.input[1] in inits]
+    out: dict[str, dict[str, Any]] = {}
+    # a few nodes at a time: a CNN's activations over all its nodes would not fit in memory at once
+    for start in range(0, len(nodes), _NODES_PER_CAPTURE):
+        chunk = nodes[start : start + _NODES_PER_CAPTURE]
+        acts = _capture(
+            model, workload, sorted({n.input[0] for n in chunk if n.input[0] not in inits}), samples
+        )
+        for node in chunk:
+            if node.input[0] in acts:
+                out[node.name] = _static_node_sqnr(model, node, acts[node.input[0]], per_channel)
+    return out
+
+
+#: nodes whose inputs one capture run keeps (MobileNetV2 at 224 px, 32 samples: ≤ ~0.5 GB)
+_NODES_PER_CAPTURE = 8
+
+
+def _static_node_sqnr(model: Any, node: Any, x: np.ndarray, per_channel: bool) -> dict[str, Any]:
+    """SQNR of one node's output with its input and weight fake-quantized the static way (see emulated_sqnr_static)."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == node.input[1]))
+    w = w.astype(np.float32)
+    w_q = _fake_quant_per_channel_s8(w, _weight_axis(node) if per_channel else None)
+    ref = _single_node_session(model, node, x).run(None, {node.input[0]: x})[0]
+    approx = _single_node_session(model, node, x, {node.input[1]: w_q}).run(
+        None, {node.input[0]: _fake_quant_act_u8(x).astype(np.float32)}
+    )[0]
+    return {
+        "op_type": node.op_type,
+        "sqnr_db": _sqnr_db(ref, approx),
+        "weight_sqnr_db": _sqnr_db(w, w_q),
+        "activation_absmax_over_p99": float(np.abs(x).max() / max(np.percentile(np.abs(x), 99), 1e-12)),
+        "emulated": f"uint8 per-tensor activations × int8 {'per-channel' if per_channel else 'per-tensor'} weights",
+    }
+
+
+def _module_path(node: Any) -> list[str]:
+    """The module path an exporter recorded for a node: torch's dynamo exporter in ``pkg.torch.onnx.name_scopes``
+    (``['', 'features', '3', 'conv', '0', '0', 'conv2d']``), the TorchScript exporter and others in the node name
+    (``/features.3/conv/Conv``). The last element (the op itself) is dropped."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                break
+            parts = [p for s in scopes[:-1] for p in str(s).split(".") if p]
+            if parts:
+                return parts
+    if node.name.startswith("/") and node.name.count("/") >= 2:
+        return [p for seg in node.name.strip("/").split("/")[:-1] for p in seg.split(".") if p]
+    return []
+
+
+def node_blocks(model: Any, node_names: list[str]) -> dict[str, str]:
+    """The block each node belongs to, for CNNs: the module up to its first numbered part (``features.3``, an
+    inverted-residual block of MobileNetV2; ``layer1.0`` of a ResNet; ``5`` of a flat Sequential), or the first
+    named part (``block0``). Graphs whose nodes carry no module path are cut at their residual Adds (an Add of two
+    computed values): ``block 0``, ``block 1``, …"""
+    inits = {t.name for t in model.graph.initializer}
+    wanted = set(node_names)
+    blocks: dict[str, str] = {}
+    residual_adds = 0
+    for node in model.graph.node:
+        if node.op_type == "Add" and len(node.input) == 2 and not set(node.input) & inits:
+            residual_adds += 1
+        if node.name not in wanted:
+            continue
+        path = _module_path(node)
+        numbered = next((i for i, p in enumerate(path) if p.isdigit()), None)
+        if path:
+            blocks[node.name] = ".".join(path[: numbered + 1] if numbered is not None else path[:1])
+        else:
+            blocks[node.name] = f"block {residual_adds}"
+    return blocks
 
 
 _NORM_OPS = {
@@ -166,109 +324,210 @@ def node_roles(model: Any) -> dict[str, dict[str, Any]]:
     return roles
 
 
+def parse_diagnosis_config(mode: str, base_config: dict[str, Any] | None) -> tuple[str, Any]:
+    """The pass a diagnosis (or accuracy-aware quantization) measures with and its parsed config (static "auto" calibration is pinned to minmax:
+    every measurement then uses the same ranges, and each takes one calibration instead of three)."""
+    from slimship.errors import ConfigError
+    from slimship.passes.quantize import DynamicQuantConfig, StaticQuantConfig
+
+    if mode == "dynamic":
+        return "quantize-dynamic", DynamicQuantConfig.parse(base_config or {})
+    if mode == "static":
+        cfg = dict(base_config or {})
+        if cfg.get("calibration", "auto") == "auto":
+            cfg["calibration"] = "minmax"
+        return "quantize-static", StaticQuantConfig.parse(cfg)
+    raise ConfigError(f"a diagnosis measures mode 'dynamic' or 'static', got {mode!r}")
+
+
+def _first_output_cosine_min(cand: Candidate) -> float:
+    """Min per-sample cosine of the first output (finer-grained than top-1 agreement on a few dozen samples)."""
+    from slimship.measure.verify import VerificationReport
+
+    report = VerificationReport.from_json(cand.info["fidelity_to_parent"])
+    return float(next(iter(report.outputs.values())).cosine_min)
+
+
+_MEASURED = ("fidelity_only_this_quantized", "fidelity_all_but_this", "gain_from_reverting")
+
+
+class _Measurer:
+    """Runs the real quantization pass with some nodes kept in float and reads its fidelity to the parent."""
+
+    def __init__(
+        self,
+        pass_name: str,
+        base: Any,
+        candidate: Candidate,
+        workload: Workload,
+        targets: list[str],
+        tmp: Path,
+    ) -> None:
+        self.pass_name, self.base, self.candidate, self.workload = pass_name, base, candidate, workload
+        self.targets, self.tmp, self.runs = targets, tmp, 0
+
+    def fidelity(self, keep_float: set[str]) -> float:
+        """Fidelity with ``keep_float`` (plus the configured exclusions) in float; 1.0 when that leaves nothing
+        quantized (the model is then its parent)."""
+        from slimship.passes import run_pass
+
+        excluded = sorted({*self.base.exclude_nodes, *keep_float})
+        if not [n for n in self.targets if n not in excluded]:
+            return 1.0
+        self.runs += 1
+        cand = run_pass(
+            self.pass_name,
+            self.candidate,
+            self.workload,
+            {**self.base.to_json_dict(), "exclude_nodes": excluded},
+            self.tmp / f"run{self.runs}",
+        )
+        return _first_output_cosine_min(cand)
+
+    def only_and_revert(self, row: dict[str, Any], members: list[str], full: float) -> None:
+        """quantize-only-these and revert-only-these figures of ``members`` into ``row``."""
+        row["fidelity_only_this_quantized"] = self.fidelity({n for n in self.targets if n not in members})
+        row["fidelity_all_but_this"] = self.fidelity(set(members))
+        row["gain_from_reverting"] = row["fidelity_all_but_this"] - full
+
+
+def _rank(
+    mode: str, candidate: Candidate, workload: Workload, base: Any, samples: int
+) -> tuple[Any, list[str], list[dict[str, Any]]]:
+    """The graph, the nodes the mode quantizes, and one row per node ranked by emulated SQNR, worst first."""
+    import onnx
+
+    from slimship.passes.quantize import quantizable_nodes
+
+    model = onnx.load(str(candidate.artifact_path))
+    default_ops = (
+        ("MatMul", "Gemm", "Attention", "Gather") if mode == "dynamic" else ("Conv", "MatMul", "Gemm")
+    )
+    targets = [
+        n for n in quantizable_nodes(model, base.op_types or default_ops) if n not in base.exclude_nodes
+    ]
+    if mode == "dynamic":
+        sq = emulated_sqnr(candidate.artifact_path, workload, targets, base.per_channel, samples)
+    else:
+        sq = emulated_sqnr_static(candidate.artifact_path, workload, targets, base.per_channel, samples)
+    roles = node_roles(model)
+    blocks = node_blocks(model, targets)
+    rows = [
+        {"node": k, **roles.get(k, {"layer": None, "role": "other"}), "block": blocks.get(k), **v}
+        for k, v in sorted(sq.items(), key=lambda kv: kv[1]["sqnr_db"])
+    ]
+    return model, targets, rows
+
+
+def _groups(rows: list[dict[str, Any]], by_block: bool) -> list[dict[str, Any]]:
+    groups: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if by_block:
+            key = str(row["block"])
+        elif row["layer"] is not None and row["role"] != "other":
+            key = f"layer {row['layer']} {row['role']}"
+        else:
+            key = row["op_type"]
+        g = groups.setdefault(key, {"group": key, "nodes": [], "min_sqnr_db": float("inf")})
+        g["nodes"].append(row["node"])
+        g["min_sqnr_db"] = min(g["min_sqnr_db"], row["sqnr_db"])
+    return sorted(groups.values(), key=lambda g: g["min_sqnr_db"])
+
+
 def diagnose(
     candidate: Candidate,
     workload: Workload,
     base_config: dict[str, Any] | None = None,
     measure_top: int = 6,
     samples: int = 32,
+    mode: str = "dynamic",
 ) -> dict[str, Any]:
-    """Rank the nodes dynamic INT8 quantization would touch by the harm each does.
+    """Rank the nodes INT8 quantization (``mode``: dynamic, or static QDQ for CNNs) would touch by the harm each
+    does, per node and per group (transformer sub-layer, or CNN block: see :func:`node_blocks`).
 
-    Real measurements (quantize-only-this / revert-only-this) are made for the ``measure_top`` nodes
-    with the lowest emulated SQNR; fidelity is the minimum per-sample cosine (or top-1 agreement for
-    classifiers) against the parent on verification inputs."""
-    import onnx
+    Real measurements (quantize-only-this / revert-only-this) are made for the ``measure_top`` nodes with the
+    lowest emulated SQNR and the ``measure_top`` worst groups; fidelity is the minimum per-sample cosine of the
+    first output against the parent on verification inputs."""
+    from slimship.errors import CompressionError
 
-    from slimship.passes import run_pass
-    from slimship.passes.quantize import DynamicQuantConfig, quantizable_nodes
-
-    base = DynamicQuantConfig.parse(base_config or {})
-    assert isinstance(base, DynamicQuantConfig)  # parse returns the class it is called on
-    model = onnx.load(str(candidate.artifact_path))
-    op_types = base.op_types or ("MatMul", "Gemm", "Attention", "Gather")
-    targets = quantizable_nodes(model, op_types)
-    sq = emulated_sqnr(candidate.artifact_path, workload, targets, base.per_channel, samples)
-    ranked = sorted(sq.items(), key=lambda kv: kv[1]["sqnr_db"])
-    roles = node_roles(model)
-    rows: list[dict[str, Any]] = [
-        {"node": k, **roles.get(k, {"layer": None, "role": "other"}), **v} for k, v in ranked
-    ]
-    groups: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        key = (
-            f"layer {row['layer']} {row['role']}"
-            if row["layer"] is not None and row["role"] != "other"
-            else row["op_type"]
+    pass_name, base = parse_diagnosis_config(mode, base_config)
+    model, targets, rows = _rank(mode, candidate, workload, base, samples)
+    if not targets:
+        raise CompressionError(
+            f"nothing to diagnose in {candidate.id}: no node {mode} INT8 would quantize "
+            f"(op types in the graph: {sorted({n.op_type for n in model.graph.node})})"
+            + ("; for a CNN use mode 'static' (--mode static)" if mode == "dynamic" else "")
         )
-        g = groups.setdefault(key, {"group": key, "nodes": [], "min_sqnr_db": float("inf")})
-        g["nodes"].append(row["node"])
-        g["min_sqnr_db"] = min(g["min_sqnr_db"], row["sqnr_db"])
-
-    def fidelity(cand: Candidate) -> float:
-        """Min per-sample cosine of the first output (finer-grained than top-1 agreement on a few dozen samples)."""
-        from slimship.measure.verify import VerificationReport
-
-        report = VerificationReport.from_json(cand.info["fidelity_to_parent"])
-        return float(next(iter(report.outputs.values())).cosine_min)
-
+    by_block = mode == "static"  # CNN blocks; dynamic mode groups transformer sub-layers (or op types)
+    groups = _groups(rows, by_block=by_block)
     with tempfile.TemporaryDirectory(prefix="slimship-diagnose-") as tmp:
-        full = run_pass("quantize-dynamic", candidate, workload, base.to_json_dict(), Path(tmp) / "full")
-        full_fid = fidelity(full)
-        for i, row in enumerate(rows[:measure_top]):
-            others = [n for n in targets if n != row["node"]]
-            only = run_pass(
-                "quantize-dynamic",
-                candidate,
-                workload,
-                {**base.to_json_dict(), "exclude_nodes": others},
-                Path(tmp) / f"only{i}",
-            )
-            revert = run_pass(
-                "quantize-dynamic",
-                candidate,
-                workload,
-                {**base.to_json_dict(), "exclude_nodes": sorted({*base.exclude_nodes, row["node"]})},
-                Path(tmp) / f"rev{i}",
-            )
-            row["fidelity_only_this_quantized"] = fidelity(only)
-            row["fidelity_all_but_this"] = fidelity(revert)
-            row["gain_from_reverting"] = fidelity(revert) - full_fid
+        measure = _Measurer(pass_name, base, candidate, workload, targets, Path(tmp))
+        full_fid = measure.fidelity(set())
+        for row in rows[:measure_top]:
+            measure.only_and_revert(row, [row["node"]], full_fid)
+        measured_rows = {r["node"]: r for r in rows if "gain_from_reverting" in r}
+        for group in groups[:measure_top] if len(groups) > 1 else []:
+            alone = measured_rows.get(group["nodes"][0]) if len(group["nodes"]) == 1 else None
+            if alone is not None:  # a one-node group: its figures are the node's
+                group.update({k: alone[k] for k in _MEASURED})
+            else:
+                measure.only_and_revert(group, group["nodes"], full_fid)
     measured = [r for r in rows if "gain_from_reverting" in r]
     worst = sorted(measured, key=lambda r: -r["gain_from_reverting"])
     suggested = [r["node"] for r in worst if r["gain_from_reverting"] > 0][: max(1, len(worst) // 2)]
     return {
         "candidate": candidate.id,
-        "mode": "dynamic",
+        "mode": mode,
         "config": base.to_json_dict(),
         "fidelity_metric": "min per-sample cosine of outputs to the parent",
         "fully_quantized_fidelity": full_fid,
+        "quantization_runs": measure.runs,
         "nodes": rows,
-        "groups": sorted(groups.values(), key=lambda g: g["min_sqnr_db"]),
+        "grouped_by": "block" if by_block else "sub-layer or op type",
+        "groups": groups,
         "suggested_exclude_nodes": suggested,
         "paste_into_config": {"exclude_nodes": suggested},
     }
 
 
+def _figures(r: dict[str, Any]) -> str:
+    if "gain_from_reverting" not in r:  # not among the measured ones
+        return f"{'—':>10s} {'—':>13s} {'—':>8s}"
+    return f"{r['fidelity_only_this_quantized']:10.5f} {r['fidelity_all_but_this']:13.5f} {r['gain_from_reverting']:+8.5f}"
+
+
 def format_diagnosis(report: dict[str, Any], limit: int = 15) -> str:
+    by_block = report.get("grouped_by") == "block"
     lines = [
         f"mode: {report['mode']} INT8 ({'per-channel' if report['config'].get('per_channel') else 'per-tensor'} weights); "
         f"nodes it quantizes: {len(report['nodes'])}",
         f"fully quantized: {report['fidelity_metric']} = {report['fully_quantized_fidelity']:.5f}",
-        f"{'node':32s} {'group':16s} {'op':8s} {'SQNR dB':>8s} {'only-this':>10s} {'all-but-this':>13s} {'gain':>8s}",
+        f"{'node':32s} {'block' if by_block else 'group':16s} {'op':8s} {'SQNR dB':>8s} {'only-this':>10s} {'all-but-this':>13s} {'gain':>8s}",
     ]
     for r in report["nodes"][:limit]:
-        group = (
-            f"L{r['layer']} {r['role']}" if r.get("layer") is not None and r.get("role") != "other" else "—"
-        )
+        if by_block:
+            group = str(r.get("block"))
+        else:
+            group = (
+                f"L{r['layer']} {r['role']}"
+                if r.get("layer") is not None and r.get("role") != "other"
+                else "—"
+            )
         lines.append(
-            f"{r['node'][:32]:32s} {group:16s} {r['op_type']:8s} {r['sqnr_db']:8.2f} "
-            f"{r.get('fidelity_only_this_quantized', float('nan')):10.5f} {r.get('fidelity_all_but_this', float('nan')):13.5f} "
-            f"{r.get('gain_from_reverting', float('nan')):+8.5f}"
+            f"{r['node'][:32]:32s} {group[:16]:16s} {r['op_type']:8s} {r['sqnr_db']:8.2f} {_figures(r)}"
         )
-    worst_groups = ", ".join(
-        f"{g['group']} ({g['min_sqnr_db']:.1f} dB)" for g in report.get("groups", [])[:5]
-    )
-    lines.append(f"worst groups: {worst_groups}")
+    if by_block:
+        lines.append(
+            f"{'block':32s} {'nodes':>16s} {'':8s} {'min SQNR':>8s} {'only-this':>10s} {'all-but-this':>13s} {'gain':>8s}"
+        )
+        for g in report.get("groups", [])[:limit]:
+            lines.append(
+                f"{g['group'][:32]:32s} {len(g['nodes']):16d} {'':8s} {g['min_sqnr_db']:8.2f} {_figures(g)}"
+            )
+    else:
+        worst_groups = ", ".join(
+            f"{g['group']} ({g['min_sqnr_db']:.1f} dB)" for g in report.get("groups", [])[:5]
+        )
+        lines.append(f"worst groups: {worst_groups}")
     lines.append(f"exclude_nodes: {report['suggested_exclude_nodes']}")
     return "\n".join(lines)

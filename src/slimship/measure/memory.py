@@ -14,9 +14,10 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
-from slimship.errors import InferenceError
+from slimship.errors import InferenceError, SlimshipError
 
 
 def _rss_mb() -> float:
@@ -47,8 +48,18 @@ def _peak_mb() -> float:
 
 
 def measure_in_child(
-    candidate_dir: str, backend: str, threads: int, batch_size: int, seq_len: int | None
+    candidate_dir: str,
+    backend: str,
+    threads: int,
+    batch_size: int,
+    seq_len: int | None,
+    artifact: str | None = None,
+    workload_ref: dict[str, Any] | None = None,
+    inputs_npz: str | None = None,
 ) -> dict[str, Any]:
+    """Peak memory measured in a fresh process. ``artifact`` + ``workload_ref``: a plain model file (a ``.onnx``
+    given to bench directly) that has no candidate.json for the child to read. A failure is an InferenceError
+    with the child's one-line reason (never its traceback)."""
     cmd = [
         sys.executable,
         "-m",
@@ -63,28 +74,73 @@ def measure_in_child(
     ]
     if seq_len:
         cmd += ["--seq-len", str(seq_len)]
+    if artifact:
+        cmd += ["--artifact", artifact, "--workload-json", json.dumps(workload_ref or {})]
+    if inputs_npz:
+        cmd += ["--inputs", inputs_npz]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise InferenceError(f"memory probe for {candidate_dir} on {backend} failed: {' | '.join(tail)}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    try:
+        record = json.loads(last)
+    except json.JSONDecodeError:
+        record = None
+    if proc.returncode != 0 or not isinstance(record, dict) or "error" in record:
+        reason = (
+            record["error"]
+            if isinstance(record, dict) and "error" in record
+            else f"the probe process exited with code {proc.returncode}"
+            + (" (killed: out of memory?)" if proc.returncode < 0 else "")
+        )
+        raise InferenceError(f"memory probe for {candidate_dir} on {backend} failed: {reason}")
+    return record
+
+
+def _candidate(args: argparse.Namespace) -> Any:
+    from slimship.candidate import Candidate, load_candidate
+
+    if not args.artifact:
+        return load_candidate(args.candidate)
+    path = Path(args.artifact)
+    return Candidate(
+        path=path.parent.resolve(),
+        id=f"file-{path.stem}",
+        name=path.stem,
+        format="onnx",
+        artifact=path.name,
+        workload=json.loads(args.workload_json),
+        artifact_sha256="",
+    )
 
 
 def _probe(args: argparse.Namespace) -> dict[str, Any]:
-    from slimship.candidate import load_candidate
     from slimship.runtime import create_runtime
     from slimship.workload import resolve_workload
 
-    cand = load_candidate(args.candidate)
-    workload = resolve_workload(cand.workload)
-    batch = workload.example_inputs(args.batch_size, seq_len=args.seq_len)
+    cand = _candidate(args)
+    if args.inputs and args.backend == "onnxruntime":
+        # the batch comes from the parent: the workload (a factory's build(), a model download) isn't rebuilt here
+        import numpy as np
+
+        with np.load(args.inputs) as npz:
+            batch = {k: npz[k] for k in npz.files}
+        workload = None
+    else:
+        workload = resolve_workload(cand.workload)
+        batch = workload.example_inputs(args.batch_size, seq_len=args.seq_len)
     if args.backend == "torch":
         import torch  # noqa: F401 - imported before the baseline so it doesn't count as model memory
     else:
         import onnxruntime  # noqa: F401
     baseline = _rss_mb()
     peak_reset = _reset_peak()
-    rt = create_runtime(cand, workload, args.backend, args.threads)
+    if workload is None:
+        from slimship.runtime.ort_backend import OrtRuntime
+        from slimship.runtime.settings import settings_for_candidate
+
+        settings, _notes = settings_for_candidate(cand.info, cand.artifact_path)
+        rt: Any = OrtRuntime(cand.artifact_path, args.threads, settings=settings)
+    else:
+        rt = create_runtime(cand, workload, args.backend, args.threads)
     loaded = _rss_mb()
     rt.predict(batch)
     rt.predict(batch)
@@ -111,7 +167,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--seq-len", type=int, default=None)
-    print(json.dumps(_probe(parser.parse_args())))
+    parser.add_argument("--artifact", default=None, help="a plain model file (no candidate.json)")
+    parser.add_argument("--workload-json", default="{}", help="the workload reference of --artifact")
+    parser.add_argument(
+        "--inputs", default=None, help="an .npz holding the batch (onnxruntime: no workload built)"
+    )
+    try:
+        record = _probe(parser.parse_args())
+    except SlimshipError as err:  # the parent reports this one line, not a child's traceback
+        print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+        sys.exit(1)
+    except Exception as err:
+        print(json.dumps({"error": f"unexpected {type(err).__name__}: {err}"}))
+        sys.exit(1)
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -146,8 +146,15 @@ class Pass(ABC, Generic[C]):
         out = Path(out_dir) if out_dir is not None else candidate.path.parent / self.name
         if out.resolve() == candidate.path.resolve():
             raise ConfigError(f"pass {self.name!r} must write a new directory, not its input's ({out})")
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        return record_probe(record_deployment(self.run(candidate, workload, cfg, out)), workload)
+        try:
+            result = self.run(candidate, workload, cfg, out)
+        except BaseException:
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a failed pass leaves no empty directory that looks like a result
+            raise
+        return record_probe(record_deployment(result), workload)
 
 
 def record_deployment(candidate: Candidate) -> Candidate:

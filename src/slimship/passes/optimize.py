@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from slimship.errors import CompressionError, VerificationError
-from slimship.measure.verify import VerifyThresholds
+from slimship.measure.verify import VerificationReport, VerifyThresholds
 from slimship.passes.base import Pass, PassConfig
 
 if TYPE_CHECKING:
@@ -23,10 +23,14 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
 
 
+#: from most to least aggressive: a level whose graph fails verification steps down to the next
+_LEVELS = ("all", "extended", "basic")
+
+
 class GraphOptimizeConfig(PassConfig):
     level: Literal["basic", "extended", "all"] = Field(
         default="extended",
-        description="ONNX Runtime graph optimisation level saved into the artifact: basic, extended (portable), all (this CPU only)",
+        description="ONNX Runtime graph optimisation level saved into the artifact: basic, extended (portable), all (this CPU only); a level whose graph fails verification steps down to the next lower one (recorded in the candidate's notes)",
     )
     transformer_fusion: Literal["auto", "on", "off"] = Field(
         default="auto", description="transformer fusions: auto = on for BERT-family workloads"
@@ -62,6 +66,55 @@ class GraphOptimizePass(Pass[GraphOptimizeConfig]):
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
 
+    @staticmethod
+    def _optimise_verified(
+        stage: Path,
+        src: Path,
+        out: Path,
+        levels: list[str],
+        workload: Workload,
+        config: GraphOptimizeConfig,
+        threads: int,
+        info: dict[str, Any],
+    ) -> tuple[VerificationReport, str]:
+        """Optimise at the first of ``levels`` whose graph verifies against the parent; each level that fails
+        verification is recorded in ``info["notes"]`` and the next lower one tried."""
+        import onnxruntime as ort
+
+        from slimship.measure.verify import compare_outputs, verification_batches
+        from slimship.runtime.ort_backend import OrtRuntime, describe_ort_error, session_options
+
+        batches = verification_batches(workload, config.verify_samples)
+        parent_rt = OrtRuntime(src, threads, graph_level="disable")
+        failed: list[str] = []
+        for level in levels:
+            try:
+                ort.InferenceSession(
+                    str(stage),
+                    session_options(threads, level, optimized_path=out),
+                    providers=["CPUExecutionProvider"],
+                )
+            except Exception as err:
+                raise CompressionError(
+                    f"ONNX Runtime could not optimise {src} at level {level!r}: {describe_ort_error(err, stage)}"
+                ) from err
+            report = compare_outputs(
+                parent_rt, OrtRuntime(out, threads, graph_level="disable"), batches, config.verify
+            )
+            if report.passed:
+                if failed:
+                    info["requested_level"] = levels[0]
+                    info["notes"].append(f"stepped down to level {level!r}: " + "; ".join(failed))
+                return report, level
+            out.unlink(missing_ok=True)
+            failed.append(f"level {level!r} failed verification ({'; '.join(report.failures)})")
+        raise VerificationError(
+            "the optimised graph's outputs disagree with its parent's at every level tried: "
+            + "; ".join(failed)
+            + ". Pass the unoptimised graph on, or loosen optimize's verify thresholds if the figures are acceptable",
+            report=report.to_json(),
+        )
+
     def run(
         self, candidate: Candidate, workload: Workload, config: GraphOptimizeConfig, out_dir: Path
     ) -> Candidate:
@@ -69,9 +122,7 @@ class GraphOptimizePass(Pass[GraphOptimizeConfig]):
 
         from slimship.candidate import new_candidate
         from slimship.machine import physical_cores
-        from slimship.measure.verify import compare_outputs, verification_batches
         from slimship.passes._onnx_graph import op_histogram
-        from slimship.runtime.ort_backend import OrtRuntime, session_options
 
         threads = physical_cores()
         src = candidate.artifact_path
@@ -112,38 +163,21 @@ class GraphOptimizePass(Pass[GraphOptimizeConfig]):
                 )
             stage = out_dir / ".fused.onnx"
             fused.save_model_to_file(str(stage))
-        if config.level == "all":
-            info["notes"].append(
-                "level 'all' adds layout optimisations specific to this CPU; the artifact is not portable"
-            )
+        levels = list(_LEVELS[_LEVELS.index(config.level) :])
         try:
-            import onnxruntime as ort
-
-            ort.InferenceSession(
-                str(stage),
-                session_options(threads, config.level, optimized_path=out),
-                providers=["CPUExecutionProvider"],
-            )
-        except Exception as err:
-            raise CompressionError(f"ONNX Runtime could not optimise {src}: {err}") from err
+            report, level = self._optimise_verified(stage, src, out, levels, workload, config, threads, info)
         finally:
             if stage != src:
                 Path(stage).unlink(missing_ok=True)
+        info["level"] = level
+        if level == "all":
+            info["notes"].append(
+                "level 'all' adds layout optimisations specific to this CPU; the artifact is not portable"
+            )
         info["optimize_seconds"] = round(time.perf_counter() - t0, 2)
         info["ops_before"] = op_histogram(onnx.load(str(src), load_external_data=False))
         info["ops_after"] = op_histogram(onnx.load(str(out), load_external_data=False))
-        parent_rt = OrtRuntime(src, threads, graph_level="disable")
-        child_rt = OrtRuntime(out, threads, graph_level="disable")
-        report = compare_outputs(
-            parent_rt, child_rt, verification_batches(workload, config.verify_samples), config.verify
-        )
         info["verification"] = report.to_json()
-        if not report.passed:
-            out.unlink(missing_ok=True)
-            raise VerificationError(
-                "the optimised graph's outputs disagree with its parent's: " + "; ".join(report.failures),
-                report=report.to_json(),
-            )
         return new_candidate(
             out_dir,
             name="optimized",

@@ -44,16 +44,20 @@ def quantize_accuracy_aware(
     nodes_per_step: int = 1,
     fidelity_source: Literal["verification", "evaluation"] = "verification",
     log: Any = None,
+    mode: Literal["dynamic", "static"] = "dynamic",
 ) -> dict[str, Any]:
     """Returns a JSON-ready record of every step, the chosen step and whether the budget was met.
 
     ``fidelity_source="verification"`` reads fidelity to the parent from the pass's verification batches
     (cheap); ``"evaluation"`` measures fidelity to the original on the workload's evaluation data (first
-    ``quality_limit`` samples), which sees far more inputs and so a more honest minimum."""
-    from slimship.measure.diagnose import emulated_sqnr
+    ``quality_limit`` samples), which sees far more inputs and so a more honest minimum.
+
+    ``mode="static"`` quantizes with static INT8 QDQ (CNNs: Conv, MatMul, Gemm) and ranks nodes by their emulated
+    static SQNR; "auto" calibration is pinned to minmax so every step uses the same activation ranges."""
+    from slimship.measure.diagnose import emulated_sqnr, emulated_sqnr_static, parse_diagnosis_config
     from slimship.measure.evaluate import evaluate
     from slimship.passes import run_pass
-    from slimship.passes.quantize import DynamicQuantConfig, quantizable_nodes
+    from slimship.passes.quantize import quantizable_nodes
 
     if min_fidelity is None and max_quality_drop is None:
         raise ConfigError(
@@ -69,21 +73,22 @@ def quantize_accuracy_aware(
         )
     import onnx
 
-    base = DynamicQuantConfig.parse(base_config or {})
-    assert isinstance(base, DynamicQuantConfig)  # parse returns the class it is called on
+    pass_name, base = parse_diagnosis_config(mode, base_config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
     model = onnx.load(str(candidate.artifact_path))
+    default_ops = (
+        ("MatMul", "Gemm", "Attention", "Gather") if mode == "dynamic" else ("Conv", "MatMul", "Gemm")
+    )
     targets = [
-        n
-        for n in quantizable_nodes(model, base.op_types or ("MatMul", "Gemm", "Attention", "Gather"))
-        if n not in base.exclude_nodes
+        n for n in quantizable_nodes(model, base.op_types or default_ops) if n not in base.exclude_nodes
     ]
+    emulate = emulated_sqnr if mode == "dynamic" else emulated_sqnr_static
     ranking = [
         n
         for n, _ in sorted(
-            emulated_sqnr(candidate.artifact_path, workload, targets, base.per_channel).items(),
+            emulate(candidate.artifact_path, workload, targets, base.per_channel).items(),
             key=lambda kv: kv[1]["sqnr_db"],
         )
     ]
@@ -98,7 +103,7 @@ def quantize_accuracy_aware(
     t0 = time.perf_counter()
     for step in range(max_steps + 1):
         cfg = {**base.to_json_dict(), "exclude_nodes": sorted({*base.exclude_nodes, *reverted})}
-        cand = run_pass("quantize-dynamic", candidate, workload, cfg, out / f"step-{step:02d}")
+        cand = run_pass(pass_name, candidate, workload, cfg, out / f"step-{step:02d}")
         record: dict[str, Any] = {
             "step": step,
             "reverted_nodes": list(reverted),
@@ -161,6 +166,7 @@ def quantize_accuracy_aware(
     result = {
         "schema": "slimship.accuracy-aware/1",
         "parent": candidate.id,
+        "mode": mode,
         "base_config": base.to_json_dict(),
         "budget": budget,
         "parent_quality": parent_quality,

@@ -100,6 +100,11 @@ def quickstart(
         baseline=targets[0][0],
         memory=memory,
     )
+    for warning in bench_result.get("warnings", []):
+        log(f"WARNING: {warning}")
+    for c in chain:
+        for note in c.info.get("notes", []) + ([c.info["import"]["note"]] if c.info.get("import") else []):
+            log(f"{c.name}: {note}")
     best = targets[-1][0]
     best_rows = next(c for c in bench_result["candidates"] if c["label"] == best)["results"]
     speed = ", ".join(f"{r['speedup_vs_baseline_p50']:.2f}x at batch {r['batch_size']}" for r in best_rows)
@@ -133,6 +138,7 @@ def quickstart(
                 "exporter_attempts": c.info.get("exporter_attempts"),
                 "fused_operators": c.info.get("fused_operators"),
                 "notes": c.info.get("notes", []),
+                "import": c.info.get("import"),
             }
             for c in chain
         ],

@@ -376,7 +376,42 @@ def load_recipe(path: str | Path) -> Recipe:
     _check_fallbacks(recipe, p, root)
     _check_constraints(recipe, p, root)
     _check_search(recipe, p, root)
-    return recipe
+    return recipe.model_copy(
+        update={
+            "workload": _workload_beside(recipe.workload, p.parent),
+            "data": None if recipe.data is None else _path_beside(recipe.data, p.parent),
+        }
+    )
+
+
+def _path_beside(path: str, base: Path) -> str:
+    """A relative path in a recipe names a file beside the recipe (not in the cwd): absolute, anchored there.
+    A path that exists only relative to the cwd is kept (recipes written before paths were anchored)."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return str(given)
+    beside = base / given
+    if beside.exists() or not given.exists():
+        return str(beside.resolve())
+    return path
+
+
+def _workload_beside(ref: str, base: Path) -> str:
+    """The workload reference with its file path (factory ``file.py:fn``, ``hf:DIR``, ``model.onnx``) anchored at
+    the recipe's directory; built-in names unchanged."""
+    from slimship.workload import BUILTIN_WORKLOADS
+
+    if ref in BUILTIN_WORKLOADS:
+        return ref
+    for prefix in ("hf:", "onnx:"):
+        if ref.startswith(prefix):
+            return prefix + _path_beside(ref[len(prefix) :], base)
+    file, sep, func = ref.rpartition(":")
+    if sep and file.endswith(".py"):
+        return f"{_path_beside(file, base)}:{func}"
+    if ref.endswith(".onnx"):
+        return _path_beside(ref, base)
+    return ref
 
 
 def _allowed_keys(parent: tuple[Any, ...]) -> str:

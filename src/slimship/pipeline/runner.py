@@ -542,7 +542,10 @@ def verified_equal_to_parent(info: dict[str, Any]) -> float | None:
     if not report.passed or not report.outputs:
         return None
     for out in report.outputs.values():
-        if out.cosine_min < tol.min_cosine or out.max_abs_error > tol.atol + tol.rtol * out.max_abs_reference:
+        if (
+            out.judged_cosine_min < tol.min_cosine
+            or out.max_abs_error > tol.atol + tol.rtol * out.max_abs_reference
+        ):
             return None
         if out.top1_agreement is not None and out.top1_agreement < tol.min_top1_agreement:
             return None

@@ -14,6 +14,7 @@ from typing import Any
 from slimship.measure.complexity import ComplexityRecord
 from slimship.measure.verify import VerificationReport
 from slimship.report.attempts import attempts_section, quality_source
+from slimship.report.summary import size_ratio_words
 from slimship.train import FinetuneReport
 
 _CSS = """
@@ -161,7 +162,7 @@ def _pass_deltas(
             "—"
             if not size
             else f"{size / 1e6:.3g} MB"
-            + (f" ({psize / size:.2f}x smaller)" if psize and size != psize else "")
+            + (f" ({size_ratio_words(psize / size)})" if psize and size != psize else "")
         )
         cx = _complexity(info.get("complexity"))
         macs = f"{cx.macs_ratio:.2f}x fewer" if cx is not None and cx.macs_ratio else "—"
@@ -212,7 +213,7 @@ def _quant_tables(steps: list[dict[str, Any]]) -> str:
             ),
             (
                 "size vs its input",
-                f"{info['size_ratio_vs_parent']:.2f}x smaller" if info.get("size_ratio_vs_parent") else None,
+                size_ratio_words(info["size_ratio_vs_parent"]) if info.get("size_ratio_vs_parent") else None,
             ),
         ]
         rows = "".join(f"<tr><th>{_e(k)}</th><td>{_num(v)}</td></tr>" for k, v in facts if v is not None)
@@ -300,7 +301,7 @@ def render_run_report(result: dict[str, Any], run_dir: Path, recipe_path: str) -
     if fq is not None and base_q is not None:
         parts.append(f"{fq - base_q:+.2f} points {_e(metric)}")
     if final in sizes and "original" in sizes:
-        parts.append(f"{sizes['original'] / sizes[final]:.1f}x smaller")
+        parts.append(size_ratio_words(sizes["original"] / sizes[final], 1))
     fb = result.get("fallback") or {}
     tried = fb.get("attempts_run", 1)
     if verdict.get("holds"):
@@ -452,7 +453,7 @@ def render_tune_report(result: dict[str, Any]) -> str:
     def describe(r: dict[str, Any]) -> str:
         bits = [
             f"{r['speedup']:.2f}x faster than the original on {runtime} (p50, batch {result['batch_size']})",
-            f"{r['size_ratio']:.1f}x smaller",
+            size_ratio_words(r["size_ratio"], 1),
         ]
         if r.get("quality_drop") is not None:
             bits.insert(1, f"{-r['quality_drop']:+.2f} points {metric}")

@@ -18,6 +18,18 @@ def fmt_ms(ms: float) -> str:
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
+def size_ratio_words(ratio: float, digits: int = 2, than: str = "") -> str:
+    """A size ratio (parent bytes / child bytes) in words that stay true both ways: ``2.00x smaller``,
+    ``1.02x larger`` (never "0.98x smaller"), ``the same size`` when it rounds to 1; ``than="its parent"``
+    appends "than its parent" (or "as its parent")."""
+    if not ratio or ratio != ratio or ratio <= 0:
+        return "size unknown"
+    shown = round(ratio if ratio >= 1 else 1 / ratio, digits)
+    if shown == 1:
+        return "the same size" + (f" as {than}" if than else "")
+    return f"{shown:.{digits}f}x {'smaller' if ratio > 1 else 'larger'}" + (f" than {than}" if than else "")
+
+
 def fmt_bytes(n: int) -> str:
     if n >= 1e6:
         return f"{n / 1e6:.1f} MB"
@@ -83,6 +95,20 @@ def machine_line(machine: dict[str, Any]) -> str:
     )
 
 
+def load_lines(bench: dict[str, Any]) -> list[str]:
+    """What else the machine ran while each batch size was timed, and the warnings that follow (bench records it)."""
+    load = bench.get("load") or {}
+    if not load:
+        return []
+    per = "; ".join(
+        f"batch {bs}: other processes {rec['other_processes_cores']:.2f} cores, load average {rec['loadavg_1m_after']:.2f}"
+        for bs, rec in load.items()
+    )
+    lines = [f"Machine load while timing: {per}.", ""]
+    lines += [f"**Warning:** {w}" for w in bench.get("warnings", [])]
+    return lines + ([""] if bench.get("warnings") else [])
+
+
 def render_summary(results: dict[str, Any]) -> str:
     bench = results["bench"]
     parts = [f"# slimship quickstart — {results['workload']['name']}", ""]
@@ -117,6 +143,7 @@ def render_summary(results: dict[str, Any]) -> str:
         "",
         machine_line(bench["machine"]),
         "",
+        *load_lines(bench),
         f"Reproduce: `{results['command']}`",
         "",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from slimship.errors import InferenceError
 from slimship.runtime.base import Runtime
 from slimship.runtime.settings import DeploymentSettings, decide_settings
 from slimship.tensor_types import numpy_dtype_of
-from slimship.workload.base import Batch, TensorSpec
+from slimship.workload.base import Batch, TensorSpec, dim_of
 
 
 def session_options(
@@ -32,6 +33,38 @@ def session_options(
             model, threads=threads, spinning=spin, graph_optimization_level=graph_level
         )
     return settings.session_options(optimized_path)
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
+_LOAD_PREFIX = re.compile(r"^Load model from \S+ failed:\s*")
+#: ONNX Runtime messages that have a known cause, and the fix
+_HINTS = (
+    (
+        re.compile(r"Unrecognized attribute: axis for operator (Deq|Q)uantizeLinear"),
+        "per-channel QuantizeLinear / DequantizeLinear need opset 13 or later and this graph's opset is lower: quantize per-tensor "
+        "(--per-tensor) or re-export the model at opset ≥ 13",
+    ),
+)
+
+
+def describe_ort_error(err: BaseException, path: Path | None = None) -> str:
+    """ONNX Runtime's message for a user: its status prefix and the "Load model from … failed" preamble dropped,
+    a staging file (a hidden ``.name.onnx`` a pass writes on its way) named as such rather than by its file name,
+    and the fix for causes known here appended."""
+    text = _LOAD_PREFIX.sub("", _ORT_PREFIX.sub("", str(err).strip()))
+    if path is not None and path.name.startswith("."):
+        text = text.replace(str(path), "the graph being written").replace(
+            path.name, "the graph being written"
+        )
+    for pattern, hint in _HINTS:
+        if pattern.search(text):
+            text += f" — {hint}"
+    return text
+
+
+def _shown(path: Path) -> str:
+    """How a model file is named in a message: a pass's hidden staging file as the pass's output directory."""
+    return f"the graph being written in {path.parent}" if path.name.startswith(".") else str(path)
 
 
 class OrtRuntime(Runtime):
@@ -62,12 +95,14 @@ class OrtRuntime(Runtime):
                 str(self.path), settings.session_options(), providers=["CPUExecutionProvider"]
             )
         except Exception as err:
-            raise InferenceError(f"ONNX Runtime can't load {self.path}: {err}") from err
+            raise InferenceError(
+                f"ONNX Runtime can't load {_shown(self.path)}: {describe_ort_error(err, self.path)}"
+            ) from err
         inputs = tuple(
             TensorSpec(
                 i.name,
                 numpy_dtype_of(i.type),
-                tuple(d if isinstance(d, int) else (d or f"{i.name}_dim{j}") for j, d in enumerate(i.shape)),
+                tuple(dim_of(d, i.name, j) for j, d in enumerate(i.shape)),
             )
             for i in self.session.get_inputs()
         )

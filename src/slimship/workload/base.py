@@ -9,6 +9,7 @@ ONNX file with an .npz of inputs (see :mod:`slimship.workload.user`).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,24 @@ class TensorSpec:
     @property
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+#: what exporters write for "some dynamic size" — placeholders, not names: ``?`` (several frameworks), ``-1``,
+#: ``unk__0`` (tf2onnx numbers each unknown dim), ``None``, an empty string
+_PLACEHOLDER_DIM = re.compile(r"^(\?|-?\d+|unk__\d+|None|)$")
+
+
+def dim_of(dim: int | str | None, tensor: str, axis: int) -> int | str:
+    """One dimension of a model's input/output as :class:`TensorSpec` holds it.
+
+    A fixed size stays an int; a real name (``batch``, ``sequence``) stays a name, so dims named alike must
+    agree. Placeholders (``?``, ``-1``, ``unk__0``, empty, missing, a negative size) mean no more than "dynamic":
+    each becomes its own dimension (``x_dim2``), except axis 0, the batch axis every input shares."""
+    if isinstance(dim, int) and dim >= 0:
+        return dim
+    if isinstance(dim, str) and not _PLACEHOLDER_DIM.match(dim.strip()):
+        return dim
+    return "batch" if axis == 0 else f"{tensor}_dim{axis}"
 
 
 @dataclass(frozen=True)

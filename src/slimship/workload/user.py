@@ -22,6 +22,7 @@ or wrong and shows a valid value.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +41,7 @@ from slimship.workload.base import (
     Workload,
     accuracy,
     classification_fidelity,
+    dim_of,
     embedding_fidelity,
 )
 
@@ -156,6 +158,23 @@ def load_factory(spec: str) -> Callable[[], Any]:
     return func
 
 
+def _factory_key(spec: str) -> tuple[str, str]:
+    """What a factory's result depends on: its file (resolved) and that file's content."""
+    path = Path(spec.rpartition(":")[0])
+    try:
+        return str(path.resolve()), sha256_file(path)
+    except OSError:
+        return str(path), ""  # load_factory says what is wrong with the path
+
+
+@functools.lru_cache(maxsize=8)
+def _built(spec: str, resolved: str, content_sha: str) -> dict[str, Any]:
+    """``build()``'s checked result, once per process for each factory file content: every workload made from the
+    same spec in one process (a pipeline resolves its workload several times) shares it. Its model is never handed
+    out itself: :meth:`FactoryWorkload.build_model` returns deep copies."""
+    return FactoryWorkload._call(spec)
+
+
 class FactoryWorkload(Workload):
     """A user's PyTorch model built by ``file.py:function``."""
 
@@ -163,8 +182,7 @@ class FactoryWorkload(Workload):
         self.spec = spec
         self.name = f"factory:{spec}"
         self.description = f"user factory {spec}"
-        self._factory = load_factory(spec)
-        self._bundle = self._call()
+        self._bundle = _built(spec, *_factory_key(spec))
         model = self._bundle["model"]
         self._example = _as_input_dict(self._bundle["example_inputs"], "example_inputs")
         self._eval = _as_input_dict(self._bundle.get("eval_inputs", self._example), "eval_inputs")
@@ -207,34 +225,36 @@ class FactoryWorkload(Workload):
         self.task = "classification" if self._labels is not None else "generic"
         self.primary_metric = "accuracy" if self._labels is not None and self._metric is None else ""
 
-    def _call(self) -> dict[str, Any]:
+    @staticmethod
+    def _call(spec: str) -> dict[str, Any]:
+        factory = load_factory(spec)
         try:
-            result = self._factory()
+            result = factory()
         except Exception as err:
-            raise WorkloadError(f"factory {self.spec} raised {type(err).__name__}: {err}") from err
+            raise WorkloadError(f"factory {spec} raised {type(err).__name__}: {err}") from err
         if isinstance(result, tuple) and len(result) == 2:
             result = {"model": result[0], "example_inputs": result[1]}
         if not isinstance(result, dict):
             raise WorkloadError(
-                f"factory {self.spec} returned a {type(result).__name__}; it must return (model, example_inputs) "
+                f"factory {spec} returned a {type(result).__name__}; it must return (model, example_inputs) "
                 f"or a dict with at least 'model' and 'example_inputs', e.g. {_EXAMPLE}"
             )
         missing = [k for k in ("model", "example_inputs") if k not in result]
         if missing:
             raise WorkloadError(
-                f"factory {self.spec} returned a dict without {', '.join(repr(k) for k in missing)}; "
+                f"factory {spec} returned a dict without {', '.join(repr(k) for k in missing)}; "
                 f"required keys: 'model', 'example_inputs'. Example: {_EXAMPLE}"
             )
         unknown = sorted(set(result) - _ALLOWED_KEYS)
         if unknown:
             raise WorkloadError(
-                f"factory {self.spec} returned unknown keys {unknown}; allowed: {sorted(_ALLOWED_KEYS)}"
+                f"factory {spec} returned unknown keys {unknown}; allowed: {sorted(_ALLOWED_KEYS)}"
             )
         import torch
 
         if not isinstance(result["model"], torch.nn.Module):
             raise WorkloadError(
-                f"factory {self.spec}: 'model' must be a torch.nn.Module, got {type(result['model']).__name__}"
+                f"factory {spec}: 'model' must be a torch.nn.Module, got {type(result['model']).__name__}"
             )
         return result
 
@@ -268,7 +288,7 @@ class FactoryWorkload(Workload):
         return sha256_text(self.spec, sha256_file(path), *(v.tobytes() for v in self._eval.values()))[:16]
 
     def build_model(self) -> torch.nn.Module:
-        """A fresh copy of the model the factory returned (the factory runs once per workload)."""
+        """A fresh copy of the model the factory returned (``build()`` runs once per process and file content)."""
         import copy
 
         return copy.deepcopy(self._bundle["model"]).eval()
@@ -348,19 +368,16 @@ class OnnxWorkload(Workload):
             sess = ort.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
         except Exception as err:
             raise WorkloadError(f"{self.model_path} is not a model ONNX Runtime can load: {err}") from err
+        # placeholder dims ("?", "-1", "unk__0", none) are independent dims, not one shared name
         self.inputs = tuple(
             TensorSpec(
-                i.name,
-                numpy_dtype_of(i.type),
-                tuple(d if d is not None else f"dim{j}" for j, d in enumerate(i.shape)),
+                i.name, numpy_dtype_of(i.type), tuple(dim_of(d, i.name, j) for j, d in enumerate(i.shape))
             )
             for i in sess.get_inputs()
         )
         self.outputs = tuple(
             TensorSpec(
-                o.name,
-                numpy_dtype_of(o.type),
-                tuple(d if d is not None else f"dim{j}" for j, d in enumerate(o.shape)),
+                o.name, numpy_dtype_of(o.type), tuple(dim_of(d, o.name, j) for j, d in enumerate(o.shape))
             )
             for o in sess.get_outputs()
         )

@@ -1,0 +1,115 @@
+"""Diagnosis over convolutions: static INT8 per node and per block, and the accuracy-aware mode on a CNN."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from slimship.measure.diagnose import diagnose, format_diagnosis, node_blocks
+from slimship.passes import run_pass
+from slimship.pipeline.accuracy_aware import quantize_accuracy_aware
+
+
+@pytest.fixture(scope="module")
+def mnist_exported(mnist, tmp_path_factory):
+    from slimship.candidate import original_candidate
+    from slimship.passes import export
+
+    root = tmp_path_factory.mktemp("mnist-cnn")
+    return export(original_candidate(mnist, root / "original"), mnist, out_dir=root / "exported")
+
+
+def test_static_diagnosis_ranks_convolutions_per_node_and_block(mnist, mnist_exported):
+    report = diagnose(mnist_exported, mnist, {"per_channel": False}, measure_top=2, samples=32, mode="static")
+    ops = [r["op_type"] for r in report["nodes"]]
+    assert sorted(ops) == ["Conv", "Conv", "Gemm", "Gemm"]
+    sqnrs = [r["sqnr_db"] for r in report["nodes"]]
+    assert sqnrs == sorted(sqnrs) and all(0 < s < 80 for s in sqnrs)
+    for row in report["nodes"][:2]:
+        assert 0 < row["fidelity_only_this_quantized"] <= 1.0 and "gain_from_reverting" in row
+    # blocks come from the exporter's module path: one per layer of this flat Sequential
+    assert report["grouped_by"] == "block" and len(report["groups"]) == 4
+    assert all("fidelity_all_but_this" in g for g in report["groups"][:2])
+    assert (
+        report["config"]["calibration"] == "minmax"
+    )  # "auto" pinned: every measurement uses the same ranges
+    text = format_diagnosis(report)
+    assert "block" in text and "exclude_nodes" in text and "Conv" in text
+    json.dumps(report)
+    q = run_pass(
+        "quantize-static",
+        mnist_exported,
+        mnist,
+        {"per_channel": False, "calibration": "minmax", **report["paste_into_config"]},
+        mnist_exported.path.parent / "q-excluded",
+    )
+    assert set(q.info["excluded_nodes"]) == set(report["suggested_exclude_nodes"])
+
+
+def test_static_accuracy_aware_meets_a_floor_the_full_int8_model_misses(mnist, mnist_exported, tmp_path):
+    base = {"per_channel": False, "calibration": "minmax"}
+
+    def fid(cand):
+        return cand.info["fidelity_to_parent"]["outputs"]["logits"]["cosine_min"]
+
+    full = fid(run_pass("quantize-static", mnist_exported, mnist, base, tmp_path / "full"))
+    convs = [n.name for n in onnx.load(str(mnist_exported.artifact_path)).graph.node if n.op_type == "Conv"]
+    best_revert = max(
+        fid(
+            run_pass(
+                "quantize-static", mnist_exported, mnist, {**base, "exclude_nodes": [c]}, tmp_path / f"r{i}"
+            )
+        )
+        for i, c in enumerate(convs)
+    )
+    assert full < best_revert
+    floor = (full + best_revert) / 2
+    result = quantize_accuracy_aware(
+        mnist_exported, mnist, tmp_path / "aa", base, min_fidelity=floor, mode="static"
+    )
+    assert result["mode"] == "static" and result["met_budget"] and result["reverted_nodes"]
+    assert result["steps"][0]["fidelity"] < floor <= result["chosen"]["fidelity"]
+
+
+def test_residual_adds_cut_blocks_when_nodes_carry_no_module_path():
+    from tests.fixtures.foreign_onnx import build_model
+
+    model = build_model()
+    for node in model.graph.node:
+        node.name = f"n{id(node) % 10**6}_{node.op_type}"  # flat names, no metadata
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    blocks = node_blocks(model, convs)
+    assert [blocks[c] for c in convs] == ["block 0", "block 0", "block 0", "block 1", "block 1", "block 2"]
+    named = node_blocks(build_model(), [n.name for n in build_model().graph.node if n.op_type == "Conv"])
+    assert set(named.values()) == {"stem", "block0", "block1", "mask"}
+
+
+def test_diagnosis_of_a_graph_with_only_weight_nodes_gives_no_traceback(tmp_path):
+    """One Gather, no MatMul: nothing to capture (ONNX Runtime's run([]) returns every output) and reverting the
+    only node leaves the parent — neither may fail."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimship.candidate import original_candidate
+    from slimship.workload import resolve_workload
+
+    table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed")],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["?", 4])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["?", 4, 8])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "lookup.onnx"))
+    np.savez(tmp_path / "ids.npz", ids=np.random.default_rng(1).integers(0, 50, size=(16, 4)))
+    w = resolve_workload(str(tmp_path / "lookup.onnx"), data=tmp_path / "ids.npz")
+    cand = original_candidate(w, tmp_path / "original")
+    report = diagnose(cand, w, {"per_channel": False}, measure_top=1, samples=16)
+    (row,) = report["nodes"]
+    assert row["node"] == "embed" and row["fidelity_all_but_this"] == 1.0
+    assert report["suggested_exclude_nodes"] == ["embed"] or row["gain_from_reverting"] <= 0
