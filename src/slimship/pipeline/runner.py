@@ -29,9 +29,13 @@ from slimship.pipeline.recipe import Recipe, Step, load_recipe
 SCHEMA = "slimship.run/1"
 
 
+_STARTED = time.monotonic()
+
+
 def say(msg: str) -> None:
-    """The default progress log of runs and searches: one ``· msg`` line on stderr."""
-    print(f"· {msg}", file=sys.stderr)
+    """The default progress log of runs and searches: one ``· m:ss msg`` line on stderr (time since start)."""
+    m, s = divmod(int(time.monotonic() - _STARTED), 60)
+    print(f"· {m}:{s:02d} {msg}", file=sys.stderr)
 
 
 def reuse_candidate(step_dir: Path, **expected: Any) -> Any:
