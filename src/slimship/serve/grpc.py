@@ -12,7 +12,9 @@ the app's lifespan.
 Messages come from the protocol's own ``.proto`` (``proto/grpc_predict_v2.proto``), loaded into a *private*
 descriptor pool from the serialized descriptor in :mod:`slimship.serve.oip_descriptor`: nothing is registered in
 protobuf's global pool, so this module coexists with kserve's and tritonclient's generated modules (which clash with
-each other). Requests are decoded here, not by gRPC, so a message that isn't valid protobuf is INVALID_ARGUMENT.
+each other). Requests are decoded here, not by gRPC, so a message that isn't valid protobuf is INVALID_ARGUMENT;
+messages from ``limits.parse_in_process_bytes`` up are decoded and converted in a worker thread, in pieces, so the
+event loop goes on meanwhile (a 64 MB message of typed FP32 contents takes seconds to convert; raw contents don't).
 
 Errors map as the HTTP statuses do: 400 → INVALID_ARGUMENT, 401 → UNAUTHENTICATED, 403 → PERMISSION_DENIED,
 404 → NOT_FOUND, 408/504 → DEADLINE_EXCEEDED, 409 → FAILED_PRECONDITION, 413/429 → RESOURCE_EXHAUSTED,
@@ -22,6 +24,7 @@ Outputs are always answered in ``raw_output_contents`` (as Triton does).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -132,6 +135,21 @@ class GrpcRequest:
     outputs: list[str] | None
 
 
+#: typed values converted per chunk: a conversion is one C loop holding the GIL, so a large one is cut into pieces
+#: (when it runs in a worker thread, the event loop gets the GIL between pieces)
+CHUNK = 1 << 16
+
+
+def _array(values: Any, dtype: Any) -> np.ndarray:
+    """A repeated protobuf field as a numpy array."""
+    if len(values) <= CHUNK:
+        return np.asarray(values, dtype=dtype)
+    out = np.empty(len(values), dtype=dtype)
+    for i in range(0, len(values), CHUNK):
+        out[i : i + CHUNK] = values[i : i + CHUNK]
+    return out
+
+
 def _typed_input(name: str, dt: str, shape: tuple[int, ...], contents: Any) -> np.ndarray:
     field = CONTENTS.get(dt)
     if field is None:
@@ -151,7 +169,7 @@ def _typed_input(name: str, dt: str, shape: tuple[int, ...], contents: Any) -> n
         arr = np.empty(count, dtype=np.object_)
         arr[:] = list(values)
         return arr.reshape(shape)
-    wide = np.asarray(values, dtype=_FIELD_DTYPE[field])
+    wide = _array(values, _FIELD_DTYPE[field])
     target = np.dtype(DATATYPES[dt])
     if target.kind in "iu" and wide.size and target != wide.dtype:
         info = np.iinfo(target)
@@ -279,7 +297,10 @@ class GrpcFrontend:
         rid = md.get("x-request-id")
         if rid is not None and len(rid) > s.limits.max_id_chars:
             raise ProtocolError(f"x-request-id is {len(rid)} characters; at most {s.limits.max_id_chars}")
-        req = parse_infer_request(msg, s.limits.max_id_chars)
+        if msg.ByteSize() < s.limits.parse_in_process_bytes:
+            req = parse_infer_request(msg, s.limits.max_id_chars)
+        else:  # typed contents convert element by element: off the event loop (raw contents are cheap either way)
+            req = await asyncio.to_thread(parse_infer_request, msg, s.limits.max_id_chars)
         name, version = msg.model_name, msg.model_version or None
         if not name:
             raise ProtocolError("model_name is empty; give the model's name")
@@ -305,7 +326,11 @@ class GrpcFrontend:
         async def handler(request: bytes, context: Any) -> Any:
             code, detail = "OK", ""
             try:
-                msg = getattr(messages(), request_type).FromString(request)
+                decode = getattr(messages(), request_type).FromString
+                if len(request) < self.server.limits.parse_in_process_bytes:
+                    msg = decode(request)
+                else:
+                    msg = await asyncio.to_thread(decode, request)
                 return await fn(msg, context)
             except DecodeError as err:
                 code, detail = "INVALID_ARGUMENT", f"the request is not a valid {request_type}: {err}"
