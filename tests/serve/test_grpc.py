@@ -34,6 +34,7 @@ def server(models, tmp_path_factory):
             },
             {"name": "digits", "path": models["digits_v2"], "version": "2"},
             {"name": "seq", "path": models["seq"]},
+            {"name": "slow", "path": models["slow"], "batching": {"max_queue": 1, "max_batch_size": 1}},
         ],
         "limits": {"max_body_bytes": 60_000},
     }
@@ -192,6 +193,32 @@ def test_bad_calls_are_client_errors(server, channel):
     assert call(channel, "ModelInfer", _infer_request(_x(1)), (*AUTH, ("x-request-id", "r" * 300)))[0] == (
         "INVALID_ARGUMENT"
     )
+
+
+def test_overload_is_unavailable_with_retry_after(server, channel):
+    """A full queue is UNAVAILABLE (HTTP's 503) with retry-after, never INTERNAL; the rest are answered."""
+    m = messages()
+    req = m.ModelInferRequest(model_name="slow")
+    t = req.inputs.add()
+    t.name, t.datatype = "x", "FP32"
+    t.shape.extend([1, 2048])
+    req.raw_input_contents.append(np.ones((1, 2048), "<f4").tobytes())
+    fn = channel.unary_unary(
+        f"/{SERVICE}/ModelInfer",
+        request_serializer=lambda r: r.SerializeToString(),
+        response_deserializer=m.ModelInferResponse.FromString,
+    )
+    futures = [fn.future(req, metadata=AUTH, timeout=60) for _ in range(12)]
+    codes, retry = [], []
+    for f in futures:
+        try:
+            f.result()
+            codes.append("OK")
+        except grpc.RpcError as err:
+            codes.append(err.code().name)
+            retry += [v for k, v in err.trailing_metadata() or () if k == "retry-after"]
+    assert set(codes) == {"OK", "UNAVAILABLE"}, codes
+    assert len(retry) == codes.count("UNAVAILABLE") and set(retry) == {"1"}
 
 
 def _mutate(rng, base):
