@@ -98,6 +98,7 @@ def main() -> None:
     from slimship.machine import cpu_class
 
     spec = input_spec(args.model, args.seq)
+    load_before = os.getloadavg()[0]
     port, gport = free_port(), free_port()
     tmp = Path(tempfile.mkdtemp())
     cfg = tmp / "serve.yaml"
@@ -172,6 +173,7 @@ def main() -> None:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "cores": os.cpu_count(),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
@@ -184,6 +186,8 @@ def main() -> None:
         f"Model {meta['model']} (seq {args.seq}), one row per request, "
         f"{args.rounds} rounds × {args.duration:g} s, median round. Reproduce: "
         f"`.venv/bin/python benchmarks/grpc_vs_rest.py --rounds {args.rounds} --duration {args.duration:g}`.",
+        f"Machine load (1-min average) before / after: {meta['load_average_1min'][0]:g} / "
+        f"{meta['load_average_1min'][1]:g} — above the core count, the figures are noisy.",
         "",
         "| clients | REST req/s | gRPC req/s | gRPC / REST | REST p99 ms | gRPC p99 ms |",
         "|---|---|---|---|---|---|",

@@ -254,7 +254,7 @@ def _mutate(rng, base):
     elif kind == 7:
         req.inputs.add().CopyFrom(t)
     elif kind == 8:
-        req.model_name = str(rng.choice(["", "seq", "nosuch", "digits/1", "x" * 300]))
+        req.model_name = str(rng.choice(["", "seq", "nosuch", "digits/1", "x" * 300, "é" * 20_000]))
     elif kind == 9:
         req.model_version = str(rng.choice(["0", "3", "-1", "latest", "x" * 1000]))
     elif kind == 10:

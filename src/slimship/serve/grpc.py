@@ -78,6 +78,8 @@ _FIELD_DTYPE = {
     "fp32_contents": np.float32,
     "fp64_contents": np.float64,
 }
+#: longest error detail sent (the status message is a trailer; peers cap trailers at 8 KB by default)
+MAX_DETAIL = 2000
 #: HTTP status of a ProtocolError → gRPC status code name
 STATUS_CODES = {
     400: "INVALID_ARGUMENT",
@@ -346,6 +348,10 @@ class GrpcFrontend:
                 code, detail = "INTERNAL", f"internal server error (reference {ref})"
             finally:
                 self.server.metrics.grpc.labels(method, code).inc()
+            if (
+                len(detail) > MAX_DETAIL
+            ):  # it travels in a trailer: a hostile name echoed whole could overflow it
+                detail = detail[: MAX_DETAIL - 1] + "…"
             await context.abort(getattr(grpc.StatusCode, code), detail)
 
         return handler
