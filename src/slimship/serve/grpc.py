@@ -111,9 +111,14 @@ class Messages:
     pool: Any
 
     def __getattr__(self, name: str) -> Any:
-        from google.protobuf import message_factory
+        return _message_class(self.pool, name)
 
-        return message_factory.GetMessageClass(self.pool.FindMessageTypeByName(f"inference.{name}"))
+
+@functools.cache
+def _message_class(pool: Any, name: str) -> Any:
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}"))
 
 
 @functools.cache
