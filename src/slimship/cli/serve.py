@@ -9,13 +9,18 @@ from typing import Annotated, Any
 import typer
 
 from slimship.cli._app import app
-from slimship.serve.config import Limits
+from slimship.serve.config import Limits, ServeConfig
 
 
 def _limit_help(field: str) -> str:
     """A --help line from the Limits field's description (one source for the docs), with its default."""
     info = Limits.model_fields[field]
     return f"{info.description} (default {info.default:g})."
+
+
+def _config_help(field: str) -> str:
+    """A --help line from a ServeConfig field's description."""
+    return str(ServeConfig.model_fields[field].description)
 
 
 def _model_spec(text: str) -> dict[str, Any]:
@@ -67,6 +72,10 @@ def serve(
         ),
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000; 0 picks a free one).")] = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help=_config_help("grpc_port")),
+    ] = None,
     max_batch_size: Annotated[
         int | None,
         typer.Option(
@@ -185,6 +194,7 @@ def serve(
     overrides: dict[str, Any] = {
         "host": host,
         "port": port,
+        "grpc_port": grpc_port,
         "models": models or None,
         "registry": str(registry) if registry else None,
         "registry_url": registry_url,
@@ -221,6 +231,12 @@ def serve(
     warning = bind_warning(cfg.host, tokens["token"])
     if warning is not None:
         typer.secho(f"\n{'!' * 80}\n{warning}\n{'!' * 80}\n", fg="red", bold=True, err=True)
+    if ray and cfg.grpc_port is not None:
+        from slimship.errors import ConfigError
+
+        raise ConfigError(
+            "gRPC (--grpc-port / grpc_port) is served by the single-process server; drop --ray or the gRPC port"
+        )
     if ray:
         from slimship.serve.ray_serve import serve_on_ray
 

@@ -7,6 +7,7 @@ What `slimship serve` serves, as a YAML file (command-line flags add to it)::
 
     host: 127.0.0.1
     port: 8000
+    grpc_port: 8001                                 # optional: OIP over gRPC too
     registry: ~/.local/share/slimship/registry    # optional (and registry_url for PostgreSQL)
     limits: {max_body_bytes: 67108864}
     models:
@@ -224,6 +225,14 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Also serve the Open Inference Protocol over gRPC (KServe's inference.GRPCInferenceService, "
+        "what tritonclient.grpc speaks) on this port of the same host; None (default): no gRPC; 0 picks a free port. "
+        "Same models, batching, traffic policy, limits, token and metrics as HTTP.",
+    )
     registry: str | None = None
     registry_url: str | None = None
     limits: Limits = Limits()

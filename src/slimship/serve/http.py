@@ -31,10 +31,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from slimship.errors import ServingError, SlimshipError
@@ -297,26 +296,6 @@ async def model_ready(server: Server, request: Request) -> Response:
 # ---- inference ---------------------------------------------------------------------------------
 
 
-def _record(
-    server: Server,
-    name: str,
-    ep: ServedEndpoint,
-    routed: bool,
-    inputs: dict[str, np.ndarray],
-    outputs: dict[str, np.ndarray] | None,
-    status: str,
-    elapsed: float,
-    t_infer: float,
-) -> None:
-    """Metrics, live figures and the rollout's window of one inference request, answered or not."""
-    server.metrics.requests.labels(name, ep.version, status).inc()
-    server.metrics.latency.labels(name, ep.version).observe(elapsed)
-    server.live.add(name, ep.version, elapsed, status)
-    ok = status == "200"
-    if routed and (ok or int(status) >= 500):
-        server.rollouts.observe(name, ep, inputs, outputs if ok else None, t_infer if ok else elapsed, ok)
-
-
 async def infer(server: Server, request: Request) -> Response:
     from starlette.responses import Response
 
@@ -327,26 +306,15 @@ async def infer(server: Server, request: Request) -> Response:
     sticky_header = server.group(name).policy.sticky_header
     ep = server.endpoint(name, version, request.headers.get(sticky_header) if sticky_header else None)
     request.state.model, request.state.version = name, ep.version
-    status, outputs = "200", None
-    t_infer = time.perf_counter()
-    try:
-        outputs = await ep.infer(req.inputs)
-        t_infer = time.perf_counter() - t_infer  # queue + run: what the rollout compares between versions
-        data, headers = encode_infer_response(name, ep.version, req.id, outputs, req)
-    except ProtocolError as err:
-        status = str(err.status)
-        raise
-    except Exception:
-        status = "500"
-        raise
-    finally:
-        _record(
-            server, name, ep, version is None, req.inputs, outputs, status, time.perf_counter() - t0, t_infer
-        )
+    data, headers = await server.run_inference(
+        name,
+        ep,
+        version is None,
+        req.inputs,
+        lambda outputs: encode_infer_response(name, ep.version, req.id, outputs, req),
+        t0,
+    )
     server.remember(req.id, request.state.rid, name, ep.version)
-    server.monitor_output(name, ep, req.inputs, outputs)
-    if version is None:
-        server.maybe_shadow(name, ep, req.inputs, outputs)
     headers["x-model-version"] = ep.version
     return Response(data, 200, headers=headers)
 
@@ -555,25 +523,35 @@ ROUTES: list[tuple[str, Handler, list[str], bool]] = [
 ]
 
 
-def create_app(server: Server, startup: list[Coroutine[Any, Any, Any]] | None = None) -> Any:
-    """The ASGI app. ``startup``: coroutines (e.g. model loads) awaited when the app starts."""
+def create_app(
+    server: Server,
+    startup: list[Coroutine[Any, Any, Any]] | None = None,
+    services: Sequence[contextlib.AbstractAsyncContextManager[Any]] = (),
+) -> Any:
+    """The ASGI app. ``startup``: coroutines (e.g. model loads) awaited when the app starts; ``services``: other
+    front ends over the same server (the gRPC one), entered once the models are loaded — before the server reports
+    ready — and exited first on shutdown (answering their calls in flight)."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        for coro in startup or []:
-            await coro
-        await server.rollouts.restore()  # rollouts stored in the registry go on where they were
-        server.rollouts.start_loop()
-        server.spawn(server.watch())
-        server.started = True
-        try:
-            yield
-        finally:
-            server.started = False
-            app.state.parser.close()
-            await server.stop()
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                for coro in startup or []:
+                    await coro
+                await server.rollouts.restore()  # rollouts stored in the registry go on where they were
+                server.rollouts.start_loop()
+                server.spawn(server.watch())
+                for service in services:
+                    await stack.enter_async_context(service)
+                server.started = True
+                yield
+            finally:
+                server.started = False
+                await stack.aclose()
+                app.state.parser.close()
+                await server.stop()
 
     routes = [Route(path, guard(server, fn, admin), methods=methods) for path, fn, methods, admin in ROUTES]
     routes.append(Route("/metrics", metrics))

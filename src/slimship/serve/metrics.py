@@ -118,6 +118,9 @@ class Metrics:
         self.http = Counter(
             "slimship_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
+        self.grpc = Counter(
+            "slimship_grpc_requests", "gRPC calls by method and status code", ["method", "code"], registry=r
+        )
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

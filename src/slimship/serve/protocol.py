@@ -393,3 +393,32 @@ def encode_infer_response(
     if not blobs:
         return text, {"content-type": "application/json"}
     return text + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
+
+
+# ---- tensors for other transports (gRPC): the same checks as the HTTP parser -------------------------------------
+
+
+def check_shape(shape: Any, name: str) -> tuple[int, ...]:
+    """``shape`` (any sequence of integers) as a tuple, refused (400) if negative, too long or too large."""
+    return _shape({"shape": [int(d) for d in shape]}, name)
+
+
+def tensor_from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    """An input from its raw little-endian bytes (BYTES: 4-byte length + bytes per element), checked like a binary
+    HTTP input: the byte count must be exactly what ``shape`` and ``datatype`` need."""
+    if datatype not in DATATYPES:
+        raise ProtocolError(
+            f"input {name!r}: unknown datatype {_brief(datatype)}; datatypes: {sorted(DATATYPES)}"
+        )
+    view = memoryview(raw)
+    return _binary_input(name, datatype, shape, len(view), view, 0)
+
+
+def tensor_to_raw(arr: np.ndarray) -> bytes:
+    """An output's raw bytes, as the binary extension and gRPC's raw_output_contents carry them."""
+    return _binary(arr)
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about hostile input."""
+    return _brief(value, limit)

@@ -127,7 +127,12 @@ def build(
         for name, policy in config.traffic.items():
             server.set_traffic(name, policy)
 
-    return server, create_app(server, startup=[start_all()])
+    services = []
+    if config.grpc_port is not None:
+        from slimship.serve.grpc import GrpcFrontend
+
+        services.append(GrpcFrontend(server, config.host, config.grpc_port, config.graceful_shutdown_s))
+    return server, create_app(server, startup=[start_all()], services=services)
 
 
 def is_loopback(host: str) -> bool:
@@ -207,7 +212,8 @@ def serve(
     _, app = build(config, token, admin_token)
     print(
         f"serving {', '.join(sorted({m.name for m in config.models}))} on http://{config.host}:{config.port} "
-        f"(Ctrl-C or SIGTERM stops after answering requests in flight)",
+        + (f"and gRPC {config.host}:{config.grpc_port} " if config.grpc_port is not None else "")
+        + "(Ctrl-C or SIGTERM stops after answering requests in flight)",
         file=sys.stderr,
         flush=True,
     )

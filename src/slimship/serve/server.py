@@ -9,12 +9,13 @@ model's versionless traffic in the background: the client is answered by the pri
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from slimship.serve.rollout import RolloutController
 from slimship.serve.routing import ModelGroup, sorted_versions
 
 log = logging.getLogger("slimship.serve")
+T = TypeVar("T")
 
 #: builds an endpoint elsewhere (Ray Serve): (name, version, path, batching, source, replicas) → endpoint
 EndpointFactory = Callable[
@@ -118,6 +120,65 @@ class Server:
                             log.exception("drift computation of %s v%s failed", name, ep.version)
                 r = self.rollouts.controls(name)
                 self.metrics.rollout_stage.labels(name).set(r.stage if r is not None else -1)
+
+    # ---- inference (shared by the HTTP and gRPC front ends) -------------------------------------
+    async def run_inference(
+        self,
+        name: str,
+        ep: ServedEndpoint,
+        routed: bool,
+        inputs: dict[str, np.ndarray],
+        encode: Callable[[dict[str, np.ndarray]], T],
+        t0: float,
+    ) -> T:
+        """Run one request on ``ep`` (chosen by :meth:`endpoint`; ``routed``: by the traffic policy) and encode its
+        answer; metrics, live figures, the rollout's window, drift and shadow traffic are fed whichever transport
+        asked. ``t0``: when the request arrived (perf_counter). Errors propagate after being counted."""
+        status, outputs = "200", None
+        t_infer = time.perf_counter()
+        try:
+            outputs = await ep.infer(inputs)
+            t_infer = time.perf_counter() - t_infer  # queue + run: what the rollout compares between versions
+            encoded = encode(outputs)
+        except ProtocolError as err:
+            status = str(err.status)
+            raise
+        except Exception:
+            status = "500"
+            raise
+        finally:
+            self._record(name, ep, routed, inputs, outputs, status, time.perf_counter() - t0, t_infer)
+        self.monitor_output(name, ep, inputs, outputs)
+        if routed:
+            self.maybe_shadow(name, ep, inputs, outputs)
+        return encoded
+
+    def _record(
+        self,
+        name: str,
+        ep: ServedEndpoint,
+        routed: bool,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray] | None,
+        status: str,
+        elapsed: float,
+        t_infer: float,
+    ) -> None:
+        """Metrics, live figures and the rollout's window of one inference request, answered or not."""
+        self.metrics.requests.labels(name, ep.version, status).inc()
+        self.metrics.latency.labels(name, ep.version).observe(elapsed)
+        self.live.add(name, ep.version, elapsed, status)
+        ok = status == "200"
+        if routed and (ok or int(status) >= 500):
+            self.rollouts.observe(name, ep, inputs, outputs if ok else None, t_infer if ok else elapsed, ok)
+
+    def token_ok(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization`` value carries the inference token (always, when the server has none)."""
+        if self.token is None:
+            return True
+        if not authorization or not authorization.lower().startswith("bearer "):
+            return False
+        return hmac.compare_digest(authorization[7:].strip().encode(), self.token.encode())
 
     # ---- model management ---------------------------------------------------------------------
     async def load(
