@@ -79,7 +79,21 @@ def convert_onnx(src: Path, out: Path, compress_to_fp16: bool) -> None:
             "ONNX Runtime, which runs it)",
             attempts={"openvino": f"refused: {', '.join(ops) or 'see message'}"},
         ) from err
+    _keep_onnx_names(model, src)
     ov.save_model(model, str(out), compress_to_fp16=compress_to_fp16)
+
+
+def _keep_onnx_names(model: Any, src: Path) -> None:
+    """Give every input/output port exactly its ONNX graph name (the converter may attach internal aliases)."""
+    import onnx
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    for ports, values in ((model.inputs, graph.input), (model.outputs, graph.output)):
+        names = {v.name for v in values}
+        for port in ports:
+            keep = names & set(port.get_names())
+            if keep:
+                port.get_tensor().set_names(keep)
 
 
 def save_ir_candidate(

@@ -168,10 +168,19 @@ class OpenVINORuntime(Runtime):
             )
             inputs.append(TensorSpec(name, _element_dtype(port.get_element_type()), shape))
         outs = []
+        specs = []
         for i, port in enumerate(self.compiled.outputs):
             preferred = [n for n in output_names if n in port.get_names()]
-            outs.append(preferred[0] if preferred else _port_name(port, i, "output"))
+            name = preferred[0] if preferred else _port_name(port, i, "output")
+            outs.append(name)
+            shape = tuple(
+                d.get_length() if d.is_static else f"{name}_dim{j}"
+                for j, d in enumerate(port.get_partial_shape())
+            )
+            specs.append(TensorSpec(name, _element_dtype(port.get_element_type()), shape))
         self._out_ports = list(self.compiled.outputs)
+        #: the outputs with their element types and shapes (dynamic dims named ``<output>_dim<axis>``)
+        self.output_specs = tuple(specs)
         super().__init__(inputs, outs, threads)
         self.executed = self._executed()
 
