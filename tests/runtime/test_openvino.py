@@ -145,3 +145,19 @@ def test_a_crash_inside_compile_is_caught_in_the_probe_and_nothing_else_is_affec
         2,
         10,
     )
+
+
+def test_nncf_on_onnx_makes_a_qdq_graph_that_onnx_runtime_runs(digits, digits_chain, tmp_path):
+    from slimship.passes import run_pass
+
+    q = run_pass("quantize-nncf-onnx", digits_chain[1], digits, {"calibration_samples": 64}, tmp_path / "qdq")
+    assert q.format == "onnx" and q.info["nncf"]["backend"] == "onnx"
+    assert (
+        q.info["ops_after"].get("QuantizeLinear", 0) > 0
+        and q.info["ops_after"].get("DequantizeLinear", 0) > 0
+    )
+    assert "QuantizeLinear" in q.info["deployment"]["int8_ops"]  # ORT's precision entries decided for it
+    fid = q.info["fidelity_to_parent"]["outputs"]["logits"]
+    assert fid["cosine_mean"] > 0.99 and fid["top1_agreement"] >= 0.95
+    rt = create_runtime(q, digits, threads=1)
+    assert rt.backend == "onnxruntime" and rt.predict(digits.example_inputs(3))["logits"].shape == (3, 10)

@@ -14,7 +14,12 @@ from slimship.passes.base import Pass, PassConfig
 from slimship.passes.distill import DistillConfig, DistillPass, StudentSpec
 from slimship.passes.export import ExportConfig, ExportPass
 from slimship.passes.lowrank import LowRankConfig, LowRankPass
-from slimship.passes.nncf_quant import NNCFQuantizeConfig, NNCFQuantizePass
+from slimship.passes.nncf_quant import (
+    NNCFOnnxQuantizeConfig,
+    NNCFOnnxQuantizePass,
+    NNCFQuantizeConfig,
+    NNCFQuantizePass,
+)
 from slimship.passes.openvino import OpenVINOConvertConfig, OpenVINOConvertPass
 from slimship.passes.optimize import GraphOptimizeConfig, GraphOptimizePass
 from slimship.passes.prune import DepthPruneConfig, DepthPrunePass, StructuredPruneConfig, StructuredPrunePass
@@ -43,6 +48,7 @@ __all__ = [
     "GraphOptimizeConfig",
     "Int4WeightOnlyConfig",
     "LowRankConfig",
+    "NNCFOnnxQuantizeConfig",
     "NNCFQuantizeConfig",
     "OpenVINOConvertConfig",
     "Pass",
@@ -82,6 +88,7 @@ PASSES: dict[str, type[Pass[Any]]] = {
         WeightSharePass,
         OpenVINOConvertPass,
         NNCFQuantizePass,
+        NNCFOnnxQuantizePass,
     )
 }
 

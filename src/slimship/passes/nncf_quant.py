@@ -1,4 +1,5 @@
-"""NNCF post-training quantization of an OpenVINO IR candidate → an OpenVINO INT8 IR.
+"""NNCF post-training quantization: of an OpenVINO IR candidate → an OpenVINO INT8 IR (``quantize-nncf``), and of an
+ONNX candidate → an ONNX QDQ graph that ONNX Runtime runs (``quantize-nncf-onnx``, NNCF's ONNX backend).
 
 ``nncf.quantize`` runs the workload's calibration inputs through the IR (``calibration_samples`` of them, one per
 item, so ``subset_size`` counts samples), places FakeQuantize nodes and, by default, applies what NNCF's defaults
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from slimship.candidate import Candidate
     from slimship.workload import Workload
 
-__all__ = ["NNCFQuantizeConfig", "NNCFQuantizePass"]
+__all__ = ["NNCFOnnxQuantizeConfig", "NNCFOnnxQuantizePass", "NNCFQuantizeConfig", "NNCFQuantizePass"]
 
 
 class NNCFQuantizeConfig(PassConfig):
@@ -86,6 +87,24 @@ def _import_nncf() -> Any:
     return nncf
 
 
+def _run_nncf(
+    nncf: Any, model: Any, candidate: Candidate, workload: Workload, config: NNCFQuantizeConfig
+) -> tuple[Any, dict[str, Any], float, list[Any]]:
+    """(quantized model, the nncf.quantize arguments, seconds, calibration batches)."""
+    batches = list(workload.calibration_batches(config.calibration_samples, 1))
+    if not batches:
+        raise ConfigError(f"workload {workload.name} gave no calibration data")
+    kwargs = _quantize_kwargs(nncf, workload, config)
+    t0 = time.perf_counter()
+    try:
+        quantized = nncf.quantize(model, nncf.Dataset(batches), **kwargs)
+    except Exception as err:
+        raise CompressionError(
+            f"NNCF could not quantize {candidate.artifact_path}: {type(err).__name__}: {err}"
+        ) from err
+    return quantized, kwargs, round(time.perf_counter() - t0, 2), batches
+
+
 def _quantize_kwargs(nncf: Any, workload: Workload, config: NNCFQuantizeConfig) -> dict[str, Any]:
     transformer = config.model_type == "transformer" or (
         config.model_type == "auto" and workload.model_info.family == "bert"
@@ -134,19 +153,8 @@ class NNCFQuantizePass(Pass[NNCFQuantizeConfig]):
 
         ov = import_openvino()
         nncf = _import_nncf()
-        batches = list(workload.calibration_batches(config.calibration_samples, 1))
-        if not batches:
-            raise ConfigError(f"workload {workload.name} gave no calibration data")
         model = ov.Core().read_model(str(candidate.artifact_path))
-        kwargs = _quantize_kwargs(nncf, workload, config)
-        t0 = time.perf_counter()
-        try:
-            quantized = nncf.quantize(model, nncf.Dataset(batches), **kwargs)
-        except Exception as err:
-            raise CompressionError(
-                f"NNCF could not quantize {candidate.artifact_path}: {type(err).__name__}: {err}"
-            ) from err
-        seconds = round(time.perf_counter() - t0, 2)
+        quantized, kwargs, seconds, batches = _run_nncf(nncf, model, candidate, workload, config)
         out = out_dir / "model.xml"
         ov.save_model(quantized, str(out), compress_to_fp16=False)
         threads = physical_cores()
@@ -191,6 +199,80 @@ class NNCFQuantizePass(Pass[NNCFQuantizeConfig]):
         return save_ir_candidate(
             out_dir,
             name="nncf-int8",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            info=info,
+        )
+
+
+class NNCFOnnxQuantizeConfig(NNCFQuantizeConfig):
+    """The same fields as ``quantize-nncf``; the result is an ONNX QDQ graph for ONNX Runtime."""
+
+
+class NNCFOnnxQuantizePass(Pass[NNCFOnnxQuantizeConfig]):
+    name: ClassVar[str] = "quantize-nncf-onnx"
+    summary: ClassVar[str] = (
+        "NNCF post-training INT8 of an ONNX graph into QDQ form (runs on ONNX Runtime), with the workload's calibration data"
+    )
+    config_cls = NNCFOnnxQuantizeConfig
+    input_format: ClassVar[str] = "onnx"
+    output_format: ClassVar[str] = "onnx"
+    requires: ClassVar[tuple[str, ...]] = ("openvino",)
+
+    def run(
+        self, candidate: Candidate, workload: Workload, config: NNCFOnnxQuantizeConfig, out_dir: Path
+    ) -> Candidate:
+        import onnx
+
+        from slimship.candidate import new_candidate
+        from slimship.machine import physical_cores
+        from slimship.measure.verify import RECORD_ONLY, compare_outputs, verification_batches
+        from slimship.passes._onnx_graph import op_histogram
+        from slimship.runtime import create_runtime
+        from slimship.runtime.ort_backend import OrtRuntime
+
+        nncf = _import_nncf()
+        model = onnx.load(str(candidate.artifact_path))
+        quantized, kwargs, seconds, batches = _run_nncf(nncf, model, candidate, workload, config)
+        out = out_dir / "model.onnx"
+        onnx.save_model(quantized, str(out))
+        threads = physical_cores()
+        report = compare_outputs(
+            create_runtime(candidate, workload, threads=threads),
+            OrtRuntime(out, threads),
+            verification_batches(workload, config.verify_samples),
+            RECORD_ONLY.model_copy(update={"min_cosine": config.min_cosine}),
+        )
+        if config.min_cosine and not report.passed:
+            out.unlink(missing_ok=True)
+            raise CompressionError(
+                f"quantize-nncf-onnx: fidelity to the parent is below min_cosine={config.min_cosine}: "
+                + "; ".join(report.failures)
+                + ". Keep more of the model in float (ignored_names / ignored_patterns) or calibrate on more samples"
+            )
+        ops = op_histogram(quantized)
+        info = {
+            "calibration_samples": len(batches),
+            "nncf": {
+                "version": str(nncf.__version__),
+                "backend": "onnx",
+                "model_type": "transformer" if "model_type" in kwargs else "generic",
+                "preset": config.preset,
+                "fast_bias_correction": config.fast_bias_correction,
+                "smooth_quant": config.smooth_quant,
+            },
+            "seconds": seconds,
+            "ops_after": ops,
+            "fidelity_to_parent": report.to_json(),
+            "size_ratio_vs_parent": round(candidate.size_bytes / out.stat().st_size, 3),
+        }
+        return new_candidate(
+            out_dir,
+            name="nncf-qdq",
+            format="onnx",
+            artifact="model.onnx",
             workload=workload,
             parent=candidate,
             pass_name=self.name,
