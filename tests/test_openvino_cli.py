@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.test_cli import slimship
 
 
+@pytest.mark.slow  # several CLI processes, each importing torch and OpenVINO
 def test_recipe_eval_bench_and_verify_with_openvino_candidates(tmp_path):
     recipe = tmp_path / "ov.yaml"
     recipe.write_text(
