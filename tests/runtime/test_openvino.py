@@ -161,3 +161,33 @@ def test_nncf_on_onnx_makes_a_qdq_graph_that_onnx_runtime_runs(digits, digits_ch
     assert fid["cosine_mean"] > 0.99 and fid["top1_agreement"] >= 0.95
     rt = create_runtime(q, digits, threads=1)
     assert rt.backend == "onnxruntime" and rt.predict(digits.example_inputs(3))["logits"].shape == (3, 10)
+
+
+def test_openvino_settings_round_trip_are_explicit_and_follow_the_host(tmp_path):
+    import json
+
+    from slimship.errors import ConfigError
+    from slimship.runtime.settings import DeploymentSettings, decide_openvino_settings, settings_for_candidate
+
+    amx = decide_openvino_settings(
+        threads=2, flags={"avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, arch="x86_64"
+    )
+    assert amx.cpu_class == "amx" and amx.openvino_config["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "bf16" in amx.reasons["INFERENCE_PRECISION_HINT"]
+    assert (
+        amx.openvino_properties()["INFERENCE_NUM_THREADS"] == 2
+        and amx.openvino_properties()["NUM_STREAMS"] == 1
+    )
+    assert DeploymentSettings.from_json(json.loads(json.dumps(amx.to_json()))) == amx
+    # loaded on another CPU class: the precision hint is the candidate's, the host is noted
+    here, notes = settings_for_candidate(
+        {"deployment": amx.to_json()}, tmp_path / "model.xml", flags={"avx2"}
+    )
+    assert here.cpu_class == "avx2" and here.openvino_config == amx.openvino_config
+    assert notes == ["recorded on amx, loaded on avx2"]
+    with pytest.raises(ConfigError, match=r"unknown OpenVINO setting.*INFERENCE_PRECISION_HINT"):
+        DeploymentSettings(runtime="openvino", openvino_config={"TURBO": "1"})
+    with pytest.raises(ConfigError, match="OpenVINO compile properties need openvino's"):
+        DeploymentSettings().openvino_properties()
+    with pytest.raises(ConfigError, match="precision 'int3'"):
+        decide_openvino_settings(precision="int3")
