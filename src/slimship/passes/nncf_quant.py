@@ -14,7 +14,9 @@ Whether the INT8 IR is *faster* depends on the CPU: without VNNI/AMX OpenVINO's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -97,7 +99,9 @@ def _run_nncf(
     kwargs = _quantize_kwargs(nncf, workload, config)
     t0 = time.perf_counter()
     try:
-        quantized = nncf.quantize(model, nncf.Dataset(batches), **kwargs)
+        # NNCF draws progress bars on stdout; stdout belongs to the CLI's results, so they go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            quantized = nncf.quantize(model, nncf.Dataset(batches), **kwargs)
     except Exception as err:
         raise CompressionError(
             f"NNCF could not quantize {candidate.artifact_path}: {type(err).__name__}: {err}"
