@@ -14,6 +14,13 @@ from slimship.passes.base import Pass, PassConfig
 from slimship.passes.distill import DistillConfig, DistillPass, StudentSpec
 from slimship.passes.export import ExportConfig, ExportPass
 from slimship.passes.lowrank import LowRankConfig, LowRankPass
+from slimship.passes.nncf_quant import (
+    NNCFOnnxQuantizeConfig,
+    NNCFOnnxQuantizePass,
+    NNCFQuantizeConfig,
+    NNCFQuantizePass,
+)
+from slimship.passes.openvino import OpenVINOConvertConfig, OpenVINOConvertPass
 from slimship.passes.optimize import GraphOptimizeConfig, GraphOptimizePass
 from slimship.passes.prune import DepthPruneConfig, DepthPrunePass, StructuredPruneConfig, StructuredPrunePass
 from slimship.passes.qat import QATConfig, QATPass
@@ -41,6 +48,9 @@ __all__ = [
     "GraphOptimizeConfig",
     "Int4WeightOnlyConfig",
     "LowRankConfig",
+    "NNCFOnnxQuantizeConfig",
+    "NNCFQuantizeConfig",
+    "OpenVINOConvertConfig",
     "Pass",
     "PassConfig",
     "QATConfig",
@@ -76,6 +86,9 @@ PASSES: dict[str, type[Pass[Any]]] = {
         LowRankPass,
         DistillPass,
         WeightSharePass,
+        OpenVINOConvertPass,
+        NNCFQuantizePass,
+        NNCFOnnxQuantizePass,
     )
 }
 
