@@ -25,6 +25,7 @@ from slimship.passes.quantize import (
     StaticQuantConfig,
     StaticQuantPass,
 )
+from slimship.passes.separable import SeparableConfig, SeparablePass
 from slimship.passes.share import WeightShareConfig, WeightSharePass
 from slimship.passes.sparsity import UnstructuredPruneConfig, UnstructuredPrunePass
 
@@ -44,6 +45,7 @@ __all__ = [
     "Pass",
     "PassConfig",
     "QATConfig",
+    "SeparableConfig",
     "StaticQuantConfig",
     "StructuredPruneConfig",
     "StudentSpec",
@@ -57,6 +59,7 @@ __all__ = [
     "optimize_graph",
     "prune",
     "run_pass",
+    "separable",
     "share",
     "sparsify",
 ]
@@ -74,6 +77,7 @@ PASSES: dict[str, type[Pass[Any]]] = {
         DepthPrunePass,
         UnstructuredPrunePass,
         LowRankPass,
+        SeparablePass,
         DistillPass,
         WeightSharePass,
     )
@@ -177,6 +181,16 @@ def lowrank(
 ) -> Candidate:
     """PyTorch candidate → Linear / 1x1 Conv layers split by truncated SVD where measured faster."""
     return LowRankPass()(candidate, workload, config, out_dir)
+
+
+def separable(
+    candidate: Candidate,
+    workload: Workload,
+    config: SeparableConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
+    """PyTorch candidate → k×k convolutions split into depthwise + pointwise (rank-1 SVD init), recovered by distillation."""
+    return SeparablePass()(candidate, workload, config, out_dir)
 
 
 def share(
