@@ -92,6 +92,7 @@ def test_nothing_to_convert_is_an_error_that_says_why(digits, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow  # ≈ 32 s on 2 loaded cores: one export, a few seconds of recovery, three evaluations
 def test_separable_mnist_fewer_macs_exports_and_recovers(mnist, tmp_path):
     orig = original_candidate(mnist, tmp_path / "o")
     cfg = {
@@ -132,3 +133,16 @@ def test_a_fidelity_below_the_floor_is_a_warning(digits, tmp_path):
     (warning,) = c.info["warnings"]
     assert "top1_agreement" in warning and "min_fidelity" in warning
     assert c.info["quality_after_recovery"] == c.info["quality_after_init"]  # no recovery asked for
+
+
+@pytest.mark.slow  # two CLI processes (≈ 37 s on 2 loaded cores)
+def test_separable_command_explains_and_converts(tmp_path):
+    from tests.test_cli import slimship
+
+    listing = slimship("passes", "separable").stdout
+    assert "depthwise" in listing and "rank-1" in listing and "min_in_channels" in listing
+    out = slimship(
+        "separable", "-w", "digits", "--no-finetune", "--no-eval", "--no-export", "-o", str(tmp_path)
+    ).stdout
+    assert "rank-1 keeps" in out and "— separable" in out and "fewer" in out
+    assert "accuracy on" in out and (tmp_path / "separable" / "candidate.json").is_file()
