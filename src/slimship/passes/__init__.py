@@ -32,6 +32,7 @@ from slimship.passes.quantize import (
     StaticQuantConfig,
     StaticQuantPass,
 )
+from slimship.passes.separable import SeparableConfig, SeparablePass
 from slimship.passes.share import WeightShareConfig, WeightSharePass
 from slimship.passes.sparsity import UnstructuredPruneConfig, UnstructuredPrunePass
 
@@ -54,6 +55,7 @@ __all__ = [
     "Pass",
     "PassConfig",
     "QATConfig",
+    "SeparableConfig",
     "StaticQuantConfig",
     "StructuredPruneConfig",
     "StudentSpec",
@@ -67,6 +69,7 @@ __all__ = [
     "optimize_graph",
     "prune",
     "run_pass",
+    "separable",
     "share",
     "sparsify",
 ]
@@ -84,6 +87,7 @@ PASSES: dict[str, type[Pass[Any]]] = {
         DepthPrunePass,
         UnstructuredPrunePass,
         LowRankPass,
+        SeparablePass,
         DistillPass,
         WeightSharePass,
         OpenVINOConvertPass,
@@ -190,6 +194,16 @@ def lowrank(
 ) -> Candidate:
     """PyTorch candidate → Linear / 1x1 Conv layers split by truncated SVD where measured faster."""
     return LowRankPass()(candidate, workload, config, out_dir)
+
+
+def separable(
+    candidate: Candidate,
+    workload: Workload,
+    config: SeparableConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
+    """PyTorch candidate → k×k convolutions split into depthwise + pointwise (rank-1 SVD init), recovered by distillation."""
+    return SeparablePass()(candidate, workload, config, out_dir)
 
 
 def share(
