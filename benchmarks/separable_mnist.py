@@ -54,7 +54,7 @@ def main() -> None:
     ]
     say(f"timing at batch {BATCHES} (interleaved)")
     timing = bench(
-        targets, w, batch_sizes=BATCHES, seq_len=None, runs=60, memory=False, baseline="original@ort"
+        targets, w, batch_sizes=BATCHES, seq_len=None, runs=100, memory=False, baseline="original@ort"
     )
     p50 = {
         c["label"]: {r["batch_size"]: r["latency_ms"]["p50"] for r in c["results"]}
@@ -137,7 +137,7 @@ def render(r: dict, machine: str, load: list[str]) -> str:
         f"({a['after_init']:.1f}% at the rank-1 init) | {a['after_recovery'] - a['original']:+.1f} points |",
         f"| top-1 agreement with the original | 1 | {f1['top1_agreement']:.3f} ({f0['top1_agreement']:.3f} at init) | |",
         "",
-        "Measured latency, p50 of 60 interleaved runs (all four targets in one `bench` run, 2 threads):",
+        "Measured latency, p50 of 100 interleaved runs (all four targets in one `bench` run, 2 threads):",
         "",
         "| runtime | batch | original ms | separable ms | speed-up |",
         "|---|---|---|---|---|",
@@ -148,7 +148,18 @@ def render(r: dict, machine: str, load: list[str]) -> str:
                 f"| {name} | {b} | {k(r['latency_ms_p50'][f'original@{rt}'], b):.3f} | "
                 f"{k(r['latency_ms_p50'][f'separable@{rt}'], b):.3f} | {k(r['speedup'][rt], b):.2f}x |"
             )
+    ort32, torch1 = k(r["speedup"]["ort"], 32), k(r["speedup"]["torch"], 1)
     lines += [
+        "",
+        f"Fewer MACs are not the same speed-up: {r['macs_ratio']:.2f}x fewer MACs measured {ort32:.2f}x on ONNX Runtime at "
+        f"batch 32 and {torch1:.2f}x in PyTorch eager at batch 1. "
+        + (
+            "ONNX Runtime gains more than the MACs ratio; a likely reason, not profiled here: the dense 3×3 conv "
+            "it replaces needs the model's largest im2col buffer, which depthwise + 1×1 convs don't build. "
+            if ort32 > r["macs_ratio"]
+            else ""
+        )
+        + "PyTorch's CPU depthwise kernels do little arithmetic per byte moved, so its eager gain stays small.",
         "",
         f"Converted: {', '.join(f'`{n}`' for n, _ in conv)}; the first conv (1 input channel) is kept "
         "(`min_in_channels` 8). Exported separable model verified against PyTorch: max |Δ| "
@@ -162,5 +173,17 @@ def render(r: dict, machine: str, load: list[str]) -> str:
     return "\n".join(lines)
 
 
+def rerender() -> None:
+    """Rewrite the Markdown from the saved JSON (no re-run)."""
+    from slimship.machine import cpu_class
+    from slimship.report.summary import load_lines, machine_line
+
+    path = HERE / "results" / f"separable_mnist-{cpu_class()}.json"
+    r = json.loads(path.read_text())
+    md = render(r, machine_line(r["machine"]), load_lines({"load": r["load"], "warnings": r["warnings"]}))
+    path.with_suffix(".md").write_text(md)
+    print(md)
+
+
 if __name__ == "__main__":
-    main()
+    rerender() if sys.argv[1:] == ["--render"] else main()
