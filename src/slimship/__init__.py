@@ -109,7 +109,7 @@ if TYPE_CHECKING:
     from slimship.machine import machine_info
     from slimship.measure.bench import BenchTarget, bench
     from slimship.measure.evaluate import evaluate
-    from slimship.passes import (
+    from slimship.passes import (  # type: ignore[no-redef]  # mypy takes distill, export, … for the same-named submodules
         DepthPruneConfig,
         DistillConfig,
         ExportConfig,
