@@ -4,22 +4,30 @@ exact counts after known requests, durations, versions kept apart, errors, auth,
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import subprocess
+import sys
+from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.serve.conftest import ServerProcess
+from slimship.serve.grpc import SERVICE, messages
+from tests.serve.conftest import ServerProcess, free_port
 
 TOKEN = "st4ts-t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ROOT = Path(__file__).resolve().parents[2]
 GROUPS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
     cfg = {
+        "grpc_port": free_port(),
         "models": [
             {"name": "digits", "path": models["digits_v1"], "version": "1"},
             {"name": "digits", "path": models["digits_v2"], "version": "2"},
@@ -27,6 +35,7 @@ def server(models, tmp_path_factory):
         ],
     }
     s = ServerProcess(tmp_path_factory.mktemp("stats"), cfg, env={"SLIMSHIP_TOKEN": TOKEN})
+    s.grpc_url = f"127.0.0.1:{cfg['grpc_port']}"
     yield s
     assert s.stop() in (0, -15)
 
@@ -137,3 +146,79 @@ def _check_triton_client(c) -> None:
     assert one["inference_count"] >= 2 and one["inference_stats"]["success"]["count"] >= 1
     with pytest.raises(triton.InferenceServerException, match="nosuch"):
         c.get_inference_statistics("nosuch", headers=AUTH)
+
+
+def _grpc(server, method: str, request, metadata=(("authorization", f"Bearer {TOKEN}"),)):
+    """A raw unary call with slimship's own message classes; returns (status code name, response or None)."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        fn = channel.unary_unary(
+            f"/{SERVICE}/{method}",
+            request_serializer=lambda r: r.SerializeToString(),
+            response_deserializer=getattr(messages(), f"{method}Response").FromString,
+        )
+        try:
+            return "OK", fn(request, metadata=metadata, timeout=30)
+        except grpc.RpcError as err:
+            return err.code().name, None
+
+
+def test_grpc_statistics_are_the_http_ones(server):
+    """ModelStatistics over gRPC: the same figures as HTTP (requests over gRPC are counted too), Triton's field
+    numbers (tritonclient.grpc parses them, in a process of its own), and the error codes."""
+    from google.protobuf import json_format
+
+    m = messages()
+    req = m.ModelInferRequest(model_name="digits", model_version="2")
+    t = req.inputs.add()
+    t.name, t.datatype = "pixels", "FP32"
+    t.shape.extend([4, 1, 8, 8])
+    req.raw_input_contents.append(np.zeros((4, 1, 8, 8), "<f4").tobytes())
+    before = _stats(server, "/v2/models/digits/versions/2/stats").json()["model_stats"][0]
+    assert _grpc(server, "ModelInfer", req)[0] == "OK"
+    code, resp = _grpc(server, "ModelStatistics", m.ModelStatisticsRequest(name="digits", version="2"))
+    assert code == "OK"
+    (st,) = resp.model_stats
+    assert st.inference_count == before["inference_count"] + 4
+    assert st.inference_stats.success.count == before["inference_stats"]["success"]["count"] + 1
+    http = _stats(server, "/v2/models/digits/versions/2/stats").json()["model_stats"][0]
+    as_json = json_format.MessageToDict(
+        st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    assert int(as_json["inference_count"]) == http["inference_count"]
+    assert int(as_json["inference_stats"]["success"]["ns"]) == http["inference_stats"]["success"]["ns"]
+    assert {int(b["batch_size"]) for b in as_json["batch_stats"]} == {
+        b["batch_size"] for b in http["batch_stats"]
+    }
+
+    assert _grpc(server, "ModelStatistics", m.ModelStatisticsRequest(), metadata=())[0] == "UNAUTHENTICATED"
+    assert _grpc(server, "ModelStatistics", m.ModelStatisticsRequest(name="nosuch"))[0] == "NOT_FOUND"
+    assert _grpc(server, "ModelStatistics", m.ModelStatisticsRequest(version="1"))[0] == "INVALID_ARGUMENT"
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.serve.grpc_triton_driver",
+            "--stats",
+            server.grpc_url,
+            TOKEN,
+            "digits",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=True,
+    )
+    got = json.loads(out.stdout)
+    names = {(s["name"], s["version"]) for s in got["every"]["model_stats"]}
+    assert names == {("batched", "1"), ("digits", "1"), ("digits", "2")}
+    (one,) = got["one"]["model_stats"]
+    assert int(one["inference_count"]) >= http["inference_count"]
+    assert int(one["inference_stats"]["compute_infer"]["count"]) >= 1
+    assert got["codes"] == {
+        "no_token": "UNAUTHENTICATED",
+        "unknown_model": "NOT_FOUND",
+        "unknown_version": "NOT_FOUND",
+    }
