@@ -70,6 +70,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for rep in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
         if rep.when == "call" and rep.duration > SLOW_S and "slow" not in rep.keywords:
             unmarked.append(f"{rep.duration:.0f}s {rep.nodeid}")
+    durations: dict[str, float] = {}
+    for key in ("passed", "failed", ""):  # "" holds the setup and teardown reports of passing tests
+        for rep in terminalreporter.stats.get(key, []):
+            if not hasattr(rep, "duration"):
+                continue
+            durations[rep.nodeid] = durations.get(rep.nodeid, 0.0) + rep.duration  # setup + call + teardown
+    if (
+        len(durations) > 50
+    ):  # a full run: where the suite's time goes, so the next speed-up starts from figures
+        top = sorted(durations.items(), key=lambda kv: -kv[1])[:15]
+        terminalreporter.write_line(
+            f"slowest 15 of {len(durations)} tests (setup + call + teardown; {sum(durations.values()):.0f} s in all):"
+        )
+        for nodeid, seconds in top:
+            terminalreporter.write_line(f"  {seconds:6.1f}s {nodeid}")
     if unmarked:
         terminalreporter.write_line(
             f"tests over {SLOW_S:g} s without @pytest.mark.slow (mark them or speed them up):"

@@ -3,7 +3,7 @@
 A candidate lives in its own directory::
 
     <dir>/candidate.json    metadata: id, format, artifact, workload ref, parent, pass + config, info
-    <dir>/model.onnx        or model.safetensors for PyTorch candidates
+    <dir>/model.onnx        or model.safetensors for PyTorch candidates, or model.xml + model.bin (OpenVINO IR)
 
 Passes never mutate their input: each writes a new directory. PyTorch artifacts are safetensors
 state dicts loaded into the workload's architecture (never a pickle).
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
 
 SCHEMA = "slimship.candidate/1"
-Format = Literal["torch", "onnx"]
+Format = Literal["torch", "onnx", "openvino"]
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,18 @@ class Candidate:
         return chain
 
     def verify_artifact(self) -> None:
-        actual = sha256_file(self.artifact_path)
-        if actual != self.artifact_sha256:
-            raise CandidateError(
-                f"artifact {self.artifact_path} has sha256 {actual[:16]}… but candidate.json records "
-                f"{self.artifact_sha256[:16]}…: the file was changed or corrupted after it was written"
-            )
+        """The artifact's bytes (and its companion files', e.g. an OpenVINO IR's .bin) are the recorded ones."""
+        recorded = {self.artifact: self.artifact_sha256, **self.info.get("companion_sha256", {})}
+        for rel, sha in recorded.items():
+            path = self.path / rel
+            if not path.is_file():
+                raise CandidateError(f"candidate {self.id}: {path} is missing")
+            actual = sha256_file(path)
+            if actual != sha:
+                raise CandidateError(
+                    f"artifact {path} has sha256 {actual[:16]}… but candidate.json records "
+                    f"{sha[:16]}…: the file was changed or corrupted after it was written"
+                )
 
 
 def new_candidate(
@@ -110,7 +116,11 @@ def new_candidate(
 ) -> Candidate:
     """Record an artifact already written in ``out_dir`` as a candidate and save its metadata."""
     artifact_sha = sha256_file(out_dir / artifact)
-    cid = sha256_text(artifact_sha, stable_json(pass_config or {}), parent.id if parent else "")[:12]
+    # companion files (an OpenVINO IR's weights) are part of the identity; candidates without them keep their ids
+    companions = [stable_json(info["companion_sha256"])] if info and "companion_sha256" in info else []
+    cid = sha256_text(artifact_sha, stable_json(pass_config or {}), parent.id if parent else "", *companions)[
+        :12
+    ]
     cand = Candidate(
         path=out_dir.resolve(),
         id=f"{name}-{cid}",

@@ -11,7 +11,8 @@ expected and, where it helps, an example of a valid value.
     ├── ExportError                    PyTorch → ONNX export failed with every exporter tried
     │   └── VerificationError          an artifact was produced but its outputs disagree with its parent
     ├── InferenceError                 a runtime could not be created or failed to run a batch
-    │   └── InputSpecError             a batch has wrong input names, dtypes or shapes
+    │   ├── InputSpecError             a batch has wrong input names, dtypes or shapes
+    │   └── RuntimeUnavailableError    a runtime's package is missing, or its compile crashes on this host
     ├── CandidateError                 a candidate directory is missing, unreadable or inconsistent
     ├── RegistryError                  the model registry refused an operation
     │   └── RolloutConflictError       a model already has an active rollout (started here or by another server)
@@ -35,6 +36,7 @@ __all__ = [
     "InputSpecError",
     "RegistryError",
     "RolloutConflictError",
+    "RuntimeUnavailableError",
     "ServingError",
     "SlimshipError",
     "VerificationError",
@@ -87,6 +89,11 @@ class InferenceError(SlimshipError):
 
 class InputSpecError(InferenceError):
     """A batch handed to a runtime does not match the model's input spec (names, dtypes, shapes)."""
+
+
+class RuntimeUnavailableError(InferenceError):
+    """A runtime can't be used here: its package isn't installed (the message names the extra), or a probe
+    subprocess saw its compile crash on this host (nothing else in the process is affected)."""
 
 
 class CandidateError(SlimshipError):

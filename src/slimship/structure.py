@@ -14,6 +14,8 @@ Edits (JSON):
   that a forward pass reads (head count, head size, all-head size, attention scaling);
 * ``{"op": "factorize", "module": "…intermediate.dense", "rank": 96}`` — a Linear (or 1×1 Conv) becomes two thinner
   layers (see :class:`LowRankLinear`);
+* ``{"op": "separable", "module": "3"}`` — a k×k Conv2d becomes a depthwise k×k conv followed by a pointwise 1×1
+  conv (see :class:`SeparableConv2d`);
 * shape changes need no edit: they are read from the weights.
 """
 
@@ -80,6 +82,49 @@ def low_rank_conv_cls() -> type:
     return LowRankConv1x1
 
 
+def separable_conv_cls() -> type:
+    from torch import nn
+
+    class SeparableConv2d(nn.Module):
+        """A k×k convolution as a depthwise k×k convolution (``depthwise``: one filter per input channel, the
+        original stride, padding, dilation and padding mode, no bias) then a pointwise 1×1 convolution
+        (``pointwise``: input → output channels, the original bias)."""
+
+        def __init__(self, conv: nn.Conv2d) -> None:
+            super().__init__()
+            cin = conv.in_channels
+            self.depthwise = nn.Conv2d(
+                cin,
+                cin,
+                conv.kernel_size,  # type: ignore[arg-type]
+                stride=conv.stride,  # type: ignore[arg-type]
+                padding=conv.padding,  # type: ignore[arg-type]
+                dilation=conv.dilation,  # type: ignore[arg-type]
+                groups=cin,
+                bias=False,
+                padding_mode=conv.padding_mode,
+            )
+            self.pointwise = nn.Conv2d(cin, conv.out_channels, 1, bias=conv.bias is not None)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pointwise(self.depthwise(x))
+
+    return SeparableConv2d
+
+
+def _separable_edit(model: nn.Module, path: str) -> None:
+    from torch import nn
+
+    mod = get_module(model, path)
+    if not (isinstance(mod, nn.Conv2d) and mod.groups == 1):
+        raise CandidateError(
+            f"separable: {path} is a {type(mod).__name__}"
+            + (f" with groups={mod.groups}" if isinstance(mod, nn.Conv2d) else "")
+            + "; only a Conv2d with groups=1 becomes depthwise + pointwise"
+        )
+    set_module(model, path, separable_conv_cls()(mod))
+
+
 def apply_edits(model: nn.Module, edits: Iterable[Edit]) -> nn.Module:
     """Replay architecture edits on ``model`` (in place) and return it."""
     from torch import nn
@@ -117,6 +162,8 @@ def apply_edits(model: nn.Module, edits: Iterable[Edit]) -> nn.Module:
                 raise CandidateError(
                     f"factorize: {edit['module']} is a {type(mod).__name__}; only Linear and 1x1 Conv2d factorise"
                 )
+        elif op == "separable":
+            _separable_edit(model, edit["module"])
         else:
             raise CandidateError(f"unknown architecture edit {edit!r}")
     return model

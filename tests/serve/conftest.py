@@ -161,6 +161,16 @@ def models(digits_chain, tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def digits_openvino(digits, digits_chain, tmp_path_factory):
+    """The exported digits model converted to an OpenVINO IR candidate (verified against its ONNX parent)."""
+    from slimship.passes import run_pass
+
+    return run_pass(
+        "convert-openvino", digits_chain[1], digits, {}, tmp_path_factory.mktemp("digits-ov") / "ir"
+    )
+
+
 def perturbed_candidate(cand, workload, out: Path, scale: float, seed: int = 0):
     """A copy of an ONNX candidate whose weight matrices got Gaussian noise (``scale`` × each tensor's std):
     a deliberately broken version that still runs and answers with the right shapes."""

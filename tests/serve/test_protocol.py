@@ -16,14 +16,20 @@ from tests.serve.conftest import ServerProcess
 ADMIN = "adm1n-t0ken"
 
 
-@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.fixture(scope="module", params=["local", "openvino", pytest.param("ray", marks=pytest.mark.ray)])
 def server(models, tmp_path_factory, request):
-    """The same suite against the single-process server and against the Ray Serve deployment (`serve --ray`)."""
+    """The same suite against the single-process server, against it with digits v1 an OpenVINO IR candidate (served
+    through the runtime contract), and against the Ray Serve deployment (`serve --ray`)."""
     ray = request.param == "ray"
     small = {"replicas": {"num_cpus": 0.5}} if ray else {}  # three versions on a 2-CPU local Ray instance
+    v1 = (
+        str(request.getfixturevalue("digits_openvino").path)
+        if request.param == "openvino"
+        else models["digits_v1"]
+    )
     cfg = {
         "models": [
-            {"name": "digits", "path": models["digits_v1"], "version": "1", **small},
+            {"name": "digits", "path": v1, "version": "1", **small},
             {"name": "digits", "path": models["digits_v2"], "version": "2", **small},
             {
                 "name": "seq",
@@ -41,6 +47,7 @@ def server(models, tmp_path_factory, request):
         args=("--ray",) if ray else (),
         ready_timeout=240 if ray else 90,
     )
+    s.runtime = request.param
     yield s
     assert s.stop() in (0, -15)  # uvicorn re-raises SIGTERM after its graceful shutdown
 
@@ -76,6 +83,20 @@ def test_tritonclient_every_endpoint(server, binary, models):
     # versionless: routed to a loaded version, which the response names
     r = c.infer("digits", [inp], outputs=[out])
     assert r.get_response()["model_version"] in ("1", "2")
+
+
+def test_each_version_names_the_runtime_serving_it(server):
+    ov = server.runtime == "openvino"
+    m = httpx.get(f"http://{server.url}/v2/models/digits/versions/1").json()
+    assert m["platform"] == ("openvino" if ov else "onnxruntime_onnx")
+    settings = m["parameters"]["runtime_settings"]
+    assert settings["runtime"] == ("openvino" if ov else "onnxruntime")
+    if ov:  # explicit precision, and the probe ran through the OpenVINO runtime at load
+        assert settings["openvino_config"]["INFERENCE_PRECISION_HINT"] == "f32"
+        assert m["parameters"]["verification"]["status"] == "passed"
+    assert (
+        httpx.get(f"http://{server.url}/v2/models/digits/versions/2").json()["platform"] == "onnxruntime_onnx"
+    )
 
 
 def test_json_without_content_type_and_output_filtering(server):

@@ -3,7 +3,7 @@
 One module per group of verbs, all registered on the app of `_app.py` (which imports none of them):
 
 - `measure.py`: workloads, info, eval, bench, verify, layers
-- `compress.py`: export, passes, prune, lowrank, share, distill
+- `compress.py`: export, passes, prune, lowrank, separable, share, distill
 - `quantize.py`: quantize
 - `recipes.py`: run, tune, report, quickstart
 - `registry.py`: registry list | show | register | stage | archive | gc
@@ -36,6 +36,7 @@ _ORDER = (
     "quickstart",
     "prune",
     "lowrank",
+    "separable",
     "share",
     "distill",
     "layers",

@@ -148,7 +148,9 @@ def resolve_target(spec: str, workload: Any, default_label: str) -> tuple[str, A
         )
     else:
         cand = load_candidate(target)
-    backend = backend or ("torch" if cand.format == "torch" else "onnxruntime")
+    from slimship.runtime import default_backend
+
+    backend = backend or default_backend(cand.format)
     return label or default_label or f"{cand.name}@{backend}", cand, backend
 
 

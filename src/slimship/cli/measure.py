@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -307,13 +307,12 @@ def verify(
     from slimship.candidate import load_candidate
     from slimship.measure.probe import add_probe as make_probe
     from slimship.measure.probe import check_probe
-    from slimship.runtime.ort_backend import OrtRuntime
     from slimship.runtime.settings import settings_for_candidate
 
     cand = load_candidate(target)
-    if cand.format != "onnx":
+    if cand.format not in ("onnx", "openvino"):
         raise typer.BadParameter(
-            f"{target} is a {cand.format} candidate; verify checks ONNX candidates (export it first)"
+            f"{target} is a {cand.format} candidate; verify checks ONNX and OpenVINO candidates (export it first)"
         )
     if add_probe:
         from slimship.workload import resolve_workload
@@ -324,7 +323,7 @@ def verify(
             f"probe written: {cand.path / cand.info['probe']['file']} ({cand.info['probe']['samples']} samples)"
         )
     settings, notes = settings_for_candidate(cand.info, cand.artifact_path)
-    rt = OrtRuntime(cand.artifact_path, threads or settings.intra_op_threads or _cores(), settings=settings)
+    rt = _probe_runtime(cand, settings, threads or settings.intra_op_threads or _cores())
     check = check_probe(cand, rt.predict, settings.session_config)
     if as_json:
         typer.echo(json.dumps({**check.to_json(), "settings_notes": notes}, indent=2))
@@ -332,6 +331,17 @@ def verify(
         typer.echo(f"settings  {settings.describe()}" + (f" ({'; '.join(notes)})" if notes else ""))
         typer.echo(check.summary())
     raise typer.Exit(0 if check.passed else 1)
+
+
+def _probe_runtime(cand: Any, settings: Any, threads: int) -> Any:
+    """The candidate's runtime with exactly its deployment settings (ONNX Runtime or OpenVINO)."""
+    if settings.runtime == "openvino":
+        from slimship.runtime.openvino_backend import OpenVINORuntime
+
+        return OpenVINORuntime(cand.artifact_path, threads, settings=settings)
+    from slimship.runtime.ort_backend import OrtRuntime
+
+    return OrtRuntime(cand.artifact_path, threads, settings=settings)
 
 
 def _cores() -> int:

@@ -136,7 +136,9 @@ def evaluate(
 
     cache_path = None
     if candidate.pass_name is None:
-        chosen = backend or ("torch" if candidate.format == "torch" else "onnxruntime")
+        from slimship.runtime import default_backend
+
+        chosen = backend or default_backend(candidate.format)
         cache_path = original_evaluation_path(candidate, workload, chosen, limit)
         if cache_path.exists():
             cached = json.loads(cache_path.read_text())

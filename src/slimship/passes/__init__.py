@@ -14,6 +14,13 @@ from slimship.passes.base import Pass, PassConfig
 from slimship.passes.distill import DistillConfig, DistillPass, StudentSpec
 from slimship.passes.export import ExportConfig, ExportPass
 from slimship.passes.lowrank import LowRankConfig, LowRankPass
+from slimship.passes.nncf_quant import (
+    NNCFOnnxQuantizeConfig,
+    NNCFOnnxQuantizePass,
+    NNCFQuantizeConfig,
+    NNCFQuantizePass,
+)
+from slimship.passes.openvino import OpenVINOConvertConfig, OpenVINOConvertPass
 from slimship.passes.optimize import GraphOptimizeConfig, GraphOptimizePass
 from slimship.passes.prune import DepthPruneConfig, DepthPrunePass, StructuredPruneConfig, StructuredPrunePass
 from slimship.passes.qat import QATConfig, QATPass
@@ -25,6 +32,7 @@ from slimship.passes.quantize import (
     StaticQuantConfig,
     StaticQuantPass,
 )
+from slimship.passes.separable import SeparableConfig, SeparablePass
 from slimship.passes.share import WeightShareConfig, WeightSharePass
 from slimship.passes.sparsity import UnstructuredPruneConfig, UnstructuredPrunePass
 
@@ -41,9 +49,13 @@ __all__ = [
     "GraphOptimizeConfig",
     "Int4WeightOnlyConfig",
     "LowRankConfig",
+    "NNCFOnnxQuantizeConfig",
+    "NNCFQuantizeConfig",
+    "OpenVINOConvertConfig",
     "Pass",
     "PassConfig",
     "QATConfig",
+    "SeparableConfig",
     "StaticQuantConfig",
     "StructuredPruneConfig",
     "StudentSpec",
@@ -57,6 +69,7 @@ __all__ = [
     "optimize_graph",
     "prune",
     "run_pass",
+    "separable",
     "share",
     "sparsify",
 ]
@@ -74,8 +87,12 @@ PASSES: dict[str, type[Pass[Any]]] = {
         DepthPrunePass,
         UnstructuredPrunePass,
         LowRankPass,
+        SeparablePass,
         DistillPass,
         WeightSharePass,
+        OpenVINOConvertPass,
+        NNCFQuantizePass,
+        NNCFOnnxQuantizePass,
     )
 }
 
@@ -177,6 +194,16 @@ def lowrank(
 ) -> Candidate:
     """PyTorch candidate → Linear / 1x1 Conv layers split by truncated SVD where measured faster."""
     return LowRankPass()(candidate, workload, config, out_dir)
+
+
+def separable(
+    candidate: Candidate,
+    workload: Workload,
+    config: SeparableConfig | None = None,
+    out_dir: str | Path | None = None,
+) -> Candidate:
+    """PyTorch candidate → k×k convolutions split into depthwise + pointwise (rank-1 SVD init), recovered by distillation."""
+    return SeparablePass()(candidate, workload, config, out_dir)
 
 
 def share(

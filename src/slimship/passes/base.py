@@ -158,8 +158,13 @@ class Pass(ABC, Generic[C]):
 
 
 def record_deployment(candidate: Candidate) -> Candidate:
-    """Record the runtime settings an ONNX candidate was measured with on this machine (``info["deployment"]``,
-    decided by :mod:`slimship.runtime.settings`); every consumer applies them."""
+    """Record the runtime settings an ONNX or OpenVINO candidate was measured with on this machine
+    (``info["deployment"]``, decided by :mod:`slimship.runtime.settings`); every consumer applies them."""
+    if candidate.format == "openvino":
+        from slimship.runtime.settings import decide_openvino_settings
+
+        ov = decide_openvino_settings(precision=str(candidate.info.get("inference_precision", "f32")))
+        return candidate.with_info(deployment=ov.to_json()).save()
     if candidate.format != "onnx":
         return candidate
     from slimship.runtime.settings import decide_settings
@@ -172,7 +177,7 @@ def record_probe(candidate: Candidate, workload: Workload) -> Candidate:
     """Give an ONNX candidate its probe (real inputs + the original's outputs + the fidelity it has on them here,
     :mod:`slimship.measure.probe`), so any host can re-verify it before serving. A probe that can't be made is
     recorded with the reason (``info["probe_error"]``) rather than failing the pass."""
-    if candidate.format != "onnx":
+    if candidate.format not in ("onnx", "openvino"):
         return candidate
     from slimship.errors import SlimshipError
     from slimship.measure.probe import add_probe

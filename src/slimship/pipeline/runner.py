@@ -158,9 +158,10 @@ class _RunContext:
 def _bench_pair(ctx: _RunContext, targets: list[tuple[str, Any]]) -> dict[str, Any]:
     """The original and ``targets`` (label, candidate) timed interleaved at the run's batch sizes."""
     from slimship.measure.bench import BenchTarget, bench
+    from slimship.runtime import default_backend
 
     def backend(c: Any) -> str:
-        return "torch" if c.format == "torch" else "onnxruntime"
+        return default_backend(c.format)
 
     items = [BenchTarget("original", ctx.original, backend(ctx.original))]
     items += [BenchTarget(label, c, backend(c)) for label, c in targets]

@@ -1,8 +1,8 @@
-"""Runtimes: one ``predict(batch) -> outputs`` contract over PyTorch eager and ONNX Runtime.
+"""Runtimes: one ``predict(batch) -> outputs`` contract over PyTorch eager, ONNX Runtime and OpenVINO.
 
 ``create_runtime(candidate, workload, backend=None, threads=None)`` picks the backend from the
 candidate's format unless told (a PyTorch candidate runs on ``torch``; an ONNX one on
-``onnxruntime``). Threads default to the machine's physical cores.
+``onnxruntime``; an OpenVINO IR on ``openvino``). Threads default to the machine's physical cores.
 """
 
 from __future__ import annotations
@@ -17,9 +17,17 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
     from slimship.workload.base import TensorSpec
 
-__all__ = ["BACKENDS", "Runtime", "create_runtime", "validate_batch"]
+__all__ = ["BACKENDS", "Runtime", "create_runtime", "default_backend", "validate_batch"]
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
+
+#: the runtime each candidate format runs on unless told otherwise
+_DEFAULT_BACKEND = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}
+
+
+def default_backend(fmt: str) -> str:
+    """The runtime a candidate of format ``fmt`` runs on by default."""
+    return _DEFAULT_BACKEND.get(fmt, "onnxruntime")
 
 
 def create_runtime(
@@ -36,7 +44,7 @@ def create_runtime(
     threads = threads or physical_cores()
     if threads < 1:
         raise InferenceError(f"threads must be ≥ 1, got {threads}")
-    backend = backend or ("torch" if candidate.format == "torch" else "onnxruntime")
+    backend = backend or default_backend(candidate.format)
     if backend not in BACKENDS:
         raise InferenceError(f"unknown runtime {backend!r}; choose one of {list(BACKENDS)}")
     if backend == "torch":
@@ -53,6 +61,8 @@ def create_runtime(
             [o.name for o in workload.outputs],
             threads,
         )
+    if backend == "openvino" or candidate.format == "openvino":
+        return _openvino_runtime(candidate, workload, backend, threads)
     if candidate.format != "onnx":
         raise InferenceError(
             f"candidate {candidate.id} is a PyTorch model; export it first (`slimship export`) to run it on onnxruntime"
@@ -62,6 +72,26 @@ def create_runtime(
 
     settings, _notes = settings_for_candidate(candidate.info, candidate.artifact_path)
     rt = OrtRuntime(candidate.artifact_path, threads, spin=spin, settings=settings)
+    rt.inputs = _merge_specs(rt.inputs, workload, candidate)
+    return rt
+
+
+def _openvino_runtime(candidate: Candidate, workload: Workload, backend: str, threads: int) -> Runtime:
+    if candidate.format != "openvino" or backend != "openvino":
+        raise InferenceError(
+            f"candidate {candidate.id} is a {candidate.format} model and runtime {backend!r} was asked for; "
+            "an OpenVINO IR runs on runtime 'openvino', and an ONNX model becomes one with the `convert-openvino` pass"
+        )
+    from slimship.runtime.openvino_backend import OpenVINORuntime
+    from slimship.runtime.settings import settings_for_candidate
+
+    settings, _notes = settings_for_candidate(candidate.info, candidate.artifact_path)
+    rt = OpenVINORuntime(
+        candidate.artifact_path,
+        threads,
+        settings=settings,
+        output_names=tuple(o.name for o in workload.outputs),
+    )
     rt.inputs = _merge_specs(rt.inputs, workload, candidate)
     return rt
 

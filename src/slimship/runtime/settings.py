@@ -17,6 +17,16 @@ intra/inter-op threads, spinning, graph optimisation level
 
 A candidate recorded on one CPU class and loaded on another keeps its speed settings; the precision entries
 are re-decided for the host (they are a pure function of graph and ISA) and the difference is reported.
+
+OpenVINO settings decided here (``runtime: "openvino"``, the compile properties in ``openvino_config``):
+
+``INFERENCE_PRECISION_HINT``
+    Always explicit. On AMX (and some AVX-512 bf16) hosts OpenVINO's CPU plugin runs an fp32 model in bf16 unless
+    told otherwise, which changes its numbers; slimship asks for ``f32`` unless a candidate was made for another
+    precision, and the runtime records the precision the compiled model reports it actually uses.
+``NUM_STREAMS`` = 1, ``PERFORMANCE_HINT`` = ``LATENCY``, ``ENABLE_CPU_PINNING`` = ``NO``
+    One stream with ``intra_op_threads`` threads (``INFERENCE_NUM_THREADS``), latency-oriented; threads are not
+    pinned to cores, because the cores are shared with whatever else runs (like ORT's spinning off).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ __all__ = [
     "GRAPH_LEVELS",
     "INT8_COMPUTE_OPS",
     "DeploymentSettings",
+    "decide_openvino_settings",
     "decide_settings",
     "settings_for_candidate",
 ]
@@ -63,6 +74,16 @@ KNOWN_SESSION_ENTRIES = {
 
 X64_QUANT_PRECISION = "session.x64quantprecision"
 
+#: OpenVINO compile properties slimship decides and records (``openvino_config``); threads come from intra_op_threads
+KNOWN_OPENVINO_PROPERTIES = {
+    "INFERENCE_PRECISION_HINT": "precision the CPU plugin computes float parts in (f32, bf16, f16)",
+    "NUM_STREAMS": "parallel inference streams (1: one request at a time uses every thread)",
+    "PERFORMANCE_HINT": "LATENCY or THROUGHPUT",
+    "ENABLE_CPU_PINNING": "YES/NO: pin the inference threads to cores",
+}
+OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
+RUNTIMES = ("onnxruntime", "openvino")
+
 
 @dataclass(frozen=True)
 class DeploymentSettings:
@@ -80,8 +101,18 @@ class DeploymentSettings:
     #: the CPU class these settings were decided for
     cpu_class: str = ""
     int8_ops: tuple[str, ...] = ()
+    #: OpenVINO compile properties (runtime "openvino" only), see KNOWN_OPENVINO_PROPERTIES
+    openvino_config: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"deployment runtime {self.runtime!r} is not one of {list(RUNTIMES)}")
+        unknown_ov = sorted(set(self.openvino_config) - set(KNOWN_OPENVINO_PROPERTIES))
+        if unknown_ov:
+            raise ConfigError(
+                f"unknown OpenVINO setting(s) {unknown_ov}; slimship knows {sorted(KNOWN_OPENVINO_PROPERTIES)} "
+                '(e.g. {"INFERENCE_PRECISION_HINT": "f32"})'
+            )
         if self.graph_optimization_level not in GRAPH_LEVELS:
             raise ConfigError(
                 f"graph_optimization_level {self.graph_optimization_level!r} is not one of {list(GRAPH_LEVELS)}"
@@ -109,6 +140,7 @@ class DeploymentSettings:
             "reasons": dict(self.reasons),
             "cpu_class": self.cpu_class,
             "int8_ops": list(self.int8_ops),
+            **({"openvino_config": dict(self.openvino_config)} if self.runtime == "openvino" else {}),
         }
 
     @classmethod
@@ -122,7 +154,7 @@ class DeploymentSettings:
         d = dict(data)
         if "int8_ops" in d:
             d["int8_ops"] = tuple(d["int8_ops"])
-        for key in ("session_config", "reasons"):
+        for key in ("session_config", "reasons", "openvino_config"):
             if key in d and not isinstance(d[key], Mapping):
                 raise ConfigError(f"deployment setting {key!r} must be an object of strings, got {d[key]!r}")
             if key in d:
@@ -142,6 +174,9 @@ class DeploymentSettings:
         return out
 
     def describe(self) -> str:
+        if self.runtime == "openvino":
+            props = ", ".join(f"{k}={v}" for k, v in self.openvino_config.items())
+            return f"openvino on {self.cpu_class or 'this CPU'}: {props}; threads {self.intra_op_threads or 'all cores'}"
         entries = ", ".join(f"{k}={v}" for k, v in self.session_config.items()) or "no precision entries"
         threads = self.intra_op_threads or "all cores"
         return (
@@ -152,6 +187,10 @@ class DeploymentSettings:
     # ---- applying -----------------------------------------------------------------------------
     def session_options(self, optimized_path: Path | None = None) -> Any:
         """An ``onnxruntime.SessionOptions`` carrying exactly these settings."""
+        if self.runtime != "onnxruntime":
+            raise ConfigError(
+                f"these are {self.runtime} settings; ONNX Runtime session options need onnxruntime's"
+            )
         import onnxruntime as ort
 
         from slimship.machine import physical_cores
@@ -175,6 +214,55 @@ class DeploymentSettings:
         if optimized_path is not None:
             so.optimized_model_filepath = str(optimized_path)
         return so
+
+    def openvino_properties(self) -> dict[str, Any]:
+        """The properties ``openvino.Core.compile_model`` is given: ``openvino_config`` plus the thread count."""
+        if self.runtime != "openvino":
+            raise ConfigError(
+                f"these are {self.runtime} settings; OpenVINO compile properties need openvino's"
+            )
+        from slimship.machine import physical_cores
+
+        props: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.intra_op_threads or physical_cores()}
+        for key, value in self.openvino_config.items():
+            props[key] = int(value) if key == "NUM_STREAMS" else value
+        return props
+
+
+def decide_openvino_settings(
+    *,
+    threads: int | None = None,
+    precision: str = "f32",
+    flags: Iterable[str] | None = None,
+    arch: str | None = None,
+) -> DeploymentSettings:
+    """OpenVINO CPU settings for a candidate made to compute its float parts in ``precision`` (f32 unless the
+    candidate asks otherwise) on this machine (or on the CPU described by ``flags``/``arch``)."""
+    if precision not in OPENVINO_PRECISIONS:
+        raise ConfigError(f"OpenVINO precision {precision!r} is not one of {list(OPENVINO_PRECISIONS)}")
+    cls = cpu_class(None if flags is None else set(flags), arch)
+    hint_reason = (
+        "explicit: OpenVINO runs fp32 models in bf16 on AMX/bf16-capable CPUs unless told f32"
+        if precision == "f32"
+        else f"explicit: the candidate was made to compute in {precision}"
+    )
+    return DeploymentSettings(
+        runtime="openvino",
+        intra_op_threads=threads,
+        spinning=False,
+        cpu_class=cls,
+        openvino_config={
+            "INFERENCE_PRECISION_HINT": precision,
+            "NUM_STREAMS": "1",
+            "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": "NO",
+        },
+        reasons={
+            "INFERENCE_PRECISION_HINT": hint_reason,
+            "NUM_STREAMS": "one stream: a request uses every thread (latency); the server batches",
+            "ENABLE_CPU_PINNING": "off: the cores are shared with other processes",
+        },
+    )
 
 
 def graph_int8_ops(model: Any) -> tuple[str, ...]:
@@ -243,10 +331,17 @@ def settings_for_candidate(
     recorded = info.get("deployment")
     cls = cpu_class(None if flags is None else set(flags))
     if recorded is None:
+        if Path(model_path).suffix == ".xml":
+            return decide_openvino_settings(flags=flags), []
         return decide_settings(model_path, flags=flags), []
     rec = DeploymentSettings.from_json(recorded)
-    if rec.runtime != "onnxruntime":
-        return rec, []
+    if rec.runtime == "openvino":
+        # the precision hint is a property of the candidate, never of the host: it stays as recorded
+        return replace(rec, cpu_class=cls), (
+            [f"recorded on {rec.cpu_class}, loaded on {cls}"]
+            if rec.cpu_class and rec.cpu_class != cls
+            else []
+        )
     int8 = rec.int8_ops if "int8_ops" in recorded else graph_int8_ops(model_path)
     here = _with_precision(rec, cls, int8)
     notes = []

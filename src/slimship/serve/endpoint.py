@@ -129,11 +129,14 @@ class ModelIO(ABC):
     def runtime_settings(self) -> dict[str, Any]:
         """The deployment settings the version's sessions run with (Endpoint: its own; RemoteEndpoint: its replica's)."""
 
+    #: the runtime serving it, as the protocol's model metadata names it
+    platform: str = "onnxruntime_onnx"
+
     def metadata(self) -> dict[str, Any]:
         return {
             "name": self.model,
             "versions": [self.version],
-            "platform": "onnxruntime_onnx",
+            "platform": self.platform,
             "inputs": [s.as_dict() for s in self.inputs],
             "outputs": [s.as_dict() for s in self.outputs],
             "parameters": {"runtime_settings": self.runtime_settings(), "verification": self.verification},
@@ -219,7 +222,39 @@ def _candidate_settings(path: Path) -> tuple[Any, list[str]]:
 
         info = json.loads(meta.read_text()).get("info", {})
         return settings_for_candidate(info, path)
+    if path.suffix == ".xml":  # a bare OpenVINO IR
+        return settings_for_candidate({}, path)
     return decide_settings(path), []
+
+
+def _openvino_session(path: Path, settings: Any, model: str, version: str) -> Any:
+    """An OpenVINO runtime for the IR at ``path`` seen as a session (:class:`slimship.runtime.session.RuntimeSession`)."""
+    from slimship.errors import ServingError, SlimshipError
+    from slimship.runtime.openvino_backend import OpenVINORuntime
+    from slimship.runtime.session import RuntimeSession
+
+    try:
+        rt = OpenVINORuntime(path, settings.intra_op_threads or 1, settings=settings)
+    except SlimshipError as err:
+        raise ServingError(f"can't load {path} for {model} v{version}: {err}") from err
+    return RuntimeSession(rt, rt.output_specs)
+
+
+def _limits_source(path: Path) -> Path:
+    """The ONNX graph whose token-id / length limits apply to the model at ``path``: itself, or for an OpenVINO IR
+    the nearest ONNX ancestor of its candidate (the graph it was converted from)."""
+    if path.suffix != ".xml" or not (path.parent / "candidate.json").exists():
+        return path
+    from slimship.candidate import load_candidate
+    from slimship.errors import CandidateError
+
+    try:
+        for cand in load_candidate(path.parent).lineage():
+            if cand.format == "onnx" and cand.artifact_path.exists():
+                return cand.artifact_path
+    except CandidateError:
+        pass
+    return path
 
 
 class Endpoint(ModelIO):
@@ -258,22 +293,29 @@ class Endpoint(ModelIO):
                 f"can't decide runtime settings for {model} v{version} ({self.path}): {err}"
             ) from err
         self.settings = recorded.with_overrides(threads=per, spinning=False)
-        for _ in range(self.config.instances):
-            so = self.settings.session_options()
-            try:
-                self.sessions.append(
-                    ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-                )
-            except Exception as err:
-                from slimship.errors import ServingError
+        if self.settings.runtime == "openvino":  # an OpenVINO IR, served through the runtime contract
+            self.platform = "openvino"
+            self.sessions = [
+                _openvino_session(self.path, self.settings, model, self.version)
+                for _ in range(self.config.instances)
+            ]
+        else:
+            for _ in range(self.config.instances):
+                so = self.settings.session_options()
+                try:
+                    self.sessions.append(
+                        ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+                    )
+                except Exception as err:
+                    from slimship.errors import ServingError
 
-                raise ServingError(f"can't load {self.path} for {model} v{version}: {err}") from err
+                    raise ServingError(f"can't load {self.path} for {model} v{version}: {err}") from err
         self.session = self.sessions[0]
         #: the probe's outcome on this host (admin state, /v2/models/{m} parameters, metrics, registry events)
         self.verification = verify_on_load(
             model, self.version, self.path, self.session, self.settings, self.config.verify
         )
-        self.limits = read_input_limits(self.path)
+        self.limits = read_input_limits(_limits_source(self.path))
         self.inputs = [
             WireTensorSpec(i.name, wire_datatype(i.type), tuple(i.shape)) for i in self.session.get_inputs()
         ]

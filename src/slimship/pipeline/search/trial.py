@@ -190,7 +190,9 @@ def run_trial(
         row.status, row.screen, row.seconds = "screened", screened, round(time.perf_counter() - t0, 1)
         return row
     evaluations = evaluate_steps([last], out / "original", workload, ctx.evaluate_limit, log)
-    backend = lambda c: "torch" if c.format == "torch" else "onnxruntime"  # noqa: E731
+    from slimship.runtime import default_backend
+
+    backend = lambda c: default_backend(c.format)  # noqa: E731
     bs = recipe.search.batch_size
     log(f"trial {number}: timing against the original at batch {bs} (interleaved)")
     sizes = tuple(sorted({bs, *constraint_batch_sizes(recipe)}))
