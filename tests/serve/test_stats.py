@@ -222,3 +222,48 @@ def test_grpc_statistics_are_the_http_ones(server):
         "unknown_model": "NOT_FOUND",
         "unknown_version": "NOT_FOUND",
     }
+
+
+def test_a_batch_rerun_one_by_one_counts_its_runs_and_its_culprit(tmp_path):
+    """In-process, so the 25 requests surely share one batch: the failed batch of 25 is no execution; the reruns
+    are (24 of one row, the culprit's fails), and the culprit is the one `fail` of the version."""
+    import asyncio
+    import time
+
+    from slimship.serve.config import BatchingConfig
+    from slimship.serve.endpoint import Endpoint
+    from slimship.serve.server import Server
+    from tests.serve.hardening_models import VOCAB, bert_like
+
+    def feeds(ids):
+        a = np.array(ids, np.int64)
+        return {"input_ids": a, "attention_mask": np.ones_like(a)}
+
+    async def go():
+        server = Server()
+        ep = Endpoint(
+            "hidden",
+            "1",
+            bert_like(tmp_path / "hidden.onnx", hidden_vocab=True),  # no vocabulary to check ids against
+            BatchingConfig(max_batch_size=32, max_queue_delay_ms=300),
+            server.metrics,
+        )
+        await server.add(ep)
+        requests = [feeds([[101, 7 + i, 102]]) for i in range(24)]
+        requests.insert(3, feeds([[101, VOCAB + 5, 102]]))
+        try:
+            out = await asyncio.gather(
+                *(server.run_inference("hidden", ep, False, r, dict, time.perf_counter()) for r in requests),
+                return_exceptions=True,
+            )
+        finally:
+            await server.stop()
+        return out, server.statistics("hidden", "1")
+
+    out, (st,) = asyncio.run(go())
+    assert [isinstance(o, dict) for o in out] == [True] * 3 + [False] + [True] * 21
+    inf = st["inference_stats"]
+    assert (inf["success"]["count"], inf["fail"]["count"]) == (24, 1) and inf["fail"]["ns"] > 0
+    assert st["inference_count"] == 24 and st["execution_count"] == 24
+    assert inf["queue"]["count"] == inf["compute_infer"]["count"] == 24
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in st["batch_stats"]] == [(1, 24)]
