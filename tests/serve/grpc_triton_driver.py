@@ -1,6 +1,7 @@
 """Drives a gRPC server with tritonclient.grpc, in a process of its own: tritonclient's generated protobufs and
 kserve's (imported by other serve tests) register the same `inference` symbols and can't share a process
-(kserve#3099). Usage: python -m tests.serve.grpc_triton_driver HOST:PORT TOKEN X.npy  → one JSON object on stdout."""
+(kserve#3099). Usage: python -m tests.serve.grpc_triton_driver HOST:PORT TOKEN X.npy  → one JSON object on stdout;
+python -m tests.serve.grpc_triton_driver --stats HOST:PORT TOKEN MODEL VERSION → the statistics calls' answers."""
 
 from __future__ import annotations
 
@@ -67,5 +68,23 @@ def main(url: str, token: str, x_path: str) -> dict[str, Any]:
     return out
 
 
+def stats(url: str, token: str, model: str, version: str) -> dict[str, Any]:
+    """get_inference_statistics as tritonclient.grpc parses it: every model, one version, and the error codes."""
+    c = tg.InferenceServerClient(url)
+    auth = {"authorization": f"Bearer {token}"}
+    return {
+        "every": c.get_inference_statistics(headers=auth, as_json=True),
+        "one": c.get_inference_statistics(model, version, headers=auth, as_json=True),
+        "codes": {
+            "no_token": _code(lambda: c.get_inference_statistics()),
+            "unknown_model": _code(lambda: c.get_inference_statistics("nosuch", headers=auth)),
+            "unknown_version": _code(lambda: c.get_inference_statistics(model, "99", headers=auth)),
+        },
+    }
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:4])))
+    if sys.argv[1] == "--stats":
+        print(json.dumps(stats(*sys.argv[2:6])))
+    else:
+        print(json.dumps(main(*sys.argv[1:4])))

@@ -31,6 +31,7 @@ import numpy as np
 from slimship.serve.config import BatchingConfig, DriftConfig
 from slimship.serve.input_limits import InputLimits, read_input_limits
 from slimship.serve.protocol import DATATYPES, Overloaded, ProtocolError, TimedOut
+from slimship.serve.stats import ModelStats
 
 
 def wire_datatype(ort_type: str) -> str:
@@ -83,6 +84,10 @@ class ServedEndpoint(Protocol):
     session: Any
     drift_config: DriftConfig | None
     drift: Any  # its DriftMonitor once attached
+    #: the statistics extension's figures since it was loaded (serve/stats.py)
+    stats: ModelStats
+    #: axis 0 of every input is a batch axis
+    batchable: bool
 
     @property
     def queue_depth(self) -> int:
@@ -338,6 +343,7 @@ class Endpoint(ModelIO):
         self.ready = False
         self.drift_config: DriftConfig | None = None  # set by whoever builds the endpoint (None: defaults)
         self.drift: Any = None  # its DriftMonitor once attached
+        self.stats = ModelStats()
 
     @property
     def queue_depth(self) -> int:
@@ -490,18 +496,31 @@ class Endpoint(ModelIO):
             live = [b for b in batch if not b.future.done()]  # timed-out requests are dropped here
             if not live:
                 continue
-            started = time.perf_counter()
+            t_start = time.perf_counter_ns()
+            started = t_start / 1e9
             feeds = self._merge(live)
+            t_merged = time.perf_counter_ns()
             try:
                 outs = await loop.run_in_executor(self._pool, session.run, None, feeds)
             except Exception as err:  # one request can fail a batch: find it, answer the others
                 await self._isolate(session, live, err)
                 continue
+            t_ran = time.perf_counter_ns()
+            rows = sum(b.rows for b in live)
             if self.metrics is not None:
-                self.metrics.batch_size.labels(self.model, self.version).observe(sum(b.rows for b in live))
+                self.metrics.batch_size.labels(self.model, self.version).observe(rows)
                 for b in live:
                     self.metrics.queue_time.labels(self.model, self.version).observe(started - b.enqueued)
             self._split(live, feeds, outs)
+            queued = sum(started - b.enqueued for b in live)
+            self.stats.execution(
+                rows,
+                int(queued * 1e9),
+                len(live),
+                t_merged - t_start,
+                t_ran - t_merged,
+                time.perf_counter_ns() - t_ran,
+            )
 
     async def _isolate(self, session: Any, live: list[_Item], err: Exception) -> None:
         """A batch failed: run its requests one by one, so only the one(s) the model fails on learn why (400 when
@@ -513,12 +532,16 @@ class Endpoint(ModelIO):
         for b in live:
             if b.future.done():  # timed out meanwhile
                 continue
+            t_start = time.perf_counter_ns()
             try:
                 outs = await loop.run_in_executor(self._pool, session.run, None, b.inputs)
             except Exception as one:
                 self._fail(b, one)
                 continue
+            t_ran = time.perf_counter_ns()
             self._split([b], b.inputs, outs)
+            queued = int((t_start / 1e9 - b.enqueued) * 1e9)
+            self.stats.execution(b.rows, queued, 1, 0, t_ran - t_start, time.perf_counter_ns() - t_ran)
 
     def _fail(self, item: _Item, err: Exception) -> None:
         """Answer ``item`` with the error its own run raised."""

@@ -1,6 +1,7 @@
 """The Open Inference Protocol over gRPC: KServe's ``inference.GRPCInferenceService`` (ServerLive, ServerReady,
-ModelReady, ServerMetadata, ModelMetadata, ModelInfer with typed ``contents`` or ``raw_input_contents``), what
-``tritonclient.grpc`` and KServe's gRPC client speak, on a second port beside the HTTP app.
+ModelReady, ServerMetadata, ModelMetadata, ModelInfer with typed ``contents`` or ``raw_input_contents``, and
+Triton's ModelStatistics — the statistics extension, :mod:`slimship.serve.stats`), what ``tritonclient.grpc`` and
+KServe's gRPC client speak, on a second port beside the HTTP app.
 
 It is a second front end over the same :class:`~slimship.serve.server.Server`: the same routing and traffic policy
 (a sticky header is read from the call's metadata), the same endpoint batching and validation (input names, shapes,
@@ -295,12 +296,27 @@ class GrpcFrontend:
                 t.shape.extend(int(d) for d in spec["shape"])
         return resp
 
+    def _authorize(self, context: Any, what: str) -> dict[str, str]:
+        """The call's metadata, once its token is checked (inference and statistics need it when one is set)."""
+        md = _metadata(context)
+        if not self.server.token_ok(md.get("authorization")):
+            raise Unauthorized(f"{what} needs `authorization: Bearer <token>` in the call's metadata")
+        return md
+
+    async def model_statistics(self, msg: Any, context: Any) -> Any:
+        """Triton's statistics extension: every version of every model (no name), of one model, or one version."""
+        from google.protobuf import json_format
+
+        self._authorize(context, "statistics")
+        if msg.version and not msg.name:
+            raise ProtocolError("`version` is given without `name`; give the model's name too")
+        stats = self.server.statistics(msg.name or None, msg.version or None)
+        return json_format.ParseDict({"model_stats": stats}, messages().ModelStatisticsResponse())
+
     async def model_infer(self, msg: Any, context: Any) -> Any:
         t0 = time.perf_counter()
         s = self.server
-        md = _metadata(context)
-        if not s.token_ok(md.get("authorization")):
-            raise Unauthorized("inference needs `authorization: Bearer <token>` in the call's metadata")
+        md = self._authorize(context, "inference")
         rid = md.get("x-request-id")
         if rid is not None and len(rid) > s.limits.max_id_chars:
             raise ProtocolError(f"x-request-id is {len(rid)} characters; at most {s.limits.max_id_chars}")
@@ -371,6 +387,7 @@ class GrpcFrontend:
             "ModelReady": ("ModelReadyRequest", self.model_ready),
             "ModelMetadata": ("ModelMetadataRequest", self.model_metadata),
             "ModelInfer": ("ModelInferRequest", self.model_infer),
+            "ModelStatistics": ("ModelStatisticsRequest", self.model_statistics),
         }
         return grpc.method_handlers_generic_handler(
             SERVICE,

@@ -5,6 +5,7 @@
     GET  /v2/models/{m}[/versions/{v}]  and  …/ready                  model metadata and readiness
     POST /v2/models/{m}[/versions/{v}]/infer                           inference (JSON or binary tensors)
     POST|GET /v2/models/{m}/feedback                                   A/B outcomes and their summary
+    GET  /v2/models[/{m}[/versions/{v}]]/stats                         Triton's statistics extension
     GET  /metrics                                                      Prometheus
     GET|POST|PUT /v2/admin/…                                           load / unload / traffic / stage / rollout
     GET  /dashboard, /v2/dashboard/state                               the dashboard
@@ -71,6 +72,7 @@ access_log = logging.getLogger("slimship.access")
 SERVER_NAME = "slimship"
 EXTENSIONS = [
     "binary_tensor_data",
+    "statistics",
     "classification_free",
     "slimship_admin",
     "slimship_traffic",
@@ -187,11 +189,12 @@ def _authorize(server: Server, request: Request, admin: bool) -> None:
             )
     elif (
         server.token is not None
-        and request.url.path.endswith(("/infer", "/feedback"))
+        and request.url.path.endswith(("/infer", "/feedback", "/stats"))
         and not _bearer_ok(header, server.token)
     ):
         raise Unauthorized(
-            "inference needs `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"}
+            "inference, feedback and statistics need `Authorization: Bearer <token>`",
+            headers={"WWW-Authenticate": "Bearer"},
         )
 
 
@@ -326,6 +329,13 @@ async def metrics(request: Request) -> Response:
     server: Server = request.app.state.server
     data, ctype = server.metrics.render()
     return Response(data, 200, media_type=ctype.split(";")[0], headers={"content-type": ctype})
+
+
+async def model_stats(server: Server, request: Request) -> Response:
+    """Triton's statistics extension: every loaded version, a model's versions, or one version."""
+    name, version = request.path_params.get("model"), request.path_params.get("version")
+    request.state.model, request.state.version = name, version
+    return _json({"model_stats": server.statistics(name, version)})
 
 
 # ---- admin -------------------------------------------------------------------------------------
@@ -502,12 +512,15 @@ ROUTES: list[tuple[str, Handler, list[str], bool]] = [
     ("/v2/health/live", live, ["GET"], False),
     ("/v2/health/ready", ready, ["GET"], False),
     ("/v2", server_meta, ["GET"], False),
+    ("/v2/models/stats", model_stats, ["GET"], False),  # before /v2/models/{model}, which would take it
     ("/v2/models/{model}", model_meta, ["GET"], False),
     ("/v2/models/{model}/versions/{version}", model_meta, ["GET"], False),
     ("/v2/models/{model}/ready", model_ready, ["GET"], False),
     ("/v2/models/{model}/versions/{version}/ready", model_ready, ["GET"], False),
     ("/v2/models/{model}/infer", infer, ["POST"], False),
     ("/v2/models/{model}/versions/{version}/infer", infer, ["POST"], False),
+    ("/v2/models/{model}/stats", model_stats, ["GET"], False),
+    ("/v2/models/{model}/versions/{version}/stats", model_stats, ["GET"], False),
     ("/v2/admin/models", admin_state, ["GET"], True),
     ("/v2/admin/models/{model}/load", admin_load, ["POST"], True),
     ("/v2/admin/models/{model}/versions/{version}/unload", admin_unload, ["POST"], True),

@@ -40,6 +40,7 @@ from slimship.serve.http import create_app
 from slimship.serve.protocol import Overloaded, ProtocolError, TimedOut
 from slimship.serve.run import configure_logging, resolve_models
 from slimship.serve.server import Server
+from slimship.serve.stats import ModelStats
 
 log = logging.getLogger("slimship.serve")
 
@@ -212,6 +213,8 @@ class RemoteEndpoint(ModelIO):
         self.in_flight = 0
         self.drift_config: DriftConfig | None = None
         self.drift: Any = None
+        #: what the ingress sees (success / fail, rows, last inference); the replicas' batchers count the rest
+        self.stats = ModelStats()
 
     @property
     def queue_depth(self) -> int:

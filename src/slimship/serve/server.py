@@ -42,6 +42,13 @@ EndpointFactory = Callable[
 EndpointRetire = Callable[[ServedEndpoint], Awaitable[None]]
 
 
+def _rows(ep: ServedEndpoint, inputs: dict[str, np.ndarray]) -> int:
+    """Rows of a request (1 for a model without a batch axis)."""
+    if not ep.batchable or not inputs:
+        return 1
+    return int(next(iter(inputs.values())).shape[0])
+
+
 class Server:
     """The state behind the app: model groups, metrics, tokens, limits, an optional registry."""
 
@@ -147,7 +154,10 @@ class Server:
             status = "500"
             raise
         finally:
-            self._record(name, ep, routed, inputs, outputs, status, time.perf_counter() - t0, t_infer)
+            elapsed = time.perf_counter() - t0
+            self._record(name, ep, routed, inputs, outputs, status, elapsed, t_infer)
+            ok = status == "200"
+            ep.stats.request(ok, int(elapsed * 1e9), _rows(ep, inputs) if ok else 0)
         self.monitor_output(name, ep, inputs, outputs)
         if routed:
             self.maybe_shadow(name, ep, inputs, outputs)
@@ -171,6 +181,17 @@ class Server:
         ok = status == "200"
         if routed and (ok or int(status) >= 500):
             self.rollouts.observe(name, ep, inputs, outputs if ok else None, t_infer if ok else elapsed, ok)
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+        """The statistics extension's ``model_stats``: every version of every model, of one model, or one version
+        (404 for a model or version that isn't loaded)."""
+        if name is None:
+            groups = [(n, g.versions) for n, g in sorted(self.models.items())]
+        elif version is None:
+            groups = [(name, self.group(name).versions)]
+        else:
+            groups = [(name, {version: self.endpoint(name, version)})]
+        return [versions[v].stats.as_dict(n, v) for n, versions in groups for v in sorted_versions(versions)]
 
     def token_ok(self, authorization: str | None) -> bool:
         """Whether an ``Authorization`` value carries the inference token (always, when the server has none)."""
