@@ -122,6 +122,8 @@ def run(
                     f"batch {r['batch_size']}: p50 {r['latency_ms']['p50']:.3g} ms, "
                     f"{r.get('speedup_vs_baseline_p50', 1.0):.2f}x the original"
                 )
+    for warning in bench.get("warnings", []):  # e.g. timed on a busy machine: the ratios above are suspect
+        console().print(f"[bold yellow]timing warning:[/bold yellow] {warning}")
     typer.echo(f"final: {verdict['final']}; constraints {'hold' if verdict['holds'] else 'do not hold'}")
     typer.echo(f"results: {dest / 'results.json'}")
     typer.echo(f"report:  {dest / 'report.html'}")
