@@ -415,12 +415,12 @@ def _finish(
         quantized_nodes=info.get("quantized_nodes"),
     )
     info = {**info, **record.to_info()}
-    floors = cfg.min_cosine or getattr(cfg, "min_top1_agreement", 0.0)
-    if floors and not report.passed:
+    top1_floor = getattr(cfg, "min_top1_agreement", 0.0)
+    if (cfg.min_cosine or top1_floor) and not report.passed:
         out.unlink(missing_ok=True)
         raise CompressionError(
-            f"{pass_name}: fidelity to the parent is below its floor (min_cosine={cfg.min_cosine}"
-            f"{', min_top1_agreement=' + str(getattr(cfg, 'min_top1_agreement')) if hasattr(cfg, 'min_top1_agreement') else ''}): "
+            f"{pass_name}: fidelity to the parent is below min_cosine={cfg.min_cosine}"
+            f"{f' or min_top1_agreement={top1_floor}' if top1_floor else ''}: "
             + "; ".join(report.failures)
             + ". Try keep_float='ffn_out', per-channel weights, bias_correction (CNNs), another calibration, "
             "or exclude the nodes a diagnosis ranks worst."

