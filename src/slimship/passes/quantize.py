@@ -686,7 +686,9 @@ class StaticQuantPass(Pass[StaticQuantConfig]):
                 model, prep["bias_correction"] = correct_biases(model, calib, config.per_channel)
             if prep:
                 onnx.save_model(model, str(staged))
-            methods = list(config.auto_methods) if config.calibration == "auto" else [config.calibration]
+            methods: list[str] = (
+                list(config.auto_methods) if config.calibration == "auto" else [str(config.calibration)]
+            )
             ranges = calibrate_ranges(staged, calib, methods, op_types, out_dir, config.percentile)
             for method in methods:
                 self._quantize(
