@@ -54,6 +54,8 @@ def render(result: dict) -> str:
     for label, prof in result["profiles"].items():
         top = ", ".join(f"{k} {v:.0%}" for k, v in list(prof.items())[:6])
         lines.append(f"- {label}: {top}")
+    if result.get("speed_reason"):
+        lines += ["", "**Why not faster here:** " + result["speed_reason"]]
     lines += [
         "",
         f"slimship's choice: {result['slimship_choice']}",
