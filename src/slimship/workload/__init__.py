@@ -2,7 +2,7 @@
 
 ``resolve_workload`` turns what a user typed (or what a candidate recorded) into a Workload:
 
-* a built-in name: ``minilm``, ``mnist``, ``digits``;
+* a built-in name: ``minilm``, ``mnist``, ``digits``, ``mobilenetv2``;
 * a factory: ``path/to/file.py:build`` (see :mod:`slimship.workload.user` for the contract);
 * a Hugging Face encoder directory: ``hf:path/to/dir`` (or just the directory);
 * an ONNX file with its inputs: ``model.onnx`` plus ``data="inputs.npz"``.
@@ -40,6 +40,12 @@ def _mnist() -> Workload:
     return MnistWorkload()
 
 
+def _mobilenetv2() -> Workload:
+    from slimship.workload.imagenet import MobileNetV2Workload
+
+    return MobileNetV2Workload()
+
+
 def _digits() -> Workload:
     from slimship.workload.vision import DigitsWorkload
 
@@ -61,10 +67,16 @@ BUILTIN_WORKLOADS: Mapping[str, tuple[Callable[[], Workload], str]] = {
         _digits,
         "tiny CNN trained here on scikit-learn's 1,797 real 8×8 digits (fast tests): test accuracy; fidelity as mnist",
     ),
+    "mobilenetv2": (
+        _mobilenetv2,
+        "ImageNet MobileNetV2 (3.5 M params, torchvision's weights) on 332 crops of 6 held-out real photos "
+        "(scikit-image, scikit-learn): top-1/top-5 agreement with fp32 (all; confident crops), known-class "
+        "accuracy; fidelity: top-1 agreement, logit cosine",
+    ),
 }
 
 _FORMS = (
-    "a built-in name (minilm, mnist, digits), path/to/file.py:function (a factory), "
+    "a built-in name (minilm, mnist, digits, mobilenetv2), path/to/file.py:function (a factory), "
     "hf:path/to/model_dir (a Hugging Face encoder), or path/to/model.onnx with --data inputs.npz"
 )
 
