@@ -186,3 +186,23 @@ def test_an_unreachable_database_is_a_clear_error(tmp_path):
         match=r"can't open the registry database postgresql://u:\*\*\*@127.0.0.1:1/x: connection failed",
     ):
         Registry(tmp_path, url="postgresql://u:secret@127.0.0.1:1/x")
+
+
+def test_non_finite_figures_are_stored_as_standard_json():
+    """An exact verification match has SQNR +inf; PostgreSQL's json type refuses `Infinity` (it failed registrations
+    there), so the registry writes standard JSON on every database and the record says "exact" in words."""
+    import json as _json
+    import math
+
+    from slimship.measure.verify import OutputAgreement
+    from slimship.registry.db import strict_json
+
+    assert _json.loads(strict_json({"a": [float("inf"), 1.5, float("nan")], "b": {"c": -math.inf}})) == {
+        "a": [None, 1.5, None],
+        "b": {"c": None},
+    }
+    exact = OutputAgreement(0.0, 1.0, 1.0, 1.0, sqnr_db=float("inf"))
+    record = exact.to_json()
+    assert "sqnr_db" not in record and record["sqnr_exact"] is True
+    _json.dumps(record, allow_nan=False)  # standard JSON
+    assert OutputAgreement.from_json(record).sqnr_db == float("inf")

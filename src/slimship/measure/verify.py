@@ -90,8 +90,8 @@ class OutputAgreement:
             return self.cosine_min_judged
         return 1.0 if self.cosine_excused_samples else self.cosine_min
 
-    def to_json(self) -> dict[str, float]:
-        out = {
+    def to_json(self) -> dict[str, float | bool]:
+        out: dict[str, float | bool] = {
             "max_abs_error": self.max_abs_error,
             "max_abs_reference": self.max_abs_reference,
             "cosine_min": self.cosine_min,
@@ -99,8 +99,10 @@ class OutputAgreement:
         }
         if self.top1_agreement is not None:
             out["top1_agreement"] = self.top1_agreement
-        if self.sqnr_db is not None:
+        if self.sqnr_db is not None and np.isfinite(self.sqnr_db):
             out["sqnr_db"] = self.sqnr_db
+        elif self.sqnr_db is not None:  # an exact match: +inf is not JSON (PostgreSQL's json type refuses it)
+            out["sqnr_exact"] = True
         if self.cosine_excused_samples:
             out["cosine_excused_samples"] = self.cosine_excused_samples
         if self.cosine_min_judged is not None:
@@ -110,7 +112,7 @@ class OutputAgreement:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> OutputAgreement:
         top1 = data.get("top1_agreement")
-        sqnr = data.get("sqnr_db")
+        sqnr = float("inf") if data.get("sqnr_exact") else data.get("sqnr_db")
         cosine_min = float(data.get("cosine_min", 1.0))
         judged = data.get("cosine_min_judged")
         return cls(

@@ -15,6 +15,8 @@ registrations from many processes get unique, gap-free numbers; versions are nev
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,9 +90,26 @@ class RolloutRow(Base):
     updated: Mapped[datetime] = mapped_column(default=utc_now)
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: NaN and ±Infinity are not JSON, and PostgreSQL's json
+    type refuses them (SQLite would store them), so both databases hold the same standard JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """The registry's JSON serializer (see :func:`_finite`)."""
+    return json.dumps(_finite(value), allow_nan=False)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60})
+        engine = create_engine(url, connect_args={"timeout": 60}, json_serializer=strict_json)
 
         @event.listens_for(engine, "connect")
         def _connect(dbapi_conn: Any, _rec: Any) -> None:
@@ -109,4 +128,4 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, json_serializer=strict_json)
