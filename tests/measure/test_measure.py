@@ -70,6 +70,7 @@ def test_bench_json_has_every_field(digits, digits_chain):
         ({"baseline": "nope"}, "baseline 'nope'"),
         ({"batch_sizes": (0,)}, "positive"),
         ({"warmup": 0}, "warmup"),
+        ({"max_seconds": 0}, "max_seconds must be positive"),
     ],
 )
 def test_bench_rejects_bad_settings(digits, digits_chain, kwargs, message):
@@ -78,6 +79,42 @@ def test_bench_rejects_bad_settings(digits, digits_chain, kwargs, message):
         bench(targets, digits, memory=False, progress=False, **kwargs)
     with pytest.raises(ConfigError, match="unique"):
         bench(targets * 2, digits, memory=False, progress=False)
+
+
+def test_a_time_budget_cuts_slow_batches_to_ten_rounds_and_says_so(digits, digits_chain):
+    """max_seconds (how `slimship run` times slow batches): the budget stops the rounds early, never under 10,
+    and the row says so; a batch whose calls are fast still gets its full runs. Warm-up stops after two calls
+    once they took min_seconds."""
+    from slimship.measure.bench import MIN_BUDGET_RUNS
+
+    orig, _exp, opt = digits_chain
+    result = bench(
+        [BenchTarget("torch", orig, "torch"), BenchTarget("ort", opt, "onnxruntime")],
+        digits,
+        batch_sizes=(1, 256),
+        runs=30,
+        warmup=5,
+        threads=1,
+        min_seconds=1e-9,  # warm-up: two calls; no extra rounds for fast models
+        max_seconds=1e-9,  # every batch's budget is spent after its first round
+        memory=False,
+        progress=False,
+    )
+    assert result["settings"]["max_seconds"] == 1e-9 and MIN_BUDGET_RUNS == 10
+    for c in result["candidates"]:
+        for r in c["results"]:
+            assert r["runs"] == MIN_BUDGET_RUNS and r["runs_cut_by_time_budget"] is True
+    full = bench(
+        [BenchTarget("ort", opt, "onnxruntime")],
+        digits,
+        batch_sizes=(1,),
+        threads=1,
+        max_seconds=60.0,  # a budget the fast calls never reach: all 30 runs, nothing flagged
+        memory=False,
+        progress=False,
+    )
+    row = full["candidates"][0]["results"][0]
+    assert row["runs"] >= 30 and "runs_cut_by_time_budget" not in row
 
 
 def test_candidate_errors(digits_chain, tmp_path):

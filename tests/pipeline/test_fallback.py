@@ -2,7 +2,8 @@
 holding via a fallback; every attempt is in results.json and in the report's Attempts table (checked in Chromium);
 no attempt holding is said plainly and exits 3; bad fallback entries are errors naming file:line. And lossless
 steps (export, optimize) reuse their parent's quality instead of a full evaluation; the original's evaluation is
-cached across runs under a key of what it depends on."""
+measured on the last of them (ONNX Runtime, faster than PyTorch eager) and cached across runs under a key of what it
+depends on."""
 
 from __future__ import annotations
 
@@ -56,7 +57,14 @@ def counted_evaluations(monkeypatch):
         calls.append(candidate.name)
         return real(candidate, *args, **kwargs)
 
+    real_via = evaluate_module.evaluate_original_via
+
+    def counting_via(original, *args, **kwargs):  # the original measured on its verified-equal export
+        calls.append(original.name)
+        return real_via(original, *args, **kwargs)
+
     monkeypatch.setattr(evaluate_module, "evaluate", counting)
+    monkeypatch.setattr(evaluate_module, "evaluate_original_via", counting_via)
     return calls
 
 
@@ -229,3 +237,32 @@ def test_the_originals_evaluation_is_cached_by_what_it_depends_on(monkeypatch):
     assert "cached_from" not in miss and changed.exists()
     for p in (path, changed):
         p.unlink(missing_ok=True)
+
+
+def test_the_original_is_evaluated_on_its_verified_equal_export_and_its_figures_hold(tmp_path, monkeypatch):
+    """Cold cache: the original's figures come from the optimized ONNX (verified equal to it), recorded as such;
+    they equal PyTorch's own evaluation; the INT8 step's fidelity says what it was measured against; a second run
+    finds the original's evaluation in the cross-run cache."""
+    monkeypatch.setenv("SLIMSHIP_CACHE_DIR", str(tmp_path / "cache"))
+    body = "version: 1\nworkload: digits\npasses:\n  - pass: export\n  - pass: optimize\n  - pass: quantize-dynamic\n"
+    result = run_recipe(_recipe(tmp_path, body), tmp_path / "run", evaluate_limit=300, bench_batch_sizes=(1,))
+    evs = result["evaluations"]
+    on = evs["original"]["measured_on"]
+    assert on["candidate_name"] == "optimized" and 0 <= on["verified_equal_max_abs_error"] < 1e-4
+    assert evs["original"]["runtime"]["backend"] == "onnxruntime"
+    assert evs["quantize-dynamic"]["reference_outputs_from"]["candidate_name"] == "optimized"
+    from slimship.candidate import load_candidate
+    from slimship.report.attempts import quality_source
+    from slimship.workload import resolve_workload
+
+    assert quality_source(evs["original"]).startswith("evaluated on optimized (verified equal: max |Δ|")
+    # PyTorch's own evaluation of the original gives the same figures (a fresh cache: nothing reused)
+    monkeypatch.setenv("SLIMSHIP_CACHE_DIR", str(tmp_path / "cache2"))
+    orig, workload = load_candidate(tmp_path / "run" / "original"), resolve_workload("digits")
+    direct = evaluate_module.evaluate(orig, workload, limit=300, progress=False)
+    assert direct["runtime"]["backend"] == "torch"
+    assert direct["quality"] == pytest.approx(evs["original"]["quality"], abs=1e-9)
+    # the cross-run cache now answers for the original (the next run evaluates it no more)
+    monkeypatch.setenv("SLIMSHIP_CACHE_DIR", str(tmp_path / "cache"))
+    cached = evaluate_module.cached_original_evaluation(orig, workload, 300)
+    assert cached is not None and cached["measured_on"]["candidate_name"] == "optimized"

@@ -154,8 +154,22 @@ def bench(
     ] = 128,
     runs: Annotated[int, typer.Option(min=30, help="Timed runs per candidate and batch size (≥ 30).")] = 30,
     warmup: Annotated[
-        int, typer.Option(min=1, help="Untimed warm-up runs per candidate and batch size.")
+        int,
+        typer.Option(
+            min=1,
+            help="Untimed warm-up runs per candidate and batch size (at most; two suffice once they took 1 s).",
+        ),
     ] = 5,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget",
+            min=0.001,
+            help="Seconds of timed calls per candidate and batch size after which slow batches may stop early "
+            "(never under 10 rounds; such rows say runs_cut_by_time_budget and their p90/p99 are rough). "
+            "Default: no budget, ≥ --runs rounds.",
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     baseline: Annotated[
         str | None, typer.Option(help="Label that ratios are computed against (default: the first).")
@@ -202,6 +216,7 @@ def bench(
         baseline=baseline,
         memory=memory,
         energy_seconds=energy_seconds,
+        max_seconds=time_budget,
     )
     from slimship.report.summary import fmt_bytes, fmt_ms
 

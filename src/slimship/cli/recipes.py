@@ -57,6 +57,16 @@ def run(
             help="Batch sizes timed for the original and the final candidate (plus the latency constraint's).",
         ),
     ] = "1,32",
+    timing_budget: Annotated[
+        float,
+        typer.Option(
+            "--timing-budget",
+            min=0.0,
+            help="Seconds of timed calls per candidate and batch size after which the timing of slow batches may "
+            "stop (never under 10 rounds; fast batches still get 30+). 0: full 30 rounds everywhere. A batch size "
+            "a latency constraint is judged at always gets full rounds.",
+        ),
+    ] = 8.0,
     register: Annotated[
         str | None,
         typer.Option(
@@ -98,7 +108,11 @@ def run(
     recipe = _recipe_path(recipe)
     dest = out or Path("runs") / recipe.stem
     result = run_recipe(
-        recipe, dest, evaluate_limit=limit, bench_batch_sizes=parse_ints(batch_sizes, "--batch-sizes")
+        recipe,
+        dest,
+        evaluate_limit=limit,
+        bench_batch_sizes=parse_ints(batch_sizes, "--batch-sizes"),
+        timing_budget_s=timing_budget or None,
     )
     for s in result["steps"]:
         extra = s.get("reason") or s.get("candidate", "")

@@ -92,6 +92,9 @@ def load_during(before: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: the fewest timed rounds a time budget (``bench(max_seconds=...)``) may leave: a median of 10 is stable to a few %
+MIN_BUDGET_RUNS = 10
+
 #: other processes using more than this share of the benchmark's cores make its timings unreliable
 COMPETING_SHARE = 0.25
 
@@ -204,7 +207,15 @@ def bench(
     progress: bool = True,
     min_seconds: float = 1.0,
     energy_seconds: float | None = None,
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
+    """Time ``targets`` interleaved at each batch size (see the module docstring) and return the bench record.
+
+    Warm-up: up to ``warmup`` calls per target, stopping after two once they took ``min_seconds`` (a 1-s call is
+    warm after two). Timed calls: ``runs`` rounds, more for fast models so each target is timed ≥ ``min_seconds``.
+    ``max_seconds`` (a time budget, e.g. a run's timing of slow batches): the rounds may stop once the slowest
+    target has been timed that long, but never before :data:`MIN_BUDGET_RUNS` rounds; rows say how many ran and
+    whether the budget cut them (their p90/p99 are then rough)."""
     from tqdm.auto import tqdm
 
     from slimship.machine import machine_info, physical_cores
@@ -217,6 +228,8 @@ def bench(
         raise ConfigError(f"bench labels must be unique, got {labels}; name them LABEL=PATH")
     if runs < 30:
         raise ConfigError(f"runs must be at least 30 for stable percentiles, got {runs}")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ConfigError(f"max_seconds must be positive (a time budget per batch size), got {max_seconds}")
     if warmup < 1:
         raise ConfigError(f"warmup must be at least 1, got {warmup}")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
@@ -237,23 +250,32 @@ def bench(
     # process CPU time per call (all threads): survives noisy neighbours better than wall time and prices a deployment
     cpu: dict[str, dict[int, list[float]]] = {t.label: {} for t in targets}
     load: dict[int, dict[str, Any]] = {}
+    budget_cut: dict[int, bool] = {}
     total = len(batch_sizes) * len(targets) * (runs + warmup)
     with tqdm(total=total, desc="bench", unit="call", disable=None if progress else True, leave=False) as bar:
         for bs in batch_sizes:
             batch = workload.example_inputs(bs, seq_len=seq)
             slowest = 0.0
             for label, rt in runtimes.items():
-                warm = []
+                warm: list[float] = []
                 for _ in range(warmup):
                     t0 = time.perf_counter()
                     rt.predict(batch)
                     warm.append(time.perf_counter() - t0)
                     bar.update()
+                    if len(warm) >= 2 and sum(warm) >= min_seconds:
+                        bar.update(warmup - len(warm))
+                        break
                 timings[label][bs] = []
                 cpu[label][bs] = []
                 slowest = max(slowest, float(np.median(warm)))
             # fast models get more runs so every candidate is timed for at least `min_seconds`
             n_runs = min(max(runs, int(np.ceil(min_seconds / max(slowest, 1e-6)))), 5000)
+            if (
+                max_seconds is not None
+            ):  # slow calls: the budget may cut the rounds, never below MIN_BUDGET_RUNS
+                n_runs = min(n_runs, max(MIN_BUDGET_RUNS, int(np.ceil(max_seconds / max(slowest, 1e-6)))))
+            budget_cut[bs] = n_runs < runs
             bar.total += (n_runs - runs) * len(targets)
             bar.refresh()
             gc.collect()
@@ -286,6 +308,8 @@ def bench(
                 **latency_stats(timings[t.label][bs], bs),
                 "machine_load": load[bs],
             }
+            if budget_cut[bs]:
+                row["runs_cut_by_time_budget"] = True
             calls = cpu[t.label][bs]
             row["cpu_ms_per_inference"] = round(1e3 * float(np.sum(calls)) / (len(calls) * bs), 4)
             row["cpu_ms_per_call_p50"] = round(1e3 * float(np.median(calls)), 4)
@@ -322,7 +346,9 @@ def bench(
             "seq_len": seq,
             "runs": runs,
             "min_seconds": min_seconds,
-            "runs_note": "at least `runs` timed calls per candidate and batch size, more for fast models so each is timed ≥ min_seconds; the count per row is in results[].runs",
+            "max_seconds": max_seconds,
+            "runs_note": f"at least `runs` timed calls per candidate and batch size, more for fast models so each is timed ≥ min_seconds; with max_seconds, slow batches stop once the slowest candidate was timed that long (never under {MIN_BUDGET_RUNS} runs; such rows have runs_cut_by_time_budget); the count per row is in results[].runs",
+            "warmup_note": "up to `warmup` calls per candidate and batch size, stopping after two once they took min_seconds",
             "warmup": warmup,
             "threads": threads,
             "interleaved": True,

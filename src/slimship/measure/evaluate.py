@@ -82,12 +82,106 @@ def reference_outputs(
     return outputs
 
 
-def _save_reference(workload: Workload, limit: int | None, outputs: dict[str, np.ndarray]) -> None:
+def _save_reference(
+    workload: Workload,
+    limit: int | None,
+    outputs: dict[str, np.ndarray],
+    source: dict[str, Any] | None = None,
+) -> None:
+    """Cache the reference outputs; ``source`` (what produced them, when not the original itself) goes beside
+    them as JSON so an evaluation can say what its fidelity was measured against."""
+    from slimship._util import write_json_atomic
+
     path = _reference_path(workload, limit)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **outputs)  # type: ignore[arg-type]
     tmp.replace(path)
+    if source is not None:
+        write_json_atomic(path.with_suffix(".json"), source)
+    else:
+        path.with_suffix(".json").unlink(missing_ok=True)
+
+
+def reference_source(workload: Workload, limit: int | None) -> dict[str, Any] | None:
+    """What produced the cached reference outputs when it was not the original itself (see
+    :func:`evaluate_original_via`); None for the original's own outputs or no cache."""
+    import json
+
+    side = _reference_path(workload, limit).with_suffix(".json")
+    return json.loads(side.read_text()) if side.exists() else None
+
+
+def cached_original_evaluation(
+    candidate: Candidate, workload: Workload, limit: int | None
+) -> dict[str, Any] | None:
+    """The original's evaluation from the cross-run cache, or None."""
+    import json
+
+    from slimship.runtime import default_backend
+
+    path = original_evaluation_path(candidate, workload, default_backend(candidate.format), limit)
+    if not path.exists():
+        return None
+    return {**json.loads(path.read_text()), "candidate": candidate.id, "cached_from": str(path)}
+
+
+def evaluate_original_via(
+    original: Candidate,
+    proxy: Candidate,
+    workload: Workload,
+    max_abs_error: float,
+    limit: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The original's evaluation measured on ``proxy``: a descendant verified equal to it within float tolerance
+    (export, optimize: max |Δ| ≈ 1e-7) that runs faster (MiniLM on 2 AVX2 cores: ONNX Runtime's fused graph vs
+    PyTorch eager, ≈ 0.8x the time). The proxy's outputs become the workload's cached reference outputs, with their
+    source recorded beside them, and the result is cached under the original's key and says where it came from in
+    ``measured_on``."""
+    from slimship._util import write_json_atomic
+    from slimship.runtime import create_runtime, default_backend
+
+    cached = cached_original_evaluation(original, workload, limit)
+    if cached is not None:
+        return cached
+    rt = create_runtime(proxy, workload, None, threads)
+    t0 = time.perf_counter()
+    outputs = collect_outputs(
+        rt, workload, limit, desc=f"eval {original.name} via {proxy.name}", progress=progress
+    )
+    seconds = time.perf_counter() - t0
+    rt.close()
+    measured_on = {
+        "candidate": proxy.id,
+        "candidate_name": proxy.name,
+        "runtime": rt.describe(),
+        "verified_equal_max_abs_error": max_abs_error,
+        "why": "a descendant verified equal to the original within float tolerance, on a faster runtime",
+    }
+    if _reference_path(workload, limit).exists():
+        reference = reference_outputs(workload, limit, threads, progress)
+    else:
+        _save_reference(
+            workload, limit, outputs, source={"measured_on": measured_on, "original": original.id}
+        )
+        reference = outputs
+    result = {
+        "candidate": original.id,
+        "candidate_name": original.name,
+        "runtime": rt.describe(),
+        "samples": workload.eval_size(limit),
+        "limit": limit,
+        "quality": workload.quality(outputs, limit),
+        "fidelity": workload.fidelity(outputs, reference),
+        "primary_metric": workload.primary_metric,
+        "seconds": round(seconds, 2),
+        "measured_on": measured_on,
+    }
+    path = original_evaluation_path(original, workload, default_backend(original.format), limit)
+    write_json_atomic(path, {**result, "cache_key": path.stem})
+    return result
 
 
 def original_evaluation_key(candidate: Candidate, workload: Workload, backend: str, limit: int | None) -> str:
@@ -175,6 +269,11 @@ def evaluate(
         "primary_metric": workload.primary_metric,
         "seconds": round(seconds, 2),
     }
+    source = reference_source(workload, limit)
+    if (
+        source is not None
+    ):  # fidelity against a verified-equal stand-in of the original, not the original itself
+        result["reference_outputs_from"] = source["measured_on"]
     if cache_path is not None:
         write_json_atomic(cache_path, {**result, "cache_key": cache_path.stem})
     return result

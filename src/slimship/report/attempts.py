@@ -22,9 +22,15 @@ def quality_source(ev: dict[str, Any]) -> str:
     """How a step's quality was obtained: "evaluated", "cached …" or "parent (verified equal: …)"."""
     if ev.get("quality_from"):
         return str(ev["quality_from"])
+    on = ev.get("measured_on")
+    via = (
+        f" on {on['candidate_name']} (verified equal: max |Δ| {on['verified_equal_max_abs_error']:.1g})"
+        if isinstance(on, dict)
+        else ""
+    )
     if ev.get("cached_from"):
-        return "evaluated (cached from an earlier run)"
-    return "evaluated" if ev else "—"
+        return f"evaluated{via} (cached from an earlier run)"
+    return f"evaluated{via}" if ev else "—"
 
 
 def _row(a: dict[str, Any], batch_sizes: list[str]) -> str:
