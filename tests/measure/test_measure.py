@@ -114,7 +114,7 @@ def test_a_time_budget_cuts_slow_batches_to_ten_rounds_and_says_so(digits, digit
         progress=False,
     )
     row = full["candidates"][0]["results"][0]
-    assert row["runs"] >= 30 and "runs_cut_by_time_budget" not in row
+    assert row["runs"] >= 30 and row["runs_cut_by_time_budget"] is False
 
 
 def test_candidate_errors(digits_chain, tmp_path):

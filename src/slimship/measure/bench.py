@@ -194,6 +194,29 @@ def _energy(
     return out
 
 
+def _warm_up(rt: Any, batch: dict[str, np.ndarray], warmup: int, min_seconds: float, bar: Any) -> float:
+    """Up to ``warmup`` untimed calls, stopping after two once they took ``min_seconds``; their median seconds."""
+    warm: list[float] = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        rt.predict(batch)
+        warm.append(time.perf_counter() - t0)
+        bar.update()
+        if len(warm) >= 2 and sum(warm) >= min_seconds:
+            bar.update(warmup - len(warm))
+            break
+    return float(np.median(warm))
+
+
+def _round_count(runs: int, slowest: float, min_seconds: float, max_seconds: float | None) -> int:
+    """Timed rounds for one batch size: ``runs``, more for fast models so each is timed ≥ ``min_seconds``, and for
+    slow ones at most what ``max_seconds`` buys (never under :data:`MIN_BUDGET_RUNS`)."""
+    n_runs = min(max(runs, int(np.ceil(min_seconds / max(slowest, 1e-6)))), 5000)
+    if max_seconds is not None:
+        n_runs = min(n_runs, max(MIN_BUDGET_RUNS, int(np.ceil(max_seconds / max(slowest, 1e-6)))))
+    return n_runs
+
+
 def bench(
     targets: list[BenchTarget],
     workload: Workload,
@@ -257,24 +280,10 @@ def bench(
             batch = workload.example_inputs(bs, seq_len=seq)
             slowest = 0.0
             for label, rt in runtimes.items():
-                warm: list[float] = []
-                for _ in range(warmup):
-                    t0 = time.perf_counter()
-                    rt.predict(batch)
-                    warm.append(time.perf_counter() - t0)
-                    bar.update()
-                    if len(warm) >= 2 and sum(warm) >= min_seconds:
-                        bar.update(warmup - len(warm))
-                        break
+                slowest = max(slowest, _warm_up(rt, batch, warmup, min_seconds, bar))
                 timings[label][bs] = []
                 cpu[label][bs] = []
-                slowest = max(slowest, float(np.median(warm)))
-            # fast models get more runs so every candidate is timed for at least `min_seconds`
-            n_runs = min(max(runs, int(np.ceil(min_seconds / max(slowest, 1e-6)))), 5000)
-            if (
-                max_seconds is not None
-            ):  # slow calls: the budget may cut the rounds, never below MIN_BUDGET_RUNS
-                n_runs = min(n_runs, max(MIN_BUDGET_RUNS, int(np.ceil(max_seconds / max(slowest, 1e-6)))))
+            n_runs = _round_count(runs, slowest, min_seconds, max_seconds)
             budget_cut[bs] = n_runs < runs
             bar.total += (n_runs - runs) * len(targets)
             bar.refresh()
@@ -308,8 +317,7 @@ def bench(
                 **latency_stats(timings[t.label][bs], bs),
                 "machine_load": load[bs],
             }
-            if budget_cut[bs]:
-                row["runs_cut_by_time_budget"] = True
+            row["runs_cut_by_time_budget"] = budget_cut[bs]
             calls = cpu[t.label][bs]
             row["cpu_ms_per_inference"] = round(1e3 * float(np.sum(calls)) / (len(calls) * bs), 4)
             row["cpu_ms_per_call_p50"] = round(1e3 * float(np.median(calls)), 4)
@@ -347,7 +355,7 @@ def bench(
             "runs": runs,
             "min_seconds": min_seconds,
             "max_seconds": max_seconds,
-            "runs_note": f"at least `runs` timed calls per candidate and batch size, more for fast models so each is timed ≥ min_seconds; with max_seconds, slow batches stop once the slowest candidate was timed that long (never under {MIN_BUDGET_RUNS} runs; such rows have runs_cut_by_time_budget); the count per row is in results[].runs",
+            "runs_note": f"at least `runs` timed calls per candidate and batch size, more for fast models so each is timed ≥ min_seconds; with max_seconds, slow batches stop once the slowest candidate was timed that long (never under {MIN_BUDGET_RUNS} runs; such rows have runs_cut_by_time_budget: true); the count per row is in results[].runs",
             "warmup_note": "up to `warmup` calls per candidate and batch size, stopping after two once they took min_seconds",
             "warmup": warmup,
             "threads": threads,
