@@ -60,6 +60,22 @@ def minilm_chain(minilm, tmp_path_factory):
     return _chain(minilm, tmp_path_factory.mktemp("minilm-chain"))
 
 
+#: files that start a local Ray instance (or a `serve --ray` process): under pytest-xdist they form one group that
+#: runs on one worker, one test after another — two Ray instances on 2 cores starve each other
+RAY_FILES = frozenset({"test_ray_serve.py", "test_tune_ray.py", "test_ray_ingress.py", "test_protocol.py"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`): a file's tests stay on one worker (its module-scoped servers
+    and models are built once), and every Ray file shares one group."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        name = item.path.name
+        group = "ray" if name in RAY_FILES or "ray" in item.keywords else str(item.path.relative_to(ROOT))
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 #: a test that takes longer than this without the `slow` marker is listed at the end of the run, so the marker stays
 #: honest (`-m "not slow"` is the quick local loop)
 SLOW_S = 30.0

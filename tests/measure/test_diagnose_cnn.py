@@ -78,8 +78,9 @@ def test_residual_adds_cut_blocks_when_nodes_carry_no_module_path():
     from tests.fixtures.foreign_onnx import build_model
 
     model = build_model()
-    for node in model.graph.node:
-        node.name = f"n{id(node) % 10**6}_{node.op_type}"  # flat names, no metadata
+    for i, node in enumerate(model.graph.node):
+        # flat names, no metadata (unique: names built from id(node) % 10**6 once collided and merged two blocks)
+        node.name = f"n{(i * 7919) % 10007}_{node.op_type}"
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     blocks = node_blocks(model, convs)
     assert [blocks[c] for c in convs] == ["block 0", "block 0", "block 0", "block 1", "block 1", "block 2"]
