@@ -94,11 +94,13 @@ def hey_load(url: str, body: Path, clients: int, seconds: float) -> LoadResult:
         errors = sum(
             int(n) for n in re.findall(r"^\s+\[(\d+)\]", out.split("Error distribution:", 1)[1], re.M)
         )
-    if rps is None or 50 not in lat or 99 not in lat:
+    slowest = re.search(r"Slowest:\s+([\d.]+) secs", out)
+    if rps is None or slowest is None or not codes:
         return LoadResult(clients, seconds, 0, 0.0, math.inf, math.inf, codes, max(errors, 1))
-    return LoadResult(
-        clients, seconds, sum(codes.values()), float(rps.group(1)), lat[50], lat[99], codes, errors
-    )
+    # with few responses hey prints "0% in 0.0000 secs" for the high percentiles: the slowest is then the p99
+    worst = float(slowest.group(1)) * 1000
+    p50, p99 = lat.get(50) or worst, lat.get(99) or worst
+    return LoadResult(clients, seconds, sum(codes.values()), float(rps.group(1)), p50, p99, codes, errors)
 
 
 def httpx_load(url: str, body: bytes, clients: int, seconds: float) -> LoadResult:
@@ -421,7 +423,10 @@ def autotune(
     body_data = request if request is not None else synth_request(onnx)
     say = progress or (lambda s: None)
     clients_l = sorted(set(clients))
-    measured = [Measured(cfg, k == 0) for k, cfg in enumerate((grid or TuneGrid()).configs())]
+    from slimship.machine import physical_cores
+
+    configs = (grid or TuneGrid()).configs(physical_cores())
+    measured = [Measured(cfg, k == 0) for k, cfg in enumerate(configs)]
     loads = [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="slimship-serve-tune-") as tmp:
         work = Path(tmp)

@@ -319,15 +319,25 @@ class TuneGrid(BaseModel):
         "physical cores).",
     )
 
-    def configs(self) -> list[BatchingConfig]:
-        """The default BatchingConfig first, then every combination of the grid (duplicates dropped)."""
+    def configs(self, cores: int | None = None) -> list[BatchingConfig]:
+        """The default BatchingConfig first, then every combination of the grid, without the ones that run the same
+        as an earlier one: a queue delay with max_batch_size 1 (nothing to wait for), and — given the host's
+        ``cores`` — thread counts that split into the same intra-op threads per instance."""
+
+        def runs_as(c: BatchingConfig) -> tuple[int, float, int, int | None]:
+            per = None if cores is None else max(1, (c.threads or cores) // c.instances)
+            delay = 0.0 if c.max_batch_size == 1 else c.max_queue_delay_ms
+            return (c.max_batch_size, delay, c.instances, per if cores is not None else c.threads)
+
         out = [BatchingConfig()]
+        seen = {runs_as(out[0])}
         for b in self.max_batch_size:
             for d in self.max_queue_delay_ms:
                 for i in self.instances:
                     for t in self.threads:
                         cfg = BatchingConfig(max_batch_size=b, max_queue_delay_ms=d, instances=i, threads=t)
-                        if cfg not in out:
+                        if runs_as(cfg) not in seen:
+                            seen.add(runs_as(cfg))
                             out.append(cfg)
         return out
 
