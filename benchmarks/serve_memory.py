@@ -200,6 +200,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1000, help="limits.max_remembered_ids of the server")
     ap.add_argument("--warmup", type=int, default=10_000, help="requests before the growth slope is taken")
     ap.add_argument("--tracemalloc", action="store_true", help="debug run (not written to results)")
+    ap.add_argument("--before", type=Path, help="a result JSON of an earlier run to show beside this one")
+    ap.add_argument("--before-label", default="before", help="what the earlier run was")
     ap.add_argument("--out", default="serve_memory-avx2", help="result file stem in benchmarks/results/")
     args = ap.parse_args()
     from slimship.machine import cpu_class, machine_info, physical_cores
@@ -244,9 +246,26 @@ def main() -> None:
         f"{'met' if ok else '**missed**'}. RSS {r['rss_first_mb']:.1f} MB after 1,000 requests, "
         f"{r['rss_last_mb']:.1f} MB after {args.requests:,}. Statuses: {codes}. {r['wall_s']:.0f} s in all.",
         "",
-        "| requests | RSS MB |",
-        "|---|---|",
-        *[f"| {s['requests']:,} | {s['rss_kb'] / 1024:.1f} |" for s in r["samples"]],
+    ]
+    before = json.loads(args.before.read_text()) if args.before else None
+    if before is not None:
+        out["before"] = {"label": args.before_label, **before}
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
+        lines += [
+            f"{args.before_label}: {before['growth_mb_per_10k']:+.2f} MB per 10,000 requests (RSS "
+            f"{before['rss_first_mb']:.1f} → {before['rss_last_mb']:.1f} MB, load average "
+            f"{before['load_average_before'][0]:.2f}).",
+            "",
+        ]
+    by_n = {s["requests"]: s["rss_kb"] for s in before["samples"]} if before else {}
+    lines += [
+        "| requests | RSS MB | " + (f"{args.before_label}: RSS MB |" if before else ""),
+        "|---|---|" + ("---|" if before else ""),
+        *[
+            f"| {s['requests']:,} | {s['rss_kb'] / 1024:.1f} |"
+            + (f" {by_n[s['requests']] / 1024:.1f} |" if s["requests"] in by_n else (" |" if before else ""))
+            for s in r["samples"]
+        ],
         "",
         f"Command: `PYTHONPATH=src .venv/bin/python benchmarks/serve_memory.py {' '.join(sys.argv[1:])}`".rstrip(),
     ]
