@@ -1,15 +1,17 @@
 """Memory under sustained valid traffic: 30,000 Open Inference Protocol requests (one real digit each, the digits
 fp32 model exported from the built-in workload) against a real `slimship serve` process on 127.0.0.1; the server's
-resident set (VmRSS from /proc/PID/status) is sampled every 1,000 requests.
+memory (RssAnon and VmRSS from /proc/PID/status) is sampled every 1,000 requests.
 
 Every request carries a fresh body ``id`` (and the server makes an x-request-id), so the A/B feedback map holds two
 ids per request until its window is full. The window is bounded (``limits.max_remembered_ids``); this run sets it
 to 1,000 ids, full after 500 requests, so what grows after that is not the window. The figure reported is the
-least-squares slope of RSS over requests 10,000..30,000 (after warm-up: allocator arenas, the drift monitor's
-window, ONNX Runtime's first batches), per 10,000 requests. Goal: < 2 MB per 10k.
+least-squares slope of RssAnon (anonymous pages: what a leak grows; VmRSS also counts shared-library pages the kernel
+drops and re-reads under memory pressure) over requests 10,000..30,000, per 10,000 requests. Goal: < 2 MB per 10k.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/serve_memory.py      # ≈ 1-2 min; writes benchmarks/results/serve_memory-avx2.{json,md}
-    ... --tracemalloc          # a debug run: the server under tracemalloc, top allocation growth 10k → 30k in the log
+    PYTHONPATH=src .venv/bin/python benchmarks/serve_memory.py      # writes benchmarks/results/serve_memory-avx2.{json,md}
+    ... --server-src OLD/src --results-dir /tmp/m --out before     # the same against another commit's server
+    ... --render-only --before /tmp/m/before.json                  # the .md again, with that run beside it
+    ... --tracemalloc          # a debug run: the server under tracemalloc, what is still allocated warm-up → end
 """
 
 from __future__ import annotations
@@ -62,11 +64,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rss_kb(pid: int) -> int:
+def rss_kb(pid: int) -> dict[str, int]:
+    """VmRSS and its anonymous part (heap: what a leak grows; file-backed pages of the shared libraries come and go
+    with the machine's memory pressure), in kB."""
+    out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+        key = line.split(":", 1)[0]
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(line.split()[1])
+    return {"rss_kb": out["VmRSS"], "anon_kb": out["RssAnon"], "file_kb": out["RssFile"]}
 
 
 def build_model(out: Path) -> tuple[Path, list[dict]]:
@@ -116,6 +122,8 @@ def run(args: argparse.Namespace) -> dict:
         )
     )
     env = {**os.environ}
+    if args.server_src:  # e.g. an older commit's src/, to measure before and after a fix side by side
+        env["PYTHONPATH"] = str(args.server_src)
     cmd = [sys.executable, "-m", "slimship.cli", "serve", "--config", str(cfg), "--no-access-log"]
     trace_out = tmp / "tracemalloc.txt"
     if (
@@ -138,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError("server not ready")
             time.sleep(0.2)
-        samples = [{"requests": 0, "rss_kb": rss_kb(proc.pid)}]
+        samples = [{"requests": 0, **rss_kb(proc.pid)}]
         statuses: dict[int, int] = {}
         lock = threading.Lock()
         done = [0]
@@ -147,7 +155,12 @@ def run(args: argparse.Namespace) -> dict:
             with httpx.Client(base_url=url, timeout=60) as c:
                 for k in range(n):
                     body = {**bodies[(i + k * args.clients) % len(bodies)], "id": f"c{i}-{k}"}
-                    r = c.post("/v2/models/digits/infer", json=body)
+                    try:
+                        r = c.post("/v2/models/digits/infer", json=body)
+                    except (
+                        httpx.RemoteProtocolError
+                    ):  # the keep-alive race (idle connection closed as we sent)
+                        r = c.post("/v2/models/digits/infer", json=body)
                     with lock:
                         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                         done[0] += 1
@@ -176,13 +189,16 @@ def run(args: argparse.Namespace) -> dict:
         log.close()
     tail = [s for s in samples if s["requests"] >= args.warmup]
     xs = np.array([s["requests"] for s in tail], dtype=float)
-    ys = np.array([s["rss_kb"] for s in tail], dtype=float) / 1024.0
-    slope = float(np.polyfit(xs, ys, 1)[0]) * 10_000 if len(tail) >= 2 else float("nan")
+    fit = lambda key: float(np.polyfit(xs, np.array([s[key] for s in tail]) / 1024.0, 1)[0]) * 10_000  # noqa: E731
+    slope, slope_rss = fit("anon_kb"), fit("rss_kb")
     return {
         "samples": samples,
         "statuses": statuses,
         "wall_s": wall,
         "growth_mb_per_10k": slope,
+        "vmrss_growth_mb_per_10k": slope_rss,
+        "anon_first_mb": samples[1]["anon_kb"] / 1024,
+        "anon_last_mb": samples[-1]["anon_kb"] / 1024,
         "growth_from": args.warmup,
         "rss_first_mb": samples[1]["rss_kb"] / 1024,
         "rss_last_mb": samples[-1]["rss_kb"] / 1024,
@@ -202,75 +218,96 @@ def main() -> None:
     ap.add_argument("--tracemalloc", action="store_true", help="debug run (not written to results)")
     ap.add_argument("--before", type=Path, help="a result JSON of an earlier run to show beside this one")
     ap.add_argument("--before-label", default="before", help="what the earlier run was")
+    ap.add_argument(
+        "--server-src", type=Path, help="PYTHONPATH of the server process (default: as this one's)"
+    )
+    ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
     ap.add_argument("--out", default="serve_memory-avx2", help="result file stem in benchmarks/results/")
     args = ap.parse_args()
     from slimship.machine import cpu_class, machine_info, physical_cores
 
-    load_before = os.getloadavg()
-    r = run(args)
-    load_after = os.getloadavg()
-    goal = 2.0
-    ok = r["growth_mb_per_10k"] < goal
-    out = {
-        "machine": machine_info(physical_cores()),
-        "cpu_class": cpu_class(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "requests": args.requests,
-        "clients": args.clients,
-        "max_remembered_ids": args.window,
-        "goal_mb_per_10k": goal,
-        "meets_goal": ok,
-        **{k: v for k, v in r.items() if k not in ("server_log_tail", "tracemalloc")},
-        "command": "benchmarks/serve_memory.py " + " ".join(sys.argv[1:]),
-    }
-    if args.tracemalloc:
-        print(r["tracemalloc"] or r["server_log_tail"])
-        print(json.dumps({k: out[k] for k in ("growth_mb_per_10k", "rss_first_mb", "rss_last_mb")}))
-        return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
-    codes = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))
+    results = args.results_dir
+    if args.render_only:
+        out = json.loads((results / f"{args.out}.json").read_text())
+    else:
+        load_before = os.getloadavg()
+        r = run(args)
+        out = {
+            "machine": machine_info(physical_cores()),
+            "cpu_class": cpu_class(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "requests": args.requests,
+            "every": args.every,
+            "warmup": args.warmup,
+            "clients": args.clients,
+            "max_remembered_ids": args.window,
+            "goal_mb_per_10k": GOAL_MB,
+            "meets_goal": r["growth_mb_per_10k"] < GOAL_MB,
+            **{k: v for k, v in r.items() if k not in ("server_log_tail", "tracemalloc")},
+            "command": "benchmarks/serve_memory.py " + " ".join(sys.argv[1:]),
+        }
+        if args.tracemalloc:
+            print(r["tracemalloc"] or r["server_log_tail"])
+            print(json.dumps({k: out[k] for k in ("growth_mb_per_10k", "rss_first_mb", "rss_last_mb")}))
+            return
+    if args.before is not None:
+        out["before"] = {"label": args.before_label, **json.loads(args.before.read_text())}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{args.out}.json").write_text(json.dumps(out, indent=1))
+    md = render(out)
+    (results / f"{args.out}.md").write_text(md)
+    print(md)
+
+
+GOAL_MB = 2.0
+
+
+def render(out: dict) -> str:
+    codes = ", ".join(f"{k}: {v}" for k, v in sorted(out["statuses"].items()))
+    before = out.get("before")
+    n, la = out["requests"], out["load_average_before"]
     lines = [
-        f"# Server memory under 30,000 valid requests (CPU class {out['cpu_class']})",
+        f"# Server memory under {n:,} valid requests (CPU class {out['cpu_class']})",
         "",
         f"A real `slimship serve` on 127.0.0.1 serving the digits fp32 model (exported candidate, drift monitoring on); "
-        f"{args.requests:,} single-row Open Inference Protocol JSON requests from {args.clients} closed-loop httpx clients, "
-        f"each with a fresh body `id`; the request-id window (`limits.max_remembered_ids`) set to {args.window:,} ids, "
-        "full after the first few hundred requests. RSS is the server process's VmRSS from /proc, sampled every "
-        f"{args.every:,} requests. Shared 2-core machine (other jobs ran niced beside it): load average "
-        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; memory figures don't depend on load the way timings do.",
+        f"{n:,} single-row Open Inference Protocol JSON requests from {out['clients']} closed-loop httpx clients, "
+        f"each with a fresh body `id`; the request-id window (`limits.max_remembered_ids`) set to "
+        f"{out['max_remembered_ids']:,} ids, full after the first few hundred requests. Memory of the server process "
+        f"from /proc/PID/status every {out['every']:,} requests: RssAnon (heap and other anonymous pages: what a leak "
+        "grows) and VmRSS (which also counts the shared libraries' file-backed pages; the machine was short of memory, "
+        "so the kernel dropped and re-read those, and VmRSS moved by tens of MB either way for that reason alone). "
+        f"Shared 2-core machine, other jobs beside this one: load average {la[0]:.2f} before, "
+        f"{out['load_average_after'][0]:.2f} after (memory figures don't depend on load the way timings do).",
         "",
-        f"**RSS growth beyond the id window: {r['growth_mb_per_10k']:+.2f} MB per 10,000 requests** (least-squares "
-        f"slope over requests {args.warmup:,}..{args.requests:,}); goal < {goal:g} MB: "
-        f"{'met' if ok else '**missed**'}. RSS {r['rss_first_mb']:.1f} MB after 1,000 requests, "
-        f"{r['rss_last_mb']:.1f} MB after {args.requests:,}. Statuses: {codes}. {r['wall_s']:.0f} s in all.",
+        f"**Anonymous-memory growth beyond the id window: {out['growth_mb_per_10k']:+.2f} MB per 10,000 requests** "
+        f"(least-squares slope over requests {out['warmup']:,}..{n:,}); goal < {out['goal_mb_per_10k']:g} MB: "
+        f"{'met' if out['meets_goal'] else '**missed**'}. RssAnon {out['anon_first_mb']:.1f} MB after the first "
+        f"{out['every']:,} requests, {out['anon_last_mb']:.1f} MB at the end; VmRSS slope "
+        f"{out['vmrss_growth_mb_per_10k']:+.2f} MB per 10k. Statuses: {codes}. {out['wall_s']:.0f} s in all.",
         "",
     ]
-    before = json.loads(args.before.read_text()) if args.before else None
     if before is not None:
-        out["before"] = {"label": args.before_label, **before}
-        (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
         lines += [
-            f"{args.before_label}: {before['growth_mb_per_10k']:+.2f} MB per 10,000 requests (RSS "
-            f"{before['rss_first_mb']:.1f} → {before['rss_last_mb']:.1f} MB, load average "
-            f"{before['load_average_before'][0]:.2f}).",
+            f"{before['label']}, run side by side with this one: {before['growth_mb_per_10k']:+.2f} MB per 10,000 "
+            f"requests (RssAnon {before['anon_first_mb']:.1f} → {before['anon_last_mb']:.1f} MB).",
             "",
         ]
-    by_n = {s["requests"]: s["rss_kb"] for s in before["samples"]} if before else {}
+    by_n = {s["requests"]: s for s in before["samples"]} if before else {}
     lines += [
-        "| requests | RSS MB | " + (f"{args.before_label}: RSS MB |" if before else ""),
-        "|---|---|" + ("---|" if before else ""),
-        *[
-            f"| {s['requests']:,} | {s['rss_kb'] / 1024:.1f} |"
-            + (f" {by_n[s['requests']] / 1024:.1f} |" if s["requests"] in by_n else (" |" if before else ""))
-            for s in r["samples"]
-        ],
-        "",
-        f"Command: `PYTHONPATH=src .venv/bin/python benchmarks/serve_memory.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "| requests | RssAnon MB | VmRSS MB |"
+        + (" before: RssAnon MB | before: VmRSS MB |" if before else ""),
+        "|---|---|---|" + ("---|---|" if before else ""),
     ]
-    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for s in out["samples"]:
+        row = f"| {s['requests']:,} | {s['anon_kb'] / 1024:.1f} | {s['rss_kb'] / 1024:.1f} |"
+        if before:
+            b = by_n.get(s["requests"])
+            row += f" {b['anon_kb'] / 1024:.1f} | {b['rss_kb'] / 1024:.1f} |" if b else " | |"
+        lines.append(row)
+    lines += ["", f"Command: `PYTHONPATH=src .venv/bin/python {out['command']}`".rstrip()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -137,6 +137,8 @@ def test_choice_rule():
     ]
     ch = choose(ms, 10, [1, 4], 0.03)
     assert ch.index == 1 and ch.achievable == [1, 4] and not ch.notes
+    # only the finalists compete (a config measured once can't win on one lucky round)
+    assert choose(ms, 10, [1, 4], 0.03, among=[0, 2]).index == 0
     # within min_gain of the default: the default is kept, and the note says so
     ms[1] = _m(a, False, {1: (101, 4), 4: (201, 8)})
     ch = choose(ms, 10, [1, 4], 0.03)

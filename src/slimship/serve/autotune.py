@@ -301,9 +301,18 @@ class Choice:
     notes: list[str]
 
 
-def choose(measured: list[Measured], budget_ms: float, clients: list[int], min_gain: float) -> Choice:
-    """The config to serve with (see the module docstring); ServingError when no config meets the budget anywhere."""
-    achievable = [c for c in clients if any(m.meets(c, budget_ms) for m in measured)]
+def choose(
+    measured: list[Measured],
+    budget_ms: float,
+    clients: list[int],
+    min_gain: float,
+    among: list[int] | None = None,
+) -> Choice:
+    """The config to serve with (see the module docstring); ServingError when no config meets the budget anywhere.
+    ``among``: the indices that may win (the finalists, measured in the same rounds; default all), which also set the
+    best throughput each score is relative to."""
+    eligible = [measured[k] for k in among] if among is not None else measured
+    achievable = [c for c in clients if any(m.meets(c, budget_ms) for m in eligible)]
     if not achievable:
         best = min(
             ((m.p99(c), m, c) for m in measured for c in clients if m.failed(c) == 0),
@@ -319,13 +328,13 @@ def choose(measured: list[Measured], budget_ms: float, clients: list[int], min_g
             f"no serving config kept p99 ≤ {budget_ms:g} ms at any client count measured ({', '.join(map(str, clients))})"
             f"{low}. Raise --p99-ms above it, measure fewer clients (--clients), or serve a faster model"
         )
-    best_rps = {c: max(m.rps(c) for m in measured) for c in clients}
+    best_rps = {c: max(m.rps(c) for m in eligible) for c in clients}
     scores = []
     for m in measured:
         n = sum(m.meets(c, budget_ms) for c in achievable)
         rel = min(m.rps(c) / best_rps[c] if best_rps[c] > 0 else 0.0 for c in clients)
         scores.append((n, rel))
-    win = max(range(len(measured)), key=lambda k: scores[k])
+    win = max(among if among is not None else range(len(measured)), key=lambda k: scores[k])
     notes = [
         f"at {c} clients no config kept p99 within {budget_ms:g} ms (the chosen one: {measured[win].p99(c):.1f} ms); "
         "a closed loop of that many clients queues that many requests"
@@ -448,9 +457,12 @@ def autotune(
                 for k in again if rnd % 2 else again[::-1]:
                     _measure(spec, measured[k], clients_l, duration_s, body, gen, work, warmup_s)
                     say(f"confirm {rnd + 1}: " + _line(k, measured[k], clients_l))
+            finals: list[int] | None = sorted(again)  # only configs measured in the same rounds compete
+        else:
+            finals = None
         loads.append(os.getloadavg())
     try:
-        choice: Choice | None = choose(measured, budget_ms, clients_l, min_gain)
+        choice: Choice | None = choose(measured, budget_ms, clients_l, min_gain, finals)
         unmet = None
     except ServingError as err:
         choice, unmet = None, err
@@ -562,10 +574,11 @@ def result_markdown(result: TuneResult) -> str:
         f"p99 budget {result.budget_ms:g} ms; closed loop, {result.duration_s:g} s per cell, load from {result.generator}; "
         f"load average {result.load_average[0][0]:.2f} before, {result.load_average[-1][0]:.2f} after. "
         "✓ = p99 within budget and no failed request; score = worst throughput relative to the best config at the "
-        "same client count (medians of every round of the config).",
+        "same client count (medians of every round of the config). The configs measured in more than one round are "
+        "the finalists (and the default); only they compete for the choice, scored against each other.",
         "",
-        f"| # | config | {head} | score |",
-        "|---|---|" + "---|" * len(result.clients) + "---|",
+        f"| # | config | rounds | {head} | score |",
+        "|---|---|---|" + "---|" * len(result.clients) + "---|",
     ]
     for k, m in enumerate(result.measured):
         name = label(m.config) + (" (default)" if m.default else "")
@@ -576,7 +589,9 @@ def result_markdown(result: TuneResult) -> str:
             for c in result.clients
         )
         sc = result.score(k)
-        lines.append(f"| {k} | {name} | {cells} | {sc[1]:.2f} |" if sc else f"| {k} | {name} | {cells} | — |")
+        rounds = len(m.runs[result.clients[0]])
+        score = f"{sc[1]:.2f}" if sc else "—"
+        lines.append(f"| {k} | {name} | {rounds} | {cells} | {score} |")
     notes = result.choice.notes if result.choice else ["**no config met the p99 budget at any client count**"]
     lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines).rstrip() + "\n"
