@@ -176,11 +176,15 @@ def run(args: argparse.Namespace) -> dict:
                 t.start()
             for t in threads:
                 t.join()
-            samples.append({"requests": done[0], "rss_kb": rss_kb(proc.pid)})
+            samples.append({"requests": done[0], **rss_kb(proc.pid)})
             if args.tracemalloc and done[0] in (args.warmup, args.requests):
                 os.kill(proc.pid, signal.SIGUSR1)
                 time.sleep(10 if done[0] == args.requests else 1)
-            print(f"{done[0]:6d} requests  RSS {samples[-1]['rss_kb'] / 1024:7.1f} MB", flush=True)
+            print(
+                f"{done[0]:6d} requests  RSS {samples[-1]['rss_kb'] / 1024:7.1f} MB, anonymous "
+                f"{samples[-1]['anon_kb'] / 1024:7.1f} MB",
+                flush=True,
+            )
         wall = time.perf_counter() - t0
         stats = httpx.get(f"{url}/v2/models/digits/stats", timeout=10).json()
     finally:
@@ -276,8 +280,8 @@ def render(out: dict) -> str:
         f"each with a fresh body `id`; the request-id window (`limits.max_remembered_ids`) set to "
         f"{out['max_remembered_ids']:,} ids, full after the first few hundred requests. Memory of the server process "
         f"from /proc/PID/status every {out['every']:,} requests: RssAnon (heap and other anonymous pages: what a leak "
-        "grows) and VmRSS (which also counts the shared libraries' file-backed pages; the machine was short of memory, "
-        "so the kernel dropped and re-read those, and VmRSS moved by tens of MB either way for that reason alone). "
+        "grows) and VmRSS (which also counts the shared libraries' file-backed pages: on this machine, short of memory "
+        "that day, an earlier run saw VmRSS fall by 30 MB as the kernel dropped them, with no change in the heap). "
         f"Shared 2-core machine, other jobs beside this one: load average {la[0]:.2f} before, "
         f"{out['load_average_after'][0]:.2f} after (memory figures don't depend on load the way timings do).",
         "",
@@ -307,6 +311,13 @@ def render(out: dict) -> str:
             row += f" {b['anon_kb'] / 1024:.1f} | {b['rss_kb'] / 1024:.1f} |" if b else " | |"
         lines.append(row)
     lines += ["", f"Command: `PYTHONPATH=src .venv/bin/python {out['command']}`".rstrip()]
+    if before is not None:
+        lines += [
+            "",
+            f"Beside it, at the same time: `PYTHONPATH=src .venv/bin/python {before['command']}` (the older server's "
+            "sources from `git archive <commit> src | tar -x -C /tmp/autotune/before`); this page then from "
+            "`benchmarks/serve_memory.py --render-only --before <that run's JSON>` after copying this run's JSON here.",
+        ]
     return "\n".join(lines) + "\n"
 
 
