@@ -320,11 +320,13 @@ def markdown(rep: dict) -> str:
             f"[{STEM}/{name}/serve.yaml]({STEM}/{name}/serve.yaml).",
             "",
         ]
+    lines += [f"- **{k}: not measured** — {why}." for k, why in rep.get("not_measured", {}).items()]
     lines += [
+        "",
         "## Reading this run",
         "",
-        f"The load average was {la0:.0f}–{la1:.0f} on 2 cores (the lead's full test suite and other helpers' jobs, "
-        "most of them not niced, while this run was): mnist, which the same servers answer at about 2,000 req/s on "
+        f"The load average was {la0:.0f}–{la1:.0f} on 2 cores (the lead's full test suite and a `slimship run`, not niced, "
+        "and other helpers' niced jobs, while this run was): mnist, which the same servers answer at about 2,000 req/s on "
         "an idle machine ([serving.md](serving.md)), got tens of req/s here, and the per-round ratios above swing "
         "from about 0.6x to 1.9x between rounds of the same pair. At that noise a 3 s cell can't tell the configs "
         "apart, and which config meets a p99 budget is decided by scheduling stalls, not by the config. So this run "
