@@ -7,7 +7,7 @@ One module per group of verbs, all registered on the app of `_app.py` (which imp
 - `quantize.py`: quantize
 - `recipes.py`: run, tune, report, quickstart
 - `registry.py`: registry list | show | register | stage | archive | gc
-- `serve.py`: serve
+- `serve.py`: serve, serve-tune
 - `rollout.py`: rollout start | status | pause | resume | abort
 """
 
@@ -44,6 +44,7 @@ _ORDER = (
     "tune",
     "report",
     "serve",
+    "serve-tune",
 )
 
 

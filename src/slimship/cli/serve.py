@@ -243,3 +243,144 @@ def serve(
         serve_on_ray(cfg, **tokens, log_level=log_level, access_log=access_log, address=address)
         return
     run_server(cfg, **tokens, log_level=log_level, access_log=access_log)
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        from slimship.errors import ConfigError
+
+        raise ConfigError(f"{what} {text!r}: give comma-separated integers, e.g. 1,4,16") from err
+
+
+def _grid(
+    grid: Path | None,
+    batch_sizes: str | None,
+    delays_ms: str | None,
+    instances: str | None,
+    threads: str | None,
+) -> Any:
+    """The tune grid from --grid (YAML) with the list flags replacing its keys."""
+    from slimship.errors import ConfigError
+    from slimship.serve.config import parse_tune_grid
+
+    data: dict[str, Any] = {}
+    if grid is not None:
+        if not grid.is_file():
+            raise ConfigError(f"--grid {grid} does not exist")
+        import yaml
+
+        try:
+            data = yaml.safe_load(grid.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--grid {grid}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"--grid {grid}: a tune grid is a mapping of BatchingConfig fields to lists")
+    try:
+        flags = {
+            "max_batch_size": _ints(batch_sizes, "--batch-sizes"),
+            "max_queue_delay_ms": [float(x) for x in delays_ms.split(",")] if delays_ms else None,
+            "instances": _ints(instances, "--instances"),
+            "threads": [None if x.strip() in ("auto", "none") else int(x) for x in threads.split(",")]
+            if threads
+            else None,
+        }
+    except ValueError as err:
+        raise ConfigError(
+            f"--delays-ms / --threads: comma-separated numbers (threads: or auto): {err}"
+        ) from err
+    data.update({k: v for k, v in flags.items() if v is not None})
+    return parse_tune_grid(data, str(grid) if grid else "grid")
+
+
+@app.command("serve-tune")
+def serve_tune(
+    model: Annotated[
+        str, typer.Argument(help="The model: PATH or NAME=PATH (an ONNX file or candidate directory).")
+    ],
+    p99_ms: Annotated[float, typer.Option("--p99-ms", help="The p99 latency budget in milliseconds.")],
+    clients: Annotated[
+        str, typer.Option(help="Closed-loop client counts to measure each config at.")
+    ] = "1,4,16",
+    duration: Annotated[
+        float, typer.Option(min=0.1, help="Seconds of load per client count and config.")
+    ] = 3.0,
+    grid: Annotated[
+        Path | None,
+        typer.Option(
+            help="A tune grid YAML: lists of max_batch_size, max_queue_delay_ms, instances, threads (serve/config.py: TuneGrid)."
+        ),
+    ] = None,
+    batch_sizes: Annotated[
+        str | None, typer.Option(help="max_batch_size values to try, e.g. 1,8,32.")
+    ] = None,
+    delays_ms: Annotated[str | None, typer.Option(help="max_queue_delay_ms values to try, e.g. 0,2.")] = None,
+    instances: Annotated[str | None, typer.Option(help="Model instances to try, e.g. 1,2.")] = None,
+    threads: Annotated[
+        str | None, typer.Option(help="Intra-op threads in all to try, e.g. 1,2 (auto: physical cores).")
+    ] = None,
+    finalists: Annotated[
+        int, typer.Option(min=0, help="Best configs measured again (with the default).")
+    ] = 3,
+    confirm_rounds: Annotated[
+        int, typer.Option(min=0, help="Extra rounds for the finalists, interleaved.")
+    ] = 2,
+    min_gain: Annotated[
+        float, typer.Option(min=0, help="Keep the default unless a config beats its score by this share.")
+    ] = 0.03,
+    request: Annotated[
+        Path | None,
+        typer.Option(
+            help="An Open Inference Protocol JSON request body to send (default: synthesised from the inputs)."
+        ),
+    ] = None,
+    generator: Annotated[
+        str, typer.Option(help="Load generator: auto (hey if on PATH), hey or httpx.")
+    ] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Output directory (default runs/serve-tune/NAME).")] = None,
+) -> None:
+    """Measure serving configs (batch size, queue delay, instances, threads) under real concurrent load on 127.0.0.1
+    and write the fastest that keeps the p99 budget as a serving config (`slimship serve --config OUT/serve.yaml`),
+    with the sweep in OUT/serve_tune.{json,md}.
+
+    Example: `slimship serve-tune mnist=runs/mnist/optimized --p99-ms 20 --clients 1,4,16`
+    """
+    import json
+
+    from slimship.errors import ConfigError
+    from slimship.serve.autotune import autotune
+
+    name, sep, path = model.partition("=")
+    if not sep:
+        name, path = Path(model).stem if Path(model).is_file() else Path(model).name, model
+    if generator not in ("auto", "hey", "httpx"):
+        raise ConfigError(f"--generator {generator!r}: auto, hey or httpx")
+    body = None
+    if request is not None:
+        try:
+            body = json.loads(request.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--request {request}: not a readable JSON file: {err}") from err
+    tune_grid = _grid(grid, batch_sizes, delays_ms, instances, threads)
+    out_dir = out or Path("runs") / "serve-tune" / name
+    autotune(
+        path,
+        p99_ms,
+        name=name,
+        grid=tune_grid,
+        clients=tuple(_ints(clients, "--clients") or ()),
+        duration_s=duration,
+        finalists=finalists,
+        confirm_rounds=confirm_rounds,
+        min_gain=min_gain,
+        request=body,
+        generator=generator,  # type: ignore[arg-type]
+        progress=lambda s: typer.echo(s, err=True),
+        out_dir=out_dir,
+    )
+    paths = {"md": out_dir / "serve_tune.md", "config": out_dir / "serve.yaml"}
+    typer.echo(paths["md"].read_text())
+    typer.echo(f"serving config: {paths['config']}  (slimship serve --config {paths['config']})")

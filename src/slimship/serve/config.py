@@ -26,7 +26,7 @@ What `slimship serve` serves, as a YAML file (command-line flags add to it)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -287,6 +287,86 @@ def load_serve_config(path: str | Path | None, overrides: dict[str, Any]) -> Ser
             f"{'.'.join(str(x) for x in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors()
         )
         raise ConfigError(f"{where}invalid serving config: {msgs}") from err
+
+
+# ---- serving-config autotune (`slimship serve-tune`) ----------------------------------------------
+
+
+class TuneGrid(BaseModel):
+    """The serving configs `slimship serve-tune` measures: every combination of these values (BatchingConfig fields),
+    plus the default BatchingConfig, each in a fresh `slimship serve` process under real concurrent load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_batch_size: list[Annotated[int, Field(ge=1)]] = Field(
+        default=[1, 8, 32],
+        min_length=1,
+        description="Most rows per executed batch to try (1: no batching, one run per request).",
+    )
+    max_queue_delay_ms: list[Annotated[float, Field(ge=0)]] = Field(
+        default=[0.0, 2.0],
+        min_length=1,
+        description="Longest wait for more requests once one is queued, in milliseconds, to try.",
+    )
+    instances: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        default=[1, 2],
+        min_length=1,
+        description="Model instances per endpoint to try (each its own session, running batches side by side).",
+    )
+    threads: list[Annotated[int, Field(ge=1)] | None] = Field(
+        default=[None],
+        min_length=1,
+        description="ONNX Runtime intra-op threads in all, split between the instances, to try (null: the "
+        "physical cores).",
+    )
+
+    def configs(self, cores: int | None = None) -> list[BatchingConfig]:
+        """The default BatchingConfig first, then every combination of the grid, without the ones that run the same
+        as an earlier one: a queue delay with max_batch_size 1 (nothing to wait for), and — given the host's
+        ``cores`` — thread counts that split into the same intra-op threads per instance."""
+
+        def runs_as(c: BatchingConfig) -> tuple[int, float, int, int | None]:
+            per = None if cores is None else max(1, (c.threads or cores) // c.instances)
+            delay = 0.0 if c.max_batch_size == 1 else c.max_queue_delay_ms
+            return (c.max_batch_size, delay, c.instances, per if cores is not None else c.threads)
+
+        out = [BatchingConfig()]
+        seen = {runs_as(out[0])}
+        for b in self.max_batch_size:
+            for d in self.max_queue_delay_ms:
+                for i in self.instances:
+                    for t in self.threads:
+                        cfg = BatchingConfig(max_batch_size=b, max_queue_delay_ms=d, instances=i, threads=t)
+                        if runs_as(cfg) not in seen:
+                            seen.add(runs_as(cfg))
+                            out.append(cfg)
+        return out
+
+
+def parse_tune_grid(data: Any, source: str = "grid") -> TuneGrid:
+    """A grid from a mapping or YAML text; unknown keys and bad values are errors that name the key and the fix."""
+    if isinstance(data, str):
+        import yaml
+
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a tune grid is a mapping of {sorted(TuneGrid.model_fields)} to lists")
+    unknown = sorted(set(data) - set(TuneGrid.model_fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {unknown}; a tune grid takes {sorted(TuneGrid.model_fields)}, each a list, "
+            "e.g. {max_batch_size: [1, 8, 32], max_queue_delay_ms: [0, 2], instances: [1, 2]}"
+        )
+    data = {k: v if isinstance(v, list) else [v] for k, v in data.items()}
+    try:
+        return TuneGrid.model_validate(data)
+    except ValidationError as err:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{source}: invalid tune grid: {msgs}") from err
 
 
 # ---- rollout policies ------------------------------------------------------------------------------
