@@ -45,6 +45,7 @@ __all__ = [
     "DeploymentSettings",
     "decide_openvino_settings",
     "decide_settings",
+    "deployed_precision",
     "settings_for_candidate",
 ]
 
@@ -352,3 +353,27 @@ def settings_for_candidate(
             f"precision entries for {cls}: {dict(here.session_config) or 'none'} (recorded: {dict(rec.session_config) or 'none'})"
         )
     return here, notes
+
+
+def deployed_precision(fmt: str, artifact: Path, settings: DeploymentSettings | None = None) -> str:
+    """The arithmetic a candidate's heavy ops run in on its runtime, in one word: ``int8`` (int8 matmuls or
+    convolutions: ORT's integer/QDQ ops, OpenVINO FakeQuantize), ``int4`` (ORT MatMulNBits), else the float
+    precision — ``fp32`` for PyTorch and ONNX graphs, an OpenVINO IR's ``INFERENCE_PRECISION_HINT`` (f32 → fp32)."""
+    if fmt == "torch":
+        return "fp32"
+    if fmt == "openvino":
+        if 'type="FakeQuantize"' in Path(artifact).read_text(errors="replace"):
+            return "int8"
+        hint = (settings.openvino_config if settings is not None else {}).get(
+            "INFERENCE_PRECISION_HINT", "f32"
+        )
+        return {"f32": "fp32", "f16": "fp16"}.get(hint, hint)
+    import onnx
+
+    model = onnx.load(str(artifact), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
+    if ops & INT8_COMPUTE_OPS:
+        return "int8"
+    if "MatMulNBits" in ops:
+        return "int4"
+    return "fp32"

@@ -49,6 +49,14 @@ class TrialRow:
     macs: int | None = None
     macs_ratio: float | None = None
     signature: str | None = None
+    #: what the candidate runs on and how: its format, the runtime it is timed and deployed on, the arithmetic of
+    #: its heavy ops (fp32 / int8 / …), the deployment settings (as applied by the timing, once timed) and the
+    #: CPU class they were decided for
+    format: str | None = None
+    runtime: str | None = None
+    precision: str | None = None
+    deployment: dict[str, Any] | None = None
+    cpu_class: str | None = None
     # screened
     screen: Screened | None = None
     # evaluated and timed (status "ok")
@@ -66,7 +74,18 @@ class TrialRow:
     pareto: bool | None = None
     reused_from: int | None = None
 
-    _BUILT = ("candidate", "size_bytes", "macs", "macs_ratio", "signature")
+    _BUILT = (
+        "candidate",
+        "size_bytes",
+        "macs",
+        "macs_ratio",
+        "signature",
+        "format",
+        "runtime",
+        "precision",
+        "deployment",
+        "cpu_class",
+    )
     _MEASURED = (
         "speedup",
         "latency_ms_p50",
