@@ -167,6 +167,7 @@ def test_choices_whose_formats_cannot_compose_are_refused(tmp_path, passes, para
         assert needle in str(err.value), (needle, str(err.value))
 
 
+@pytest.mark.slow  # 44 s of CPU on the shared 2 cores (≈ 30 s idle): three trials built, evaluated and timed
 def test_the_runtime_is_a_search_dimension(tmp_path):
     """Quantizer × runtime on mnist: a conversion to OpenVINO searched in or out as the last step. Each trial is
     timed on its own runtime with its recorded deployment settings, and records runtime, format, precision and the
@@ -184,11 +185,11 @@ def test_the_runtime_is_a_search_dimension(tmp_path):
             config: {calibration_samples: 64}
           - name: runtime
             pass: convert-openvino
-            config: {verify: {min_cosine: 0.999, atol: 0.05, rtol: 0.02, min_top1_agreement: 0.97}, verify_samples: 16}
+            config: {verify: {min_cosine: 0.999, atol: 1.0, rtol: 0.1, min_top1_agreement: 0.97}, verify_samples: 16}
         constraints: {max_quality_drop: 3.0}
         search:
           trials: 3
-          batch_size: 32
+          batch_size: 8
           screen: null
           params:
             int8.skip: {choices: [true, false]}
@@ -219,7 +220,9 @@ def test_the_runtime_is_a_search_dimension(tmp_path):
     feasible = [r for r in fresh if r["feasible"]]
     assert feasible and result["best"]["trial"] == min(feasible, key=lambda r: r["latency_ms_p50"])["trial"]
     html = (tmp_path / "t" / "report.html").read_text()
-    assert "OpenVINO" in html and f"CPU class: {cpu_class()}" in html
+    assert (
+        "<td>openvino</td>" in html and "<td>onnxruntime</td>" in html and f"CPU class: {cpu_class()}" in html
+    )
 
 
 def test_search_state_stops_on_patience_budget_and_exhaustion():
@@ -486,3 +489,13 @@ def test_trial_rows_are_typed_records_stored_as_the_same_json():
     repeat = TrialRow.from_json(ok).repeat(7, {"prune.channel_ratio": 0.25})
     assert repeat.to_json() == {**ok, "trial": 7, "reused_from": 2}
     assert TrialRow.from_json({**failed, "some_future_key": 1}).reason == "boom"  # unknown keys are ignored
+    # what the candidate runs on, recorded since the search chooses the runtime, round-trips too
+    runs_on = {
+        **ok,
+        "format": "openvino",
+        "runtime": "openvino",
+        "precision": "int8",
+        "deployment": {"runtime": "openvino", "cpu_class": "avx2"},
+        "cpu_class": "avx2",
+    }
+    assert TrialRow.from_json(runs_on).to_json() == runs_on

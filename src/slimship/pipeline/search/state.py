@@ -74,18 +74,9 @@ class TrialRow:
     pareto: bool | None = None
     reused_from: int | None = None
 
-    _BUILT = (
-        "candidate",
-        "size_bytes",
-        "macs",
-        "macs_ratio",
-        "signature",
-        "format",
-        "runtime",
-        "precision",
-        "deployment",
-        "cpu_class",
-    )
+    _BUILT = ("candidate", "size_bytes", "macs", "macs_ratio", "signature")
+    #: written when known (rows of tune.json files from before they were recorded have none)
+    _RUNS_ON = ("format", "runtime", "precision", "deployment", "cpu_class")
     _MEASURED = (
         "speedup",
         "latency_ms_p50",
@@ -103,6 +94,7 @@ class TrialRow:
         out: dict[str, Any] = {"trial": self.trial, "params": self.params, "steps": self.steps}
         if self.candidate is not None:
             out.update({k: getattr(self, k) for k in self._BUILT})
+            out.update({k: getattr(self, k) for k in self._RUNS_ON if getattr(self, k) is not None})
         out["status"] = self.status
         if self.status == "failed":
             out["reason"] = self.reason
