@@ -438,12 +438,15 @@ def _allowed_keys(parent: tuple[Any, ...]) -> str:
     return f"; allowed keys: {names}"
 
 
-def _check_steps(recipe: Recipe, path: Path, root: Any, *, searched: bool = False) -> None:
+def _check_steps(
+    recipe: Recipe, path: Path, root: Any, *, searched: bool = False, start: str | None = None
+) -> None:
     """The chain as written connects. ``searched``: a combination of searched choices, where a skipped
-    format-changing step passes its input's format on (the later steps must take it)."""
+    format-changing step passes its input's format on (the later steps must take it); ``start``: the format the
+    chain begins with (what the recipe as written takes)."""
     from slimship.passes import PASSES
 
-    fmt: str | None = None  # unknown until the workload is resolved; the first pass fixes it
+    fmt = start  # None: unknown until the workload is resolved; the first pass fixes it
     for i, step in enumerate(recipe.passes):
         where = f"{path}:{_line_of(root, ('passes', i, 'pass_name'))}: passes[{i}].pass"
         if step.pass_name not in PASSES:
@@ -673,10 +676,20 @@ def _check_compositions(recipe: Recipe, path: Path, root: Any, where: Any) -> No
         combos: Any = (dict(zip(keys, c, strict=True)) for c in itertools.product(*values))
     else:
         combos = ({k: v} for k, vs in zip(keys, values, strict=True) for v in vs)
+    from slimship.passes import PASSES
+
+    written = [s for s in recipe.passes if not s.skip] or recipe.passes
+    start = PASSES[
+        written[0].pass_name
+    ].input_format  # the workload's format, as the recipe as written takes it
     for chosen in combos:
         try:
             _check_steps(
-                recipe.model_copy(update={"passes": with_choices(recipe, chosen)}), path, root, searched=True
+                recipe.model_copy(update={"passes": with_choices(recipe, chosen)}),
+                path,
+                root,
+                searched=True,
+                start=start,
             )
         except ConfigError as err:
             changed = {k: v for k, v in chosen.items() if v != _as_written(recipe, k)} or chosen
