@@ -8,9 +8,18 @@ interleaved in one run, at a fixed thread count.
 Rows (minilm, seq 128):
 - ``ort-fp32``: the exported model after ORT graph optimisation (``optimize``), on ONNX Runtime;
 - ``ort-int8-slimship``: slimship's dynamic INT8 (``quantize-dynamic``, smoothing of every MatMul group, α 0.7);
+- ``ort-int8-quantize_dynamic-defaults``: the peer on ONNX Runtime — ``onnxruntime.quantization.quantize_dynamic``
+  with its defaults (QInt8 weights per tensor; ``DefaultTensorType`` FLOAT, which a fused graph needs) of the same
+  optimised graph, the file benchmarks/quantize_minilm.py calls ``ort-default``;
 - ``openvino-fp32``: the exported fp32 ONNX converted to an OpenVINO IR (``convert-openvino``), f32 precision hint;
 - ``openvino-nncf-int8``: NNCF post-training INT8 of that IR (``quantize-nncf``: 300 calibration texts,
-  model_type TRANSFORMER, SmoothQuant + fast bias correction — NNCF's defaults for transformers).
+  model_type TRANSFORMER, SmoothQuant + fast bias correction — NNCF's defaults for transformers): the peer on
+  OpenVINO.
+
+Every row runs with the deployment settings slimship decides for the host (runtime.settings): on a CPU without
+VNNI the ONNX Runtime INT8 rows, the peer's included, get ``session.x64quantprecision = 1``.
+
+``python benchmarks/openvino_runtimes.py minilm`` measures minilm only and keeps the committed mnist part.
 
 Writes benchmarks/results/openvino-<cpu class>.{json,md}. Run it on an otherwise idle machine: the load average
 before and after the timing is recorded beside the figures. Reuses the candidates of benchmarks/quantize_minilm.py
@@ -59,6 +68,8 @@ def _minilm(say: Any) -> tuple[Any, dict[str, Any]]:
             "quantize-dynamic", optimized, w, {"smooth": "all", "smooth_alpha": 0.7}, run / "int8-smooth-all"
         ),
     )
+    say("ONNX Runtime quantize_dynamic with its defaults (the peer)")
+    peer = _ort_quantize_dynamic_defaults(optimized, w, run / "ort-default")
     say("ONNX → OpenVINO IR (verified against the exported ONNX)")
     ov = _candidate(
         run / "openvino-fp32", lambda: run_pass("convert-openvino", exported, w, {}, run / "openvino-fp32")
@@ -71,9 +82,38 @@ def _minilm(say: Any) -> tuple[Any, dict[str, Any]]:
     return w, {
         "ort-fp32": (optimized, "onnxruntime"),
         "ort-int8-slimship": (int8, "onnxruntime"),
+        "ort-int8-quantize_dynamic-defaults": (peer, "onnxruntime"),
         "openvino-fp32": (ov, "openvino"),
         "openvino-nncf-int8": (nncf, "openvino"),
     }
+
+
+def _ort_quantize_dynamic_defaults(optimized: Any, w: Any, out: Path) -> Any:
+    """``quantize_dynamic(model_input, model_output)`` with nothing else set but ``DefaultTensorType`` (without it
+    ORT's quantizer refuses the fused graph), recorded as candidate ``ort-default`` like quantize_minilm.py does."""
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+
+    from slimship._util import sha256_file
+    from slimship.candidate import Candidate
+
+    p = out / "model.onnx"
+    if not p.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        quantize_dynamic(
+            str(optimized.artifact_path),
+            str(p),
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    return Candidate(
+        path=out,
+        id="ort-default",
+        name="ort-default",
+        format="onnx",
+        artifact=p.name,
+        workload=w.ref,
+        artifact_sha256=sha256_file(p),
+    )
 
 
 def _mnist(say: Any) -> tuple[Any, dict[str, Any]]:
@@ -121,16 +161,52 @@ def _earlier_evaluations() -> dict[tuple[str, str], dict[str, Any]]:
     fidelity of a file don't depend on the machine's load, so the same candidate isn't evaluated twice."""
     from slimship.machine import cpu_class
 
-    path = HERE / "results" / f"minilm_int8-{cpu_class()}.json"
-    if not path.exists():
-        return {}
     out = {}
-    for ev in json.loads(path.read_text())["evaluations"].values():
-        out[(ev["candidate"], ev["runtime"]["backend"])] = {
-            **ev,
-            "evaluation_source": str(path.relative_to(HERE.parent)),
-        }
+    for stem in (f"minilm_int8-{cpu_class()}", f"openvino-{cpu_class()}"):
+        path = HERE / "results" / f"{stem}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        evaluations = (
+            list(data["evaluations"].values())
+            if "evaluations" in data
+            else [ev for part in data["workloads"] for ev in part["evaluations"].values()]
+        )
+        for ev in evaluations:
+            out.setdefault(
+                (ev["candidate"], ev["runtime"]["backend"]),
+                {
+                    **ev,
+                    "evaluation_source": ev.get("evaluation_source") or str(path.relative_to(HERE.parent)),
+                },
+            )
     return out
+
+
+#: verify fields VerifyThresholds gained after openvino-avx2.json was first committed: a candidate's id hashes its
+#: pass config, so the same IR file got a new id; :func:`_former_id` recomputes the id without them
+_NEW_VERIFY_FIELDS = ("near_zero_atol", "min_sqnr_db")
+
+
+def _former_id(cand: Any) -> str | None:
+    """The id this very file (same artifact and companion sha256) had before the verify fields above existed —
+    the id is sha256(artifact, pass config, parent id, companions), so a match proves the same bytes."""
+    import json as _json
+
+    from slimship._util import sha256_text, stable_json
+    from slimship.candidate import load_candidate
+
+    if not cand.parent_id or not cand.pass_name:
+        return None
+    cfg = _json.loads(_json.dumps(cand.pass_config or {}))
+    for k in _NEW_VERIFY_FIELDS:
+        (cfg.get("verify") or {}).pop(k, None)
+    parent_id = cand.parent_id
+    if cand.parent_path and cand.pass_name == "quantize-nncf":
+        parent_id = _former_id(load_candidate(cand.parent_path)) or parent_id
+    companions = [stable_json(cand.info["companion_sha256"])] if "companion_sha256" in cand.info else []
+    cid = sha256_text(cand.artifact_sha256, stable_json(cfg), parent_id, *companions)[:12]
+    return f"{cand.name}-{cid}"
 
 
 def _measure(w: Any, variants: dict[str, Any], say: Any, name: str) -> dict[str, Any]:
@@ -140,8 +216,15 @@ def _measure(w: Any, variants: dict[str, Any], say: Any, name: str) -> dict[str,
     evaluations = {}
     earlier = _earlier_evaluations()
     for label, (cand, backend) in variants.items():
-        if (cand.id, backend) in earlier:  # the same file evaluated on the same runtime and CPU class
-            evaluations[label] = earlier[(cand.id, backend)]
+        former = _former_id(cand)
+        for cid in (cand.id, former):  # the same file evaluated on the same runtime and CPU class
+            if (cid, backend) in earlier:
+                evaluations[label] = {
+                    **earlier[(cid, backend)],
+                    **({"same_file_as": cid} if cid != cand.id else {}),
+                }
+                break
+        if label in evaluations:
             continue
         cached = (
             cand.path / f".bench-evaluation-{backend}.json"
@@ -175,6 +258,7 @@ def _measure(w: Any, variants: dict[str, Any], say: Any, name: str) -> dict[str,
                 "label": c["label"],
                 "runtime": variants[c["label"]][1],
                 "candidate": cand.id,
+                "artifact_sha256": cand.artifact_sha256,
                 "file_size_bytes": c["file_size_bytes"],
                 "quality": ev["quality"],
                 "primary_metric": ev["primary_metric"],
@@ -185,6 +269,9 @@ def _measure(w: Any, variants: dict[str, Any], say: Any, name: str) -> dict[str,
                 },
                 "verified_against_parent": _verified(cand),
                 "executed": c["runtime"].get("executed"),
+                "deployment": c["runtime"].get("deployment"),
+                "evaluation_source": ev.get("evaluation_source"),
+                "evaluated_as": ev.get("same_file_as"),
             }
         )
     return {
@@ -229,6 +316,11 @@ def render(result: dict[str, Any]) -> str:
         "candidate's own check against its parent when it was made (convert: the ONNX parent on ONNX Runtime,",
         "thresholds of VerifyThresholds; NNCF: fidelity to the fp32 IR, recorded). *Executed* is what the compiled",
         "OpenVINO model reports it used (`INFERENCE_PRECISION_HINT` and ops per runtime precision).",
+        "Peers side by side in the same run: `ort-int8-quantize_dynamic-defaults` (ONNX Runtime's `quantize_dynamic`",
+        "with its defaults) and `openvino-nncf-int8` (`nncf.quantize` with its defaults for transformers) against",
+        "slimship's INT8 (`ort-int8-slimship`); every row runs with the deployment settings slimship decides for the",
+        "host (on avx2 the ONNX Runtime INT8 rows get `session.x64quantprecision = 1`). The machine was shared with",
+        "other jobs while timing (load averages beside each table): compare the ratios, not the milliseconds.",
         "",
     ]
     for part in result["workloads"]:
@@ -246,6 +338,25 @@ def render(result: dict[str, Any]) -> str:
             *(_fmt_row(r) for r in part["rows"]),
             "",
         ]
+        reused = sorted(
+            {
+                f"{r['label']} ({r['evaluation_source']}"
+                + (
+                    f", as {r['evaluated_as']}: the same bytes, id from an older config schema"
+                    if r.get("evaluated_as")
+                    else ""
+                )
+                + ")"
+                for r in part["rows"]
+                if r.get("evaluation_source")
+            }
+        )
+        if reused:
+            lines += [
+                "Quality and fidelity taken from an earlier evaluation of the same file (same candidate id) on the same "
+                "runtime and CPU class: " + "; ".join(reused) + ".",
+                "",
+            ]
     lines += [
         "## Machine",
         "",
@@ -269,10 +380,20 @@ def main() -> None:
     say = lambda m: print(f"· {m}", file=sys.stderr, flush=True)  # noqa: E731
     parts = []
     only = [a for a in sys.argv[1:] if not a.startswith("-")] or ["minilm", "mnist"]
+    committed = out / f"{stem}.json"
+    kept = (
+        {p["workload"]: p for p in json.loads(committed.read_text())["workloads"]}
+        if committed.exists()
+        else {}
+    )
     for name, build in (("minilm", _minilm), ("mnist", _mnist)):
         if name in only:
             w, variants = build(say)
             parts.append(_measure(w, variants, say, name))
+        elif (
+            name in kept
+        ):  # not measured this time: the committed part stays (its own run, its own load average)
+            parts.append(kept[name])
     result = {
         "schema": "slimship.bench.openvino-runtimes/1",
         "cpu_class": cpu_class(),

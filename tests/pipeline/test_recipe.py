@@ -198,7 +198,11 @@ search:
         ),
         (
             "    int8.pass: {choices: [quantize-static, prune]}\n",
-            ["recipe.yaml:9:", "'prune' takes torch and gives torch", "takes onnx"],
+            [
+                "recipe.yaml:9:",
+                "with int8.pass = prune the steps don't connect",
+                "'prune' takes a torch model but the step before gives onnx",
+            ],
         ),
         ("    int8.pass: [quantize-static]\n", ["recipe.yaml:9:", "search.params.int8.pass"]),
         (

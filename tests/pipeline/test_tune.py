@@ -122,17 +122,107 @@ def test_a_step_can_be_searched_in_or_out(tmp_path):
     assert by[False]["size_bytes"] < 0.5 * by[True]["size_bytes"]
 
 
-def test_skipping_a_format_changing_step_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("passes", "params", "needles"),
+    [
+        (
+            "  - pass: export\n  - pass: quantize-dynamic\n",
+            "    export.skip: {choices: [true, false]}\n",
+            [
+                "r.yaml:7: search.params.export.skip: with export.skip = true the steps don't connect",
+                "'quantize-dynamic' takes an onnx model but the step before gives torch",
+            ],
+        ),
+        (
+            "  - pass: export\n  - {name: runtime, pass: convert-openvino}\n  - pass: quantize-nncf\n",
+            "    runtime.skip: {choices: [true, false]}\n",
+            [
+                "r.yaml:8: search.params.runtime.skip: with runtime.skip = true",
+                "'quantize-nncf' takes an openvino model but the step before gives onnx",
+                "Every step after a searched choice must take each format the choices give",
+            ],
+        ),
+        (
+            "  - pass: export\n  - {name: int8, pass: quantize-static}\n  - {name: runtime, pass: convert-openvino}\n",
+            "    int8.pass: {choices: [quantize-static, quantize-nncf]}\n    runtime.skip: {choices: [true, false]}\n",
+            ["r.yaml:8: search.params.int8.pass: with int8.pass = quantize-nncf", "takes an openvino model"],
+        ),
+    ],
+    ids=[
+        "export-skipped-before-an-onnx-pass",
+        "conversion-skipped-before-an-ir-pass",
+        "ir-pass-among-onnx-ones",
+    ],
+)
+def test_choices_whose_formats_cannot_compose_are_refused(tmp_path, passes, params, needles):
+    """A searched choice may change the format only if every later step takes each format; a combination that
+    breaks the chain is named, at the line of the searched key that introduced it."""
+    from slimship.pipeline.recipe import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text(f"workload: mnist\npasses:\n{passes}search:\n  params:\n{params}")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(p)
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+@pytest.mark.slow  # 44 s of CPU on the shared 2 cores (≈ 30 s idle): three trials built, evaluated and timed
+def test_the_runtime_is_a_search_dimension(tmp_path):
+    """Quantizer × runtime on mnist: a conversion to OpenVINO searched in or out as the last step. Each trial is
+    timed on its own runtime with its recorded deployment settings, and records runtime, format, precision and the
+    CPU class; the best is the fastest of the trials that hold the constraints."""
+    from slimship.machine import cpu_class
+
     p = tmp_path / "r.yaml"
     p.write_text(
-        "workload: digits\npasses:\n  - pass: export\nsearch:\n  params:\n    export.skip: {choices: [true, false]}\n"
+        textwrap.dedent("""
+        workload: mnist
+        passes:
+          - pass: export
+          - name: int8
+            pass: quantize-static
+            config: {calibration_samples: 64}
+          - name: runtime
+            pass: convert-openvino
+            config: {verify: {min_cosine: 0.999, atol: 1.0, rtol: 0.1, min_top1_agreement: 0.97}, verify_samples: 16}
+        constraints: {max_quality_drop: 3.0}
+        search:
+          trials: 3
+          batch_size: 8
+          screen: null
+          params:
+            int8.skip: {choices: [true, false]}
+            runtime.skip: {choices: [true, false]}
+    """).lstrip()
     )
-    with pytest.raises(
-        ConfigError, match=r"r.yaml:6: search.params.export.skip: 'export' turns a torch model into onnx"
-    ):
-        from slimship.pipeline.recipe import load_recipe
-
-        load_recipe(p)
+    result = tune_recipe(p, tmp_path / "t", evaluate_limit=256)
+    fresh = [r for r in result["trials"] if r.get("reused_from") is None]
+    assert len(fresh) == 3 and all(r["status"] == "ok" for r in fresh), fresh
+    # three distinct combinations of two binary choices cover both runtimes
+    assert {r["runtime"] for r in fresh} == {"onnxruntime", "openvino"}
+    for r in fresh:
+        on_openvino = not r["params"]["runtime.skip"]
+        assert r["format"] == ("openvino" if on_openvino else "onnx")
+        assert r["precision"] == ("fp32" if r["params"]["int8.skip"] else "int8")
+        assert r["cpu_class"] == cpu_class() == r["deployment"]["cpu_class"]
+        # timed with the settings its candidate records (threads/spinning as the interleaved timing sets them)
+        assert r["deployment"]["runtime"] == r["runtime"]
+        recorded = json.loads((pathlib.Path(r["candidate"]) / "candidate.json").read_text())["info"][
+            "deployment"
+        ]
+        assert recorded["runtime"] == r["runtime"]
+        if on_openvino:
+            assert r["deployment"]["openvino_config"] == recorded["openvino_config"]
+            assert r["deployment"]["openvino_config"]["INFERENCE_PRECISION_HINT"] == "f32"
+        else:
+            assert r["deployment"]["session_config"] == recorded["session_config"]
+    feasible = [r for r in fresh if r["feasible"]]
+    assert feasible and result["best"]["trial"] == min(feasible, key=lambda r: r["latency_ms_p50"])["trial"]
+    html = (tmp_path / "t" / "report.html").read_text()
+    assert (
+        "<td>openvino</td>" in html and "<td>onnxruntime</td>" in html and f"CPU class: {cpu_class()}" in html
+    )
 
 
 def test_search_state_stops_on_patience_budget_and_exhaustion():
@@ -399,3 +489,13 @@ def test_trial_rows_are_typed_records_stored_as_the_same_json():
     repeat = TrialRow.from_json(ok).repeat(7, {"prune.channel_ratio": 0.25})
     assert repeat.to_json() == {**ok, "trial": 7, "reused_from": 2}
     assert TrialRow.from_json({**failed, "some_future_key": 1}).reason == "boom"  # unknown keys are ignored
+    # what the candidate runs on, recorded since the search chooses the runtime, round-trips too
+    runs_on = {
+        **ok,
+        "format": "openvino",
+        "runtime": "openvino",
+        "precision": "int8",
+        "deployment": {"runtime": "openvino", "cpu_class": "avx2"},
+        "cpu_class": "avx2",
+    }
+    assert TrialRow.from_json(runs_on).to_json() == runs_on

@@ -296,8 +296,9 @@ def tune(
         elif t["status"] != "ok":
             typer.echo(f"{head} failed: {t.get('reason')}")
         else:
+            on = f"{t['precision']} on {t['runtime']}, " if t.get("runtime") else ""
             typer.echo(
-                f"{head} speed-up {t['speedup']:.2f}x, quality {t['quality']:.4g}, "
+                f"{head} {on}speed-up {t['speedup']:.2f}x, quality {t['quality']:.4g}, "
                 f"{'feasible' if t['feasible'] else 'violates constraints'}"
             )
     best = result["best"]
@@ -305,6 +306,11 @@ def tune(
         typer.echo(
             f"best within constraints: trial {best['trial']} ({best['candidate']}): {best['speedup']:.2f}x faster than the "
             f"original at batch {result['batch_size']}, quality drop {best['quality_drop']:.3g}"
+            + (
+                f"; {best['precision']} on {best['runtime']} ({best.get('cpu_class')})"
+                if best.get("runtime")
+                else ""
+            )
         )
     else:
         typer.echo(

@@ -30,7 +30,11 @@ stops at the first attempt whose constraints hold; ``fastest`` runs every attemp
 
 Everything is validated before anything runs: unknown keys, wrong types, unknown passes, pass configs
 (each against its pass's own schema), a pass chain whose formats don't connect (an ONNX pass before the
-export), and constraints that contradict each other. Errors name the file, the line, the field, the value
+export), and constraints that contradict each other. A search may choose between formats — a step's searched
+``pass`` choices may give different formats, and a format-changing step (``export``, ``convert-openvino``) may be
+searched in or out with ``skip`` — as long as every combination of those choices connects: every later step
+takes each format the choices give (typically the conversion is the last step, so the search chooses the runtime;
+each trial is then timed on its own runtime). Errors name the file, the line, the field, the value
 given and what is allowed. :func:`recipe_json_schema` publishes the schema for editors.
 """
 
@@ -209,7 +213,7 @@ class Step(BaseModel):
     )
     skip: bool = Field(
         default=False,
-        description="leave the step out (its input goes on unchanged); searchable as <step>.skip",
+        description="leave the step out (its input goes on unchanged); searchable as <step>.skip — a format-changing step (export, convert-openvino) too, when every later step takes both formats",
     )
     fallbacks: list[StepAlternative] = Field(
         default_factory=list,
@@ -434,10 +438,15 @@ def _allowed_keys(parent: tuple[Any, ...]) -> str:
     return f"; allowed keys: {names}"
 
 
-def _check_steps(recipe: Recipe, path: Path, root: Any) -> None:
+def _check_steps(
+    recipe: Recipe, path: Path, root: Any, *, searched: bool = False, start: str | None = None
+) -> None:
+    """The chain as written connects. ``searched``: a combination of searched choices, where a skipped
+    format-changing step passes its input's format on (the later steps must take it); ``start``: the format the
+    chain begins with (what the recipe as written takes)."""
     from slimship.passes import PASSES
 
-    fmt: str | None = None  # unknown until the workload is resolved; the first pass fixes it
+    fmt = start  # None: unknown until the workload is resolved; the first pass fixes it
     for i, step in enumerate(recipe.passes):
         where = f"{path}:{_line_of(root, ('passes', i, 'pass_name'))}: passes[{i}].pass"
         if step.pass_name not in PASSES:
@@ -465,22 +474,27 @@ def _check_steps(recipe: Recipe, path: Path, root: Any) -> None:
                 "(drop the optimize step, or use level: basic) — ONNX Runtime fuses again when it loads the INT8 model"
             )
         if step.skip:
-            if cls.input_format != cls.output_format:
+            if cls.input_format != cls.output_format and not searched:
                 raise ConfigError(
                     f"{where}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
                     "it can't be skipped"
                 )
             continue
         if fmt is not None and cls.input_format != fmt:
-            hint = (
-                " — add `- pass: export` before it"
-                if cls.input_format == "onnx"
-                else " — PyTorch passes come before `export`"
-            )
+            hint = {
+                "onnx": " — add `- pass: export` before it",
+                "torch": " — PyTorch passes come before `export`",
+                "openvino": " — add `- pass: convert-openvino` before it",
+            }.get(cls.input_format, "")
             raise ConfigError(
-                f"{where}: {step.pass_name!r} takes a {cls.input_format} model but the step before gives {fmt}{hint}"
+                f"{where}: {step.pass_name!r} takes {_a(cls.input_format)} model but the step before gives {fmt}{hint}"
             )
         fmt = cls.output_format
+
+
+def _a(fmt: str) -> str:
+    """'a torch', 'an onnx', 'an openvino'."""
+    return f"{'an' if fmt[:1] in 'aeiou' else 'a'} {fmt}"
 
 
 def _check_fallbacks(recipe: Recipe, path: Path, root: Any) -> None:
@@ -553,8 +567,9 @@ def with_value(config: dict[str, Any], dotted: str, value: Any) -> dict[str, Any
 
 def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
     """Every searched key names a step of the recipe and something it can vary: ``skip``, ``pass`` (alternative
-    passes with the same input and output), or a config field of at least one of the step's passes — a field
-    applies only to the passes that have it (e.g. ``smooth`` to quantize-dynamic when the pass is searched too)."""
+    passes; every combination of them must connect, see :func:`_check_compositions`), or a config field of at least
+    one of the step's passes — a field applies only to the passes that have it (e.g. ``smooth`` to
+    quantize-dynamic when the pass is searched too)."""
     from slimship.passes import PASSES
 
     if recipe.search is None:
@@ -573,15 +588,8 @@ def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
             )
     for key, param in recipe.search.params.items():
         label, _, field = key.partition(".")
-        i = labels.index(label)
-        step = recipe.passes[i]
-        cls = PASSES[step.pass_name]
+        step = recipe.passes[labels.index(label)]
         if field == "skip":
-            if cls.input_format != cls.output_format:
-                raise ConfigError(
-                    f"{where(key)}: {step.pass_name!r} turns a {cls.input_format} model into {cls.output_format}; "
-                    "it can't be skipped"
-                )
             bad = [v for v in param.values_to_check() if not isinstance(v, bool)]
             if bad or param.choices is None:
                 raise ConfigError(
@@ -596,11 +604,6 @@ def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
                 alt = PASSES.get(str(name))
                 if alt is None:
                     raise ConfigError(f"{where(key)}: unknown pass {name!r}; passes: {sorted(PASSES)}")
-                if (alt.input_format, alt.output_format) != (cls.input_format, cls.output_format):
-                    raise ConfigError(
-                        f"{where(key)}: {name!r} takes {alt.input_format} and gives {alt.output_format}, but step "
-                        f"{label!r} ({step.pass_name}) takes {cls.input_format} and gives {cls.output_format}"
-                    )
                 try:
                     alt.config_cls.parse(step.config)
                 except ConfigError as err:
@@ -608,19 +611,7 @@ def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
                         f"{where(key)}: step {label!r}'s config doesn't suit the alternative {name!r} "
                         f"(keep only fields every alternative has; search the others): {err}"
                     ) from err
-                variant = recipe.model_copy(
-                    update={
-                        "passes": [
-                            *recipe.passes[:i],
-                            step.model_copy(update={"pass_name": str(name)}),
-                            *recipe.passes[i + 1 :],
-                        ]
-                    }
-                )
-                try:
-                    _check_steps(variant, path, root)
-                except ConfigError as err:
-                    raise ConfigError(f"{where(key)}: with {name!r} for step {label!r}: {err}") from err
+    _check_compositions(recipe, path, root, where)
     for key, param in recipe.search.params.items():
         label, _, field = key.partition(".")
         if field in ("skip", "pass"):
@@ -643,6 +634,73 @@ def _check_search(recipe: Recipe, path: Path, root: Any) -> None:
                     raise ConfigError(
                         f"{where(key)}: the value {value!r} is not valid for {name}: {err}"
                     ) from err
+
+
+#: above this many combinations of searched ``pass``/``skip`` values, each key's choices are checked on their own
+_MAX_COMPOSITIONS = 4096
+
+
+def with_choices(recipe: Recipe, chosen: dict[str, Any]) -> list[Step]:
+    """The recipe's steps with searched ``<step>.pass`` and ``<step>.skip`` values set (configs as written)."""
+    labels = recipe.step_labels()
+    steps = list(recipe.passes)
+    for key, value in chosen.items():
+        label, _, field = key.partition(".")
+        i = labels.index(label)
+        if field == "pass":
+            steps[i] = steps[i].model_copy(update={"pass_name": str(value)})
+        elif field == "skip":
+            steps[i] = steps[i].model_copy(update={"skip": bool(value)})
+    return steps
+
+
+def _as_written(recipe: Recipe, key: str) -> Any:
+    label, _, field = key.partition(".")
+    step = recipe.passes[recipe.step_labels().index(label)]
+    return step.pass_name if field == "pass" else step.skip
+
+
+def _check_compositions(recipe: Recipe, path: Path, root: Any, where: Any) -> None:
+    """Every combination of the searched ``pass`` and ``skip`` values makes a chain whose formats connect: a
+    choice may change the format (ONNX Runtime or OpenVINO, say) only if every later step takes each format.
+    The error names the combination that breaks, at the line of the searched key that introduced it."""
+    import itertools
+    import math
+
+    assert recipe.search is not None
+    keys = [k for k in recipe.search.params if k.partition(".")[2] in ("pass", "skip")]
+    if not keys:
+        return
+    values = [list(recipe.search.params[k].choices or []) for k in keys]
+    if math.prod(len(v) for v in values) <= _MAX_COMPOSITIONS:
+        combos: Any = (dict(zip(keys, c, strict=True)) for c in itertools.product(*values))
+    else:
+        combos = ({k: v} for k, vs in zip(keys, values, strict=True) for v in vs)
+    from slimship.passes import PASSES
+
+    written = [s for s in recipe.passes if not s.skip] or recipe.passes
+    start = PASSES[
+        written[0].pass_name
+    ].input_format  # the workload's format, as the recipe as written takes it
+    for chosen in combos:
+        try:
+            _check_steps(
+                recipe.model_copy(update={"passes": with_choices(recipe, chosen)}),
+                path,
+                root,
+                searched=True,
+                start=start,
+            )
+        except ConfigError as err:
+            changed = {k: v for k, v in chosen.items() if v != _as_written(recipe, k)} or chosen
+            shown = ", ".join(
+                f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items()
+            )
+            raise ConfigError(
+                f"{where(next(iter(changed)))}: with {shown} the steps don't connect: {err}. Every step after a "
+                "searched choice must take each format the choices give (put a format-changing step such as "
+                "convert-openvino last, or search only alternatives with the same input and output)"
+            ) from err
 
 
 def step_pass_choices(recipe: Recipe, label: str) -> list[str]:

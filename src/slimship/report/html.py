@@ -17,6 +17,14 @@ from slimship.report.attempts import attempts_section, quality_source
 from slimship.report.summary import size_ratio_words
 from slimship.train import FinetuneReport
 
+#: a candidate's format or runtime name as a reader knows it
+RUNTIME_NAMES = {
+    "torch": "PyTorch",
+    "onnx": "ONNX Runtime",
+    "onnxruntime": "ONNX Runtime",
+    "openvino": "OpenVINO",
+}
+
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:2rem auto;max-width:1150px;color:#1d2330;padding:0 1rem}
 h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #dde;padding-bottom:.2rem}
@@ -448,11 +456,17 @@ def render_tune_report(result: dict[str, Any]) -> str:
     best = result.get("best")
     limits = result["recipe"].get("constraints") or {}
     budget = _budget(limits)
-    runtime = "PyTorch" if orig.get("format") == "torch" else "ONNX Runtime"
+    runtime = RUNTIME_NAMES.get(orig.get("format") or "", "ONNX Runtime")
+    cpu = (result.get("machine") or {}).get("cpu_class") or "this CPU"
 
     def describe(r: dict[str, Any]) -> str:
+        on = (
+            f"{r['precision']} on {RUNTIME_NAMES.get(r['runtime'], r['runtime'])}, {r.get('cpu_class') or cpu}: "
+            if r.get("runtime") and r.get("precision")
+            else ""
+        )
         bits = [
-            f"{r['speedup']:.2f}x faster than the original on {runtime} (p50, batch {result['batch_size']})",
+            f"{on}{r['speedup']:.2f}x faster than the original on {runtime} (p50, batch {result['batch_size']})",
             size_ratio_words(r["size_ratio"], 1),
         ]
         if r.get("quality_drop") is not None:
@@ -488,6 +502,11 @@ def render_tune_report(result: dict[str, Any]) -> str:
     rows = []
     for r in fresh:
         cls = "best" if best and r["trial"] == best["trial"] else ("front" if r.get("pareto") else "")
+        ran_on = (
+            f"<td>{_e(r.get('runtime') or '')}</td><td>{_e(r.get('precision') or '')}</td>"
+            if r.get("candidate")
+            else "<td></td><td></td>"
+        )
         if r.get("status") == "ok":
             fid = next(iter((r.get("fidelity") or {}).values()), None)
             failing = [n for n, c in r["checks"].items() if not c["holds"]]
@@ -515,7 +534,7 @@ def render_tune_report(result: dict[str, Any]) -> str:
         if r.get("reused_from") is not None:
             cells = f"<td colspan=8 class=muted>the sampler proposed trial {r['reused_from']}'s values again; reused, not re-evaluated</td>"
         rows.append(
-            f"<tr class='{cls}'><td>{r['trial']}</td><td>{_e(_params_text(r['params']))}</td>{cells}<td>{_num(r.get('seconds'))}</td></tr>"
+            f"<tr class='{cls}'><td>{r['trial']}</td><td>{_e(_params_text(r['params']))}</td>{ran_on}{cells}<td>{_num(r.get('seconds'))}</td></tr>"
         )
     focus = best or next(iter(result.get("closest_if_none_feasible") or []), None)
     detail = ""
@@ -549,9 +568,10 @@ def render_tune_report(result: dict[str, Any]) -> str:
     body = f"""<h1>slimship tune — {_e(wl["name"])}</h1><p class=muted>{_e(wl.get("description", ""))}</p>
 <div class="summary{klass}" id=summary>{summary}</div>
 <p class=muted>{_e(" · ".join(head))}. Stopped: {_e(result.get("stopped") or "still running")}. Original: {_num(q0)} {_e(metric)},
-{orig["size_bytes"] / 1e6:.3g} MB, on {runtime}. Constraints: {_e(budget)}. Objective: {_e(what)}.</p>
+{orig["size_bytes"] / 1e6:.3g} MB, on {runtime}. Constraints: {_e(budget)}. Objective: {_e(what)}. CPU class: {_e(cpu)}
+(every candidate timed on its own runtime with its recorded deployment settings).</p>
 <h2>Pareto front</h2>{plot}
-<h2>Candidates</h2><table><tr><th>trial</th><th>values</th><th>speed-up</th><th>p50 ms <span class=muted>/ original's, same run</span></th><th>MB</th><th>{_e(metric)}</th><th>Δ</th>
+<h2>Candidates</h2><table><tr><th>trial</th><th>values</th><th>runtime</th><th>precision</th><th>speed-up</th><th>p50 ms <span class=muted>/ original's, same run</span></th><th>MB</th><th>{_e(metric)}</th><th>Δ</th>
 <th>fidelity</th><th>meets constraints</th><th>Pareto</th><th>seconds</th></tr>{"".join(rows)}</table>
 {"<p class=muted>Repeated proposals (reused, not re-evaluated): " + _e(", ".join(f"{r['trial']}→{r['reused_from']}" for r in repeats)) + "</p>" if repeats else ""}
 <p class=muted>★ on the Pareto front of quality against {"speed" if objective == "latency" else "size"} (all evaluated candidates); the highlighted row is the answer.

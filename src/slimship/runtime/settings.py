@@ -31,6 +31,7 @@ OpenVINO settings decided here (``runtime: "openvino"``, the compile properties 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "DeploymentSettings",
     "decide_openvino_settings",
     "decide_settings",
+    "deployed_precision",
     "settings_for_candidate",
 ]
 
@@ -352,3 +354,29 @@ def settings_for_candidate(
             f"precision entries for {cls}: {dict(here.session_config) or 'none'} (recorded: {dict(rec.session_config) or 'none'})"
         )
     return here, notes
+
+
+def deployed_precision(fmt: str, artifact: Path, settings: DeploymentSettings | None = None) -> str:
+    """The arithmetic a candidate's heavy ops run in on its runtime, in one word: ``int8`` (int8 matmuls or
+    convolutions: ORT's integer/QDQ ops, OpenVINO FakeQuantize), ``int4`` (ORT MatMulNBits), else the float
+    precision — ``fp32`` for PyTorch and ONNX graphs, an OpenVINO IR's ``INFERENCE_PRECISION_HINT`` (f32 → fp32),
+    with `` (int8 dequantized)`` for an IR that holds int8 values but no FakeQuantize (what OpenVINO makes of ORT's
+    dynamic INT8 ops: the matmuls run in float)."""
+    if fmt == "torch":
+        return "fp32"
+    if fmt == "openvino":
+        xml = Path(artifact).read_text(errors="replace")
+        if 'type="FakeQuantize"' in xml:
+            return "int8"
+        ov = settings.openvino_config if settings is not None else {}
+        word = {"f32": "fp32", "f16": "fp16"}.get(ov.get("INFERENCE_PRECISION_HINT", "f32"), "bf16")
+        return f"{word} (int8 dequantized)" if re.search(r'element_type="[iu]8"', xml) else word
+    import onnx
+
+    model = onnx.load(str(artifact), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
+    if ops & INT8_COMPUTE_OPS:
+        return "int8"
+    if "MatMulNBits" in ops:
+        return "int4"
+    return "fp32"

@@ -49,6 +49,14 @@ class TrialRow:
     macs: int | None = None
     macs_ratio: float | None = None
     signature: str | None = None
+    #: what the candidate runs on and how: its format, the runtime it is timed and deployed on, the arithmetic of
+    #: its heavy ops (fp32 / int8 / …), the deployment settings (as applied by the timing, once timed) and the
+    #: CPU class they were decided for
+    format: str | None = None
+    runtime: str | None = None
+    precision: str | None = None
+    deployment: dict[str, Any] | None = None
+    cpu_class: str | None = None
     # screened
     screen: Screened | None = None
     # evaluated and timed (status "ok")
@@ -67,6 +75,8 @@ class TrialRow:
     reused_from: int | None = None
 
     _BUILT = ("candidate", "size_bytes", "macs", "macs_ratio", "signature")
+    #: written when known (rows of tune.json files from before they were recorded have none)
+    _RUNS_ON = ("format", "runtime", "precision", "deployment", "cpu_class")
     _MEASURED = (
         "speedup",
         "latency_ms_p50",
@@ -84,6 +94,7 @@ class TrialRow:
         out: dict[str, Any] = {"trial": self.trial, "params": self.params, "steps": self.steps}
         if self.candidate is not None:
             out.update({k: getattr(self, k) for k in self._BUILT})
+            out.update({k: getattr(self, k) for k in self._RUNS_ON if getattr(self, k) is not None})
         out["status"] = self.status
         if self.status == "failed":
             out["reason"] = self.reason

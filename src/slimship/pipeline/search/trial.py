@@ -149,6 +149,21 @@ def _signature(steps: list[dict[str, Any]]) -> str:
     )
 
 
+def record_deployment(row: TrialRow, cand: Any) -> None:
+    """What the candidate runs on: its format, its runtime (the one its format runs on, which the timing uses),
+    the arithmetic of its heavy ops, the deployment settings recorded with it (re-decided for this host's CPU
+    class, see :func:`~slimship.runtime.settings.settings_for_candidate`) and that CPU class."""
+    from slimship.machine import cpu_class
+    from slimship.runtime import default_backend
+    from slimship.runtime.settings import deployed_precision, settings_for_candidate
+
+    settings = None if cand.format == "torch" else settings_for_candidate(cand.info, cand.artifact_path)[0]
+    row.format, row.runtime = cand.format, default_backend(cand.format)
+    row.precision = deployed_precision(cand.format, cand.artifact_path, settings)
+    row.deployment = None if settings is None else settings.to_json()
+    row.cpu_class = settings.cpu_class if settings is not None else cpu_class()
+
+
 def run_trial(
     ctx: TrialContext,
     number: int,
@@ -160,6 +175,7 @@ def run_trial(
     the search knows so far (:meth:`SearchState.hints`), for the cheap MACs signal."""
     from slimship.candidate import load_candidate
     from slimship.measure.bench import BenchTarget, bench
+    from slimship.runtime import default_backend
 
     recipe, workload, original = setup(ctx.recipe_path, ctx.out_dir)
     assert recipe.search is not None
@@ -180,6 +196,7 @@ def run_trial(
     final = load_candidate(last["candidate"])
     row.macs, row.macs_ratio = _macs(final)
     row.candidate, row.size_bytes, row.signature = last["candidate"], final.size_bytes, _signature(done)
+    record_deployment(row, final)
     screened = screen(
         recipe, workload, last["candidate"], out / "original", final, log, row, hints or SearchHints()
     )
@@ -190,8 +207,6 @@ def run_trial(
         row.status, row.screen, row.seconds = "screened", screened, round(time.perf_counter() - t0, 1)
         return row
     evaluations = evaluate_steps([last], out / "original", workload, ctx.evaluate_limit, log)
-    from slimship.runtime import default_backend
-
     backend = lambda c: default_backend(c.format)  # noqa: E731
     bs = recipe.search.batch_size
     log(f"trial {number}: timing against the original at batch {bs} (interleaved)")
@@ -214,6 +229,9 @@ def run_trial(
         cand = next(c for c in timing["candidates"] if (c["label"] == "original") == original_row)
         return next(r for r in cand["results"] if r["batch_size"] == bs)
 
+    timed = next(c for c in timing["candidates"] if c["label"] != "original")["runtime"]
+    row.runtime = str(timed.get("backend", row.runtime))
+    row.deployment = timed.get("deployment", row.deployment)  # as the timing applied them (threads, spinning)
     res, base = at_batch(False), at_batch(True)
     metric = workload.primary_metric
     q = evaluations[last["label"]]["quality"].get(metric) if metric else None
