@@ -386,6 +386,7 @@ class RolloutController:
         )
         await self._publish(r, False)
         self._finish(r)
+        await self.server.publish_traffic(r.model)  # a replica started later starts from the winner
         return self.status(model)
 
     def _active_or_404(self, model: str) -> ActiveRollout:
@@ -613,6 +614,7 @@ class RolloutController:
                     evidence={"rollout": r.record["id"], **evidence},
                 )
                 self._finish(r)
+                await self.server.publish_traffic(r.model)  # a replica started later starts from the winner
                 log.warning(
                     json.dumps(
                         {
@@ -677,6 +679,7 @@ class RolloutController:
                 evidence={"rollout": r.record["id"], **evidence},
             )
             self._finish(r)
+            await self.server.publish_traffic(r.model)  # a replica started later starts from the winner
             log.info(
                 json.dumps(
                     {
