@@ -165,6 +165,10 @@ def serve(
         int | None,
         typer.Option(min=1, help="With --ray: replicas per model version given with --model (default 1)."),
     ] = None,
+    ingress_replicas: Annotated[
+        int | None,
+        typer.Option("--ingress-replicas", min=1, help=_config_help("ingress_replicas")),
+    ] = None,
 ) -> None:
     """Serve ONNX models over the Open Inference Protocol (KServe V2, JSON and binary tensors — tritonclient works as is),
     with dynamic batching, versions and traffic splitting, Prometheus metrics at /metrics and an admin API.
@@ -198,6 +202,7 @@ def serve(
         "models": models or None,
         "registry": str(registry) if registry else None,
         "registry_url": registry_url,
+        "ingress_replicas": ingress_replicas,
     }
     limits = {
         k: v
@@ -218,10 +223,12 @@ def serve(
         raise ConfigError(
             "nothing to serve: give --model NAME=PATH (or models in --config), e.g. -m mnist=runs/mnist/optimized"
         )
-    if not ray and (address is not None or replicas is not None):
+    if not ray and (address is not None or replicas is not None or cfg.ingress_replicas > 1):
         from slimship.errors import ConfigError
 
-        raise ConfigError("--address and --replicas only apply with --ray")
+        raise ConfigError(
+            "--address, --replicas and --ingress-replicas (ingress_replicas) only apply with --ray"
+        )
     tokens = {
         "token": os.environ.get(token_env) or None,
         "admin_token": os.environ.get(admin_token_env) or None,

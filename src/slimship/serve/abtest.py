@@ -126,6 +126,17 @@ class FeedbackStore:
         # (model, id) → (version, time answered, metrics that already have an outcome)
         self._ids: OrderedDict[tuple[str, str], tuple[str, float, set[str]]] = OrderedDict()
         self.arms: dict[tuple[str, str], dict[str, Arm]] = {}  # (model, metric) → version → Arm
+        #: (model, version) → requests it answered (every one, its id remembered or since forgotten)
+        self._answered: dict[tuple[str, str], int] = {}
+
+    def count(self, model: str, version: str) -> None:
+        """One more request answered by ``version``."""
+        key = (model, version)
+        self._answered[key] = self._answered.get(key, 0) + 1
+
+    def tallies(self, model: str) -> dict[str, int]:
+        """Requests each version of ``model`` answered (what the clients got, counted by the server)."""
+        return {v: n for (m, v), n in sorted(self._answered.items()) if m == model}
 
     def remember(self, model: str, request_id: str, version: str) -> None:
         key = (model, request_id)

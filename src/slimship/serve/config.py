@@ -235,6 +235,14 @@ class ServeConfig(BaseModel):
     )
     registry: str | None = None
     registry_url: str | None = None
+    ingress_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="With --ray: replicas of the ingress (the protocol app: routing, validation, rollouts, A/B). "
+        "Above 1, traffic policies, rollout windows and decisions, A/B ids, outcomes and tallies and shadow counts "
+        "live in one shared Ray actor, so every replica routes alike and a rollout decides once; /metrics, stats, "
+        "live figures and drift are per replica. Versions then come from the config only (admin load/unload: 409).",
+    )
     limits: Limits = Limits()
     models: list[ModelSpec] = Field(default_factory=list)
     traffic: dict[str, TrafficPolicy] = Field(default_factory=dict)

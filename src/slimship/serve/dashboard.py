@@ -51,9 +51,9 @@ async def state(server: Server) -> dict[str, Any]:
                 "name": name,
                 "versions": versions,
                 "traffic": group.policy.model_dump(),
-                "shadow": {v: s.as_dict() for v, s in group.shadow_stats.items()},
+                "shadow": await server.shadow_summary(name),
                 "rollout": rollout,
-                "abtest": server.feedback.summary(name, server.control_version(name)),
+                "abtest": (await server.feedback_summary(name))[0],
             }
         )
     await asyncio.sleep(0)

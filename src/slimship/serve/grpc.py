@@ -337,7 +337,7 @@ class GrpcFrontend:
             lambda outputs: encode_infer_response(name, ep.version, req, outputs),
             t0,
         )
-        s.remember(req.id, rid or uuid.uuid4().hex, name, ep.version)
+        await s.remember(req.id, rid or uuid.uuid4().hex, name, ep.version)
         return resp
 
     # ---- plumbing --------------------------------------------------------------------------------

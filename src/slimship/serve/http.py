@@ -317,8 +317,10 @@ async def infer(server: Server, request: Request) -> Response:
         lambda outputs: encode_infer_response(name, ep.version, req.id, outputs, req),
         t0,
     )
-    server.remember(req.id, request.state.rid, name, ep.version)
+    await server.remember(req.id, request.state.rid, name, ep.version)
     headers["x-model-version"] = ep.version
+    if server.shared is not None:  # which ingress replica answered (its /metrics and /stats are its own)
+        headers["x-slimship-ingress"] = server.shared.replica
     return Response(data, 200, headers=headers)
 
 
@@ -357,7 +359,7 @@ async def admin_state(server: Server, request: Request) -> Response:
                 for v, ep in g.versions.items()
             },
             "traffic": g.policy.model_dump(),
-            "shadow": {v: s.as_dict() for v, s in g.shadow_stats.items()},
+            "shadow": await server.shadow_summary(name),
         }
     return _json({"models": out})
 
@@ -401,6 +403,7 @@ async def admin_traffic(server: Server, request: Request) -> Response:
     name = request.path_params["model"]
     policy = TrafficPolicy.model_validate_json(await _read_body(request, SMALL_BODY))
     server.set_traffic(name, policy)
+    await server.publish_traffic(name)
     return _json({"model": name, "traffic": server.models[name].policy.model_dump()})
 
 
@@ -426,7 +429,7 @@ async def feedback(server: Server, request: Request) -> Response:
     name = request.path_params["model"]
     server.group(name)
     body = FeedbackBody.model_validate_json(await _read_body(request, SMALL_BODY) or b"{}")
-    version = server.feedback.record(name, body.id, body.outcome, body.metric)
+    version = await server.record_feedback(name, body.id, body.outcome, body.metric)
     return _json({"model": name, "id": body.id, "version": version, "metric": body.metric, "recorded": True})
 
 
@@ -441,8 +444,8 @@ async def feedback_summary(server: Server, request: Request) -> Response:
         raise ProtocolError(f"alpha is a number in (0, 1) and min_samples an integer: {err}") from err
     if not 0 < alpha < 1 or min_samples < 2:
         raise ProtocolError("alpha must be in (0, 1) and min_samples ≥ 2")
-    summary = server.feedback.summary(name, server.control_version(name), alpha, min_samples)
-    return _json({"model": name, "metrics": summary})
+    summary, answered = await server.feedback_summary(name, alpha, min_samples)
+    return _json({"model": name, "metrics": summary, "answered": answered})
 
 
 # ---- rollouts ----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`slimship serve --ray`: the same server on Ray Serve.
 
-    HTTP ─► Ray Serve proxy ─► slimship ingress (1 replica: the protocol app — routing, traffic, rollouts, drift,
-                                A/B feedback, metrics, admin API, dashboard — exactly the single-process code)
-                                     │ DeploymentHandle.infer(inputs)
+    HTTP ─► Ray Serve proxy ─► slimship ingress (N replicas, ``--ingress-replicas``: the protocol app — routing,
+                                traffic, rollouts, drift, A/B feedback, metrics, admin API, dashboard — exactly the
+                                single-process code)  ──► with N > 1, one IngressState actor (serve/shared.py)
+                                     │ DeploymentHandle.infer(inputs)      owns what replicas must agree on
                                      ▼
                                one Serve application per model version ("slimship-<model>-v<version>"):
                                replicas, each an ONNX Runtime session with its own dynamic batcher
@@ -14,7 +15,11 @@ under load, so each replica takes ``max_ongoing_requests`` (default 64) and Serv
 replica dies while it runs is retried once on another replica (inference is idempotent), then answered 503 — never
 left hanging; Serve starts a replacement replica. Requests are validated in the ingress before they are sent.
 
-Admin loads deploy a new model application from the ingress; unloads delete it. ``--address`` points at a running
+With ``ingress_replicas`` > 1 the replicas share traffic policies, rollout windows and decisions, A/B ids, outcomes
+and tallies and shadow counts through one actor (see :mod:`slimship.serve.shared`); each answer names its replica in
+``x-slimship-ingress``, and /metrics, statistics, live figures and drift stay per replica.
+
+Admin loads deploy a new model application from the ingress; unloads delete it (one ingress replica only). ``--address`` points at a running
 cluster (``auto``, ``host:port`` of the head's GCS); without it a local Ray instance starts bound to 127.0.0.1, its
 processes children of this one: stop it by signalling this process (SIGTERM / Ctrl-C), which removes the deployments
 and then stops Ray — a SIGTERM to the whole process group kills Ray's own processes under the shutdown, and Ray's core
@@ -40,12 +45,15 @@ from slimship.serve.http import create_app
 from slimship.serve.protocol import Overloaded, ProtocolError, TimedOut
 from slimship.serve.run import configure_logging, resolve_models
 from slimship.serve.server import Server
+from slimship.serve.shared import IngressState, SharedState
 from slimship.serve.stats import ModelStats
 
 log = logging.getLogger("slimship.serve")
 
 INSTALL_HINT = "pip install 'slimship[ray]'"
 INGRESS_APP = "slimship"
+#: the actor replicated ingresses share (named, in its own namespace, owned by the `slimship serve --ray` driver)
+SHARED_STATE = {"name": "slimship-ingress-state", "namespace": "slimship"}
 #: a local instance's object store: requests and answers pass through it, models don't (each replica loads its file)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 #: attempts per request when its replica dies under it (the first try plus one retry on another replica)
@@ -381,6 +389,8 @@ class Ingress:
             admin_token=spec.get("admin_token"),
             registry=registry,
         )
+        if spec.get("shared_state"):
+            server.shared = SharedState(ray.get_actor(**spec["shared_state"]), _replica_id())
         endpoints: list[ServedEndpoint] = []
         for m in spec["models"]:
             handle = serve.get_app_handle(app_name(m["name"], m["version"]))
@@ -433,6 +443,30 @@ class Ingress:
         return create_app(server, startup=[start_all()])
 
 
+def _replica_id() -> str:
+    """This ingress replica's Serve id (its pid where Serve doesn't say)."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside a replica, or an older Serve
+        return f"pid-{os.getpid()}"
+
+
+def start_shared_state(ray: Any, max_ids: int) -> Any:
+    """The actor replicated ingresses share: no CPU reserved, one call at a time (its methods are short)."""
+    try:
+        return (
+            ray.remote(IngressState)
+            .options(**SHARED_STATE, num_cpus=0, max_concurrency=1, max_restarts=0)
+            .remote(max_ids)
+        )
+    except ValueError as err:  # the name is taken: another `slimship serve --ray` runs on this cluster
+        raise ServingError(
+            f"another slimship server already runs on this Ray cluster ({err}); stop it, or serve on another cluster"
+        ) from err
+
+
 def serve_on_ray(
     config: Any,
     token: str | None = None,
@@ -483,6 +517,10 @@ def serve_on_ray(
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
     )
     try:
+        shared = None
+        if config.ingress_replicas > 1:
+            shared = start_shared_state(ray, config.limits.max_remembered_ids)
+            ray.get(shared.policies.remote())  # up before any ingress asks for it
         for m in resolved:
             say(
                 f"deploying {m['name']} v{m['version']} on Ray Serve ({m['replicas_cfg'].model_dump(exclude_none=True)})"
@@ -500,10 +538,12 @@ def serve_on_ray(
             "admin_token": admin_token,
             "log_level": log_level,
             "access_log": access_log,
+            "shared_state": SHARED_STATE if shared is not None else None,
         }
         ingress = serve.deployment(
             serve.ingress()(Ingress),
             name="ingress",
+            num_replicas=config.ingress_replicas,
             max_ongoing_requests=1024,
             max_queued_requests=4096,
             ray_actor_options={"num_cpus": 0},
@@ -511,7 +551,8 @@ def serve_on_ray(
         )
         serve.run(ingress.bind(spec), name=INGRESS_APP, route_prefix="/")
         say(
-            f"serving {', '.join(sorted({m['name'] for m in resolved}))} on Ray Serve at http://{config.host}:{config.port} "
+            f"serving {', '.join(sorted({m['name'] for m in resolved}))} through {config.ingress_replicas} ingress "
+            f"replica{'s' if config.ingress_replicas > 1 else ''} on Ray Serve at http://{config.host}:{config.port} "
             "(Ctrl-C or SIGTERM stops and removes the deployments)"
         )
         stop = {"now": False}

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slimship.errors import RolloutConflictError, ServingError
-from slimship.serve.compare import ask
+from slimship.serve.compare import Agreement, ask
 from slimship.serve.config import RolloutPolicy, TrafficPolicy, parse_policy
 from slimship.serve.gates import Judgement, Window, judge
 from slimship.serve.protocol import NotFound, ProtocolError
@@ -84,6 +84,14 @@ class ActiveRollout:
     window: Window = field(default_factory=Window)
     compares_in_flight: int = 0
     last: Judgement | None = None
+    #: replicated ingress: the shared window's epoch and the last change of the record this replica knows
+    epoch: int = 0
+    seq: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The shared window's key: (rollout id, epoch)."""
+        return (int(self.record["id"]), self.epoch)
 
     @property
     def state(self) -> str:
@@ -122,6 +130,7 @@ class RolloutController:
             tick = min((r.policy.tick_s for r in self.active.values()), default=0.25)
             await asyncio.sleep(tick)
             try:
+                await self.sync()
                 await self.tick()
             except Exception:  # a bad tick must not end the controller
                 log.exception("rollout controller tick failed")
@@ -164,6 +173,98 @@ class RolloutController:
 
     def controls(self, model: str) -> ActiveRollout | None:
         return self.active.get(model)
+
+    # ---- a replicated ingress: windows, decisions and records shared (serve/shared.py) --------
+    async def _publish(self, r: ActiveRollout, fresh_window: bool) -> None:
+        """Tell the other ingress replicas what this one changed (no-op on a single server)."""
+        if self.server.shared is not None:
+            r.epoch, r.seq = await self.server.shared.call("publish", r.model, r.record, fresh_window)
+
+    def _add(
+        self, w: Window, key: tuple[int, int], side: str, ok: bool, ms: float | None, live: bool = True
+    ) -> None:
+        if self.server.shared is None:
+            getattr(w, side).add(ok, ms, live)
+        else:
+            self.server.shared.send("window_add", key, side, ok, ms, live)
+
+    def _shed(self, w: Window, key: tuple[int, int], side: str) -> None:
+        if self.server.shared is None:
+            getattr(w, side).shed += 1
+        else:
+            self.server.shared.send("window_shed", key, side)
+
+    def _agree(self, w: Window, key: tuple[int, int], agreement: Agreement) -> None:
+        if self.server.shared is None:
+            w.add_agreement(agreement)
+        else:
+            self.server.shared.send("window_agreement", key, agreement.value, agreement.judge)
+
+    async def _pull_window(self, r: ActiveRollout) -> bool:
+        """The merged window of every replica's observations (False: there is none to judge, yet or any more)."""
+        if self.server.shared is None:
+            return True
+        w = await self.server.shared.call("window", r.key)
+        if w is None:
+            return False
+        r.window = w
+        return True
+
+    async def _claim(self, r: ActiveRollout) -> bool:
+        """Whether this replica takes the decision on ``r``'s window (always, on a single server)."""
+        return self.server.shared is None or bool(await self.server.shared.call("claim", r.key))
+
+    async def _restore_shared(self, r: ActiveRollout) -> bool:
+        """Whether this replica restores a stored rollout (one replica does; the others adopt it)."""
+        shared = self.server.shared
+        if shared is None:
+            return True
+        if not await shared.call("claim", ("restored", int(r.record["id"]))):
+            return False
+        await self._publish(r, True)
+        return True
+
+    async def sync(self) -> None:
+        """Adopt what other ingress replicas changed: traffic policies, and rollouts started, advanced or ended."""
+        shared = self.server.shared
+        if shared is None:
+            return
+        await self.server.sync_traffic()
+        for model, pub in (await shared.call("rollouts")).items():
+            if model in self.server.models:
+                self._adopt(model, pub["record"], int(pub["epoch"]), int(pub["seq"]))
+
+    def _adopt(self, model: str, rec: dict[str, Any], epoch: int, seq: int) -> None:
+        r = self.active.get(model)
+        known = r if r is not None and r.record["id"] == rec["id"] else None
+        if (
+            known is None
+            and (done := self.finished.get(model)) is not None
+            and done.record["id"] == rec["id"]
+        ):
+            return  # ended here already
+        if known is not None and seq <= known.seq:
+            return  # nothing new
+        running = rec["state"] in ("running", "paused")
+        if known is None:
+            if r is not None:
+                self.active.pop(model)  # superseded: a newer rollout was started elsewhere
+            cand = self._served_label(model, rec["model"], rec["candidate"])
+            base = self._served_label(model, rec["model"], rec["baseline"])
+            if cand is None or base is None:
+                return
+            policy = parse_policy(rec["policy"], f"rollout #{rec['id']}")
+            known = ActiveRollout(rec, policy, model, str(rec["model"]), cand, base)
+            if not running:  # ended before this replica saw it run: nothing to undo here
+                self.finished[model] = known
+                return
+            self.active[model] = known
+        known.record, known.epoch, known.seq = rec, epoch, seq
+        if not running:
+            self._finish(known)
+            return
+        known.window, known.last = Window(), None
+        self._apply_traffic(known, known.policy.stages[known.stage].traffic)
 
     # ---- operator actions --------------------------------------------------------------------
     async def start(
@@ -221,6 +322,7 @@ class RolloutController:
             except RolloutConflictError as err:  # another server started one for this model meanwhile
                 raise ProtocolError(str(err), 409) from err
             r = ActiveRollout(record, policy, model, reg_model, candidate, baseline)
+            await self._publish(r, True)
             self.active[model] = r
             self.finished.pop(model, None)
             self.waiting.pop(model, None)
@@ -251,6 +353,7 @@ class RolloutController:
             state="paused",
             reason=reason or "paused by an operator",
         )
+        await self._publish(r, False)
         return self.status(model)
 
     async def resume(self, model: str, reason: str = "") -> dict[str, Any]:
@@ -266,6 +369,7 @@ class RolloutController:
             reason=reason or "resumed by an operator",
         )
         r.window = Window()  # the stage is judged afresh from here
+        await self._publish(r, True)
         self._apply_traffic(r, r.policy.stages[r.stage].traffic)
         return self.status(model)
 
@@ -280,7 +384,9 @@ class RolloutController:
             state="aborted",
             reason=reason or "aborted by an operator",
         )
+        await self._publish(r, False)
         self._finish(r)
+        await self.server.publish_traffic(r.model)  # a replica started later starts from the winner
         return self.status(model)
 
     def _active_or_404(self, model: str) -> ActiveRollout:
@@ -296,6 +402,16 @@ class RolloutController:
         self.active.pop(r.model, None)
         self.finished[r.model] = r
         group = self.server.models.get(r.model)
+        if group is not None and r.state == "promoted":  # keep what the server reports in step
+            for ep in group.versions.values():
+                if ep.source.get("registry") == r.reg_model:
+                    ep.source["stage"] = (
+                        "production"
+                        if ep.version == r.candidate
+                        else (
+                            "archived" if ep.source.get("stage") == "production" else ep.source.get("stage")
+                        )
+                    )
         if group is not None:
             winner = r.candidate if r.state == "promoted" else r.baseline
             group.policy = TrafficPolicy(weights={winner: 100.0}, sticky_header=group.policy.sticky_header)
@@ -334,6 +450,8 @@ class RolloutController:
                         continue
                     policy = parse_policy(rec["policy"], f"rollout #{rec['id']}")
                     r = ActiveRollout(rec, policy, model, reg_model, cand, base)
+                    if not await self._restore_shared(r):
+                        continue  # another ingress replica restored it: adopted on the next sync
                     self.active[model] = r
                     self.waiting.pop(model, None)
                     self._apply_traffic(r, policy.stages[r.stage].traffic)
@@ -375,8 +493,8 @@ class RolloutController:
         r = self.active.get(model)
         if r is None or ep.version not in (r.candidate, r.baseline):
             return
-        w = r.window
-        (w.candidate if ep.version == r.candidate else w.baseline).add(ok, latency_s * 1000)
+        w, key = r.window, r.key
+        self._add(w, key, "candidate" if ep.version == r.candidate else "baseline", ok, latency_s * 1000)
         if not ok or outputs is None:
             return
         stage = r.policy.stages[r.stage]
@@ -388,15 +506,16 @@ class RolloutController:
         if other is None:
             return
         if r.compares_in_flight >= MAX_COMPARES_IN_FLIGHT:
-            (w.candidate if other_label == r.candidate else w.baseline).shed += 1
+            self._shed(w, key, "candidate" if other_label == r.candidate else "baseline")
             return
         r.compares_in_flight += 1
-        self.server.spawn(self._compare(r, w, ep, other, inputs, outputs))
+        self.server.spawn(self._compare(r, w, key, ep, other, inputs, outputs))
 
     async def _compare(
         self,
         r: ActiveRollout,
         w: Window,
+        key: tuple[int, int],
         ran: ServedEndpoint,
         other: ServedEndpoint,
         inputs: dict[str, np.ndarray],
@@ -407,22 +526,24 @@ class RolloutController:
             asked = await ask(other, inputs)
         finally:
             r.compares_in_flight -= 1
-        side = w.candidate if other.version == r.candidate else w.baseline
+        side = "candidate" if other.version == r.candidate else "baseline"
         if asked.outcome == "shed":
-            side.shed += 1  # the shadow side is full: skip, don't blame the candidate for doubled load
+            self._shed(
+                w, key, side
+            )  # the shadow side is full: skip, don't blame the candidate for doubled load
             return
         if asked.outputs is None:
-            side.add(False, None, live=False)
+            self._add(w, key, side, False, None, live=False)
             self.server.metrics.shadow_errors.labels(r.model, other.version).inc()
             log.debug("compare run on %s v%s failed: %s", r.model, other.version, asked.error)
             return
-        side.add(True, asked.latency_ms, live=False)
+        self._add(w, key, side, True, asked.latency_ms, live=False)
         got = asked.outputs
         if other.version == r.candidate:
             agreement = await self.server.judges.judge(ran, other, outputs, got)
         else:
             agreement = await self.server.judges.judge(other, ran, got, outputs)
-        w.add_agreement(agreement)
+        self._agree(w, key, agreement)
         self.server.metrics.shadow_fidelity.labels(r.model, r.baseline, r.candidate).observe(agreement.value)
         self.server.monitor_output(r.model, other, inputs, got)
 
@@ -464,12 +585,12 @@ class RolloutController:
             ):  # ended, but a later write of that decision failed: finish it
                 self._finish(r)
                 continue
-            if r.state != "running":
+            if r.state != "running" or not await self._pull_window(r):
                 continue
             j = judge(r.policy, r.stage, r.window)
             r.last = j
-            if j.decision == "wait":
-                continue
+            if j.decision == "wait" or not await self._claim(r):
+                continue  # not claimed: another ingress replica takes this decision; adopted on the next sync
             registry = self._registry()
             evidence = self._evidence(r, j)
             self.server.metrics.rollout_decisions.labels(model, j.decision).inc()
@@ -483,6 +604,7 @@ class RolloutController:
                     state="rolled_back",
                     reason=j.reason,
                 )
+                await self._publish(r, False)
                 await self._call(
                     registry.set_stage,
                     r.reg_model,
@@ -492,6 +614,7 @@ class RolloutController:
                     evidence={"rollout": r.record["id"], **evidence},
                 )
                 self._finish(r)
+                await self.server.publish_traffic(r.model)  # a replica started later starts from the winner
                 log.warning(
                     json.dumps(
                         {
@@ -513,6 +636,7 @@ class RolloutController:
                     stage=r.stage + 1,
                     reason=j.reason,
                 )
+                await self._publish(r, True)
                 r.window = Window()
                 self._apply_traffic(r, r.policy.stages[r.stage].traffic)
                 log.info(
@@ -535,6 +659,7 @@ class RolloutController:
                         evidence,
                         reason="held at the last stage",
                     )
+                    await self._publish(r, False)
                 continue
             r.record = await self._call(
                 registry.update_rollout,
@@ -544,6 +669,7 @@ class RolloutController:
                 state="promoted",
                 reason=j.reason,
             )
+            await self._publish(r, False)
             await self._call(
                 registry.set_stage,
                 r.reg_model,
@@ -552,16 +678,8 @@ class RolloutController:
                 reason=f"promoted by rollout #{r.record['id']}",
                 evidence={"rollout": r.record["id"], **evidence},
             )
-            for ep in self.server.models[model].versions.values():  # keep what the server reports in step
-                if ep.source.get("registry") == r.reg_model:
-                    ep.source["stage"] = (
-                        "production"
-                        if ep.version == r.candidate
-                        else (
-                            "archived" if ep.source.get("stage") == "production" else ep.source.get("stage")
-                        )
-                    )
             self._finish(r)
+            await self.server.publish_traffic(r.model)  # a replica started later starts from the winner
             log.info(
                 json.dumps(
                     {

@@ -30,6 +30,7 @@ from slimship.serve.metrics import Metrics
 from slimship.serve.protocol import NotFound, ProtocolError
 from slimship.serve.rollout import RolloutController
 from slimship.serve.routing import ModelGroup, sorted_versions
+from slimship.serve.shared import SharedState
 
 log = logging.getLogger("slimship.serve")
 T = TypeVar("T")
@@ -78,12 +79,65 @@ class Server:
         self.rollouts = RolloutController(self)
         self.feedback = FeedbackStore(max_ids=self.limits.max_remembered_ids)  # ids are capped in length
         self.live = LiveStats()
+        #: replicated ingress (Ray): A/B, traffic, rollouts and shadow counts live there (:mod:`.shared`)
+        self.shared: SharedState | None = None
+        #: model → generation of the shared traffic policy this replica applies
+        self._policy_generation: dict[str, int] = {}
 
-    def remember(self, body_id: str | None, request_id: str, model: str, version: str) -> None:
+    async def remember(self, body_id: str | None, request_id: str, model: str, version: str) -> None:
         """Which version answered a request, for feedback sent later (by the protocol id and by x-request-id)."""
-        self.feedback.remember(model, request_id, version)
-        if body_id and body_id != request_id:
-            self.feedback.remember(model, body_id, version)
+        ids = [request_id] + ([body_id] if body_id and body_id != request_id else [])
+        if self.shared is not None:  # awaited: feedback sent to another replica right after must find the id
+            await self.shared.call("answered", model, version, ids)
+            return
+        self.feedback.count(model, version)
+        for i in ids:
+            self.feedback.remember(model, i, version)
+
+    async def record_feedback(self, model: str, request_id: str, outcome: Any, metric: str) -> str:
+        """Attach an outcome to an answered request; returns the version that answered it."""
+        if self.shared is None:
+            return self.feedback.record(model, request_id, outcome, metric)
+        got = await self.shared.call("record", model, request_id, outcome, metric)
+        if got[0] == "error":
+            raise ProtocolError(got[2], got[1])
+        return str(got[1])
+
+    async def feedback_summary(
+        self, model: str, alpha: float = 0.05, min_samples: int = 30
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """The A/B summary per metric, and the requests each version answered."""
+        control = self.control_version(model)
+        if self.shared is None:
+            return self.feedback.summary(model, control, alpha, min_samples), self.feedback.tallies(model)
+        summary = await self.shared.call("summary", model, control, alpha, min_samples)
+        return summary, await self.shared.call("tallies", model)
+
+    async def shadow_summary(self, model: str) -> dict[str, dict[str, Any]]:
+        """Agreement of each shadow version of ``model`` with the primary."""
+        if self.shared is not None:
+            return dict(await self.shared.call("shadow_stats", model))
+        group = self.models.get(model)
+        return {v: s.as_dict() for v, s in group.shadow_stats.items()} if group else {}
+
+    async def publish_traffic(self, name: str) -> None:
+        """Share the traffic policy just set here with the other ingress replicas (no-op on a single server)."""
+        if self.shared is not None:
+            self._policy_generation[name] = await self.shared.call(
+                "set_policy", name, self.models[name].policy.model_dump()
+            )
+
+    async def sync_traffic(self) -> None:
+        """Adopt traffic policies another ingress replica set since (models under a rollout follow the rollout)."""
+        if self.shared is None:
+            return
+        for name, (generation, policy) in (await self.shared.call("policies")).items():
+            group = self.models.get(name)
+            if group is None or generation <= self._policy_generation.get(name, 0):
+                continue
+            self._policy_generation[name] = generation
+            if self.rollouts.controls(name) is None:
+                group.policy = TrafficPolicy(**policy)
 
     def control_version(self, model: str) -> str | None:
         """The version A/B comparisons are made against: the production version if one is loaded."""
@@ -213,6 +267,7 @@ class Server:
         replicas: ReplicaConfig | None = None,
     ) -> ServedEndpoint:
         """Build an endpoint (ONNX Runtime session) off the event loop, warm it, then make it routable."""
+        self._refuse_replicated("load")
         async with self._lock:
             self._refuse_loaded(name, version)
             ep: ServedEndpoint
@@ -322,7 +377,17 @@ class Server:
             replicas,
         )
 
+    def _refuse_replicated(self, what: str) -> None:
+        if self.shared is not None:
+            raise ProtocolError(
+                f"this ingress is one of several replicas (--ingress-replicas > 1): an admin {what} would change "
+                "only the replica that got it; list the versions in the serving config (--config) and restart, "
+                "or serve with one ingress replica",
+                409,
+            )
+
     async def unload(self, name: str, version: str, drain_timeout: float = 30.0) -> None:
+        self._refuse_replicated("unload")
         async with self._lock:
             group = self.group(name)
             ep = group.versions.get(version)
@@ -420,10 +485,14 @@ class Server:
         asked = await ask(target, inputs)
         if asked.outputs is None:  # shed or failed: never reaches the client
             stats.errors += 1
+            if self.shared is not None:
+                self.shared.send("shadow_add", name, target.version, None)
             self.metrics.shadow_errors.labels(name, target.version).inc()
             log.debug("shadow request to %s v%s failed: %s", name, target.version, asked.error)
             return
         agreement = await self.judges.judge(primary, target, outputs, asked.outputs)
         stats.add(agreement)
+        if self.shared is not None:
+            self.shared.send("shadow_add", name, target.version, agreement.value, agreement.judge)
         self.monitor_output(name, target, inputs, asked.outputs)
         self.metrics.shadow_fidelity.labels(name, primary.version, target.version).observe(agreement.value)
