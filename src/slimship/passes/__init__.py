@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PASSES",
+    "UNVERIFIABLE_TARGETS",
     "DepthPruneConfig",
     "DistillConfig",
     "DynamicQuantConfig",
@@ -61,7 +62,6 @@ __all__ = [
     "StaticQuantConfig",
     "StructuredPruneConfig",
     "StudentSpec",
-    "UNVERIFIABLE_TARGETS",
     "UnstructuredPruneConfig",
     "WeightShareConfig",
     "depth_prune",
