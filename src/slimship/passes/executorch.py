@@ -75,6 +75,8 @@ _REFUSALS = (
     re.compile(r"Operator (\S+) is not in Core ATen opset"),
     re.compile(r"Operator (\S+) is not an Edge operator"),
     re.compile(r"Operator: (\S+) with args"),
+    # XNNPACK's static reshape (aten.view_copy) takes one dynamic dim: MiniLM's head split with batch and sequence
+    re.compile(r"XNNPACK (reshape) only supports 1 dynamic dimension"),
 )
 
 
@@ -83,7 +85,10 @@ def refused_operations(message: str) -> list[str]:
     ops: list[str] = []
     for pattern in _REFUSALS:
         for m in pattern.finditer(message):
-            ops += [o.strip().strip("'\"") for o in m.group(1).split(",") if o.strip().strip("'\"")]
+            found = [o.strip().strip("'\"") for o in m.group(1).split(",") if o.strip().strip("'\"")]
+            ops += [
+                "aten.view_copy (XNNPACK reshape, 2 dynamic dims)" if o == "reshape" else o for o in found
+            ]
     return list(dict.fromkeys(ops))
 
 
@@ -184,8 +189,8 @@ def _lower(ep: Any, workload: Workload) -> Any:
         what = f"operations {ops}" if ops else "the graph"
         raise ExportError(
             f"ExecuTorch's toolchain refused {what} of {workload.name}'s model: {text[:400]}. Replace those "
-            "operations with standard PyTorch ones (a custom op needs an out-variant kernel in the runtime), or keep "
-            "this model on ONNX Runtime",
+            "operations with standard PyTorch ones (a custom op needs an out-variant kernel in the runtime; a reshape "
+            "XNNPACK refuses needs a single dynamic axis), or keep this model on ONNX Runtime",
             attempts={"executorch": f"refused: {', '.join(ops) or 'see message'}"},
         ) from err
 

@@ -3,7 +3,8 @@ bindings, on this x86 host, with the same predict contract as the other backends
 
 This is how a mobile candidate is *verified* and measured here; on a phone the same ``.pte`` runs under ExecuTorch's
 Android/iOS runtime, whose speed this host says nothing about. The program's memory is planned for the upper bound
-of every dynamic axis, recorded with the candidate (``info["executorch"]["dim_max"]``): a batch beyond it is an
+of every dynamic axis, recorded with the candidate (``info["executorch"]["dim_max"]``): a batch larger than the batch
+bound runs in chunks of the bound (the predict contract takes any batch); any other axis beyond its bound is an
 :class:`~slimship.errors.InputSpecError` that names the bound, never a resize failure inside the runtime.
 
 Threads: XNNPACK's thread pool is process-wide, so the runtime sets it to its thread count before each call (like
@@ -129,15 +130,29 @@ class ExecuTorchRuntime(Runtime):
                 if limit is not None and got > limit:
                     raise InputSpecError(
                         f"input {spec.name!r} has {dim} {got} at axis {axis}, but this ExecuTorch program was "
-                        f"planned for {dim} ≤ {limit}; split the batch, or convert again with a larger bound "
-                        f"(convert-executorch's max_batch / max_sequence)"
+                        f"planned for {dim} ≤ {limit}; shorten it, or convert again with a larger bound "
+                        f"(convert-executorch's max_sequence)"
                     )
 
     def _run(self, batch: Batch) -> dict[str, np.ndarray]:
+        first = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else None
+        limit = self.dim_max.get(first) if isinstance(first, str) else None
+        n = batch[self.inputs[0].name].shape[0] if self.inputs else 0
+        if limit is None or n <= limit:
+            return self._run_planned(batch)
+        # a batch beyond the planned bound runs in chunks of the bound: the predict contract takes any batch
+        batched = [s.name for s in self.inputs if s.shape and s.shape[0] == first]
+        parts = [
+            self._run_planned({k: (v[i : i + limit] if k in batched else v) for k, v in batch.items()})
+            for i in range(0, n, limit)
+        ]
+        return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
+
+    def _run_planned(self, batch: Batch) -> dict[str, np.ndarray]:
         import torch
 
         self._check_bounds(batch)
-        args = [torch.from_numpy(batch[s.name]) for s in self.inputs]
+        args = [torch.from_numpy(np.ascontiguousarray(batch[s.name])) for s in self.inputs]
         try:
             with _CALL_LOCK:
                 if self._lib._threadpool_get_thread_count() != self.threads:
