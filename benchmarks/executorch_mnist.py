@@ -112,6 +112,10 @@ def measure() -> dict[str, Any]:
     }
 
 
+def _avg(load: list[float]) -> str:
+    return " / ".join(f"{x:.1f}" for x in load)
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
     load = result["load_average_1_5_15"]
@@ -120,8 +124,8 @@ def render(result: dict[str, Any]) -> str:
         f"# ExecuTorch vs ONNX Runtime vs PyTorch — mnist CNN, {result['what']}",
         "",
         f"CPU: {m.get('cpu_model')} (class **{m['cpu_class']}**), {result['threads']} threads, one interleaved run "
-        f"(`benchmarks/executorch_mnist.py`). Load average (1/5/15 min) before timing {load['before_timing']}, after "
-        f"{load['after_timing']}: the machine was shared, so read the ratios, not the milliseconds. ExecuTorch "
+        f"(`benchmarks/executorch_mnist.py`). Load average (1/5/15 min) before timing {_avg(load['before_timing'])}, after "
+        f"{_avg(load['after_timing'])} on 2 cores: the machine was shared, so read the ratios, not the milliseconds. ExecuTorch "
         f"{result['executorch']['version']} through its Python runtime (XNNPACK delegate, "
         f"{result['executorch']['delegate_calls']} delegate calls, outside it: "
         f"{result['executorch']['ops_outside_delegate'] or 'nothing'}); batch axis dynamic 1…"
@@ -146,7 +150,7 @@ def render(result: dict[str, Any]) -> str:
             for b in batches
         ]
         lines.append(
-            f"| {r['label']} | {r['runtime']} | {r['file_size_bytes'] / 1024:.0f} | {q:.4f} | "
+            f"| {r['label']} | {r['runtime']} | {r['file_size_bytes'] / 1024:.0f} | {q:.2f} | "
             + " | ".join(cells)
             + " |"
         )
