@@ -136,6 +136,7 @@ VERBS = {
     "run",
     "separable",
     "serve",
+    "serve-tune",
     "share",
     "tune",
     "verify",
