@@ -108,6 +108,33 @@ class FinetuneConfig(BaseModel):
         default=None, ge=1, description="cap on training batches per epoch (null: the whole training split)"
     )
     seed: int = Field(default=0, description="random seed for data order, held-out split and initialisation")
+    batchnorm: Literal["train", "frozen"] = Field(
+        default="train",
+        description="train: BatchNorm layers update their running statistics during recovery; frozen: they keep the "
+        "teacher's (eval mode), for training sets too small or too unlike the original data to re-estimate them "
+        "(e.g. mobilenetv2's crops of ten photos)",
+    )
+    synthetic_samples: int = Field(
+        default=0,
+        ge=0,
+        description="inputs synthesised from the teacher's BatchNorm statistics (ZeroQ / DeepInversion style: random "
+        "images optimised until every BatchNorm layer's batch mean/std match its running statistics) used as "
+        "training data; 0 = none. Needs a teacher with BatchNorm and a single float input",
+    )
+    synthetic_use: Literal["add", "only"] = Field(
+        default="add",
+        description="add: the synthetic inputs join the workload's training batches; only: training uses the synthetic "
+        "inputs alone (validation and early stopping stay on the workload's held-out data)",
+    )
+    synthetic_steps: int = Field(
+        default=100, ge=1, description="optimisation steps per batch of synthetic inputs (Adam on the pixels)"
+    )
+    synthetic_max_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="wall-clock budget for the synthesis (separate from max_seconds); fewer samples come back when "
+        "it runs out, said in the report",
+    )
 
 
 def _first_output(out: Any) -> torch.Tensor:
@@ -143,6 +170,8 @@ class FinetuneReport:
     history: list[dict[str, float]] = field(default_factory=list)
     train_batches: int = 0
     val_batches: int = 0
+    #: the synthetic-input report (``SyntheticReport.to_json()``) when synthetic_samples > 0
+    synthetic: dict[str, Any] | None = None
 
     @property
     def improved(self) -> bool:
@@ -164,6 +193,7 @@ class FinetuneReport:
             "history": [dict(h) for h in self.history],
             "train_batches": self.train_batches,
             "val_batches": self.val_batches,
+            "synthetic": self.synthetic,
         }
 
     @classmethod
@@ -184,6 +214,7 @@ class FinetuneReport:
             history=[dict(h) for h in data.get("history") or []],
             train_batches=int(data.get("train_batches", 0)),
             val_batches=int(data.get("val_batches", 0)),
+            synthetic=data.get("synthetic"),
         )
 
 
@@ -270,6 +301,10 @@ def finetune(
     data = training_data(workload, bs, cfg.seed)
     n_val = max(1, min(cfg.max_val_batches, round(len(data) * cfg.val_fraction)))
     train, val = data[:-n_val], data[-n_val:]
+    synthetic = None
+    if cfg.synthetic_samples > 0:
+        made, synthetic = synthetic_batches(teacher, train, cfg, bs)
+        train = made if cfg.synthetic_use == "only" else train + made
     if loss_kind == "labels" and any(t is None for _, t in train):
         raise CompressionError(f"loss 'labels' needs labelled training data; {workload.name!r} has none")
 
@@ -364,6 +399,13 @@ def finetune(
     stale, stopped, steps = 0, "epochs", 0
     running, since = 0.0, 0
 
+    def train_mode() -> None:
+        student.train()
+        if cfg.batchnorm == "frozen":
+            for m in student.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
     def checkpoint(epoch: int) -> bool:
         """Validate, keep the best student; True when patience ran out."""
         nonlocal best, best_state, stale, running, since
@@ -377,7 +419,7 @@ def finetune(
             best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         else:
             stale += 1
-        student.train()
+        train_mode()
         return stale >= cfg.patience
 
     try:
@@ -385,7 +427,7 @@ def finetune(
             total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch", leave=False, disable=None
         ) as bar:
             for epoch in range(cfg.epochs):
-                student.train()
+                train_mode()
                 order = rng.permutation(len(train))[:steps_per_epoch]
                 for i in order:
                     x, y = train[int(i)]
@@ -440,7 +482,42 @@ def finetune(
         history=history,
         train_batches=len(train),
         val_batches=len(val),
+        synthetic=synthetic,
     )
+
+
+def synthetic_batches(
+    teacher: nn.Module | None,
+    real: list[tuple[Batch, np.ndarray | None]],
+    cfg: FinetuneConfig,
+    batch_size: int,
+) -> tuple[list[tuple[Batch, np.ndarray | None]], dict[str, Any]]:
+    """Training batches of inputs synthesised from ``teacher``'s BatchNorm statistics, shaped like ``real``'s."""
+    from slimship.train.synthetic import synthesize_bn_inputs
+
+    if teacher is None:
+        raise CompressionError(
+            "synthetic_samples needs a teacher: its BatchNorm statistics define the inputs"
+        )
+    first = real[0][0]
+    if len(first) != 1 or not np.issubdtype(next(iter(first.values())).dtype, np.floating):
+        raise CompressionError(
+            f"synthetic_samples needs a model with a single float input; this workload feeds {sorted(first)}"
+        )
+    ((name, x0),) = first.items()
+    x, report = synthesize_bn_inputs(
+        teacher,
+        tuple(x0.shape[1:]),
+        cfg.synthetic_samples,
+        steps=cfg.synthetic_steps,
+        batch_size=min(batch_size, cfg.synthetic_samples),
+        max_seconds=cfg.synthetic_max_seconds,
+        seed=cfg.seed,
+    )
+    made: list[tuple[Batch, np.ndarray | None]] = [
+        ({name: np.ascontiguousarray(x[i : i + batch_size])}, None) for i in range(0, len(x), batch_size)
+    ]
+    return made, report.to_json()
 
 
 def batches_of(data: list[tuple[Batch, np.ndarray | None]]) -> Iterator[Batch]:
