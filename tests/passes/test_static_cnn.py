@@ -68,7 +68,7 @@ def test_static_int8_on_digits_folds_relu_and_keeps_logits_float(digits_chain, d
         "quantize-static",
         digits_chain[1],
         digits,
-        {"calibration": "auto", "bias_correction": True},
+        {"calibration": "auto", "bias_correction": True, "equalize": "exact"},
         tmp_path / "q",
     )
     model = onnx.load(str(q.artifact_path))
@@ -76,6 +76,7 @@ def test_static_int8_on_digits_folds_relu_and_keeps_logits_float(digits_chain, d
     assert producer[model.graph.output[0].name] != "DequantizeLinear"  # logits stay float
     assert _q_ops(q.artifact_path)["Relu"] == 0  # folded into the conv outputs' ranges
     assert q.info["bias_correction"]["corrected_convs"] == 2
+    assert q.info["equalization"]["equalized_pairs"] == 1  # conv → ReLU → conv, exactly
     assert q.info["fidelity_to_parent"]["outputs"]["logits"]["top1_agreement"] >= 0.95
     assert set(q.info["calibration_comparison"]) == {"minmax", "entropy", "percentile"}
 

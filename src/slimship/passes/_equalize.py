@@ -1,8 +1,8 @@
 """Cross-layer equalization of ONNX convolutions (Nagel et al., "Data-Free Quantization Through Weight
 Equalization and Bias Correction", ICCV 2019, §4.1).
 
-For two convolutions in a row, ``A → act → C``, with a positively homogeneous activation between them
-(``relu(x / s) = relu(x) / s`` for ``s > 0``), output channel ``i`` of ``A`` is divided by ``s_i`` and input
+For two convolutions in a row, ``A → act → C``, with positively homogeneous ops between them (ReLU,
+max-pooling: ``relu(x / s) = relu(x) / s`` for ``s > 0``), output channel ``i`` of ``A`` is divided by ``s_i`` and input
 channel ``i`` of ``C`` multiplied by it: the float model computes the same function, and with
 ``s_i = sqrt(r1_i · r2_i) / r2_i`` (``r1``, ``r2`` the channel's weight ranges in ``A`` and ``C``) both
 layers' per-channel ranges become ``sqrt(r1_i · r2_i)``, which per-tensor weight scales (and the
@@ -66,8 +66,12 @@ def _attr(node: Any, name: str, default: int) -> int:
     return default
 
 
-def _pairs(model: Any, relu6: str) -> list[tuple[Any, Any | None, Any]]:
-    """(A, activation node or None, C) for every Conv → [Relu | Clip(0, x)] → Conv with single consumers."""
+#: ops that commute with a positive per-channel scale (``f(x / s) = f(x) / s``)
+_HOMOGENEOUS = ("Relu", "MaxPool", "Clip")
+
+
+def _pairs(model: Any, relu6: str) -> list[tuple[Any, list[Any], Any]]:
+    """(A, the ops between, C) for every Conv → [Relu | MaxPool | Clip(0, ·)]* → Conv with single consumers."""
     inits = {t.name for t in model.graph.initializer}
     consumers: dict[str, list[Any]] = {}
     for n in model.graph.node:
@@ -79,23 +83,29 @@ def _pairs(model: Any, relu6: str) -> list[tuple[Any, Any | None, Any]]:
         users = consumers.get(value, [])
         return users[0] if len(users) == 1 and value not in outputs else None
 
+    def between_ok(node: Any) -> bool:
+        if node.op_type != "Clip":
+            return True
+        lo, hi = _clip_bounds(model, node)
+        return lo == 0.0 and (hi is None or relu6 != "keep")
+
     found = []
     for a in model.graph.node:
         if a.op_type != "Conv" or len(a.input) < 2 or a.input[1] not in inits:
             continue
+        acts: list[Any] = []
         nxt = only(a.output[0])
-        act = None
-        if nxt is not None and nxt.op_type in ("Relu", "Clip"):
-            if nxt.op_type == "Clip":
-                lo, hi = _clip_bounds(model, nxt)
-                if lo != 0.0 or (hi is not None and relu6 == "keep"):
-                    continue
-            act, nxt = nxt, only(nxt.output[0])
+        while nxt is not None and nxt.op_type in _HOMOGENEOUS and len(acts) < 3:
+            if not between_ok(nxt):
+                nxt = None
+                break
+            acts.append(nxt)
+            nxt = only(nxt.output[0])
         if nxt is None or nxt.op_type != "Conv" or len(nxt.input) < 2 or nxt.input[1] not in inits:
             continue
-        if nxt.input[0] != (act.output[0] if act is not None else a.output[0]):
+        if nxt.input[0] != (acts[-1].output[0] if acts else a.output[0]):
             continue
-        found.append((a, act, nxt))
+        found.append((a, acts, nxt))
     return found
 
 
@@ -111,7 +121,7 @@ def equalize_convs(
     inits = {t.name: t for t in model.graph.initializer}
     arrays = {name: numpy_helper.to_array(t).astype(np.float32).copy() for name, t in inits.items()}
     usable = []
-    for a, act, c in pairs:
+    for a, acts, c in pairs:
         wa, wc = arrays[a.input[1]], arrays[c.input[1]]
         group = _attr(c, "group", 1)
         depthwise = group > 1 and group == wc.shape[0] and wc.shape[1] == 1
@@ -121,12 +131,11 @@ def equalize_convs(
             continue
         if (wc.shape[0] if depthwise else wc.shape[1]) != wa.shape[0]:
             continue
-        usable.append((a, act, c, depthwise))
+        usable.append((a, acts, c, depthwise))
     relus = 0
-    for _, act, _, _ in usable:
-        if act is not None and act.op_type == "Clip":
-            _, hi = _clip_bounds(model, act)
-            if hi is not None:
+    for _, acts, _, _ in usable:
+        for act in acts:
+            if act.op_type == "Clip" and _clip_bounds(model, act)[1] is not None:
                 act.op_type = "Relu"
                 del act.input[1:]
                 del act.attribute[:]

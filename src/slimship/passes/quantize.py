@@ -162,6 +162,14 @@ class StaticQuantConfig(_QuantCommon):
         "cause at each Conv output, measured on 32 calibration samples, layer after layer; helps depthwise CNNs "
         "(one ONNX Runtime run per Conv)",
     )
+    equalize: Literal["none", "exact", "relu6_to_relu"] = Field(
+        default="none",
+        description="cross-layer equalization before calibration (Nagel et al. 2019): consecutive Convs rescaled so each "
+        "channel's weight range is shared between them. exact: only pairs joined by ReLU or nothing (the float model is "
+        "unchanged); relu6_to_relu: also pairs joined by ReLU6, whose Clips become ReLU first — this changes the float "
+        "model (MobileNetV2: top-1 agreement with the original 96.1 % overall / 99.5 % confident before any "
+        "quantization, measured on AVX2), so use it for per-tensor weights, where equalization matters most",
+    )
     float_outputs: bool = Field(
         default=True,
         description="keep the graph's outputs (e.g. logits) in float: drop the QuantizeLinear/DequantizeLinear pair ORT "
@@ -682,6 +690,11 @@ class StaticQuantPass(Pass[StaticQuantConfig]):
                 model, old = upgrade_opset(model)
                 if old is not None:
                     prep["opset_upgraded_from"] = old
+            if config.equalize != "none":
+                from slimship.passes._equalize import equalize_convs
+
+                relu6: Literal["keep", "to_relu"] = "keep" if config.equalize == "exact" else "to_relu"
+                model, prep["equalization"] = equalize_convs(model, relu6)
             if config.bias_correction:
                 model, prep["bias_correction"] = correct_biases(model, calib, config.per_channel)
             if prep:

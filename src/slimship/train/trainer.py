@@ -403,7 +403,7 @@ def finetune(
         student.train()
         if cfg.batchnorm == "frozen":
             for m in student.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d | torch.nn.BatchNorm3d):
                     m.eval()
 
     def checkpoint(epoch: int) -> bool:
