@@ -140,9 +140,19 @@ def test_mobilenetv2_static_int8_folds_clips_and_keeps_answers(mobilenetv2, tmp_
         "quantize-static",
         exp,
         mobilenetv2,
-        {"calibration": "minmax", "bias_correction": True, "calibration_samples": 64, "verify_samples": 56},
+        {
+            "calibration": "minmax",
+            "bias_correction": True,
+            "keep_float": "first_layer",
+            "calibration_samples": 64,
+            "verify_samples": 56,
+        },
         tmp_path / "static",
     )
+    model = onnx.load(str(q.artifact_path))
+    first = [n for n in model.graph.node if n.input and n.input[0] == model.graph.input[0].name]
+    assert [n.op_type for n in first] == ["Conv"]  # the first conv stays float: fed the raw pixels
+    assert q.info["excluded_nodes"] == [first[0].name]
     ops = _q_ops(q.artifact_path)
     assert ops["Clip"] == 0 and ops["QuantizeLinear"] <= 70, ops  # ORT's own default layout: 65 Q, 0 Clip
     # on the cat's 56 crops (the first evaluation photo)

@@ -63,9 +63,12 @@ class _QuantCommon(PassConfig):
     exclude_patterns: tuple[str, ...] = Field(
         default=(), description="regular expressions on node names kept in float"
     )
-    keep_float: Literal["none", "ffn_out"] = Field(
+    keep_float: Literal["none", "ffn_out", "first_layer"] = Field(
         default="none",
-        description='structural mixed precision: "ffn_out" keeps MatMuls fed by a GELU in float (post-GELU outliers)',
+        description='structural mixed precision: "ffn_out" keeps MatMuls fed by a GELU in float (post-GELU outliers); '
+        '"first_layer" keeps the Conv/MatMul/Gemm nodes fed by a graph input in float (a CNN\'s first conv: its '
+        "quantized pixels and 3-channel weights; MobileNetV2 static INT8 on AVX2: top-1 agreement 87.7 → 89.2 % "
+        "overall, 96.4 % confident either way, for 0.3 % of the MACs)",
     )
     min_cosine: float = Field(
         default=0.0,
@@ -249,6 +252,13 @@ def _excluded_nodes(model: Any, cfg: _QuantCommon) -> list[str]:
                 f"exclude_patterns: {pattern!r} is not a valid regular expression ({err})"
             ) from err
         excluded.update(n.name for n in model.graph.node if rx.search(n.name))
+    if cfg.keep_float == "first_layer":
+        inputs = {i.name for i in model.graph.input}
+        excluded.update(
+            n.name
+            for n in model.graph.node
+            if n.op_type in ("Conv", "MatMul", "Gemm") and n.input and n.input[0] in inputs
+        )
     if cfg.keep_float == "ffn_out":
         producer = {o: n for n in model.graph.node for o in n.output}
         for n in model.graph.node:
