@@ -36,7 +36,7 @@ RECOVERY = {
     "epochs": 4,
     "max_seconds": 900.0,
     "lr": 3e-4,
-    "batchnorm": "frozen",
+    "batchnorm": "recalibrate",
     "batch_size": 32,
     "patience": 3,
 }

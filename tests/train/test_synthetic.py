@@ -76,3 +76,16 @@ def test_recovery_on_synthetic_inputs_only_with_batchnorm_frozen(ir_workload):
 def test_synthetic_inputs_need_batchnorm():
     with pytest.raises(CompressionError, match="no BatchNorm"):
         synthesize_bn_inputs(torch.nn.Sequential(torch.nn.Linear(4, 2)), (4,), 4, steps=1)
+
+
+def test_batchnorm_recalibration_averages_the_statistics_of_the_inputs(ir_workload):
+    from slimship.train.trainer import recalibrate_batchnorm
+
+    model = ir_workload.build_model()
+    x = np.random.default_rng(2).normal(2.0, 3.0, size=(32, 3, 32, 32)).astype(np.float32)
+    n = recalibrate_batchnorm(model, [{"pixels": x[:16]}, {"pixels": x[16:]}], ["pixels"])
+    assert n == 8 and not model.training
+    with torch.no_grad():
+        expected = model.stem[0](torch.from_numpy(x)).mean((0, 2, 3))
+    torch.testing.assert_close(model.stem[1].running_mean, expected, rtol=1e-4, atol=1e-4)
+    assert model.stem[1].momentum == 0.1  # restored

@@ -108,11 +108,12 @@ class FinetuneConfig(BaseModel):
         default=None, ge=1, description="cap on training batches per epoch (null: the whole training split)"
     )
     seed: int = Field(default=0, description="random seed for data order, held-out split and initialisation")
-    batchnorm: Literal["train", "frozen"] = Field(
+    batchnorm: Literal["train", "frozen", "recalibrate"] = Field(
         default="train",
         description="train: BatchNorm layers update their running statistics during recovery; frozen: they keep the "
-        "teacher's (eval mode), for training sets too small or too unlike the original data to re-estimate them "
-        "(e.g. mobilenetv2's crops of ten photos)",
+        "ones they have (eval mode), for training sets too small or too unlike the original data to re-estimate them "
+        "during training; recalibrate: re-estimate them once on the training inputs (no gradient; what a pruned "
+        "network's shifted activations need, cf. EagleEye's adaptive BN), then keep them frozen",
     )
     synthetic_samples: int = Field(
         default=0,
@@ -388,6 +389,8 @@ def finetune(
             vals = [float(batch_loss(x, y, False)[1]) for x, y in val]
         return float(np.mean(vals))
 
+    if cfg.batchnorm == "recalibrate":
+        recalibrate_batchnorm(student, [x for x, _ in train], names)
     rng = np.random.default_rng(cfg.seed)
     steps_per_epoch = min(len(train), cfg.max_batches_per_epoch or len(train))
     best = evaluate()
@@ -401,7 +404,7 @@ def finetune(
 
     def train_mode() -> None:
         student.train()
-        if cfg.batchnorm == "frozen":
+        if cfg.batchnorm in ("frozen", "recalibrate"):
             for m in student.modules():
                 if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d | torch.nn.BatchNorm3d):
                     m.eval()
@@ -484,6 +487,35 @@ def finetune(
         val_batches=len(val),
         synthetic=synthetic,
     )
+
+
+def recalibrate_batchnorm(model: nn.Module, inputs: list[Batch], names: list[str]) -> int:
+    """Re-estimate every BatchNorm layer's running statistics as the plain average over ``inputs`` (no gradient,
+    weights untouched); returns the number of layers."""
+    import torch
+
+    from slimship.runtime.torch_backend import call_model
+
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d | torch.nn.BatchNorm3d)
+    ]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in inputs:
+                call_model(model, {k: torch.from_numpy(v) for k, v in batch.items()}, names)
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
+        model.train(was_training)
+    return len(bns)
 
 
 def synthetic_batches(
