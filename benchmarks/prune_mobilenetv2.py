@@ -221,7 +221,7 @@ def main() -> None:
     print(render(result))
 
 
-if __name__ == "__main__" and "--quick" not in sys.argv:
+if __name__ == "__main__" and not {"--quick", "--render-quick"} & set(sys.argv):
     main()
 
 
@@ -306,8 +306,50 @@ def quick() -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, default=str))
 
 
+def render_quick(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"# MobileNetV2, {RATIO:.0%} of the expansion channels pruned, on {result['cpu_class']} "
+        f"({m['cpu_model']}, {m['physical_cores']} cores) — quick mode",
+        "",
+        f"**Mode: {result['mode']}.** Load average at start / end: {result['load_avg']} / {result['load_avg_end']} — "
+        "the machine was shared (the full test suite and other jobs; this ran at nice 19), so the full benchmark "
+        "(`benchmarks/prune_mobilenetv2.py` without `--quick`: ONNX export, static INT8 and interleaved ONNX Runtime "
+        "timing of every variant) did not fit in the session and INT8 agreement/speed of the pruned nets are not "
+        "measured here.",
+        "",
+        f"Pruning: `prune` with channel_ratio {RATIO}, channel_scope expansion, round_to 8 — "
+        f"{result['pruned_convs']} expansion convs, hidden channels {result['hidden_before']} → "
+        f"{result['hidden_after']} ({1 - result['hidden_after'] / result['hidden_before']:.1%} removed); block outputs, "
+        f"stem, head and classifier whole. MACs per image {result['macs_before'] / 1e6:.0f} M → "
+        f"{result['macs_after'] / 1e6:.0f} M ({result['macs_before'] / result['macs_after']:.2f}x fewer), params "
+        f"{result['params_before'] / 1e6:.2f} M → {result['params_after'] / 1e6:.2f} M.",
+        "",
+        f"Recovery (`FinetuneConfig`): {result['recovery']}; synthetic: {result['synthetic']}. Agreement is fp32 "
+        f"PyTorch against the fp32 original on the {result['eval_crops']} held-out crops ({result['confident_crops']} "
+        "confident).",
+        "",
+        "| variant | training data | top-1 agr. all | top-1 agr. confident | top-5 agr. | steps | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        q, ft = r["fp32"], r.get("finetune") or {}
+        lines.append(
+            f"| {r['label']} | {r['recovery']} | {q['top1_agreement']:.1f} | {q['top1_agreement_confident']:.1f} | "
+            f"{q['top5_agreement']:.1f} | {ft.get('steps', '—')} | {ft.get('seconds', '—')} |"
+        )
+    lines += ["", "Reproduce: `" + result["command"] + "`", ""]
+    return "\n".join(lines)
+
+
 QUICK = {"epochs": 1, "max_batches_per_epoch": 8, "max_seconds": 1e6, "eval_every": None}
 QUICK_SYNTHETIC = {"synthetic_samples": 16, "synthetic_steps": 20, "synthetic_max_seconds": 1e6}
 
 if __name__ == "__main__" and "--quick" in sys.argv:
     quick()
+if __name__ == "__main__" and {"--quick", "--render-quick"} & set(sys.argv):
+    sys.path.insert(0, str(ROOT / "src"))
+    from slimship.machine import cpu_class
+
+    _stem = HERE / "results" / f"mobilenetv2_prune-{cpu_class()}"
+    _stem.with_suffix(".md").write_text(render_quick(json.loads(_stem.with_suffix(".json").read_text())))
