@@ -244,6 +244,27 @@ def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> Non
         torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(y))).backward()
 
 
+def _cnn_targets(
+    model: nn.Module,
+    workload: Workload,
+    cfg: StructuredPruneConfig,
+    names: list[str],
+    ignored: list[Any],
+    ratio_dict: dict[Any, float],
+) -> float:
+    """CNNs and MLPs: the classifier / output projection keeps its outputs (added to ``ignored``); with
+    channel_scope "expansion" only the expansion convs are pruned (``ratio_dict``). Returns the default ratio."""
+    from slimship.passes._common import executed_layers
+
+    order = executed_layers(model, workload)
+    if order:
+        ignored.append(model.get_submodule(order[-1]))
+    if cfg.channel_scope == "expansion":
+        ratio_dict.update(_expansion_ratios(model, workload, cfg, names))
+        return 0.0
+    return cfg.channel_ratio
+
+
 def _expansion_ratios(
     model: nn.Module, workload: Workload, cfg: StructuredPruneConfig, names: list[str]
 ) -> dict[Any, float]:
@@ -272,7 +293,7 @@ def structured_prune(
             f"structured pruning needs the torch-pruning package ({err}); pip install -c constraints.txt torch-pruning"
         ) from err
 
-    from slimship.passes._common import executed_layers, resolve_layers
+    from slimship.passes._common import resolve_layers
     from slimship.runtime.torch_backend import call_model
 
     names = [s.name for s in workload.inputs]
@@ -305,14 +326,7 @@ def structured_prune(
             "head_ratio / head_dim_ratio apply to BERT-family attention; this model has no attention layers with query/key/value"
         )
     else:
-        order = executed_layers(model, workload)
-        if order:
-            ignored.append(
-                model.get_submodule(order[-1])
-            )  # the classifier / output projection keeps its outputs
-        if cfg.channel_scope == "expansion":
-            ratio_dict.update(_expansion_ratios(model, workload, cfg, names))
-            pruning_ratio = 0.0
+        pruning_ratio = _cnn_targets(model, workload, cfg, names, ignored, ratio_dict)
     ratio_dict.update(overrides)
     if cfg.importance == "taylor":
         _taylor_gradients(model, workload, cfg.taylor_batches)

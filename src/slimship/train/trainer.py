@@ -302,10 +302,7 @@ def finetune(
     data = training_data(workload, bs, cfg.seed)
     n_val = max(1, min(cfg.max_val_batches, round(len(data) * cfg.val_fraction)))
     train, val = data[:-n_val], data[-n_val:]
-    synthetic = None
-    if cfg.synthetic_samples > 0:
-        made, synthetic = synthetic_batches(teacher, train, cfg, bs)
-        train = made if cfg.synthetic_use == "only" else train + made
+    train, synthetic = _extra_training_data(student, teacher, train, cfg, bs, names)
     if loss_kind == "labels" and any(t is None for _, t in train):
         raise CompressionError(f"loss 'labels' needs labelled training data; {workload.name!r} has none")
 
@@ -389,8 +386,6 @@ def finetune(
             vals = [float(batch_loss(x, y, False)[1]) for x, y in val]
         return float(np.mean(vals))
 
-    if cfg.batchnorm == "recalibrate":
-        recalibrate_batchnorm(student, [x for x, _ in train], names)
     rng = np.random.default_rng(cfg.seed)
     steps_per_epoch = min(len(train), cfg.max_batches_per_epoch or len(train))
     best = evaluate()
@@ -401,13 +396,6 @@ def finetune(
     history: list[dict[str, float]] = []
     stale, stopped, steps = 0, "epochs", 0
     running, since = 0.0, 0
-
-    def train_mode() -> None:
-        student.train()
-        if cfg.batchnorm in ("frozen", "recalibrate"):
-            for m in student.modules():
-                if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d | torch.nn.BatchNorm3d):
-                    m.eval()
 
     def checkpoint(epoch: int) -> bool:
         """Validate, keep the best student; True when patience ran out."""
@@ -422,7 +410,7 @@ def finetune(
             best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         else:
             stale += 1
-        train_mode()
+        _train_mode(student, cfg.batchnorm)
         return stale >= cfg.patience
 
     try:
@@ -430,7 +418,7 @@ def finetune(
             total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch", leave=False, disable=None
         ) as bar:
             for epoch in range(cfg.epochs):
-                train_mode()
+                _train_mode(student, cfg.batchnorm)
                 order = rng.permutation(len(train))[:steps_per_epoch]
                 for i in order:
                     x, y = train[int(i)]
@@ -487,6 +475,35 @@ def finetune(
         val_batches=len(val),
         synthetic=synthetic,
     )
+
+
+def _train_mode(model: nn.Module, batchnorm: str) -> None:
+    import torch
+
+    model.train()
+    if batchnorm in ("frozen", "recalibrate"):
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d | torch.nn.BatchNorm3d):
+                m.eval()
+
+
+def _extra_training_data(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train: list[tuple[Batch, np.ndarray | None]],
+    cfg: FinetuneConfig,
+    batch_size: int,
+    names: list[str],
+) -> tuple[list[tuple[Batch, np.ndarray | None]], dict[str, Any] | None]:
+    """The training batches after synthetic inputs are added (or substituted), with the student's BatchNorm
+    statistics re-estimated on them when ``batchnorm`` is "recalibrate"; and the synthesis report."""
+    synthetic = None
+    if cfg.synthetic_samples > 0:
+        made, synthetic = synthetic_batches(teacher, train, cfg, batch_size)
+        train = made if cfg.synthetic_use == "only" else train + made
+    if cfg.batchnorm == "recalibrate":
+        recalibrate_batchnorm(student, [x for x, _ in train], names)
+    return train, synthetic
 
 
 def recalibrate_batchnorm(model: nn.Module, inputs: list[Batch], names: list[str]) -> int:
