@@ -20,15 +20,15 @@ def ir_workload():
 
 
 def _bn_gap(model, x):
-    """Sum over BatchNorm layers of |batch mean − running mean| on inputs ``x``."""
+    """Sum over BatchNorm layers of the distances between batch and running mean and std on inputs ``x``."""
     gaps = []
-    hooks = [
-        m.register_forward_hook(
-            lambda mod, i, o: gaps.append(float((i[0].mean((0, 2, 3)) - mod.running_mean).abs().sum()))
-        )
-        for m in model.modules()
-        if isinstance(m, torch.nn.BatchNorm2d)
-    ]
+
+    def gap(mod, i, _o):
+        mean, std = i[0].mean((0, 2, 3)), i[0].std((0, 2, 3), unbiased=False)
+        run_std = (mod.running_var + mod.eps).sqrt()
+        gaps.append(float(torch.norm(mean - mod.running_mean) + torch.norm(std - run_std)))
+
+    hooks = [m.register_forward_hook(gap) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
         model(torch.from_numpy(x))
     for h in hooks:
