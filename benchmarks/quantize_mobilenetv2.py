@@ -56,6 +56,22 @@ def render(result: dict) -> str:
         lines.append(f"- {label}: {top}")
     if result.get("speed_reason"):
         lines += ["", "**Why not faster here:** " + result["speed_reason"]]
+    exp = result.get("experiments")
+    if exp:
+        lines += [
+            "",
+            f"## Follow-up experiments ({exp['date']}, {exp['cpu_class']}; agreement only, no timing)",
+            "",
+            f"{exp['machine_note']}. {exp['how']}.",
+            "",
+            "| variant | top-1 agr. all | top-1 agr. confident | top-5 agr. |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {e['variant']} | {e['top1_all']:.1f} | {e['top1_confident']:.1f} | {e['top5']:.1f} |"
+            for e in exp["rows"]
+        ]
+        lines += [""] + [f"- {n}" for n in exp["notes"]]
     lines += [
         "",
         f"slimship's choice: {result['slimship_choice']}",

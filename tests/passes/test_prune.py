@@ -352,3 +352,60 @@ def test_depth_pruning_bad_input(minilm, minilm_original, digits, digits_origina
         run_pass("depth-prune", minilm_original, minilm, {"keep_layers": 6, "finetune": None}, tmp_path / "a")
     with pytest.raises(ConfigError, match="ModuleList"):
         run_pass("depth-prune", digits_original, digits, {"keep_layers": 1, "finetune": None}, tmp_path / "b")
+
+
+def test_expansion_scope_prunes_only_the_hidden_channels_of_inverted_residual_blocks(tmp_path):
+    from slimship.workload import resolve_workload
+
+    w = resolve_workload(f"{FIXTURES / 'factories.py'}:build_inverted_residual")
+    orig = original_candidate(w, tmp_path / "original")
+    c = run_pass(
+        "prune",
+        orig,
+        w,
+        {"channel_ratio": 0.5, "channel_scope": "expansion", "finetune": None, "measure_batch_size": 4},
+        tmp_path / "pruned",
+    )
+    model = load_torch_model(c, w)
+    for b in model.blocks:  # hidden 48 → 24: expansion outputs, depthwise conv, projection inputs
+        assert (
+            b["expand"].out_channels
+            == b["dw"].in_channels
+            == b["dw"].groups
+            == b["project"].in_channels
+            == 24
+        )
+        assert b["bn1"].num_features == b["bn2"].num_features == 24
+    # block outputs (residual-coupled), the stem, the head and the classifier stay whole
+    assert [b["project"].out_channels for b in model.blocks] == [8, 16]
+    assert (
+        model.stem[0].out_channels == 8 and model.head[0].out_channels == 32 and model.fc.out_features == 10
+    )
+    assert {k.split(".")[2] for k in c.info["pruning"]["changed_shapes"]} == {
+        "expand",
+        "bn1",
+        "dw",
+        "bn2",
+        "project",
+    }
+    assert c.info["export_check"]["passed"]  # exported to ONNX and verified against PyTorch
+    assert c.info["complexity"]["macs_after"] < c.info["complexity"]["macs_before"]
+
+
+def test_expansion_convs_of_mobilenetv2_are_its_sixteen_expansion_layers():
+    from slimship.passes.prune import expansion_convs
+    from slimship.workload.imagenet import mobilenet_v2
+
+    found = expansion_convs(mobilenet_v2().eval(), {"pixels": torch.zeros(1, 3, 224, 224)}, ["pixels"])
+    assert found == [f"features.{i}.conv.0.0" for i in range(2, 18)]  # features.1 (t = 1) has no expansion
+
+
+def test_expansion_scope_on_a_net_without_depthwise_blocks_says_so(digits_chain, digits, tmp_path):
+    with pytest.raises(ConfigError, match="channel_scope 'all'"):
+        run_pass(
+            "prune",
+            digits_chain[0],
+            digits,
+            {"channel_ratio": 0.5, "channel_scope": "expansion", "finetune": None},
+            tmp_path / "p",
+        )

@@ -68,7 +68,7 @@ def test_static_int8_on_digits_folds_relu_and_keeps_logits_float(digits_chain, d
         "quantize-static",
         digits_chain[1],
         digits,
-        {"calibration": "auto", "bias_correction": True},
+        {"calibration": "auto", "bias_correction": True, "equalize": "exact"},
         tmp_path / "q",
     )
     model = onnx.load(str(q.artifact_path))
@@ -76,6 +76,7 @@ def test_static_int8_on_digits_folds_relu_and_keeps_logits_float(digits_chain, d
     assert producer[model.graph.output[0].name] != "DequantizeLinear"  # logits stay float
     assert _q_ops(q.artifact_path)["Relu"] == 0  # folded into the conv outputs' ranges
     assert q.info["bias_correction"]["corrected_convs"] == 2
+    assert q.info["equalization"]["equalized_pairs"] == 1  # conv → ReLU → conv, exactly
     assert q.info["fidelity_to_parent"]["outputs"]["logits"]["top1_agreement"] >= 0.95
     assert set(q.info["calibration_comparison"]) == {"minmax", "entropy", "percentile"}
 
@@ -139,10 +140,21 @@ def test_mobilenetv2_static_int8_folds_clips_and_keeps_answers(mobilenetv2, tmp_
         "quantize-static",
         exp,
         mobilenetv2,
-        {"calibration": "minmax", "bias_correction": True, "calibration_samples": 64, "verify_samples": 56},
+        {
+            "calibration": "minmax",
+            "bias_correction": True,
+            "keep_float": "first_layer",
+            "calibration_samples": 64,
+            "verify_samples": 56,
+        },
         tmp_path / "static",
     )
+    model = onnx.load(str(q.artifact_path))
+    first = [n for n in model.graph.node if n.input and n.input[0] == model.graph.input[0].name]
+    assert [n.op_type for n in first] == ["Conv"]  # the first conv stays float: fed the raw pixels
+    assert q.info["excluded_nodes"] == [first[0].name]
     ops = _q_ops(q.artifact_path)
-    assert ops["Clip"] == 0 and ops["QuantizeLinear"] <= 70, ops  # ORT's own default layout: 65 Q, 0 Clip
+    # ORT's own default layout: 65 Q, 0 Clip; the float first conv keeps its ReLU6 Clip (nothing to fold it into)
+    assert ops["Clip"] == 1 and ops["QuantizeLinear"] <= 70, ops
     # on the cat's 56 crops (the first evaluation photo)
     assert q.info["fidelity_to_parent"]["outputs"]["logits"]["top1_agreement"] >= 0.85

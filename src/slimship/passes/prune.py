@@ -50,6 +50,13 @@ class StructuredPruneConfig(StructuralPassConfig):
         default="l2",
         description="how channels are ranked: weight magnitude (l1, l2), Taylor (|gradient × weight|, needs labels), BatchNorm scale",
     )
+    channel_scope: Literal["all", "expansion"] = Field(
+        default="all",
+        description="which conv channels channel_ratio applies to: all (every prunable layer), or expansion: only the "
+        "hidden channels of inverted-residual / depthwise-separable blocks (a 1×1 conv's outputs that pass through a "
+        "depthwise conv into the next conv's inputs, e.g. MobileNetV2's expansion convs); block outputs, which residual "
+        "adds couple across blocks, stay whole",
+    )
     scope: Literal["uniform", "global"] = Field(
         default="uniform",
         description="uniform: every layer loses channel_ratio; global: channels ranked across layers (layers end up uneven)",
@@ -172,6 +179,37 @@ def _untraceable(model: nn.Module, workload: Workload) -> str | None:
     return None
 
 
+def expansion_convs(model: nn.Module, example: dict[str, Any], input_names: list[str]) -> list[str]:
+    """Paths of the 1×1 dense convolutions whose output channels pass through a depthwise convolution into
+    another layer's inputs and nowhere else (the expansion convs of inverted-residual blocks): pruning one
+    removes hidden channels inside its block only. Found with Torch-Pruning's dependency graph."""
+    import torch
+    import torch_pruning as tp
+
+    from slimship.runtime.torch_backend import call_model
+
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=example, forward_fn=lambda m, x: call_model(m, x, input_names)
+    )
+    found = []
+    for path, mod in model.named_modules():
+        if not (isinstance(mod, torch.nn.Conv2d) and mod.groups == 1 and mod.kernel_size == (1, 1)):
+            continue
+        group = graph.get_pruning_group(mod, tp.prune_conv_out_channels, idxs=[0])
+        convs = [d.target.module for d, _ in group if isinstance(d.target.module, torch.nn.Conv2d)]
+        depthwise = [c for c in convs if c.groups > 1 and c.groups == c.in_channels == c.out_channels]
+        dense_out = [
+            d.target.module
+            for d, _ in group
+            if isinstance(d.target.module, torch.nn.Conv2d | torch.nn.Linear)
+            and d.target.module not in depthwise
+            and d.handler == tp.prune_conv_out_channels
+        ]
+        if depthwise and dense_out == [mod]:
+            found.append(path)
+    return found
+
+
 def _importance(cfg: StructuredPruneConfig, model: nn.Module, workload: Workload) -> Any:
     import torch
     import torch_pruning as tp
@@ -206,6 +244,42 @@ def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> Non
         torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(y))).backward()
 
 
+def _cnn_targets(
+    model: nn.Module,
+    workload: Workload,
+    cfg: StructuredPruneConfig,
+    names: list[str],
+    ignored: list[Any],
+    ratio_dict: dict[Any, float],
+) -> float:
+    """CNNs and MLPs: the classifier / output projection keeps its outputs (added to ``ignored``); with
+    channel_scope "expansion" only the expansion convs are pruned (``ratio_dict``). Returns the default ratio."""
+    from slimship.passes._common import executed_layers
+
+    order = executed_layers(model, workload)
+    if order:
+        ignored.append(model.get_submodule(order[-1]))
+    if cfg.channel_scope == "expansion":
+        ratio_dict.update(_expansion_ratios(model, workload, cfg, names))
+        return 0.0
+    return cfg.channel_ratio
+
+
+def _expansion_ratios(
+    model: nn.Module, workload: Workload, cfg: StructuredPruneConfig, names: list[str]
+) -> dict[Any, float]:
+    import torch
+
+    example = {k: torch.from_numpy(v) for k, v in workload.example_inputs(2, seq_len=16).items()}
+    paths = expansion_convs(model, example, names)
+    if not paths:
+        raise ConfigError(
+            "channel_scope 'expansion' prunes the hidden channels of inverted-residual blocks (1×1 conv → depthwise "
+            "conv → conv), and this model has none; use channel_scope 'all'"
+        )
+    return {model.get_submodule(p): cfg.channel_ratio for p in paths}
+
+
 def structured_prune(
     model: nn.Module, workload: Workload, cfg: StructuredPruneConfig
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -219,7 +293,7 @@ def structured_prune(
             f"structured pruning needs the torch-pruning package ({err}); pip install -c constraints.txt torch-pruning"
         ) from err
 
-    from slimship.passes._common import executed_layers, resolve_layers
+    from slimship.passes._common import resolve_layers
     from slimship.runtime.torch_backend import call_model
 
     names = [s.name for s in workload.inputs]
@@ -252,11 +326,7 @@ def structured_prune(
             "head_ratio / head_dim_ratio apply to BERT-family attention; this model has no attention layers with query/key/value"
         )
     else:
-        order = executed_layers(model, workload)
-        if order:
-            ignored.append(
-                model.get_submodule(order[-1])
-            )  # the classifier / output projection keeps its outputs
+        pruning_ratio = _cnn_targets(model, workload, cfg, names, ignored, ratio_dict)
     ratio_dict.update(overrides)
     if cfg.importance == "taylor":
         _taylor_gradients(model, workload, cfg.taylor_batches)

@@ -63,9 +63,12 @@ class _QuantCommon(PassConfig):
     exclude_patterns: tuple[str, ...] = Field(
         default=(), description="regular expressions on node names kept in float"
     )
-    keep_float: Literal["none", "ffn_out"] = Field(
+    keep_float: Literal["none", "ffn_out", "first_layer"] = Field(
         default="none",
-        description='structural mixed precision: "ffn_out" keeps MatMuls fed by a GELU in float (post-GELU outliers)',
+        description='structural mixed precision: "ffn_out" keeps MatMuls fed by a GELU in float (post-GELU outliers); '
+        '"first_layer" keeps the Conv/MatMul/Gemm nodes fed by a graph input in float (a CNN\'s first conv: its '
+        "quantized pixels and 3-channel weights; MobileNetV2 static INT8 on AVX2: top-1 agreement 87.7 → 89.2 % "
+        "overall, 96.4 % confident either way, for 0.3 % of the MACs)",
     )
     min_cosine: float = Field(
         default=0.0,
@@ -162,6 +165,14 @@ class StaticQuantConfig(_QuantCommon):
         "cause at each Conv output, measured on 32 calibration samples, layer after layer; helps depthwise CNNs "
         "(one ONNX Runtime run per Conv)",
     )
+    equalize: Literal["none", "exact", "relu6_to_relu"] = Field(
+        default="none",
+        description="cross-layer equalization before calibration (Nagel et al. 2019): consecutive Convs rescaled so each "
+        "channel's weight range is shared between them. exact: only pairs joined by ReLU or nothing (the float model is "
+        "unchanged); relu6_to_relu: also pairs joined by ReLU6, whose Clips become ReLU first — this changes the float "
+        "model (MobileNetV2: top-1 agreement with the original 96.1 % overall / 99.5 % confident before any "
+        "quantization, measured on AVX2), so use it for per-tensor weights, where equalization matters most",
+    )
     float_outputs: bool = Field(
         default=True,
         description="keep the graph's outputs (e.g. logits) in float: drop the QuantizeLinear/DequantizeLinear pair ORT "
@@ -241,6 +252,13 @@ def _excluded_nodes(model: Any, cfg: _QuantCommon) -> list[str]:
                 f"exclude_patterns: {pattern!r} is not a valid regular expression ({err})"
             ) from err
         excluded.update(n.name for n in model.graph.node if rx.search(n.name))
+    if cfg.keep_float == "first_layer":
+        inputs = {i.name for i in model.graph.input}
+        excluded.update(
+            n.name
+            for n in model.graph.node
+            if n.op_type in ("Conv", "MatMul", "Gemm") and n.input and n.input[0] in inputs
+        )
     if cfg.keep_float == "ffn_out":
         producer = {o: n for n in model.graph.node for o in n.output}
         for n in model.graph.node:
@@ -682,6 +700,11 @@ class StaticQuantPass(Pass[StaticQuantConfig]):
                 model, old = upgrade_opset(model)
                 if old is not None:
                     prep["opset_upgraded_from"] = old
+            if config.equalize != "none":
+                from slimship.passes._equalize import equalize_convs
+
+                relu6: Literal["keep", "to_relu"] = "keep" if config.equalize == "exact" else "to_relu"
+                model, prep["equalization"] = equalize_convs(model, relu6)
             if config.bias_correction:
                 model, prep["bias_correction"] = correct_biases(model, calib, config.per_channel)
             if prep:

@@ -108,6 +108,34 @@ class FinetuneConfig(BaseModel):
         default=None, ge=1, description="cap on training batches per epoch (null: the whole training split)"
     )
     seed: int = Field(default=0, description="random seed for data order, held-out split and initialisation")
+    batchnorm: Literal["train", "frozen", "recalibrate"] = Field(
+        default="train",
+        description="train: BatchNorm layers update their running statistics during recovery; frozen: they keep the "
+        "ones they have (eval mode), for training sets too small or too unlike the original data to re-estimate them "
+        "during training; recalibrate: re-estimate them once on the training inputs (no gradient; what a pruned "
+        "network's shifted activations need, cf. EagleEye's adaptive BN), then keep them frozen",
+    )
+    synthetic_samples: int = Field(
+        default=0,
+        ge=0,
+        description="inputs synthesised from the teacher's BatchNorm statistics (ZeroQ / DeepInversion style: random "
+        "images optimised until every BatchNorm layer's batch mean/std match its running statistics) used as "
+        "training data; 0 = none. Needs a teacher with BatchNorm and a single float input",
+    )
+    synthetic_use: Literal["add", "only"] = Field(
+        default="add",
+        description="add: the synthetic inputs join the workload's training batches; only: training uses the synthetic "
+        "inputs alone (validation and early stopping stay on the workload's held-out data)",
+    )
+    synthetic_steps: int = Field(
+        default=100, ge=1, description="optimisation steps per batch of synthetic inputs (Adam on the pixels)"
+    )
+    synthetic_max_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="wall-clock budget for the synthesis (separate from max_seconds); fewer samples come back when "
+        "it runs out, said in the report",
+    )
 
 
 def _first_output(out: Any) -> torch.Tensor:
@@ -143,6 +171,8 @@ class FinetuneReport:
     history: list[dict[str, float]] = field(default_factory=list)
     train_batches: int = 0
     val_batches: int = 0
+    #: the synthetic-input report (``SyntheticReport.to_json()``) when synthetic_samples > 0
+    synthetic: dict[str, Any] | None = None
 
     @property
     def improved(self) -> bool:
@@ -164,6 +194,7 @@ class FinetuneReport:
             "history": [dict(h) for h in self.history],
             "train_batches": self.train_batches,
             "val_batches": self.val_batches,
+            "synthetic": self.synthetic,
         }
 
     @classmethod
@@ -184,6 +215,7 @@ class FinetuneReport:
             history=[dict(h) for h in data.get("history") or []],
             train_batches=int(data.get("train_batches", 0)),
             val_batches=int(data.get("val_batches", 0)),
+            synthetic=data.get("synthetic"),
         )
 
 
@@ -270,6 +302,7 @@ def finetune(
     data = training_data(workload, bs, cfg.seed)
     n_val = max(1, min(cfg.max_val_batches, round(len(data) * cfg.val_fraction)))
     train, val = data[:-n_val], data[-n_val:]
+    train, synthetic = _extra_training_data(student, teacher, train, cfg, bs, names)
     if loss_kind == "labels" and any(t is None for _, t in train):
         raise CompressionError(f"loss 'labels' needs labelled training data; {workload.name!r} has none")
 
@@ -377,7 +410,7 @@ def finetune(
             best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         else:
             stale += 1
-        student.train()
+        _train_mode(student, cfg.batchnorm)
         return stale >= cfg.patience
 
     try:
@@ -385,7 +418,7 @@ def finetune(
             total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch", leave=False, disable=None
         ) as bar:
             for epoch in range(cfg.epochs):
-                student.train()
+                _train_mode(student, cfg.batchnorm)
                 order = rng.permutation(len(train))[:steps_per_epoch]
                 for i in order:
                     x, y = train[int(i)]
@@ -440,7 +473,100 @@ def finetune(
         history=history,
         train_batches=len(train),
         val_batches=len(val),
+        synthetic=synthetic,
     )
+
+
+def _train_mode(model: nn.Module, batchnorm: str) -> None:
+    import torch
+
+    model.train()
+    if batchnorm in ("frozen", "recalibrate"):
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d | torch.nn.BatchNorm3d):
+                m.eval()
+
+
+def _extra_training_data(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train: list[tuple[Batch, np.ndarray | None]],
+    cfg: FinetuneConfig,
+    batch_size: int,
+    names: list[str],
+) -> tuple[list[tuple[Batch, np.ndarray | None]], dict[str, Any] | None]:
+    """The training batches after synthetic inputs are added (or substituted), with the student's BatchNorm
+    statistics re-estimated on them when ``batchnorm`` is "recalibrate"; and the synthesis report."""
+    synthetic = None
+    if cfg.synthetic_samples > 0:
+        made, synthetic = synthetic_batches(teacher, train, cfg, batch_size)
+        train = made if cfg.synthetic_use == "only" else train + made
+    if cfg.batchnorm == "recalibrate":
+        recalibrate_batchnorm(student, [x for x, _ in train], names)
+    return train, synthetic
+
+
+def recalibrate_batchnorm(model: nn.Module, inputs: list[Batch], names: list[str]) -> int:
+    """Re-estimate every BatchNorm layer's running statistics as the plain average over ``inputs`` (no gradient,
+    weights untouched); returns the number of layers."""
+    import torch
+
+    from slimship.runtime.torch_backend import call_model
+
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d | torch.nn.BatchNorm3d)
+    ]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in inputs:
+                call_model(model, {k: torch.from_numpy(v) for k, v in batch.items()}, names)
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
+        model.train(was_training)
+    return len(bns)
+
+
+def synthetic_batches(
+    teacher: nn.Module | None,
+    real: list[tuple[Batch, np.ndarray | None]],
+    cfg: FinetuneConfig,
+    batch_size: int,
+) -> tuple[list[tuple[Batch, np.ndarray | None]], dict[str, Any]]:
+    """Training batches of inputs synthesised from ``teacher``'s BatchNorm statistics, shaped like ``real``'s."""
+    from slimship.train.synthetic import synthesize_bn_inputs
+
+    if teacher is None:
+        raise CompressionError(
+            "synthetic_samples needs a teacher: its BatchNorm statistics define the inputs"
+        )
+    first = real[0][0]
+    if len(first) != 1 or not np.issubdtype(next(iter(first.values())).dtype, np.floating):
+        raise CompressionError(
+            f"synthetic_samples needs a model with a single float input; this workload feeds {sorted(first)}"
+        )
+    ((name, x0),) = first.items()
+    x, report = synthesize_bn_inputs(
+        teacher,
+        tuple(x0.shape[1:]),
+        cfg.synthetic_samples,
+        steps=cfg.synthetic_steps,
+        batch_size=min(batch_size, cfg.synthetic_samples),
+        max_seconds=cfg.synthetic_max_seconds,
+        seed=cfg.seed,
+    )
+    made: list[tuple[Batch, np.ndarray | None]] = [
+        ({name: np.ascontiguousarray(x[i : i + batch_size])}, None) for i in range(0, len(x), batch_size)
+    ]
+    return made, report.to_json()
 
 
 def batches_of(data: list[tuple[Batch, np.ndarray | None]]) -> Iterator[Batch]:

@@ -261,18 +261,24 @@ class MobileNetV2Workload(Workload):
             yield idx, {"pixels": np.ascontiguousarray(x[idx])}
 
     def calibration_batches(self, num_samples: int = 128, batch_size: int = 16) -> Iterator[Batch]:
-        """Crops of the calibration photos, shuffled under a fixed seed (every photo represented)."""
+        """Crops of the calibration photos, shuffled under a fixed seed (every photo represented); past the 280
+        crops, their mirror images (560 in all)."""
         x, _ = self._calib
         idx = np.random.default_rng(1234).permutation(len(x))[:num_samples]
-        for start in range(0, len(idx), batch_size):
-            yield {"pixels": np.ascontiguousarray(x[idx[start : start + batch_size]])}
+        extra = np.random.default_rng(4321).permutation(len(x))[: max(0, num_samples - len(x))]
+        crops = [x[i] for i in idx] + [x[i, :, :, ::-1] for i in extra]
+        for start in range(0, len(crops), batch_size):
+            yield {"pixels": np.ascontiguousarray(np.stack(crops[start : start + batch_size]))}
 
     def train_batches(self, batch_size: int = 32, seed: int = 0) -> Iterator[tuple[Batch, np.ndarray | None]]:
-        """Unlabelled crops of the calibration photos (distillation targets come from the teacher)."""
+        """Unlabelled crops of the calibration photos and their mirror images (560; distillation targets come from
+        the teacher), in a seeded order."""
         x, _ = self._calib
-        order = np.random.default_rng(seed).permutation(len(x))
+        order = np.random.default_rng(seed).permutation(2 * len(x))
         for start in range(0, len(order), batch_size):
-            yield {"pixels": np.ascontiguousarray(x[order[start : start + batch_size]])}, None
+            idx = order[start : start + batch_size]
+            crops = [x[i] if i < len(x) else x[i - len(x), :, :, ::-1] for i in idx]
+            yield {"pixels": np.ascontiguousarray(np.stack(crops))}, None
 
     # ---- model ----------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
