@@ -23,7 +23,6 @@ HEAVY = (
     "sqlalchemy",
     "ray",
     "openvino",
-    "executorch",
     "sklearn",
 )
 

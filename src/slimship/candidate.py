@@ -3,8 +3,7 @@
 A candidate lives in its own directory::
 
     <dir>/candidate.json    metadata: id, format, artifact, workload ref, parent, pass + config, info
-    <dir>/model.onnx        or model.safetensors for PyTorch candidates, or model.xml + model.bin (OpenVINO IR),
-                            or model.pte (an ExecuTorch program)
+    <dir>/model.onnx        or model.safetensors for PyTorch candidates, or model.xml + model.bin (OpenVINO IR)
 
 Passes never mutate their input: each writes a new directory. PyTorch artifacts are safetensors
 state dicts loaded into the workload's architecture (never a pickle).
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
 
 SCHEMA = "slimship.candidate/1"
-Format = Literal["torch", "onnx", "openvino", "executorch"]
+Format = Literal["torch", "onnx", "openvino"]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ TRACKED_PACKAGES = (
     "torch-pruning",
     "optuna",
     "openvino",
-    "executorch",
 )
 
 
