@@ -128,12 +128,17 @@ def _rollout(s: ServerProcess, digits, candidate: str) -> tuple[dict, Load]:
         headers=H,
     )
     assert r.status_code == 200, r.text
+    started = r.json()["rollout"]
+    # whichever replica answers, a status read after the start shows this rollout, never the previous one
+    first = httpx.get(f"{base}/v2/admin/models/digits/rollout", headers=H).json()
+    assert first["rollout"] == started, first
     load = Load(s.url, _bodies(digits), clients=3)
     try:
         st = wait_for(
             lambda: (
                 (x := httpx.get(f"{base}/v2/admin/models/digits/rollout", headers=H).json())["state"]
                 != "running"
+                and x["rollout"] == started
                 and x
             ),
             120,

@@ -111,6 +111,7 @@ class RolloutController:
         self.finished: dict[str, ActiveRollout] = {}
         self.waiting: dict[str, str] = {}  # model → why a stored rollout isn't running here yet
         self._lock = asyncio.Lock()
+        self._tick_lock = asyncio.Lock()  # one adoption + judgement at a time (the loop, or a status read)
         self._task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -130,8 +131,9 @@ class RolloutController:
             tick = min((r.policy.tick_s for r in self.active.values()), default=0.25)
             await asyncio.sleep(tick)
             try:
-                await self.sync()
-                await self.tick()
+                async with self._tick_lock:
+                    await self.sync()
+                    await self.tick()
             except Exception:  # a bad tick must not end the controller
                 log.exception("rollout controller tick failed")
 
@@ -728,6 +730,11 @@ class RolloutController:
         return out
 
     async def status_with_history(self, model: str) -> dict[str, Any]:
+        # a replicated ingress: adopt what another replica started or decided first, so that a status read
+        # right after a start (answered by a different replica) never shows the previous rollout
+        if self.server.shared is not None:
+            async with self._tick_lock:
+                await self.sync()
         r = self.active.get(model) or self.finished.get(model)
         if r is None or self.server.registry is None:
             return self.status(model)
