@@ -60,26 +60,40 @@ def minilm_chain(minilm, tmp_path_factory):
     return _chain(minilm, tmp_path_factory.mktemp("minilm-chain"))
 
 
+# Ray runs its workers at nice 15 by default: with `-n 2` the other pytest worker would starve every Ray trial and
+# replica (measured: tests/pipeline/test_tune_ray.py took 445 s beside it). Ray tests get their fair share instead;
+# inherited by every Ray instance and `serve --ray` process the tests start
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 #: files that start a local Ray instance (or a `serve --ray` process): under pytest-xdist they form one group that
 #: runs on one worker, one test after another — two Ray instances on 2 cores starve each other
 RAY_FILES = frozenset({"test_ray_serve.py", "test_tune_ray.py", "test_ray_ingress.py", "test_protocol.py"})
 
 
+def _xdist_scope(nodeid: str) -> str:
+    """The unit a worker runs whole under ``-n 2``: a test file, and every Ray file together."""
+    path = nodeid.split("::", 1)[0]
+    return "ray" if Path(path).name in RAY_FILES else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`-n 2`): a file's tests stay on one worker (its module-scoped servers and models are built
+    once), and every Ray file shares one unit. Not ``--dist loadgroup``: xdist 3.8 marks a group by appending it to
+    ``item._nodeid``, which pytest 9 no longer reads, so its groups silently fall apart (measured: two Ray tests ran
+    at once on the two workers)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileAndRayScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_scope(nodeid)
+
+    return FileAndRayScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`): a file's tests stay on one worker (its module-scoped servers
-    and models are built once), and every Ray file shares one group."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    ray = []
-    for item in items:
-        name = item.path.name
-        in_ray = name in RAY_FILES or "ray" in item.keywords
-        group = "ray" if in_ray else str(item.path.relative_to(ROOT))
-        item.add_marker(pytest.mark.xdist_group(group))
-        if in_ray:
-            ray.append(item)
-    # the Ray group is the longest unit (several minutes on one worker): scheduled first, the other worker takes the
-    # rest beside it instead of waiting idle at the end (measured: started last, it ran alone for the final minutes)
+    """The Ray unit is the longest (several minutes on one worker): collected first, so a worker starts it at once
+    and the other takes the rest beside it instead of one worker running it alone at the end."""
+    ray = [i for i in items if _xdist_scope(i.nodeid) == "ray"]
     ids = {id(i) for i in ray}
     items[:] = ray + [i for i in items if id(i) not in ids]
 

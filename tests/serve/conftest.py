@@ -47,7 +47,14 @@ class ServerProcess:
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
-        self.wait_ready(ready_timeout)
+        try:
+            self.wait_ready(ready_timeout)
+        except BaseException:  # a server that never came up: nothing of it outlives the failed test
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+            self._log_f.close()
+            raise
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         import httpx

@@ -126,6 +126,38 @@ def cached_original_evaluation(
     return {**json.loads(path.read_text()), "candidate": candidate.id, "cached_from": str(path)}
 
 
+def _timed_outputs(
+    rt: Runtime, workload: Workload, limit: int | None, desc: str, progress: bool
+) -> tuple[Any, float]:
+    """The runtime's outputs on the evaluation inputs, and the seconds they took."""
+    t0 = time.perf_counter()
+    outputs = collect_outputs(rt, workload, limit, desc=desc, progress=progress)
+    return outputs, time.perf_counter() - t0
+
+
+def _evaluation_record(
+    candidate: Candidate,
+    rt: Runtime,
+    workload: Workload,
+    limit: int | None,
+    outputs: Any,
+    reference: Any,
+    seconds: float,
+) -> dict[str, Any]:
+    """One evaluation's figures: the workload's quality metrics and the fidelity to the reference outputs."""
+    return {
+        "candidate": candidate.id,
+        "candidate_name": candidate.name,
+        "runtime": rt.describe(),
+        "samples": workload.eval_size(limit),
+        "limit": limit,
+        "quality": workload.quality(outputs, limit),
+        "fidelity": workload.fidelity(outputs, reference),
+        "primary_metric": workload.primary_metric,
+        "seconds": round(seconds, 2),
+    }
+
+
 def evaluate_original_via(
     original: Candidate,
     proxy: Candidate,
@@ -147,11 +179,7 @@ def evaluate_original_via(
     if cached is not None:
         return cached
     rt = create_runtime(proxy, workload, None, threads)
-    t0 = time.perf_counter()
-    outputs = collect_outputs(
-        rt, workload, limit, desc=f"eval {original.name} via {proxy.name}", progress=progress
-    )
-    seconds = time.perf_counter() - t0
+    outputs, seconds = _timed_outputs(rt, workload, limit, f"eval {original.name} via {proxy.name}", progress)
     rt.close()
     measured_on = {
         "candidate": proxy.id,
@@ -168,15 +196,7 @@ def evaluate_original_via(
         )
         reference = outputs
     result = {
-        "candidate": original.id,
-        "candidate_name": original.name,
-        "runtime": rt.describe(),
-        "samples": workload.eval_size(limit),
-        "limit": limit,
-        "quality": workload.quality(outputs, limit),
-        "fidelity": workload.fidelity(outputs, reference),
-        "primary_metric": workload.primary_metric,
-        "seconds": round(seconds, 2),
+        **_evaluation_record(original, rt, workload, limit, outputs, reference, seconds),
         "measured_on": measured_on,
     }
     path = original_evaluation_path(original, workload, default_backend(original.format), limit)
@@ -242,33 +262,16 @@ def evaluate(
     is_reference = candidate.pass_name is None and rt.backend == (
         "torch" if workload.has_torch_model else "onnxruntime"
     )
+    desc = f"eval {candidate.name}@{rt.backend}"
     if is_reference and not _reference_path(workload, limit).exists():
-        t0 = time.perf_counter()
-        outputs = collect_outputs(
-            rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress
-        )
-        seconds = time.perf_counter() - t0
+        outputs, seconds = _timed_outputs(rt, workload, limit, desc, progress)
         _save_reference(workload, limit, outputs)
         reference = outputs
     else:
         reference = reference_outputs(workload, limit, threads, progress)
-        t0 = time.perf_counter()
-        outputs = collect_outputs(
-            rt, workload, limit, desc=f"eval {candidate.name}@{rt.backend}", progress=progress
-        )
-        seconds = time.perf_counter() - t0
+        outputs, seconds = _timed_outputs(rt, workload, limit, desc, progress)
     rt.close()
-    result = {
-        "candidate": candidate.id,
-        "candidate_name": candidate.name,
-        "runtime": rt.describe(),
-        "samples": workload.eval_size(limit),
-        "limit": limit,
-        "quality": workload.quality(outputs, limit),
-        "fidelity": workload.fidelity(outputs, reference),
-        "primary_metric": workload.primary_metric,
-        "seconds": round(seconds, 2),
-    }
+    result = _evaluation_record(candidate, rt, workload, limit, outputs, reference, seconds)
     source = reference_source(workload, limit)
     if (
         source is not None

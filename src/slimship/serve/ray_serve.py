@@ -83,10 +83,25 @@ if os.environ.get("SLIMSHIP_RAY_LOOPBACK") == "1":
     _loopback_replica_grpc()
 
 
+#: readiness / health-check timeouts for Serve's HTTP proxy in a local instance (Ray 2.60's defaults: 5 s / 10 s)
+PROXY_CHECK_TIMEOUTS_S = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
+
+
 def import_serve(local: bool) -> Any:
     if local:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read once, when Ray is imported
         os.environ["SLIMSHIP_RAY_LOOPBACK"] = "1"  # inherited by the workers of the local instance
+        # Serve gives its HTTP proxy 5 s to answer a readiness check and marks it unhealthy after 3 misses: on 2 busy
+        # cores it starts slower than that (measured: the test suite beside a training job) and the server never comes
+        # up. A local instance waits longer; a user's own setting wins
+        for var, seconds in PROXY_CHECK_TIMEOUTS_S.items():
+            os.environ.setdefault(var, seconds)
+        # Ray starts every worker at nice 15 (its raylet's worker_niceness), which in `serve --ray` is the whole
+        # server — ingress and model replicas: on a host doing anything else it would answer last
+        os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         import ray
         from ray import serve
