@@ -15,7 +15,9 @@ benchmarks/results/mobilenetv2_mixed_precision-<cpu class>.{json,md}.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ WORK = ROOT / "runs" / "bench-mobilenetv2-mixed"
 THREADS = 2
 REPEATS = 8
 KS = (0, 4, 8, 16)
+X64_OFF = "INT8, all convs, without session.x64quantprecision=1 (ORT's default kernels)"
 COMMAND = "nice -n 19 .venv/bin/python benchmarks/mobilenetv2_mixed_precision.py"
 
 
@@ -81,30 +84,70 @@ def _variants(bc: Path, ranges: Path, ranking: list[dict]) -> dict[str, tuple[Pa
             path,
             excluded,
         )
+    depthwise = sorted(n.name for n in onnx_nodes(bc) if n.op_type == "Conv" and n.name in _depthwise(bc))
+    path = WORK / "int8-depthwise-float.onnx"
+    if not path.exists():
+        StaticQuantPass._quantize(bc, path, data, "percentile", cfg, _static_op_types(), depthwise)
+    out[f"INT8, the {len(depthwise)} depthwise convs float"] = (path, depthwise)
     return out
 
 
-def _profile(path: Path, settings: object, batch: np.ndarray) -> dict[str, float]:
-    """Milliseconds per op type for one batch-32 run (mean of 3 runs after warm-up)."""
+def _depthwise(path: Path) -> set[str]:
+    """Names of the depthwise Conv nodes (group > 1) of a graph, and of the values they (and a Clip after them)
+    produce: ONNX Runtime's profile names a fused node after its output (``hardtanh_3_nchwc``)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    names = set()
+    for n in graph.node:
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute):
+            names |= {n.name, n.output[0]}
+            names |= {c.output[0] for c in graph.node if c.op_type == "Clip" and c.input[0] == n.output[0]}
+    return names
+
+
+def onnx_nodes(path: Path) -> list:
+    import onnx
+
+    return list(onnx.load(str(path)).graph.node)
+
+
+def _profiles(chosen: dict[str, tuple[Path, object]], batch: np.ndarray, rounds: int = 5) -> dict[str, dict]:
+    """Milliseconds per op type for one batch-32 run: the profiled sessions run in turn, ``rounds`` times after a
+    warm-up (interleaved, like the timing), and each op type's per-run total is the median over the rounds."""
     import onnxruntime as ort
 
-    so = settings.session_options()  # type: ignore[attr-defined]
-    so.enable_profiling = True
-    so.profile_file_prefix = str(WORK / f"profile-{path.stem}")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    sess.run(None, {"pixels": batch})
-    for _ in range(3):
-        sess.run(None, {"pixels": batch})
-    prof = Path(sess.end_profiling())
-    totals: collections.Counter[str] = collections.Counter()
-    events = json.loads(prof.read_text())
-    runs = [e for e in events if e.get("name") == "model_run"]
-    cut = runs[0]["ts"] + runs[0]["dur"] if runs else 0  # drop the warm-up run
-    for ev in events:
-        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time") and ev["ts"] > cut:
-            totals[ev["args"]["op_name"]] += ev["dur"]
-    prof.unlink()
-    return {k: v / 3 / 1e3 for k, v in totals.most_common()}
+    sessions = {}
+    for label, (path, settings) in chosen.items():
+        so = settings.session_options()  # type: ignore[attr-defined]
+        so.enable_profiling = True
+        so.profile_file_prefix = str(WORK / f"profile-{path.stem}")
+        sessions[label] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(rounds + 1):
+        for sess in sessions.values():
+            sess.run(None, {"pixels": batch})
+    depthwise = _depthwise(WORK / "exported" / "model.onnx") | _depthwise(WORK / "bias-corrected.onnx")
+    out = {}
+    for label, sess in sessions.items():
+        prof = Path(sess.end_profiling())
+        events = json.loads(prof.read_text())
+        prof.unlink()
+        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[1:]
+        per_run: list[collections.Counter[str]] = [collections.Counter() for _ in runs]
+        for ev in events:
+            if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+                continue
+            i = next((k for k, (a, b) in enumerate(runs) if a <= ev["ts"] <= b), None)
+            if i is None:
+                continue  # the warm-up run
+            op = ev["args"]["op_name"]
+            if op in ("Conv", "QLinearConv", "FusedConv"):
+                node = re.sub(r"(_token_\d+|_nchwc)$", "", ev["name"][: -len("_kernel_time")])
+                op += " depthwise" if node in depthwise else " other"
+            per_run[i][op] += ev["dur"]
+        ops = sorted({k for c in per_run for k in c}, key=lambda k: -sum(c[k] for c in per_run))
+        out[label] = {k: float(np.median([c[k] for c in per_run])) / 1e3 for k in ops}
+    return out
 
 
 def render(result: dict) -> str:
@@ -130,7 +173,8 @@ def render(result: dict) -> str:
         )
     lines += [
         "",
-        "ONNX Runtime op-type profile at batch 32, ms per run (kernel time; mean of 3 runs):",
+        "ONNX Runtime op-type profile at batch 32, ms per run (kernel time; the three sessions profiled in turn, median of 5 "
+        "rounds; depthwise = group > 1, other = the 1x1 convolutions and the first 3x3):",
         "",
         "| op type | " + " | ".join(result["profiles"]) + " |",
         "|---|" + "---|" * len(result["profiles"]),
@@ -138,12 +182,36 @@ def render(result: dict) -> str:
     ops: list[str] = []
     for prof in result["profiles"].values():
         ops += [k for k in prof if k not in ops]
-    for op in ops[:10]:
+    for op in ops[:12]:
         cells = [f"{p[op]:.1f}" if op in p else "—" for p in result["profiles"].values()]
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
     totals = [f"{sum(p.values()):.1f}" for p in result["profiles"].values()]
     lines.append("| **total** | " + " | ".join(totals) + " |")
-    lines += ["", *[f"- {n}" for n in result["notes"]], "", f"Reproduce: `{result['command']}`", ""]
+    probes_path = HERE / "results" / f"mobilenetv2_int8_probes-{result['cpu_class']}.json"
+    if probes_path.exists():
+        probes = json.loads(probes_path.read_text())
+        m = probes["top1_top2_margin_percentiles"]
+        lines += [
+            "",
+            f"## Where the error comes from (benchmarks/mobilenetv2_int8_probes.py, {probes['cpu_class']}, load average "
+            f"{probes['load_avg']}; agreement only)",
+            "",
+            "| variant | top-1 agr. all | top-1 agr. confident |",
+            "|---|---|---|",
+            *[
+                f"| {r['variant']} | {r['top1_agreement']:.1f} | {r['top1_agreement_confident']:.1f} |"
+                for r in probes["rows"]
+            ],
+            "",
+            f"INT8 logit error (std over all logits) {probes['logit_error_std']:.2f}; the fp32 top-1 − top-2 logit margin is "
+            f"under {m['p10']} on 10 % of the crops, under {m['p25']} on 25 %, under {m['p50']} on half; "
+            f"{probes['crops_with_margin_under_2_sigma']:.0%} of the crops have a margin under twice the error. "
+            f"Reproduce: `{probes['command']}`",
+        ]
+    notes_path = HERE / "results" / "mobilenetv2_mixed_precision-notes.md"
+    if notes_path.exists():
+        lines += ["", notes_path.read_text().rstrip()]
+    lines += ["", f"Reproduce: `{result['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -153,7 +221,7 @@ def main() -> None:
     import psutil
 
     from slimship.machine import cpu_class, machine_info
-    from slimship.runtime.settings import decide_settings
+    from slimship.runtime.settings import X64_QUANT_PRECISION, decide_settings
     from slimship.workload import resolve_workload
     from slimship.workload.imagenet import image_quality
 
@@ -169,8 +237,12 @@ def main() -> None:
     x, photo = w._eval  # type: ignore[attr-defined]
     ref = w.reference_logits()  # type: ignore[attr-defined]
     rows, sessions = [], {}
+    paths[X64_OFF] = paths["INT8, all convs (percentile, bias correction)"]
     for label, (path, excluded) in paths.items():
         settings = decide_settings(path, threads=THREADS, spinning=False)
+        if label == X64_OFF:
+            entries = {k: v for k, v in settings.session_config.items() if k != X64_QUANT_PRECISION}
+            settings = dataclasses.replace(settings, session_config=entries)
         sess = ort.InferenceSession(str(path), settings.session_options(), providers=["CPUExecutionProvider"])
         out = np.concatenate([sess.run(None, {"pixels": x[i : i + 32]})[0] for i in range(0, len(x), 32)])
         rows.append({"label": label, "float_nodes": excluded, "quality": image_quality(out, ref, photo)})
@@ -188,8 +260,8 @@ def main() -> None:
         med = {bs: float(np.median(timing[r["label"]][bs])) for bs in (1, 32)}
         r["p50_ms"] = {str(bs): med[bs] * 1e3 for bs in (1, 32)}
         r["speedup"] = {str(bs): base[bs] / med[bs] for bs in (1, 32)}
-    labels = list(sessions)
-    profiles = {lab: _profile(sessions[lab][2], sessions[lab][1], x[:32]) for lab in (labels[0], labels[1])}
+    labels = [r["label"] for r in rows]
+    profiles = _profiles({lab: sessions[lab][1:][::-1] for lab in (labels[0], labels[1], labels[-2])}, x[:32])
     result = {
         "cpu_class": cls,
         "machine": machine_info(THREADS),
@@ -201,9 +273,6 @@ def main() -> None:
         "ranking": ranking[: max(KS)],
         "rows": rows,
         "profiles": profiles,
-        "notes": json.loads((HERE / "results" / "mobilenetv2_mixed_precision-notes.json").read_text())
-        if (HERE / "results" / "mobilenetv2_mixed_precision-notes.json").exists()
-        else [],
         "command": COMMAND,
     }
     stem.parent.mkdir(exist_ok=True)

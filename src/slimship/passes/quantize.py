@@ -823,7 +823,7 @@ class StaticQuantPass(Pass[StaticQuantConfig]):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
         from onnxruntime.quantization.calibrate import save_tensors_data
 
-        from slimship.passes._static_int8 import float_graph_outputs, translate_ort_error
+        from slimship.passes._static_int8 import float_graph_outputs, translate_ort_error, unquantize_outputs
 
         extra: dict[str, Any] = {
             "ActivationSymmetric": cfg.activation_symmetric,
@@ -860,10 +860,18 @@ class StaticQuantPass(Pass[StaticQuantConfig]):
             raise translate_ort_error(err, method, src.parent.name or str(src)) from err
         finally:
             cache.unlink(missing_ok=True)
-        if cfg.float_outputs:
-            q = onnx.load(str(dst))
-            if float_graph_outputs(q):
-                onnx.save_model(q, str(dst))
+        q = onnx.load(str(dst))
+        changed = bool(cfg.float_outputs and float_graph_outputs(q))
+        # an excluded node fed by a DequantizeLinear would be re-quantized by ONNX Runtime at session time
+        producer = {o: n.op_type for n in q.graph.node for o in n.output}
+        between = [
+            n.name
+            for n in q.graph.node
+            if n.name in set(excluded) and n.input and producer.get(n.input[0]) == "DequantizeLinear"
+        ]
+        changed |= bool(between and unquantize_outputs(q, between))
+        if changed:
+            onnx.save_model(q, str(dst))
 
 
 def _static_op_types() -> tuple[str, ...]:
