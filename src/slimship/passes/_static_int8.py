@@ -299,7 +299,7 @@ def unquantize_outputs(model: Any, node_names: Sequence[str]) -> list[str]:
     and a QuantizeLinear at session time and runs it as a QLinearConv (MobileNetV2 on AVX2: 17 depthwise convs
     "excluded", 52 of 52 QLinearConv after session optimisation). The consumers of a value made float then read
     float and run as float convolutions too (their weights dequantized). Not covered: a float node whose output reaches
-    its QuantizeLinear through Relu/MaxPool/Reshape (ORT moves the QuantizeLinear up through them and still quantizes
+    its QuantizeLinear through MaxPool/Reshape (ORT moves the QuantizeLinear up through them and still quantizes
     the node). Returns the tensors made float."""
     graph = model.graph
     wanted = set(node_names)
@@ -314,6 +314,9 @@ def unquantize_outputs(model: Any, node_names: Sequence[str]) -> list[str]:
         if node.name not in wanted:
             continue
         for value in node.output:
+            # through the float activation a node keeps when its own output is not quantized (Conv → Clip → Q)
+            while len(consumers.get(value, [])) == 1 and consumers[value][0].op_type in ("Relu", "Clip"):
+                value = consumers[value][0].output[0]
             qs = [c for c in consumers.get(value, []) if c.op_type == "QuantizeLinear"]
             for q in qs:
                 dqs = consumers.get(q.output[0], [])
