@@ -192,7 +192,9 @@ class StaticQuantConfig(_QuantCommon):
         description="accuracy-aware mixed precision (0 = off): while the top-1 agreement with the parent on the held-out "
         "calibration samples is below this floor (e.g. 0.95), keep float_step more nodes float, worst emulated static "
         "SQNR first, re-quantizing from the same calibration (calibration and bias correction run once), up to "
-        "max_float_nodes; every step is recorded (info.mixed_precision) and a floor not reached is a warning",
+        "max_float_nodes; every step is recorded (info.mixed_precision) and a floor not reached is a warning. A float node's "
+        "consumers read its float output and run float too. MobileNetV2 on AVX2 gained nothing from 4-16 float convs "
+        "(benchmarks/results/mobilenetv2_mixed_precision-avx2.md)",
     )
     float_step: int = Field(
         default=2, ge=1, description="nodes returned to float per step of the float_until_top1 search, e.g. 2"
