@@ -7,7 +7,8 @@ import onnx
 import pytest
 
 from slimship.errors import ConfigError
-from slimship.measure.diagnose import _fake_quant_act_u8, _fake_quant_weight_s8, diagnose, format_diagnosis
+from slimship.measure.diagnose import _fake_quant_weight_s8, diagnose, format_diagnosis
+from slimship.measure.sqnr import fake_quant_act_u8
 from slimship.passes import run_pass
 from slimship.pipeline.accuracy_aware import quantize_accuracy_aware
 
@@ -17,7 +18,7 @@ def test_fake_quantizers_are_exact_on_the_grid():
     q = _fake_quant_weight_s8(w, per_channel=True)
     assert np.allclose(q[:, 0], [1.27, 0.0], atol=1e-6)  # the column's max maps to 127 exactly
     x = np.linspace(-1, 3, 256, dtype=np.float32)
-    err = np.abs(_fake_quant_act_u8(x) - x).max()
+    err = np.abs(fake_quant_act_u8(x) - x).max()
     assert err <= (4.0 / 255) / 2 + 1e-6
 
 

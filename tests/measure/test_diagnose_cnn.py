@@ -114,3 +114,22 @@ def test_diagnosis_of_a_graph_with_only_weight_nodes_gives_no_traceback(tmp_path
     (row,) = report["nodes"]
     assert row["node"] == "embed" and row["fidelity_all_but_this"] == 1.0
     assert report["suggested_exclude_nodes"] == ["embed"] or row["gain_from_reverting"] <= 0
+
+
+def test_static_float_until_top1_meets_a_floor_the_full_int8_misses(mnist, mnist_exported, tmp_path):
+    # a harsh calibration (activations clipped at their 90th percentile, per-tensor weights) that misses the floor
+    cfg = {"calibration": "percentile", "percentile": 90.01, "per_channel": False, "calibration_samples": 64}
+    search = {"float_until_top1": 1.0, "float_step": 1, "max_float_nodes": 3}
+    q = run_pass("quantize-static", mnist_exported, mnist, {**cfg, **search}, tmp_path / "mixed")
+    mp = q.info["mixed_precision"]
+    assert mp["steps"][0]["float_nodes"] == 0 and mp["steps"][0]["top1_agreement"] < 1.0  # all INT8 misses it
+    assert mp["met"] and mp["steps"][-1]["top1_agreement"] >= 1.0 and len(mp["steps"]) >= 2
+    ranked = [r["node"] for r in mp["ranking"]]
+    assert mp["float_nodes"] == ranked[: len(mp["float_nodes"])]  # worst emulated SQNR first
+    assert q.info["excluded_nodes"] == sorted(mp["float_nodes"])
+    model = onnx.load(str(q.artifact_path))
+    inits = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name in mp["float_nodes"]:
+            assert node.op_type == "Conv" and node.input[1] in inits  # its float weight, no DequantizeLinear
+    assert not list((tmp_path / "mixed").glob(".*.onnx"))  # the search's intermediate graphs are gone

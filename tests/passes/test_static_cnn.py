@@ -158,3 +158,65 @@ def test_mobilenetv2_static_int8_folds_clips_and_keeps_answers(mobilenetv2, tmp_
     assert ops["Clip"] == 1 and ops["QuantizeLinear"] <= 70, ops
     # on the cat's 56 crops (the first evaluation photo)
     assert q.info["fidelity_to_parent"]["outputs"]["logits"]["top1_agreement"] >= 0.85
+
+
+def _three_convs(path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes, prev = [], [], "x"
+    for i in range(3):
+        inits += [
+            numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(np.zeros(4, np.float32), f"b{i}"),
+        ]
+        nodes.append(
+            helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"y{i}"], name=f"conv{i}", pads=[1] * 4)
+        )
+        prev = f"y{i}"
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("x", "y2")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "three", io[:1], io[1:], inits), opset_imports=[helper.make_opsetid("", 13)]
+    )
+    onnx.save_model(model, str(path))
+
+
+def _session_ops(path, tmp_path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "session.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return _q_ops(tmp_path / "session.onnx")
+
+
+def test_an_excluded_conv_between_quantized_tensors_stays_float_in_onnx_runtime(tmp_path):
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from slimship.passes._static_int8 import unquantize_outputs
+
+    _three_convs(tmp_path / "f.onnx")
+    batches = [{"x": np.random.default_rng(i).normal(size=(1, 4, 8, 8)).astype(np.float32)} for i in range(4)]
+
+    class Reader:
+        it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(
+        str(tmp_path / "f.onnx"),
+        str(tmp_path / "q.onnx"),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        nodes_to_exclude=["conv1"],
+    )
+    # ONNX Runtime quantizes the "excluded" conv itself at session time (its weights, between a DQ and a Q)
+    assert _session_ops(tmp_path / "q.onnx", tmp_path)["QLinearConv"] == 3
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert unquantize_outputs(q, ["conv1"]) == ["y1"]
+    onnx.save_model(q, str(tmp_path / "q2.onnx"))
+    ops = _session_ops(tmp_path / "q2.onnx", tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["Conv"] == 2, ops  # conv1 float; conv2 reads its float output

@@ -12,6 +12,8 @@
 * :func:`float_graph_outputs` — the QuantizeLinear→DequantizeLinear pair ORT puts on a graph output
   (e.g. the logits) is removed: quantizing the logits to 256 levels flips near-tied top-1 answers
   (MobileNetV2 on AVX2: top-1 agreement 68 % → 86 % with the logits kept float).
+* :func:`unquantize_outputs` — a node excluded from quantization really stays float: the Q→DQ pair on its output
+  goes, otherwise ONNX Runtime quantizes its weights itself at session time (see the function).
 * :func:`translate_ort_error` — ORT's raw quantization errors in words that name the fix, without the
   hidden temporary file names the tool puts in them.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "correct_biases",
     "float_graph_outputs",
     "translate_ort_error",
+    "unquantize_outputs",
     "upgrade_opset",
 ]
 
@@ -287,3 +290,51 @@ def translate_ort_error(err: BaseException, method: str, graph: str) -> Compress
             f"re-export at opset {PER_CHANNEL_OPSET}+ or set per_channel: false. ONNX Runtime said: {raw}"
         )
     return CompressionError(f"ONNX Runtime's quantize_static ({method}) failed on {graph}: {raw}")
+
+
+def unquantize_outputs(model: Any, node_names: Sequence[str]) -> list[str]:
+    """Remove the QuantizeLinear→DequantizeLinear pairs on the outputs of ``node_names`` (the consumers read the float
+    value). Without this a Conv excluded from quantization does not stay float: ONNX Runtime (≥ 1.21, its
+    ``WeightBiasQuantization`` transformer) quantizes the float weights of any Conv/Gemm between a DequantizeLinear
+    and a QuantizeLinear at session time and runs it as a QLinearConv (MobileNetV2 on AVX2: 17 depthwise convs
+    "excluded", 52 of 52 QLinearConv after session optimisation). The consumers of a value made float then read
+    float and run as float convolutions too (their weights dequantized). Not covered: a float node whose output reaches
+    its QuantizeLinear through MaxPool/Reshape (ORT moves the QuantizeLinear up through them and still quantizes
+    the node). Returns the tensors made float."""
+    graph = model.graph
+    wanted = set(node_names)
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    drop: list[Any] = []
+    done = []
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for value in node.output:
+            # through the float activation a node keeps when its own output is not quantized (Conv → Clip → Q)
+            while len(consumers.get(value, [])) == 1 and consumers[value][0].op_type in ("Relu", "Clip"):
+                value = consumers[value][0].output[0]
+            qs = [c for c in consumers.get(value, []) if c.op_type == "QuantizeLinear"]
+            for q in qs:
+                dqs = consumers.get(q.output[0], [])
+                if q.output[0] in outputs or any(d.op_type != "DequantizeLinear" for d in dqs):
+                    continue
+                for dq in dqs:
+                    for c in consumers.get(dq.output[0], []):
+                        c.input[:] = [value if i == dq.output[0] else i for i in c.input]
+                    if dq.output[0] in outputs:
+                        continue
+                    drop.append(dq)
+                drop.append(q)
+                done.append(value)
+    for n in drop:
+        if n in graph.node:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return sorted(set(done))

@@ -185,6 +185,25 @@ class StaticQuantConfig(_QuantCommon):
         description="fail the pass if top-1 agreement with the parent (classifier outputs) falls below this (0 = record "
         "only; a result below 0.9 is recorded with a loud FIDELITY warning either way)",
     )
+    float_until_top1: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="accuracy-aware mixed precision (0 = off): while the top-1 agreement with the parent on the held-out "
+        "calibration samples is below this floor (e.g. 0.95), keep float_step more nodes float, worst emulated static "
+        "SQNR first, re-quantizing from the same calibration (calibration and bias correction run once), up to "
+        "max_float_nodes; every step is recorded (info.mixed_precision) and a floor not reached is a warning. A float node's "
+        "consumers read its float output and run float too. MobileNetV2 on AVX2 gained nothing from 4-16 float convs "
+        "(benchmarks/results/mobilenetv2_mixed_precision-avx2.md)",
+    )
+    float_step: int = Field(
+        default=2, ge=1, description="nodes returned to float per step of the float_until_top1 search, e.g. 2"
+    )
+    max_float_nodes: int = Field(
+        default=16,
+        ge=1,
+        description="most nodes the float_until_top1 search keeps float (each float Conv costs speed), e.g. 16",
+    )
 
 
 class Int4WeightOnlyConfig(_QuantCommon):
@@ -720,6 +739,25 @@ class StaticQuantPass(Pass[StaticQuantConfig]):
             chosen, comparison, tie = _choose_method(
                 candidate.artifact_path, out_dir, methods, ranges, held or calib
             )
+            if config.float_until_top1 > 0:
+                search = self._float_search(
+                    candidate,
+                    workload,
+                    config,
+                    (staged, out_dir),
+                    ranges[chosen],
+                    chosen,
+                    held or calib,
+                    excluded,
+                )
+                prep["mixed_precision"] = search.to_info()
+                excluded = sorted({*excluded, *search.float_nodes})
+                if not search.met:
+                    warnings.append(
+                        f"float_until_top1: top-1 agreement {search.steps[-1].get('top1_agreement', 0):.3f} on the held-out "
+                        f"calibration samples with {len(search.float_nodes)} node(s) float, below the floor "
+                        f"{config.float_until_top1}; raise max_float_nodes or use quantization-aware training (qat)"
+                    )
         finally:
             staged.unlink(missing_ok=True)
         (out_dir / f".{chosen}.onnx").replace(out_dir / "model.onnx")
@@ -739,6 +777,40 @@ class StaticQuantPass(Pass[StaticQuantConfig]):
         }
         return _finish(self.name, "int8-static", candidate, workload, config, out_dir, info)
 
+    def _float_search(
+        self,
+        candidate: Candidate,
+        workload: Workload,
+        config: StaticQuantConfig,
+        paths: tuple[Path, Path],
+        ranges: Any,
+        method: str,
+        held: list[dict[str, np.ndarray]],
+        excluded: list[str],
+    ) -> Any:
+        """Run the float_until_top1 search; its chosen graph replaces ``.<method>.onnx`` in the output directory."""
+        import onnx
+
+        from slimship.passes._mixed_precision import rank_for_float, search_float_nodes
+
+        staged, out_dir = paths
+        op_types = config.op_types or _static_op_types()
+        model = onnx.load(str(staged))
+        targets = [n for n in quantizable_nodes(model, ("Conv", "MatMul", "Gemm")) if n not in excluded]
+        ranking = rank_for_float(staged, workload, targets, config.per_channel)
+        search, path = search_float_nodes(
+            ranking,
+            excluded,
+            config.float_until_top1,
+            config.float_step,
+            config.max_float_nodes,
+            lambda ex, dst: self._quantize(staged, dst, ranges, method, config, op_types, ex),
+            lambda p: _holdout_error(candidate.artifact_path, p, held),
+            out_dir,
+        )
+        path.replace(out_dir / f".{method}.onnx")
+        return search
+
     @staticmethod
     def _quantize(
         src: Path,
@@ -753,7 +825,7 @@ class StaticQuantPass(Pass[StaticQuantConfig]):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
         from onnxruntime.quantization.calibrate import save_tensors_data
 
-        from slimship.passes._static_int8 import float_graph_outputs, translate_ort_error
+        from slimship.passes._static_int8 import float_graph_outputs, translate_ort_error, unquantize_outputs
 
         extra: dict[str, Any] = {
             "ActivationSymmetric": cfg.activation_symmetric,
@@ -790,10 +862,18 @@ class StaticQuantPass(Pass[StaticQuantConfig]):
             raise translate_ort_error(err, method, src.parent.name or str(src)) from err
         finally:
             cache.unlink(missing_ok=True)
-        if cfg.float_outputs:
-            q = onnx.load(str(dst))
-            if float_graph_outputs(q):
-                onnx.save_model(q, str(dst))
+        q = onnx.load(str(dst))
+        changed = bool(cfg.float_outputs and float_graph_outputs(q))
+        # an excluded node fed by a DequantizeLinear would be re-quantized by ONNX Runtime at session time
+        producer = {o: n.op_type for n in q.graph.node for o in n.output}
+        between = [
+            n.name
+            for n in q.graph.node
+            if n.name in set(excluded) and n.input and producer.get(n.input[0]) == "DequantizeLinear"
+        ]
+        changed |= bool(between and unquantize_outputs(q, between))
+        if changed:
+            onnx.save_model(q, str(dst))
 
 
 def _static_op_types() -> tuple[str, ...]:
