@@ -1,0 +1,321 @@
+"""PyTorch → ExecuTorch program (``model.pte``, XNNPACK delegate), verified against its parent on real inputs.
+
+``torch.export`` captures the candidate with a bounded dynamic batch axis (and every other dynamic axis bounded by
+``max_sequence``), ``to_edge_transform_and_lower`` hands what XNNPACK takes to the XNNPACK delegate, and
+``to_executorch`` plans memory for the bounds and writes the program. The program is then run by ExecuTorch's own
+runtime on this host and compared with the PyTorch parent; a candidate that falls short is refused
+(:class:`~slimship.errors.VerificationError`). A graph the toolchain refuses is an
+:class:`~slimship.errors.ExportError` naming the operations it could not handle.
+
+The batch bound survives lowering only with oneDNN/NNPACK off while converting: their backend-selection heuristics
+ask "batch ≥ 16?" of the symbolic batch and narrow it to 2…15 (measured with executorch 1.5.1 and torch 2.13, via
+XNNPACK's batch-norm fusion pass re-running the convolutions); the flags are restored afterwards.
+
+Figures measured here are x86 figures (ExecuTorch's Python runtime on this CPU class), not phone figures: CoreML and
+TensorRT are not offered because this host can't verify them (macOS / an NVIDIA GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field
+
+from slimship.errors import ExportError, VerificationError
+from slimship.measure.verify import VerifyThresholds
+from slimship.passes.base import Pass, PassConfig
+
+if TYPE_CHECKING:
+    from slimship.candidate import Candidate
+    from slimship.workload import Workload
+    from slimship.workload.base import Batch
+
+__all__ = ["INSTALL_HINT", "ExecuTorchConvertConfig", "ExecuTorchConvertPass", "refused_operations"]
+
+INSTALL_HINT = "pip install 'slimship[executorch]'"
+
+
+class ExecuTorchConvertConfig(PassConfig):
+    max_batch: int = Field(
+        default=64,
+        ge=1,
+        description="largest batch the program takes (its memory is planned for it); with dynamic_batch off, the "
+        "only batch it takes, e.g. 64",
+    )
+    dynamic_batch: bool = Field(
+        default=True,
+        description="batch axis dynamic from 1 to max_batch; off: fixed at max_batch (any other batch is refused)",
+    )
+    max_sequence: int = Field(
+        default=128,
+        ge=1,
+        description="upper bound of every other dynamic axis (text: the sequence length), e.g. 128",
+    )
+    verify: VerifyThresholds = Field(
+        default=VerifyThresholds(),
+        description="thresholds the program must meet against its PyTorch parent on real inputs; the pass fails "
+        "when they don't hold",
+    )
+    verify_samples: int = Field(
+        default=48,
+        ge=1,
+        description="evaluation samples the program is verified on against its parent (on top of a few "
+        "small batches), e.g. 48",
+    )
+
+
+_REFUSALS = (
+    re.compile(r"Missing out variants: \{([^}]*)\}"),
+    re.compile(r"Operator (\S+) is not in Core ATen opset"),
+    re.compile(r"Operator (\S+) is not an Edge operator"),
+    re.compile(r"Operator: (\S+) with args"),
+    # XNNPACK's static reshape (aten.view_copy) takes one dynamic dim: MiniLM's head split with batch and sequence
+    re.compile(r"XNNPACK (reshape) only supports 1 dynamic dimension"),
+)
+
+
+def refused_operations(message: str) -> list[str]:
+    """The operations an ExecuTorch toolchain error names (``slimship_test::fancy``, ``aten.foo.default``, ...)."""
+    ops: list[str] = []
+    for pattern in _REFUSALS:
+        for m in pattern.finditer(message):
+            found = [o.strip().strip("'\"") for o in m.group(1).split(",") if o.strip().strip("'\"")]
+            ops += [
+                "aten.view_copy (XNNPACK reshape, 2 dynamic dims)" if o == "reshape" else o for o in found
+            ]
+    return list(dict.fromkeys(ops))
+
+
+@contextlib.contextmanager
+def _batch_bound_kept() -> Iterator[None]:
+    """oneDNN and NNPACK off while converting (see the module docstring), restored afterwards."""
+    import torch
+
+    mkldnn = torch.backends.mkldnn.set_flags(False, _fp32_precision=None)[0]
+    nnpack = torch.backends.nnpack.set_flags(False)[0]
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.set_flags(mkldnn, _fp32_precision=None)
+        torch.backends.nnpack.set_flags(nnpack)
+
+
+def _import_toolchain() -> tuple[Any, Any]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchao / executorch import-time notices
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
+    except (ImportError, OSError) as err:
+        raise ExportError(
+            f"the ExecuTorch converter is not installed ({err}); install it with `{INSTALL_HINT}`",
+            attempts={"executorch": f"not installed: {err}"},
+        ) from err
+    return to_edge_transform_and_lower, XnnpackPartitioner
+
+
+def _dims(workload: Workload, config: ExecuTorchConvertConfig) -> tuple[str | None, dict[str, int]]:
+    """The batch axis's name (None when fixed) and each dynamic axis's upper bound."""
+    first = workload.inputs[0].shape
+    batch = first[0] if first and isinstance(first[0], str) else None
+    bounds: dict[str, int] = {}
+    for spec in workload.inputs:
+        for dim in spec.shape:
+            if isinstance(dim, str):
+                bounds[dim] = config.max_batch if dim == batch else config.max_sequence
+    if not config.dynamic_batch or config.max_batch == 1:
+        bounds.pop(batch or "", None)
+        return None, bounds
+    return batch, bounds
+
+
+def _export(
+    model: Any,
+    workload: Workload,
+    config: ExecuTorchConvertConfig,
+    batch_dim: str | None,
+    bounds: dict[str, int],
+) -> tuple[Any, list[str], list[dict[str, Any]]]:
+    """torch.export with bounded dims; the argument order and the input specs the program takes."""
+    import torch
+
+    from slimship.passes.export import exporter_failure_reason
+    from slimship.runtime.torch_backend import forward_binding
+
+    names, _as_kw = forward_binding(model, [s.name for s in workload.inputs])
+    n = 2 if batch_dim is not None else config.max_batch
+    example = workload.example_inputs(n, seq_len=min(16, config.max_sequence))
+    dims = {name: torch.export.Dim(name, min=1, max=hi) for name, hi in bounds.items()}
+    specs = {s.name: s for s in workload.inputs}
+    inputs = []
+    dynamic = []
+    for name in names:
+        shape: list[int | str] = []
+        axes = {}
+        for axis, dim in enumerate(specs[name].shape):
+            if isinstance(dim, str) and dim in dims:
+                axes[axis] = dims[dim]
+                shape.append(dim)
+            else:
+                shape.append(int(example[name].shape[axis]))
+        dynamic.append(axes or None)
+        inputs.append({"name": name, "dtype": str(example[name].dtype), "shape": shape})
+    args = tuple(torch.from_numpy(example[name]) for name in names)
+    try:
+        ep = torch.export.export(model, args, dynamic_shapes=tuple(dynamic), strict=False)
+    except Exception as err:
+        raise ExportError(
+            f"torch.export could not capture {workload.name}'s model for ExecuTorch: {exporter_failure_reason(err)}. "
+            "Make forward() free of data-dependent Python control flow (or keep this model on ONNX Runtime)",
+            attempts={"torch.export": f"failed: {exporter_failure_reason(err)}"},
+        ) from err
+    return ep, names, inputs
+
+
+def _lower(ep: Any, workload: Workload) -> Any:
+    to_edge_transform_and_lower, XnnpackPartitioner = _import_toolchain()
+    try:
+        with _batch_bound_kept():
+            return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    except Exception as err:
+        text = " ".join(str(err).split())
+        ops = refused_operations(str(err))
+        what = f"operations {ops}" if ops else "the graph"
+        raise ExportError(
+            f"ExecuTorch's toolchain refused {what} of {workload.name}'s model: {text[:400]}. Replace those "
+            "operations with standard PyTorch ones (a custom op needs an out-variant kernel in the runtime; a reshape "
+            "XNNPACK refuses needs a single dynamic axis), or keep this model on ONNX Runtime",
+            attempts={"executorch": f"refused: {', '.join(ops) or 'see message'}"},
+        ) from err
+
+
+def _delegation(program: Any) -> dict[str, Any]:
+    """How much of the program runs inside XNNPACK: delegate calls and the operations left outside."""
+    calls = 0
+    outside: dict[str, int] = {}
+    for node in program.exported_program().graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if "executorch_call_delegate" in name:
+            calls += 1
+        elif name not in ("getitem", "sym_size.int") and not name.startswith("sym_"):
+            outside[name] = outside.get(name, 0) + 1
+    return {
+        "delegate": "xnnpack",
+        "delegate_calls": calls,
+        "ops_outside_delegate": dict(sorted(outside.items())),
+    }
+
+
+def _verification_batches(
+    workload: Workload, config: ExecuTorchConvertConfig, batch_dim: str | None
+) -> list[Batch]:
+    from slimship.measure.verify import verification_batches
+
+    if batch_dim is not None:
+        return [
+            b
+            for b in verification_batches(workload, config.verify_samples)
+            if next(iter(b.values())).shape[0] <= config.max_batch
+        ]
+    full = [
+        b
+        for _, b in workload.eval_batches(
+            limit=max(config.verify_samples, config.max_batch), batch_size=config.max_batch
+        )
+        if next(iter(b.values())).shape[0] == config.max_batch
+    ]
+    return full or [workload.example_inputs(config.max_batch)]
+
+
+def _executorch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("executorch")
+    except PackageNotFoundError:  # pragma: no cover - imported above, so installed
+        return "unknown"
+
+
+class ExecuTorchConvertPass(Pass[ExecuTorchConvertConfig]):
+    name: ClassVar[str] = "convert-executorch"
+    summary: ClassVar[str] = (
+        "PyTorch → ExecuTorch .pte (XNNPACK delegate, bounded dynamic batch), run by ExecuTorch's runtime here and "
+        "verified against its parent (x86 figures, not phone figures)"
+    )
+    config_cls = ExecuTorchConvertConfig
+    input_format: ClassVar[str] = "torch"
+    output_format: ClassVar[str] = "executorch"
+    requires: ClassVar[tuple[str, ...]] = ("executorch",)
+
+    def run(
+        self, candidate: Candidate, workload: Workload, config: ExecuTorchConvertConfig, out_dir: Path
+    ) -> Candidate:
+        from slimship.candidate import load_torch_model, new_candidate
+        from slimship.machine import physical_cores
+        from slimship.measure.verify import compare_outputs
+        from slimship.runtime.executorch_backend import ExecuTorchRuntime
+        from slimship.runtime.torch_backend import TorchRuntime
+        from slimship.workload.base import TensorSpec
+
+        _import_toolchain()  # a missing package is reported before any work
+        model = load_torch_model(candidate, workload)
+        batch_dim, bounds = _dims(workload, config)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ep, _names, inputs = _export(model, workload, config, batch_dim, bounds)
+            program = _lower(ep, workload)
+        seconds = round(time.perf_counter() - t0, 2)
+        out = out_dir / "model.pte"
+        out.write_bytes(program.buffer)
+        threads = physical_cores()
+        child = ExecuTorchRuntime(
+            out,
+            threads,
+            inputs=[TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in inputs],
+            output_names=[o.name for o in workload.outputs],
+            dim_max=bounds,
+        )
+        parent = TorchRuntime(model, workload.inputs, [o.name for o in workload.outputs], threads)
+        report = compare_outputs(
+            parent, child, _verification_batches(workload, config, batch_dim), config.verify
+        )
+        if not report.passed:
+            out.unlink(missing_ok=True)
+            raise VerificationError(
+                "the ExecuTorch program's outputs disagree with its PyTorch parent's: "
+                + "; ".join(report.failures),
+                report=report.to_json(),
+            )
+        record = {
+            "version": _executorch_version(),
+            "inputs": inputs,
+            "dim_max": bounds,
+            "dynamic_batch": batch_dim is not None,
+            **_delegation(program),
+        }
+        notices = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in caught})
+        return new_candidate(
+            out_dir,
+            name="executorch",
+            format="executorch",
+            artifact="model.pte",
+            workload=workload,
+            parent=candidate,
+            pass_name=self.name,
+            pass_config=config.to_json_dict(),
+            info={
+                "convert_seconds": seconds,
+                "verification": report.to_json(),
+                "executorch": record,
+                "converter_warnings": notices,
+            },
+        )
