@@ -1,9 +1,13 @@
 """convert-executorch on real models: mnist → .pte (XNNPACK) verified against PyTorch, run by ExecuTorch's own runtime
 with the same predict contract as ONNX Runtime and PyTorch, its batch bound enforced; and the bad inputs: a graph the
-toolchain refuses (the operation named) and the package missing (the extra named)."""
+toolchain refuses (the operation named), the package missing (the extra named), a crash inside the converter or the
+runtime (caught in their subprocesses, named, this process unaffected), and runtimes asking for different thread
+counts in one process (XNNPACK's pool resized under a loaded program corrupted the heap: what killed the serial run)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -98,6 +102,7 @@ def test_missing_package_names_the_extra(monkeypatch, mnist, tmp_path):
     ]
     for name in set(names):
         monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delenv("SLIMSHIP_EXECUTORCH_TOOLCHAIN", raising=False)
     with pytest.raises(RuntimeUnavailableError, match=r"pip install 'slimship\[executorch\]'"):
         ExecuTorchRuntime(tmp_path / "model.pte", 1)
     (tmp_path / "src").mkdir()
@@ -141,3 +146,70 @@ def test_passes_lists_it_and_says_why_coreml_and_tensorrt_are_not_offered():
     text = " ".join(out.output.split())
     assert "coreml not offered" in text and "macOS" in text
     assert "tensorrt not offered" in text and "NVIDIA GPU" in text
+
+
+def test_a_crash_in_the_converter_is_named_and_this_process_goes_on(monkeypatch, mnist, tmp_path):
+    from slimship.candidate import original_candidate
+    from slimship.passes import run_pass
+    from slimship.runtime import create_runtime
+
+    orig = original_candidate(mnist, tmp_path / "original")
+    monkeypatch.setenv(
+        "SLIMSHIP_EXECUTORCH_CONVERT_CRASH", "1"
+    )  # the subprocess SIGSEGVs itself before lowering
+    with pytest.raises(ExportError, match=r"converter .* crashed with SIGSEGV in its subprocess") as err:
+        run_pass("convert-executorch", orig, mnist, {"max_batch": 4, "verify_samples": 8}, tmp_path / "pte")
+    assert "this process was not affected" in str(err.value) and err.value.attempts == {
+        "executorch": "crashed: -11"
+    }
+    assert not (tmp_path / "pte").exists()  # no half-written candidate
+    out = create_runtime(orig, mnist, threads=1).predict(mnist.example_inputs(2))["logits"]
+    assert out.shape == (2, 10) and np.isfinite(out).all()
+
+
+def test_a_crash_in_the_runtime_is_caught_by_its_load_probe(et_chain, mnist, monkeypatch, tmp_path):
+    from slimship.errors import RuntimeUnavailableError
+    from slimship.runtime import create_runtime
+
+    _orig, _onnx, pte = et_chain
+    monkeypatch.setenv("SLIMSHIP_EXECUTORCH_PROBE_CRASH", "1")  # the probe child SIGSEGVs itself
+    with pytest.raises(RuntimeUnavailableError, match=r"crashed with SIGSEGV in a probe subprocess") as err:
+        create_runtime(pte, mnist, threads=1)
+    assert "this process was not affected and did not load it" in str(err.value)
+
+
+_MIXED_THREADS = """
+import sys
+import numpy as np, torch
+from slimship.candidate import load_candidate
+from slimship.runtime import create_runtime
+from slimship.workload import resolve_workload
+cand = load_candidate(sys.argv[1])
+w = resolve_workload(cand.workload)
+rts = [create_runtime(cand, w, threads=t) for t in (2, 1, 2, 1)]  # all alive at once
+for i in range(60):
+    for rt in rts:
+        rt.predict(w.example_inputs(1 + i % 7))
+    torch.nn.functional.conv2d(torch.randn(8, 3, 32, 32), torch.randn(4, 3, 3, 3))  # allocations a corrupt heap trips on
+print("threads", [rt.threads for rt in rts], "note" in str(rts[1].describe()))
+"""
+
+
+def test_runtimes_asking_for_different_thread_counts_share_the_pool_and_survive(et_chain):
+    """Resizing XNNPACK's pool under a loaded program frees memory that program still writes to (a SIGSEGV or
+    "corrupted size vs. prev_size" later, anywhere); run in a child so a regression fails here, not the whole run."""
+    _orig, _onnx, pte = et_chain
+    done = subprocess.run(
+        [sys.executable, "-c", _MIXED_THREADS, str(pte.path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "SLIMSHIP_EXECUTORCH_PROBE": "off",
+        },  # the crash under test is in this child itself
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert (
+        "threads [2, 2, 2, 2] True" in done.stdout
+    )  # the first sized the pool; the others run on it and say so

@@ -7,6 +7,15 @@ runtime on this host and compared with the PyTorch parent; a candidate that fall
 (:class:`~slimship.errors.VerificationError`). A graph the toolchain refuses is an
 :class:`~slimship.errors.ExportError` naming the operations it could not handle.
 
+The whole conversion (export, lowering, writing and verifying the program) runs in a subprocess
+(``python -m slimship.passes.executorch``): a crash inside ExecuTorch's toolchain or runtime becomes an
+:class:`~slimship.errors.ExportError` that names the signal, and the calling process (a search, a server, a test run)
+is not affected — nor does it ever import ExecuTorch's converter or the torchao it needs (transformers imports an
+installed torchao in every process that loads a Hugging Face model). ``SLIMSHIP_EXECUTORCH_TOOLCHAIN`` (directories,
+``os.pathsep``-separated) is put first on the subprocess's ``PYTHONPATH`` only: a toolchain installed apart with
+``pip install --target DIR`` stays invisible to everything else. ``SLIMSHIP_EXECUTORCH_CONVERT_CRASH=1`` makes the
+subprocess die with SIGSEGV before lowering (the tests' way of forcing the crash path).
+
 The batch bound survives lowering only with oneDNN/NNPACK off while converting: their backend-selection heuristics
 ask "batch ≥ 16?" of the symbolic batch and narrow it to 2…15 (measured with executorch 1.5.1 and torch 2.13, via
 XNNPACK's batch-norm fusion pass re-running the convolutions); the flags are restored afterwards.
@@ -18,7 +27,12 @@ TensorRT are not offered because this host can't verify them (macOS / an NVIDIA 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -36,9 +50,20 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
     from slimship.workload.base import Batch
 
-__all__ = ["INSTALL_HINT", "ExecuTorchConvertConfig", "ExecuTorchConvertPass", "refused_operations"]
+__all__ = [
+    "CONVERT_CRASH_HOOK",
+    "INSTALL_HINT",
+    "TOOLCHAIN_PATH",
+    "ExecuTorchConvertConfig",
+    "ExecuTorchConvertPass",
+    "convert_here",
+    "refused_operations",
+]
 
 INSTALL_HINT = "pip install 'slimship[executorch]'"
+TOOLCHAIN_PATH = "SLIMSHIP_EXECUTORCH_TOOLCHAIN"
+CONVERT_CRASH_HOOK = "SLIMSHIP_EXECUTORCH_CONVERT_CRASH"
+_RESULT = ".convert-result.json"
 
 
 class ExecuTorchConvertConfig(PassConfig):
@@ -118,6 +143,25 @@ def _import_toolchain() -> tuple[Any, Any]:
             attempts={"executorch": f"not installed: {err}"},
         ) from err
     return to_edge_transform_and_lower, XnnpackPartitioner
+
+
+def _check_installed() -> None:
+    """The parent's cheap check (no import): executorch is importable here or in ``SLIMSHIP_EXECUTORCH_TOOLCHAIN``."""
+    import importlib.util
+
+    try:
+        here = importlib.util.find_spec("executorch") is not None
+    except (ImportError, ValueError):
+        here = False
+    apart = any(
+        Path(d, "executorch").is_dir() for d in os.environ.get(TOOLCHAIN_PATH, "").split(os.pathsep) if d
+    )
+    if not (here or apart):
+        raise ExportError(
+            f"the ExecuTorch converter is not installed (no module named 'executorch'); install it with "
+            f"`{INSTALL_HINT}`",
+            attempts={"executorch": "not installed"},
+        )
 
 
 def _dims(workload: Workload, config: ExecuTorchConvertConfig) -> tuple[str | None, dict[str, int]]:
@@ -244,11 +288,140 @@ def _executorch_version() -> str:
         return "unknown"
 
 
+def convert_here(
+    candidate: Candidate, workload: Workload, config: ExecuTorchConvertConfig, out_dir: Path
+) -> dict[str, Any]:
+    """Export, lower, write ``out_dir/model.pte`` and verify it against its parent, in this process (the pass runs
+    this in a subprocess); the info the candidate records."""
+    from slimship.candidate import load_torch_model
+    from slimship.machine import physical_cores
+    from slimship.measure.verify import compare_outputs
+    from slimship.runtime.executorch_backend import ExecuTorchRuntime
+    from slimship.runtime.torch_backend import TorchRuntime
+    from slimship.workload.base import TensorSpec
+
+    model = load_torch_model(candidate, workload)
+    batch_dim, bounds = _dims(workload, config)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ep, _names, inputs = _export(model, workload, config, batch_dim, bounds)
+        if os.environ.get(CONVERT_CRASH_HOOK) == "1":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        program = _lower(ep, workload)
+    seconds = round(time.perf_counter() - t0, 2)
+    out = out_dir / "model.pte"
+    out.write_bytes(program.buffer)
+    threads = physical_cores()
+    os.environ["SLIMSHIP_EXECUTORCH_PROBE"] = "off"  # this subprocess is the rehearsal
+    child = ExecuTorchRuntime(
+        out,
+        threads,
+        inputs=[TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in inputs],
+        output_names=[o.name for o in workload.outputs],
+        dim_max=bounds,
+    )
+    parent = TorchRuntime(model, workload.inputs, [o.name for o in workload.outputs], threads)
+    report = compare_outputs(parent, child, _verification_batches(workload, config, batch_dim), config.verify)
+    if not report.passed:
+        out.unlink(missing_ok=True)
+        raise VerificationError(
+            "the ExecuTorch program's outputs disagree with its PyTorch parent's: "
+            + "; ".join(report.failures),
+            report=report.to_json(),
+        )
+    record = {
+        "version": _executorch_version(),
+        "inputs": inputs,
+        "dim_max": bounds,
+        "dynamic_batch": batch_dim is not None,
+        **_delegation(program),
+    }
+    notices = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in caught})
+    return {
+        "convert_seconds": seconds,
+        "verification": report.to_json(),
+        "executorch": record,
+        "converter_warnings": notices,
+    }
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    extra = [p for p in env.get(TOOLCHAIN_PATH, "").split(os.pathsep) if p]
+    if extra:
+        env["PYTHONPATH"] = os.pathsep.join(
+            extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
+    return env
+
+
+def _crash_message(code: int, workload: Workload) -> str:
+    from slimship.machine import cpu_class
+    from slimship.runtime.executorch_backend import signal_name
+
+    return (
+        f"ExecuTorch's converter (torch.export → XNNPACK lowering → running the program to verify it) crashed with "
+        f"{signal_name(code)} in its subprocess while converting {workload.name}'s model on this {cpu_class()} host; "
+        "this process was not affected and no candidate was written. Keep this model on ONNX Runtime, or try "
+        "another executorch version"
+    )
+
+
+def _raise_child_error(err: dict[str, Any]) -> None:
+    kind, message = err.get("type"), str(err.get("message"))
+    attempts = {str(k): str(v) for k, v in (err.get("attempts") or {}).items()}
+    if kind == "VerificationError":
+        raise VerificationError(message, report=err.get("report"), attempts=attempts)
+    if kind == "ExportError":
+        raise ExportError(message, attempts=attempts)
+    raise ExportError(f"ExecuTorch conversion failed in its subprocess: {message}", attempts=attempts)
+
+
+def _convert_in_child(
+    candidate: Candidate, workload: Workload, config: ExecuTorchConvertConfig, out_dir: Path
+) -> dict[str, Any]:
+    result = out_dir / _RESULT
+    args = [str(candidate.path), str(out_dir), json.dumps(config.to_json_dict())]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "slimship.passes.executorch", *args],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            env=_child_env(),
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise ExportError(
+            f"ExecuTorch conversion of {workload.name}'s model did not finish within 3600 s",
+            attempts={"executorch": "timed out"},
+        ) from err
+    try:
+        payload = json.loads(result.read_text()) if result.is_file() else None
+    finally:
+        result.unlink(missing_ok=True)
+    if done.returncode < 0:
+        (out_dir / "model.pte").unlink(missing_ok=True)
+        raise ExportError(
+            _crash_message(done.returncode, workload), attempts={"executorch": f"crashed: {done.returncode}"}
+        )
+    if payload is None:
+        tail = " ".join(ln for ln in done.stderr.strip().splitlines()[-3:] if ln.strip())
+        raise ExportError(
+            f"ExecuTorch conversion's subprocess exited with {done.returncode} without a result: {tail[:600]}",
+            attempts={"executorch": f"exit {done.returncode}"},
+        )
+    if "error" in payload:
+        _raise_child_error(payload["error"])
+    return dict(payload["info"])
+
+
 class ExecuTorchConvertPass(Pass[ExecuTorchConvertConfig]):
     name: ClassVar[str] = "convert-executorch"
     summary: ClassVar[str] = (
         "PyTorch → ExecuTorch .pte (XNNPACK delegate, bounded dynamic batch), run by ExecuTorch's runtime here and "
-        "verified against its parent (x86 figures, not phone figures)"
+        "verified against its parent, all in a subprocess (x86 figures, not phone figures)"
     )
     config_cls = ExecuTorchConvertConfig
     input_format: ClassVar[str] = "torch"
@@ -258,51 +431,12 @@ class ExecuTorchConvertPass(Pass[ExecuTorchConvertConfig]):
     def run(
         self, candidate: Candidate, workload: Workload, config: ExecuTorchConvertConfig, out_dir: Path
     ) -> Candidate:
-        from slimship.candidate import load_torch_model, new_candidate
-        from slimship.machine import physical_cores
-        from slimship.measure.verify import compare_outputs
-        from slimship.runtime.executorch_backend import ExecuTorchRuntime
-        from slimship.runtime.torch_backend import TorchRuntime
-        from slimship.workload.base import TensorSpec
+        from slimship.candidate import new_candidate
+        from slimship.runtime.executorch_backend import mark_rehearsed
 
-        _import_toolchain()  # a missing package is reported before any work
-        model = load_torch_model(candidate, workload)
-        batch_dim, bounds = _dims(workload, config)
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ep, _names, inputs = _export(model, workload, config, batch_dim, bounds)
-            program = _lower(ep, workload)
-        seconds = round(time.perf_counter() - t0, 2)
-        out = out_dir / "model.pte"
-        out.write_bytes(program.buffer)
-        threads = physical_cores()
-        child = ExecuTorchRuntime(
-            out,
-            threads,
-            inputs=[TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in inputs],
-            output_names=[o.name for o in workload.outputs],
-            dim_max=bounds,
-        )
-        parent = TorchRuntime(model, workload.inputs, [o.name for o in workload.outputs], threads)
-        report = compare_outputs(
-            parent, child, _verification_batches(workload, config, batch_dim), config.verify
-        )
-        if not report.passed:
-            out.unlink(missing_ok=True)
-            raise VerificationError(
-                "the ExecuTorch program's outputs disagree with its PyTorch parent's: "
-                + "; ".join(report.failures),
-                report=report.to_json(),
-            )
-        record = {
-            "version": _executorch_version(),
-            "inputs": inputs,
-            "dim_max": bounds,
-            "dynamic_batch": batch_dim is not None,
-            **_delegation(program),
-        }
-        notices = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in caught})
+        _check_installed()  # a missing package is reported before any work
+        info = _convert_in_child(candidate, workload, config, out_dir)
+        mark_rehearsed(out_dir / "model.pte")  # the subprocess loaded and ran it: no second rehearsal
         return new_candidate(
             out_dir,
             name="executorch",
@@ -312,10 +446,29 @@ class ExecuTorchConvertPass(Pass[ExecuTorchConvertConfig]):
             parent=candidate,
             pass_name=self.name,
             pass_config=config.to_json_dict(),
-            info={
-                "convert_seconds": seconds,
-                "verification": report.to_json(),
-                "executorch": record,
-                "converter_warnings": notices,
-            },
+            info=info,
         )
+
+
+def _child_main(argv: list[str]) -> int:
+    from slimship.candidate import load_candidate
+    from slimship.errors import SlimshipError
+    from slimship.workload import resolve_workload
+
+    cand_dir, out_dir, cfg = Path(argv[0]), Path(argv[1]), ExecuTorchConvertConfig.parse(json.loads(argv[2]))
+    result = out_dir / _RESULT
+    try:
+        candidate = load_candidate(cand_dir)
+        info = convert_here(candidate, resolve_workload(candidate.workload), cfg, out_dir)
+    except SlimshipError as err:
+        error = {"type": type(err).__name__, "message": str(err), "attempts": getattr(err, "attempts", {})}
+        if isinstance(err, VerificationError):
+            error["report"] = err.report
+        result.write_text(json.dumps({"error": error}, default=str))
+        return 3
+    result.write_text(json.dumps({"info": info}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
