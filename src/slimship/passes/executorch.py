@@ -14,7 +14,7 @@ is not affected — nor does it ever import ExecuTorch's converter or the torcha
 installed torchao in every process that loads a Hugging Face model). ``SLIMSHIP_EXECUTORCH_TOOLCHAIN`` (directories,
 ``os.pathsep``-separated) is put first on the subprocess's ``PYTHONPATH`` only: a toolchain installed apart with
 ``pip install --target DIR`` stays invisible to everything else. ``SLIMSHIP_EXECUTORCH_CONVERT_CRASH=1`` makes the
-subprocess die with SIGSEGV before lowering (the tests' way of forcing the crash path).
+subprocess die with SIGSEGV before it starts (the tests' way of forcing the crash path).
 
 The batch bound survives lowering only with oneDNN/NNPACK off while converting: their backend-selection heuristics
 ask "batch ≥ 16?" of the symbolic batch and narrow it to 2…15 (measured with executorch 1.5.1 and torch 2.13, via
@@ -300,14 +300,14 @@ def convert_here(
     from slimship.runtime.torch_backend import TorchRuntime
     from slimship.workload.base import TensorSpec
 
+    if os.environ.get(CONVERT_CRASH_HOOK) == "1":
+        os.kill(os.getpid(), signal.SIGSEGV)
     model = load_torch_model(candidate, workload)
     batch_dim, bounds = _dims(workload, config)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ep, _names, inputs = _export(model, workload, config, batch_dim, bounds)
-        if os.environ.get(CONVERT_CRASH_HOOK) == "1":
-            os.kill(os.getpid(), signal.SIGSEGV)
         program = _lower(ep, workload)
     seconds = round(time.perf_counter() - t0, 2)
     out = out_dir / "model.pte"
@@ -330,6 +330,7 @@ def convert_here(
             + "; ".join(report.failures),
             report=report.to_json(),
         )
+    inputs, bounds = _batch_of_one_named(workload, config, batch_dim, inputs, bounds)
     record = {
         "version": _executorch_version(),
         "inputs": inputs,
@@ -344,6 +345,27 @@ def convert_here(
         "executorch": record,
         "converter_warnings": notices,
     }
+
+
+def _batch_of_one_named(
+    workload: Workload,
+    config: ExecuTorchConvertConfig,
+    batch_dim: str | None,
+    inputs: list[dict[str, Any]],
+    bounds: dict[str, int],
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A program fixed at batch 1 is recorded with its batch axis named and bounded by 1, so the runtime takes any
+    batch (one row at a time, like any batch beyond a bound) instead of refusing all but 1."""
+    first = workload.inputs[0].shape
+    name = first[0] if first and isinstance(first[0], str) else None
+    if batch_dim is not None or config.max_batch != 1 or name is None:
+        return inputs, bounds
+    specs = {s.name: s.shape for s in workload.inputs}
+    named = [
+        {**i, "shape": [name, *i["shape"][1:]]} if specs[i["name"]] and specs[i["name"]][0] == name else i
+        for i in inputs
+    ]
+    return named, {name: 1, **bounds}
 
 
 def _child_env() -> dict[str, str]:

@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import threading
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,14 +67,14 @@ _LIVE: weakref.WeakSet[ExecuTorchRuntime] = weakref.WeakSet()
 _REHEARSED: set[tuple[str, int, int]] = set()
 
 _PROBE_CHILD = """
-import os, signal, sys, warnings
+import os, signal, sys
 if os.environ.get({hook!r}) == "1":
     os.kill(os.getpid(), signal.SIGSEGV)
-warnings.simplefilter("ignore")
 import torch
-from executorch.runtime import Runtime
-method = Runtime.get().load_program(sys.argv[1]).load_method("forward")
-meta = method.metadata
+from executorch.extension.pybindings import _C
+program = _C._load_program(sys.argv[1], program_verification=_C.Verification.InternalConsistency)
+method = program.load_method("forward")
+meta = method.method_meta()
 dtypes = {{0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64, 6: torch.float32,
           7: torch.float64, 11: torch.bool}}
 args = []
@@ -83,7 +82,7 @@ for i in range(meta.num_inputs()):
     info = meta.input_tensor_meta(i)
     shape = [int(d) for d in sys.argv[2 + i].split(",")] if len(sys.argv) > 2 + i else list(info.sizes())
     args.append(torch.zeros(shape, dtype=dtypes[int(info.dtype())]))
-method.execute(args)
+method(args)
 print("ran")
 """
 
@@ -101,21 +100,21 @@ _SCALAR_TYPES = {
 }
 
 
-def import_executorch_runtime() -> tuple[Any, Any]:
-    """ExecuTorch's ``Runtime`` singleton and its bindings module (``portable_lib``), or a
-    :class:`RuntimeUnavailableError` naming the extra to install."""
+def import_executorch_runtime() -> Any:
+    """ExecuTorch's runtime bindings (the compiled ``_C`` module ``portable_lib`` re-exports), or a
+    :class:`RuntimeUnavailableError` naming the extra to install.
+
+    Imported directly, with torch first (its libraries are the module's dependencies): ``portable_lib`` and
+    ``executorch.runtime`` import ``executorch.exir`` on the way, ~6 s of CPU per process for nothing a runtime uses."""
     try:
-        with warnings.catch_warnings():
-            # executorch.runtime warns on import that its API is experimental (it is; slimship pins the version)
-            warnings.simplefilter("ignore")
-            from executorch.extension.pybindings import portable_lib
-            from executorch.runtime import Runtime as ETRuntime
+        import torch  # noqa: F401  (loads libtorch, which the bindings link against)
+        from executorch.extension.pybindings import _C
     except (ImportError, OSError) as err:
         raise RuntimeUnavailableError(
             f"the ExecuTorch runtime is not installed ({err}); install it with `{INSTALL_HINT}` "
             "(or run the candidate's PyTorch parent on runtime 'torch')"
         ) from err
-    return ETRuntime.get(), portable_lib
+    return _C
 
 
 def signal_name(code: int) -> str:
@@ -212,7 +211,7 @@ class ExecuTorchRuntime(Runtime):
         without them every input is taken as fixed at the size the program was planned for. ``dim_max``: the
         largest size each named dynamic axis may take (the memory plan). ``settings``: the candidate's deployment
         settings (``threads`` given here overrides their thread count)."""
-        et, self._lib = import_executorch_runtime()
+        self._lib = import_executorch_runtime()
         self.path = Path(path)
         if self.path.suffix != ".pte" or not self.path.is_file():
             raise InferenceError(f"{self.path} is not an ExecuTorch program (.pte)")
@@ -224,13 +223,16 @@ class ExecuTorchRuntime(Runtime):
         try:
             with _CALL_LOCK:
                 pool = _sized_pool(self._lib, threads)
-                program = et.load_program(self.path)
-                self._method = program.load_method("forward")
+                # the program stays referenced for as long as its method (the method points into it)
+                self._program = self._lib._load_program(
+                    str(self.path), program_verification=self._lib.Verification.InternalConsistency
+                )
+                self._method = self._program.load_method("forward")
         except Exception as err:
             raise InferenceError(f"ExecuTorch can't load {self.path}: {err}") from err
         if self._method is None:
             raise InferenceError(f"{self.path} has no 'forward' method")
-        meta = self._method.metadata
+        meta = self._method.method_meta()
         planned = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
         specs = tuple(inputs) if inputs is not None else self._fixed_specs(meta)
         if len(specs) != len(planned):
@@ -290,7 +292,7 @@ class ExecuTorchRuntime(Runtime):
         args = [torch.from_numpy(np.ascontiguousarray(batch[s.name])) for s in self.inputs]
         try:
             with _CALL_LOCK:  # never resize the pool here: this program holds it (see the module docstring)
-                out = self._method.execute(args)
+                out = self._method(args)
         except Exception as err:
             shapes = {k: list(v.shape) for k, v in batch.items()}
             raise InferenceError(f"ExecuTorch failed on a batch of shapes {shapes}: {err}") from err
