@@ -156,9 +156,7 @@ def test_a_crash_in_the_converter_is_named_and_this_process_goes_on(monkeypatch,
     from slimship.runtime import create_runtime
 
     orig = original_candidate(mnist, tmp_path / "original")
-    monkeypatch.setenv(
-        "SLIMSHIP_EXECUTORCH_CONVERT_CRASH", "1"
-    )  # the subprocess SIGSEGVs itself first
+    monkeypatch.setenv("SLIMSHIP_EXECUTORCH_CONVERT_CRASH", "1")  # the subprocess SIGSEGVs itself first
     with pytest.raises(ExportError, match=r"converter .* crashed with SIGSEGV in its subprocess") as err:
         run_pass("convert-executorch", orig, mnist, {"max_batch": 4, "verify_samples": 8}, tmp_path / "pte")
     assert "this process was not affected" in str(err.value) and err.value.attempts == {

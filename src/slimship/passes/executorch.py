@@ -334,6 +334,7 @@ def convert_here(
     record = {
         "version": _executorch_version(),
         "inputs": inputs,
+        "outputs": [o.name for o in workload.outputs],
         "dim_max": bounds,
         "dynamic_batch": batch_dim is not None,
         **_delegation(program),
