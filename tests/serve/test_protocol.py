@@ -45,7 +45,8 @@ def server(models, tmp_path_factory, request):
         cfg,
         env={"SLIMSHIP_ADMIN_TOKEN": ADMIN},
         args=("--ray",) if ray else (),
-        ready_timeout=240 if ray else 90,
+        # Ray starts a cluster; an ExecuTorch program is first rehearsed in a probe subprocess (torch + executorch)
+        ready_timeout=240 if ray or request.param == "executorch" else 90,
     )
     s.runtime = request.param
     yield s

@@ -31,6 +31,9 @@ _DEFAULT_BACKEND = {
 }
 
 
+_FORMAT_NAMES = {"onnx": "an ONNX", "openvino": "an OpenVINO IR", "executorch": "an ExecuTorch"}
+
+
 def default_backend(fmt: str) -> str:
     """The runtime a candidate of format ``fmt`` runs on by default."""
     return _DEFAULT_BACKEND.get(fmt, "onnxruntime")
@@ -56,7 +59,8 @@ def create_runtime(
     if backend == "torch":
         if candidate.format != "torch":
             raise InferenceError(
-                f"candidate {candidate.id} is a {candidate.format} model; run it with runtime "
+                f"candidate {candidate.id} is {_FORMAT_NAMES.get(candidate.format, candidate.format)} model; run it "
+                "with runtime "
                 f"{default_backend(candidate.format)!r} (the torch runtime runs PyTorch candidates)"
             )
         from slimship.candidate import load_torch_model
