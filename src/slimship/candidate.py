@@ -3,7 +3,8 @@
 A candidate lives in its own directory::
 
     <dir>/candidate.json    metadata: id, format, artifact, workload ref, parent, pass + config, info
-    <dir>/model.onnx        or model.safetensors for PyTorch candidates, or model.xml + model.bin (OpenVINO IR)
+    <dir>/model.onnx        or model.safetensors for PyTorch candidates, or model.xml + model.bin (OpenVINO IR),
+                            or model.pte (an ExecuTorch program)
 
 Passes never mutate their input: each writes a new directory. PyTorch artifacts are safetensors
 state dicts loaded into the workload's architecture (never a pickle).
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
 
 SCHEMA = "slimship.candidate/1"
-Format = Literal["torch", "onnx", "openvino"]
+Format = Literal["torch", "onnx", "openvino", "executorch"]
 
 
 @dataclass(frozen=True)

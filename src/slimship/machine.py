@@ -26,6 +26,7 @@ TRACKED_PACKAGES = (
     "torch-pruning",
     "optuna",
     "openvino",
+    "executorch",
 )
 
 

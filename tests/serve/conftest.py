@@ -178,6 +178,21 @@ def digits_openvino(digits, digits_chain, tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def digits_executorch(digits, digits_chain, tmp_path_factory):
+    """The digits model converted to an ExecuTorch program (XNNPACK, batch ≤ 64, verified against its PyTorch
+    parent)."""
+    from slimship.passes import run_pass
+
+    return run_pass(
+        "convert-executorch",
+        digits_chain[0],
+        digits,
+        {"max_batch": 64, "verify_samples": 32},
+        tmp_path_factory.mktemp("digits-et") / "pte",
+    )
+
+
 def perturbed_candidate(cand, workload, out: Path, scale: float, seed: int = 0):
     """A copy of an ONNX candidate whose weight matrices got Gaussian noise (``scale`` × each tensor's std):
     a deliberately broken version that still runs and answers with the right shapes."""

@@ -16,17 +16,17 @@ from tests.serve.conftest import ServerProcess
 ADMIN = "adm1n-t0ken"
 
 
-@pytest.fixture(scope="module", params=["local", "openvino", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.fixture(
+    scope="module", params=["local", "openvino", "executorch", pytest.param("ray", marks=pytest.mark.ray)]
+)
 def server(models, tmp_path_factory, request):
-    """The same suite against the single-process server, against it with digits v1 an OpenVINO IR candidate (served
-    through the runtime contract), and against the Ray Serve deployment (`serve --ray`)."""
+    """The same suite against the single-process server, against it with digits v1 an OpenVINO IR candidate or an
+    ExecuTorch program (each served through the runtime contract), and against the Ray Serve deployment
+    (`serve --ray`)."""
     ray = request.param == "ray"
     small = {"replicas": {"num_cpus": 0.5}} if ray else {}  # three versions on a 2-CPU local Ray instance
-    v1 = (
-        str(request.getfixturevalue("digits_openvino").path)
-        if request.param == "openvino"
-        else models["digits_v1"]
-    )
+    converted = {"openvino": "digits_openvino", "executorch": "digits_executorch"}.get(request.param)
+    v1 = str(request.getfixturevalue(converted).path) if converted else models["digits_v1"]
     cfg = {
         "models": [
             {"name": "digits", "path": v1, "version": "1", **small},
@@ -45,7 +45,8 @@ def server(models, tmp_path_factory, request):
         cfg,
         env={"SLIMSHIP_ADMIN_TOKEN": ADMIN},
         args=("--ray",) if ray else (),
-        ready_timeout=240 if ray else 90,
+        # Ray starts a cluster; an ExecuTorch program is first rehearsed in a probe subprocess (torch + executorch)
+        ready_timeout=240 if ray or request.param == "executorch" else 90,
     )
     s.runtime = request.param
     yield s
@@ -87,12 +88,14 @@ def test_tritonclient_every_endpoint(server, binary, models):
 
 def test_each_version_names_the_runtime_serving_it(server):
     ov = server.runtime == "openvino"
+    runtime = server.runtime if server.runtime in ("openvino", "executorch") else "onnxruntime"
     m = httpx.get(f"http://{server.url}/v2/models/digits/versions/1").json()
-    assert m["platform"] == ("openvino" if ov else "onnxruntime_onnx")
+    assert m["platform"] == (runtime if runtime != "onnxruntime" else "onnxruntime_onnx")
     settings = m["parameters"]["runtime_settings"]
-    assert settings["runtime"] == ("openvino" if ov else "onnxruntime")
-    if ov:  # explicit precision, and the probe ran through the OpenVINO runtime at load
+    assert settings["runtime"] == runtime
+    if ov:  # explicit precision
         assert settings["openvino_config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    if runtime != "onnxruntime":  # the probe ran through the candidate's own runtime at load
         assert m["parameters"]["verification"]["status"] == "passed"
     assert (
         httpx.get(f"http://{server.url}/v2/models/digits/versions/2").json()["platform"] == "onnxruntime_onnx"

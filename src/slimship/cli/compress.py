@@ -102,6 +102,11 @@ def passes(
         for field, f in p["fields"].items():
             typer.echo(f"  {field} = {json.dumps(f['default'], default=str)}")
             typer.echo(f"      {f['description']}")
+    if name is None:
+        from slimship.passes import UNVERIFIABLE_TARGETS
+
+        for target, why in UNVERIFIABLE_TARGETS.items():
+            typer.echo(f"{target:10s} {why}")
 
 
 @app.command()

@@ -325,9 +325,9 @@ def verify(
     from slimship.runtime.settings import settings_for_candidate
 
     cand = load_candidate(target)
-    if cand.format not in ("onnx", "openvino"):
+    if cand.format not in ("onnx", "openvino", "executorch"):
         raise typer.BadParameter(
-            f"{target} is a {cand.format} candidate; verify checks ONNX and OpenVINO candidates (export it first)"
+            f"{target} is a {cand.format} candidate; verify checks ONNX, OpenVINO and ExecuTorch candidates (export it first)"
         )
     if add_probe:
         from slimship.workload import resolve_workload
@@ -349,7 +349,12 @@ def verify(
 
 
 def _probe_runtime(cand: Any, settings: Any, threads: int) -> Any:
-    """The candidate's runtime with exactly its deployment settings (ONNX Runtime or OpenVINO)."""
+    """The candidate's runtime with exactly its deployment settings (ONNX Runtime, OpenVINO or ExecuTorch)."""
+    if settings.runtime == "executorch":
+        from slimship.runtime import create_runtime
+        from slimship.workload import resolve_workload
+
+        return create_runtime(cand, resolve_workload(cand.workload), threads=threads)
     if settings.runtime == "openvino":
         from slimship.runtime.openvino_backend import OpenVINORuntime
 

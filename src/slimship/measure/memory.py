@@ -163,7 +163,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("candidate")
-    parser.add_argument("--backend", required=True, choices=["torch", "onnxruntime", "openvino"])
+    parser.add_argument(
+        "--backend", required=True, choices=["torch", "onnxruntime", "openvino", "executorch"]
+    )
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--seq-len", type=int, default=None)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from slimship.errors import ConfigError
 from slimship.passes.base import Pass, PassConfig
 from slimship.passes.distill import DistillConfig, DistillPass, StudentSpec
+from slimship.passes.executorch import ExecuTorchConvertConfig, ExecuTorchConvertPass
 from slimship.passes.export import ExportConfig, ExportPass
 from slimship.passes.lowrank import LowRankConfig, LowRankPass
 from slimship.passes.nncf_quant import (
@@ -42,9 +43,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PASSES",
+    "UNVERIFIABLE_TARGETS",
     "DepthPruneConfig",
     "DistillConfig",
     "DynamicQuantConfig",
+    "ExecuTorchConvertConfig",
     "ExportConfig",
     "GraphOptimizeConfig",
     "Int4WeightOnlyConfig",
@@ -93,7 +96,14 @@ PASSES: dict[str, type[Pass[Any]]] = {
         OpenVINOConvertPass,
         NNCFQuantizePass,
         NNCFOnnxQuantizePass,
+        ExecuTorchConvertPass,
     )
+}
+
+#: deployment targets slimship does not offer, and why: it hands back only what it verified on the host it runs on
+UNVERIFIABLE_TARGETS = {
+    "coreml": "not offered: a CoreML model can only be run (and so verified) on macOS/iOS, not on this Linux host",
+    "tensorrt": "not offered: a TensorRT engine needs an NVIDIA GPU to be built, run and verified; this host has none",
 }
 
 

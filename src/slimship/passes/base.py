@@ -158,8 +158,12 @@ class Pass(ABC, Generic[C]):
 
 
 def record_deployment(candidate: Candidate) -> Candidate:
-    """Record the runtime settings an ONNX or OpenVINO candidate was measured with on this machine
+    """Record the runtime settings an ONNX, OpenVINO or ExecuTorch candidate was measured with on this machine
     (``info["deployment"]``, decided by :mod:`slimship.runtime.settings`); every consumer applies them."""
+    if candidate.format == "executorch":
+        from slimship.runtime.settings import decide_executorch_settings
+
+        return candidate.with_info(deployment=decide_executorch_settings().to_json()).save()
     if candidate.format == "openvino":
         from slimship.runtime.settings import decide_openvino_settings
 
@@ -177,7 +181,7 @@ def record_probe(candidate: Candidate, workload: Workload) -> Candidate:
     """Give an ONNX candidate its probe (real inputs + the original's outputs + the fidelity it has on them here,
     :mod:`slimship.measure.probe`), so any host can re-verify it before serving. A probe that can't be made is
     recorded with the reason (``info["probe_error"]``) rather than failing the pass."""
-    if candidate.format not in ("onnx", "openvino"):
+    if candidate.format not in ("onnx", "openvino", "executorch"):
         return candidate
     from slimship.errors import SlimshipError
     from slimship.measure.probe import add_probe

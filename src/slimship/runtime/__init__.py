@@ -1,8 +1,9 @@
-"""Runtimes: one ``predict(batch) -> outputs`` contract over PyTorch eager, ONNX Runtime and OpenVINO.
+"""Runtimes: one ``predict(batch) -> outputs`` contract over PyTorch eager, ONNX Runtime, OpenVINO and ExecuTorch.
 
 ``create_runtime(candidate, workload, backend=None, threads=None)`` picks the backend from the
 candidate's format unless told (a PyTorch candidate runs on ``torch``; an ONNX one on
-``onnxruntime``; an OpenVINO IR on ``openvino``). Threads default to the machine's physical cores.
+``onnxruntime``; an OpenVINO IR on ``openvino``; an ExecuTorch ``.pte`` on ``executorch``). Threads default to the
+machine's physical cores.
 """
 
 from __future__ import annotations
@@ -19,10 +20,18 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKENDS", "Runtime", "create_runtime", "default_backend", "validate_batch"]
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
+BACKENDS = ("torch", "onnxruntime", "openvino", "executorch")
 
 #: the runtime each candidate format runs on unless told otherwise
-_DEFAULT_BACKEND = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}
+_DEFAULT_BACKEND = {
+    "torch": "torch",
+    "onnx": "onnxruntime",
+    "openvino": "openvino",
+    "executorch": "executorch",
+}
+
+
+_FORMAT_NAMES = {"onnx": "an ONNX", "openvino": "an OpenVINO IR", "executorch": "an ExecuTorch"}
 
 
 def default_backend(fmt: str) -> str:
@@ -50,7 +59,9 @@ def create_runtime(
     if backend == "torch":
         if candidate.format != "torch":
             raise InferenceError(
-                f"candidate {candidate.id} is an ONNX model; run it with runtime 'onnxruntime' (the torch runtime runs PyTorch candidates)"
+                f"candidate {candidate.id} is {_FORMAT_NAMES.get(candidate.format, candidate.format)} model; run it "
+                "with runtime "
+                f"{default_backend(candidate.format)!r} (the torch runtime runs PyTorch candidates)"
             )
         from slimship.candidate import load_torch_model
         from slimship.runtime.torch_backend import TorchRuntime
@@ -63,6 +74,8 @@ def create_runtime(
         )
     if backend == "openvino" or candidate.format == "openvino":
         return _openvino_runtime(candidate, workload, backend, threads)
+    if backend == "executorch" or candidate.format == "executorch":
+        return _executorch_runtime(candidate, workload, backend, threads)
     if candidate.format != "onnx":
         raise InferenceError(
             f"candidate {candidate.id} is a PyTorch model; export it first (`slimship export`) to run it on onnxruntime"
@@ -94,6 +107,37 @@ def _openvino_runtime(candidate: Candidate, workload: Workload, backend: str, th
     )
     rt.inputs = _merge_specs(rt.inputs, workload, candidate)
     return rt
+
+
+def _executorch_runtime(candidate: Candidate, workload: Workload, backend: str, threads: int) -> Runtime:
+    if candidate.format != "executorch" or backend != "executorch":
+        raise InferenceError(
+            f"candidate {candidate.id} is a {candidate.format} model and runtime {backend!r} was asked for; "
+            "an ExecuTorch program (.pte) runs on runtime 'executorch', and a PyTorch model becomes one with the "
+            "`convert-executorch` pass"
+        )
+    from slimship.runtime.executorch_backend import ExecuTorchRuntime
+    from slimship.runtime.settings import settings_for_candidate
+    from slimship.workload.base import TensorSpec
+
+    record = candidate.info.get("executorch") or {}
+    try:
+        inputs = [TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in record["inputs"]]
+        dim_max = {str(k): int(v) for k, v in record["dim_max"].items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise InferenceError(
+            f"candidate {candidate.id} does not record its ExecuTorch inputs (info.executorch.inputs / dim_max: "
+            f"{err!r}); convert it again with the `convert-executorch` pass"
+        ) from err
+    settings, _notes = settings_for_candidate(candidate.info, candidate.artifact_path)
+    return ExecuTorchRuntime(
+        candidate.artifact_path,
+        threads,
+        inputs=inputs,
+        output_names=[o.name for o in workload.outputs],
+        dim_max=dim_max,
+        settings=settings,
+    )
 
 
 def _merge_specs(

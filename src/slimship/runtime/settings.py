@@ -27,6 +27,10 @@ OpenVINO settings decided here (``runtime: "openvino"``, the compile properties 
 ``NUM_STREAMS`` = 1, ``PERFORMANCE_HINT`` = ``LATENCY``, ``ENABLE_CPU_PINNING`` = ``NO``
     One stream with ``intra_op_threads`` threads (``INFERENCE_NUM_THREADS``), latency-oriented; threads are not
     pinned to cores, because the cores are shared with whatever else runs (like ORT's spinning off).
+
+ExecuTorch settings (``runtime: "executorch"``, a ``.pte`` with the XNNPACK delegate): the thread count of XNNPACK's
+process-wide thread pool (``intra_op_threads``), set before every call. Nothing in them affects precision: an fp32
+program computes in fp32 whatever the host.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = [
     "GRAPH_LEVELS",
     "INT8_COMPUTE_OPS",
     "DeploymentSettings",
+    "decide_executorch_settings",
     "decide_openvino_settings",
     "decide_settings",
     "deployed_precision",
@@ -84,7 +89,7 @@ KNOWN_OPENVINO_PROPERTIES = {
     "ENABLE_CPU_PINNING": "YES/NO: pin the inference threads to cores",
 }
 OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
-RUNTIMES = ("onnxruntime", "openvino")
+RUNTIMES = ("onnxruntime", "openvino", "executorch")
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,8 @@ class DeploymentSettings:
         return out
 
     def describe(self) -> str:
+        if self.runtime == "executorch":
+            return f"executorch (XNNPACK) on {self.cpu_class or 'this CPU'}: threads {self.intra_op_threads or 'all cores'}"
         if self.runtime == "openvino":
             props = ", ".join(f"{k}={v}" for k, v in self.openvino_config.items())
             return f"openvino on {self.cpu_class or 'this CPU'}: {props}; threads {self.intra_op_threads or 'all cores'}"
@@ -267,6 +274,21 @@ def decide_openvino_settings(
     )
 
 
+def decide_executorch_settings(
+    *, threads: int | None = None, flags: Iterable[str] | None = None, arch: str | None = None
+) -> DeploymentSettings:
+    """ExecuTorch settings for a ``.pte`` on this machine (or on the CPU described by ``flags``/``arch``)."""
+    return DeploymentSettings(
+        runtime="executorch",
+        intra_op_threads=threads,
+        spinning=False,
+        cpu_class=cpu_class(None if flags is None else set(flags), arch),
+        reasons={
+            "intra_op_threads": "XNNPACK's thread pool is process-wide: set to this count before every call",
+        },
+    )
+
+
 def graph_int8_ops(model: Any) -> tuple[str, ...]:
     """The int8-compute op types in an ONNX model (a path, bytes or a ModelProto), sorted."""
     import onnx
@@ -335,10 +357,13 @@ def settings_for_candidate(
     if recorded is None:
         if Path(model_path).suffix == ".xml":
             return decide_openvino_settings(flags=flags), []
+        if Path(model_path).suffix == ".pte":
+            return decide_executorch_settings(flags=flags), []
         return decide_settings(model_path, flags=flags), []
     rec = DeploymentSettings.from_json(recorded)
-    if rec.runtime == "openvino":
-        # the precision hint is a property of the candidate, never of the host: it stays as recorded
+    if rec.runtime in ("openvino", "executorch"):
+        # OpenVINO's precision hint is a property of the candidate, never of the host: it stays as recorded
+        # (ExecuTorch's settings hold no precision entry at all)
         return replace(rec, cpu_class=cls), (
             [f"recorded on {rec.cpu_class}, loaded on {cls}"]
             if rec.cpu_class and rec.cpu_class != cls

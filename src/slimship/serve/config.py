@@ -210,9 +210,9 @@ class ModelSpec(BaseModel):
             from slimship.candidate import load_candidate
 
             cand = load_candidate(p)
-            if cand.format not in ("onnx", "openvino"):
+            if cand.format not in ("onnx", "openvino", "executorch"):
                 raise ConfigError(
-                    f"{p} holds a {cand.format} candidate; the server runs ONNX and OpenVINO IR — export it first "
+                    f"{p} holds a {cand.format} candidate; the server runs ONNX, OpenVINO IR and ExecuTorch programs — export it first "
                     f"(`slimship export` or a recipe's export step)"
                 )
             return str(cand.artifact_path), dict(cand.workload)

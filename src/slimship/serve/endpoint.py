@@ -240,10 +240,43 @@ def _openvino_session(path: Path, settings: Any, model: str, version: str) -> An
     return RuntimeSession(rt, rt.output_specs)
 
 
+def _executorch_session(path: Path, settings: Any, model: str, version: str) -> Any:
+    """An ExecuTorch runtime for the candidate's ``.pte`` at ``path`` seen as a session (its inputs, bounds and output
+    names come from the candidate's record, so a bare ``.pte`` is refused)."""
+    from slimship.candidate import load_candidate
+    from slimship.errors import ServingError, SlimshipError
+    from slimship.runtime.executorch_backend import ExecuTorchRuntime
+    from slimship.runtime.session import RuntimeSession
+    from slimship.workload.base import TensorSpec
+
+    try:
+        cand = load_candidate(path.parent)
+        rec = cand.info["executorch"]
+        outputs = rec.get("outputs")
+        if not outputs:  # converted before the record named them
+            from slimship.workload import resolve_workload
+
+            outputs = [o.name for o in resolve_workload(cand.workload).outputs]
+        rt = ExecuTorchRuntime(
+            path,
+            settings.intra_op_threads or 1,
+            inputs=[TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in rec["inputs"]],
+            output_names=list(outputs),
+            dim_max={str(k): int(v) for k, v in rec["dim_max"].items()},
+            settings=settings,
+        )
+    except (SlimshipError, KeyError, TypeError) as err:
+        raise ServingError(
+            f"can't load {path} for {model} v{version}: {err!r} (serve an ExecuTorch program as the candidate "
+            "directory `convert-executorch` wrote: its record names the program's inputs and bounds)"
+        ) from err
+    return RuntimeSession(rt)
+
+
 def _limits_source(path: Path) -> Path:
-    """The ONNX graph whose token-id / length limits apply to the model at ``path``: itself, or for an OpenVINO IR
-    the nearest ONNX ancestor of its candidate (the graph it was converted from)."""
-    if path.suffix != ".xml" or not (path.parent / "candidate.json").exists():
+    """The ONNX graph whose token-id / length limits apply to the model at ``path``: itself, or for an OpenVINO IR or
+    an ExecuTorch program the nearest ONNX ancestor of its candidate (none: no limits are read)."""
+    if path.suffix not in (".xml", ".pte") or not (path.parent / "candidate.json").exists():
         return path
     from slimship.candidate import load_candidate
     from slimship.errors import CandidateError
@@ -299,6 +332,12 @@ class Endpoint(ModelIO):
                 _openvino_session(self.path, self.settings, model, self.version)
                 for _ in range(self.config.instances)
             ]
+        elif self.settings.runtime == "executorch":  # an ExecuTorch .pte, served through the runtime contract
+            self.platform = "executorch"
+            self.sessions = [
+                _executorch_session(self.path, self.settings, model, self.version)
+                for _ in range(self.config.instances)
+            ]
         else:
             for _ in range(self.config.instances):
                 so = self.settings.session_options()
@@ -315,7 +354,9 @@ class Endpoint(ModelIO):
         self.verification = verify_on_load(
             model, self.version, self.path, self.session, self.settings, self.config.verify
         )
-        self.limits = read_input_limits(_limits_source(self.path))
+        limits_from = _limits_source(self.path)
+        # a .pte with no ONNX ancestor has no graph to read limits from (its bounds are checked by its runtime)
+        self.limits = InputLimits() if limits_from.suffix == ".pte" else read_input_limits(limits_from)
         self.inputs = [
             WireTensorSpec(i.name, wire_datatype(i.type), tuple(i.shape)) for i in self.session.get_inputs()
         ]

@@ -69,11 +69,11 @@ def resolve_models(config: ServeConfig) -> list[dict[str, Any]]:
             ref = str(m.registry)
             v = registry.get(reg_model, int(ref) if ref.isdigit() else ref)
             cand = registry.fetch(reg_model, v.number)
-            if cand.format not in ("onnx", "openvino"):
+            if cand.format not in ("onnx", "openvino", "executorch"):
                 from slimship.errors import ConfigError
 
                 raise ConfigError(
-                    f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX and OpenVINO IR (export it first)"
+                    f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX, OpenVINO IR and ExecuTorch programs (export it first)"
                 )
             onnx, version = str(cand.artifact_path), m.version or str(v.number)
             source = {

@@ -357,9 +357,9 @@ class Server:
             None, self.registry.get, reg_model, int(ref) if str(ref).isdigit() else ref
         )
         cand = await loop.run_in_executor(None, self.registry.fetch, reg_model, v.number)  # verified by hash
-        if cand.format not in ("onnx", "openvino"):
+        if cand.format not in ("onnx", "openvino", "executorch"):
             raise ServingError(
-                f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX and OpenVINO IR (export it first)"
+                f"{reg_model} v{v.number} is a {cand.format} model; the server runs ONNX, OpenVINO IR and ExecuTorch programs (export it first)"
             )
         return await self.load(
             name,
