@@ -62,6 +62,19 @@ __all__ = [
 
 INSTALL_HINT = "pip install 'slimship[executorch]'"
 TOOLCHAIN_PATH = "SLIMSHIP_EXECUTORCH_TOOLCHAIN"
+#: where ``scripts/bootstrap.sh dev`` puts torchao (inside the venv, off its import path): the default toolchain path
+DEFAULT_TOOLCHAIN_DIR = "slimship-executorch-toolchain"
+
+
+def toolchain_dirs() -> list[str]:
+    """``SLIMSHIP_EXECUTORCH_TOOLCHAIN``'s directories, else the venv's own toolchain directory when it exists."""
+    named = [d for d in os.environ.get(TOOLCHAIN_PATH, "").split(os.pathsep) if d]
+    if named:
+        return named
+    default = Path(sys.prefix) / DEFAULT_TOOLCHAIN_DIR
+    return [str(default)] if default.is_dir() else []
+
+
 CONVERT_CRASH_HOOK = "SLIMSHIP_EXECUTORCH_CONVERT_CRASH"
 _RESULT = ".convert-result.json"
 
@@ -153,9 +166,7 @@ def _check_installed() -> None:
         here = importlib.util.find_spec("executorch") is not None
     except (ImportError, ValueError):
         here = False
-    apart = any(
-        Path(d, "executorch").is_dir() for d in os.environ.get(TOOLCHAIN_PATH, "").split(os.pathsep) if d
-    )
+    apart = any(Path(d, "executorch").is_dir() for d in toolchain_dirs())
     if not (here or apart):
         raise ExportError(
             f"the ExecuTorch converter is not installed (no module named 'executorch'); install it with "
@@ -371,7 +382,7 @@ def _batch_of_one_named(
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    extra = [p for p in env.get(TOOLCHAIN_PATH, "").split(os.pathsep) if p]
+    extra = toolchain_dirs()
     if extra:
         env["PYTHONPATH"] = os.pathsep.join(
             extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
