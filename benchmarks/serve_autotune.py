@@ -4,11 +4,14 @@ measure, in rounds that rotate the order, three servers with the same load: slim
 config, slimship with the chosen config, and the plain FastAPI + ONNX Runtime server of benchmarks/servers/ (one
 session.run per request, no batching). Medians of the rounds; ratios per round too.
 
-The machine is shared (other jobs run niced beside this one, and this one niced): absolute figures move with the
-load, so only the interleaved ratios mean much; the load average is recorded beside them.
+The machine may be shared: absolute figures move with the load, so only the interleaved ratios mean much; the load
+average is recorded at the start and end and beside every cell, and `--context` says what else ran.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/serve_autotune.py      # writes benchmarks/results/serve_autotune-avx2.{json,md}
-    ... --models mnist --rounds 1 --duration 2                        # a quick look
+    PYTHONPATH=src .venv/bin/python benchmarks/serve_autotune.py      # writes benchmarks/results/serve_autotune-<cpu class>.{json,md}
+    ... --models mnist --rounds 1 --duration 2 --stem smoke           # a quick look (results/smoke.{json,md})
+
+The serving config each run writes (results/<stem>/<model>/serve.yaml) names its model relative to the repository
+root (benchmarks/runs/…, built by this script): serve it from there.
 
 Models: mnist = the built-in CNN fp32 (exported + graph-optimised here from the cached reference; a real digit per
 request); minilm = all-MiniLM-L6-v2 INT8 from benchmarks/quantize_minilm.py (a real BBC text, 128 tokens).
@@ -35,7 +38,6 @@ from slimship.serve.config import BatchingConfig, parse_tune_grid
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
-STEM = "serve_autotune-avx2"
 
 
 def mnist_model() -> tuple[Path, dict]:
@@ -187,18 +189,26 @@ def main() -> None:
         default="{max_batch_size: [1, 8, 32], max_queue_delay_ms: [0, 2], instances: [1, 2]}",
     )
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
+    ap.add_argument("--stem", default=None, help="results file stem (default serve_autotune-<cpu class>)")
+    ap.add_argument(
+        "--context",
+        default="",
+        help="what else ran on the machine meanwhile (written beside the load averages)",
+    )
     args = ap.parse_args()
-    if args.render_only:
-        rep = json.loads((RESULTS / f"{STEM}.json").read_text())
-        (RESULTS / f"{STEM}.md").write_text(markdown(rep))
-        print(markdown(rep))
-        return
     from slimship.machine import cpu_class, machine_info, physical_cores
+
+    stem = args.stem or f"serve_autotune-{cpu_class()}"
+    if args.render_only:
+        rep = json.loads((RESULTS / f"{stem}.json").read_text())
+        (RESULTS / f"{stem}.md").write_text(markdown(rep, stem))
+        print(markdown(rep, stem))
+        return
 
     clients = [int(c) for c in args.clients.split(",")]
     grid = parse_tune_grid(args.grid, "--grid")
     tmp = Path(tempfile.mkdtemp(prefix="slimship-serve-autotune-"))
-    out_dir = RESULTS / STEM
+    out_dir = RESULTS / stem
     report: dict = {
         "machine": machine_info(physical_cores()),
         "cpu_class": cpu_class(),
@@ -210,6 +220,8 @@ def main() -> None:
         "grid": grid.model_dump(),
         "models": {},
         "command": "benchmarks/serve_autotune.py " + " ".join(sys.argv[1:]),
+        "context": args.context,
+        "priority": os.nice(0),
     }
     for name in args.models.split(","):
         path, body_data = mnist_model() if name == "mnist" else minilm_model(args.minilm)
@@ -231,12 +243,13 @@ def main() -> None:
             confirm_rounds=args.confirm_rounds,
             progress=lambda s: print(s, flush=True),
         )
-        paths = write_outputs(result, out_dir / name)
+        rel = _relative(path)
+        paths = write_outputs(result, out_dir / name, model_path=rel)
         tune_s = time.monotonic() - t0
         print(f"{name}: chosen {label(result.chosen)} in {tune_s:.0f} s", flush=True)
         runs = compare(name, path, body, result.chosen, clients, args, tmp)
         report["models"][name] = {
-            "path": str(path),
+            "path": rel,
             "p99_budget_ms": budget,
             "tune_seconds": tune_s,
             "chosen": result.chosen.model_dump(),
@@ -249,24 +262,36 @@ def main() -> None:
             os.getloadavg()
         )  # written after each model: a long run keeps what it measured
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{STEM}.json").write_text(json.dumps(report, indent=1))
-        (RESULTS / f"{STEM}.md").write_text(markdown(report))
-    print(markdown(report))
+        (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        (RESULTS / f"{stem}.md").write_text(markdown(report, stem))
+    print(markdown(report, stem))
 
 
-def markdown(rep: dict) -> str:
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository root when it lies inside it (what the committed results name)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def markdown(rep: dict, stem: str) -> str:
     med = statistics.median
     la0, la1 = rep["load_average_start"][0], rep["load_average_end"][0]
+    cores = rep["machine"].get("physical_cores", "?")
+    prio = "normal priority" if rep.get("priority", 19) == 0 else f"niced ({rep.get('priority')})"
     lines = [
         f"# serve-tune's chosen config vs the default vs plain FastAPI + ONNX Runtime (CPU class {rep['cpu_class']})",
         "",
-        f"{rep['machine'].get('cpu_model', '')} ({rep['machine'].get('int8_kernels', '')}), 2 cores **shared**: the lead and other helpers ran jobs beside this one "
-        f"(this one and theirs niced); load average {la0:.2f} at the start, {la1:.2f} at the end. Absolute req/s move "
-        "with that load; the ratios come from the same rounds (servers rotated each round, medians of "
-        f"{rep['rounds']} rounds of {rep['duration_s']:g} s per cell, `hey` closed loop, one real single-row JSON "
-        "request each). Autotune: "
-        f"{rep['tune_duration_s']:g} s per cell, grid {json.dumps(rep['grid'])} (+ the default), finalists measured "
-        "again; default = `BatchingConfig()` (max batch 32, queue delay 0, 1 instance, all cores).",
+        f"{rep['machine'].get('cpu_model', '')} ({rep['machine'].get('int8_kernels', '')}), {cores} cores; this run at "
+        f"{prio}; load average (1 min) {la0:.2f} at the start, {la1:.2f} at the end"
+        + (f"; meanwhile: {rep['context']}" if rep.get("context") else "")
+        + ". Absolute req/s move with the load; the ratios come from the same rounds (servers rotated each round, "
+        f"medians of {rep['rounds']} rounds of {rep['duration_s']:g} s per cell, `hey` closed loop, one real "
+        "single-row JSON request each). Autotune: "
+        f"{rep['tune_duration_s']:g} s per cell, grid {json.dumps(rep['grid'])} (+ the default), finalists and the "
+        "default measured again in interleaved rounds; default = `BatchingConfig()` (max batch 32, queue delay 0, "
+        "1 instance, all cores).",
         "",
     ]
     for name, m in rep["models"].items():
@@ -302,39 +327,41 @@ def markdown(rep: dict) -> str:
             if med(r["rps"] for r in m["runs"]["chosen"][str(c)])
             < med(r["rps"] for r in m["runs"]["default"][str(c)])
         ]
+        kept = m["chosen"] == BatchingConfig().model_dump()
         lines += [""]
         lines.append(
             f"- **The chosen config is slower than the plain server at {', '.join(map(str, losses))} clients** "
             "(medians above)."
             if losses
-            else "- The chosen config is at least as fast as the plain server at every client count measured."
+            else "- The chosen config is at least as fast as the plain server at every client count measured (medians)."
         )
+        if kept:
+            lines.append(
+                "- The tuner kept the default (see its notes): the `chosen` and `default` rows are the same config "
+                "measured as two servers in each round, so their ratio shows the noise between two runs of one config."
+            )
         lines.append(
             f"- Slower than the default at {', '.join(map(str, worse_than_default))} clients (medians)."
             if worse_than_default
-            else "- At least as fast as the default at every client count measured."
+            else "- At least as fast as the default at every client count measured (medians)."
         )
         lines += [f"- autotune: {n}" for n in m["tune_notes"]]
+        loads = [
+            r["load_average"]
+            for k in ("default", "chosen", "plain")
+            for v in m["runs"][k].values()
+            for r in v
+        ]
         lines += [
-            f"- The sweep: [{STEM}/{name}/serve_tune.md]({STEM}/{name}/serve_tune.md); the serving config it wrote: "
-            f"[{STEM}/{name}/serve.yaml]({STEM}/{name}/serve.yaml).",
+            f"- Load average (1 min) after the comparison cells: {min(loads):.2f}–{max(loads):.2f}.",
+            f"- The sweep: [{stem}/{name}/serve_tune.md]({stem}/{name}/serve_tune.md); the serving config it wrote: "
+            f"[{stem}/{name}/serve.yaml]({stem}/{name}/serve.yaml) (its model path is relative to the repository "
+            "root, where this script builds the model).",
             "",
         ]
     lines += [f"- **{k}: not measured** — {why}." for k, why in rep.get("not_measured", {}).items()]
-    lines += [
-        "",
-        "## Reading this run",
-        "",
-        f"The load average was {la0:.0f}–{la1:.0f} on 2 cores (the lead's full test suite and a `slimship run`, not niced, "
-        "and other helpers' niced jobs, while this run was): mnist, which the same servers answer at about 2,000 req/s on "
-        "an idle machine ([serving.md](serving.md)), got tens of req/s here, and the per-round ratios above swing "
-        "from about 0.6x to 1.9x between rounds of the same pair. At that noise a 3 s cell can't tell the configs "
-        "apart, and which config meets a p99 budget is decided by scheduling stalls, not by the config. So this run "
-        "does **not** show the acceptance (chosen ≥ default under the budget, never below plain at any client "
-        "count); where the chosen config lost, it is reported above as measured. It needs a rerun on an idle "
-        "machine (the command below; about 10 minutes a model).",
-        "",
-    ]
+    if rep.get("reading"):  # written after the run, by hand, into the JSON (then --render-only)
+        lines += ["## Reading this run", "", *rep["reading"], ""]
     lines.append(f"Command: `PYTHONPATH=src .venv/bin/python {rep['command']}`".rstrip())
     return "\n".join(lines) + "\n"
 
