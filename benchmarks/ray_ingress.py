@@ -26,7 +26,22 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import RESULTS, free_port, hey
+from serving import RESULTS, free_port
+
+from slimship.serve.autotune import hey_load
+
+
+def hey(url: str, body: Path, clients: int, seconds: float) -> dict:
+    """One closed-loop `hey` run: req/s, p50/p99 (inf when nothing was answered), status codes, transport errors."""
+    r = hey_load(url, body, clients, seconds)
+    return {
+        "rps": r.rps,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "codes": r.statuses,
+        "transport_errors": r.transport_errors,
+    }
+
 
 CONFIGS = {"1 ingress replica": 1, "2 ingress replicas": 2}
 
@@ -114,6 +129,8 @@ def main() -> None:
                         load = os.getloadavg()[0]
                         r = hey(url, body, c, args.duration)
                         rows.append({"round": rnd, "config": label, "clients": c, "loadavg_1m": load, **r})
+                        if set(r["codes"]) != {200} or r["transport_errors"]:
+                            print((tmp / f"serve-{port}.log").read_text()[-3000:], flush=True)
                         print(
                             f"round {rnd} {label:20} c{c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:.1f} ms  "
                             f"p99 {r['p99_ms']:.1f} ms  codes {r['codes']}  load {load:.1f}",
