@@ -26,7 +26,22 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import RESULTS, free_port, hey
+from serving import RESULTS, free_port
+
+from slimship.serve.autotune import hey_load
+
+
+def hey(url: str, body: Path, clients: int, seconds: float) -> dict:
+    """One closed-loop `hey` run: req/s, p50/p99 (inf when nothing was answered), status codes, transport errors."""
+    r = hey_load(url, body, clients, seconds)
+    return {
+        "rps": r.rps,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "codes": r.statuses,
+        "transport_errors": r.transport_errors,
+    }
+
 
 CONFIGS = {"1 ingress replica": 1, "2 ingress replicas": 2}
 
@@ -90,16 +105,22 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=8, help="seconds of load per measurement")
     ap.add_argument("--clients", default="8,32", help="closed-loop client counts")
     ap.add_argument("--rounds", type=int, default=2, help="rounds over both configurations (median reported)")
+    ap.add_argument("--stem", default=None, help="results file stem (default ray_ingress-<cpu class>)")
+    ap.add_argument(
+        "--context", default="", help="what else ran on the machine meanwhile (written beside the loads)"
+    )
     args = ap.parse_args()
     klass = cpu_class()
     rows = []
+    load_start, t_start = os.getloadavg(), time.monotonic()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         path, payload = digits_model(tmp)
         body = tmp / "body.json"
         body.write_text(json.dumps(payload))
         for rnd in range(args.rounds):
-            for label, n in CONFIGS.items():
+            order = list(CONFIGS.items())
+            for label, n in order if rnd % 2 == 0 else order[::-1]:  # neither always first
                 proc, port = start(n, path, tmp)
                 try:
                     url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
@@ -108,6 +129,8 @@ def main() -> None:
                         load = os.getloadavg()[0]
                         r = hey(url, body, c, args.duration)
                         rows.append({"round": rnd, "config": label, "clients": c, "loadavg_1m": load, **r})
+                        if set(r["codes"]) != {200} or r["transport_errors"]:
+                            print((tmp / f"serve-{port}.log").read_text()[-3000:], flush=True)
                         print(
                             f"round {rnd} {label:20} c{c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:.1f} ms  "
                             f"p99 {r['p99_ms']:.1f} ms  codes {r['codes']}  load {load:.1f}",
@@ -115,10 +138,27 @@ def main() -> None:
                         )
                 finally:
                     stop(proc)
+    load_end = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"ray_ingress-{klass}"
+    stem = args.stem or f"ray_ingress-{klass}"
+    command = "benchmarks/ray_ingress.py " + " ".join(sys.argv[1:])
     (RESULTS / f"{stem}.json").write_text(
-        json.dumps({"cpu_class": klass, "duration_s": args.duration, "rows": rows}, indent=1)
+        json.dumps(
+            {
+                "cpu_class": klass,
+                "cores": os.cpu_count(),
+                "duration_s": args.duration,
+                "rounds": args.rounds,
+                "priority": os.nice(0),
+                "load_average_start": load_start,
+                "load_average_end": load_end,
+                "wall_s": time.monotonic() - t_start,
+                "context": args.context,
+                "command": command,
+                "rows": rows,
+            },
+            indent=1,
+        )
     )
 
     def median(xs: list[float]) -> float:
@@ -128,9 +168,14 @@ def main() -> None:
     lines = [
         f"# Replicated ingress on Ray (`--ingress-replicas`), CPU class {klass}, one interleaved run",
         "",
-        f"`hey` closed loop, {args.duration:g} s per cell, {args.rounds} rounds (median), one JSON digits request each; "
-        "model deployment 1 replica × 1 CPU; 2 shared cores (machine shared with other jobs: see the load averages). "
-        "From `benchmarks/ray_ingress.py`.",
+        f"`hey` closed loop, {args.duration:g} s per cell, {args.rounds} rounds (median; the order of the two "
+        "configurations alternates by round), one JSON digits request each; model deployment 1 replica × 1 CPU, "
+        "dynamic batching up to 32; "
+        f"{os.cpu_count()} cores shared by the proxy, the ingress replica(s), the model replica, the shared-state actor "
+        f"and `hey`. This run at {'normal priority' if os.nice(0) == 0 else f'nice {os.nice(0)}'}; load average "
+        f"(1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end"
+        + (f"; meanwhile: {args.context}" if args.context else "")
+        + ".",
         "",
         "| config | clients | req/s | × 1 ingress | p50 ms | p99 ms | non-200 | load avg (1 min) |",
         "|---|---|---|---|---|---|---|---|",
@@ -147,6 +192,10 @@ def main() -> None:
                 f"{median([r['p50_ms'] for r in cell]):.1f} | {median([r['p99_ms'] for r in cell]):.1f} | {bad} | "
                 f"{loads} |"
             )
+    lines += [
+        "",
+        f"Command: `SLIMSHIP_CACHE_DIR=.cache/test PYTHONPATH=src .venv/bin/python {command.rstrip()}`",
+    ]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

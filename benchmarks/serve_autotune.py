@@ -4,11 +4,14 @@ measure, in rounds that rotate the order, three servers with the same load: slim
 config, slimship with the chosen config, and the plain FastAPI + ONNX Runtime server of benchmarks/servers/ (one
 session.run per request, no batching). Medians of the rounds; ratios per round too.
 
-The machine is shared (other jobs run niced beside this one, and this one niced): absolute figures move with the
-load, so only the interleaved ratios mean much; the load average is recorded beside them.
+The machine may be shared: absolute figures move with the load, so only the interleaved ratios mean much; the load
+average is recorded at the start and end and beside every cell, and `--context` says what else ran.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/serve_autotune.py      # writes benchmarks/results/serve_autotune-avx2.{json,md}
-    ... --models mnist --rounds 1 --duration 2                        # a quick look
+    PYTHONPATH=src .venv/bin/python benchmarks/serve_autotune.py      # writes benchmarks/results/serve_autotune-<cpu class>.{json,md}
+    ... --models mnist --rounds 1 --duration 2 --stem smoke           # a quick look (results/smoke.{json,md})
+
+The serving config each run writes (results/<stem>/<model>/serve.yaml) names its model relative to the repository
+root (benchmarks/runs/…, built by this script): serve it from there.
 
 Models: mnist = the built-in CNN fp32 (exported + graph-optimised here from the cached reference; a real digit per
 request); minilm = all-MiniLM-L6-v2 INT8 from benchmarks/quantize_minilm.py (a real BBC text, 128 tokens).
@@ -35,7 +38,6 @@ from slimship.serve.config import BatchingConfig, parse_tune_grid
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
-STEM = "serve_autotune-avx2"
 
 
 def mnist_model() -> tuple[Path, dict]:
@@ -84,10 +86,22 @@ def minilm_model(path: Path) -> tuple[Path, dict]:
     return path, body
 
 
-class Plain:
-    """benchmarks/servers/plain_fastapi.py on 127.0.0.1 (the serving benchmark's anchor)."""
+def slimship_session_entries(path: Path) -> dict[str, str]:
+    """The ONNX Runtime session config entries slimship serves ``path`` with on this host: its candidate's precision
+    entries (e.g. `session.x64quantprecision` on AVX2 without VNNI) and spinning off (serve/endpoint.py)."""
+    from slimship.runtime.settings import settings_for_candidate
 
-    def __init__(self, path: Path, tmp: Path) -> None:
+    meta = path.parent / "candidate.json"
+    info = json.loads(meta.read_text()).get("info", {}) if meta.exists() else {}
+    settings, _ = settings_for_candidate(info, path)
+    return {**settings.session_config, "session.intra_op.allow_spinning": "0"}
+
+
+class Plain:
+    """benchmarks/servers/plain_fastapi.py on 127.0.0.1 (the serving benchmark's anchor); ``entries``: session config
+    entries it adds (none: ONNX Runtime's defaults)."""
+
+    def __init__(self, path: Path, tmp: Path, entries: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self._log = open(tmp / f"plain-{self.port}.log", "w")  # noqa: SIM115 - lives as long as the server
@@ -97,6 +111,7 @@ class Plain:
                 str(ROOT / "benchmarks" / "servers" / "plain_fastapi.py"),
                 str(path),
                 str(self.port),
+                *([json.dumps(entries)] if entries else []),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -131,14 +146,17 @@ def compare(
     args: argparse.Namespace,
     tmp: Path,
 ) -> dict[str, dict[int, list[dict]]]:
-    """Rounds over default / chosen / plain, order rotated each round; every cell a `hey` run."""
-    kinds = ["default", "chosen", "plain"]
+    """Rounds over default / chosen / plain / plain with slimship's session settings, order rotated each round; every
+    cell a `hey` run."""
+    kinds = ["default", "chosen", "plain", "plain-same"]
     runs: dict[str, dict[int, list[dict]]] = {k: {c: [] for c in clients} for k in kinds}
     for rnd in range(args.rounds):
-        order = kinds[rnd % 3 :] + kinds[: rnd % 3]
+        order = kinds[rnd % len(kinds) :] + kinds[: rnd % len(kinds)]
         for kind in order:
             if kind == "plain":
                 srv: ServeProcess | Plain = Plain(path, tmp)
+            elif kind == "plain-same":
+                srv = Plain(path, tmp, slimship_session_entries(path))
             else:
                 cfg = BatchingConfig() if kind == "default" else chosen
                 srv = ServeProcess(
@@ -184,21 +202,37 @@ def main() -> None:
     ap.add_argument("--confirm-rounds", type=int, default=2, help="autotune: extra rounds of the finalists")
     ap.add_argument(
         "--grid",
-        default="{max_batch_size: [1, 8, 32], max_queue_delay_ms: [0, 2], instances: [1, 2]}",
+        default="{max_batch_size: [1, 8, 32], max_queue_delay_ms: [0, 2], instances: [1, 2], threads: [null, 1]}",
     )
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
+    ap.add_argument("--stem", default=None, help="results file stem (default serve_autotune-<cpu class>)")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other models of an existing results file (each model records its own run)",
+    )
+    ap.add_argument(
+        "--context",
+        default="",
+        help="what else ran on the machine meanwhile (written beside the load averages)",
+    )
     args = ap.parse_args()
-    if args.render_only:
-        rep = json.loads((RESULTS / f"{STEM}.json").read_text())
-        (RESULTS / f"{STEM}.md").write_text(markdown(rep))
-        print(markdown(rep))
-        return
     from slimship.machine import cpu_class, machine_info, physical_cores
+
+    stem = args.stem or f"serve_autotune-{cpu_class()}"
+    if args.render_only:
+        rep = json.loads((RESULTS / f"{stem}.json").read_text())
+        (RESULTS / f"{stem}.md").write_text(markdown(rep, stem))
+        print(markdown(rep, stem))
+        return
 
     clients = [int(c) for c in args.clients.split(",")]
     grid = parse_tune_grid(args.grid, "--grid")
     tmp = Path(tempfile.mkdtemp(prefix="slimship-serve-autotune-"))
-    out_dir = RESULTS / STEM
+    out_dir = RESULTS / stem
+    old = RESULTS / f"{stem}.json"
+    kept = json.loads(old.read_text())["models"] if args.merge and old.exists() else {}
+    command = "benchmarks/serve_autotune.py " + " ".join(sys.argv[1:])
     report: dict = {
         "machine": machine_info(physical_cores()),
         "cpu_class": cpu_class(),
@@ -208,15 +242,18 @@ def main() -> None:
         "duration_s": args.duration,
         "tune_duration_s": args.tune_duration,
         "grid": grid.model_dump(),
-        "models": {},
-        "command": "benchmarks/serve_autotune.py " + " ".join(sys.argv[1:]),
+        "models": {k: v for k, v in kept.items() if k not in args.models.split(",")},
+        "command": command,
+        "context": args.context,
+        "priority": os.nice(0),
     }
     for name in args.models.split(","):
         path, body_data = mnist_model() if name == "mnist" else minilm_model(args.minilm)
         budget = args.budget_mnist if name == "mnist" else args.budget_minilm
         body = tmp / f"{name}.json"
         body.write_text(json.dumps(body_data))
-        t0 = time.monotonic()
+        t0, load0 = time.monotonic(), os.getloadavg()
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         result = autotune(
             path,
             budget,
@@ -231,12 +268,13 @@ def main() -> None:
             confirm_rounds=args.confirm_rounds,
             progress=lambda s: print(s, flush=True),
         )
-        paths = write_outputs(result, out_dir / name)
+        rel = _relative(path)
+        paths = write_outputs(result, out_dir / name, model_path=rel)
         tune_s = time.monotonic() - t0
         print(f"{name}: chosen {label(result.chosen)} in {tune_s:.0f} s", flush=True)
         runs = compare(name, path, body, result.chosen, clients, args, tmp)
         report["models"][name] = {
-            "path": str(path),
+            "path": rel,
             "p99_budget_ms": budget,
             "tune_seconds": tune_s,
             "chosen": result.chosen.model_dump(),
@@ -244,98 +282,150 @@ def main() -> None:
             "tune_notes": result.choice.notes if result.choice else [],
             "sweep": json.loads(paths["json"].read_text()),
             "runs": {k: {str(c): v for c, v in by.items()} for k, by in runs.items()},
+            "plain_same_entries": slimship_session_entries(path),
+            "run": {
+                "started": started,
+                "command": command,
+                "context": args.context,
+                "priority": os.nice(0),
+                "load_average_start": load0,
+                "load_average_end": os.getloadavg(),
+                "rounds": args.rounds,
+                "duration_s": args.duration,
+                "tune_duration_s": args.tune_duration,
+                "grid": grid.model_dump(),
+                "finalists": args.finalists,
+                "confirm_rounds": args.confirm_rounds,
+            },
         }
         report["load_average_end"] = (
             os.getloadavg()
         )  # written after each model: a long run keeps what it measured
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{STEM}.json").write_text(json.dumps(report, indent=1))
-        (RESULTS / f"{STEM}.md").write_text(markdown(report))
-    print(markdown(report))
+        (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        (RESULTS / f"{stem}.md").write_text(markdown(report, stem))
+    print(markdown(report, stem))
 
 
-def markdown(rep: dict) -> str:
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository root when it lies inside it (what the committed results name)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def markdown(rep: dict, stem: str) -> str:
     med = statistics.median
-    la0, la1 = rep["load_average_start"][0], rep["load_average_end"][0]
+    cores = rep["machine"].get("physical_cores", "?")
     lines = [
         f"# serve-tune's chosen config vs the default vs plain FastAPI + ONNX Runtime (CPU class {rep['cpu_class']})",
         "",
-        f"{rep['machine'].get('cpu_model', '')} ({rep['machine'].get('int8_kernels', '')}), 2 cores **shared**: the lead and other helpers ran jobs beside this one "
-        f"(this one and theirs niced); load average {la0:.2f} at the start, {la1:.2f} at the end. Absolute req/s move "
-        "with that load; the ratios come from the same rounds (servers rotated each round, medians of "
-        f"{rep['rounds']} rounds of {rep['duration_s']:g} s per cell, `hey` closed loop, one real single-row JSON "
-        "request each). Autotune: "
-        f"{rep['tune_duration_s']:g} s per cell, grid {json.dumps(rep['grid'])} (+ the default), finalists measured "
-        "again; default = `BatchingConfig()` (max batch 32, queue delay 0, 1 instance, all cores).",
+        f"{rep['machine'].get('cpu_model', '')} ({rep['machine'].get('int8_kernels', '')}), {cores} cores. Per model: "
+        "`slimship serve-tune` (the autotuner) chooses a config, then the servers get the same closed-loop `hey` "
+        "load in rounds that rotate their order — slimship with the default `BatchingConfig()` (max batch 32, queue "
+        "delay 0, 1 instance, all cores), slimship with the chosen config, the plain FastAPI + ONNX Runtime "
+        "server (benchmarks/servers/plain_fastapi.py: one session.run per request, ONNX Runtime's default session "
+        "options) and `plain-same`, that plain server with the session settings slimship runs the model with "
+        "(spinning off, the candidate's precision entries) — one real single-row JSON request each. Medians of the rounds; absolute req/s move with the "
+        "machine's load, the ratios come from the same rounds. Each model's run (time, priority, load, command) is "
+        "given under it.",
         "",
     ]
     for name, m in rep["models"].items():
         budget = m["p99_budget_ms"]
+        run = m.get("run") or {  # results written before runs were recorded per model
+            k: rep.get(k)
+            for k in ("command", "context", "priority", "rounds", "duration_s", "tune_duration_s", "grid")
+        } | {"load_average_start": rep["load_average_start"], "load_average_end": rep["load_average_end"]}
+        prio = "normal priority" if run.get("priority", 19) == 0 else f"niced ({run.get('priority')})"
         lines += [
             f"## {name}: p99 budget {budget:g} ms — chosen: {m['chosen_label']} (autotune {m['tune_seconds']:.0f} s)",
             "",
-            "| clients | server | req/s | p50 ms | p99 ms | within budget | × default | × plain | per-round × plain |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"Run {run.get('started', '')} at {prio}; load average (1 min) {run['load_average_start'][0]:.2f} at the "
+            f"start, {run['load_average_end'][0]:.2f} at the end"
+            + (f"; meanwhile: {run['context']}" if run.get("context") else "")
+            + f". Comparison: {run['rounds']} rounds of {run['duration_s']:g} s per cell. Autotune: "
+            f"{run['tune_duration_s']:g} s per cell, grid {json.dumps(run['grid'])} (+ the default), the finalists "
+            "and the default measured again in interleaved rounds. "
+            f"Command: `PYTHONPATH=src .venv/bin/python {run['command'].rstrip()}`",
+            "",
+            "| clients | server | req/s | p50 ms | p99 ms | within budget | × default | × plain | × plain-same "
+            "| per-round × plain |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        kinds = [k for k in ("chosen", "default", "plain", "plain-same") if k in m["runs"]]
         for c in rep["clients"]:
-            cell = {k: m["runs"][k][str(c)] for k in ("default", "chosen", "plain")}
+            cell = {k: m["runs"][k][str(c)] for k in kinds}
             rps = {k: med(r["rps"] for r in v) for k, v in cell.items()}
-            for k in ("chosen", "default", "plain"):
+            for k in kinds:
                 p99 = med(r["p99_ms"] for r in cell[k])
                 per_round = ", ".join(
                     f"{a['rps'] / b['rps']:.2f}" for a, b in zip(cell[k], cell["plain"], strict=True)
                 )
+                same = f"{rps[k] / rps['plain-same']:.2f}" if "plain-same" in rps else "—"
                 lines.append(
                     f"| {c} | {k} | {rps[k]:.1f} | {med(r['p50_ms'] for r in cell[k]):.1f} | {p99:.1f} | "
                     f"{'yes' if p99 <= budget else '**no**'} | {rps[k] / rps['default']:.2f} | "
-                    f"{rps[k] / rps['plain']:.2f} | {per_round if k != 'plain' else ''} |"
+                    f"{rps[k] / rps['plain']:.2f} | {same} | {per_round if k != 'plain' else ''} |"
                 )
-        losses = [
-            c
-            for c in rep["clients"]
-            if med(r["rps"] for r in m["runs"]["chosen"][str(c)])
-            < med(r["rps"] for r in m["runs"]["plain"][str(c)])
-        ]
+
+        def slower(than: str, m: dict = m) -> list[int]:
+            return [
+                c
+                for c in rep["clients"]
+                if than in m["runs"]
+                and med(r["rps"] for r in m["runs"]["chosen"][str(c)])
+                < med(r["rps"] for r in m["runs"][than][str(c)])
+            ]
+
+        losses, losses_same = slower("plain"), slower("plain-same")
         worse_than_default = [
             c
             for c in rep["clients"]
             if med(r["rps"] for r in m["runs"]["chosen"][str(c)])
             < med(r["rps"] for r in m["runs"]["default"][str(c)])
         ]
+        kept = m["chosen"] == BatchingConfig().model_dump()
         lines += [""]
         lines.append(
             f"- **The chosen config is slower than the plain server at {', '.join(map(str, losses))} clients** "
             "(medians above)."
             if losses
-            else "- The chosen config is at least as fast as the plain server at every client count measured."
+            else "- The chosen config is at least as fast as the plain server at every client count measured (medians)."
         )
+        if "plain-same" in m["runs"]:
+            lines.append(
+                "- `plain-same` is the same plain server with slimship's ONNX Runtime session settings for this model "
+                f"on this host ({json.dumps(m.get('plain_same_entries', {}))}): "
+                + (
+                    f"**the chosen config is slower than it at {', '.join(map(str, losses_same))} clients**."
+                    if losses_same
+                    else "the chosen config is at least as fast as it at every client count measured."
+                )
+            )
+        if kept:
+            lines.append(
+                "- The tuner kept the default (see its notes): the `chosen` and `default` rows are the same config "
+                "measured as two servers in each round, so their ratio shows the noise between two runs of one config."
+            )
         lines.append(
             f"- Slower than the default at {', '.join(map(str, worse_than_default))} clients (medians)."
             if worse_than_default
-            else "- At least as fast as the default at every client count measured."
+            else "- At least as fast as the default at every client count measured (medians)."
         )
         lines += [f"- autotune: {n}" for n in m["tune_notes"]]
+        loads = [r["load_average"] for k in kinds for v in m["runs"][k].values() for r in v]
         lines += [
-            f"- The sweep: [{STEM}/{name}/serve_tune.md]({STEM}/{name}/serve_tune.md); the serving config it wrote: "
-            f"[{STEM}/{name}/serve.yaml]({STEM}/{name}/serve.yaml).",
+            f"- Load average (1 min) after the comparison cells: {min(loads):.2f}–{max(loads):.2f}.",
+            f"- The sweep: [{stem}/{name}/serve_tune.md]({stem}/{name}/serve_tune.md); the serving config it wrote: "
+            f"[{stem}/{name}/serve.yaml]({stem}/{name}/serve.yaml) (its model path is relative to the repository "
+            "root, where this script builds the model).",
             "",
         ]
     lines += [f"- **{k}: not measured** — {why}." for k, why in rep.get("not_measured", {}).items()]
-    lines += [
-        "",
-        "## Reading this run",
-        "",
-        f"The load average was {la0:.0f}–{la1:.0f} on 2 cores (the lead's full test suite and a `slimship run`, not niced, "
-        "and other helpers' niced jobs, while this run was): mnist, which the same servers answer at about 2,000 req/s on "
-        "an idle machine ([serving.md](serving.md)), got tens of req/s here, and the per-round ratios above swing "
-        "from about 0.6x to 1.9x between rounds of the same pair. At that noise a 3 s cell can't tell the configs "
-        "apart, and which config meets a p99 budget is decided by scheduling stalls, not by the config. So this run "
-        "does **not** show the acceptance (chosen ≥ default under the budget, never below plain at any client "
-        "count); where the chosen config lost, it is reported above as measured. It needs a rerun on an idle "
-        "machine (the command below; about 10 minutes a model).",
-        "",
-    ]
-    lines.append(f"Command: `PYTHONPATH=src .venv/bin/python {rep['command']}`".rstrip())
+    if rep.get("reading"):  # written after the run, by hand, into the JSON (then --render-only)
+        lines += ["## Reading these runs", "", *rep["reading"], ""]
     return "\n".join(lines) + "\n"
 
 

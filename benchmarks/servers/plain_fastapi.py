@@ -1,9 +1,14 @@
 """The anchor of the serving benchmark: a plain FastAPI + ONNX Runtime server, the way most teams first write
 one — Open Inference Protocol JSON, one session.run per request (FastAPI runs sync handlers in its thread
-pool), no batching.   python plain_fastapi.py MODEL.onnx PORT"""
+pool), no batching.   python plain_fastapi.py MODEL.onnx PORT [SESSION_CONFIG_JSON]
+
+SESSION_CONFIG_JSON (optional): ONNX Runtime session config entries to add, e.g.
+'{"session.x64quantprecision": "1", "session.intra_op.allow_spinning": "0"}' — the same settings another server runs
+the model with, so a comparison can separate the server's design from the session's settings."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -13,7 +18,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 DT = {"FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
-session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+options = ort.SessionOptions()
+for key, value in (json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}).items():
+    options.add_session_config_entry(key, value)
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 app = FastAPI()
 
 

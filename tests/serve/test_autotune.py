@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from slimship.errors import ConfigError, ServingError
-from slimship.serve.autotune import LoadResult, Measured, autotune, choose
+from slimship.serve.autotune import LoadResult, Measured, autotune, choose, write_outputs
 from slimship.serve.config import BatchingConfig, TuneGrid, load_serve_config, parse_tune_grid
 from tests.serve.conftest import ServerProcess
 
@@ -67,6 +67,11 @@ def test_tune_writes_a_config_the_server_loads(tiny, tmp_path):
     cfg = load_serve_config(tmp_path / "out" / "serve.yaml", {})
     assert cfg.models[0].batching == result.chosen
     assert BatchingConfig(**chosen["batching"]) == result.chosen
+    # a config to commit names the model relative to where it will be served from, not this machine's path
+    rel = write_outputs(result, tmp_path / "rel", model_path="models/tiny.onnx")
+    text = rel["config"].read_text()
+    assert yaml.safe_load(text)["models"][0]["path"] == "models/tiny.onnx" and str(tmp_path) not in text
+    assert "relative" in text.splitlines()[2] and str(tmp_path) not in rel["json"].read_text()
     # a real server starts from the written config and answers
     written = yaml.safe_load((tmp_path / "out" / "serve.yaml").read_text())
     srv = ServerProcess(tmp_path, written)
@@ -150,5 +155,52 @@ def test_choice_rule():
     ]
     ch = choose(ms, 10, [1, 16], 0.03)
     assert ch.achievable == [1] and "at 16 clients no config" in ch.notes[0]
-    assert ch.index == 1  # worst relative throughput 0.9 (16 clients) vs 0.77 (1 client)
+    # a has the better max-min score (0.9 vs 0.77) but is slower than the default at 16 clients: the default stays
+    assert ch.index == 0 and "kept the default" in ch.notes[1] and "0.90x at 16 clients" in ch.notes[1]
+    ms[1] = _m(a, False, {1: (130, 4), 16: (205, 40)})
+    assert choose(ms, 10, [1, 16], 0.03).index == 1  # faster at both: it wins
     assert len(TuneGrid(max_batch_size=[32], max_queue_delay_ms=[0], instances=[1]).configs()) == 1
+
+
+def _rounds(cfg: BatchingConfig, default: bool, cells: dict[int, list[tuple[float, float]]]) -> Measured:
+    m = Measured(cfg, default)
+    for c, rounds in cells.items():
+        for rps, p99 in rounds:
+            m.add(LoadResult(c, 1.0, int(rps), rps, p99 / 2, p99, {200: int(rps)}))
+    return m
+
+
+def test_choice_is_never_slower_than_the_default():
+    d, a, b = BatchingConfig(), BatchingConfig(instances=2), BatchingConfig(max_batch_size=8)
+    # The committed loaded-machine sweep (benchmarks/results/serve_autotune-avx2, mnist, budget 100 ms): the 2-instance
+    # config kept p99 at 1 client (98.3 ms) where the default did not (136.7 ms), so it won on budget count — while
+    # slower than the default at every client count. It must not replace the default.
+    ms = [
+        _rounds(d, True, {1: [(22.7, 136.7)] * 3, 4: [(48.4, 181.6)] * 3, 16: [(44.5, 668.2)] * 3}),
+        _rounds(a, False, {1: [(19.6, 98.3)] * 3, 4: [(39.2, 231.7)] * 3, 16: [(37.5, 978.0)] * 3}),
+    ]
+    ch = choose(ms, 100, [1, 4, 16], 0.03, among=[0, 1])
+    assert ch.index == 0 and ch.achievable == [1]
+    assert any("kept the default" in n and "slower than the default" in n for n in ch.notes)
+    # Medians alone would call `a` faster (70 vs 60 req/s at 4 clients), but it lost two of the three rounds it was
+    # measured beside the default (load drifting across the rounds): not faster by the tuner's reading.
+    ms = [
+        _rounds(d, True, {1: [(100, 5)] * 3, 4: [(100, 5), (60, 5), (40, 5)]}),
+        _rounds(a, False, {1: [(110, 5)] * 3, 4: [(90, 5), (70, 5), (38, 5)]}),
+    ]
+    ch = choose(ms, 10, [1, 4], 0.03, among=[0, 1])
+    assert ch.index == 0 and "0.95x at 4 clients" in ch.notes[0]
+    # The best-scored config is slower at one client count; the next one is faster everywhere: the next one wins.
+    ms = [
+        _rounds(d, True, {1: [(100, 5)] * 3, 4: [(200, 5)] * 3}),
+        _rounds(a, False, {1: [(98, 5)] * 3, 4: [(300, 5)] * 3}),
+        _rounds(b, False, {1: [(101, 5)] * 3, 4: [(240, 5)] * 3}),
+    ]
+    ch = choose(ms, 10, [1, 4], 0.03, among=[0, 1, 2])
+    assert ch.index == 2 and "not batch 32, delay 0 ms, 2 instances" in ch.notes[0]
+    # Keeping a budget the default misses counts as a gain, if it is no slower anywhere.
+    ms = [
+        _rounds(d, True, {1: [(100, 12)] * 3}),
+        _rounds(a, False, {1: [(100.5, 8)] * 3}),
+    ]
+    assert choose(ms, 10, [1], 0.03).index == 1

@@ -15,6 +15,7 @@ import pytest
 from slimship.serve.compare import Agreement
 from slimship.serve.shared import IngressState
 from tests.serve.conftest import Load, ServerProcess, perturbed_candidate, wait_for
+from tests.serve.test_ray_serve import _replica_pids
 from tests.serve.test_rollout import POLICY, _bodies
 
 ADMIN = "adm1n-t0ken"
@@ -46,6 +47,20 @@ def test_shared_state_decides_once_and_keeps_ids_across_replicas():
     st.shadow_add("m", "3", Agreement(0.9, "j").value, "j")
     st.shadow_add("m", "3", None)
     assert st.shadow_stats("m")["3"]["pairs"] == 1 and st.shadow_stats("m")["3"]["errors"] == 1
+    # run-time loads: one replica at a time per version, a loaded version is loaded once, every replica applies it
+    assert st.reserve_version("load", "m", "9") and not st.reserve_version("load", "m", "9")
+    s1 = st.version_change("load", "m", "9", {"batching": None})
+    st.release_version("m", "9")
+    assert not st.reserve_version("load", "m", "9")  # loaded (through replica A) already
+    assert st.version_changes(0) == [(s1, "load", "m", "9", {"batching": None})]
+    assert st.reserve_version("unload", "m", "9")  # replica B unloads it
+    s2 = st.version_change("unload", "m", "9", None)
+    st.applied("A", s2)
+    assert st.replicas_applied(s2) == 1 and st.version_changes(s1) == [(s2, "unload", "m", "9", None)]
+    st.applied("B", s1)
+    assert st.replicas_applied(s2) == 1 and st.replicas_applied(s1) == 2
+    st.release_version("m", "9")
+    assert st.reserve_version("load", "m", "9")  # free again after the unload
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +214,38 @@ def test_two_ingress_replicas_roll_a_broken_candidate_back_once(ingress2, digits
         assert len(archived) == 1 and reg.get("digits", 3).stage == "archived"
     finally:
         reg.close()
+
+
+@pytest.mark.ray
+def test_admin_load_and_unload_reach_every_ingress_replica(ingress2, digits):
+    s, _ = ingress2
+    base = f"http://{s.url}"
+    body = _bodies(digits)[0]
+
+    def answers(version: str, n: int = 24) -> tuple[set[int], set[str]]:
+        """Statuses and the replicas that gave them, for ``n`` requests to a versioned route."""
+        statuses, replicas = set(), set()
+        with httpx.Client(base_url=base, timeout=30) as c:
+            for _ in range(n):
+                r = c.post(f"/v2/models/digits/versions/{version}/infer", json=body)
+                statuses.add(r.status_code)
+                replicas.add(r.headers.get("x-slimship-ingress"))
+        return statuses, replicas
+
+    load = {"registry": "2", "version": "9", "replicas": {"num_cpus": 0.25}}  # 3 × 0.5 CPUs are taken of 2
+    r = httpx.post(f"{base}/v2/admin/models/digits/load", json=load, headers=H, timeout=120)
+    assert r.status_code == 200, r.text  # deployed once, by the replica that got the request
+    assert len(_replica_pids("slimship-digits-v9")) == 1
+    time.sleep(1.0)  # the other replica attaches at its next sync (every 0.25 s)
+    statuses, replicas = answers("9")
+    assert statuses == {200} and len(replicas) == 2, (statuses, replicas)  # both replicas route to it
+    again = httpx.post(f"{base}/v2/admin/models/digits/load", json=load, headers=H, timeout=120)
+    assert again.status_code in (400, 409) and "already" in again.json()["error"], again.text
+    r = httpx.post(f"{base}/v2/admin/models/digits/versions/9/unload", headers=H, timeout=120)
+    assert r.status_code == 200, r.text  # answered once every replica has dropped it
+    statuses, _ = answers("9")  # (error answers don't name their replica; 24 requests reach both)
+    assert statuses == {404}, statuses
+    wait_for(lambda: not _replica_pids("slimship-digits-v9"), 60, what="the v9 application to go")
+    # the other versions still answer on both replicas
+    statuses, replicas = answers("1")
+    assert statuses == {200} and len(replicas) == 2

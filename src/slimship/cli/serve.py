@@ -336,7 +336,12 @@ def serve_tune(
         int, typer.Option(min=0, help="Extra rounds for the finalists, interleaved.")
     ] = 2,
     min_gain: Annotated[
-        float, typer.Option(min=0, help="Keep the default unless a config beats its score by this share.")
+        float,
+        typer.Option(
+            min=0,
+            help="Keep the default unless a config is this share faster at some client count (or keeps the p99 "
+            "budget where the default misses it) and is no slower at any.",
+        ),
     ] = 0.03,
     request: Annotated[
         Path | None,

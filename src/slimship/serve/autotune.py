@@ -12,10 +12,15 @@ JSON request as soon as its previous one is answered.
 The choice: a config *meets the budget* at a client count when its p99 is within the budget and every request got
 200. Client counts at which no config meets the budget are reported (a closed loop of C clients queues C requests:
 p99 grows with C) and don't decide. Among the configs that meet the budget at the most client counts, the one whose
-worst throughput relative to the best config at the same client count is highest wins (max-min: close to the best
-at every client count, not great at one and poor at another). The default is kept unless the winner's score beats
-it by ``min_gain`` (noise). The ``finalists`` best and the default are measured ``confirm_rounds`` more times,
-interleaved, and the choice is made again on the medians of all their rounds.
+worst throughput relative to the best config at the same client count is highest ranks first (max-min: close to the
+best at every client count, not great at one and poor at another). The ``finalists`` best and the default are
+measured ``confirm_rounds`` more times, interleaved, and ranked again on the medians of all their rounds. A config
+replaces the default only if, on those rounds, it keeps the budget wherever the default does, is no slower than the
+default at any client count (the lower of the ratio of medians and the median per-round ratio must be ≥ 1), and
+gains more than noise: ≥ ``min_gain`` more throughput at some client count, or the budget where the default misses
+it. The best-ranked config that passes wins; if none does, the default is kept and the notes say why — the choice is
+never slower than the default it was measured against (with confirm rounds, a single lucky round can't win; nor can a config
+that is faster at one client count and slower at another).
 """
 
 from __future__ import annotations
@@ -301,6 +306,37 @@ class Choice:
     notes: list[str]
 
 
+def paired_ratio(x: Measured, d: Measured, c: int) -> float:
+    """``x``'s throughput relative to ``d``'s at ``c`` clients, as the tuner judges it: the lower of the ratio of
+    their medians and the median of the per-round ratios (round k of one against round k of the other: the rounds
+    are passes over the same configs, so a pair saw the same machine). The lower of the two, so a config is only
+    called faster when both ways of reading the rounds agree."""
+    base = d.rps(c)
+    of_medians = x.rps(c) / base if base > 0 else 0.0
+    pairs = [a.rps / b.rps for a, b in zip(x.runs[c], d.runs[c], strict=False) if b.rps > 0]
+    return min(of_medians, statistics.median(pairs)) if pairs else of_medians
+
+
+def against_default(
+    x: Measured, d: Measured, budget_ms: float, clients: list[int], min_gain: float
+) -> str | None:
+    """Why ``x`` may not replace the default ``d`` (None: it may). It must meet the budget wherever the default does,
+    be no slower than the default at any client count measured (:func:`paired_ratio` ≥ 1), and gain something that
+    is not noise: ≥ ``min_gain`` more throughput at some client count, or the budget at a count the default misses."""
+    lost = [c for c in clients if d.meets(c, budget_ms) and not x.meets(c, budget_ms)]
+    if lost:
+        return f"misses the p99 budget at {', '.join(map(str, lost))} clients, where the default keeps it"
+    ratio = {c: paired_ratio(x, d, c) for c in clients}
+    slower = [c for c in clients if ratio[c] < 1.0]
+    if slower:
+        where = ", ".join(f"{ratio[c]:.2f}x at {c} clients" for c in slower)
+        return f"is slower than the default ({where})"
+    gains_budget = any(x.meets(c, budget_ms) and not d.meets(c, budget_ms) for c in clients)
+    if not gains_budget and max(ratio.values()) < 1 + min_gain:
+        return f"was within {min_gain:.0%} of the default at every client count"
+    return None
+
+
 def choose(
     measured: list[Measured],
     budget_ms: float,
@@ -310,44 +346,57 @@ def choose(
 ) -> Choice:
     """The config to serve with (see the module docstring); ServingError when no config meets the budget anywhere.
     ``among``: the indices that may win (the finalists, measured in the same rounds; default all), which also set the
-    best throughput each score is relative to."""
+    best throughput each score is relative to. The best-scored config wins only if :func:`against_default` lets it
+    replace the default; otherwise the next best that it lets, else the default — so the choice is never slower
+    than the default it was measured against."""
     eligible = [measured[k] for k in among] if among is not None else measured
     achievable = [c for c in clients if any(m.meets(c, budget_ms) for m in eligible)]
     if not achievable:
-        best = min(
-            ((m.p99(c), m, c) for m in measured for c in clients if m.failed(c) == 0),
-            default=None,
-            key=lambda x: x[0],
-        )
-        low = (
-            f"; the lowest p99 without errors was {best[0]:.2f} ms ({label(best[1].config)}, {best[2]} clients)"
-            if best
-            else "; every config had failed requests"
-        )
-        raise ServingError(
-            f"no serving config kept p99 ≤ {budget_ms:g} ms at any client count measured ({', '.join(map(str, clients))})"
-            f"{low}. Raise --p99-ms above it, measure fewer clients (--clients), or serve a faster model"
-        )
+        raise ServingError(_unmet_message(measured, budget_ms, clients))
     best_rps = {c: max(m.rps(c) for m in eligible) for c in clients}
     scores = []
     for m in measured:
         n = sum(m.meets(c, budget_ms) for c in achievable)
         rel = min(m.rps(c) / best_rps[c] if best_rps[c] > 0 else 0.0 for c in clients)
         scores.append((n, rel))
-    win = max(among if among is not None else range(len(measured)), key=lambda k: scores[k])
-    notes = [
+    d = next(k for k, m in enumerate(measured) if m.default)
+    ranked = sorted(
+        among if among is not None else range(len(measured)), key=lambda k: scores[k], reverse=True
+    )
+    notes: list[str] = []
+    win = d
+    for k in ranked:
+        why = None if k == d else against_default(measured[k], measured[d], budget_ms, clients, min_gain)
+        if why is None:
+            win = k
+            break
+        notes.append(f"not {label(measured[k].config)}: it {why}")
+    if win == d and notes:
+        notes = [f"kept the default: {notes[0]}", *notes[1:]]
+    unmet = [
         f"at {c} clients no config kept p99 within {budget_ms:g} ms (the chosen one: {measured[win].p99(c):.1f} ms); "
         "a closed loop of that many clients queues that many requests"
         for c in clients
         if c not in achievable
     ]
-    d = next(k for k, m in enumerate(measured) if m.default)
-    if win != d and scores[d][0] == scores[win][0] and scores[win][1] < scores[d][1] * (1 + min_gain):
-        notes.append(
-            f"kept the default: the best config ({label(measured[win].config)}) was within {min_gain:.0%} of it"
-        )
-        win = d
-    return Choice(win, scores, achievable, notes)
+    return Choice(win, scores, achievable, [*unmet, *notes])
+
+
+def _unmet_message(measured: list[Measured], budget_ms: float, clients: list[int]) -> str:
+    best = min(
+        ((m.p99(c), m, c) for m in measured for c in clients if m.failed(c) == 0),
+        default=None,
+        key=lambda x: x[0],
+    )
+    low = (
+        f"; the lowest p99 without errors was {best[0]:.2f} ms ({label(best[1].config)}, {best[2]} clients)"
+        if best
+        else "; every config had failed requests"
+    )
+    return (
+        f"no serving config kept p99 ≤ {budget_ms:g} ms at any client count measured ({', '.join(map(str, clients))})"
+        f"{low}. Raise --p99-ms above it, measure fewer clients (--clients), or serve a faster model"
+    )
 
 
 @dataclass
@@ -485,19 +534,22 @@ def _line(k: int, m: Measured, clients: list[int]) -> str:
 # ---- output ----------------------------------------------------------------------------------------
 
 
-def serving_config(result: TuneResult) -> dict[str, Any]:
-    """The chosen config as a serving config mapping (what `slimship serve --config` reads)."""
+def serving_config(result: TuneResult, model_path: str | None = None) -> dict[str, Any]:
+    """The chosen config as a serving config mapping (what `slimship serve --config` reads); ``model_path``: the
+    model's path to write instead of the one measured (e.g. relative to where the config will be served from)."""
     chosen = result.chosen.model_dump()
     batching = {k: chosen[k] for k in TUNED if chosen[k] is not None}
     return {
         "host": "127.0.0.1",
         "port": 8000,
-        "models": [{"name": result.model, "path": result.path, "batching": batching}],
+        "models": [{"name": result.model, "path": model_path or result.path, "batching": batching}],
     }
 
 
-def write_outputs(result: TuneResult, out_dir: str | Path) -> dict[str, Path]:
-    """``serve.yaml`` (checked by loading it), ``serve_tune.json`` and ``serve_tune.md`` in ``out_dir``."""
+def write_outputs(result: TuneResult, out_dir: str | Path, model_path: str | None = None) -> dict[str, Path]:
+    """``serve.yaml`` (checked by loading it), ``serve_tune.json`` and ``serve_tune.md`` in ``out_dir``.
+    ``model_path``: the model's path to write in them instead of the one measured — a relative path keeps a committed
+    config free of this machine's directories (``slimship serve`` resolves it against its working directory)."""
     import yaml
 
     from slimship.machine import cpu_class
@@ -505,7 +557,7 @@ def write_outputs(result: TuneResult, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "serve_tune.json", "md": out / "serve_tune.md"}
-    paths["json"].write_text(json.dumps(result_json(result), indent=1))
+    paths["json"].write_text(json.dumps(result_json(result, model_path), indent=1))
     paths["md"].write_text(result_markdown(result))
     if result.choice is None:
         return paths
@@ -517,13 +569,15 @@ def write_outputs(result: TuneResult, out_dir: str | Path) -> dict[str, Path]:
         + "; ".join(f"{c} clients {ch.rps(c):.1f} req/s p99 {ch.p99(c):.1f} ms" for c in result.clients)
         + "\n"
     )
-    cfg_path.write_text(head + yaml.safe_dump(serving_config(result), sort_keys=False))
+    if model_path is not None and not Path(model_path).is_absolute():
+        head += "# the model path is relative: serve this config from the directory it is relative to\n"
+    cfg_path.write_text(head + yaml.safe_dump(serving_config(result, model_path), sort_keys=False))
     load_serve_config(cfg_path, {})  # the server must take what we wrote
     paths["config"] = cfg_path
     return paths
 
 
-def result_json(result: TuneResult) -> dict[str, Any]:
+def result_json(result: TuneResult, model_path: str | None = None) -> dict[str, Any]:
     from slimship.machine import cpu_class
 
     def cell(m: Measured, c: int) -> dict[str, Any]:
@@ -539,7 +593,7 @@ def result_json(result: TuneResult) -> dict[str, Any]:
     return {
         "cpu_class": cpu_class(),
         "model": result.model,
-        "path": result.path,
+        "path": model_path or result.path,
         "p99_budget_ms": result.budget_ms,
         "clients": result.clients,
         "duration_s": result.duration_s,
@@ -560,7 +614,7 @@ def result_json(result: TuneResult) -> dict[str, Any]:
             }
             for k, m in enumerate(result.measured)
         ],
-        "serving_config": serving_config(result) if result.choice else None,
+        "serving_config": serving_config(result, model_path) if result.choice else None,
     }
 
 

@@ -241,7 +241,8 @@ class ServeConfig(BaseModel):
         description="With --ray: replicas of the ingress (the protocol app: routing, validation, rollouts, A/B). "
         "Above 1, traffic policies, rollout windows and decisions, A/B ids, outcomes and tallies and shadow counts "
         "live in one shared Ray actor, so every replica routes alike and a rollout decides once; /metrics, stats, "
-        "live figures and drift are per replica. Versions then come from the config only (admin load/unload: 409).",
+        "live figures and drift are per replica. An admin load or unload sent to any replica reaches them all at "
+        "their next sync (the load deploys once; the unload deletes the application once every replica dropped it).",
     )
     limits: Limits = Limits()
     models: list[ModelSpec] = Field(default_factory=list)

@@ -19,7 +19,8 @@ With ``ingress_replicas`` > 1 the replicas share traffic policies, rollout windo
 and tallies and shadow counts through one actor (see :mod:`slimship.serve.shared`); each answer names its replica in
 ``x-slimship-ingress``, and /metrics, statistics, live figures and drift stay per replica.
 
-Admin loads deploy a new model application from the ingress; unloads delete it (one ingress replica only). ``--address`` points at a running
+Admin loads deploy a new model application from the ingress replica that got the request (the others attach to it);
+unloads delete it once every ingress replica has dropped it. ``--address`` points at a running
 cluster (``auto``, ``host:port`` of the head's GCS); without it a local Ray instance starts bound to 127.0.0.1, its
 processes children of this one: stop it by signalling this process (SIGTERM / Ctrl-C), which removes the deployments
 and then stops Ray — a SIGTERM to the whole process group kills Ray's own processes under the shutdown, and Ray's core
@@ -405,7 +406,9 @@ class Ingress:
             registry=registry,
         )
         if spec.get("shared_state"):
-            server.shared = SharedState(ray.get_actor(**spec["shared_state"]), _replica_id())
+            server.shared = SharedState(
+                ray.get_actor(**spec["shared_state"]), _replica_id(), int(spec.get("ingress_replicas", 2))
+            )
         endpoints: list[ServedEndpoint] = []
         for m in spec["models"]:
             handle = serve.get_app_handle(app_name(m["name"], m["version"]))
@@ -446,8 +449,26 @@ class Ingress:
                 None, serve.delete, app_name(ep.model, ep.version)
             )
 
+        async def attach(name: str, version: str, load: dict[str, Any]) -> ServedEndpoint:
+            """A version another ingress replica deployed: its application's handle, no second deployment."""
+            handle = serve.get_app_handle(app_name(name, version))
+            info = await handle.info.remote()
+            ep = RemoteEndpoint(
+                name,
+                version,
+                handle,
+                info,
+                BatchingConfig(**(load.get("batching") or {})),
+                dict(load.get("source") or {}),
+                ReplicaConfig(**(load.get("replicas") or {})),
+                server.metrics,
+            )
+            ep.drift_config = DriftConfig(**load["drift"]) if load.get("drift") else None
+            return ep
+
         server.endpoint_factory = factory
         server.endpoint_retire = retire
+        server.endpoint_attach = attach
 
         async def start_all() -> None:
             for ep in endpoints:
@@ -554,6 +575,7 @@ def serve_on_ray(
             "log_level": log_level,
             "access_log": access_log,
             "shared_state": SHARED_STATE if shared is not None else None,
+            "ingress_replicas": config.ingress_replicas,
         }
         ingress = serve.deployment(
             serve.ingress()(Ingress),

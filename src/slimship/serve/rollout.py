@@ -227,10 +227,12 @@ class RolloutController:
         return True
 
     async def sync(self) -> None:
-        """Adopt what other ingress replicas changed: traffic policies, and rollouts started, advanced or ended."""
+        """Adopt what other ingress replicas changed: versions loaded or unloaded, traffic policies, and rollouts
+        started, advanced or ended."""
         shared = self.server.shared
         if shared is None:
             return
+        await self.server.sync_versions()  # versions first: a policy or a rollout may name one just loaded
         await self.server.sync_traffic()
         for model, pub in (await shared.call("rollouts")).items():
             if model in self.server.models:

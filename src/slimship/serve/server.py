@@ -41,6 +41,8 @@ EndpointFactory = Callable[
 ]
 #: removes what an EndpointFactory built, after an unload
 EndpointRetire = Callable[[ServedEndpoint], Awaitable[None]]
+#: a replicated ingress: an endpoint for a version another replica built, from its load spec (name, version, spec)
+EndpointAttach = Callable[[str, str, dict[str, Any]], Awaitable[ServedEndpoint]]
 
 
 def _rows(ep: ServedEndpoint, inputs: dict[str, np.ndarray]) -> int:
@@ -75,6 +77,11 @@ class Server:
         self.endpoint_factory: EndpointFactory | None = None
         #: removes what endpoint_factory built, after an unload
         self.endpoint_retire: EndpointRetire | None = None
+        #: replicated ingress: attaches to a version another replica loaded (``shared`` version changes)
+        self.endpoint_attach: EndpointAttach | None = None
+        #: replicated ingress: the last shared version change this replica applied
+        self._version_seq = 0
+        self._sync_lock = asyncio.Lock()
         self.judges = Judges()
         self.rollouts = RolloutController(self)
         self.feedback = FeedbackStore(max_ids=self.limits.max_remembered_ids)  # ids are capped in length
@@ -266,8 +273,41 @@ class Server:
         drift: DriftConfig | None = None,
         replicas: ReplicaConfig | None = None,
     ) -> ServedEndpoint:
-        """Build an endpoint (ONNX Runtime session) off the event loop, warm it, then make it routable."""
-        self._refuse_replicated("load")
+        """Build an endpoint (ONNX Runtime session) off the event loop, warm it, then make it routable. On a
+        replicated ingress the other replicas attach to it at their next sync (:meth:`sync_versions`)."""
+        if self.shared is None:
+            return await self._load(name, version, path, batching, source, drift, replicas)
+        await self.sync_versions()  # what other replicas loaded or unloaded, first
+        self._refuse_loaded(name, version)
+        if not await self.shared.call("reserve_version", "load", name, version):
+            raise ProtocolError(
+                f"{name} v{version} is loaded already through another ingress replica, or being loaded or unloaded "
+                "there; unload it first, load under another version, or retry in a moment",
+                409,
+            )
+        try:
+            ep = await self._load(name, version, path, batching, source, drift, replicas)
+            spec = {
+                "batching": batching.model_dump() if batching is not None else None,
+                "source": ep.source,
+                "drift": drift.model_dump() if drift is not None else None,
+                "replicas": replicas.model_dump() if replicas is not None else None,
+            }
+            await self.shared.call("version_change", "load", name, version, spec)
+        finally:
+            await self.shared.call("release_version", name, version)
+        return ep
+
+    async def _load(
+        self,
+        name: str,
+        version: str,
+        path: str,
+        batching: BatchingConfig | None,
+        source: dict[str, Any] | None,
+        drift: DriftConfig | None,
+        replicas: ReplicaConfig | None,
+    ) -> ServedEndpoint:
         async with self._lock:
             self._refuse_loaded(name, version)
             ep: ServedEndpoint
@@ -377,17 +417,31 @@ class Server:
             replicas,
         )
 
-    def _refuse_replicated(self, what: str) -> None:
-        if self.shared is not None:
+    async def unload(self, name: str, version: str, drain_timeout: float = 30.0) -> None:
+        """Stop routing to a version, answer what it has in flight, then remove it. On a replicated ingress every
+        replica drops it at its next sync, and its application is deleted once all of them have."""
+        if self.shared is None:
+            ep = await self._unload(name, version, drain_timeout)
+            await self._retire(ep)
+            return
+        await self.sync_versions()  # a version another replica loaded is unloaded here too
+        self.group(name)  # 404 for an unknown model before anything is reserved
+        if not await self.shared.call("reserve_version", "unload", name, version):
             raise ProtocolError(
-                f"this ingress is one of several replicas (--ingress-replicas > 1): an admin {what} would change "
-                "only the replica that got it; list the versions in the serving config (--config) and restart, "
-                "or serve with one ingress replica",
+                f"{name} v{version} is being loaded or unloaded through another ingress replica; retry in a moment",
                 409,
             )
+        try:
+            ep = await self._unload(name, version, drain_timeout)
+            seq = await self.shared.call("version_change", "unload", name, version, None)
+            await self._await_replicas(self.shared, seq, drain_timeout + 10.0)
+            await self._retire(ep)
+        finally:
+            await self.shared.call("release_version", name, version)
+        if name in self.models:  # the other replicas take the traffic without the version from here too
+            await self.publish_traffic(name)
 
-    async def unload(self, name: str, version: str, drain_timeout: float = 30.0) -> None:
-        self._refuse_replicated("unload")
+    async def _unload(self, name: str, version: str, drain_timeout: float) -> ServedEndpoint:
         async with self._lock:
             group = self.group(name)
             ep = group.versions.get(version)
@@ -400,14 +454,61 @@ class Server:
                     "before unloading it",
                     409,
                 )
-            del group.versions[version]  # no new request is routed to it from here on
-            group.policy = group.without(version)
-            if not group.versions:
-                del self.models[name]
+            self._drop(name, version)
         await ep.stop(drain_timeout)  # requests already routed to it are answered first
+        return ep
+
+    def _drop(self, name: str, version: str) -> None:
+        group = self.models[name]
+        del group.versions[version]  # no new request is routed to it from here on
+        group.policy = group.without(version)
+        if not group.versions:
+            del self.models[name]
+
+    async def _retire(self, ep: ServedEndpoint) -> None:
         if self.endpoint_retire is not None:
             await self.endpoint_retire(ep)
-        log.info(json.dumps({"event": "unloaded", "model": name, "version": version}))
+        log.info(json.dumps({"event": "unloaded", "model": ep.model, "version": ep.version}))
+
+    @staticmethod
+    async def _await_replicas(shared: SharedState, seq: int, timeout_s: float) -> None:
+        """Until every ingress replica has applied the version changes up to ``seq`` (its own included: its sync
+        loop runs meanwhile), or ``timeout_s`` (a replica that is gone doesn't hold an unload up for ever)."""
+        deadline = time.monotonic() + timeout_s
+        while await shared.call("replicas_applied", seq) < shared.replicas:
+            if time.monotonic() > deadline:
+                log.warning(
+                    json.dumps({"event": "unload.replicas_not_synced", "seq": seq, "waited_s": timeout_s})
+                )
+                return
+            await asyncio.sleep(0.05)
+
+    async def sync_versions(self) -> None:
+        """A replicated ingress: apply the versions other replicas loaded or unloaded since the last sync."""
+        if self.shared is None:
+            return
+        async with self._sync_lock:  # the rollout loop's sync and an admin request's, one at a time
+            await self._apply_version_changes(self.shared)
+
+    async def _apply_version_changes(self, shared: SharedState) -> None:
+        changes = await shared.call("version_changes", self._version_seq)
+        for seq, op, name, version, spec in changes:
+            group = self.models.get(name)
+            here = group is not None and version in group.versions
+            try:
+                if op == "load" and not here and self.endpoint_attach is not None:
+                    ep = await self.endpoint_attach(name, version, spec or {})
+                    await self.add(ep)
+                elif op == "unload" and here:
+                    async with self._lock:
+                        ep = self.models[name].versions[version]
+                        self._drop(name, version)
+                    await ep.stop()
+            except Exception:  # one version that can't be attached must not stop the others
+                log.exception("could not apply %s of %s v%s from another ingress replica", op, name, version)
+            self._version_seq = seq
+        if changes:
+            shared.send("applied", shared.replica, self._version_seq)
 
     def set_traffic(self, name: str, policy: TrafficPolicy) -> None:
         group = self.group(name)

@@ -17,7 +17,12 @@ diverge lives in :class:`IngressState` alone:
   late observations of it are dropped;
 - **traffic policies** set through the admin API carry a generation; a replica adopts a newer one on its next sync
   (every rollout tick, 0.25 s by default). Sticky routing hashes the key, so equal policies route a key alike;
-- **shadow comparisons** are counted here too.
+- **shadow comparisons** are counted here too;
+- **versions loaded and unloaded at run time** (admin load / unload): a log of changes every replica applies on its
+  next sync (a load deploys the model application once, from the replica that got the request; the others attach
+  to it). One replica at a time may load or unload a (model, version) (:meth:`IngressState.reserve_version`), and
+  an unloaded version's application is deleted only once every replica has applied the unload (:meth:`applied`),
+  so no replica sends requests to an application that is gone.
 
 Per replica (each sees its share of the traffic; a scrape reaches one replica): /metrics, the statistics extension,
 live dashboard figures, drift monitors, the compare-runs-in-flight cap.
@@ -49,6 +54,12 @@ class IngressState:
         self._windows: dict[WindowKey, Window] = {}
         self._claimed: set[Any] = set()
         self._shadow: dict[tuple[str, str], ShadowStats] = {}
+        #: run-time version changes, in order: (sequence number, "load" | "unload", model, version, load spec)
+        self._changes: list[tuple[int, str, str, str, dict[str, Any] | None]] = []
+        self._change_seq = 0
+        self._busy: set[tuple[str, str]] = set()  # being loaded or unloaded by a replica
+        self._loaded: set[tuple[str, str]] = set()  # loaded at run time (and not unloaded since)
+        self._applied: dict[str, int] = {}  # replica → the last version change it applied
 
     # ---- A/B ---------------------------------------------------------------------------------
     def answered(self, model: str, version: str, ids: list[str]) -> None:
@@ -125,6 +136,39 @@ class IngressState:
         self._claimed.add(key)
         return True
 
+    # ---- versions loaded / unloaded at run time ----------------------------------------------
+    def reserve_version(self, op: str, model: str, version: str) -> bool:
+        """True for the one replica that may ``op`` ("load" / "unload") (model, version) now: False while another
+        replica loads or unloads it, and for a load of a version loaded at run time already (through any replica)."""
+        key = (model, version)
+        if key in self._busy or (op == "load" and key in self._loaded):
+            return False
+        self._busy.add(key)
+        return True
+
+    def release_version(self, model: str, version: str) -> None:
+        """A load or unload is over (done or failed): (model, version) is free for the next one."""
+        self._busy.discard((model, version))
+
+    def version_change(self, op: str, model: str, version: str, spec: dict[str, Any] | None) -> int:
+        """Record a load (``spec``: how to attach to it) or an unload done by a replica; returns its sequence number."""
+        (self._loaded.add if op == "load" else self._loaded.discard)((model, version))
+        self._change_seq += 1
+        self._changes.append((self._change_seq, op, model, version, spec))
+        return self._change_seq
+
+    def version_changes(self, after: int) -> list[tuple[int, str, str, str, dict[str, Any] | None]]:
+        """The version changes after sequence number ``after``, in order."""
+        return [c for c in self._changes if c[0] > after]
+
+    def applied(self, replica: str, seq: int) -> None:
+        """``replica`` has applied every version change up to ``seq``."""
+        self._applied[replica] = max(seq, self._applied.get(replica, 0))
+
+    def replicas_applied(self, seq: int) -> int:
+        """How many replicas have applied the version changes up to ``seq``."""
+        return sum(1 for s in self._applied.values() if s >= seq)
+
     # ---- shadow ------------------------------------------------------------------------------
     def shadow_add(self, model: str, version: str, value: float | None, judge: str = "") -> None:
         stats = self._shadow.setdefault((model, version), ShadowStats())
@@ -142,8 +186,9 @@ class SharedState:
     replica must know the answer of, ``send(name, …)`` for reports it need not wait for (Ray keeps one caller's
     calls in order)."""
 
-    def __init__(self, handle: Any, replica: str) -> None:
-        self.handle, self.replica = handle, replica
+    def __init__(self, handle: Any, replica: str, replicas: int = 2) -> None:
+        #: ``replicas``: how many ingress replicas the deployment has (an unload waits for all of them)
+        self.handle, self.replica, self.replicas = handle, replica, replicas
 
     async def call(self, method: str, *args: Any) -> Any:
         return await getattr(self.handle, method).remote(*args)
