@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import subprocess
-import sys
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -41,6 +38,7 @@ import numpy as np
 from slimship.errors import InferenceError, InputSpecError, RuntimeUnavailableError
 from slimship.runtime.base import Runtime
 from slimship.runtime.settings import DeploymentSettings, decide_executorch_settings
+from slimship.runtime.subprocess_probe import run_probe_child, signal_name
 from slimship.workload.base import Batch, TensorSpec
 
 __all__ = [
@@ -117,14 +115,6 @@ def import_executorch_runtime() -> Any:
     return _C
 
 
-def signal_name(code: int) -> str:
-    """``SIGSEGV`` for a child's return code -11."""
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-
-
 def _identity(path: Path) -> tuple[str, int, int]:
     st = path.stat()
     return str(path.resolve()), st.st_mtime_ns, st.st_size
@@ -137,24 +127,13 @@ def mark_rehearsed(path: Path) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _probe(identity: tuple[str, int, int], shapes: tuple[str, ...], crash_hook: str) -> str | None:
-    env = {**os.environ, CRASH_HOOK: crash_hook}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PROBE_CHILD.format(hook=CRASH_HOOK), identity[0], *shapes],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return "the load probe did not finish within 600 s"
-    if done.returncode == 0:
-        return None
-    if done.returncode < 0:
-        return f"ExecuTorch's runtime crashed with {signal_name(done.returncode)} in a probe subprocess"
-    tail = [ln for ln in done.stderr.strip().splitlines() if ln.strip()][-3:]
-    return f"ExecuTorch could not load and run it in a probe subprocess (exit {done.returncode}): {' '.join(tail)[:600]}"
+    return run_probe_child(
+        _PROBE_CHILD.format(hook=CRASH_HOOK),
+        [identity[0], *shapes],
+        {CRASH_HOOK: crash_hook},
+        "ExecuTorch",
+        "runtime",
+    )
 
 
 def load_probe(path: Path, inputs: Sequence[TensorSpec] | None = None) -> None:

@@ -18,9 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ import numpy as np
 from slimship.errors import InferenceError, RuntimeUnavailableError
 from slimship.runtime.base import Runtime
 from slimship.runtime.settings import DeploymentSettings, decide_openvino_settings
+from slimship.runtime.subprocess_probe import run_probe_child
 from slimship.workload.base import Batch, TensorSpec
 
 __all__ = ["INSTALL_HINT", "OpenVINORuntime", "compile_probe", "import_openvino"]
@@ -61,34 +59,16 @@ def import_openvino() -> Any:
     return openvino
 
 
-def _signal_name(code: int) -> str:
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-
-
 @functools.lru_cache(maxsize=64)
 def _probe(path: str, identity: tuple[int, int], properties: str, crash_hook: str) -> str | None:
     """Compile ``path`` in a child process; None when it compiled, else why not. Cached per process."""
-    env = {**os.environ, CRASH_HOOK: crash_hook}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PROBE_CHILD.format(hook=CRASH_HOOK), path, properties],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return "the compile probe did not finish within 600 s"
-    if done.returncode == 0:
-        return None
-    if done.returncode < 0:
-        return f"OpenVINO's compile_model crashed with {_signal_name(done.returncode)} in a probe subprocess"
-    tail = [ln for ln in done.stderr.strip().splitlines() if ln.strip()][-3:]
-    return f"OpenVINO could not compile it in a probe subprocess (exit {done.returncode}): {' '.join(tail)[:600]}"
+    return run_probe_child(
+        _PROBE_CHILD.format(hook=CRASH_HOOK),
+        [path, properties],
+        {CRASH_HOOK: crash_hook},
+        "OpenVINO",
+        "compile_model",
+    )
 
 
 def compile_probe(path: Path, properties: dict[str, Any]) -> None:
