@@ -169,10 +169,33 @@ def test_rollout_and_admin_load_on_ray(tmp_path, digits, digits_chain):
         assert (
             r.status_code == 400 and "9 replicas" in r.json()["error"]
         )  # refused before anything is deployed
+        # v1 and v2 hold 1 of the local instance's 2 CPUs: a version needing more than the free one is refused
+        r = httpx.post(
+            f"{base}/v2/admin/models/digits/load",
+            json={"registry": "3", "replicas": {"num_cpus": 1.5}},
+            headers=H,
+            timeout=60,
+        )
+        assert (
+            r.status_code == 409 and "only 1 of this local Ray instance's 2 are free" in r.json()["error"]
+        ), r.text
+        # one that isn't up in time is removed, and the load says so (a replica that never starts can't hang it)
+        t0 = time.monotonic()
+        r = httpx.post(
+            f"{base}/v2/admin/models/digits/load",
+            json={"registry": "3", "replicas": {"num_cpus": 0.5, "start_timeout_s": 0.05}},
+            headers=H,
+            timeout=120,
+        )
+        assert r.status_code == 503 and "was not up within 0.05 s" in r.json()["error"], r.text
+        assert time.monotonic() - t0 < 60
+        assert "digits" in httpx.get(f"{base}/v2/models/digits").text  # the served versions are untouched
+        wait_for(lambda: not _replica_pids("slimship-digits-v3"), 60, what="the timed-out v3 to go")
         r = httpx.post(
             f"{base}/v2/admin/models/digits/load",
             json={"registry": "3", "replicas": {"num_cpus": 0.5}},
             headers=H,
+            timeout=180,  # a new replica process imports ONNX Runtime: seconds on busy cores
         )
         assert r.status_code == 200, r.text
         assert _replica_pids("slimship-digits-v3")

@@ -172,6 +172,9 @@ class ReplicaConfig(BaseModel):
     max_queued_requests: int = Field(default=256, ge=1)
     #: CPUs reserved per replica (its ONNX Runtime threads)
     num_cpus: float = Field(default=1.0, gt=0)
+    #: seconds a version loaded at run time may take until every replica is up; beyond, it is removed and the
+    #: load answers 503 (a replica Ray can't place, or one that crashes while loading, would otherwise hang it)
+    start_timeout_s: float = Field(default=180.0, gt=0)
 
 
 class ModelSpec(BaseModel):

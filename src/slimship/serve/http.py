@@ -251,6 +251,10 @@ def guard(server: Server, fn: Handler, admin: bool = False) -> Callable[[Request
         else:
             resp = await _answer(server, fn, request, admin)
         resp.headers["x-request-id"] = request.state.rid
+        if (
+            server.shared is not None
+        ):  # which ingress replica answered, errors too (its /metrics, /stats are its own)
+            resp.headers["x-slimship-ingress"] = server.shared.replica
         route = request.scope.get("route")
         server.metrics.http.labels(getattr(route, "path", request.url.path), str(resp.status_code)).inc()
         _log_access(request, resp.status_code, (time.perf_counter() - t0) * 1000)
@@ -319,8 +323,6 @@ async def infer(server: Server, request: Request) -> Response:
     )
     await server.remember(req.id, request.state.rid, name, ep.version)
     headers["x-model-version"] = ep.version
-    if server.shared is not None:  # which ingress replica answered (its /metrics and /stats are its own)
-        headers["x-slimship-ingress"] = server.shared.replica
     return Response(data, 200, headers=headers)
 
 

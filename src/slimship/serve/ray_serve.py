@@ -365,6 +365,23 @@ def check_placement(ray: Any, replicas: ReplicaConfig, where: str, what: str) ->
         )
 
 
+def check_free(ray: Any, replicas: ReplicaConfig, what: str) -> None:
+    """On a local instance (no autoscaler adds nodes), refuse a version its free CPUs can't hold: Ray would keep the
+    replica pending forever while the versions already loaded hold the CPUs."""
+    need = replicas.num_cpus * (
+        replicas.autoscaling.min_replicas if replicas.autoscaling else replicas.num_replicas
+    )
+    free = float(ray.available_resources().get("CPU", 0.0))
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    if need > free + 1e-9:
+        raise ProtocolError(
+            f"{what}: its replicas need {need:g} CPUs but only {free:g} of this local Ray instance's {total:g} are "
+            "free (the versions loaded now hold the rest); unload a version, or lower replicas.num_cpus / "
+            "num_replicas",
+            409,
+        )
+
+
 def deploy_model(
     serve: Any,
     model: str,
@@ -373,13 +390,55 @@ def deploy_model(
     batching: BatchingConfig,
     source: dict[str, Any],
     replicas: ReplicaConfig,
+    wait: bool = True,
 ) -> Any:
-    """Deploy (or redeploy) one model version as its own Serve application; returns its handle."""
+    """Deploy (or redeploy) one model version as its own Serve application; returns its handle. With
+    ``wait=False`` it returns at once (:func:`wait_running` bounds the wait instead)."""
     threads = max(1, int(replicas.num_cpus))
     cfg = batching.model_copy(update={"threads": batching.threads or threads})
     dep = serve.deployment(ModelReplica, name="model", **_deployment_options(replicas))
     app = dep.bind(model, version, path, cfg.model_dump(), source)
-    return serve.run(app, name=app_name(model, version), route_prefix=None, blocking=False)
+    if wait:
+        return serve.run(app, name=app_name(model, version), route_prefix=None, blocking=False)
+    from ray.serve.api import _run
+
+    return _run(app, _blocking=False, name=app_name(model, version), route_prefix=None)
+
+
+def wait_running(serve: Any, name: str, timeout_s: float, what: str) -> None:
+    """Wait until the application `name` runs; if it fails, or isn't up within `timeout_s`, delete it and raise
+    a 503 that says why (Serve's own message: a crash while loading, a replica it can't place)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    message = ""
+    while True:
+        app = serve.status().applications.get(name)
+        state = str(getattr(app, "status", "")) if app is not None else ""
+        if state.endswith("RUNNING"):
+            return
+        if app is not None:
+            message = app.message or "; ".join(
+                f"{d}: {getattr(ds, 'message', '')}"
+                for d, ds in app.deployments.items()
+                if getattr(ds, "message", "")
+            )
+        failed = state.endswith(("DEPLOY_FAILED", "UNHEALTHY"))
+        if failed or time.monotonic() > deadline:
+            try:
+                serve.delete(name)
+            except Exception as err:  # the answer below matters more; say it in the log
+                log.warning("could not remove the application %s: %s", name, err)
+            why = (
+                "failed to start"
+                if failed
+                else f"was not up within {timeout_s:g} s (replicas.start_timeout_s)"
+            )
+            raise ProtocolError(
+                f"{what} {why} and was removed; Ray Serve said: {' '.join(message.split())[:600] or 'nothing'}",
+                503,
+            )
+        time.sleep(0.25)
 
 
 class Ingress:
@@ -435,12 +494,19 @@ class Ingress:
             replicas_cfg: ReplicaConfig | None = None,
         ) -> ServedEndpoint:
             replicas = replicas_cfg or ReplicaConfig()
-            check_placement(ray, replicas, "this cluster", f"{name} v{version}")
+            what = f"{name} v{version}"
+            check_placement(ray, replicas, "this cluster", what)
+            if spec.get("local"):
+                check_free(ray, replicas, what)
             b = batching or BatchingConfig()
             loop = asyncio.get_running_loop()
-            handle = await loop.run_in_executor(
-                None, lambda: deploy_model(serve, name, version, path, b, source, replicas)
-            )
+
+            def deploy() -> Any:
+                handle = deploy_model(serve, name, version, path, b, source, replicas, wait=False)
+                wait_running(serve, app_name(name, version), replicas.start_timeout_s, what)
+                return handle
+
+            handle = await loop.run_in_executor(None, deploy)
             info = await handle.info.remote()
             return RemoteEndpoint(name, version, handle, info, b, source, replicas, server.metrics)
 
@@ -576,6 +642,7 @@ def serve_on_ray(
             "access_log": access_log,
             "shared_state": SHARED_STATE if shared is not None else None,
             "ingress_replicas": config.ingress_replicas,
+            "local": address is None,
         }
         ingress = serve.deployment(
             serve.ingress()(Ingress),
