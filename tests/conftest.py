@@ -16,6 +16,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 os.environ.setdefault("SLIMSHIP_CACHE_DIR", str(ROOT / ".cache" / "test"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    # Tests run `_WORKERS` at once: each gets its share of the cores. Two 2-thread ONNX Runtime / PyTorch pools on
+    # 2 cores mostly wait for each other (and spin), so the suite gained only 1.1x from 2 workers without this.
+    # Inherited by every subprocess (CLI runs, servers, Ray workers); a test that sets threads itself still wins.
+    import psutil
+
+    _share = str(max(1, (psutil.cpu_count(logical=False) or os.cpu_count() or 1) // _WORKERS))
+    os.environ.setdefault("SLIMSHIP_THREADS", _share)
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
 
 
 @pytest.fixture(scope="session")

@@ -51,10 +51,27 @@ def cpu_flags() -> set[str]:
 
 
 def physical_cores() -> int:
-    """Physical cores (the default thread count for runtimes); falls back to logical CPUs."""
+    """Physical cores (what :func:`default_threads` gives unless told otherwise); falls back to logical CPUs."""
     import psutil
 
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+#: threads every inference session (and timing, evaluation, verification) uses where nothing sets them
+THREADS_ENV = "SLIMSHIP_THREADS"
+
+
+def default_threads() -> int:
+    """The thread count of a session whose settings leave threads open: ``SLIMSHIP_THREADS`` when set (several
+    processes sharing a host, each with its share of the cores), else the physical cores."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return physical_cores()
+    from slimship.errors import ConfigError
+
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{THREADS_ENV} must be a whole number ≥ 1 (threads per session), got {raw!r}")
+    return int(raw)
 
 
 def int8_kernel_summary(flags: set[str]) -> str:
@@ -122,6 +139,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "threads": {
             "runtime_threads": threads,
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            THREADS_ENV: os.environ.get(THREADS_ENV),
             "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
         },
     }

@@ -365,6 +365,6 @@ def _probe_runtime(cand: Any, settings: Any, threads: int) -> Any:
 
 
 def _cores() -> int:
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
 
-    return physical_cores()
+    return default_threads()

@@ -241,7 +241,7 @@ def bench(
     whether the budget cut them (their p90/p99 are then rough)."""
     from tqdm.auto import tqdm
 
-    from slimship.machine import machine_info, physical_cores
+    from slimship.machine import default_threads, machine_info
     from slimship.runtime import create_runtime
 
     if not targets:
@@ -260,7 +260,7 @@ def bench(
     baseline = baseline or labels[0]
     if baseline not in labels:
         raise ConfigError(f"baseline {baseline!r} is not one of the labels {labels}")
-    threads = threads or physical_cores()
+    threads = threads or default_threads()
     is_text = any("sequence" in s.shape for s in workload.inputs)
     seq = seq_len if is_text else None
 

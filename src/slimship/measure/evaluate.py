@@ -64,11 +64,11 @@ def reference_outputs(
     if path.exists():
         with np.load(path) as npz:
             return {k: npz[k] for k in npz.files}
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
     from slimship.runtime.ort_backend import OrtRuntime
     from slimship.runtime.torch_backend import TorchRuntime
 
-    threads = threads or physical_cores()
+    threads = threads or default_threads()
     if workload.has_torch_model:
         rt: Runtime = TorchRuntime(
             workload.build_model(), workload.inputs, [o.name for o in workload.outputs], threads

@@ -192,14 +192,14 @@ def structural_result(
     ``finetune`` is set (``info["finetune"]``), save it as a PyTorch candidate with ``edits`` appended to
     its parent's architecture edits, then export-check it when ``config.verify_export``."""
     from slimship.candidate import save_torch_candidate
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
 
     record = complexity_record(
         teacher,
         student,
         workload,
         measure_batch_size(workload, config.measure_batch_size),
-        threads if threads is not None else physical_cores(),
+        threads if threads is not None else default_threads(),
     )
     training = recover(student, teacher, workload, finetune, feature_map=feature_map, desc=desc)
     cand = save_torch_candidate(

@@ -305,7 +305,7 @@ def convert_here(
     """Export, lower, write ``out_dir/model.pte`` and verify it against its parent, in this process (the pass runs
     this in a subprocess); the info the candidate records."""
     from slimship.candidate import load_torch_model
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
     from slimship.measure.verify import compare_outputs
     from slimship.runtime.executorch_backend import ExecuTorchRuntime
     from slimship.runtime.torch_backend import TorchRuntime
@@ -323,7 +323,7 @@ def convert_here(
     seconds = round(time.perf_counter() - t0, 2)
     out = out_dir / "model.pte"
     out.write_bytes(program.buffer)
-    threads = physical_cores()
+    threads = default_threads()
     os.environ["SLIMSHIP_EXECUTORCH_PROBE"] = "off"  # this subprocess is the rehearsal
     child = ExecuTorchRuntime(
         out,

@@ -194,9 +194,9 @@ class ExportPass(Pass[ExportConfig]):
         attempts: dict[str, str] = {}
         last_report: VerificationReport | None = None
         batches = verification_batches(workload, config.verify_samples)
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
 
-        threads = physical_cores()
+        threads = default_threads()
         parent_rt = TorchRuntime(model, workload.inputs, [o.name for o in workload.outputs], threads)
         path = out_dir / "model.onnx"
         for exporter in order:

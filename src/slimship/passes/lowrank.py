@@ -315,7 +315,7 @@ class LowRankPass(Pass[LowRankConfig]):
     def run(
         self, candidate: Candidate, workload: Workload, config: LowRankConfig, out_dir: Path
     ) -> Candidate:
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
         from slimship.passes._common import structural_result, teacher_and_student
 
         teacher, student = teacher_and_student(candidate, workload)
@@ -325,7 +325,7 @@ class LowRankPass(Pass[LowRankConfig]):
             sensitivity_ranks(student, workload, todo, config) if config.sensitivity is not None else None
         )
         plan = choose_ranks(layers, config, sensitive)
-        threads = physical_cores()
+        threads = default_threads()
         rows = config.timing_rows or (256 if workload.task == "classification" else 8 * 128)
         timings: dict[tuple[int, int, int], dict[str, float]] = {}
         edits, decisions = [], {}

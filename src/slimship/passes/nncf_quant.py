@@ -148,7 +148,7 @@ class NNCFQuantizePass(Pass[NNCFQuantizeConfig]):
     def run(
         self, candidate: Candidate, workload: Workload, config: NNCFQuantizeConfig, out_dir: Path
     ) -> Candidate:
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
         from slimship.measure.verify import RECORD_ONLY, compare_outputs, verification_batches
         from slimship.passes.openvino import save_ir_candidate
         from slimship.runtime import create_runtime
@@ -161,7 +161,7 @@ class NNCFQuantizePass(Pass[NNCFQuantizeConfig]):
         quantized, kwargs, seconds, batches = _run_nncf(nncf, model, candidate, workload, config)
         out = out_dir / "model.xml"
         ov.save_model(quantized, str(out), compress_to_fp16=False)
-        threads = physical_cores()
+        threads = default_threads()
         settings, _ = settings_for_candidate(candidate.info, candidate.artifact_path)
         child = OpenVINORuntime(
             out, threads, settings=settings, output_names=tuple(o.name for o in workload.outputs)
@@ -231,7 +231,7 @@ class NNCFOnnxQuantizePass(Pass[NNCFOnnxQuantizeConfig]):
         import onnx
 
         from slimship.candidate import new_candidate
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
         from slimship.measure.verify import RECORD_ONLY, compare_outputs, verification_batches
         from slimship.passes._onnx_graph import op_histogram
         from slimship.runtime import create_runtime
@@ -242,7 +242,7 @@ class NNCFOnnxQuantizePass(Pass[NNCFOnnxQuantizeConfig]):
         quantized, kwargs, seconds, batches = _run_nncf(nncf, model, candidate, workload, config)
         out = out_dir / "model.onnx"
         onnx.save_model(quantized, str(out))
-        threads = physical_cores()
+        threads = default_threads()
         report = compare_outputs(
             create_runtime(candidate, workload, threads=threads),
             OrtRuntime(out, threads),

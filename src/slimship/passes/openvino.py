@@ -140,7 +140,7 @@ class OpenVINOConvertPass(Pass[OpenVINOConvertConfig]):
     def run(
         self, candidate: Candidate, workload: Workload, config: OpenVINOConvertConfig, out_dir: Path
     ) -> Candidate:
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
         from slimship.measure.verify import compare_outputs, verification_batches
         from slimship.runtime import create_runtime
         from slimship.runtime.openvino_backend import OpenVINORuntime
@@ -150,7 +150,7 @@ class OpenVINOConvertPass(Pass[OpenVINOConvertConfig]):
         t0 = time.perf_counter()
         convert_onnx(candidate.artifact_path, out, config.compress_to_fp16)
         seconds = round(time.perf_counter() - t0, 2)
-        threads = physical_cores()
+        threads = default_threads()
         child = OpenVINORuntime(
             out,
             threads,

@@ -121,10 +121,10 @@ class GraphOptimizePass(Pass[GraphOptimizeConfig]):
         import onnx
 
         from slimship.candidate import new_candidate
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
         from slimship.passes._onnx_graph import op_histogram
 
-        threads = physical_cores()
+        threads = default_threads()
         src = candidate.artifact_path
         out = out_dir / "model.onnx"
         info: dict[str, Any] = {"level": config.level, "notes": []}

@@ -207,7 +207,7 @@ class QATPass(Pass[QATConfig]):
         import torch
 
         from slimship.candidate import load_torch_model, new_candidate
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
         from slimship.measure.verify import compare_outputs, verification_batches
         from slimship.passes._onnx_graph import op_histogram, set_io_names_and_dims
         from slimship.runtime.ort_backend import OrtRuntime
@@ -306,7 +306,7 @@ class QATPass(Pass[QATConfig]):
             raise CompressionError(
                 f"exporting the fake-quantized model to ONNX QDQ failed: {exporter_failure_reason(err)}"
             ) from err
-        threads = physical_cores()
+        threads = default_threads()
         batches_v = verification_batches(workload, 48)
         report = compare_outputs(
             TorchRuntime(student, workload.inputs, out_names, threads),

@@ -403,11 +403,11 @@ class QuantizationReport:
 
 
 def _lossy_report(parent: Candidate, out: Path, workload: Workload, cfg: _QuantCommon) -> VerificationReport:
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
     from slimship.measure.verify import compare_outputs, verification_batches
     from slimship.runtime.ort_backend import OrtRuntime
 
-    threads = physical_cores()
+    threads = default_threads()
     thresholds = RECORD_ONLY.model_copy(
         update={"min_cosine": cfg.min_cosine, "min_top1_agreement": getattr(cfg, "min_top1_agreement", 0.0)}
     )
@@ -921,11 +921,11 @@ def _choose_method(
 
 
 def _holdout_error(parent: Path, child: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
     from slimship.measure.verify import compare_outputs
     from slimship.runtime.ort_backend import OrtRuntime
 
-    threads = physical_cores()
+    threads = default_threads()
     report = compare_outputs(OrtRuntime(parent, threads), OrtRuntime(child, threads), batches, RECORD_ONLY)
     first = next(iter(report.outputs.values())).to_json()
     return {

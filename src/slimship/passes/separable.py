@@ -169,11 +169,11 @@ def measured_quality(
     model: nn.Module, workload: Workload, reference: dict[str, np.ndarray] | None, limit: int | None
 ) -> tuple[dict[str, float], dict[str, float], dict[str, np.ndarray]]:
     """(quality, fidelity to ``reference``, outputs) of a PyTorch model on the workload's evaluation data."""
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
     from slimship.measure.evaluate import collect_outputs
     from slimship.runtime.torch_backend import TorchRuntime
 
-    rt = TorchRuntime(model, workload.inputs, [o.name for o in workload.outputs], physical_cores())
+    rt = TorchRuntime(model, workload.inputs, [o.name for o in workload.outputs], default_threads())
     outputs = collect_outputs(rt, workload, limit, progress=False)
     quality = workload.quality(outputs, limit)
     fidelity = workload.fidelity(outputs, reference) if reference is not None else {}

@@ -40,7 +40,7 @@ def quickstart(
     command: str | None = None,
 ) -> dict[str, Any]:
     from slimship.candidate import load_candidate, original_candidate
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
     from slimship.measure.bench import BenchTarget, bench
     from slimship.measure.evaluate import evaluate
     from slimship.passes import PASSES
@@ -51,7 +51,7 @@ def quickstart(
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threads = threads or physical_cores()
+    threads = threads or default_threads()
     recipe = load_recipe(builtin_recipes()[RECIPE])
     workload = resolve_workload(workload_ref, data=data)
     log(

@@ -81,7 +81,7 @@ def run_recipe(
     (``fastest``). ``steps``, ``evaluations``, ``bench`` and ``constraints`` describe the kept attempt; ``attempts``
     lists every attempt tried with its figures and ``fallback`` says which was kept and why."""
     from slimship.candidate import original_candidate
-    from slimship.machine import machine_info, physical_cores
+    from slimship.machine import default_threads, machine_info
     from slimship.passes import PASSES
     from slimship.workload import resolve_workload
 
@@ -90,7 +90,7 @@ def run_recipe(
     out.mkdir(parents=True, exist_ok=True)
     if Path(recipe_path).resolve() != (out / "recipe.yaml").resolve():  # re-running a run's own copy
         shutil.copyfile(recipe_path, out / "recipe.yaml")
-    machine = machine_info(physical_cores())
+    machine = machine_info(default_threads())
     write_json_atomic(out / "machine.json", machine)
     workload = resolve_workload(recipe.workload, data=recipe.data)
     orig_dir = out / "original"

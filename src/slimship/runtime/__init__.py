@@ -48,9 +48,9 @@ def create_runtime(
 ) -> Runtime:
     """``spin=False`` makes ONNX Runtime's idle threads block instead of spinning (used when several
     runtimes share the cores, as in an interleaved benchmark)."""
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
 
-    threads = threads or physical_cores()
+    threads = threads or default_threads()
     if threads < 1:
         raise InferenceError(f"threads must be ≥ 1, got {threads}")
     backend = backend or default_backend(candidate.format)

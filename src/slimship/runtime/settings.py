@@ -202,10 +202,10 @@ class DeploymentSettings:
             )
         import onnxruntime as ort
 
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.intra_op_threads or physical_cores()
+        so.intra_op_num_threads = self.intra_op_threads or default_threads()
         so.inter_op_num_threads = self.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = {
@@ -230,9 +230,9 @@ class DeploymentSettings:
             raise ConfigError(
                 f"these are {self.runtime} settings; OpenVINO compile properties need openvino's"
             )
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
 
-        props: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.intra_op_threads or physical_cores()}
+        props: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.intra_op_threads or default_threads()}
         for key, value in self.openvino_config.items():
             props[key] = int(value) if key == "NUM_STREAMS" else value
         return props

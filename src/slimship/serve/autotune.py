@@ -481,9 +481,9 @@ def autotune(
     body_data = request if request is not None else synth_request(onnx)
     say = progress or (lambda s: None)
     clients_l = sorted(set(clients))
-    from slimship.machine import physical_cores
+    from slimship.machine import default_threads
 
-    configs = (grid or TuneGrid()).configs(physical_cores())
+    configs = (grid or TuneGrid()).configs(default_threads())
     measured = [Measured(cfg, k == 0) for k, cfg in enumerate(configs)]
     loads = [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="slimship-serve-tune-") as tmp:

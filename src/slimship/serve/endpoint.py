@@ -302,14 +302,14 @@ class Endpoint(ModelIO):
     ) -> None:
         import onnxruntime as ort
 
-        from slimship.machine import physical_cores
+        from slimship.machine import default_threads
 
         self.model, self.version = model, str(version)
         self.path = Path(onnx_path)
         self.config = config or BatchingConfig()
         self.metrics = metrics
         self.source = source or {"path": str(self.path)}
-        total = self.config.threads or physical_cores()
+        total = self.config.threads or default_threads()
         per = max(1, total // self.config.instances)
         from slimship.serve.verify import check_integrity, verify_on_load
 

@@ -252,16 +252,28 @@ class SentenceEmbeddingWorkload(Workload):
         """Two samples per article: its headline and its body. ``limit`` counts articles."""
         return 2 * self._n_articles(limit)
 
+    @cached_property
+    def _eval_batch_cache(self) -> dict[tuple[int, int], list[tuple[np.ndarray, Batch]]]:
+        return {}
+
     def eval_batches(
         self, limit: int | None = None, batch_size: int = _EVAL_BATCH
     ) -> Iterator[tuple[np.ndarray, Batch]]:
-        texts = self.eval_texts(limit)
-        # group texts of similar length so padding stays small
-        lengths = np.array([len(t) for t in texts])
-        order = np.argsort(lengths, kind="stable")
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            yield idx, self._tokenize([texts[i] for i in idx])
+        key = (self._n_articles(limit), batch_size)
+        cached = self._eval_batch_cache.get(key)
+        if cached is None:
+            # the same texts are tokenized once per process (a run evaluates the original and each lossy step)
+            cached = []
+            texts = self.eval_texts(limit)
+            # group texts of similar length so padding stays small
+            lengths = np.array([len(t) for t in texts])
+            order = np.argsort(lengths, kind="stable")
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                cached.append((idx, self._tokenize([texts[i] for i in idx])))
+            self._eval_batch_cache[key] = cached
+        for idx, batch in cached:
+            yield idx, dict(batch)
 
     def calibration_batches(self, num_samples: int = 128, batch_size: int = 16) -> Iterator[Batch]:
         """Paragraphs from the ends of articles, which evaluation never sees (it truncates at 128 tokens)."""

@@ -64,7 +64,7 @@ def tune_recipe(
     log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Run (or resume — built steps and evaluations are reused) a search; returns what tune.json holds."""
-    from slimship.machine import machine_info, physical_cores
+    from slimship.machine import default_threads, machine_info
     from slimship.pipeline.search.local import LocalExecutor
 
     recipe = load_recipe(recipe_path)
@@ -79,7 +79,7 @@ def tune_recipe(
     ctx = TrialContext(str(Path(recipe_path).resolve()), str(out.resolve()), evaluate_limit)
     _, workload, original = setup(ctx.recipe_path, ctx.out_dir)
     executor = executor or LocalExecutor()
-    machine = machine_info(physical_cores())
+    machine = machine_info(default_threads())
     state = SearchState(recipe)
     limit = trials or search.trials
     t_start = time.perf_counter()
