@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,6 +103,8 @@ def run_recipe(
             f"model is {original.format}"
         )
     sizes = tuple(sorted({*(bench_batch_sizes or (1,)), *constraint_batch_sizes(recipe)}))
+    # the evaluation inputs get ready (tokenized) beside the first passes, whose export is mostly one Python thread
+    threading.Thread(target=_prepare_evaluation, args=(workload, evaluate_limit), daemon=True).start()
     ctx = _RunContext(recipe, workload, original, out, evaluate_limit, sizes, log, timing_budget_s)
     plan = recipe.attempts()
     records: list[dict[str, Any]] = []
@@ -146,6 +149,13 @@ def run_recipe(
 
     write_report(out, result, str(recipe_path))
     return result
+
+
+def _prepare_evaluation(workload: Any, limit: int | None) -> None:
+    try:
+        workload.prepare_evaluation(limit)
+    except Exception:  # the evaluation raises it again, in the run's own thread, with its message
+        return
 
 
 class _RunContext:

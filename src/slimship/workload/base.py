@@ -129,6 +129,10 @@ class Workload(ABC):
         """Yield ``(indices, batch)`` covering evaluation samples ``0..eval_size-1`` exactly once.
         Batches may be grouped (e.g. by text length) for speed; ``indices`` says where each row goes."""
 
+    def prepare_evaluation(self, limit: int | None = None) -> None:  # noqa: B027 - optional hook
+        """Make :meth:`eval_batches` ready ahead of use (e.g. tokenize once, off the critical path, while a pass runs);
+        nothing by default."""
+
     def calibration_batches(self, num_samples: int = 128, batch_size: int = 16) -> Iterator[Batch]:
         """Real inputs for calibration, disjoint from the evaluation data where the data allows."""
         from slimship.errors import WorkloadError

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -111,6 +112,8 @@ class SentenceEmbeddingWorkload(Workload):
 
     def __init__(self, model_dir: str | os.PathLike[str], name: str, description: str = "") -> None:
         self.model_dir = Path(model_dir)
+        self._tokenizer_lock, self._eval_batch_lock = threading.Lock(), threading.Lock()
+        self._eval_batch_cache: dict[tuple[int, int], list[tuple[np.ndarray, Batch]]] = {}
         if not (self.model_dir / "config.json").exists():
             raise WorkloadError(
                 f"{self.model_dir} is not a Hugging Face model directory: it has no config.json. "
@@ -218,13 +221,15 @@ class SentenceEmbeddingWorkload(Workload):
 
     # ---- data -----------------------------------------------------------------------------------
     def _tokenize(self, texts: list[str], pad_to: int | None = None) -> Batch:
-        enc = self.tokenizer(
-            texts,
-            padding="max_length" if pad_to else True,
-            truncation=True,
-            max_length=pad_to or MAX_SEQ_LEN,
-            return_tensors="np",
-        )
+        # one call at a time: a fast tokenizer's padding/truncation state is per instance ("Already borrowed")
+        with self._tokenizer_lock:
+            enc = self.tokenizer(
+                texts,
+                padding="max_length" if pad_to else True,
+                truncation=True,
+                max_length=pad_to or MAX_SEQ_LEN,
+                return_tensors="np",
+            )
         return {
             "input_ids": enc["input_ids"].astype(np.int64),
             "attention_mask": enc["attention_mask"].astype(np.int64),
@@ -252,17 +257,24 @@ class SentenceEmbeddingWorkload(Workload):
         """Two samples per article: its headline and its body. ``limit`` counts articles."""
         return 2 * self._n_articles(limit)
 
-    @cached_property
-    def _eval_batch_cache(self) -> dict[tuple[int, int], list[tuple[np.ndarray, Batch]]]:
-        return {}
+    def prepare_evaluation(self, limit: int | None = None) -> None:
+        self._tokenized_eval_batches(limit, _EVAL_BATCH)
 
     def eval_batches(
         self, limit: int | None = None, batch_size: int = _EVAL_BATCH
     ) -> Iterator[tuple[np.ndarray, Batch]]:
+        for idx, batch in self._tokenized_eval_batches(limit, batch_size):
+            yield idx, dict(batch)
+
+    def _tokenized_eval_batches(self, limit: int | None, batch_size: int) -> list[tuple[np.ndarray, Batch]]:
+        """The evaluation batches, tokenized once per process (a run evaluates the original and each lossy step;
+        :meth:`prepare_evaluation` may do it in a background thread while a pass runs — the tokenizer releases the
+        GIL)."""
         key = (self._n_articles(limit), batch_size)
-        cached = self._eval_batch_cache.get(key)
-        if cached is None:
-            # the same texts are tokenized once per process (a run evaluates the original and each lossy step)
+        with self._eval_batch_lock:
+            cached = self._eval_batch_cache.get(key)
+            if cached is not None:
+                return cached
             cached = []
             texts = self.eval_texts(limit)
             # group texts of similar length so padding stays small
@@ -272,8 +284,7 @@ class SentenceEmbeddingWorkload(Workload):
                 idx = order[start : start + batch_size]
                 cached.append((idx, self._tokenize([texts[i] for i in idx])))
             self._eval_batch_cache[key] = cached
-        for idx, batch in cached:
-            yield idx, dict(batch)
+            return cached
 
     def calibration_batches(self, num_samples: int = 128, batch_size: int = 16) -> Iterator[Batch]:
         """Paragraphs from the ends of articles, which evaluation never sees (it truncates at 128 tokens)."""
