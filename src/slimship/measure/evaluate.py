@@ -108,8 +108,10 @@ def collect_outputs(
 ) -> dict[str, np.ndarray]:
     """Run every evaluation sample through ``runtime``; outputs come back in evaluation order. Several runtimes
     (sessions of one model, see :func:`evaluation_runtimes`) take whole batches from one queue side by side."""
-    runtimes = [runtime] if hasattr(runtime, "predict") else list(runtime)  # type: ignore[arg-type]
-    return OutputCollection(workload, limit, desc, progress).finish(runtimes)  # type: ignore[arg-type]
+    from slimship.runtime import Runtime
+
+    runtimes = [runtime] if isinstance(runtime, Runtime) else list(runtime)
+    return OutputCollection(workload, limit, desc, progress).finish(runtimes)
 
 
 def _reference_path(workload: Workload, limit: int | None) -> Path:
