@@ -66,8 +66,23 @@ def minilm():
 
 
 @pytest.fixture(scope="session")
-def minilm_chain(minilm, tmp_path_factory):
-    return _chain(minilm, tmp_path_factory.mktemp("minilm-chain"))
+def minilm_chain(minilm, tmp_path_factory, worker_id):
+    """Built once per run, not once per xdist worker (~60 s each): the first worker to need it builds it from this
+    checkout's code under a lock in the run's shared temp directory; the other loads those candidate directories."""
+    if worker_id == "master":  # no xdist
+        return _chain(minilm, tmp_path_factory.mktemp("minilm-chain"))
+    from filelock import FileLock
+
+    from slimship.candidate import load_candidate
+
+    root = tmp_path_factory.getbasetemp().parent / "minilm-chain"
+    with FileLock(f"{root}.lock"):
+        done = root / "built"
+        if not done.exists():
+            chain = _chain(minilm, root)
+            done.touch()
+            return chain
+    return tuple(load_candidate(root / name) for name in ("original", "exported", "optimized"))
 
 
 # Ray runs its workers at nice 15 by default: with `-n 2` the other pytest worker would starve every Ray trial and
