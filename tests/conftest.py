@@ -59,30 +59,56 @@ def mnist():
 
 
 @pytest.fixture(scope="session")
+def mnist_exported(mnist, tmp_path_factory, worker_id):
+    """(original, exported) mnist, built once per run: test_export checks the export on every test image,
+    test_quantize and test_executorch start from it."""
+    from slimship.candidate import original_candidate
+    from slimship.passes import export
+
+    def build(root):
+        orig = original_candidate(mnist, root / "original")
+        return orig, export(orig, mnist, out_dir=root / "exported")
+
+    return _once_per_run(tmp_path_factory, worker_id, "mnist-exported", build, ("original", "exported"))
+
+
+@pytest.fixture(scope="session")
 def minilm():
     from slimship.workload import resolve_workload
 
     return resolve_workload("minilm")
 
 
-@pytest.fixture(scope="session")
-def minilm_chain(minilm, tmp_path_factory, worker_id):
-    """Built once per run, not once per xdist worker (~60 s each): the first worker to need it builds it from this
-    checkout's code under a lock in the run's shared temp directory; the other loads those candidate directories."""
-    if worker_id == "master":  # no xdist
-        return _chain(minilm, tmp_path_factory.mktemp("minilm-chain"))
+def _once_per_run(tmp_path_factory, worker_id, name, build, names):
+    """``build(root)`` once per test run, not once per xdist worker: the first worker to need it builds it from this
+    checkout's code under a lock in the run's shared temp directory; another worker loads the candidate directories
+    ``root / n`` for ``n`` in ``names`` (nothing may write into them). Without xdist: built as usual."""
+    if worker_id == "master":
+        return build(tmp_path_factory.mktemp(name))
     from filelock import FileLock
 
     from slimship.candidate import load_candidate
 
-    root = tmp_path_factory.getbasetemp().parent / "minilm-chain"
+    root = tmp_path_factory.getbasetemp().parent / name
     with FileLock(f"{root}.lock"):
         done = root / "built"
         if not done.exists():
-            chain = _chain(minilm, root)
+            built = build(root)
             done.touch()
-            return chain
-    return tuple(load_candidate(root / name) for name in ("original", "exported", "optimized"))
+            return built
+    return tuple(load_candidate(root / n) for n in names)
+
+
+@pytest.fixture(scope="session")
+def minilm_chain(minilm, tmp_path_factory, worker_id):
+    """original → exported → optimized MiniLM (~60 s idle), built once per run."""
+    return _once_per_run(
+        tmp_path_factory,
+        worker_id,
+        "minilm-chain",
+        lambda root: _chain(minilm, root),
+        ("original", "exported", "optimized"),
+    )
 
 
 # Ray runs its workers at nice 15 by default: with `-n 2` the other pytest worker would starve every Ray trial and

@@ -10,7 +10,7 @@ from slimship.candidate import original_candidate
 from slimship.errors import CompressionError, ConfigError
 from slimship.measure.evaluate import evaluate
 from slimship.measure.preflight import preflight
-from slimship.passes import DynamicQuantConfig, Int4WeightOnlyConfig, StaticQuantConfig, export, run_pass
+from slimship.passes import DynamicQuantConfig, Int4WeightOnlyConfig, StaticQuantConfig, run_pass
 from slimship.workload import resolve_workload
 from slimship.workload.vision import DigitsWorkload
 from tests.conftest import FIXTURES
@@ -36,9 +36,8 @@ def test_dynamic_int8_on_digits(digits, digits_chain, tmp_path):
     assert q.parent_id == digits_chain[1].id and q.pass_config["per_channel"] is True
 
 
-def test_static_int8_on_mnist_keeps_accuracy(mnist, tmp_path):
-    orig = original_candidate(mnist, tmp_path / "original")
-    exp = export(orig, mnist, out_dir=tmp_path / "exported")
+def test_static_int8_on_mnist_keeps_accuracy(mnist, mnist_exported, tmp_path):
+    exp = mnist_exported[1]
     q = run_pass("quantize-static", exp, mnist, {}, tmp_path / "static")
     ops = _ops(q)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
