@@ -111,6 +111,22 @@ def minilm_chain(minilm, tmp_path_factory, worker_id):
     )
 
 
+@pytest.fixture(scope="session")
+def minilm_int8(minilm, minilm_chain, tmp_path_factory, worker_id):
+    """The optimized MiniLM through quantize-dynamic with its default config (per-channel INT8), built once per run:
+    test_quantize checks its size and fidelity, the rollout test promotes it."""
+    from slimship.passes import run_pass
+
+    (int8,) = _once_per_run(
+        tmp_path_factory,
+        worker_id,
+        "minilm-int8",
+        lambda root: (run_pass("quantize-dynamic", minilm_chain[2], minilm, {}, root / "int8"),),
+        ("int8",),
+    )
+    return int8
+
+
 # Ray runs its workers at nice 15 by default: with `-n 2` the other pytest worker would starve every Ray trial and
 # replica (measured: tests/pipeline/test_tune_ray.py took 445 s beside it). Ray tests get their fair share instead;
 # inherited by every Ray instance and `serve --ray` process the tests start
