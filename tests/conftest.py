@@ -59,15 +59,88 @@ def mnist():
 
 
 @pytest.fixture(scope="session")
+def mnist_exported(mnist, tmp_path_factory, worker_id):
+    """(original, exported) mnist, built once per run: test_export checks the export on every test image,
+    test_quantize and test_executorch start from it."""
+    from slimship.candidate import original_candidate
+    from slimship.passes import export
+
+    def build(root):
+        orig = original_candidate(mnist, root / "original")
+        return orig, export(orig, mnist, out_dir=root / "exported")
+
+    return _once_per_run(tmp_path_factory, worker_id, "mnist-exported", build, ("original", "exported"))
+
+
+@pytest.fixture(scope="session")
 def minilm():
     from slimship.workload import resolve_workload
 
     return resolve_workload("minilm")
 
 
+def _once_per_run(tmp_path_factory, worker_id, name, build, names):
+    """``build(root)`` once per test run, not once per xdist worker: the first worker to need it builds it from this
+    checkout's code under a lock in the run's shared temp directory; another worker loads the candidate directories
+    ``root / n`` for ``n`` in ``names`` (nothing may write into them). Without xdist: built as usual."""
+    if worker_id == "master":
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    from slimship.candidate import load_candidate
+
+    root = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{root}.lock"):
+        done = root / "built"
+        if not done.exists():
+            built = build(root)
+            done.touch()
+            return built
+    return tuple(load_candidate(root / n) for n in names)
+
+
 @pytest.fixture(scope="session")
-def minilm_chain(minilm, tmp_path_factory):
-    return _chain(minilm, tmp_path_factory.mktemp("minilm-chain"))
+def minilm_original(minilm, tmp_path_factory, worker_id):
+    """The original MiniLM candidate (~10 s idle), built once per run: minilm_chain, test_prune, test_compress."""
+    from slimship.candidate import original_candidate
+
+    (orig,) = _once_per_run(
+        tmp_path_factory,
+        worker_id,
+        "minilm-original",
+        lambda root: (original_candidate(minilm, root / "original"),),
+        ("original",),
+    )
+    return orig
+
+
+@pytest.fixture(scope="session")
+def minilm_chain(minilm, minilm_original, tmp_path_factory, worker_id):
+    """original → exported → optimized MiniLM (~50 s idle after the original), built once per run."""
+    from slimship.passes import export, optimize_graph
+
+    def build(root):
+        exp = export(minilm_original, minilm, out_dir=root / "exported")
+        return exp, optimize_graph(exp, minilm, out_dir=root / "optimized")
+
+    exp, opt = _once_per_run(tmp_path_factory, worker_id, "minilm-chain", build, ("exported", "optimized"))
+    return minilm_original, exp, opt
+
+
+@pytest.fixture(scope="session")
+def minilm_int8(minilm, minilm_chain, tmp_path_factory, worker_id):
+    """The optimized MiniLM through quantize-dynamic with its default config (per-channel INT8), built once per run:
+    test_quantize checks its size and fidelity, the rollout test promotes it."""
+    from slimship.passes import run_pass
+
+    (int8,) = _once_per_run(
+        tmp_path_factory,
+        worker_id,
+        "minilm-int8",
+        lambda root: (run_pass("quantize-dynamic", minilm_chain[2], minilm, {}, root / "int8"),),
+        ("int8",),
+    )
+    return int8
 
 
 # Ray runs its workers at nice 15 by default: with `-n 2` the other pytest worker would starve every Ray trial and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -94,8 +95,11 @@ def test_bad_option_values(tmp_path):
 
 
 @pytest.mark.slow
-def test_quantize_command_preflight_static_and_accuracy_aware(tmp_path):
-    slimship("export", "-w", "digits", "-o", str(tmp_path / "run"), "--no-optimize")
+def test_quantize_command_preflight_static_and_accuracy_aware(digits_chain, tmp_path):
+    # the session's digits original + export (what `slimship export --no-optimize` writes; that command runs as a
+    # subprocess in test_export_eval_and_bench_commands): a subprocess export here re-imported torch for nothing
+    for cand in digits_chain[:2]:
+        shutil.copytree(cand.path, tmp_path / "run" / cand.path.name)
     exported = str(tmp_path / "run" / "exported")
     pre = slimship("quantize", exported, "-w", "digits", "--preflight")
     assert "WARNING [dynamic-conv]" in pre.stdout and not (tmp_path / "run" / "exported-dynamic").exists()

@@ -14,15 +14,12 @@ from slimship.pipeline.accuracy_aware import quantize_accuracy_aware
 
 
 @pytest.fixture(scope="module")
-def mnist_exported(mnist, tmp_path_factory):
-    from slimship.candidate import original_candidate
-    from slimship.passes import export
-
-    root = tmp_path_factory.mktemp("mnist-cnn")
-    return export(original_candidate(mnist, root / "original"), mnist, out_dir=root / "exported")
+def mnist_exported(mnist_exported):
+    """The exported candidate of the session's (original, exported) mnist pair, built once per run."""
+    return mnist_exported[1]
 
 
-def test_static_diagnosis_ranks_convolutions_per_node_and_block(mnist, mnist_exported):
+def test_static_diagnosis_ranks_convolutions_per_node_and_block(mnist, mnist_exported, tmp_path):
     report = diagnose(mnist_exported, mnist, {"per_channel": False}, measure_top=2, samples=32, mode="static")
     ops = [r["op_type"] for r in report["nodes"]]
     assert sorted(ops) == ["Conv", "Conv", "Gemm", "Gemm"]
@@ -44,7 +41,7 @@ def test_static_diagnosis_ranks_convolutions_per_node_and_block(mnist, mnist_exp
         mnist_exported,
         mnist,
         {"per_channel": False, "calibration": "minmax", **report["paste_into_config"]},
-        mnist_exported.path.parent / "q-excluded",
+        tmp_path / "q-excluded",
     )
     assert set(q.info["excluded_nodes"]) == set(report["suggested_exclude_nodes"])
 

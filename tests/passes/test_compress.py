@@ -129,8 +129,8 @@ def test_lowrank_bad_layers(digits, digits_original, tmp_path):
         run_pass("lowrank", digits_original, digits, {"ranks": {"fc9": 4}, "finetune": None}, tmp_path / "b")
 
 
-def test_minilm_ffn_lowrank_exports(minilm, tmp_path):
-    orig = original_candidate(minilm, tmp_path / "o")
+def test_minilm_ffn_lowrank_exports(minilm, minilm_original, tmp_path):
+    orig = minilm_original
     c = run_pass(
         "lowrank",
         orig,
@@ -241,8 +241,8 @@ def test_trainer_feature_matching_with_projection(digits, digits_original):
     assert rep.steps > 0 and rep.val_loss_best <= rep.val_loss_before
 
 
-def test_labels_loss_needs_labels(minilm, tmp_path):
-    orig = original_candidate(minilm, tmp_path / "o")
+def test_labels_loss_needs_labels(minilm, minilm_original, tmp_path):
+    orig = minilm_original
     with pytest.raises(CompressionError, match="needs labelled"):
         run_pass(
             "distill",

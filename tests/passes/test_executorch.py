@@ -18,14 +18,13 @@ from tests.conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")
-def et_chain(mnist, tmp_path_factory):
-    from slimship.candidate import original_candidate
-    from slimship.passes import export, run_pass
+def et_chain(mnist, mnist_exported, tmp_path_factory):
+    from slimship.passes import run_pass
 
     root = tmp_path_factory.mktemp("executorch")
-    orig = original_candidate(mnist, root / "original")
+    orig, exp = mnist_exported
     pte = run_pass("convert-executorch", orig, mnist, {"max_batch": 32, "verify_samples": 64}, root / "pte")
-    return orig, export(orig, mnist, out_dir=root / "onnx"), pte
+    return orig, exp, pte
 
 
 def test_mnist_program_is_verified_and_runs_like_torch_and_onnx_runtime(et_chain, mnist):

@@ -82,11 +82,10 @@ def test_wrong_input_format_is_refused(digits_chain, digits):
         run_pass("quantize-magic", exp, digits)
 
 
-def test_mnist_export_agrees_on_every_test_image(mnist, tmp_path):
+def test_mnist_export_agrees_on_every_test_image(mnist, mnist_exported):
     from slimship.measure.evaluate import evaluate
 
-    orig = original_candidate(mnist, tmp_path / "original")
-    exp = export(orig, mnist, out_dir=tmp_path / "exported")
+    exp = mnist_exported[1]
     result = evaluate(exp, mnist, progress=False)
     assert result["samples"] == 1000
     assert result["fidelity"]["top1_agreement"] == 1.0

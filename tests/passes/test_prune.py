@@ -233,11 +233,6 @@ def test_per_layer_sparsity(digits, digits_original, tmp_path):
 # ---- transformers --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def minilm_original(minilm, tmp_path_factory):
-    return original_candidate(minilm, tmp_path_factory.mktemp("minilm-orig"))
-
-
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     from slimship.workload.base import rowwise_cosine
 

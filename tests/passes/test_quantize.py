@@ -10,7 +10,7 @@ from slimship.candidate import original_candidate
 from slimship.errors import CompressionError, ConfigError
 from slimship.measure.evaluate import evaluate
 from slimship.measure.preflight import preflight
-from slimship.passes import DynamicQuantConfig, Int4WeightOnlyConfig, StaticQuantConfig, export, run_pass
+from slimship.passes import DynamicQuantConfig, Int4WeightOnlyConfig, StaticQuantConfig, run_pass
 from slimship.workload import resolve_workload
 from slimship.workload.vision import DigitsWorkload
 from tests.conftest import FIXTURES
@@ -36,9 +36,8 @@ def test_dynamic_int8_on_digits(digits, digits_chain, tmp_path):
     assert q.parent_id == digits_chain[1].id and q.pass_config["per_channel"] is True
 
 
-def test_static_int8_on_mnist_keeps_accuracy(mnist, tmp_path):
-    orig = original_candidate(mnist, tmp_path / "original")
-    exp = export(orig, mnist, out_dir=tmp_path / "exported")
+def test_static_int8_on_mnist_keeps_accuracy(mnist, mnist_exported, tmp_path):
+    exp = mnist_exported[1]
     q = run_pass("quantize-static", exp, mnist, {}, tmp_path / "static")
     ops = _ops(q)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -146,9 +145,10 @@ def test_fidelity_floor_refuses_a_bad_result(digits, digits_chain, tmp_path):
     assert not (tmp_path / "q" / "model.onnx").exists()
 
 
-def test_minilm_int8_and_int4(minilm, minilm_chain, tmp_path):
+def test_minilm_int8_and_int4(minilm, minilm_chain, minilm_int8, tmp_path):
     _, _, opt = minilm_chain
-    dyn = run_pass("quantize-dynamic", opt, minilm, {}, tmp_path / "dyn")
+    dyn = minilm_int8  # run_pass("quantize-dynamic", opt, minilm, {}): shared with the rollout test
+    assert dyn.parent_id == opt.id and dyn.pass_config == DynamicQuantConfig().to_json_dict()
     assert opt.size_bytes / dyn.size_bytes >= 3.5
     ffn = run_pass("quantize-dynamic", opt, minilm, {"keep_float": "ffn_out"}, tmp_path / "ffn")
     assert len(ffn.info["excluded_nodes"]) == 6

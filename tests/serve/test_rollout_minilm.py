@@ -53,12 +53,15 @@ def _version_drift(url: str, version: str) -> dict:
     return next(v for v in st["versions"] if v["version"] == version)["drift"]
 
 
-def test_minilm_int8_promoted_broken_candidate_rolled_back_and_drift(tmp_path, minilm, minilm_chain):
+def test_minilm_int8_promoted_broken_candidate_rolled_back_and_drift(
+    tmp_path, minilm, minilm_chain, minilm_int8
+):
     from slimship.passes import run_pass
     from slimship.registry import Registry
 
     _, _, fp32 = minilm_chain
-    good = run_pass("quantize-dynamic", fp32, minilm, {"per_channel": True}, tmp_path / "int8")
+    good = minilm_int8  # quantize-dynamic's defaults: per-channel weight scales
+    assert good.pass_config["per_channel"] is True
     # badly quantized: one scale per weight tensor, and the FFN-output activations' outliers are left as they are
     bad = run_pass(  # ORT quantize_dynamic defaults: per-tensor weights and activation scales
         "quantize-dynamic",
