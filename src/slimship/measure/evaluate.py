@@ -25,80 +25,6 @@ if TYPE_CHECKING:
     from slimship.workload import Workload
 
 
-class OutputCollection:
-    """Evaluation outputs gathered by runtimes (sessions of one model) that take whole batches from one queue, side
-    by side (:meth:`add` starts one in a thread; :meth:`finish` runs the rest and waits). Outputs come back in
-    evaluation order whichever runtime ran a batch; the first error of any of them is raised by :meth:`finish`."""
-
-    def __init__(
-        self, workload: Workload, limit: int | None = None, desc: str = "evaluating", progress: bool = True
-    ) -> None:
-        import threading
-
-        from tqdm.auto import tqdm
-
-        self.workload, self.started = workload, time.perf_counter()
-        self.n = workload.eval_size(limit)
-        self.runtimes: list[Runtime] = []
-        self._outputs: dict[str, np.ndarray] = {}
-        self._filled = np.zeros(self.n, dtype=bool)
-        self._batches = iter(workload.eval_batches(limit))
-        self._lock = threading.Lock()
-        self._errors: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
-        self._bar = tqdm(
-            total=self.n, desc=desc, unit="sample", disable=None if progress else True, leave=False
-        )
-
-    def add(self, rt: Runtime) -> None:
-        """Start ``rt`` on the batches left, in a thread of its own."""
-        import threading
-
-        self.runtimes.append(rt)
-        t = threading.Thread(target=self._work, args=(rt,), daemon=True, name="slimship-evaluation")
-        self._threads.append(t)
-        t.start()
-
-    def _work(self, rt: Runtime) -> None:
-        while not self._errors:
-            with self._lock:
-                item = next(self._batches, None)
-            if item is None:
-                return
-            idx, batch = item
-            try:
-                result = rt.predict(batch)
-            except BaseException as err:  # re-raised in finish(), in the caller's thread
-                self._errors.append(err)
-                return
-            with self._lock:
-                for name, arr in result.items():
-                    if name not in self._outputs:
-                        self._outputs[name] = np.zeros((self.n, *arr.shape[1:]), dtype=arr.dtype)
-                    self._outputs[name][idx] = arr
-                self._filled[idx] = True
-                self._bar.update(len(idx))
-
-    def finish(self, runtimes: Sequence[Runtime] = ()) -> dict[str, np.ndarray]:
-        """Run ``runtimes`` too (the first in this thread) until no batch is left; the outputs."""
-        rts = list(runtimes)
-        for rt in rts[1:]:
-            self.add(rt)
-        if rts:
-            self.runtimes.append(rts[0])
-            self._work(rts[0])
-        for t in self._threads:
-            t.join()
-        self._bar.close()
-        if self._errors:
-            raise self._errors[0]
-        if not self._filled.all():  # a workload bug, not user input
-            raise RuntimeError(
-                f"workload {self.workload.name} left {int((~self._filled).sum())} evaluation samples out"
-            )
-        return self._outputs
-
-
 def collect_outputs(
     runtime: Runtime | Sequence[Runtime],
     workload: Workload,
@@ -107,11 +33,54 @@ def collect_outputs(
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Run every evaluation sample through ``runtime``; outputs come back in evaluation order. Several runtimes
-    (sessions of one model, see :func:`evaluation_runtimes`) take whole batches from one queue side by side."""
+    (sessions of one model, see :func:`evaluation_runtimes`) take whole batches from one queue side by side, each
+    in a thread of its own; the first error of any of them is raised here."""
+    import threading
+
+    from tqdm.auto import tqdm
+
     from slimship.runtime import Runtime
 
     runtimes = [runtime] if isinstance(runtime, Runtime) else list(runtime)
-    return OutputCollection(workload, limit, desc, progress).finish(runtimes)
+    n = workload.eval_size(limit)
+    outputs: dict[str, np.ndarray] = {}
+    filled = np.zeros(n, dtype=bool)
+    batches = iter(workload.eval_batches(limit))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work(rt: Runtime, bar: Any) -> None:
+        while not errors:
+            with lock:
+                item = next(batches, None)
+            if item is None:
+                return
+            idx, batch = item
+            try:
+                result = rt.predict(batch)
+            except BaseException as err:  # re-raised below, in the caller's thread
+                errors.append(err)
+                return
+            with lock:
+                for name, arr in result.items():
+                    if name not in outputs:
+                        outputs[name] = np.zeros((n, *arr.shape[1:]), dtype=arr.dtype)
+                    outputs[name][idx] = arr
+                filled[idx] = True
+                bar.update(len(idx))
+
+    with tqdm(total=n, desc=desc, unit="sample", disable=None if progress else True, leave=False) as bar:
+        others = [threading.Thread(target=work, args=(rt, bar), daemon=True) for rt in runtimes[1:]]
+        for t in others:
+            t.start()
+        work(runtimes[0], bar)
+        for t in others:
+            t.join()
+    if errors:
+        raise errors[0]
+    if not filled.all():  # a workload bug, not user input
+        raise RuntimeError(f"workload {workload.name} left {int((~filled).sum())} evaluation samples out")
+    return outputs
 
 
 def _reference_path(workload: Workload, limit: int | None) -> Path:
@@ -290,7 +259,6 @@ def evaluate_original_via(
         "verified_equal_max_abs_error": max_abs_error,
         "why": "a descendant verified equal to the original within float tolerance, on a faster runtime",
     }
-
     if _reference_path(workload, limit).exists():
         reference = reference_outputs(workload, limit, threads, progress)
     else:

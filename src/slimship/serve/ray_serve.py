@@ -344,14 +344,19 @@ def _deployment_options(replicas: ReplicaConfig) -> dict[str, Any]:
     return opts
 
 
+def _cpus_needed(replicas: ReplicaConfig) -> float:
+    """CPUs a version's replicas reserve at start (autoscaling: its minimum)."""
+    return replicas.num_cpus * (
+        replicas.autoscaling.min_replicas if replicas.autoscaling else replicas.num_replicas
+    )
+
+
 def check_placement(ray: Any, replicas: ReplicaConfig, where: str, what: str) -> None:
     """Refuse up front a replica the cluster can't place (it would wait forever otherwise)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes]
     total, largest = sum(cpus), max(cpus, default=0.0)
-    need = replicas.num_cpus * (
-        replicas.autoscaling.min_replicas if replicas.autoscaling else replicas.num_replicas
-    )
+    need = _cpus_needed(replicas)
     if replicas.num_cpus > largest:
         raise ServingError(
             f"{what}: each replica asks for {replicas.num_cpus:g} CPUs but the largest node of the Ray cluster "
@@ -368,9 +373,7 @@ def check_placement(ray: Any, replicas: ReplicaConfig, where: str, what: str) ->
 def check_free(ray: Any, replicas: ReplicaConfig, what: str) -> None:
     """On a local instance (no autoscaler adds nodes), refuse a version its free CPUs can't hold: Ray would keep the
     replica pending forever while the versions already loaded hold the CPUs."""
-    need = replicas.num_cpus * (
-        replicas.autoscaling.min_replicas if replicas.autoscaling else replicas.num_replicas
-    )
+    need = _cpus_needed(replicas)
     free = float(ray.available_resources().get("CPU", 0.0))
     total = float(ray.cluster_resources().get("CPU", 0.0))
     if need > free + 1e-9:
