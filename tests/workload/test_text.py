@@ -69,3 +69,39 @@ def test_a_hugging_face_directory_is_a_workload(minilm):
     assert w.model_info.family == "bert" and w.model_info.num_heads == 12 and w.model_info.hidden_size == 384
     assert w.fingerprint() == minilm.fingerprint()  # same weights, same data, same pooling
     assert resolve_workload(w.ref).name == w.name  # a candidate's recorded ref rebuilds it
+
+
+def test_fast_evaluation_batches_cover_every_text_once_within_the_token_budget(minilm):
+    """The batches a batch-invariant model is evaluated in: every sample once, each batch cut to its longest text and
+    at most _EVAL_TOKENS tokens (a single text may be longer), token for token what tokenizing the batch gives; the
+    fixed batches of 32 (for models whose answers move with their batch-mates) are unchanged."""
+    import numpy as np
+
+    from slimship.workload.text import _EVAL_TOKENS
+
+    texts = minilm.eval_texts(limit=200)
+    for batches, most in (
+        (list(minilm.fast_eval_batches(limit=200)), None),
+        (list(minilm.eval_batches(200)), 32),
+    ):
+        seen = np.concatenate([idx for idx, _ in batches])
+        assert sorted(seen.tolist()) == list(range(400))
+        for idx, batch in batches:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            assert mask[:, -1].any()  # no column of padding only
+            if most is None:
+                assert len(idx) == 1 or ids.size <= _EVAL_TOKENS
+            else:
+                assert len(idx) <= most
+            direct = minilm._tokenize([texts[i] for i in idx])
+            assert all(np.array_equal(direct[k], batch[k]) for k in direct)
+    assert len(list(minilm.eval_batches(200))) == 13  # 400 texts in batches of 32
+    assert len(list(minilm.fast_eval_batches(200))) > 50  # bodies 4 at a time
+
+
+def test_only_graphs_without_per_tensor_dynamic_scales_count_as_batch_invariant(minilm_chain, minilm_int8):
+    from slimship.measure.evaluate import answers_batch_invariant
+
+    original, exported, optimized = minilm_chain
+    assert answers_batch_invariant(original) and answers_batch_invariant(optimized)
+    assert not answers_batch_invariant(minilm_int8)  # DynamicQuantizeLinear: one scale over the whole batch

@@ -31,10 +31,12 @@ def collect_outputs(
     limit: int | None = None,
     desc: str = "evaluating",
     progress: bool = True,
+    batch_invariant: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run every evaluation sample through ``runtime``; outputs come back in evaluation order. Several runtimes
     (sessions of one model, see :func:`evaluation_runtimes`) take whole batches from one queue side by side, each
-    in a thread of its own; the first error of any of them is raised here."""
+    in a thread of its own; the first error of any of them is raised here. ``batch_invariant``: the model's answers
+    don't depend on their batch-mates (:func:`answers_batch_invariant`), so the workload may batch for speed."""
     import threading
 
     from tqdm.auto import tqdm
@@ -45,7 +47,7 @@ def collect_outputs(
     n = workload.eval_size(limit)
     outputs: dict[str, np.ndarray] = {}
     filled = np.zeros(n, dtype=bool)
-    batches = iter(workload.eval_batches(limit))
+    batches = iter(workload.fast_eval_batches(limit) if batch_invariant else workload.eval_batches(limit))
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -83,6 +85,21 @@ def collect_outputs(
     return outputs
 
 
+def answers_batch_invariant(candidate: Candidate) -> bool:
+    """Whether a candidate's answer to a sample can't depend on the other samples of its batch: the original, and
+    ONNX graphs without DynamicQuantizeLinear (per-tensor activation scales computed over the whole batch). Other
+    formats: assumed dependent (evaluated in the workload's fixed batches)."""
+    if candidate.pass_name is None and candidate.format == "torch":
+        return True
+    if candidate.format != "onnx":
+        return False
+    import onnx
+
+    model = onnx.load(str(candidate.artifact_path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
+    return "DynamicQuantizeLinear" not in ops
+
+
 def _reference_path(workload: Workload, limit: int | None) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", workload.name)[:60]
     return cache_dir() / "reference-outputs" / f"{safe}-{workload.fingerprint()}-{limit or 'all'}.npz"
@@ -110,7 +127,9 @@ def reference_outputs(
         onnx_path = workload.original_onnx()
         assert onnx_path is not None  # has_torch_model is False only for ONNX workloads
         rt = OrtRuntime(onnx_path, threads)
-    outputs = collect_outputs(rt, workload, limit, desc="reference outputs", progress=progress)
+    outputs = collect_outputs(
+        rt, workload, limit, desc="reference outputs", progress=progress, batch_invariant=True
+    )
     _save_reference(workload, limit, outputs)
     return outputs
 
@@ -196,11 +215,18 @@ def _close(runtimes: Sequence[Runtime]) -> None:
 
 
 def _timed_outputs(
-    rt: Runtime | Sequence[Runtime], workload: Workload, limit: int | None, desc: str, progress: bool
+    rt: Runtime | Sequence[Runtime],
+    workload: Workload,
+    limit: int | None,
+    desc: str,
+    progress: bool,
+    batch_invariant: bool = False,
 ) -> tuple[Any, float]:
     """The runtime's outputs on the evaluation inputs, and the seconds they took."""
     t0 = time.perf_counter()
-    outputs = collect_outputs(rt, workload, limit, desc=desc, progress=progress)
+    outputs = collect_outputs(
+        rt, workload, limit, desc=desc, progress=progress, batch_invariant=batch_invariant
+    )
     return outputs, time.perf_counter() - t0
 
 
@@ -249,7 +275,12 @@ def evaluate_original_via(
         return cached
     rts = evaluation_runtimes(proxy, workload, None, threads)
     outputs, seconds = _timed_outputs(
-        rts, workload, limit, f"eval {original.name} via {proxy.name}", progress
+        rts,
+        workload,
+        limit,
+        f"eval {original.name} via {proxy.name}",
+        progress,
+        answers_batch_invariant(proxy),
     )
     _close(rts)
     measured_on = {
@@ -333,13 +364,14 @@ def evaluate(
         "torch" if workload.has_torch_model else "onnxruntime"
     )
     desc = f"eval {candidate.name}@{rts[0].backend}"
+    invariant = answers_batch_invariant(candidate)
     if is_reference and not _reference_path(workload, limit).exists():
-        outputs, seconds = _timed_outputs(rts, workload, limit, desc, progress)
+        outputs, seconds = _timed_outputs(rts, workload, limit, desc, progress, invariant)
         _save_reference(workload, limit, outputs)
         reference = outputs
     else:
         reference = reference_outputs(workload, limit, threads, progress)
-        outputs, seconds = _timed_outputs(rts, workload, limit, desc, progress)
+        outputs, seconds = _timed_outputs(rts, workload, limit, desc, progress, invariant)
     _close(rts)
     result = _evaluation_record(candidate, rts, workload, limit, outputs, reference, seconds)
     source = reference_source(workload, limit)
