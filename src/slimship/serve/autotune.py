@@ -50,7 +50,7 @@ from slimship.serve.config import BatchingConfig, TuneGrid, load_serve_config
 
 Generator = Literal["auto", "hey", "httpx"]
 #: the BatchingConfig fields the grid varies (what the written serving config sets)
-TUNED = ("max_batch_size", "max_queue_delay_ms", "instances", "threads")
+TUNED = ("max_batch_size", "max_queue_delay_ms", "instances", "threads", "spinning")
 
 
 @dataclass(frozen=True)
@@ -267,6 +267,7 @@ def label(cfg: BatchingConfig) -> str:
     return (
         f"batch {cfg.max_batch_size}, delay {cfg.max_queue_delay_ms:g} ms, {cfg.instances} instance"
         f"{'s' if cfg.instances > 1 else ''}, {t}"
+        + ("" if cfg.spinning == "auto" else f", spinning {cfg.spinning}")
     )
 
 

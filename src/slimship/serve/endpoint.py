@@ -316,7 +316,7 @@ class Endpoint(ModelIO):
         check_integrity(model, self.version, self.path, self.config.verify)
         self.sessions = []
         # the candidate's deployment settings (precision entries re-decided for this host); the serving config owns
-        # threads, and idle endpoints must not burn cores, so spinning is off
+        # threads and spinning (BatchingConfig.spinning: on with one instance unless told otherwise)
         try:
             recorded, self.settings_notes = _candidate_settings(self.path)
         except Exception as err:
@@ -325,7 +325,9 @@ class Endpoint(ModelIO):
             raise ServingError(
                 f"can't decide runtime settings for {model} v{version} ({self.path}): {err}"
             ) from err
-        self.settings = recorded.with_overrides(threads=per, spinning=False)
+        from slimship.serve.config import spins
+
+        self.settings = recorded.with_overrides(threads=per, spinning=spins(self.config))
         if self.settings.runtime == "openvino":  # an OpenVINO IR, served through the runtime contract
             self.platform = "openvino"
             self.sessions = [
