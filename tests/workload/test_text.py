@@ -102,6 +102,6 @@ def test_fast_evaluation_batches_cover_every_text_once_within_the_token_budget(m
 def test_only_graphs_without_per_tensor_dynamic_scales_count_as_batch_invariant(minilm_chain, minilm_int8):
     from slimship.measure.evaluate import answers_batch_invariant
 
-    original, exported, optimized = minilm_chain
+    original, _, optimized = minilm_chain
     assert answers_batch_invariant(original) and answers_batch_invariant(optimized)
     assert not answers_batch_invariant(minilm_int8)  # DynamicQuantizeLinear: one scale over the whole batch
