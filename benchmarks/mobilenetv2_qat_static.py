@@ -214,6 +214,11 @@ def main() -> None:
         print(f"after epoch {epoch}: {q}", flush=True)
         result["rows"].append({"variant": f"torch fake-quant emulation, after epoch {epoch + 1}", **q})
     result["train_seconds"] = time.perf_counter() - t0
+    out = HERE / "results" / f"mobilenetv2_qat_static-{cpu_class()}.json"
+    out.write_text(
+        json.dumps(result, indent=1, default=str) + "\n"
+    )  # the emulation rows, before the ORT stage
+    (WORK / "tuned").mkdir(parents=True, exist_ok=True)
 
     # tuned weights back into the plain architecture (conv + BatchNorm): the student's modules were shared
     orig = original_candidate(w, WORK / "original")  # type: ignore[arg-type]

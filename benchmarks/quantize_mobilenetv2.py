@@ -68,7 +68,7 @@ def render(result: dict) -> str:
             "|---|---|---|---|",
         ]
         lines += [
-            f"| {e['variant']} | {e['top1_all']:.1f} | {e['top1_confident']:.1f} | {e['top5']:.1f} |"
+            f"| {e['variant']} | {_pct(e['top1_all'])} | {_pct(e['top1_confident'])} | {_pct(e['top5'])} |"
             for e in exp["rows"]
         ]
         lines += [""] + [f"- {n}" for n in exp["notes"]]
@@ -80,6 +80,10 @@ def render(result: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
 
 
 def _profile(path: Path, settings: object, batch: np.ndarray) -> dict[str, float]:
