@@ -298,3 +298,35 @@ def test_the_parser_raises_only_protocol_errors_on_mutated_bodies():
         except Exception as err:  # the point of the test
             pytest.fail(f"body {i} raised {type(err).__name__}: {err}\n{body[:300]!r} {headers}")
     assert refused > 10_000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [0.1, -2.5e-3, 3]}]}',
+        b'{"inputs": [{"name": "x", "shape": [%d], "datatype": "INT64", "data": [1]}]}'
+        % 2**70,  # beyond 64 bits
+        b"[%d, %d, -%d]" % (2**63 - 1, 2**64, 2**63 + 1),  # orjson alone reads the last two as floats
+        b"[1e400, -1e400, 0.30000000000000004, 1E5, -0]",  # infinities: a stdlib-only reading
+        b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [NaN]}]}',  # a stdlib-only literal
+        b'{"id": "\\ud800", "inputs": []}',  # a lone surrogate
+        b"[" * 1100 + b"]" * 1100,  # deeper than orjson's 1,024 levels
+        b'{"inputs": [1, 2,]}',  # invalid JSON
+        b"\xff\xfe",  # not UTF-8
+    ],
+)
+def test_the_fast_json_parser_decides_exactly_as_the_standard_library(text):
+    """orjson parses valid bodies; everything it refuses is decided by the standard library's parser, so values and
+    errors are the same as with `json.loads` alone."""
+    from slimship.serve.protocol import _loads
+
+    try:
+        want: object = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        with pytest.raises(type(err)):
+            _loads(text)
+        return
+    got = _loads(text)
+    assert json.dumps(got) == json.dumps(want)  # NaN == NaN as text
+    if isinstance(want, list):  # an integer stays an integer
+        assert [type(v) for v in got] == [type(v) for v in want]

@@ -221,6 +221,8 @@ async def _answer(server: Server, fn: Handler, request: Request, admin: bool) ->
 
 
 def _log_access(request: Request, status: int, ms: float) -> None:
+    if not access_log.isEnabledFor(logging.INFO):  # --no-access-log: not even the JSON is built
+        return
     access_log.info(
         json.dumps(
             {
