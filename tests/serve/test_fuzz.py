@@ -330,3 +330,16 @@ def test_the_fast_json_parser_decides_exactly_as_the_standard_library(text):
     assert json.dumps(got) == json.dumps(want)  # NaN == NaN as text
     if isinstance(want, list):  # an integer stays an integer
         assert [type(v) for v in got] == [type(v) for v in want]
+
+
+def test_a_request_id_orjson_cannot_write_is_echoed_escaped_not_a_500(server):
+    """A lone surrogate in the body's `id` is valid JSON the standard library reads; the answer carries it back (as
+    the escape it came in), instead of failing in the fast encoder."""
+    body = (
+        b'{"id": "req-\\ud800", "inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]},'
+        b' {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]}]}'
+    )
+    with httpx.Client(base_url=f"http://{server.url}", timeout=10) as c:
+        r = _post(c, "bert", body, {})
+    assert r.status_code == 200, r.text[:300]
+    assert b'"id":"req-\\ud800"' in r.content
