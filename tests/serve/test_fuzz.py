@@ -343,3 +343,16 @@ def test_a_request_id_orjson_cannot_write_is_echoed_escaped_not_a_500(server):
         r = _post(c, "bert", body, {})
     assert r.status_code == 200, r.text[:300]
     assert b'"id":"req-\\ud800"' in r.content
+
+
+def test_a_long_digit_run_is_found_anywhere_even_across_scan_chunks(monkeypatch):
+    """The 19-digit scan (which sends a body to the standard library's parser) translates the body a chunk at a time;
+    a run split by a chunk boundary is still found, and 18 digits are not a run."""
+    from slimship.serve import protocol
+
+    monkeypatch.setattr(protocol, "_SCAN_CHUNK", 8)
+    for pad in range(0, 12):
+        text = b" " * pad + b"[12345678901234567890]"
+        assert protocol._has_long_digit_run(text), pad
+        assert protocol._loads(text) == [12345678901234567890]  # exact, not orjson's float
+        assert not protocol._has_long_digit_run(b" " * pad + b"[123456789012345678, 1]"), pad

@@ -124,6 +124,18 @@ class BatchingConfig(BaseModel):
     #: EPYC Zen 3 (AVX2): 35.4 vs 29.0 rows/s at batch 1 (+22 %), +2 % at batch 16; a spinning session then spent
     #: 58 ms of CPU in the idle second after a run before blocking
     spinning: Literal["auto", "on", "off"] = "auto"
+    #: with several instances, the intra-op threads of a batch that runs alone (no other instance busy, nothing
+    #: queued): "all" (default) = an extra session of the same model with all the threads runs it, so a lone request is
+    #: as fast as on one instance while concurrent batches still run side by side on their instances' shares;
+    #: "instance" = its instance's share. Costs one more copy of the weights. MiniLM dynamic INT8, AMD EPYC Zen 3
+    #: (AVX2), 2 cores: batch 1 on 1 thread 24.9 rows/s, on 2 threads 33.9; 2 instances × 1 thread 46–48 rows/s at
+    #: 4 rows in flight against 41 for one 2-thread session
+    lone_batch_threads: Literal["all", "instance"] = "all"
+    #: a single-row request that finds the endpoint idle runs on the event loop's thread instead of a worker thread
+    #: when the model's single-row runs take less than this many milliseconds (a moving average; the first is timed on
+    #: a worker): no hand-off to a worker and back, a real share of a tiny model's request; a request arriving
+    #: meanwhile waits at most that long. 0: always a worker thread
+    inline_below_ms: float = Field(default=1.0, ge=0)
     verify: Literal["refuse", "warn", "off"] = Field(
         default="refuse",
         description="at load, run the candidate's probe on this host with the settings the endpoint applies: "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ from slimship.serve.config import BatchingConfig, DriftConfig
 from slimship.serve.input_limits import InputLimits, read_input_limits
 from slimship.serve.protocol import DATATYPES, Overloaded, ProtocolError, TimedOut
 from slimship.serve.stats import ModelStats
+
+log = logging.getLogger("slimship.serve")
 
 
 def wire_datatype(ort_type: str) -> str:
@@ -300,8 +303,6 @@ class Endpoint(ModelIO):
         metrics: Any = None,
         source: dict[str, Any] | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         from slimship.machine import default_threads
 
         self.model, self.version = model, str(version)
@@ -328,29 +329,19 @@ class Endpoint(ModelIO):
         from slimship.serve.config import spins
 
         self.settings = recorded.with_overrides(threads=per, spinning=spins(self.config))
-        if self.settings.runtime == "openvino":  # an OpenVINO IR, served through the runtime contract
-            self.platform = "openvino"
-            self.sessions = [
-                _openvino_session(self.path, self.settings, model, self.version)
-                for _ in range(self.config.instances)
-            ]
-        elif self.settings.runtime == "executorch":  # an ExecuTorch .pte, served through the runtime contract
-            self.platform = "executorch"
-            self.sessions = [
-                _executorch_session(self.path, self.settings, model, self.version)
-                for _ in range(self.config.instances)
-            ]
-        else:
-            for _ in range(self.config.instances):
-                so = self.settings.session_options()
-                try:
-                    self.sessions.append(
-                        ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-                    )
-                except Exception as err:
-                    from slimship.errors import ServingError
-
-                    raise ServingError(f"can't load {self.path} for {model} v{version}: {err}") from err
+        self.platform = {"openvino": "openvino", "executorch": "executorch"}.get(
+            self.settings.runtime, "onnxruntime_onnx"
+        )
+        self.sessions = [self._open(self.settings) for _ in range(self.config.instances)]
+        #: with several instances, the session a batch runs on when it runs alone: all the threads (None: none)
+        self.lone_settings = (
+            self.settings.with_overrides(threads=total, spinning=self.config.spinning != "off")
+            if self.config.instances > 1 and self.config.lone_batch_threads == "all" and total > per
+            else None
+        )
+        self._lone = None if self.lone_settings is None else self._open(self.lone_settings)
+        self._busy = 0  # batches running now, over all instances
+        self._row_ms: float | None = None  # EWMA of a single row's run, in ms (None: not timed yet)
         self.session = self.sessions[0]
         #: the probe's outcome on this host (admin state, /v2/models/{m} parameters, metrics, registry events)
         self.verification = verify_on_load(
@@ -388,6 +379,23 @@ class Endpoint(ModelIO):
         self.drift: Any = None  # its DriftMonitor once attached
         self.stats = ModelStats()
 
+    def _open(self, settings: Any) -> Any:
+        """One session of this endpoint's model with ``settings``, on its runtime."""
+        if settings.runtime == "openvino":  # an OpenVINO IR, served through the runtime contract
+            return _openvino_session(self.path, settings, self.model, self.version)
+        if settings.runtime == "executorch":  # an ExecuTorch .pte, served through the runtime contract
+            return _executorch_session(self.path, settings, self.model, self.version)
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(
+                str(self.path), settings.session_options(), providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:
+            from slimship.errors import ServingError
+
+            raise ServingError(f"can't load {self.path} for {self.model} v{self.version}: {err}") from err
+
     @property
     def queue_depth(self) -> int:
         """Requests queued for the batcher, not yet in a running batch."""
@@ -398,6 +406,8 @@ class Endpoint(ModelIO):
         if not self._tasks:
             self._queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
+            if self._lone is not None:
+                await loop.run_in_executor(self._pool, self._warmup, self._lone)
             for i, sess in enumerate(self.sessions):
                 # one warm-up run so the first request doesn't pay for ORT's lazy initialisation
                 await loop.run_in_executor(self._pool, self._warmup, sess)
@@ -436,7 +446,10 @@ class Endpoint(ModelIO):
     # ---- requests -----------------------------------------------------------------------------
     def runtime_settings(self) -> dict[str, Any]:
         """The deployment settings this endpoint's sessions run with (threads are per model instance)."""
-        return {**self.settings.to_json(), "notes": list(self.settings_notes)}
+        out = {**self.settings.to_json(), "notes": list(self.settings_notes)}
+        if self.lone_settings is not None:
+            out["lone_batch_threads"] = self.lone_settings.intra_op_threads
+        return out
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._queue is None or not self.ready:
@@ -530,7 +543,6 @@ class Endpoint(ModelIO):
     async def _batcher(self, session: Any) -> None:
         assert self._queue is not None
         q = self._queue
-        loop = asyncio.get_running_loop()
         carry: _Item | None = None
         while True:
             item = carry or await q.get()
@@ -539,31 +551,64 @@ class Endpoint(ModelIO):
             live = [b for b in batch if not b.future.done()]  # timed-out requests are dropped here
             if not live:
                 continue
-            t_start = time.perf_counter_ns()
-            started = t_start / 1e9
-            feeds = self._merge(live)
-            t_merged = time.perf_counter_ns()
             try:
-                outs = await loop.run_in_executor(self._pool, session.run, None, feeds)
-            except Exception as err:  # one request can fail a batch: find it, answer the others
-                await self._isolate(session, live, err)
-                continue
-            t_ran = time.perf_counter_ns()
-            rows = sum(b.rows for b in live)
-            if self.metrics is not None:
-                self.metrics.batch_size.labels(self.model, self.version).observe(rows)
+                await self._run_batch(session, q, live)
+            except (
+                Exception
+            ) as err:  # a fault of the server's own: this batch gets a 500, the batcher goes on
+                log.exception("batch of %s v%s failed outside the model run", self.model, self.version)
                 for b in live:
-                    self.metrics.queue_time.labels(self.model, self.version).observe(started - b.enqueued)
-            self._split(live, feeds, outs)
-            queued = sum(started - b.enqueued for b in live)
-            self.stats.execution(
-                rows,
-                int(queued * 1e9),
-                len(live),
-                t_merged - t_start,
-                t_ran - t_merged,
-                time.perf_counter_ns() - t_ran,
-            )
+                    if not b.future.done():
+                        b.future.set_exception(err)
+
+    async def _run_batch(self, session: Any, q: asyncio.Queue[_Item], live: list[_Item]) -> None:
+        t_start = time.perf_counter_ns()
+        started = t_start / 1e9
+        feeds = self._merge(live)
+        t_merged = time.perf_counter_ns()
+        alone = self._busy == 0 and q.empty()  # no other instance busy, nothing waiting
+        # alone: the lone-batch session with all the threads (with several instances)
+        runner = self._lone if self._lone is not None and alone else session
+        rows = sum(b.rows for b in live)
+        inline = alone and rows == 1 and self._runs_inline()
+        self._busy += 1
+        try:
+            if inline:  # a tiny model's lone row: on this thread, no hand-off to a worker and back
+                outs = runner.run(None, feeds)
+            else:
+                outs = await asyncio.get_running_loop().run_in_executor(self._pool, runner.run, None, feeds)
+        except Exception as err:  # one request can fail a batch: find it, answer the others
+            await self._isolate(session, live, err)
+            return
+        finally:
+            self._busy -= 1
+        t_ran = time.perf_counter_ns()
+        if rows == 1:
+            self._time_row((t_ran - t_merged) / 1e6)
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(self.model, self.version).observe(rows)
+            where = "inline" if inline else ("lone" if runner is self._lone else "instance")
+            self.metrics.batch_runs.labels(self.model, self.version, where).inc()
+            for b in live:
+                self.metrics.queue_time.labels(self.model, self.version).observe(started - b.enqueued)
+        self._split(live, feeds, outs)
+        queued = sum(started - b.enqueued for b in live)
+        self.stats.execution(
+            rows,
+            int(queued * 1e9),
+            len(live),
+            t_merged - t_start,
+            t_ran - t_merged,
+            time.perf_counter_ns() - t_ran,
+        )
+
+    def _runs_inline(self) -> bool:
+        """Whether a lone row runs on the event loop's thread: its recent runs (EWMA, timed once on a worker first)
+        took under ``inline_below_ms``."""
+        return self._row_ms is not None and self._row_ms < self.config.inline_below_ms
+
+    def _time_row(self, ms: float) -> None:
+        self._row_ms = ms if self._row_ms is None else 0.8 * self._row_ms + 0.2 * ms
 
     async def _isolate(self, session: Any, live: list[_Item], err: Exception) -> None:
         """A batch failed: run its requests one by one, so only the one(s) the model fails on learn why (400 when

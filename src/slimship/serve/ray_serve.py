@@ -121,28 +121,33 @@ def app_name(model: str, version: str) -> str:
 
 
 class _Recorder:
-    """Stands in for the server's metrics inside a replica: batch sizes, queue times and queue depth are kept and
-    shipped back with the next answer, and the ingress replays them into its /metrics (every request passes it)."""
+    """Stands in for the server's metrics inside a replica: batch sizes, queue times, queue depth and where batches ran
+    are kept and shipped back with the next answer, and the ingress replays them into its /metrics (every request
+    passes it). A record is (series, its labels after model and version, value)."""
 
     class _Series:
-        def __init__(self, rec: _Recorder, name: str) -> None:
-            self._rec, self._name = rec, name
+        def __init__(self, rec: _Recorder, name: str, extra: tuple[str, ...] = ()) -> None:
+            self._rec, self._name, self._extra = rec, name, extra
 
-        def labels(self, *_: str) -> _Recorder._Series:
-            return self
+        def labels(self, _model: str, _version: str, *extra: str) -> _Recorder._Series:
+            return _Recorder._Series(self._rec, self._name, extra)
 
         def observe(self, value: float) -> None:
-            self._rec.pending.append((self._name, float(value)))
+            self._rec.pending.append((self._name, self._extra, float(value)))
 
         set = observe
 
+        def inc(self, value: float = 1.0) -> None:
+            self.observe(value)
+
     def __init__(self) -> None:
-        self.pending: list[tuple[str, float]] = []
+        self.pending: list[tuple[str, tuple[str, ...], float]] = []
         self.batch_size = self._Series(self, "batch_size")
         self.queue_time = self._Series(self, "queue_time")
         self.queue_depth = self._Series(self, "queue_depth")
+        self.batch_runs = self._Series(self, "batch_runs")
 
-    def drain(self) -> list[tuple[str, float]]:
+    def drain(self) -> list[tuple[str, tuple[str, ...], float]]:
         out, self.pending = self.pending, []
         return out
 
@@ -252,12 +257,17 @@ class RemoteEndpoint(ModelIO):
     async def start(self) -> None:
         self.ready = True
 
-    def _replay(self, records: list[tuple[str, float]]) -> None:
+    def _replay(self, records: list[tuple[str, tuple[str, ...], float]]) -> None:
         if self.metrics is None:
             return
-        for name, value in records:
-            series = getattr(self.metrics, name).labels(self.model, self.version)
-            (series.set if name == "queue_depth" else series.observe)(value)
+        for name, extra, value in records:
+            series = getattr(self.metrics, name).labels(self.model, self.version, *extra)
+            if name == "queue_depth":
+                series.set(value)
+            elif name == "batch_runs":
+                series.inc(value)
+            else:
+                series.observe(value)
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         self.ready = False

@@ -1,0 +1,127 @@
+"""Where an endpoint runs a batch: with several instances, a batch that runs alone gets the session with all the
+threads (``lone_batch_threads``); a tiny model's lone row runs on the event loop's thread (``inline_below_ms``);
+batches that overlap run on their instances' sessions. Every path answers exactly what ONNX Runtime answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import onnxruntime as ort
+
+from slimship.serve.config import BatchingConfig
+from slimship.serve.endpoint import Endpoint
+from slimship.serve.metrics import Metrics
+
+LABELS = {"model": "digits", "version": "1"}
+
+
+def _runs(metrics: Metrics, runner: str) -> float:
+    return metrics.sample("slimship_batch_runs_total", {**LABELS, "runner": runner}) or 0.0
+
+
+def _inputs(ep: Endpoint, n: int) -> list[dict[str, np.ndarray]]:
+    spec = ep.inputs[0]
+    rng = np.random.default_rng(0)
+    shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+    return [{spec.name: rng.random(shape, dtype=np.float32)} for _ in range(n)]
+
+
+def _expected(path, feeds):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _serve(ep: Endpoint, coro_factory):
+    async def main():
+        await ep.start()
+        try:
+            return await coro_factory()
+        finally:
+            await ep.stop()
+
+    return asyncio.run(main())
+
+
+def test_a_lone_batch_runs_on_all_the_threads_then_inline_and_overlapping_ones_on_their_instances(
+    digits_chain,
+):
+    path = digits_chain[1].artifact_path
+    metrics = Metrics()
+    ep = Endpoint("digits", 1, path, BatchingConfig(instances=2, threads=2, max_batch_size=1), metrics)
+    assert [s.get_session_options().intra_op_num_threads for s in ep.sessions] == [1, 1]
+    assert ep._lone is not None and ep._lone.get_session_options().intra_op_num_threads == 2
+    assert ep.runtime_settings()["lone_batch_threads"] == 2
+    xs = _inputs(ep, 12)
+
+    async def traffic():
+        first = await ep.infer(xs[0])  # alone, not timed yet: the lone session on a worker thread
+        second = await ep.infer(xs[1])  # alone, a tiny model timed: inline
+        together = await asyncio.gather(*(ep.infer(x) for x in xs[2:]))  # one row per batch: they overlap
+        return [first, second, *together]
+
+    answers = _serve(ep, traffic)
+    assert _runs(metrics, "lone") >= 1 and _runs(metrics, "inline") >= 1
+    assert _runs(metrics, "instance") >= 1  # concurrent batches ran side by side on the instances
+    assert sum(_runs(metrics, r) for r in ("lone", "inline", "instance")) == 12
+    name = ep.outputs[0].name
+    for x, got in zip(xs, answers, strict=True):
+        np.testing.assert_allclose(got[name], _expected(path, x), rtol=1e-5, atol=1e-6)
+
+
+def test_lone_batches_on_the_instances_share_and_no_inline_run_when_told(digits_chain):
+    path = digits_chain[1].artifact_path
+    metrics = Metrics()
+    config = BatchingConfig(instances=2, threads=2, lone_batch_threads="instance", inline_below_ms=0)
+    ep = Endpoint("digits", 1, path, config, metrics)
+    assert ep._lone is None and "lone_batch_threads" not in ep.runtime_settings()
+    xs = _inputs(ep, 4)
+
+    async def traffic():
+        return [await ep.infer(x) for x in xs]
+
+    _serve(ep, traffic)
+    assert _runs(metrics, "instance") == 4 and _runs(metrics, "lone") == 0 and _runs(metrics, "inline") == 0
+
+
+def test_a_model_slower_than_the_inline_limit_stays_on_a_worker_thread(digits_chain):
+    """The limit is the model's measured single-row time: at 0.0001 ms nothing qualifies, so every lone row runs on a
+    worker — the event loop is never blocked by a model that isn't tiny."""
+    path = digits_chain[1].artifact_path
+    metrics = Metrics()
+    ep = Endpoint("digits", 1, path, BatchingConfig(inline_below_ms=0.0001), metrics)
+    assert ep._lone is None  # one instance: its session already has all the threads
+    xs = _inputs(ep, 5)
+
+    async def traffic():
+        return [await ep.infer(x) for x in xs]
+
+    _serve(ep, traffic)
+    assert _runs(metrics, "instance") == 5 and _runs(metrics, "inline") == 0
+    assert ep._row_ms is not None and ep._row_ms > 0.0001
+
+
+def test_a_fault_after_the_model_run_fails_that_batch_only_and_the_batcher_goes_on(digits_chain):
+    """A replica's metrics stand-in once lacked a series and the batcher task died: every later request hung until its
+    504. A fault outside the model run now answers that batch with it and the next batch is served."""
+    import pytest
+
+    path = digits_chain[1].artifact_path
+    metrics = Metrics()
+    ep = Endpoint("digits", 1, path, BatchingConfig(), metrics)
+    xs = _inputs(ep, 2)
+    real = metrics.batch_runs
+
+    class Broken:
+        def labels(self, *_):
+            raise RuntimeError("metrics broke")
+
+    async def traffic():
+        metrics.batch_runs = Broken()
+        with pytest.raises(RuntimeError, match="metrics broke"):
+            await asyncio.wait_for(ep.infer(xs[0]), 10)
+        metrics.batch_runs = real
+        return await asyncio.wait_for(ep.infer(xs[1]), 10)
+
+    got = _serve(ep, traffic)
+    np.testing.assert_allclose(got[ep.outputs[0].name], _expected(path, xs[1]), rtol=1e-5, atol=1e-6)
