@@ -48,7 +48,13 @@ def test_a_lone_batch_runs_on_all_the_threads_then_inline_and_overlapping_ones_o
 ):
     path = digits_chain[1].artifact_path
     metrics = Metrics()
-    ep = Endpoint("digits", 1, path, BatchingConfig(instances=2, threads=2, max_batch_size=1), metrics)
+    ep = Endpoint(
+        "digits",
+        1,
+        path,
+        BatchingConfig(instances=2, threads=2, max_batch_size=1, inline_below_ms=1000),
+        metrics,
+    )
     assert [s.get_session_options().intra_op_num_threads for s in ep.sessions] == [1, 1]
     assert ep._lone is not None and ep._lone.get_session_options().intra_op_num_threads == 2
     assert ep.runtime_settings()["lone_batch_threads"] == 2
