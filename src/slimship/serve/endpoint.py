@@ -553,9 +553,8 @@ class Endpoint(ModelIO):
                 continue
             try:
                 await self._run_batch(session, q, live)
-            except (
-                Exception
-            ) as err:  # a fault of the server's own: this batch gets a 500, the batcher goes on
+            # a fault of the server's own (outside the model run): this batch gets a 500, the batcher goes on
+            except Exception as err:
                 log.exception("batch of %s v%s failed outside the model run", self.model, self.version)
                 for b in live:
                     if not b.future.done():
