@@ -509,3 +509,43 @@ def test_the_parser_process_returns_requests_and_refusals():
         pool.close()
     assert req.id == "a" and list(req.inputs["x"]) == [b"p", b"q"]
     assert err.status == 400
+
+
+def _open_requests(server) -> float:
+    (line,) = [ln for ln in _metric_lines(server, "slimship_http_requests_open ") if not ln.startswith("#")]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_open_requests_are_counted_and_a_lost_connection_is_uncounted(server):
+    """The count a lone tiny row's shortcut past the queue relies on (it is taken only when its request is the only
+    one open): a request whose body is still arriving is open; its connection dropping closes it."""
+    host, port = server.url.split(":")
+    assert _open_requests(server) == 1  # the scrape itself
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v2/models/log/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(0.3)
+        assert _open_requests(server) == 2
+    time.sleep(0.5)
+    assert _open_requests(server) == 1
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
+    assert [r.status_code for r in _concurrently(server, "log", [body] * 8)] == [200] * 8
+    assert _open_requests(server) == 1  # every answered request closed again
+
+
+def test_the_access_log_has_a_line_per_request_unless_switched_off(server, small_models, tmp_path):
+    """--no-access-log used to log every request anyway: uvicorn's logging setup re-enabled the logger."""
+    body = {"id": "access-1", "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
+    mark = len(server.log.read_text())
+    assert _post(server, "log", body).status_code == 200
+    time.sleep(0.2)
+    lines = [json.loads(ln) for ln in server.log.read_text()[mark:].splitlines() if '"method"' in ln]
+    assert [(ln["path"], ln["status"]) for ln in lines] == [("/v2/models/log/infer", 200)]
+    quiet = ServerProcess(
+        tmp_path, {"models": [{"name": "log", "path": small_models["log"]}]}, args=("--no-access-log",)
+    )
+    try:
+        assert all(_post(quiet, "log", body).status_code == 200 for _ in range(5))
+        time.sleep(0.2)
+        assert '"method"' not in quiet.log.read_text()
+    finally:
+        assert quiet.stop() in (0, -15)

@@ -131,3 +131,71 @@ def test_a_fault_after_the_model_run_fails_that_batch_only_and_the_batcher_goes_
 
     got = _serve(ep, traffic)
     np.testing.assert_allclose(got[ep.outputs[0].name], _expected(path, xs[1]), rtol=1e-5, atol=1e-6)
+
+
+def _counting_puts(ep: Endpoint) -> list[int]:
+    """Count what goes through the endpoint's queue (the batcher's path)."""
+    puts = [0]
+    q = ep._queue
+    assert q is not None
+    real = q.put_nowait
+
+    def put(item):
+        puts[0] += 1
+        real(item)
+
+    q.put_nowait = put  # type: ignore[method-assign]
+    return puts
+
+
+def test_a_lone_tiny_row_skips_the_queue_only_when_it_is_the_servers_only_request(digits_chain):
+    """The shortcut past the batcher's queue (two task switches fewer per request) is taken only when the HTTP layer
+    counts one open request — this one: with more open, rows queue and batch together as before; with nobody
+    counting (gRPC, in-process), they queue. Each answer is ONNX Runtime's, on a single-thread session."""
+    path = digits_chain[1].artifact_path
+    metrics = Metrics()
+    ep = Endpoint("digits", 1, path, BatchingConfig(inline_below_ms=1000), metrics)
+    xs = _inputs(ep, 9)
+    open_now = [1]
+    seen: dict[str, object] = {}
+
+    async def traffic():
+        puts = _counting_puts(ep)
+        out = [await ep.infer(xs[0])]  # nobody counts open requests: the queue
+        seen["uncounted"] = puts[0]
+        ep.requests_open = lambda: open_now[0]
+        out += [await ep.infer(x) for x in xs[1:5]]  # the only open request: past the queue, inline
+        seen["alone"] = puts[0]
+        open_now[0] = 4
+        out += [await ep.infer(x) for x in xs[5:]]  # others open: the queue
+        seen["others"] = puts[0]
+        return out
+
+    answers = _serve(ep, traffic)
+    assert seen == {"uncounted": 1, "alone": 1, "others": 5}
+    assert _runs(metrics, "inline") >= 7  # the first is timed on a worker; queued lone rows run inline too
+    assert ep._inline is not None and ep._inline.get_session_options().intra_op_num_threads == 1
+    name = ep.outputs[0].name
+    for x, got in zip(xs, answers, strict=True):
+        np.testing.assert_allclose(got[name], _expected(path, x), rtol=1e-5, atol=1e-6)
+
+
+def test_inline_rows_on_the_instance_session_when_told_and_never_past_a_queue_delay(digits_chain):
+    path = digits_chain[1].artifact_path
+    metrics = Metrics()
+    cfg = BatchingConfig(inline_below_ms=1000, inline_session="instance", max_queue_delay_ms=1.0)
+    ep = Endpoint("digits", 1, path, cfg, metrics)
+    ep.requests_open = lambda: 1
+    xs = _inputs(ep, 4)
+
+    async def traffic():
+        puts = _counting_puts(ep)
+        out = [await ep.infer(x) for x in xs]
+        return out, puts[0]
+
+    answers, puts = _serve(ep, traffic)
+    assert puts == 4  # a queue delay means the batcher waits for batch-mates: no shortcut
+    assert _runs(metrics, "inline") == 3 and ep._inline is None
+    name = ep.outputs[0].name
+    for x, got in zip(xs, answers, strict=True):
+        np.testing.assert_allclose(got[name], _expected(path, x), rtol=1e-5, atol=1e-6)

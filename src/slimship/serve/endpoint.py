@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,11 @@ class Endpoint(ModelIO):
             else None
         )
         self._lone = None if self.lone_settings is None else self._open(self.lone_settings)
+        #: HTTP requests this server has received and not yet answered, this one included (set by the HTTP entry
+        #: point; None: not known, e.g. gRPC only): a lone row skips the queue only when it is the only one
+        self.requests_open: Callable[[], int] | None = None
+        #: the session inline rows run on (opened the first time a row runs inline; see BatchingConfig.inline_session)
+        self._inline: Any = None
         self._busy = 0  # batches running now, over all instances
         self._row_ms: float | None = None  # EWMA of a single row's run, in ms (None: not timed yet)
         self.session = self.sessions[0]
@@ -466,6 +472,14 @@ class Endpoint(ModelIO):
             )
         fut: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
         item = _Item(inputs, rows, seq, fut)
+        if self._direct(rows):
+            # the batcher would run this row at once and inline: run it here, without the queue's two task switches
+            self.in_flight += 1
+            try:
+                await self._run_batch(self.session, self._queue, [item])
+            finally:
+                self.in_flight -= 1
+            return fut.result()
         self.in_flight += 1
         self._queue.put_nowait(item)
         self._gauge()
@@ -573,7 +587,7 @@ class Endpoint(ModelIO):
         self._busy += 1
         try:
             if inline:  # a tiny model's lone row: on this thread, no hand-off to a worker and back
-                outs = runner.run(None, feeds)
+                outs = self._inline_runner(runner).run(None, feeds)
             else:
                 outs = await asyncio.get_running_loop().run_in_executor(self._pool, runner.run, None, feeds)
         except Exception as err:  # one request can fail a batch: find it, answer the others
@@ -600,6 +614,31 @@ class Endpoint(ModelIO):
             t_ran - t_merged,
             time.perf_counter_ns() - t_ran,
         )
+
+    def _direct(self, rows: int) -> bool:
+        """Whether a request of ``rows`` rows skips the queue: one row, the only request the server holds (others
+        received but not yet parsed would otherwise queue behind it instead of batching with each other), nothing
+        queued or running, no queue delay to wait for batch-mates, and the model's rows run inline — what the batcher
+        would do with it, minus its two task switches."""
+        return (
+            rows == 1
+            and self.requests_open is not None
+            and self.requests_open() <= 1
+            and self._busy == 0
+            and self._queue is not None
+            and self._queue.empty()
+            and self.config.max_queue_delay_ms == 0
+            and self._runs_inline()
+        )
+
+    def _inline_runner(self, runner: Any) -> Any:
+        """The session an inline row runs on: a single-thread ONNX Runtime session of the model (opened on first use;
+        a model whose rows run inline is small), else ``runner``."""
+        if self.config.inline_session == "instance" or self.settings.runtime != "onnxruntime":
+            return runner
+        if self._inline is None:
+            self._inline = self._open(self.settings.with_overrides(threads=1, spinning=False))
+        return self._inline
 
     def _runs_inline(self) -> bool:
         """Whether a lone row runs on the event loop's thread: its recent runs (EWMA, timed once on a worker first)

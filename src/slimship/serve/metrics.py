@@ -129,6 +129,17 @@ class Metrics:
             "slimship_grpc_requests", "gRPC calls by method and status code", ["method", "code"], registry=r
         )
 
+    def count_open_requests(self, count: Any) -> None:
+        """Export ``slimship_http_requests_open``, read from ``count()`` at each scrape (the HTTP entry point's count
+        of requests received and not yet answered, the scrape included; absent where nothing counts them)."""
+        from prometheus_client import Gauge
+
+        Gauge(
+            "slimship_http_requests_open",
+            "HTTP requests received (headers read) and not yet answered, this scrape included",
+            registry=self.registry,
+        ).set_function(count)
+
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

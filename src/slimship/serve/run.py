@@ -43,7 +43,10 @@ def configure_logging(level: str = "info", access_log: bool = True) -> None:
         lg.handlers[:] = [handler]
         lg.setLevel(level.upper())
         lg.propagate = False
-    logging.getLogger("slimship.access").disabled = not access_log
+    # by level, not `disabled`: uvicorn's logging.config.dictConfig (disable_existing_loggers=False) sets every other
+    # logger's `disabled` back to False, so --no-access-log used to log every request anyway
+    if not access_log:
+        logging.getLogger("slimship.access").setLevel(logging.WARNING)
 
 
 def resolve_models(config: ServeConfig) -> list[dict[str, Any]]:
@@ -155,12 +158,33 @@ def bind_warning(host: str, token: str | None) -> str | None:
     )
 
 
-def timed_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with a deadline for a request's headers."""
+class OpenRequests:
+    """HTTP requests whose headers have arrived and whose responses are not complete, over all connections."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count
+
+
+def timed_protocol(
+    header_timeout_s: float, open_requests: OpenRequests | None = None
+) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with a deadline for a request's headers; counts open requests in
+    ``open_requests`` when given."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    counter = open_requests or OpenRequests()
 
     class TimedHttpToolsProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _open = 0  # this connection's requests counted in `counter` (pipelined ones too)
+
+        def _close_one(self) -> None:
+            if self._open:
+                self._open -= 1
+                counter.count -= 1
 
         def _arm(self) -> None:
             self._disarm()
@@ -186,14 +210,19 @@ def timed_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            self._open += 1
+            counter.count += 1
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
+            self._close_one()
             super().on_response_complete()
             self._disarm()  # idle now: the keep-alive timeout takes over
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            counter.count -= self._open  # requests never answered
+            self._open = 0
             super().connection_lost(exc)
 
     return TimedHttpToolsProtocol
@@ -209,7 +238,10 @@ def serve(
     import uvicorn
 
     configure_logging(log_level, access_log)
-    _, app = build(config, token, admin_token)
+    server, app = build(config, token, admin_token)
+    open_requests = OpenRequests()
+    server.requests_open = open_requests
+    server.metrics.count_open_requests(open_requests)
     print(
         f"serving {', '.join(sorted({m.name for m in config.models}))} on http://{config.host}:{config.port} "
         + (f"and gRPC {config.host}:{config.grpc_port} " if config.grpc_port is not None else "")
@@ -226,6 +258,6 @@ def serve(
         lifespan="on",
         timeout_graceful_shutdown=int(config.graceful_shutdown_s),
         timeout_keep_alive=max(1, round(config.limits.keep_alive_s)),
-        http=timed_protocol(config.limits.header_timeout_s),
+        http=timed_protocol(config.limits.header_timeout_s, open_requests),
         loop="uvloop",
     )

@@ -86,6 +86,9 @@ class Server:
         self.rollouts = RolloutController(self)
         self.feedback = FeedbackStore(max_ids=self.limits.max_remembered_ids)  # ids are capped in length
         self.live = LiveStats()
+        #: HTTP requests received and not yet answered (set by the HTTP entry point, which counts them in its protocol;
+        #: None: not counted): handed to each endpoint, whose lone tiny rows then skip the batcher's queue
+        self.requests_open: Callable[[], int] | None = None
         #: replicated ingress (Ray): A/B, traffic, rollouts and shadow counts live there (:mod:`.shared`)
         self.shared: SharedState | None = None
         #: model → generation of the shared traffic policy this replica applies
@@ -339,6 +342,8 @@ class Server:
         self._refuse_loaded(ep.model, ep.version)
         await self._record_verification(ep)
         await ep.start()
+        if isinstance(ep, Endpoint):  # in-process (a Ray RemoteEndpoint's replica batches on its own)
+            ep.requests_open = self.requests_open
         self._attach_drift(ep)
         self.judges.prepare(ep)
         self.models.setdefault(ep.model, ModelGroup(ep.model)).versions[ep.version] = ep
