@@ -248,6 +248,7 @@ def save_torch_candidate(
     import torch
     from safetensors.torch import save_model
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".model.safetensors.tmp"
     save_model(model, str(tmp))
     tmp.replace(out_dir / "model.safetensors")

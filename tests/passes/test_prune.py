@@ -404,3 +404,88 @@ def test_expansion_scope_on_a_net_without_depthwise_blocks_says_so(digits_chain,
             {"channel_ratio": 0.5, "channel_scope": "expansion", "finetune": None},
             tmp_path / "p",
         )
+
+
+def _inverted_residual_with_redundant_hidden_channels():
+    """The fixture net with block 0's hidden channels 24..47 exact copies of 0..23 and hidden channel 5 a
+    constant (its depthwise filter zeroed: BatchNorm shift through ReLU6 only) — what a refit can absorb exactly."""
+    from tests.fixtures.factories import build_inverted_residual
+
+    net = build_inverted_residual()["model"]
+    b = net.blocks[0]
+    with torch.no_grad():
+        b["dw"].weight[5] = 0
+        b["bn2"].bias[5] = 2.5  # relu6(2.5 - mean·γ/σ): a constant map feeding the projection
+        b["expand"].weight[24:] = b["expand"].weight[:24]
+        b["dw"].weight[24:] = b["dw"].weight[:24]
+        for bn in (b["bn1"], b["bn2"]):
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t[24:] = t[:24]
+    return net.eval()
+
+
+def test_least_squares_refit_reproduces_the_unpruned_block_when_the_pruned_channels_are_redundant():
+    import copy
+
+    import torch_pruning as tp
+
+    from slimship.passes._reconstruct import refit_consumers
+
+    teacher = _inverted_residual_with_redundant_hidden_channels()
+    student = copy.deepcopy(teacher)
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(64, 3, 32, 32)).astype(np.float32))
+    graph = tp.DependencyGraph().build_dependency(student, example_inputs=x[:2])
+    removed = [5, *range(24, 48)]
+    graph.get_pruning_group(student.blocks[0]["expand"], tp.prune_conv_out_channels, idxs=removed).prune()
+    assert student.blocks[0]["project"].in_channels == 23
+    with torch.no_grad():
+        want = teacher(x)
+        plain = student(x)
+    batches = [{"pixels": x[i : i + 16].numpy()} for i in range(0, 64, 16)]
+    report = refit_consumers(student, teacher, ["blocks.0.project"], batches, ["pixels"], ridge=1e-9)
+    with torch.no_grad():
+        got = student(x)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5)
+    # removing them without a refit moves the outputs (logits ≈ 0.15) by far more
+    assert float((plain - want).abs().max()) > 100 * float((got - want).abs().max())
+    layer = report["layers"]["blocks.0.project"]
+    assert layer["err_before"] > 0.01 and layer["err_after"] < 1e-6 and layer["refit"] == 1.0
+
+
+def test_activation_importance_with_refit_keeps_an_inverted_residual_net_closer_than_magnitude(tmp_path):
+    from slimship.workload import resolve_workload
+
+    w = resolve_workload(f"{FIXTURES / 'factories.py'}:build_inverted_residual")
+    orig = original_candidate(w, tmp_path / "original")
+    x = w.example_inputs(4)["pixels"]
+    x = np.random.default_rng(2).normal(size=(64, *x.shape[1:])).astype(np.float32)
+    with torch.no_grad():
+        want = load_torch_model(orig, w)(torch.from_numpy(x)).numpy()
+    errors = {}
+    for importance, refit in (("l2", "none"), ("activation", "least-squares")):
+        c = run_pass(
+            "prune",
+            orig,
+            w,
+            {
+                "channel_ratio": 0.5,
+                "channel_scope": "expansion",
+                "importance": importance,
+                "reconstruct": refit,
+                "reconstruct_samples": 96,
+                "finetune": None,
+                "measure_batch_size": 4,
+                "verify_export": False,
+            },
+            tmp_path / importance,
+        )
+        with torch.no_grad():  # rebuilt from its safetensors file: the refit BatchNorm statistics were saved
+            got = load_torch_model(c, w)(torch.from_numpy(x)).numpy()
+        errors[importance] = float(((got - want) ** 2).mean() / want.var())
+        rec = c.info["pruning"]["reconstruction"]
+        if refit == "none":
+            assert rec is None
+        else:
+            assert set(rec["layers"]) == {"blocks.0.project", "blocks.1.project"}
+            assert rec["mean_err_after"] < rec["mean_err_before"]
+    assert errors["activation"] < 0.5 * errors["l2"], errors

@@ -199,3 +199,49 @@ def test_inline_rows_on_the_instance_session_when_told_and_never_past_a_queue_de
     name = ep.outputs[0].name
     for x, got in zip(xs, answers, strict=True):
         np.testing.assert_allclose(got[name], _expected(path, x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_servers_only_request_of_a_slower_model_runs_on_the_loop_thread_on_its_instance_session(
+    digits_chain,
+):
+    """Above inline_below_ms and below alone_inline_below_ms (the rule, with the single-row average pinned at 5 ms):
+    the only open request runs on the event loop's thread on the instance's own session — no queue, no worker, no
+    single-thread session; with other requests open it queues and runs on a worker; with the limit at 0, always a
+    worker. Answers are ONNX Runtime's."""
+    path = digits_chain[1].artifact_path
+    seen: dict[str, object] = {}
+
+    def run(limit: float) -> tuple[Metrics, Endpoint, list]:
+        metrics = Metrics()
+        ep = Endpoint(
+            "digits", 1, path, BatchingConfig(inline_below_ms=1.0, alone_inline_below_ms=limit), metrics
+        )
+        xs = _inputs(ep, 8)  # the same 8 rows every run (seeded)
+        open_now = [1]
+        ep.requests_open = lambda: open_now[0]
+
+        async def traffic():
+            puts = _counting_puts(ep)
+            out = []
+            for x in xs[:4]:
+                ep._row_ms = 5.0
+                out.append(await ep.infer(x))
+            seen[f"alone-{limit}"] = puts[0]
+            open_now[0] = 3
+            for x in xs[4:]:
+                ep._row_ms = 5.0
+                out.append(await ep.infer(x))
+            seen[f"others-{limit}"] = puts[0]
+            return out
+
+        return metrics, ep, _serve(ep, traffic)
+
+    metrics, ep, answers = run(30.0)
+    assert seen["alone-30.0"] == 0 and seen["others-30.0"] == 4
+    assert _runs(metrics, "inline") == 4 and _runs(metrics, "instance") == 4
+    assert ep._inline is None  # the instance's own session ran them, not a single-thread one
+    name = ep.outputs[0].name
+    for x, got in zip(_inputs(ep, 8), answers, strict=True):
+        np.testing.assert_allclose(got[name], _expected(path, x), rtol=1e-5, atol=1e-6)
+    metrics, ep, _ = run(0.0)
+    assert seen["alone-0.0"] == 4 and _runs(metrics, "inline") == 0 and _runs(metrics, "instance") == 8

@@ -46,9 +46,23 @@ class StructuredPruneConfig(StructuralPassConfig):
         lt=1.0,
         description="fraction of each head's dimensions removed, the same in every head (BERT family; not with head_ratio)",
     )
-    importance: Literal["l1", "l2", "taylor", "bn_scale"] = Field(
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "activation"] = Field(
         default="l2",
-        description="how channels are ranked: weight magnitude (l1, l2), Taylor (|gradient × weight|, needs labels), BatchNorm scale",
+        description="how channels are ranked: weight magnitude (l1, l2), Taylor (|gradient × weight|, needs labels), "
+        "BatchNorm scale, or activation: the output energy a channel carries into the next layer (its variance on "
+        "calibration data × the squared weights reading it; data-aware, best with reconstruct least-squares)",
+    )
+    reconstruct: Literal["none", "least-squares"] = Field(
+        default="least-squares",
+        description="after removing channels, refit each 1×1 conv / Linear that reads them by least squares on "
+        "calibration data so it reproduces the unpruned model's output from the channels left (intercept into its "
+        "bias or the BatchNorm after it); none leaves the remaining weights as they were",
+    )
+    reconstruct_samples: int = Field(
+        default=256,
+        ge=8,
+        description="calibration samples for the activation importance and the least-squares refit (more fit better: "
+        "MobileNetV2 at 30 %: 128 → 9 %, 512 → 20 % top-1 agreement before recovery, where l2 without refit gives 0 %)",
     )
     channel_scope: Literal["all", "expansion"] = Field(
         default="all",
@@ -214,6 +228,11 @@ def _importance(cfg: StructuredPruneConfig, model: nn.Module, workload: Workload
     import torch
     import torch_pruning as tp
 
+    if cfg.importance == "activation":
+        from slimship.passes._reconstruct import ActivationImportance, consumer_input_stats
+
+        names = [s.name for s in workload.inputs]
+        return ActivationImportance(consumer_input_stats(model, reconstruction_batches(workload, cfg), names))
     if cfg.importance in ("l1", "l2"):
         return tp.importance.GroupMagnitudeImportance(p=1 if cfg.importance == "l1" else 2)
     if cfg.importance == "bn_scale":
@@ -223,6 +242,43 @@ def _importance(cfg: StructuredPruneConfig, model: nn.Module, workload: Workload
             )
         return tp.importance.BNScaleImportance()
     return tp.importance.GroupTaylorImportance()
+
+
+def reconstruction_batches(workload: Workload, cfg: StructuredPruneConfig) -> list[Any]:
+    """The calibration batches the activation importance and the least-squares refit read."""
+    batches = list(workload.calibration_batches(cfg.reconstruct_samples, 32))
+    if not batches:
+        raise ConfigError(
+            f"importance 'activation' and reconstruct 'least-squares' read calibration data, and {workload.name!r} "
+            "has none; give the workload calibration data or set importance 'l2' and reconstruct 'none'"
+        )
+    return batches
+
+
+def reconstruct(
+    student: nn.Module,
+    teacher: nn.Module,
+    workload: Workload,
+    cfg: StructuredPruneConfig,
+    changed: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Refit, in execution order, the pointwise layers whose inputs lost channels (``changed``: parameter →
+    [before, after] shapes); None when none did or ``cfg.reconstruct`` is 'none'."""
+    from slimship.passes._common import executed_layers
+    from slimship.passes._reconstruct import refit_consumers
+
+    if cfg.reconstruct == "none":
+        return None
+    narrowed = {  # inputs narrowed, outputs whole: the teacher's outputs are the target
+        n[: -len(".weight")]
+        for n, (b, a) in changed.items()
+        if n.endswith(".weight") and len(b) > 1 and b[1] != a[1] and b[0] == a[0]
+    }
+    order = [p for p in executed_layers(student, workload) if p in narrowed]
+    if not order:
+        return None
+    names = [s.name for s in workload.inputs]
+    return refit_consumers(student, teacher, order, reconstruction_batches(workload, cfg), names)
 
 
 def _taylor_gradients(model: nn.Module, workload: Workload, batches: int) -> None:
@@ -500,6 +556,7 @@ class StructuredPrunePass(Pass[StructuredPruneConfig]):
 
         teacher, student = teacher_and_student(candidate, workload)
         edits, summary = structured_prune(student, workload, config)
+        summary["reconstruction"] = reconstruct(student, teacher, workload, config, summary["changed_shapes"])
         return structural_result(
             candidate,
             workload,

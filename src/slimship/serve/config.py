@@ -141,6 +141,12 @@ class BatchingConfig(BaseModel):
     #: the instance's own session. mnist fp32 at 1 client, Intel Xeon (AMX), 2 cores: 2-thread spinning session 58 µs
     #: per run alone but its spinning worker took 87 % of a core from the event loop and the client under load
     inline_session: Literal["single-thread", "instance"] = "single-thread"
+    #: a single-row request that is the only request the server holds (headers read, response not yet written),
+    #: with nothing queued or running and no queue delay, runs on the event loop's thread on the instance's own
+    #: session (all its threads) when the model's single-row runs take less than this many milliseconds: the two
+    #: thread hand-offs of a larger model's lone request go. A request arriving meanwhile is parsed when the run
+    #: ends (at most this long; on a worker it would have queued behind the same run). 0: only inline_below_ms
+    alone_inline_below_ms: float = Field(default=30.0, ge=0)
     verify: Literal["refuse", "warn", "off"] = Field(
         default="refuse",
         description="at load, run the candidate's probe on this host with the settings the endpoint applies: "

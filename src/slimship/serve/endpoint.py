@@ -476,7 +476,7 @@ class Endpoint(ModelIO):
             # the batcher would run this row at once and inline: run it here, without the queue's two task switches
             self.in_flight += 1
             try:
-                await self._run_batch(self.session, self._queue, [item])
+                await self._run_batch(self.session, self._queue, [item], direct=True)
             finally:
                 self.in_flight -= 1
             return fut.result()
@@ -574,7 +574,9 @@ class Endpoint(ModelIO):
                     if not b.future.done():
                         b.future.set_exception(err)
 
-    async def _run_batch(self, session: Any, q: asyncio.Queue[_Item], live: list[_Item]) -> None:
+    async def _run_batch(
+        self, session: Any, q: asyncio.Queue[_Item], live: list[_Item], direct: bool = False
+    ) -> None:
         t_start = time.perf_counter_ns()
         started = t_start / 1e9
         feeds = self._merge(live)
@@ -583,11 +585,13 @@ class Endpoint(ModelIO):
         # alone: the lone-batch session with all the threads (with several instances)
         runner = self._lone if self._lone is not None and alone else session
         rows = sum(b.rows for b in live)
-        inline = alone and rows == 1 and self._runs_inline()
+        tiny = self._runs_inline()
+        # a tiny model's lone row, or the server's only request (``direct``) of a model whose rows are quick enough
+        inline = alone and rows == 1 and (tiny or (direct and self._runs_alone_inline()))
         self._busy += 1
         try:
-            if inline:  # a tiny model's lone row: on this thread, no hand-off to a worker and back
-                outs = self._inline_runner(runner).run(None, feeds)
+            if inline:  # on this thread, no hand-off to a worker and back
+                outs = (self._inline_runner(runner) if tiny else runner).run(None, feeds)
             else:
                 outs = await asyncio.get_running_loop().run_in_executor(self._pool, runner.run, None, feeds)
         except Exception as err:  # one request can fail a batch: find it, answer the others
@@ -619,7 +623,8 @@ class Endpoint(ModelIO):
         """Whether a request of ``rows`` rows skips the queue: one row, the only request the server holds (others
         received but not yet parsed would otherwise queue behind it instead of batching with each other), nothing
         queued or running, no queue delay to wait for batch-mates, and the model's rows run inline — what the batcher
-        would do with it, minus its two task switches."""
+        would do with it, minus its two task switches — or, for a model whose rows take up to
+        ``alone_inline_below_ms``, the hand-off to a worker thread and back."""
         return (
             rows == 1
             and self.requests_open is not None
@@ -628,7 +633,7 @@ class Endpoint(ModelIO):
             and self._queue is not None
             and self._queue.empty()
             and self.config.max_queue_delay_ms == 0
-            and self._runs_inline()
+            and (self._runs_inline() or self._runs_alone_inline())
         )
 
     def _inline_runner(self, runner: Any) -> Any:
@@ -644,6 +649,11 @@ class Endpoint(ModelIO):
         """Whether a lone row runs on the event loop's thread: its recent runs (EWMA, timed once on a worker first)
         took under ``inline_below_ms``."""
         return self._row_ms is not None and self._row_ms < self.config.inline_below_ms
+
+    def _runs_alone_inline(self) -> bool:
+        """Whether the server's only open request, a single row, runs on the event loop's thread on the instance's own
+        session: its recent single-row runs took under ``alone_inline_below_ms``."""
+        return self._row_ms is not None and self._row_ms < self.config.alone_inline_below_ms
 
     def _time_row(self, ms: float) -> None:
         self._row_ms = ms if self._row_ms is None else 0.8 * self._row_ms + 0.2 * ms
