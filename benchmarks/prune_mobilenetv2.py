@@ -174,7 +174,10 @@ def build(w: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if r["recovery"] == "none":
             continue  # fp32 agreement already says it is unusable; INT8 of it is not measured
         q = StaticQuantPass().run(
-            r["candidate"], w, StaticQuantConfig(**INT8), r["candidate"].path.with_name(r["candidate"].path.name + "-int8")
+            r["candidate"],
+            w,
+            StaticQuantConfig(**INT8),
+            r["candidate"].path.with_name(r["candidate"].path.name + "-int8"),
         )
         r["int8_candidate"] = q
     return rows, extra
