@@ -126,9 +126,9 @@ def test_mnist_prune_distill_quantize_killed_mid_run_resumes_without_repeating(t
     assert [s["status"] for s in results["steps"]] == ["reused", "ran", "ran", "ran"]
     assert results["constraints"]["complete"] and (out / "report.html").exists()
     acc = {k: v["quality"]["accuracy"] for k, v in results["evaluations"].items()}
-    assert acc["distill"] > acc["prune"] + 2 and acc["quantize-static"] > acc["original"] - 1.5, (
-        acc
-    )  # distillation recovered
+    # the least-squares refit already keeps the pruned net close; distillation recovers to within a point
+    assert acc["distill"] >= max(acc["prune"], acc["original"] - 1.0), acc
+    assert acc["quantize-static"] > acc["original"] - 1.5, acc
     assert "report:" in again.stdout
     from tests.browser import not_blank, render
 

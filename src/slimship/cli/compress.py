@@ -195,6 +195,12 @@ def _finish(
             f"params {cx['params_ratio']:.2f}x fewer; measured PyTorch latency at batch {cx['batch_size']}: "
             f"{cx['torch_latency_ms_before']:.1f} → {cx['torch_latency_ms_after']:.1f} ms ({cx['torch_speedup']:.2f}x)"
         )
+    rec = (cand.info.get("pruning") or {}).get("reconstruction")
+    if rec:
+        typer.echo(
+            f"  refit: {len(rec['layers'])} layer(s) reading pruned channels, by least squares on {rec['samples']} "
+            f"calibration samples; mean relative output error {rec['mean_err_before']:.3g} → {rec['mean_err_after']:.3g}"
+        )
     ft = cand.info.get("finetune")
     for rep in ft if isinstance(ft, list) else [ft] if ft else []:
         typer.echo(
@@ -259,6 +265,12 @@ def prune(
         config_option(StructuredPruneConfig, "importance", prefix="structured: "),
     ] = "l2",
     scope: Annotated[str, config_option(StructuredPruneConfig, "scope", prefix="structured: ")] = "uniform",
+    channel_scope: Annotated[
+        str, config_option(StructuredPruneConfig, "channel_scope", prefix="structured: ")
+    ] = "all",
+    reconstruct: Annotated[
+        str, config_option(StructuredPruneConfig, "reconstruct", prefix="structured: ")
+    ] = "least-squares",
     layer_ratio: Annotated[
         list[str] | None,
         config_option(
@@ -339,6 +351,8 @@ def prune(
                 "head_dim_ratio": head_dim_ratio,
                 "importance": importance,
                 "scope": scope,
+                "channel_scope": channel_scope,
+                "reconstruct": reconstruct,
                 "layer_ratios": _kv(layer_ratio, "--layer-ratio", float),
                 "round_to": round_to,
                 "ignore": ignore or [],
