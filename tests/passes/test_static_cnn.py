@@ -220,3 +220,39 @@ def test_an_excluded_conv_between_quantized_tensors_stays_float_in_onnx_runtime(
     onnx.save_model(q, str(tmp_path / "q2.onnx"))
     ops = _session_ops(tmp_path / "q2.onnx", tmp_path)
     assert ops["QLinearConv"] == 1 and ops["Conv"] == 2, ops  # conv1 float; conv2 reads its float output
+
+
+def test_calibration_is_fed_in_bounded_chunks_and_minmax_ranges_equal_one_call(digits_chain, tmp_path):
+    """ORT's calibrators hold every intermediate output of one collect_data call (560 MobileNetV2 crops: 24 GB,
+    OOM-killed), so slimship feeds at most CALIBRATION_CHUNK_ROWS rows per call; MinMax ranges merge to exactly the
+    one-call result."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from slimship.passes._static_int8 import _Reader, calibrate_ranges, calibration_chunks
+
+    path = digits_chain[1].artifact_path
+    inp = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
+    shape = [d if isinstance(d, int) else 50 for d in inp.shape]
+    rng = np.random.default_rng(0)
+    batches = [{inp.name: rng.random(shape, dtype=np.float32)} for _ in range(6)]  # 300 rows
+    chunks = calibration_chunks(batches)
+    assert [len(c) for c in chunks] == [2, 2, 2]  # 100 rows per chunk, at most 128
+    assert (
+        calibration_chunks([{inp.name: np.zeros((300, *shape[1:]), np.float32)}], 128)[0][0][inp.name].shape[
+            0
+        ]
+        == 300
+    )
+    got = calibrate_ranges(path, batches, ["minmax"], ["Conv", "MatMul", "Gemm"], tmp_path, 99.999)["minmax"]
+    cal = create_calibrator(
+        path,
+        ["Conv", "MatMul", "Gemm"],
+        augmented_model_path=str(tmp_path / "aug.onnx"),
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    cal.collect_data(_Reader(batches))
+    want = cal.compute_data()
+    assert set(got.data) == set(want.data) and len(want.data) > 3
+    for name in want.data:
+        np.testing.assert_array_equal(np.asarray(got[name].range_value), np.asarray(want[name].range_value))
