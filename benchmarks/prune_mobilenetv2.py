@@ -47,7 +47,9 @@ INT8 = {"calibration": "percentile", "bias_correction": True}
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        f"# MobileNetV2, {RATIO:.0%} of the expansion channels pruned, on {result['cpu_class']} "
+        f"# MobileNetV2, {RATIO:.0%} of the expansion channels pruned, on {result['cpu_class']}"
+        + (f" (int8 class {result['int8_class']})" if result.get("int8_class") else "")
+        + " "
         f"({m['cpu_model']}, {m['physical_cores']} cores)",
         "",
         f"One run, {result['threads']} threads, ORT spinning off, sessions from slimship's deployment settings; "
@@ -342,7 +344,9 @@ def quick() -> None:
 def render_quick(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        f"# MobileNetV2, {RATIO:.0%} of the expansion channels pruned, on {result['cpu_class']} "
+        f"# MobileNetV2, {RATIO:.0%} of the expansion channels pruned, on {result['cpu_class']}"
+        + (f" (int8 class {result['int8_class']})" if result.get("int8_class") else "")
+        + " "
         f"({m['cpu_model']}, {m['physical_cores']} cores) — quick mode",
         "",
         f"**Mode: {result['mode']}.** Load average at start / end: {result['load_avg']} / {result['load_avg_end']} — "
