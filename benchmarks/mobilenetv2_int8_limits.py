@@ -118,7 +118,7 @@ def main() -> None:
     def static(label: str, name: str, wl: Any = w, **cfg: Any) -> None:
         print(f"· {label}", flush=True)
         made.append(
-            (label, StaticQuantPass().run(exported, wl, StaticQuantConfig(**cfg), WORK / name), "onnxruntime")
+            (label, StaticQuantPass()(exported, wl, StaticQuantConfig(**cfg), WORK / name), "onnxruntime")
         )
 
     static("slimship quantize-static (128 crops, auto, bias correction)", "slim", bias_correction=True)
@@ -154,19 +154,19 @@ def main() -> None:
         made.append(
             (
                 f"NNCF quantize (ONNX backend → QDQ), {preset} preset",
-                NNCFOnnxQuantizePass().run(
+                NNCFOnnxQuantizePass()(
                     exported, w, NNCFOnnxQuantizeConfig(preset=preset), WORK / f"nncf-onnx-{preset}"
                 ),
                 "onnxruntime",
             )
         )
     print("· openvino", flush=True)
-    ir = OpenVINOConvertPass().run(exported, w, OpenVINOConvertConfig(), WORK / "ov-fp32")
+    ir = OpenVINOConvertPass()(exported, w, OpenVINOConvertConfig(), WORK / "ov-fp32")
     made.append(("fp32 IR (convert-openvino)", ir, "openvino"))
     made.append(
         (
             "NNCF quantize (OpenVINO IR), default preset",
-            NNCFQuantizePass().run(ir, w, NNCFQuantizeConfig(), WORK / "nncf-ov"),
+            NNCFQuantizePass()(ir, w, NNCFQuantizeConfig(), WORK / "nncf-ov"),
             "openvino",
         )
     )

@@ -43,7 +43,8 @@ def test_static_int8_on_mnist_keeps_accuracy(mnist, mnist_exported, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     comparison = q.info["calibration_comparison"]
     assert (
-        set(comparison) == {"minmax", "entropy", "percentile"} and q.info["calibration_method"] in comparison
+        set(comparison) == {"minmax", "entropy", "percentile", "percentile@99.99"}
+        and q.info["calibration_method"] in comparison
     )
     fp32 = evaluate(exp, mnist, progress=False)["quality"]["accuracy"]
     int8 = evaluate(q, mnist, progress=False)["quality"]["accuracy"]
@@ -98,6 +99,12 @@ def test_unknown_calibration_method(digits, digits_chain, tmp_path):
         run_pass(
             "quantize-static", digits_chain[1], digits, {"auto_methods": ["minmax", "kl"]}, tmp_path / "q2"
         )
+    for bad in ("percentile@80", "percentile@high", "entropy@99"):
+        with pytest.raises(ConfigError, match=r"\"percentile@P\" with 90 < P <= 100"):
+            run_pass(
+                "quantize-static", digits_chain[1], digits, {"auto_methods": [bad]}, tmp_path / "q3"
+            )
+    assert not (tmp_path / "q3").exists()  # refused before anything was written
 
 
 def test_a_model_with_nothing_to_quantize(tmp_path):

@@ -62,6 +62,17 @@ def test_histogram_calibration_is_not_minmax_in_disguise(digits_chain, digits, t
     assert not list(tmp_path.glob(".augmented*"))
 
 
+def test_percentile_candidates_take_their_own_percentile_from_the_shared_histogram(
+    digits_chain, digits, tmp_path
+):
+    batches = list(digits.calibration_batches(64, 16))
+    args = (digits_chain[1].artifact_path, batches)
+    both = calibrate_ranges(*args, ["percentile", "percentile@99.0"], ["Conv", "Relu"], tmp_path, 99.99)
+    alone = calibrate_ranges(*args, ["percentile"], ["Conv", "Relu"], tmp_path, 99.0)
+    assert ranges_differ(both["percentile@99.0"], alone["percentile"]) == 0.0  # same thresholds as percentile=99
+    assert ranges_differ(both["percentile@99.0"], both["percentile"]) > 0.01  # not the 99.99 ones
+
+
 @pytest.mark.slow  # three calibrations + bias correction + three held-out scorings (≈ 20 s idle)
 def test_static_int8_on_digits_folds_relu_and_keeps_logits_float(digits_chain, digits, tmp_path):
     q = run_pass(
@@ -78,7 +89,7 @@ def test_static_int8_on_digits_folds_relu_and_keeps_logits_float(digits_chain, d
     assert q.info["bias_correction"]["corrected_convs"] == 2
     assert q.info["equalization"]["equalized_pairs"] == 1  # conv → ReLU → conv, exactly
     assert q.info["fidelity_to_parent"]["outputs"]["logits"]["top1_agreement"] >= 0.95
-    assert set(q.info["calibration_comparison"]) == {"minmax", "entropy", "percentile"}
+    assert set(q.info["calibration_comparison"]) == {"minmax", "entropy", "percentile", "percentile@99.99"}
 
 
 def test_bias_correction_matches_the_float_means(digits_chain, digits):

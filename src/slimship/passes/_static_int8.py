@@ -84,6 +84,28 @@ def calibration_chunks(
     return chunks
 
 
+def method_base(method: str) -> str:
+    """``"percentile@99.99"`` → ``"percentile"``; other names unchanged."""
+    return method.split("@", 1)[0]
+
+
+def method_percentile(method: str) -> float | None:
+    """The percentile a ``"percentile@P"`` calibration candidate names (``None`` for every other name)."""
+    base, _, at = method.partition("@")
+    return float(at) if base == "percentile" and at else None
+
+
+def valid_method(method: str, known: Sequence[str]) -> bool:
+    """A calibration method name: one of ``known`` or ``percentile@P`` with 90 < P ≤ 100."""
+    if method in known:
+        return True
+    base, _, at = method.partition("@")
+    try:
+        return base == "percentile" and 90.0 < float(at) <= 100.0
+    except ValueError:
+        return False
+
+
 def calibrate_ranges(
     model_path: Path,
     batches: Sequence[dict[str, np.ndarray]],
@@ -92,7 +114,9 @@ def calibrate_ranges(
     work_dir: Path,
     percentile: float,
 ) -> dict[str, Any]:
-    """Activation ranges per method (ORT ``TensorsData``), from one MinMax pass and one shared histogram."""
+    """Activation ranges per method (ORT ``TensorsData``), from one MinMax pass and one shared histogram.
+    ``percentile@P`` methods take their thresholds at percentile P from the same histogram (plain
+    ``percentile`` at ``percentile``)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, create_calibrator
 
     out: dict[str, Any] = {}
@@ -107,7 +131,7 @@ def calibrate_ranges(
             cal.collect_data(_Reader(chunk))
         out["minmax"] = cal.compute_data()
         del cal
-    hist_methods = [m for m in methods if m in ("entropy", "percentile", "distribution")]
+    hist_methods = [m for m in methods if method_base(m) in ("entropy", "percentile", "distribution")]
     if hist_methods:
         cal = create_calibrator(
             model_path,
@@ -125,9 +149,10 @@ def calibrate_ranges(
             "distribution": CalibrationMethod.Distribution,
         }
         for method in hist_methods:
-            collector.method = method
-            collector.percentile = percentile
-            out[method] = TensorsData(enums[method], collector.compute_collection_result())
+            base, at = method_base(method), method_percentile(method)
+            collector.method = base
+            collector.percentile = at if at is not None else percentile
+            out[method] = TensorsData(enums[base], collector.compute_collection_result())
         del cal
     for leftover in work_dir.glob(".augmented-*"):
         leftover.unlink(missing_ok=True)
