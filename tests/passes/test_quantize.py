@@ -101,9 +101,7 @@ def test_unknown_calibration_method(digits, digits_chain, tmp_path):
         )
     for bad in ("percentile@80", "percentile@high", "entropy@99"):
         with pytest.raises(ConfigError, match=r"\"percentile@P\" with 90 < P <= 100"):
-            run_pass(
-                "quantize-static", digits_chain[1], digits, {"auto_methods": [bad]}, tmp_path / "q3"
-            )
+            run_pass("quantize-static", digits_chain[1], digits, {"auto_methods": [bad]}, tmp_path / "q3")
     assert not (tmp_path / "q3").exists()  # refused before anything was written
 
 

@@ -69,7 +69,9 @@ def test_percentile_candidates_take_their_own_percentile_from_the_shared_histogr
     args = (digits_chain[1].artifact_path, batches)
     both = calibrate_ranges(*args, ["percentile", "percentile@99.0"], ["Conv", "Relu"], tmp_path, 99.99)
     alone = calibrate_ranges(*args, ["percentile"], ["Conv", "Relu"], tmp_path, 99.0)
-    assert ranges_differ(both["percentile@99.0"], alone["percentile"]) == 0.0  # same thresholds as percentile=99
+    assert (
+        ranges_differ(both["percentile@99.0"], alone["percentile"]) == 0.0
+    )  # same thresholds as percentile=99
     assert ranges_differ(both["percentile@99.0"], both["percentile"]) > 0.01  # not the 99.99 ones
 
 
