@@ -35,7 +35,8 @@ def render(result: dict) -> str:
     lines = [
         f"# MobileNetV2 INT8 on {result['cpu_class']} ({m['cpu_model']}, {m['physical_cores']} cores)",
         "",
-        f"One interleaved run, {result['threads']} threads, ORT spinning off, sessions from slimship's deployment "
+        (f"Run {result['date']} UTC. " if result.get("date") else "")
+        + f"One interleaved run, {result['threads']} threads, ORT spinning off, sessions from slimship's deployment "
         f"settings; agreement with the fp32 PyTorch original on {result['eval_crops']} held-out crops "
         f"({result['confident_crops']} confident: fp32 max prob ≥ 0.5). Load average at start: {result['load_avg']}.",
         "",
@@ -226,6 +227,7 @@ def main() -> None:
         "machine": machine_info(THREADS),
         "threads": THREADS,
         "load_avg": load,
+        "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "eval_crops": len(x),
         "confident_crops": int(rows[0]["quality"]["confident_crops"]),
         "rows": rows,
@@ -239,6 +241,10 @@ def main() -> None:
         "command": ".venv/bin/python benchmarks/quantize_mobilenetv2.py",
     }
     result["speed_reason"] = speed_reason(result)
+    if stem.with_suffix(".json").exists():  # follow-up experiments recorded by hand on this class are kept
+        earlier = json.loads(stem.with_suffix(".json").read_text())
+        if earlier.get("experiments"):
+            result["experiments"] = earlier["experiments"]
     stem.parent.mkdir(exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     stem.with_suffix(".md").write_text(render(result))
