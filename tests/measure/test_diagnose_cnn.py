@@ -162,3 +162,33 @@ def test_static_float_until_top1_meets_a_floor_the_full_int8_misses(mnist, mnist
         if node.name in mp["float_nodes"]:
             assert node.op_type == "Conv" and node.input[1] in inits  # its float weight, no DequantizeLinear
     assert not list((tmp_path / "mixed").glob(".*.onnx"))  # the search's intermediate graphs are gone
+
+
+def test_static_float_until_top1_output_first_grows_a_float_tail(mnist, mnist_exported, tmp_path):
+    """output_first returns nodes to float from the output backwards, Adds and all: the outlier activation is conv 1's
+    output, so the floor is met exactly at the step that makes conv 1 float — after every node behind it (the case
+    where "sqnr" order needs fewer float nodes; output_first is for error spread over a deep net)."""
+    parent = _outlier_channel_copy(mnist_exported, mnist, tmp_path / "outlier")
+    cfg = {"calibration": "minmax", "per_channel": False, "float_order": "output_first"}
+    search = {"float_until_top1": 1.0, "float_step": 1, "max_float_nodes": 8}
+    q = run_pass("quantize-static", parent, mnist, {**cfg, **search}, tmp_path / "tail")
+    mp = q.info["mixed_precision"]
+    nodes = onnx.load(str(parent.artifact_path)).graph.node
+    quantizable = [n.name for n in nodes if n.op_type in ("Conv", "MatMul", "Gemm", "Add")]
+    ranked = [r["node"] for r in mp["ranking"]]
+    assert ranked == quantizable[::-1][: len(ranked)] and [r["from_output"] for r in mp["ranking"]][:2] == [
+        0,
+        1,
+    ]
+    conv1 = next(n.name for n in nodes if n.op_type == "Conv")
+    assert mp["steps"][0]["top1_agreement"] < 0.5 and mp["met"]
+    assert (
+        mp["float_nodes"] == ranked[: ranked.index(conv1) + 1]
+    )  # stops once the outlier's producer is float
+    assert [s["float_nodes"] for s in mp["steps"]] == list(range(len(mp["float_nodes"]) + 1))
+    assert all(s["top1_agreement"] < 1.0 for s in mp["steps"][:-1])
+    model = onnx.load(str(q.artifact_path))
+    inits = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name in mp["float_nodes"] and node.op_type in ("Conv", "Gemm", "MatMul"):
+            assert node.input[1] in inits  # a float weight, no DequantizeLinear

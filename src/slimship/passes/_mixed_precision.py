@@ -2,7 +2,8 @@
 
 Calibration and bias correction run once; the graph is then re-quantized with the same activation ranges and
 more nodes kept float each step — the worst by the emulated static SQNR of :mod:`slimship.measure.sqnr`
-first — until the top-1 agreement with the parent on the held-out calibration samples reaches the floor.
+first, or (``float_order="output_first"``) from the graph's output backwards — until the top-1 agreement with the
+parent on the held-out calibration samples reaches the floor.
 Each re-quantization is one ``quantize_static`` call from cached ranges (seconds), not a new calibration
 (minutes on a CNN), which is what makes a search over a MobileNetV2's 52 convolutions affordable.
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from slimship.workload import Workload
 
-__all__ = ["FloatSearch", "rank_for_float", "search_float_nodes"]
+__all__ = ["FloatSearch", "rank_for_float", "rank_from_output", "search_float_nodes"]
 
 
 @dataclass
@@ -51,6 +52,21 @@ def rank_for_float(
         {"node": name, "op_type": v["op_type"], "sqnr_db": round(float(v["sqnr_db"]), 2)}
         for name, v in sorted(sq.items(), key=lambda kv: kv[1]["sqnr_db"])
     ]
+
+
+def rank_from_output(
+    model: Any, targets: list[str], excluded: list[str], op_types: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """``targets`` and the graph's quantized Add nodes, last in graph order first: a float tail grows from the
+    output backwards, the residual Adds inside it float too (a float Add's inputs need no requantization)."""
+    wanted = set(targets)
+    add_ok = "Add" in op_types
+    order = [
+        n
+        for n in model.graph.node
+        if n.name not in excluded and (n.name in wanted or (add_ok and n.op_type == "Add" and n.name))
+    ]
+    return [{"node": n.name, "op_type": n.op_type, "from_output": i} for i, n in enumerate(reversed(order))]
 
 
 def search_float_nodes(
